@@ -1,0 +1,2 @@
+//! citygate: an edge gateway for city-brain meter data.
+pub mod reading;
