@@ -19,7 +19,10 @@ pub struct IdError(String);
 
 fn check_ident(kind: &str, s: &str, max: usize) -> Result<(), IdError> {
     if s.is_empty() || s.len() > max {
-        return Err(IdError(format!("{kind} must be 1..={max} characters, got {}", s.len())));
+        return Err(IdError(format!(
+            "{kind} must be 1..={max} characters, got {}",
+            s.len()
+        )));
     }
     if let Some(c) = s
         .chars()

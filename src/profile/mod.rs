@@ -1,0 +1,220 @@
+//! Device profiles: what a meter model's registers mean.
+//!
+//! One TOML file per meter model/firmware in `firmware-profiles/`, named by its file
+//! stem (`firmware-profiles/chint-ddsu666.toml` is profile `chint-ddsu666`). A profile
+//! is parsed (`raw`) and validated once into the types here: past loading, a field
+//! always has a wire address, a type whose width is known, a unit that converts to a
+//! canonical one and a classification. Validation rejects overlapping registers,
+//! type/width mismatches, unknown units and impossible ranges, with `FILE:LINE` errors.
+//!
+//! The file format is documented in README.md ("Device profiles").
+
+pub mod decode;
+mod raw;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::diag::Diagnostic;
+use crate::reading::{Classification, FieldName, RegisterAddress};
+
+pub use decode::{FieldType, RawValue, WordOrder};
+pub use units::ProfileUnit;
+
+/// Largest number of registers one FC03/FC04 request may carry (Modbus spec).
+pub const MAX_REGISTERS_PER_READ: u16 = 125;
+/// Default largest run of unused registers the read planner fills to merge two reads.
+pub const DEFAULT_MAX_GAP_REGISTERS: u16 = 16;
+
+/// Modbus read function used for every field of a profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FunctionCode {
+    /// FC03
+    ReadHolding,
+    /// FC04
+    ReadInput,
+}
+
+impl FunctionCode {
+    pub fn code(self) -> u8 {
+        match self {
+            FunctionCode::ReadHolding => 3,
+            FunctionCode::ReadInput => 4,
+        }
+    }
+}
+
+/// Serial line parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+/// Default serial line settings of a meter model (used by RTU transports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineSettings {
+    pub baud: u32,
+    pub data_bits: u8,
+    pub parity: Parity,
+    pub stop_bits: u8,
+}
+
+/// Counter semantics of a field.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Counter {
+    /// A gauge: any change is plausible.
+    None,
+    /// Never decreases, except by wrapping at `rollover` (engineering units) if given.
+    Monotonic { rollover: Option<f64> },
+}
+
+/// One validated profile field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Field {
+    pub name: FieldName,
+    /// The register number as written in the profile (documentation convention).
+    pub register: u32,
+    /// The zero-based address sent on the wire.
+    pub address: RegisterAddress,
+    pub ty: FieldType,
+    pub order: WordOrder,
+    /// engineering = raw × scale + offset, in `unit`.
+    pub scale: f64,
+    pub offset: f64,
+    pub unit: ProfileUnit,
+    /// Valid engineering range (inclusive, in `unit`).
+    pub range: Option<(f64, f64)>,
+    /// Raw register bit patterns that mean "not available".
+    pub sentinels: Vec<u64>,
+    pub counter: Counter,
+    pub class: Classification,
+    /// False where the reference marks the register unverified on real hardware.
+    pub verified: bool,
+    pub note: Option<String>,
+}
+
+impl Field {
+    pub fn words(&self) -> u16 {
+        self.ty.words()
+    }
+
+    /// True when the decoded value is an integer that scaling leaves an integer.
+    pub fn keeps_integer(&self) -> bool {
+        self.ty.is_integer() && self.scale == 1.0 && self.offset == 0.0 && self.unit.factor == 1.0
+    }
+}
+
+/// A validated device profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    pub name: String,
+    pub path: PathBuf,
+    pub vendor: String,
+    pub model: String,
+    pub firmware: Option<String>,
+    pub description: Option<String>,
+    pub function: FunctionCode,
+    pub address_base: u16,
+    pub max_gap_registers: u16,
+    pub max_registers_per_read: u16,
+    pub line: Option<LineSettings>,
+    pub fields: Vec<Field>,
+    /// First 8 bytes of SHA-256 over the file, hex: names the profile version in batches.
+    pub version: String,
+}
+
+impl Profile {
+    /// Loads and validates one profile file.
+    pub fn load(path: &Path) -> Result<Profile, Vec<Diagnostic>> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            vec![Diagnostic {
+                file: path.to_path_buf(),
+                line: 0,
+                col: 0,
+                key: String::new(),
+                message: format!("cannot read profile: {e}"),
+            }]
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates profile text; `path`'s stem names the profile.
+    pub fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>> {
+        raw::parse(path, text)
+    }
+
+    pub fn field(&self, name: &str) -> Option<&Field> {
+        self.fields.iter().find(|f| f.name.as_str() == name)
+    }
+}
+
+/// All profiles of a directory, by name.
+#[derive(Debug, Clone, Default)]
+pub struct ProfileSet {
+    profiles: BTreeMap<String, Arc<Profile>>,
+}
+
+impl ProfileSet {
+    /// Loads every `*.toml` in `dir`. All errors of all files are returned together.
+    pub fn load_dir(dir: &Path) -> Result<ProfileSet, Vec<Diagnostic>> {
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            vec![Diagnostic {
+                file: dir.to_path_buf(),
+                line: 0,
+                col: 0,
+                key: String::new(),
+                message: format!("cannot read profile directory: {e}"),
+            }]
+        })?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        paths.sort();
+        let mut set = ProfileSet::default();
+        let mut errors = Vec::new();
+        for path in paths {
+            match Profile::load(&path) {
+                Ok(p) => {
+                    set.profiles.insert(p.name.clone(), Arc::new(p));
+                }
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(set)
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn insert(&mut self, profile: Profile) {
+        self.profiles
+            .insert(profile.name.clone(), Arc::new(profile));
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Profile>> {
+        self.profiles.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.profiles.keys().map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Profile>> {
+        self.profiles.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.profiles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.profiles.is_empty()
+    }
+}

@@ -1,0 +1,601 @@
+//! The profile file as written (serde, `deny_unknown_fields`) and its one-time
+//! conversion into validated [`Profile`]s, collecting every error with its location.
+
+use std::ops::Range;
+use std::path::Path;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use super::{
+    Counter, Field, FieldType, FunctionCode, LineSettings, Parity, Profile, ProfileUnit, WordOrder,
+    DEFAULT_MAX_GAP_REGISTERS, MAX_REGISTERS_PER_READ,
+};
+use crate::config::diag::{Diagnostic, SourceFile};
+use crate::reading::{Category, Classification, FieldName, Grade, RegisterAddress};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    meter: RawMeter,
+    modbus: RawModbus,
+    line: Option<RawLine>,
+    #[serde(rename = "field", default)]
+    fields: Vec<RawField>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeter {
+    vendor: String,
+    model: String,
+    firmware: Option<String>,
+    description: Option<String>,
+    protocol: Spanned<String>,
+    /// Where the register map comes from (documentation only).
+    #[serde(default)]
+    sources: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModbus {
+    function: Spanned<u8>,
+    address_base: Option<Spanned<u16>>,
+    order: Option<Spanned<String>>,
+    max_gap_registers: Option<u16>,
+    max_registers_per_read: Option<Spanned<u16>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLine {
+    baud: u32,
+    #[serde(default = "default_data_bits")]
+    data_bits: u8,
+    parity: Parity,
+    #[serde(default = "default_stop_bits")]
+    stop_bits: u8,
+}
+
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawField {
+    name: Spanned<String>,
+    register: Spanned<u32>,
+    #[serde(rename = "type")]
+    ty: Spanned<String>,
+    bit: Option<Spanned<u8>>,
+    order: Option<Spanned<String>>,
+    scale: Option<Spanned<f64>>,
+    offset: Option<f64>,
+    unit: Spanned<String>,
+    range: Option<Spanned<Vec<f64>>>,
+    #[serde(default)]
+    sentinels: Vec<Spanned<toml::Value>>,
+    counter: Option<Spanned<String>>,
+    rollover: Option<Spanned<f64>>,
+    category: Category,
+    grade: Grade,
+    #[serde(default)]
+    personal: bool,
+    #[serde(default = "default_true")]
+    verified: bool,
+    note: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Collects diagnostics while converting.
+struct Check<'a> {
+    src: SourceFile<'a>,
+    errors: Vec<Diagnostic>,
+}
+
+impl Check<'_> {
+    fn err(&mut self, span: Range<usize>, key: String, message: String) {
+        self.errors.push(self.src.at(span, key, message));
+    }
+}
+
+pub(super) fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>> {
+    let src = SourceFile::new(path, text);
+    let raw: RawProfile = src.parse().map_err(|d| vec![d])?;
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let mut c = Check {
+        src,
+        errors: Vec::new(),
+    };
+    if raw.meter.protocol.get_ref() != "modbus" {
+        c.err(
+            raw.meter.protocol.span(),
+            "meter.protocol".into(),
+            format!(
+                "unsupported protocol {:?}; valid: \"modbus\"",
+                raw.meter.protocol.get_ref()
+            ),
+        );
+    }
+    let function = match *raw.modbus.function.get_ref() {
+        3 => FunctionCode::ReadHolding,
+        4 => FunctionCode::ReadInput,
+        other => {
+            c.err(
+                raw.modbus.function.span(),
+                "modbus.function".into(),
+                format!(
+                    "function code {other} is not a register read; valid: 3 (holding) or 4 (input)"
+                ),
+            );
+            FunctionCode::ReadHolding
+        }
+    };
+    let address_base = raw.modbus.address_base.as_ref().map_or(0, |b| *b.get_ref());
+    if let Some(b) = raw
+        .modbus
+        .address_base
+        .as_ref()
+        .filter(|_| address_base > 1)
+    {
+        c.err(
+            b.span(),
+            "modbus.address_base".into(),
+            format!("address_base {address_base} is not valid; valid: 0 (registers are wire addresses) or 1 (documented numbers start at 1)"),
+        );
+    }
+    let default_order =
+        parse_order(&mut c, raw.modbus.order.as_ref(), "modbus.order").unwrap_or_default();
+    let max_registers_per_read = match &raw.modbus.max_registers_per_read {
+        Some(m) if !(1..=MAX_REGISTERS_PER_READ).contains(m.get_ref()) => {
+            c.err(
+                m.span(),
+                "modbus.max_registers_per_read".into(),
+                format!("must be 1..={MAX_REGISTERS_PER_READ}"),
+            );
+            MAX_REGISTERS_PER_READ
+        }
+        Some(m) => *m.get_ref(),
+        None => MAX_REGISTERS_PER_READ,
+    };
+    let line = raw.line.map(|l| LineSettings {
+        baud: l.baud,
+        data_bits: l.data_bits,
+        parity: l.parity,
+        stop_bits: l.stop_bits,
+    });
+
+    let mut fields: Vec<Field> = Vec::with_capacity(raw.fields.len());
+    let mut spans: Vec<Range<usize>> = Vec::new();
+    for (i, f) in raw.fields.into_iter().enumerate() {
+        let key = format!("field[{i}]");
+        let reg_span = f.register.span();
+        if let Some(field) = convert_field(&mut c, &key, f, address_base, default_order) {
+            for (j, other) in fields.iter().enumerate() {
+                if let Some(msg) = conflict(&field, other) {
+                    let other_line = crate::config::diag::line_col(text, spans[j].start).0;
+                    c.err(
+                        reg_span.clone(),
+                        format!("{key}.register"),
+                        format!("{msg} (line {other_line})"),
+                    );
+                }
+            }
+            fields.push(field);
+            spans.push(reg_span);
+        }
+    }
+    if fields.is_empty() && c.errors.is_empty() {
+        c.errors.push(
+            c.src
+                .whole("field", "a profile needs at least one [[field]]"),
+        );
+    }
+    if !c.errors.is_empty() {
+        return Err(c.errors);
+    }
+    let digest = Sha256::digest(text.as_bytes());
+    Ok(Profile {
+        name,
+        path: path.to_path_buf(),
+        vendor: raw.meter.vendor,
+        model: raw.meter.model,
+        firmware: raw.meter.firmware,
+        description: raw.meter.description.or_else(|| {
+            (!raw.meter.sources.is_empty())
+                .then(|| format!("sources: {}", raw.meter.sources.join("; ")))
+        }),
+        function,
+        address_base,
+        max_gap_registers: raw
+            .modbus
+            .max_gap_registers
+            .unwrap_or(DEFAULT_MAX_GAP_REGISTERS),
+        max_registers_per_read,
+        line,
+        fields,
+        version: hex::encode(&digest[..8]),
+    })
+}
+
+fn parse_order(c: &mut Check<'_>, order: Option<&Spanned<String>>, key: &str) -> Option<WordOrder> {
+    let o = order?;
+    let parsed = WordOrder::parse(o.get_ref());
+    if parsed.is_none() {
+        c.err(
+            o.span(),
+            key.to_string(),
+            format!(
+                "unknown order {:?}; valid: {}",
+                o.get_ref(),
+                WordOrder::NAMES
+            ),
+        );
+    }
+    parsed
+}
+
+fn convert_field(
+    c: &mut Check<'_>,
+    key: &str,
+    f: RawField,
+    address_base: u16,
+    default_order: WordOrder,
+) -> Option<Field> {
+    let before = c.errors.len();
+    let name = FieldName::new(f.name.get_ref().clone())
+        .map_err(|e| c.err(f.name.span(), format!("{key}.name"), e.to_string()))
+        .ok();
+    let key = match &name {
+        Some(n) => format!("{key}({n})"),
+        None => key.to_string(),
+    };
+    let bit = f.bit.as_ref().map(|b| *b.get_ref());
+    let ty = FieldType::parse(f.ty.get_ref(), bit);
+    match (ty, &f.bit) {
+        (None, _) => c.err(
+            f.ty.span(),
+            format!("{key}.type"),
+            format!(
+                "unknown register type {:?}; valid: {}",
+                f.ty.get_ref(),
+                FieldType::NAMES
+            ),
+        ),
+        (Some(FieldType::Bit(_)), None) => c.err(
+            f.ty.span(),
+            format!("{key}.type"),
+            "type \"bit\" needs `bit = N` (0 = least significant bit of the register)".into(),
+        ),
+        (Some(FieldType::Bit(n)), Some(b)) if n > 15 => c.err(
+            b.span(),
+            format!("{key}.bit"),
+            format!("bit {n} does not exist in a 16-bit register; valid: 0..=15"),
+        ),
+        (Some(t), Some(b)) if !matches!(t, FieldType::Bit(_)) => c.err(
+            b.span(),
+            format!("{key}.bit"),
+            format!(
+                "`bit` only applies to type \"bit\", not {:?}",
+                f.ty.get_ref()
+            ),
+        ),
+        _ => {}
+    }
+    let order = parse_order(c, f.order.as_ref(), &format!("{key}.order")).unwrap_or(default_order);
+    let register = *f.register.get_ref();
+    let words = ty.map_or(1, FieldType::words);
+    let wire = register.checked_sub(u32::from(address_base));
+    let address = match wire {
+        Some(w) if w + u32::from(words) <= 0x1_0000 => Some(RegisterAddress(w as u16)),
+        _ => {
+            c.err(
+                f.register.span(),
+                format!("{key}.register"),
+                format!(
+                    "register {register} with address_base {address_base} and width {words} is outside 0..=65535 on the wire"
+                ),
+            );
+            None
+        }
+    };
+    let unit = ProfileUnit::parse(f.unit.get_ref());
+    if unit.is_none() {
+        c.err(
+            f.unit.span(),
+            format!("{key}.unit"),
+            format!(
+                "unknown unit {:?}; valid: {}",
+                f.unit.get_ref(),
+                ProfileUnit::valid_symbols()
+            ),
+        );
+    }
+    let scale = f.scale.as_ref().map_or(1.0, |s| *s.get_ref());
+    if let Some(s) = &f.scale {
+        if !scale.is_finite() || scale == 0.0 {
+            c.err(
+                s.span(),
+                format!("{key}.scale"),
+                "scale must be a finite, non-zero number".into(),
+            );
+        }
+    }
+    let range = match &f.range {
+        Some(r) => match r.get_ref().as_slice() {
+            [lo, hi] if lo <= hi => Some((*lo, *hi)),
+            _ => {
+                c.err(
+                    r.span(),
+                    format!("{key}.range"),
+                    "range must be [min, max] with min <= max".into(),
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let sentinels = f
+        .sentinels
+        .iter()
+        .filter(|_| ty.is_some())
+        .filter_map(|s| {
+            parse_sentinel(s.get_ref(), words)
+                .map_err(|m| c.err(s.span(), format!("{key}.sentinels"), m))
+                .ok()
+        })
+        .collect();
+    let counter = match f.counter.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        None | Some(("none", _)) => Counter::None,
+        Some(("monotonic", span)) => {
+            if matches!(ty, Some(FieldType::Bit(_))) {
+                c.err(
+                    span,
+                    format!("{key}.counter"),
+                    "a bit cannot be a monotonic counter".into(),
+                );
+            }
+            Counter::Monotonic {
+                rollover: f.rollover.as_ref().map(|r| *r.get_ref()),
+            }
+        }
+        Some((other, span)) => {
+            c.err(
+                span,
+                format!("{key}.counter"),
+                format!("unknown counter kind {other:?}; valid: \"none\", \"monotonic\""),
+            );
+            Counter::None
+        }
+    };
+    if let (Some(r), Counter::None) = (&f.rollover, counter) {
+        c.err(
+            r.span(),
+            format!("{key}.rollover"),
+            "rollover needs counter = \"monotonic\"".into(),
+        );
+    }
+    if c.errors.len() > before {
+        return None;
+    }
+    Some(Field {
+        name: name?,
+        register,
+        address: address?,
+        ty: ty?,
+        order,
+        scale,
+        offset: f.offset.unwrap_or(0.0),
+        unit: unit?,
+        range,
+        sentinels,
+        counter,
+        class: Classification {
+            category: f.category,
+            grade: f.grade,
+            personal: f.personal,
+        },
+        verified: f.verified,
+        note: f.note,
+    })
+}
+
+/// A sentinel is a raw register bit pattern: an integer, or a string in hex (`"0xFFFF"`)
+/// for patterns above i64::MAX. It must fit the field's width.
+fn parse_sentinel(v: &toml::Value, words: u16) -> Result<u64, String> {
+    let bits = match v {
+        toml::Value::Integer(i) if *i >= 0 => *i as u64,
+        toml::Value::String(s) => {
+            let digits = s
+                .trim_start_matches("0x")
+                .trim_start_matches("0X")
+                .replace('_', "");
+            u64::from_str_radix(&digits, 16).map_err(|_| {
+                format!("sentinel {s:?} is not a hex bit pattern like \"0xFFFFFFFF\"")
+            })?
+        }
+        other => {
+            return Err(format!(
+                "sentinel {other} must be a non-negative integer or a hex string"
+            ))
+        }
+    };
+    let width_bits = 16 * u32::from(words);
+    if width_bits < 64 && bits >> width_bits != 0 {
+        return Err(format!(
+            "sentinel {bits:#x} is wider than the field's {width_bits} bits"
+        ));
+    }
+    Ok(bits)
+}
+
+/// Why two fields may not coexist, if they may not.
+fn conflict(a: &Field, b: &Field) -> Option<String> {
+    if a.name == b.name {
+        return Some(format!("field name `{}` is used twice", a.name));
+    }
+    let (a0, a1) = (
+        u32::from(a.address.0),
+        u32::from(a.address.0) + u32::from(a.words()),
+    );
+    let (b0, b1) = (
+        u32::from(b.address.0),
+        u32::from(b.address.0) + u32::from(b.words()),
+    );
+    if a0 >= b1 || b0 >= a1 {
+        return None;
+    }
+    match (a.ty, b.ty) {
+        (FieldType::Bit(x), FieldType::Bit(y)) if x == y => Some(format!(
+            "bit {x} of register {} is already field `{}`",
+            a.register, b.name
+        )),
+        (FieldType::Bit(_), _) | (_, FieldType::Bit(_)) => None,
+        _ => Some(format!(
+            "registers {}..{} overlap field `{}` ({} at register {})",
+            a.register,
+            a.register + u32::from(a.words()),
+            b.name,
+            b.ty,
+            b.register
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[meter]
+vendor = "Test"
+model = "T1"
+protocol = "modbus"
+
+[modbus]
+function = 4
+address_base = 0
+
+[[field]]
+name = "voltage_l1"
+register = 0x2000
+type = "f32"
+unit = "V"
+range = [0.0, 400.0]
+category = "measurement"
+grade = "L2"
+
+[[field]]
+name = "energy_import"
+register = 0x4000
+type = "u32"
+order = "CDAB"
+scale = 0.01
+unit = "kWh"
+counter = "monotonic"
+sentinels = [0xFFFFFFFF]
+category = "measurement"
+grade = "L3"
+
+[[field]]
+name = "relay_open"
+register = 0x10
+type = "bit"
+bit = 2
+unit = "1"
+category = "status"
+grade = "L2"
+"#;
+
+    fn parse_str(text: &str) -> Result<Profile, Vec<Diagnostic>> {
+        parse(Path::new("firmware-profiles/test-t1.toml"), text)
+    }
+
+    #[test]
+    fn good_profile_loads() {
+        let p = parse_str(GOOD).unwrap();
+        assert_eq!(p.name, "test-t1");
+        assert_eq!(p.function, FunctionCode::ReadInput);
+        let e = p.field("energy_import").unwrap();
+        assert_eq!(e.order, WordOrder::Cdab);
+        assert_eq!(e.sentinels, vec![0xFFFF_FFFF]);
+        assert_eq!(e.unit.factor, 1000.0);
+        assert!(matches!(e.counter, Counter::Monotonic { rollover: None }));
+        assert_eq!(p.field("relay_open").unwrap().ty, FieldType::Bit(2));
+        assert_eq!(p.version.len(), 16);
+    }
+
+    fn one_error(text: &str) -> Diagnostic {
+        let errs = parse_str(text).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        errs.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn bad_type_is_located() {
+        let text = GOOD.replacen("type = \"u32\"", "type = \"u24\"", 1);
+        let e = one_error(&text);
+        assert_eq!(e.line, 23, "{e}");
+        assert!(e.key.ends_with("energy_import).type"), "{e}");
+        assert!(e.message.contains("\"u32\""), "lists valid types: {e}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let text = GOOD.replacen("grade = \"L3\"", "grade = \"L3\"\ncolour = \"red\"", 1);
+        let e = one_error(&text);
+        assert_eq!(e.line, 31, "{e}");
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_registers_are_rejected() {
+        let text = GOOD.replacen("register = 0x4000", "register = 0x2001", 1);
+        let e = one_error(&text);
+        assert!(e.message.contains("overlap field `voltage_l1`"), "{e}");
+        assert!(e.message.contains("line 13"), "{e}");
+    }
+
+    #[test]
+    fn unknown_unit_lists_valid_units() {
+        let e = one_error(&GOOD.replacen("unit = \"V\"", "unit = \"volts\"", 1));
+        assert!(e.key.ends_with(".unit"), "{e}");
+        assert!(e.message.contains("\"kWh\""), "{e}");
+    }
+
+    #[test]
+    fn bit_without_index_and_wide_sentinel_are_rejected() {
+        let e = one_error(&GOOD.replacen("bit = 2\n", "", 1));
+        assert!(e.message.contains("bit = N"), "{e}");
+        let e = one_error(&GOOD.replacen("0xFFFFFFFF]", "\"0x1FFFFFFFF\"]", 1));
+        assert!(e.message.contains("wider"), "{e}");
+    }
+
+    #[test]
+    fn address_base_one_shifts_wire_address() {
+        let p = parse_str(&GOOD.replacen("address_base = 0", "address_base = 1", 1)).unwrap();
+        assert_eq!(
+            p.field("voltage_l1").unwrap().address,
+            RegisterAddress(0x1FFF)
+        );
+        let e = one_error(
+            &GOOD
+                .replacen("address_base = 0", "address_base = 1", 1)
+                .replacen("register = 0x10", "register = 0", 1),
+        );
+        assert!(e.message.contains("outside"), "{e}");
+    }
+}
