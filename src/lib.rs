@@ -9,3 +9,5 @@
 pub mod config;
 pub mod profile;
 pub mod reading;
+pub mod source;
+pub mod transform;

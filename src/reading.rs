@@ -388,9 +388,14 @@ pub struct Classification {
 }
 
 impl Classification {
-    /// Whether values of this field identify a person or device and must be pseudonymised.
+    /// Whether values of this field identify a person or device and must leave the box
+    /// only as keyed pseudonyms: identifiers always, and personal fields other than
+    /// measurements (account numbers, household codes). A personal *measurement* (a
+    /// household's consumption) keeps its value — pseudonymising a number destroys it —
+    /// and is de-identified through the record's pseudonymous subject instead.
     pub fn is_identifying(&self) -> bool {
-        self.personal || self.category == Category::Identifier
+        self.category == Category::Identifier
+            || (self.personal && self.category != Category::Measurement)
     }
 
     /// The stream a field of this classification travels on.

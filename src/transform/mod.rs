@@ -1,0 +1,10 @@
+//! Pure transforms between the source and the sealer: no I/O, no tokio.
+//!
+//! `normalise` decodes register images into typed readings in canonical units;
+//! `check` flags quality (out of range, sentinel, counters going backwards) without
+//! ever rewriting a value; `minimise` applies the declared purpose, dropping what it
+//! does not need and pseudonymising identifiers with a keyed HMAC.
+
+pub mod check;
+pub mod minimise;
+pub mod normalise;
