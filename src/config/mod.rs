@@ -1,2 +1,160 @@
-//! Gateway configuration.
+//! Gateway configuration: TOML parsed once into validated types.
+//!
+//! `raw` holds the serde structs (`deny_unknown_fields`, spans kept where semantic
+//! errors can occur); [`GatewayConfig::load`] converts them, resolving relative paths
+//! against the config file's directory and profiles by name, and returns every error
+//! found as a located [`Diagnostic`]. Past this point a device always has a loaded
+//! profile, a valid unit id and a positive poll interval.
+
 pub mod diag;
+pub mod duration;
+mod raw;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use diag::Diagnostic;
+
+use crate::profile::{Profile, ProfileSet};
+use crate::reading::{DeviceId, FieldName, GatewayId, UnitId};
+
+/// Every problem found in a config and the profiles it uses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl From<Vec<Diagnostic>> for ConfigError {
+    fn from(diagnostics: Vec<Diagnostic>) -> Self {
+        Self { diagnostics }
+    }
+}
+
+/// How a device is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    /// Modbus TCP (also serial servers and DTUs in Modbus TCP mode): `host:port`.
+    Tcp { address: String },
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Transport::Tcp { address } => write!(f, "tcp://{address}"),
+        }
+    }
+}
+
+/// One meter to poll.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub id: DeviceId,
+    pub profile: Arc<Profile>,
+    pub transport: Transport,
+    pub unit: UnitId,
+    pub poll_interval: Duration,
+    pub timeout: Duration,
+    pub location: Option<String>,
+}
+
+/// The declared purpose of the outbound flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurposeConfig {
+    pub name: String,
+    pub description: Option<String>,
+    pub fields: BTreeSet<FieldName>,
+}
+
+/// When an open batch is sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    pub max_age: Duration,
+    pub max_records: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub max_bytes: u64,
+    pub cache_capacity_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPaths {
+    pub signing_key: PathBuf,
+    pub hub_public_key: PathBuf,
+    pub pseudonym_key: PathBuf,
+}
+
+/// Defaults for Modbus polling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModbusConfig {
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub backoff_max: Duration,
+}
+
+/// A validated gateway configuration.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub path: PathBuf,
+    pub gateway_id: GatewayId,
+    pub profiles_dir: PathBuf,
+    pub profiles: ProfileSet,
+    pub purpose: PurposeConfig,
+    pub batch: BatchConfig,
+    pub store: StoreConfig,
+    pub keys: KeyPaths,
+    pub modbus: ModbusConfig,
+    pub devices: Vec<DeviceConfig>,
+}
+
+impl GatewayConfig {
+    /// Reads, parses and validates a config file and the profiles it names.
+    pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::from(vec![Diagnostic {
+                file: path.to_path_buf(),
+                line: 0,
+                col: 0,
+                key: String::new(),
+                message: format!("cannot read config: {e}"),
+            }])
+        })?;
+        raw::parse(path, &text, None)
+    }
+
+    /// Parses config text; `profiles` replaces loading `profiles_dir` (tests, demo).
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        profiles: Option<ProfileSet>,
+    ) -> Result<GatewayConfig, ConfigError> {
+        raw::parse(path, text, profiles)
+    }
+
+    /// Profile names and versions in use, for the policy hash.
+    pub fn profile_versions(&self) -> Vec<String> {
+        let used: BTreeSet<String> = self
+            .devices
+            .iter()
+            .map(|d| format!("{}@{}", d.profile.name, d.profile.version))
+            .collect();
+        used.into_iter().collect()
+    }
+}

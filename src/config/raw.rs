@@ -1,0 +1,461 @@
+//! The gateway config file as written, and its conversion into validated types.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::diag::{Diagnostic, SourceFile};
+use super::duration::HumanDuration;
+use super::{
+    BatchConfig, ConfigError, DeviceConfig, GatewayConfig, KeyPaths, ModbusConfig, PurposeConfig,
+    StoreConfig, Transport,
+};
+use crate::profile::ProfileSet;
+use crate::reading::{DeviceId, FieldName, GatewayId, UnitId};
+
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    gateway: RawGateway,
+    purpose: RawPurpose,
+    #[serde(default)]
+    batch: RawBatch,
+    store: RawStore,
+    keys: RawKeys,
+    #[serde(default)]
+    modbus: RawModbus,
+    #[serde(rename = "device", default)]
+    devices: Vec<RawDevice>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    id: Spanned<String>,
+    profiles_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPurpose {
+    name: String,
+    description: Option<String>,
+    fields: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch {
+    #[serde(default = "default_max_age")]
+    max_age: Spanned<HumanDuration>,
+    #[serde(default = "default_max_records")]
+    max_records: Spanned<usize>,
+}
+
+fn default_max_age() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(1)))
+}
+fn default_max_records() -> Spanned<usize> {
+    Spanned::new(0..0, 5000)
+}
+
+impl Default for RawBatch {
+    fn default() -> Self {
+        Self {
+            max_age: default_max_age(),
+            max_records: default_max_records(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: PathBuf,
+    #[serde(default = "default_store_max_bytes")]
+    max_bytes: u64,
+    #[serde(default = "default_cache_bytes")]
+    cache_capacity_bytes: Spanned<u64>,
+}
+
+fn default_store_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_cache_bytes() -> Spanned<u64> {
+    Spanned::new(0..0, 4 * 1024 * 1024)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    signing_key: PathBuf,
+    hub_public_key: PathBuf,
+    pseudonym_key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModbus {
+    #[serde(default = "default_timeout")]
+    timeout: HumanDuration,
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout: HumanDuration,
+    #[serde(default = "default_backoff_max")]
+    backoff_max: HumanDuration,
+}
+
+fn default_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3))
+}
+fn default_backoff_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+impl Default for RawModbus {
+    fn default() -> Self {
+        Self {
+            timeout: default_timeout(),
+            connect_timeout: default_connect_timeout(),
+            backoff_max: default_backoff_max(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    name: Spanned<String>,
+    profile: Spanned<String>,
+    transport: Spanned<RawTransport>,
+    unit: Spanned<u8>,
+    poll_interval: Spanned<HumanDuration>,
+    timeout: Option<HumanDuration>,
+    location: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum RawTransport {
+    Tcp { address: String },
+}
+
+pub(super) fn parse(
+    path: &Path,
+    text: &str,
+    profiles: Option<ProfileSet>,
+) -> Result<GatewayConfig, ConfigError> {
+    let src = SourceFile::new(path, text);
+    let raw: RawConfig = src.parse().map_err(|d| ConfigError::from(vec![d]))?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    let mut errors: Vec<Diagnostic> = Vec::new();
+
+    let gateway_id = GatewayId::new(raw.gateway.id.get_ref().clone())
+        .map_err(|e| errors.push(src.at(raw.gateway.id.span(), "gateway.id", e.to_string())))
+        .ok();
+    let profiles_dir = resolve(
+        raw.gateway
+            .profiles_dir
+            .as_deref()
+            .unwrap_or(Path::new("../firmware-profiles")),
+    );
+    let profiles = match profiles {
+        Some(p) => p,
+        None => ProfileSet::load_dir(&profiles_dir).unwrap_or_else(|mut e| {
+            errors.append(&mut e);
+            ProfileSet::default()
+        }),
+    };
+    let profiles_loaded = errors.is_empty();
+
+    let batch = BatchConfig {
+        max_age: raw.batch.max_age.get_ref().0,
+        max_records: *raw.batch.max_records.get_ref(),
+    };
+    if batch.max_age.is_zero() || batch.max_age > Duration::from_secs(60) {
+        errors.push(src.at(
+            raw.batch.max_age.span(),
+            "batch.max_age",
+            "must be between 1ms and 60s",
+        ));
+    }
+    if batch.max_records == 0 {
+        errors.push(src.at(
+            raw.batch.max_records.span(),
+            "batch.max_records",
+            "must be at least 1",
+        ));
+    }
+    if *raw.store.cache_capacity_bytes.get_ref() > 64 * 1024 * 1024 {
+        errors.push(src.at(
+            raw.store.cache_capacity_bytes.span(),
+            "store.cache_capacity_bytes",
+            "more than 64 MiB of page cache defeats the memory budget; valid: up to 67108864",
+        ));
+    }
+    let modbus = ModbusConfig {
+        timeout: raw.modbus.timeout.0,
+        connect_timeout: raw.modbus.connect_timeout.0,
+        backoff_max: raw.modbus.backoff_max.0,
+    };
+
+    let mut names = HashSet::new();
+    let mut devices = Vec::with_capacity(raw.devices.len());
+    for (i, d) in raw.devices.into_iter().enumerate() {
+        let key = format!("device[{i}]");
+        let id = DeviceId::new(d.name.get_ref().clone())
+            .map_err(|e| errors.push(src.at(d.name.span(), format!("{key}.name"), e.to_string())))
+            .ok();
+        if let Some(id) = &id {
+            if !names.insert(id.clone()) {
+                errors.push(src.at(
+                    d.name.span(),
+                    format!("{key}.name"),
+                    format!("device name `{id}` is used twice"),
+                ));
+            }
+        }
+        let profile = profiles.get(d.profile.get_ref()).cloned();
+        if profile.is_none() && profiles_loaded {
+            let valid: Vec<&str> = profiles.names().collect();
+            errors.push(src.at(
+                d.profile.span(),
+                format!("{key}.profile"),
+                format!(
+                    "no profile named {:?} in {}; valid: {}",
+                    d.profile.get_ref(),
+                    profiles_dir.display(),
+                    valid.join(", ")
+                ),
+            ));
+        }
+        let unit = *d.unit.get_ref();
+        if !(1..=247).contains(&unit) {
+            errors.push(src.at(
+                d.unit.span(),
+                format!("{key}.unit"),
+                format!("unit id {unit} is not valid; valid: 1..=247"),
+            ));
+        }
+        let interval = d.poll_interval.get_ref().0;
+        if interval < MIN_POLL_INTERVAL {
+            errors.push(src.at(
+                d.poll_interval.span(),
+                format!("{key}.poll_interval"),
+                "must be at least 100ms",
+            ));
+        }
+        let transport_span = d.transport.span();
+        let transport = match d.transport.into_inner() {
+            RawTransport::Tcp { address } => {
+                let ok = address
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                if !ok {
+                    errors.push(src.at(
+                        transport_span,
+                        format!("{key}.transport.address"),
+                        format!("{address:?} is not host:port, e.g. \"192.168.1.20:502\""),
+                    ));
+                }
+                Transport::Tcp { address }
+            }
+        };
+        if let (Some(id), Some(profile)) = (id, profile) {
+            devices.push(DeviceConfig {
+                id,
+                profile,
+                transport,
+                unit: UnitId(unit),
+                poll_interval: interval,
+                timeout: d.timeout.map_or(modbus.timeout, |t| t.0),
+                location: d.location,
+            });
+        }
+    }
+
+    let known: BTreeSet<&str> = devices
+        .iter()
+        .flat_map(|d| d.profile.fields.iter().map(|f| f.name.as_str()))
+        .collect();
+    let mut fields = BTreeSet::new();
+    for f in &raw.purpose.fields {
+        match FieldName::new(f.get_ref().clone()) {
+            Ok(name) if known.contains(name.as_str()) || !profiles_loaded => {
+                fields.insert(name);
+            }
+            Ok(name) => errors.push(src.at(
+                f.span(),
+                "purpose.fields",
+                format!(
+                    "`{name}` is not a field of any configured device's profile; valid: {}",
+                    known.iter().copied().collect::<Vec<_>>().join(", ")
+                ),
+            )),
+            Err(e) => errors.push(src.at(f.span(), "purpose.fields", e.to_string())),
+        }
+    }
+
+    if !errors.is_empty() {
+        return Err(errors.into());
+    }
+    Ok(GatewayConfig {
+        path: path.to_path_buf(),
+        gateway_id: gateway_id.expect("invariant: no errors means the id parsed"),
+        profiles_dir,
+        profiles,
+        purpose: PurposeConfig {
+            name: raw.purpose.name,
+            description: raw.purpose.description,
+            fields,
+        },
+        batch,
+        store: StoreConfig {
+            path: resolve(&raw.store.path),
+            max_bytes: raw.store.max_bytes,
+            cache_capacity_bytes: raw.store.cache_capacity_bytes.into_inner(),
+        },
+        keys: KeyPaths {
+            signing_key: resolve(&raw.keys.signing_key),
+            hub_public_key: resolve(&raw.keys.hub_public_key),
+            pseudonym_key: resolve(&raw.keys.pseudonym_key),
+        },
+        modbus,
+        devices,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::Profile;
+
+    const PROFILE: &str = r#"
+[meter]
+vendor = "T"
+model = "M"
+protocol = "modbus"
+[modbus]
+function = 4
+[[field]]
+name = "voltage_l1"
+register = 0
+type = "f32"
+unit = "V"
+category = "measurement"
+grade = "L2"
+"#;
+
+    const CONFIG: &str = r#"[gateway]
+id = "gw-1"
+
+[purpose]
+name = "grid"
+fields = ["voltage_l1"]
+
+[store]
+path = "store"
+
+[keys]
+signing_key = "keys/gateway.sign.key"
+hub_public_key = "keys/hub.hpke.pub"
+pseudonym_key = "keys/pseudonym.key"
+
+[[device]]
+name = "m1"
+profile = "test-m"
+transport = { type = "tcp", address = "127.0.0.1:502" }
+unit = 1
+poll_interval = "1s"
+"#;
+
+    fn profiles() -> ProfileSet {
+        let mut set = ProfileSet::default();
+        set.insert(Profile::parse(Path::new("test-m.toml"), PROFILE).unwrap());
+        set
+    }
+
+    fn parse_str(text: &str) -> Result<GatewayConfig, ConfigError> {
+        parse(Path::new("/etc/citygate/gw.toml"), text, Some(profiles()))
+    }
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let c = parse_str(CONFIG).unwrap();
+        assert_eq!(c.gateway_id.as_str(), "gw-1");
+        assert_eq!(c.store.path, Path::new("/etc/citygate/store"));
+        assert_eq!(c.batch.max_age, Duration::from_secs(1));
+        assert_eq!(c.devices.len(), 1);
+        assert_eq!(c.devices[0].timeout, Duration::from_secs(1));
+        assert_eq!(c.store.cache_capacity_bytes, 4 * 1024 * 1024);
+    }
+
+    fn errors(text: &str) -> Vec<Diagnostic> {
+        parse_str(text).unwrap_err().diagnostics
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = errors(&CONFIG.replace("unit = 1", "unit = 1\nbaud = 9600"));
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            (e[0].line, e[0].key.as_str()),
+            (21, "device.baud"),
+            "{}",
+            e[0]
+        );
+        assert!(e[0].to_string().starts_with("/etc/citygate/gw.toml:21:"));
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported() {
+        let text = CONFIG
+            .replace("profile = \"test-m\"", "profile = \"nope\"")
+            .replace("unit = 1", "unit = 0")
+            .replace("poll_interval = \"1s\"", "poll_interval = \"10ms\"")
+            .replace("[\"voltage_l1\"]", "[\"voltage_l9\"]");
+        let e = errors(&text);
+        let keys: Vec<&str> = e.iter().map(|d| d.key.as_str()).collect();
+        assert!(keys.contains(&"device[0].profile"), "{keys:?}");
+        assert!(keys.contains(&"device[0].unit"), "{keys:?}");
+        assert!(keys.contains(&"device[0].poll_interval"), "{keys:?}");
+        let profile_err = e.iter().find(|d| d.key == "device[0].profile").unwrap();
+        assert!(
+            profile_err.message.contains("valid: test-m"),
+            "{profile_err}"
+        );
+        assert_eq!(profile_err.line, 18);
+    }
+
+    #[test]
+    fn bad_duration_and_transport_are_explained() {
+        let e = errors(&CONFIG.replace("poll_interval = \"1s\"", "poll_interval = \"soon\""));
+        assert!(e[0].message.contains("e.g."), "{}", e[0]);
+        assert_eq!(e[0].key, "device.poll_interval");
+        let e = errors(&CONFIG.replace("type = \"tcp\"", "type = \"carrier-pigeon\""));
+        assert!(e[0].message.contains("tcp"), "{}", e[0]);
+        let e = errors(&CONFIG.replace("127.0.0.1:502", "127.0.0.1"));
+        assert_eq!(e[0].key, "device[0].transport.address");
+    }
+
+    #[test]
+    fn purpose_field_typos_are_caught() {
+        let e = errors(&CONFIG.replace("[\"voltage_l1\"]", "[\"voltage_l9\"]"));
+        assert_eq!(e[0].key, "purpose.fields");
+        assert!(e[0].message.contains("valid: voltage_l1"));
+    }
+}
