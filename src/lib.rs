@@ -10,4 +10,5 @@ pub mod config;
 pub mod profile;
 pub mod reading;
 pub mod source;
+pub mod telemetry;
 pub mod transform;

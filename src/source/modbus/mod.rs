@@ -1,1 +1,42 @@
-//! Modbus TCP polling.
+//! Modbus TCP polling: one [`ModbusPoller`] task per endpoint.
+//!
+//! Many unit ids may sit behind one endpoint (serial servers, DTUs), so the poller owns
+//! the endpoint's single connection and runs one transaction at a time. Every request
+//! has a timeout (tokio-modbus has none); after a timeout or a protocol error the
+//! connection is dropped, so a late reply can never be taken for the next answer. A
+//! device that fails is rescheduled with exponential backoff (capped by
+//! `modbus.backoff_max`), so a dead meter costs at most one timeout per backoff period
+//! and the others keep their schedule. Device exceptions, timeouts and transport errors
+//! are distinct [`ModbusError`]s and distinct counters.
+
+pub mod plan;
+mod poller;
+
+pub use plan::{plan, ReadRequest};
+pub use poller::{ModbusPoller, PolledDevice};
+
+use std::time::Duration;
+
+/// How a Modbus transaction failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ModbusError {
+    /// The device answered with a Modbus exception: it is alive; do not reconnect.
+    #[error("device exception: {0}")]
+    Exception(tokio_modbus::ExceptionCode),
+    /// No answer within the timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Connection failed or broke.
+    #[error("transport: {0}")]
+    Transport(#[from] std::io::Error),
+    /// A reply that does not fit the request (wrong header, function or length).
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl ModbusError {
+    /// Whether the connection must be dropped before the next transaction.
+    pub fn breaks_connection(&self) -> bool {
+        !matches!(self, ModbusError::Exception(_))
+    }
+}

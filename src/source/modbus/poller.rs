@@ -1,0 +1,277 @@
+//! The per-endpoint polling task.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_modbus::client::{Client, Context};
+use tokio_modbus::slave::{Slave, SlaveContext};
+use tokio_modbus::{Request, Response};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{plan, ModbusError, ReadRequest};
+use crate::config::{DeviceConfig, ModbusConfig};
+use crate::profile::FunctionCode;
+use crate::reading::now_ms;
+use crate::source::{RawSample, RegisterImage};
+use crate::telemetry::{Metrics, PollOutcome};
+
+/// A device with its read plan and schedule.
+#[derive(Debug)]
+pub struct PolledDevice {
+    pub config: DeviceConfig,
+    plan: Vec<ReadRequest>,
+    next_due: Instant,
+    failures: u32,
+}
+
+impl PolledDevice {
+    pub fn new(config: DeviceConfig) -> Self {
+        let plan = plan(&config.profile);
+        Self {
+            config,
+            plan,
+            next_due: Instant::now(),
+            failures: 0,
+        }
+    }
+
+    pub fn plan(&self) -> &[ReadRequest] {
+        &self.plan
+    }
+
+    /// Next poll after a successful one: keep the cadence, skip missed slots.
+    fn schedule_ok(&mut self, now: Instant) {
+        self.failures = 0;
+        self.next_due += self.config.poll_interval;
+        if self.next_due <= now {
+            self.next_due = now + self.config.poll_interval;
+        }
+    }
+
+    /// Next poll after a failure: exponential backoff from the poll interval.
+    fn schedule_failure(&mut self, now: Instant, max: Duration) {
+        self.failures = self.failures.saturating_add(1);
+        let factor = 1u32 << self.failures.saturating_sub(1).min(10);
+        let delay = self
+            .config
+            .poll_interval
+            .saturating_mul(factor)
+            .min(max.max(self.config.poll_interval));
+        self.next_due = now + delay;
+    }
+}
+
+/// Polls every device behind one Modbus TCP endpoint.
+#[derive(Debug)]
+pub struct ModbusPoller {
+    address: String,
+    devices: Vec<PolledDevice>,
+    cfg: ModbusConfig,
+    samples_tx: mpsc::Sender<RawSample>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+impl ModbusPoller {
+    pub fn new(
+        address: String,
+        devices: Vec<DeviceConfig>,
+        cfg: ModbusConfig,
+        samples_tx: mpsc::Sender<RawSample>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            address,
+            devices: devices.into_iter().map(PolledDevice::new).collect(),
+            cfg,
+            samples_tx,
+            metrics,
+            shutdown,
+        }
+    }
+
+    pub async fn run(mut self) {
+        let mut conn: Option<Context> = None;
+        let mut connect_failures: u32 = 0;
+        info!(endpoint = %self.address, devices = self.devices.len(), "modbus poller started");
+        while !self.shutdown.is_cancelled() {
+            let Some(idx) = self.next_device() else { break };
+            let due = self.devices[idx].next_due;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = sleep_until(due) => {}
+            }
+            if conn.is_none() {
+                match self.connect().await {
+                    Ok(c) => {
+                        connect_failures = 0;
+                        conn = Some(c);
+                    }
+                    Err(e) => {
+                        connect_failures = connect_failures.saturating_add(1);
+                        let delay = backoff(connect_failures, self.cfg.backoff_max);
+                        warn!(endpoint = %self.address, error = %e, retry_in = ?delay, "modbus connect failed");
+                        let now = Instant::now();
+                        for d in &mut self.devices {
+                            self.metrics.record_poll(
+                                &d.config.id,
+                                now_ms(),
+                                &PollOutcome::Transport(e.to_string()),
+                            );
+                            d.next_due = d.next_due.max(now + delay);
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(ctx) = conn.as_mut() else { continue };
+            let broke = self.poll_device(ctx, idx).await;
+            if broke {
+                if let Some(mut c) = conn.take() {
+                    let _ = timeout(Duration::from_millis(100), c.disconnect()).await;
+                }
+            }
+        }
+        info!(endpoint = %self.address, "modbus poller stopped");
+    }
+
+    fn next_device(&self) -> Option<usize> {
+        (0..self.devices.len()).min_by_key(|&i| self.devices[i].next_due)
+    }
+
+    async fn connect(&self) -> Result<Context, ModbusError> {
+        let addr: SocketAddr = tokio::net::lookup_host(&self.address)
+            .await?
+            .next()
+            .ok_or_else(|| {
+                ModbusError::Protocol(format!("{} resolves to no address", self.address))
+            })?;
+        let stream = timeout(self.cfg.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ModbusError::Timeout(self.cfg.connect_timeout))??;
+        let _ = stream.set_nodelay(true);
+        debug!(endpoint = %self.address, "modbus connected");
+        Ok(tokio_modbus::client::tcp::attach_slave(stream, Slave(1)))
+    }
+
+    /// Polls one device; returns true if the connection must be dropped.
+    async fn poll_device(&mut self, ctx: &mut Context, idx: usize) -> bool {
+        let dev = &mut self.devices[idx];
+        let cfg = dev.config.clone();
+        ctx.set_slave(Slave(cfg.unit.0));
+        let at_ms = now_ms();
+        let mut image = RegisterImage::new();
+        let mut failure: Option<ModbusError> = None;
+        let mut exception: Option<ModbusError> = None;
+        for req in &dev.plan {
+            match read(ctx, cfg.profile.function, *req, cfg.timeout).await {
+                Ok(words) => image.insert(req.start, words),
+                Err(e) if e.breaks_connection() => {
+                    failure = Some(e);
+                    break;
+                }
+                Err(e) => exception = Some(e),
+            }
+        }
+        let now = Instant::now();
+        let outcome = match (&failure, &exception) {
+            (Some(ModbusError::Timeout(_)), _) => PollOutcome::Timeout,
+            (Some(e), _) => PollOutcome::Transport(e.to_string()),
+            (None, Some(e)) => PollOutcome::Exception(e.to_string()),
+            (None, None) => PollOutcome::Ok,
+        };
+        self.metrics.record_poll(&cfg.id, at_ms, &outcome);
+        if let Some(e) = &failure {
+            debug!(device = %cfg.id, unit = %cfg.unit, error = %e, "poll failed");
+            dev.schedule_failure(now, self.cfg.backoff_max);
+        } else {
+            if let Some(e) = &exception {
+                debug!(device = %cfg.id, unit = %cfg.unit, error = %e, "poll answered with exception");
+            }
+            dev.schedule_ok(now);
+        }
+        if !image.is_empty() {
+            self.metrics.samples_polled.inc();
+            let sample = RawSample {
+                device: cfg.id.clone(),
+                profile: cfg.profile.clone(),
+                at_ms,
+                image,
+            };
+            // Policy when the transforms fall behind: drop the newest sample and count it;
+            // polling never blocks on downstream back-pressure.
+            if self.samples_tx.try_send(sample).is_err() {
+                self.metrics.samples_dropped.inc();
+            }
+        }
+        failure.is_some()
+    }
+}
+
+/// One read with a timeout, its reply checked against the request.
+async fn read(
+    ctx: &mut Context,
+    function: FunctionCode,
+    req: ReadRequest,
+    limit: Duration,
+) -> Result<Vec<u16>, ModbusError> {
+    let request = match function {
+        FunctionCode::ReadHolding => Request::ReadHoldingRegisters(req.start.0, req.count),
+        FunctionCode::ReadInput => Request::ReadInputRegisters(req.start.0, req.count),
+    };
+    let reply = timeout(limit, ctx.call(request))
+        .await
+        .map_err(|_| ModbusError::Timeout(limit))?;
+    let response = match reply {
+        Ok(Ok(r)) => r,
+        Ok(Err(code)) => return Err(ModbusError::Exception(code)),
+        Err(tokio_modbus::Error::Transport(e)) => return Err(ModbusError::Transport(e)),
+        Err(tokio_modbus::Error::Protocol(e)) => return Err(ModbusError::Protocol(e.to_string())),
+    };
+    let words = match response {
+        Response::ReadHoldingRegisters(w) | Response::ReadInputRegisters(w) => w,
+        other => {
+            return Err(ModbusError::Protocol(format!(
+                "unexpected response {other:?}"
+            )))
+        }
+    };
+    if words.len() != usize::from(req.count) {
+        return Err(ModbusError::Protocol(format!(
+            "asked for {} registers at {}, got {}",
+            req.count,
+            req.start,
+            words.len()
+        )));
+    }
+    Ok(words)
+}
+
+/// Exponential backoff with full jitter between half and the whole step.
+fn backoff(failures: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(250)
+        .saturating_mul(1u32 << failures.min(12))
+        .min(max);
+    let jitter = rand::thread_rng().gen_range(0.5..=1.0);
+    base.mul_f64(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded() {
+        for f in 0..40 {
+            assert!(backoff(f, Duration::from_secs(30)) <= Duration::from_secs(30));
+        }
+        assert!(backoff(1, Duration::from_secs(30)) >= Duration::from_millis(250));
+    }
+}
