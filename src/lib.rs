@@ -12,3 +12,5 @@ pub mod reading;
 pub mod source;
 pub mod telemetry;
 pub mod transform;
+pub mod pipeline;
+pub mod supervisor;

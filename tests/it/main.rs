@@ -1,1 +1,8 @@
+//! citygate's integration tests, as one binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../support/mod.rs"]
+mod support;
+
+mod cli;
+mod config_files;

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Cross-compile citygate for the ARM edge boxes and, with --test, run the library's
+# unit tests under qemu-user.
+#
+#   cross/build.sh aarch64 [--test]     # aarch64-unknown-linux-gnu (Cortex-A53 boxes)
+#   cross/build.sh armv7 [--test]       # armv7-unknown-linux-gnueabihf (Cortex-A7 boxes)
+#
+# Needs: rustup target add <triple>; Debian's gcc-aarch64-linux-gnu / gcc-arm-linux-gnueabihf
+# (and libc6-dev-*-cross); qemu-user for --test. cross/install-deps.sh installs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+arch=${1:?usage: cross/build.sh aarch64|armv7 [--test]}
+mode=${2:-}
+case "$arch" in
+  aarch64) triple=aarch64-unknown-linux-gnu; gcc=aarch64-linux-gnu-gcc; qemu=qemu-aarch64; sysroot=/usr/aarch64-linux-gnu ;;
+  armv7) triple=armv7-unknown-linux-gnueabihf; gcc=arm-linux-gnueabihf-gcc; qemu=qemu-arm; sysroot=/usr/arm-linux-gnueabihf ;;
+  *) echo "unknown arch $arch (valid: aarch64, armv7)" >&2; exit 64 ;;
+esac
+env_triple=$(echo "$triple" | tr 'a-z-' 'A-Z_')
+export "CARGO_TARGET_${env_triple}_LINKER=$gcc"
+export "CC_${triple//-/_}=$gcc"
+export "CARGO_TARGET_${env_triple}_RUNNER=$qemu -L $sysroot"
+
+cargo build --release --locked --target "$triple" --bin citygate
+ls -l "target/$triple/release/citygate"
+if [ "$mode" = "--test" ]; then
+  # Tests that re-execute the test binary as a child process are skipped: without
+  # binfmt_misc the kernel cannot exec a foreign-architecture binary directly.
+  cargo test --locked --target "$triple" --lib -- --skip child_process
+fi

@@ -1,0 +1,151 @@
+//! `citygate check`: validate a config and its profiles and show, per device and
+//! field, what will be polled and what leaves the box for the declared purpose.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::config::GatewayConfig;
+use crate::seal::keys;
+use crate::source::modbus::plan;
+use crate::supervisor;
+use crate::transform::minimise::{Disposition, Policy, PseudonymKey};
+
+/// A key file's state as `check` reports it.
+#[derive(Debug)]
+pub enum KeyStatus {
+    Ok,
+    Missing,
+    Invalid(String),
+}
+
+fn key_status<T>(path: &Path, load: impl Fn(&Path) -> Result<T, keys::KeyError>) -> KeyStatus {
+    if !path.exists() {
+        return KeyStatus::Missing;
+    }
+    match load(path) {
+        Ok(_) => KeyStatus::Ok,
+        Err(e) => KeyStatus::Invalid(e.to_string()),
+    }
+}
+
+/// The report, and whether any key file is present but unusable (an error).
+pub fn report(cfg: &GatewayConfig) -> (String, bool) {
+    let mut out = String::new();
+    let mut key_error = false;
+    let _ = writeln!(out, "config    {}", cfg.path.display());
+    let _ = writeln!(out, "gateway   {}", cfg.gateway_id);
+    let _ = writeln!(out, "profiles  {} ({} loaded)", cfg.profiles_dir.display(), cfg.profiles.len());
+    let _ = writeln!(
+        out,
+        "store     {} (quota {} bytes, cache {} bytes)",
+        cfg.store.path.display(),
+        cfg.store.max_bytes,
+        cfg.store.cache_capacity_bytes
+    );
+    let _ = writeln!(out, "batches   close at {} records or {:?}", cfg.batch.max_records, cfg.batch.max_age);
+    let statuses = [
+        ("signing_key", &cfg.keys.signing_key, key_status(&cfg.keys.signing_key, |p| keys::load_signing_key(p).map(|_| ()))),
+        ("hub_public_key", &cfg.keys.hub_public_key, key_status(&cfg.keys.hub_public_key, |p| keys::load_hub_public_key(p).map(|_| ()))),
+        ("pseudonym_key", &cfg.keys.pseudonym_key, key_status(&cfg.keys.pseudonym_key, |p| keys::load_pseudonym_key(p).map(|_| ()))),
+    ];
+    for (name, path, status) in &statuses {
+        let s = match status {
+            KeyStatus::Ok => "ok".to_string(),
+            KeyStatus::Missing => "missing (create with `citygate keys gen --dir DIR`; `run` needs it)".to_string(),
+            KeyStatus::Invalid(e) => {
+                key_error = true;
+                format!("ERROR: {e}")
+            }
+        };
+        let _ = writeln!(out, "key       {name} {}: {s}", path.display());
+    }
+    // The policy hash needs the real key; without it, show the disposition only.
+    let pseudonym = keys::load_pseudonym_key(&cfg.keys.pseudonym_key)
+        .ok()
+        .map(|k| PseudonymKey::new(*k.as_bytes()));
+    let policy = supervisor::policy(cfg, pseudonym.clone().unwrap_or_else(|| PseudonymKey::new([0; 32])));
+    let _ = writeln!(
+        out,
+        "purpose   {}{}",
+        cfg.purpose.name,
+        cfg.purpose.description.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
+    );
+    let fields: Vec<&str> = cfg.purpose.fields.iter().map(|f| f.as_str()).collect();
+    let _ = writeln!(out, "needs     {}", fields.join(", "));
+    match pseudonym {
+        Some(_) => {
+            let _ = writeln!(out, "policy    {}", hex::encode(policy.hash()));
+        }
+        None => {
+            let _ = writeln!(out, "policy    (hash needs the pseudonym key)");
+        }
+    }
+    let _ = writeln!(out, "\ndevices   {}", cfg.devices.len());
+    for d in &cfg.devices {
+        device_report(&mut out, d, &policy);
+    }
+    (out, key_error)
+}
+
+fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Policy) {
+    let p = &d.profile;
+    let reads = plan(p);
+    let _ = writeln!(
+        out,
+        "\n  {}  profile {} ({} {}, version {})  {}  unit {}  every {:?}  timeout {:?}{}",
+        d.id,
+        p.name,
+        p.vendor,
+        p.model,
+        p.version,
+        d.transport,
+        d.unit,
+        d.poll_interval,
+        d.timeout,
+        d.location.as_deref().map(|l| format!("  location {l:?} (stays on the box)")).unwrap_or_default()
+    );
+    let spans: Vec<String> = reads.iter().map(|r| format!("{}+{}", r.start, r.count)).collect();
+    let _ = writeln!(
+        out,
+        "    polls FC{:02} in {} request(s): {}",
+        p.function.code(),
+        reads.len(),
+        spans.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "    {:<22} {:>8} {:<6} {:<5} {:<14} {:<12} leaves the box",
+        "field", "register", "type", "order", "unit", "class"
+    );
+    for f in &p.fields {
+        let disposition = policy.disposition(&f.name, &f.class);
+        let leaves = match disposition {
+            Disposition::AsIs if f.class.personal => "as-is (personal: subject pseudonymised)".to_string(),
+            other => other.to_string(),
+        };
+        let unit = if f.unit.symbol == f.unit.canonical.symbol() {
+            f.unit.symbol.to_string()
+        } else {
+            format!("{}→{}", f.unit.symbol, f.unit.canonical)
+        };
+        let class = format!(
+            "{:?}/{:?}{}",
+            f.class.category,
+            f.class.grade,
+            if f.class.personal { "/PI" } else { "" }
+        )
+        .to_lowercase();
+        let _ = writeln!(
+            out,
+            "    {:<22} {:>8} {:<6} {:<5} {:<14} {:<12} {}{}",
+            f.name.as_str(),
+            f.register,
+            f.ty.to_string(),
+            f.order.to_string(),
+            unit,
+            class,
+            leaves,
+            if f.verified { "" } else { "  [register unverified]" }
+        );
+    }
+}

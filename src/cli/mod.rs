@@ -1,0 +1,218 @@
+//! The commands behind `main.rs`, as library functions so tests can call them.
+
+mod check;
+pub mod demo;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use check::report as check_report;
+
+use crate::config::{ConfigError, GatewayConfig};
+use crate::profile::ProfileSet;
+use crate::reading::UnitId;
+use crate::seal::keys;
+use crate::sim::{self, Fault, SimMeters};
+use crate::store::{SledStore, Store, StoreOptions};
+use crate::supervisor::{self, KeyMaterial};
+use crate::telemetry::init_logging;
+
+/// How long `run` waits for open batches to be sealed and committed at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A command's failure, classified for the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Config(_) | CliError::Usage(_) => 64,
+            CliError::Runtime(_) => 1,
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Runtime(format!("cannot start the async runtime: {e}")))
+}
+
+/// `citygate check --config FILE`
+pub fn check(path: &Path) -> Result<(), CliError> {
+    let cfg = GatewayConfig::load(path)?;
+    let (report, key_error) = check_report(&cfg);
+    print!("{report}");
+    if key_error {
+        return Err(CliError::Usage("a key file is present but unusable (see above)".into()));
+    }
+    Ok(())
+}
+
+/// `citygate run --config FILE`
+pub fn run(path: &Path) -> Result<(), CliError> {
+    init_logging("info");
+    let cfg = GatewayConfig::load(path)?;
+    let keys = KeyMaterial::load(&cfg.keys).map_err(|e| CliError::Usage(e.to_string()))?;
+    let store = SledStore::open(
+        &cfg.store.path,
+        StoreOptions {
+            max_bytes: cfg.store.max_bytes,
+            cache_capacity_bytes: cfg.store.cache_capacity_bytes,
+        },
+    )
+    .map_err(|e| CliError::Runtime(format!("cannot open store {}: {e}", cfg.store.path.display())))?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let running = supervisor::start(&cfg, keys, store.clone());
+        let metrics = running.metrics.clone();
+        let mut ticker = tokio::time::interval(Duration::from_secs(30));
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown_signal() => break,
+                _ = ticker.tick() => {
+                    let s = store.stats();
+                    info!(
+                        polled = metrics.samples_polled.get(),
+                        sealed = metrics.records_sealed.get(),
+                        committed = metrics.batches_committed.get(),
+                        store_batches = s.total_batches(),
+                        store_bytes = s.total_bytes(),
+                        "pipeline"
+                    );
+                }
+            }
+        }
+        info!("shutting down: sealing and committing open batches");
+        let clean = running.shutdown(SHUTDOWN_GRACE).await;
+        let s = store.stats();
+        info!(
+            clean,
+            committed = metrics.batches_committed.get(),
+            store_batches = s.total_batches(),
+            "gateway stopped"
+        );
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Arguments of `citygate sim`.
+#[derive(Debug, clap::Args)]
+pub struct SimArgs {
+    /// Profile name (file stem in the profiles directory).
+    #[arg(long)]
+    pub profile: String,
+    /// Number of meters, served as unit ids 1..=N.
+    #[arg(long, default_value_t = 1)]
+    pub count: u8,
+    /// Address to listen on, e.g. 127.0.0.1:5020.
+    #[arg(long)]
+    pub listen: String,
+    #[arg(long, default_value = "firmware-profiles")]
+    pub profiles_dir: std::path::PathBuf,
+    /// Unit ids that never answer.
+    #[arg(long)]
+    pub silent: Vec<u8>,
+    /// Unit ids that answer with "server device busy".
+    #[arg(long)]
+    pub exception: Vec<u8>,
+    /// UNIT=DELAY pairs that answer late, e.g. 3=800ms.
+    #[arg(long)]
+    pub slow: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// `citygate sim`
+pub fn sim(args: SimArgs) -> Result<(), CliError> {
+    init_logging("info");
+    let profiles = ProfileSet::load_dir(&args.profiles_dir).map_err(|e| CliError::Config(e.into()))?;
+    let profile = profiles.get(&args.profile).cloned().ok_or_else(|| {
+        CliError::Usage(format!(
+            "no profile {:?} in {}; valid: {}",
+            args.profile,
+            args.profiles_dir.display(),
+            profiles.names().collect::<Vec<_>>().join(", ")
+        ))
+    })?;
+    if args.count == 0 || args.count > 247 {
+        return Err(CliError::Usage("--count must be 1..=247".into()));
+    }
+    let meters = SimMeters::new(profile, args.count, args.seed);
+    for u in &args.silent {
+        meters.set_fault(UnitId(*u), Fault::Silent);
+    }
+    for u in &args.exception {
+        meters.set_fault(UnitId(*u), Fault::Exception(tokio_modbus::ExceptionCode::ServerDeviceBusy));
+    }
+    for s in &args.slow {
+        let (u, d) = s
+            .split_once('=')
+            .ok_or_else(|| CliError::Usage(format!("--slow {s:?}: write UNIT=DELAY, e.g. 3=800ms")))?;
+        let unit: u8 = u.parse().map_err(|_| CliError::Usage(format!("--slow {s:?}: {u:?} is not a unit id")))?;
+        let delay = crate::config::duration::parse(d).map_err(CliError::Usage)?;
+        meters.set_fault(UnitId(unit), Fault::Slow(delay));
+    }
+    let rt = runtime()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .map_err(|e| CliError::Runtime(format!("cannot listen on {}: {e}", args.listen)))?;
+        let addr = listener.local_addr().map_err(|e| CliError::Runtime(e.to_string()))?;
+        println!("serving {} x {} on {addr} (unit ids 1..={})", args.count, args.profile, args.count);
+        let token = CancellationToken::new();
+        let server = tokio::spawn(sim::serve(listener, meters, token.clone()));
+        shutdown_signal().await;
+        token.cancel();
+        let _ = server.await;
+        Ok(())
+    })
+}
+
+/// `citygate keys gen --dir DIR`
+pub fn keys_gen(dir: &Path, force: bool) -> Result<(), CliError> {
+    let generated = keys::generate(dir, force).map_err(|e| CliError::Usage(e.to_string()))?;
+    println!("{generated}");
+    Ok(())
+}
+
+pub use demo::demo;

@@ -1,0 +1,145 @@
+//! Normalise → check → minimise → batch → seal.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tracing::{error, info};
+
+use crate::config::BatchConfig;
+use crate::reading::{now_ms, Record, Stream};
+use crate::seal::{SealedBatch, Sealer};
+use crate::source::RawSample;
+use crate::telemetry::Metrics;
+use crate::transform::check::Checker;
+use crate::transform::minimise::{minimise, Policy};
+use crate::transform::normalise::normalise;
+
+#[derive(Debug, Default)]
+struct OpenBatch {
+    records: Vec<Record>,
+    deadline: Option<Instant>,
+}
+
+/// Turns raw samples into sealed batches, one open batch per stream.
+#[derive(Debug)]
+pub struct Batcher {
+    samples_rx: mpsc::Receiver<RawSample>,
+    sealed_tx: mpsc::Sender<SealedBatch>,
+    sealer: Sealer,
+    policy: Policy,
+    checker: Checker,
+    cfg: BatchConfig,
+    open: [OpenBatch; 3],
+    next_seq: [u64; 3],
+    metrics: Arc<Metrics>,
+}
+
+impl Batcher {
+    /// `next_seq` is the first unused sequence number per stream (from the store).
+    pub fn new(
+        samples_rx: mpsc::Receiver<RawSample>,
+        sealed_tx: mpsc::Sender<SealedBatch>,
+        sealer: Sealer,
+        policy: Policy,
+        cfg: BatchConfig,
+        next_seq: impl Fn(Stream) -> u64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            samples_rx,
+            sealed_tx,
+            sealer,
+            policy,
+            checker: Checker::new(),
+            cfg,
+            open: Default::default(),
+            next_seq: Stream::ALL.map(next_seq),
+            metrics,
+        }
+    }
+
+    /// Runs until the sample channel closes, then seals what is open.
+    pub async fn run(mut self) {
+        loop {
+            let deadline = self.open.iter().filter_map(|b| b.deadline).min();
+            tokio::select! {
+                sample = self.samples_rx.recv() => match sample {
+                    Some(s) => self.accept(s).await,
+                    None => break,
+                },
+                _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                    self.seal_expired().await;
+                }
+            }
+        }
+        for stream in Stream::ALL {
+            self.seal(stream).await;
+        }
+        info!(sealed = self.metrics.batches_sealed.get(), "batcher stopped");
+    }
+
+    /// Runs one sample through the transforms into the open batches.
+    pub async fn accept(&mut self, sample: RawSample) {
+        let normalised = normalise(&sample.profile, &sample.device, sample.at_ms, &sample.image);
+        self.metrics.readings_normalised.add(normalised.readings.len() as u64);
+        for mut reading in normalised.readings {
+            let Some(field) = sample.profile.field(reading.field.as_str()) else {
+                continue;
+            };
+            if self.checker.check(field, &mut reading) != crate::reading::Quality::Good {
+                self.metrics.readings_flagged.inc();
+            }
+            let Some(record) = minimise(&self.policy, &reading) else {
+                continue;
+            };
+            self.metrics.records_minimised.inc();
+            let stream = reading.class.stream();
+            let batch = &mut self.open[usize::from(stream.code())];
+            if batch.records.is_empty() {
+                batch.deadline = Some(Instant::now() + self.cfg.max_age);
+            }
+            batch.records.push(record);
+            if batch.records.len() >= self.cfg.max_records {
+                self.seal(stream).await;
+            }
+        }
+    }
+
+    async fn seal_expired(&mut self) {
+        let now = Instant::now();
+        for stream in Stream::ALL {
+            if self.open[usize::from(stream.code())].deadline.is_some_and(|d| d <= now) {
+                self.seal(stream).await;
+            }
+        }
+    }
+
+    async fn seal(&mut self, stream: Stream) {
+        let i = usize::from(stream.code());
+        let records = std::mem::take(&mut self.open[i].records);
+        self.open[i].deadline = None;
+        if records.is_empty() {
+            return;
+        }
+        let seq = self.next_seq[i];
+        match self.sealer.seal(stream, seq, now_ms(), &records) {
+            Ok(batch) => {
+                self.next_seq[i] += 1;
+                self.metrics.batches_sealed.inc();
+                self.metrics.records_sealed.add(records.len() as u64);
+                if self.sealed_tx.send(batch).await.is_err() {
+                    error!(%stream, seq, "committer gone; sealed batch lost");
+                }
+            }
+            Err(e) => {
+                self.metrics.seal_errors.inc();
+                error!(%stream, seq, records = records.len(), error = %e, "sealing failed; records lost");
+            }
+        }
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + std::time::Duration::from_secs(86_400)
+}

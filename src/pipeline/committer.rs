@@ -1,0 +1,143 @@
+//! Group commit of sealed batches into the store.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{error, warn};
+
+use crate::reading::Stream;
+use crate::seal::SealedBatch;
+use crate::store::{Store, StoreError};
+use crate::telemetry::Metrics;
+
+/// Most batches held in memory while the store refuses writes (disk full, I/O error).
+/// Beyond it the oldest is dropped and counted: the gateway degrades, it does not die.
+pub const PENDING_LIMIT: usize = 256;
+/// Most batches appended before one flush.
+const GROUP_MAX: usize = 64;
+
+/// Appends sealed batches and flushes them in groups.
+#[derive(Debug)]
+pub struct Committer {
+    sealed_rx: mpsc::Receiver<SealedBatch>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    /// Bumped after every successful flush (the uplink waits on it).
+    committed_tx: watch::Sender<u64>,
+    pending: VecDeque<SealedBatch>,
+}
+
+impl Committer {
+    pub fn new(
+        sealed_rx: mpsc::Receiver<SealedBatch>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        committed_tx: watch::Sender<u64>,
+    ) -> Self {
+        Self {
+            sealed_rx,
+            store,
+            metrics,
+            committed_tx,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Runs until the sealed channel closes and everything received is committed (or
+    /// the store keeps failing past a last retry).
+    pub async fn run(mut self) {
+        let mut closed = false;
+        let mut retries_after_close = 0;
+        loop {
+            if self.pending.is_empty() {
+                match self.sealed_rx.recv().await {
+                    Some(b) => self.pending.push_back(b),
+                    None => break,
+                }
+            }
+            while self.pending.len() < GROUP_MAX {
+                match self.sealed_rx.try_recv() {
+                    Ok(b) => self.push(b),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = self.commit_pending().await {
+                self.metrics.store_errors.inc();
+                let full = e.is_disk_full();
+                error!(error = %e, disk_full = full, pending = self.pending.len(), "store commit failed; retrying");
+                if closed {
+                    retries_after_close += 1;
+                    if retries_after_close > 3 {
+                        error!(lost = self.pending.len(), "giving up on uncommitted batches at shutdown");
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            } else if closed {
+                break;
+            }
+        }
+        // Input closed: commit whatever is still pending.
+        if !self.pending.is_empty() {
+            if let Err(e) = self.commit_pending().await {
+                error!(error = %e, lost = self.pending.len(), "final commit failed");
+            }
+        }
+    }
+
+    fn push(&mut self, batch: SealedBatch) {
+        if self.pending.len() >= PENDING_LIMIT {
+            // Drop the oldest readings batch first; priority streams last.
+            let idx = self
+                .pending
+                .iter()
+                .position(|b| b.stream == Stream::Readings)
+                .unwrap_or(0);
+            if let Some(lost) = self.pending.remove(idx) {
+                self.metrics.batches_evicted.inc();
+                warn!(stream = %lost.stream, seq = lost.seq, "store unavailable; pending batch dropped");
+            }
+        }
+        self.pending.push_back(batch);
+    }
+
+    /// Appends every pending batch and flushes once, on a blocking thread.
+    async fn commit_pending(&mut self) -> Result<(), StoreError> {
+        let batches: Vec<SealedBatch> = self.pending.iter().cloned().collect();
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<(usize, u64), (usize, StoreError)> {
+            let mut evicted = 0u64;
+            for (i, b) in batches.iter().enumerate() {
+                match store.append(b.stream, b.seq, &b.bytes) {
+                    Ok(outcome) => evicted += outcome.evicted.len() as u64,
+                    // Already stored by an earlier attempt whose flush failed.
+                    Err(StoreError::SeqRegression { .. }) => {}
+                    Err(e) => return Err((i, e)),
+                }
+            }
+            store.flush().map_err(|e| (0, e))?;
+            Ok((batches.len(), evicted))
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+        match result {
+            Ok((n, evicted)) => {
+                self.pending.drain(..n);
+                self.metrics.batches_committed.add(n as u64);
+                if evicted > 0 {
+                    self.metrics.batches_evicted.add(evicted);
+                    warn!(evicted, "store quota reached; oldest batches evicted");
+                }
+                self.committed_tx.send_modify(|c| *c += n as u64);
+                Ok(())
+            }
+            Err((_, e)) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The gateway's middle: samples → records → sealed batches → committed batches.
+//!
+//! [`Batcher`] owns the transforms' state (counter memory) and the open batch of each
+//! stream; it seals a batch when it reaches `batch.max_records` or `batch.max_age`, and
+//! once more for whatever is open when its input closes (shutdown). [`Committer`] owns
+//! the store's write side: it appends every sealed batch that is waiting and then
+//! flushes once (group commit), off the async workers.
+
+mod batcher;
+mod committer;
+
+pub use batcher::Batcher;
+pub use committer::Committer;
+
+/// Raw samples waiting for the transforms. Full: the poller drops the newest and counts it.
+pub const SAMPLES_CHANNEL_CAPACITY: usize = 1024;
+/// Sealed batches waiting for commit. Full: the batcher waits (back-pressure to the
+/// sample channel, whose policy above then applies).
+pub const SEALED_CHANNEL_CAPACITY: usize = 64;

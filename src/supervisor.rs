@@ -1,0 +1,134 @@
+//! Wires the gateway's tasks together and shuts them down in order.
+//!
+//! ```text
+//! ModbusPoller (one per endpoint) ─samples─► Batcher ─sealed─► Committer ─► Store
+//! ```
+//! Shutdown: the cancellation token stops the pollers; their sample senders drop, so
+//! the batcher drains its input, seals every open batch and drops its sender; the
+//! committer commits what it received and exits. [`Running::shutdown`] waits for all
+//! of it within a grace period.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{DeviceConfig, GatewayConfig, KeyPaths, Transport};
+use crate::pipeline::{Batcher, Committer, SAMPLES_CHANNEL_CAPACITY, SEALED_CHANNEL_CAPACITY};
+use crate::seal::keys::{self, HubPublicKey, KeyError};
+use crate::seal::Sealer;
+use crate::source::modbus::ModbusPoller;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+use crate::transform::minimise::{Policy, PseudonymKey};
+
+/// The secrets and public keys a gateway runs with.
+#[derive(Debug, Clone)]
+pub struct KeyMaterial {
+    pub signing: ed25519_dalek::SigningKey,
+    pub hub: HubPublicKey,
+    pub pseudonym: PseudonymKey,
+}
+
+impl KeyMaterial {
+    /// Loads the key files, checking types and permissions.
+    pub fn load(paths: &KeyPaths) -> Result<Self, KeyError> {
+        Ok(Self {
+            signing: keys::load_signing_key(&paths.signing_key)?,
+            hub: keys::load_hub_public_key(&paths.hub_public_key)?,
+            pseudonym: PseudonymKey::new(*keys::load_pseudonym_key(&paths.pseudonym_key)?.as_bytes()),
+        })
+    }
+}
+
+/// The policy a config declares.
+pub fn policy(cfg: &GatewayConfig, key: PseudonymKey) -> Policy {
+    Policy::new(&cfg.purpose.name, cfg.purpose.fields.clone(), key, &cfg.profile_versions())
+}
+
+/// A started gateway.
+#[derive(Debug)]
+pub struct Running {
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<dyn Store>,
+    /// Counts committed batches; changes after every flush.
+    pub committed_rx: watch::Receiver<u64>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Running {
+    /// Stops the sources and waits for the open batches to be sealed and committed.
+    /// Returns false if the grace period ran out first.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        self.shutdown.cancel();
+        self.tracker.close();
+        let done = tokio::time::timeout(grace, self.tracker.wait()).await.is_ok();
+        if !done {
+            warn!(?grace, "shutdown grace period ran out");
+        }
+        done
+    }
+
+    pub fn cancellation(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Starts pollers, batcher and committer for `cfg` on the current runtime.
+pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> Running {
+    let metrics = Arc::new(Metrics::default());
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (samples_tx, samples_rx) = mpsc::channel(SAMPLES_CHANNEL_CAPACITY);
+    let (sealed_tx, sealed_rx) = mpsc::channel(SEALED_CHANNEL_CAPACITY);
+    let (committed_tx, committed_rx) = watch::channel(0u64);
+
+    let policy = policy(cfg, keys.pseudonym);
+    let sealer = Sealer::new(cfg.gateway_id.clone(), keys.signing, keys.hub, policy.hash());
+    let seq_store = store.clone();
+    let batcher = Batcher::new(
+        samples_rx,
+        sealed_tx,
+        sealer,
+        policy,
+        cfg.batch,
+        move |s| seq_store.next_seq(s),
+        metrics.clone(),
+    );
+    tracker.spawn(batcher.run());
+    tracker.spawn(Committer::new(sealed_rx, store.clone(), metrics.clone(), committed_tx).run());
+
+    let mut endpoints: BTreeMap<Transport, Vec<DeviceConfig>> = BTreeMap::new();
+    for d in &cfg.devices {
+        endpoints.entry(d.transport.clone()).or_default().push(d.clone());
+    }
+    for (transport, devices) in endpoints {
+        match transport {
+            Transport::Tcp { address } => {
+                let poller = ModbusPoller::new(
+                    address,
+                    devices,
+                    cfg.modbus,
+                    samples_tx.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                );
+                tracker.spawn(poller.run());
+            }
+        }
+    }
+    drop(samples_tx);
+    info!(gateway = %cfg.gateway_id, devices = cfg.devices.len(), "gateway started");
+    Running {
+        metrics,
+        store,
+        committed_rx,
+        shutdown,
+        tracker,
+    }
+}

@@ -1,0 +1,101 @@
+//! The `citygate` binary's operator surface: exit codes and located errors.
+
+use std::path::Path;
+use std::process::Command;
+
+fn citygate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_citygate"))
+}
+
+fn example() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.example.toml")
+}
+
+#[test]
+fn check_accepts_the_example_and_shows_dispositions() {
+    let out = citygate().args(["check", "--config"]).arg(example()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    for needle in ["feeder-7-household-101", "chint-ddsu666", "as-is", "dropped", "polls FC"] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+}
+
+/// Writes the example config with one edit into a temp dir whose profiles_dir points
+/// at the shipped profiles.
+fn edited_example(edit: impl Fn(&str) -> String) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let profiles = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
+    let text = std::fs::read_to_string(example())
+        .unwrap()
+        .replace("profiles_dir = \"../firmware-profiles\"", &format!("profiles_dir = {:?}", profiles.display().to_string()));
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, edit(&text)).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn check_rejects_an_unknown_key_with_file_line_and_key() {
+    let (_dir, path) = edited_example(|t| t.replacen("unit = 2\n", "unit = 2\nbaudrate = 9600\n", 1));
+    let out = citygate().args(["check", "--config"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = text.lines().position(|l| l.starts_with("baudrate")).unwrap() + 1;
+    assert!(stderr.contains(&format!("{}:{line}:", path.display())), "{stderr}");
+    assert!(stderr.contains("baudrate"), "{stderr}");
+}
+
+#[test]
+fn check_rejects_a_bad_register_type_in_a_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
+    let profiles = dir.path().join("profiles");
+    std::fs::create_dir(&profiles).unwrap();
+    for entry in std::fs::read_dir(&shipped).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            std::fs::copy(&p, profiles.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let broken = profiles.join("chint-ddsu666.toml");
+    let text = std::fs::read_to_string(&broken).unwrap();
+    let first_type = text.find("type = \"f32\"").expect("profile has an f32 field");
+    let edited = format!("{}type = \"f24\"{}", &text[..first_type], &text[first_type + "type = \"f32\"".len()..]);
+    std::fs::write(&broken, &edited).unwrap();
+    let line = edited[..first_type].matches('\n').count() + 1;
+
+    let cfg = std::fs::read_to_string(example())
+        .unwrap()
+        .replace("profiles_dir = \"../firmware-profiles\"", "profiles_dir = \"profiles\"");
+    let cfg_path = dir.path().join("gw.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let out = citygate().args(["check", "--config"]).arg(&cfg_path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains(&format!("{}:{line}:", broken.display())), "{stderr}");
+    assert!(stderr.contains(".type`") && stderr.contains("\"f32\""), "names the key and what is valid: {stderr}");
+}
+
+#[test]
+fn bad_usage_exits_64() {
+    let out = citygate().args(["check"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let out = citygate().args(["frobnicate"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn keys_gen_writes_private_files_0600_and_refuses_to_overwrite() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let out = citygate().args(["keys", "gen", "--dir"]).arg(&keys).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for secret in ["gateway.sign.key", "hub.hpke.key", "pseudonym.key"] {
+        let mode = std::fs::metadata(keys.join(secret)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{secret}");
+    }
+    let again = citygate().args(["keys", "gen", "--dir"]).arg(&keys).output().unwrap();
+    assert!(!again.status.success());
+}

@@ -1,0 +1,2 @@
+//! Shared fixtures for the integration tests.
+#![allow(dead_code)]
