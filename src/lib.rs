@@ -6,11 +6,15 @@
 //! until the hub acknowledges them. `supervisor` wires the tasks; `sim` serves
 //! simulated meters for tests, demos and commissioning practice.
 
+pub mod cli;
 pub mod config;
+pub mod pipeline;
 pub mod profile;
 pub mod reading;
+pub mod seal;
+pub mod sim;
 pub mod source;
+pub mod store;
+pub mod supervisor;
 pub mod telemetry;
 pub mod transform;
-pub mod pipeline;
-pub mod supervisor;

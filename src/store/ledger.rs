@@ -1,0 +1,239 @@
+//! In-memory accounting and the quota policy, shared by every [`Store`](super::Store)
+//! implementation so they cannot drift apart.
+//!
+//! A [`Ledger`] knows, per stream, how many batches and bytes are stored, how many were
+//! evicted, and the next sequence number. It decides whether an append is allowed and which
+//! batches it evicts; the backend supplies the oldest batches of a stream and performs the
+//! writes. Backends apply a change to a copy of the ledger, persist it, and only then replace
+//! the ledger, so a failed write leaves the accounting untouched.
+
+use crate::reading::Stream;
+
+use super::keys::MetaField;
+use super::{StoreError, StoreStats, StreamStats};
+
+/// A batch chosen for eviction: (stream, seq, bytes), as in [`super::AppendOutcome`].
+pub(crate) type Eviction = (Stream, u64, u64);
+
+/// The order in which streams give up batches when the quota is reached.
+const EVICTION_ORDER: [Stream; 3] = [Stream::Readings, Stream::Alarms, Stream::Audit];
+
+#[derive(Debug, Clone)]
+pub(crate) struct Ledger {
+    stats: StoreStats,
+    next_seq: [u64; 3],
+}
+
+fn idx(stream: Stream) -> usize {
+    usize::from(stream.code())
+}
+
+impl Ledger {
+    pub(crate) fn new(max_bytes: u64) -> Self {
+        Self {
+            stats: StoreStats {
+                max_bytes,
+                ..StoreStats::default()
+            },
+            next_seq: [1; 3],
+        }
+    }
+
+    pub(crate) fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    pub(crate) fn stream(&self, stream: Stream) -> &StreamStats {
+        self.stats.get(stream)
+    }
+
+    pub(crate) fn next_seq(&self, stream: Stream) -> u64 {
+        self.next_seq[idx(stream)]
+    }
+
+    /// Counts a batch found on disk at open.
+    pub(crate) fn count_stored(&mut self, stream: Stream, seq: u64, len: u64) {
+        let s = self.stats.get_mut(stream);
+        s.batches += 1;
+        s.bytes += len;
+        self.raise_next_seq(stream, seq.saturating_add(1));
+    }
+
+    fn raise_next_seq(&mut self, stream: Stream, next: u64) {
+        let n = &mut self.next_seq[idx(stream)];
+        *n = (*n).max(next);
+    }
+
+    /// A persisted per-stream counter, as it must be written to metadata.
+    pub(crate) fn meta(&self, field: MetaField, stream: Stream) -> u64 {
+        match field {
+            MetaField::NextSeq => self.next_seq(stream),
+            MetaField::EvictedBatches => self.stream(stream).evicted_batches,
+            MetaField::EvictedBytes => self.stream(stream).evicted_bytes,
+        }
+    }
+
+    /// Restores a persisted counter at open. The sequence high-water mark is only ever
+    /// raised, whether by metadata or by a batch found on disk.
+    pub(crate) fn restore_meta(&mut self, field: MetaField, stream: Stream, value: u64) {
+        match field {
+            MetaField::NextSeq => self.raise_next_seq(stream, value),
+            MetaField::EvictedBatches => self.stats.get_mut(stream).evicted_batches = value,
+            MetaField::EvictedBytes => self.stats.get_mut(stream).evicted_bytes = value,
+        }
+    }
+
+    /// Checks an append without changing anything.
+    pub(crate) fn check_append(
+        &self,
+        stream: Stream,
+        seq: u64,
+        len: u64,
+    ) -> Result<(), StoreError> {
+        let next = self.next_seq(stream);
+        if seq < next {
+            return Err(StoreError::SeqRegression { stream, seq, next });
+        }
+        if seq == u64::MAX {
+            return Err(StoreError::SeqExhausted { stream });
+        }
+        if len > self.stats.max_bytes {
+            return Err(StoreError::TooLarge {
+                bytes: len,
+                max_bytes: self.stats.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Chooses the batches to evict so that `len` more bytes fit, oldest first in
+    /// [`EVICTION_ORDER`]. `oldest(stream)` yields `(seq, bytes)` of a stream's batches in
+    /// ascending seq order. Call only after [`Ledger::check_append`] succeeded.
+    pub(crate) fn plan_evictions<I>(
+        &self,
+        len: u64,
+        mut oldest: impl FnMut(Stream) -> I,
+    ) -> Result<Vec<Eviction>, StoreError>
+    where
+        I: Iterator<Item = Result<(u64, u64), StoreError>>,
+    {
+        let mut to_free = (self.stats.total_bytes() + len).saturating_sub(self.stats.max_bytes);
+        let mut evicted = Vec::new();
+        for stream in EVICTION_ORDER {
+            if to_free == 0 {
+                break;
+            }
+            for item in oldest(stream) {
+                let (seq, bytes) = item?;
+                evicted.push((stream, seq, bytes));
+                to_free = to_free.saturating_sub(bytes);
+                if to_free == 0 {
+                    break;
+                }
+            }
+        }
+        if to_free > 0 {
+            return Err(StoreError::Corrupt(format!(
+                "quota accounting disagrees with the stored batches: {to_free} bytes over quota \
+                 after evicting every batch"
+            )));
+        }
+        Ok(evicted)
+    }
+
+    /// Records an append and the evictions it caused.
+    pub(crate) fn record_append(
+        &mut self,
+        stream: Stream,
+        seq: u64,
+        len: u64,
+        evicted: &[Eviction],
+    ) {
+        for &(s, _, bytes) in evicted {
+            let st = self.stats.get_mut(s);
+            st.batches = st.batches.saturating_sub(1);
+            st.bytes = st.bytes.saturating_sub(bytes);
+            st.evicted_batches += 1;
+            st.evicted_bytes += bytes;
+        }
+        let st = self.stats.get_mut(stream);
+        st.batches += 1;
+        st.bytes += len;
+        self.raise_next_seq(stream, seq.saturating_add(1));
+    }
+
+    /// Records the deletion of an acknowledged batch.
+    pub(crate) fn record_ack(&mut self, stream: Stream, len: u64) {
+        let st = self.stats.get_mut(stream);
+        st.batches = st.batches.saturating_sub(1);
+        st.bytes = st.bytes.saturating_sub(len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(v: &[(u64, u64)]) -> impl Iterator<Item = Result<(u64, u64), StoreError>> + '_ {
+        v.iter().map(|&x| Ok(x))
+    }
+
+    #[test]
+    fn check_append_rejects_regression_exhaustion_and_oversize() {
+        let mut l = Ledger::new(100);
+        assert!(l.check_append(Stream::Readings, 1, 100).is_ok());
+        assert!(matches!(
+            l.check_append(Stream::Readings, 0, 1),
+            Err(StoreError::SeqRegression {
+                seq: 0,
+                next: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            l.check_append(Stream::Alarms, 1, 101),
+            Err(StoreError::TooLarge {
+                bytes: 101,
+                max_bytes: 100
+            })
+        ));
+        l.record_append(Stream::Audit, u64::MAX - 1, 1, &[]);
+        assert_eq!(l.next_seq(Stream::Audit), u64::MAX);
+        assert!(matches!(
+            l.check_append(Stream::Audit, u64::MAX, 1),
+            Err(StoreError::SeqExhausted { .. })
+        ));
+    }
+
+    #[test]
+    fn evicts_readings_then_alarms_then_audit_only_as_much_as_needed() {
+        let mut l = Ledger::new(100);
+        l.record_append(Stream::Readings, 1, 30, &[]);
+        l.record_append(Stream::Alarms, 1, 30, &[]);
+        l.record_append(Stream::Audit, 1, 30, &[]);
+        let plan = l
+            .plan_evictions(50, |s| match s {
+                Stream::Readings => ok(&[(1, 30)]),
+                Stream::Alarms => ok(&[(1, 30)]),
+                Stream::Audit => ok(&[(1, 30)]),
+            })
+            .unwrap();
+        assert_eq!(
+            plan,
+            vec![(Stream::Readings, 1, 30), (Stream::Alarms, 1, 30)]
+        );
+        l.record_append(Stream::Readings, 2, 50, &plan);
+        assert_eq!(l.stats().total_bytes(), 80);
+        assert_eq!(l.stream(Stream::Alarms).evicted_bytes, 30);
+        assert_eq!(l.stream(Stream::Readings).evicted_batches, 1);
+        assert_eq!(l.stream(Stream::Readings).batches, 1);
+    }
+
+    #[test]
+    fn accounting_that_disagrees_with_storage_is_an_error_not_a_panic() {
+        let mut l = Ledger::new(10);
+        l.record_append(Stream::Readings, 1, 10, &[]);
+        let err = l.plan_evictions(5, |_| ok(&[])).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)));
+    }
+}

@@ -1,0 +1,115 @@
+//! [`MemStore`]: the outbox in memory, with the same sequence, quota and eviction semantics
+//! as [`SledStore`](super::SledStore) (both use the shared ledger). Nothing survives the
+//! process; `flush` is a no-op. Used as the model in store tests and as the store in
+//! benchmarks of the rest of the pipeline.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::reading::Stream;
+
+use super::ledger::Ledger;
+use super::{AppendOutcome, Store, StoreError, StoreOptions, StoreStats, StoredBatch};
+
+#[derive(Debug)]
+struct Inner {
+    batches: BTreeMap<(Stream, u64), Vec<u8>>,
+    ledger: Ledger,
+}
+
+/// An in-memory [`Store`].
+#[derive(Debug)]
+pub struct MemStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemStore {
+    pub fn new(max_bytes: u64) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                batches: BTreeMap::new(),
+                ledger: Ledger::new(max_bytes),
+            }),
+        }
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        // Every method leaves `Inner` consistent before it can panic.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        Self::new(StoreOptions::default().max_bytes)
+    }
+}
+
+fn stream_range(
+    batches: &BTreeMap<(Stream, u64), Vec<u8>>,
+    stream: Stream,
+    from_seq: u64,
+) -> impl Iterator<Item = (u64, &Vec<u8>)> {
+    batches
+        .range((stream, from_seq)..=(stream, u64::MAX))
+        .map(|(&(_, seq), v)| (seq, v))
+}
+
+impl Store for MemStore {
+    fn append(&self, stream: Stream, seq: u64, bytes: &[u8]) -> Result<AppendOutcome, StoreError> {
+        let len = bytes.len() as u64;
+        let mut guard = self.inner();
+        let Inner { batches, ledger } = &mut *guard;
+        ledger.check_append(stream, seq, len)?;
+        let evicted = ledger.plan_evictions(len, |s| {
+            stream_range(batches, s, 0).map(|(seq, v)| Ok((seq, v.len() as u64)))
+        })?;
+        for &(s, q, _) in &evicted {
+            batches.remove(&(s, q));
+        }
+        batches.insert((stream, seq), bytes.to_vec());
+        ledger.record_append(stream, seq, len, &evicted);
+        Ok(AppendOutcome { evicted })
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn peek(
+        &self,
+        stream: Stream,
+        from_seq: u64,
+        max: usize,
+    ) -> Result<Vec<StoredBatch>, StoreError> {
+        let guard = self.inner();
+        Ok(stream_range(&guard.batches, stream, from_seq)
+            .take(max)
+            .map(|(seq, v)| StoredBatch {
+                stream,
+                seq,
+                bytes: v.clone(),
+            })
+            .collect())
+    }
+
+    fn ack(&self, stream: Stream, seq: u64) -> Result<bool, StoreError> {
+        let mut guard = self.inner();
+        let Inner { batches, ledger } = &mut *guard;
+        match batches.remove(&(stream, seq)) {
+            Some(v) => {
+                ledger.record_ack(stream, v.len() as u64);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn next_seq(&self, stream: Stream) -> u64 {
+        self.inner().ledger.next_seq(stream)
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.inner().ledger.stats().clone()
+    }
+}

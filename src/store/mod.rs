@@ -1,0 +1,209 @@
+//! The durable outbox: sealed batches wait here while the uplink is down.
+//!
+//! Every batch that leaves the seal stage is appended here under its stream and sequence
+//! number, made durable by a group commit ([`Store::flush`], at most once a second), sent by
+//! the uplink once committed, and deleted only when the hub acknowledges it ([`Store::ack`]).
+//! [`SledStore`] is the production implementation; [`MemStore`] has the same semantics in
+//! memory and serves as the model in tests and as the store in pipeline benchmarks.
+//!
+//! # Key layout
+//!
+//! One sled tree, `outbox`, holds everything, so one `sled::Batch` can change batches and
+//! metadata atomically (sled seals a batch in its log so recovery replays all of it or none):
+//!
+//! | key | value |
+//! |---|---|
+//! | `[stream code] ‖ seq (u64 big-endian)` — 9 bytes | the sealed envelope, byte for byte |
+//! | `0xFF ‖ "next_seq/<stream>"` | u64 big-endian: first sequence number not yet used |
+//! | `0xFF ‖ "evicted_batches/<stream>"` | u64 big-endian: batches dropped by the quota, ever |
+//! | `0xFF ‖ "evicted_bytes/<stream>"` | u64 big-endian: bytes dropped by the quota, ever |
+//!
+//! Stream codes are [`Stream::code`] (0 readings, 1 alarms, 2 audit), so iteration order is
+//! stream, then sequence number, and the metadata sorts after every batch. Anything else in
+//! the tree (a key of the wrong length, an unknown stream code, an unknown metadata name) is
+//! skipped and counted ([`SledStore::malformed_keys`]), never trusted and never a panic.
+//!
+//! # Commit semantics
+//!
+//! - [`Store::append`] stages a batch. The insert, the stream's new `next_seq` and any
+//!   evictions it caused go into one `sled::Batch`: after a crash the high-water mark is
+//!   never behind a batch that survived, so sequence numbers never repeat, even after every
+//!   batch was acknowledged and deleted.
+//! - [`Store::flush`] calls `sled::Db::flush`: a batch is *committed* once a flush that
+//!   started after its append returned `Ok`. Flushes do not hold the store's lock, so appends
+//!   continue while a group commit is in progress.
+//! - On Linux sled's flush writes its log with `pwrite` and `sync_file_range`, not `fsync`:
+//!   that makes a committed batch survive a **process crash** (SIGKILL, panic, OOM kill). It
+//!   does not by itself survive **power loss**; for that we keep sled's background flusher at
+//!   `flush_every_ms = Some(1000)`, which runs `sync_all` once a second, so power loss can cost
+//!   up to about a second of batches that were already reported committed.
+//! - [`Store::ack`] deletes a batch; the delete is durable at the next flush. A delete lost in a
+//!   crash only means the batch is sent again (the hub de-duplicates on stream and seq).
+//!
+//! # Quota policy
+//!
+//! `max_bytes` bounds the sum of the stored envelopes' lengths (keys, metadata and sled's own
+//! overhead are not counted: sled needs several times the live data on disk and does not give
+//! space back after a drain, so size the partition for that). When a new batch does not fit,
+//! the oldest `readings` batches are evicted first, then the oldest `alarms`, then the oldest
+//! `audit`, until it fits; the evictions are returned to the caller (who audits them and raises
+//! an alarm) and counted per stream, persistently. A batch larger than `max_bytes` on its own is
+//! refused with [`StoreError::TooLarge`]. A refused append changes nothing, not even `next_seq`.
+//! If `max_bytes` is lowered between runs, the excess is evicted by the next append.
+//!
+//! # Memory
+//!
+//! sled's cache defaults to 1 GiB; we always pass [`StoreOptions::cache_capacity_bytes`]
+//! (4 MiB by default) and use `Mode::LowSpace`. Per-stream counts and byte totals live in
+//! memory behind a mutex, computed once at open by scanning the tree (O(stored data) at
+//! start-up), so [`Store::stats`] is O(1).
+//!
+//! # Recovery and how it fails
+//!
+//! - sled 0.34 is known to fail to open after abrupt stops (corrupt snapshots, CRC
+//!   mismatches, sometimes a panic). If opening fails with a corruption-type error, or sled
+//!   panics while opening, the directory is moved aside to `<path>.corrupt-<unix-seconds>`, a
+//!   fresh store is opened in its place, an ERROR is logged and [`SledStore::recovered_from`]
+//!   returns the moved path so the gateway raises an alarm. The moved data is kept for
+//!   forensics, not deleted. The fresh store's sequence numbers start again at 1.
+//! - Plain I/O errors at open (permission denied, the path is a file, the lock is held by a
+//!   running instance, disk full) are returned as they are: moving a healthy store aside
+//!   because of them would lose data.
+//! - A metadata value that is not 8 bytes makes [`SledStore::open`] fail with
+//!   [`StoreError::Corrupt`]: guessing a sequence number could repeat one the hub has already
+//!   seen, so an operator decides.
+//! - A full disk surfaces as a sled I/O error; [`StoreError::is_disk_full`] recognises it so
+//!   the caller can degrade (drop and count) instead of exiting.
+//! - All calls block (sled I/O, `flush` can take hundreds of milliseconds at p99): call them
+//!   from `spawn_blocking` or a dedicated thread, never on an async worker.
+
+mod error;
+mod keys;
+mod ledger;
+mod mem_store;
+mod recovery;
+mod sled_store;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::StoreError;
+pub use mem_store::MemStore;
+pub use sled_store::SledStore;
+
+use crate::reading::Stream;
+
+/// A durable, bounded, per-stream ordered outbox of sealed batches.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Stage a sealed batch. Not durable until `flush`. `seq` must be >= next_seq(stream)
+    /// (else [`StoreError::SeqRegression`]).
+    ///
+    /// Enforces the byte quota: if the batch does not fit, evicts the oldest batches — all
+    /// `Readings` first, then `Alarms`, then `Audit` — until it fits; evictions are returned
+    /// and counted.
+    fn append(&self, stream: Stream, seq: u64, bytes: &[u8]) -> Result<AppendOutcome, StoreError>;
+
+    /// Make everything appended so far durable (group commit). A batch is "committed" once a
+    /// flush after its append returned Ok.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// Committed-or-staged batches of `stream` with seq >= from_seq, ascending, at most `max`.
+    fn peek(
+        &self,
+        stream: Stream,
+        from_seq: u64,
+        max: usize,
+    ) -> Result<Vec<StoredBatch>, StoreError>;
+
+    /// Delete an acknowledged batch; Ok(true) if it was there. Deleting is durable at the next
+    /// flush.
+    fn ack(&self, stream: Stream, seq: u64) -> Result<bool, StoreError>;
+
+    /// The first sequence number not yet used on `stream` (starts at 1); continues across
+    /// restarts even when every batch has been acked and deleted.
+    fn next_seq(&self, stream: Stream) -> u64;
+
+    fn stats(&self) -> StoreStats;
+}
+
+/// One stored batch, as [`Store::peek`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBatch {
+    pub stream: Stream,
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// What an append had to do to make room.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// Batches dropped by the quota, oldest first: (stream, seq, bytes).
+    pub evicted: Vec<(Stream, u64, u64)>,
+}
+
+/// Counters for one stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Batches stored now.
+    pub batches: u64,
+    /// Envelope bytes stored now.
+    pub bytes: u64,
+    /// Batches dropped by the quota since the store was created (persisted).
+    pub evicted_batches: u64,
+    /// Bytes dropped by the quota since the store was created (persisted).
+    pub evicted_bytes: u64,
+}
+
+/// A snapshot of the store's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub readings: StreamStats,
+    pub alarms: StreamStats,
+    pub audit: StreamStats,
+    /// The configured quota.
+    pub max_bytes: u64,
+}
+
+impl StoreStats {
+    pub fn get(&self, stream: Stream) -> &StreamStats {
+        match stream {
+            Stream::Readings => &self.readings,
+            Stream::Alarms => &self.alarms,
+            Stream::Audit => &self.audit,
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self, stream: Stream) -> &mut StreamStats {
+        match stream {
+            Stream::Readings => &mut self.readings,
+            Stream::Alarms => &mut self.alarms,
+            Stream::Audit => &mut self.audit,
+        }
+    }
+
+    pub fn total_batches(&self) -> u64 {
+        Stream::ALL.iter().map(|s| self.get(*s).batches).sum()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        Stream::ALL.iter().map(|s| self.get(*s).bytes).sum()
+    }
+}
+
+/// Sizing of a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Quota on the sum of stored envelope lengths.
+    pub max_bytes: u64,
+    /// sled's page cache (its own default is 1 GiB; never use that on a gateway).
+    pub cache_capacity_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_bytes: 256 * 1024 * 1024,
+            cache_capacity_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
