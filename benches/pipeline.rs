@@ -1,1 +1,121 @@
-fn main() {}
+//! Per-reading cost of the gateway's hot path: normalise → check → minimise → seal →
+//! commit (sled append + flush), measured per batch of readings from real profiles.
+//!
+//! `cargo bench --bench pipeline`; criterion reports time per batch and, through
+//! `Throughput::Elements`, readings per second. Stages are also measured alone so a
+//! regression can be located.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+use citygate::profile::{decode, Profile, ProfileSet, RawValue};
+use citygate::reading::{DeviceId, FieldName, GatewayId, Quality, Record, Stream};
+use citygate::seal::Sealer;
+use citygate::source::RegisterImage;
+use citygate::store::{SledStore, Store, StoreOptions};
+use citygate::transform::check::Checker;
+use citygate::transform::minimise::{minimise, Policy, PseudonymKey};
+use citygate::transform::normalise::normalise;
+
+const DEVICES: usize = 100;
+
+fn profile() -> Arc<Profile> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
+    ProfileSet::load_dir(&dir).unwrap().get("chint-dtsu666").unwrap().clone()
+}
+
+/// A plausible register image for every field of `p`.
+fn image(p: &Profile) -> RegisterImage {
+    let mut img = RegisterImage::new();
+    for f in &p.fields {
+        let eng = f.range.map_or(1.0, |(lo, hi)| (lo + hi) / 2.0);
+        let raw = (eng - f.offset) / f.scale;
+        img.insert(f.address, decode::encode(f.ty, f.order, RawValue::Float(raw)));
+    }
+    img
+}
+
+fn policy(p: &Profile) -> Policy {
+    let fields = p.fields.iter().take(p.fields.len() * 2 / 3).map(|f| f.name.clone()).collect();
+    Policy::new("bench", fields, PseudonymKey::new([7; 32]), &[])
+}
+
+fn records(p: &Profile, img: &RegisterImage, policy: &Policy, checker: &mut Checker, devices: &[DeviceId]) -> (usize, Vec<Record>) {
+    let mut readings = 0;
+    let mut out = Vec::new();
+    for (i, d) in devices.iter().enumerate() {
+        let n = normalise(p, d, 1_700_000_000_000 + i as i64, img);
+        readings += n.readings.len();
+        for mut r in n.readings {
+            let field = p.field(r.field.as_str()).unwrap();
+            if checker.check(field, &mut r) != Quality::Good {
+                black_box(&r);
+            }
+            out.extend(minimise(policy, &r));
+        }
+    }
+    (readings, out)
+}
+
+fn bench(c: &mut Criterion) {
+    let p = profile();
+    let img = image(&p);
+    let pol = policy(&p);
+    let devices: Vec<DeviceId> = (0..DEVICES).map(|i| DeviceId::new(format!("meter-{i}")).unwrap()).collect();
+    let mut checker = Checker::new();
+    let (readings, recs) = records(&p, &img, &pol, &mut checker, &devices);
+    let sealer = Sealer::new(
+        GatewayId::new("bench-gw").unwrap(),
+        ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
+        citygate::seal::keys::HubPublicKey::from_secret_bytes(&[2; 32]),
+        pol.hash(),
+    );
+    let _ = FieldName::new("x");
+
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Elements(readings as u64));
+    g.bench_function("normalise_check_minimise", |b| {
+        b.iter(|| black_box(records(&p, &img, &pol, &mut checker, &devices)))
+    });
+    g.bench_function("seal", |b| b.iter(|| black_box(sealer.seal(Stream::Readings, 1, 0, &recs).unwrap())));
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&dir.path().join("store"), StoreOptions::default()).unwrap();
+    let mut seq = 1u64;
+    g.bench_function("commit", |b| {
+        let bytes = sealer.seal(Stream::Readings, 1, 0, &recs).unwrap().bytes;
+        b.iter(|| {
+            store.append(Stream::Readings, seq, &bytes).unwrap();
+            store.flush().unwrap();
+            store.ack(Stream::Readings, seq).unwrap();
+            seq += 1;
+        })
+    });
+    g.bench_function("end_to_end", |b| {
+        b.iter_batched(
+            || (),
+            |_| {
+                let (_, recs) = records(&p, &img, &pol, &mut checker, &devices);
+                let sealed = sealer.seal(Stream::Readings, seq, 0, &recs).unwrap();
+                store.append(Stream::Readings, seq, &sealed.bytes).unwrap();
+                store.flush().unwrap();
+                store.ack(Stream::Readings, seq).unwrap();
+                seq += 1;
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+    println!(
+        "batch: {DEVICES} devices x {} fields = {readings} readings -> {} records, envelope {} bytes",
+        p.fields.len(),
+        recs.len(),
+        sealer.seal(Stream::Readings, 1, 0, &recs).unwrap().bytes.len()
+    );
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

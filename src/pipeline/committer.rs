@@ -125,7 +125,10 @@ impl Committer {
             Ok((batches.len(), evicted))
         })
         .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+        .map_err(|e| StoreError::Io {
+            path: std::path::PathBuf::new(),
+            source: std::io::Error::other(format!("commit task failed: {e}")),
+        })?;
         match result {
             Ok((n, evicted)) => {
                 self.pending.drain(..n);

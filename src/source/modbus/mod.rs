@@ -4,10 +4,12 @@
 //! the endpoint's single connection and runs one transaction at a time. Every request
 //! has a timeout (tokio-modbus has none); after a timeout or a protocol error the
 //! connection is dropped, so a late reply can never be taken for the next answer. A
-//! device that fails is rescheduled with exponential backoff (capped by
-//! `modbus.backoff_max`), so a dead meter costs at most one timeout per backoff period
-//! and the others keep their schedule. Device exceptions, timeouts and transport errors
-//! are distinct [`ModbusError`]s and distinct counters.
+//! device whose request times out moves to a probation lane with a connection of its
+//! own and is retried with exponential backoff (capped by `modbus.backoff_max`); it
+//! returns after its first good poll. A dead meter thus costs the others only the one
+//! timeout that revealed it. Device exceptions, timeouts and transport errors are
+//! distinct [`ModbusError`]s and distinct counters; an exception does not break the
+//! connection (the device is alive).
 
 pub mod plan;
 mod poller;

@@ -67,7 +67,22 @@ impl PolledDevice {
     }
 }
 
+/// Which lane of an endpoint a device is polled on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LaneKind {
+    /// Devices that answer.
+    Healthy,
+    /// Devices that stopped answering: polled with backoff over a connection of their own,
+    /// so their timeouts never hold up the healthy devices.
+    Probation,
+}
+
 /// Polls every device behind one Modbus TCP endpoint.
+///
+/// The task runs two lanes concurrently, each with its own connection: healthy devices
+/// are polled one transaction at a time on the first; a device whose request times out
+/// moves to the probation lane and comes back after its first good poll. A dead meter
+/// therefore costs the healthy ones at most the one timeout that revealed it.
 #[derive(Debug)]
 pub struct ModbusPoller {
     address: String,
@@ -97,19 +112,61 @@ impl ModbusPoller {
         }
     }
 
-    pub async fn run(mut self) {
+    pub async fn run(self) {
+        info!(endpoint = %self.address, devices = self.devices.len(), "modbus poller started");
+        let capacity = self.devices.len().max(1);
+        let (to_probation_tx, to_probation_rx) = mpsc::channel(capacity);
+        let (to_healthy_tx, to_healthy_rx) = mpsc::channel(capacity);
+        let lane = |kind, devices| Lane {
+            kind,
+            address: self.address.clone(),
+            devices,
+            cfg: self.cfg,
+            samples_tx: self.samples_tx.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+        };
+        let healthy = lane(LaneKind::Healthy, self.devices);
+        let probation = lane(LaneKind::Probation, Vec::new());
+        tokio::join!(
+            healthy.run(to_probation_tx, to_healthy_rx),
+            probation.run(to_healthy_tx, to_probation_rx)
+        );
+        info!(endpoint = %self.address, "modbus poller stopped");
+    }
+}
+
+/// One connection to the endpoint and the devices polled over it.
+#[derive(Debug)]
+struct Lane {
+    kind: LaneKind,
+    address: String,
+    devices: Vec<PolledDevice>,
+    cfg: ModbusConfig,
+    samples_tx: mpsc::Sender<RawSample>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+impl Lane {
+    async fn run(mut self, other_tx: mpsc::Sender<PolledDevice>, mut incoming_rx: mpsc::Receiver<PolledDevice>) {
         let mut conn: Option<Context> = None;
         let mut connect_failures: u32 = 0;
-        info!(endpoint = %self.address, devices = self.devices.len(), "modbus poller started");
-        while !self.shutdown.is_cancelled() {
-            let Some(idx) = self.next_device() else { break };
-            let due = self.devices[idx].next_due;
+        loop {
+            let due = self.devices.iter().map(|d| d.next_due).min();
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
-                _ = sleep_until(due) => {}
+                Some(d) = incoming_rx.recv() => {
+                    self.devices.push(d);
+                    continue;
+                }
+                _ = sleep_until(due.unwrap_or_else(far_future)), if due.is_some() => {}
             }
+            let Some(idx) = (0..self.devices.len()).min_by_key(|&i| self.devices[i].next_due) else {
+                continue;
+            };
             if conn.is_none() {
-                match self.connect().await {
+                match connect(&self.address, self.cfg.connect_timeout).await {
                     Ok(c) => {
                         connect_failures = 0;
                         conn = Some(c);
@@ -120,11 +177,7 @@ impl ModbusPoller {
                         warn!(endpoint = %self.address, error = %e, retry_in = ?delay, "modbus connect failed");
                         let now = Instant::now();
                         for d in &mut self.devices {
-                            self.metrics.record_poll(
-                                &d.config.id,
-                                now_ms(),
-                                &PollOutcome::Transport(e.to_string()),
-                            );
+                            self.metrics.record_poll(&d.config.id, now_ms(), &PollOutcome::Transport(e.to_string()));
                             d.next_due = d.next_due.max(now + delay);
                         }
                         continue;
@@ -132,37 +185,32 @@ impl ModbusPoller {
                 }
             }
             let Some(ctx) = conn.as_mut() else { continue };
-            let broke = self.poll_device(ctx, idx).await;
-            if broke {
+            let outcome = self.poll_device(ctx, idx).await;
+            if outcome.breaks_connection {
                 if let Some(mut c) = conn.take() {
                     let _ = timeout(Duration::from_millis(100), c.disconnect()).await;
                 }
             }
+            let moves = match self.kind {
+                LaneKind::Healthy => outcome.timed_out,
+                LaneKind::Probation => outcome.ok,
+            };
+            if moves {
+                let dev = self.devices.swap_remove(idx);
+                let id = dev.config.id.clone();
+                match self.kind {
+                    LaneKind::Healthy => warn!(device = %id, "device stopped answering; polling it on probation"),
+                    LaneKind::Probation => info!(device = %id, "device answers again"),
+                }
+                if other_tx.try_send(dev).is_err() {
+                    warn!(device = %id, "lane closed; device no longer polled");
+                }
+            }
         }
-        info!(endpoint = %self.address, "modbus poller stopped");
     }
 
-    fn next_device(&self) -> Option<usize> {
-        (0..self.devices.len()).min_by_key(|&i| self.devices[i].next_due)
-    }
-
-    async fn connect(&self) -> Result<Context, ModbusError> {
-        let addr: SocketAddr = tokio::net::lookup_host(&self.address)
-            .await?
-            .next()
-            .ok_or_else(|| {
-                ModbusError::Protocol(format!("{} resolves to no address", self.address))
-            })?;
-        let stream = timeout(self.cfg.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| ModbusError::Timeout(self.cfg.connect_timeout))??;
-        let _ = stream.set_nodelay(true);
-        debug!(endpoint = %self.address, "modbus connected");
-        Ok(tokio_modbus::client::tcp::attach_slave(stream, Slave(1)))
-    }
-
-    /// Polls one device; returns true if the connection must be dropped.
-    async fn poll_device(&mut self, ctx: &mut Context, idx: usize) -> bool {
+    /// Polls one device and reschedules it.
+    async fn poll_device(&mut self, ctx: &mut Context, idx: usize) -> PollResult {
         let dev = &mut self.devices[idx];
         let cfg = dev.config.clone();
         ctx.set_slave(Slave(cfg.unit.0));
@@ -211,8 +259,36 @@ impl ModbusPoller {
                 self.metrics.samples_dropped.inc();
             }
         }
-        failure.is_some()
+        PollResult {
+            ok: failure.is_none(),
+            timed_out: matches!(failure, Some(ModbusError::Timeout(_))),
+            breaks_connection: failure.is_some(),
+        }
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PollResult {
+    ok: bool,
+    timed_out: bool,
+    breaks_connection: bool,
+}
+
+async fn connect(address: &str, limit: Duration) -> Result<Context, ModbusError> {
+    let addr: SocketAddr = tokio::net::lookup_host(address)
+        .await?
+        .next()
+        .ok_or_else(|| ModbusError::Protocol(format!("{address} resolves to no address")))?;
+    let stream = timeout(limit, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ModbusError::Timeout(limit))??;
+    let _ = stream.set_nodelay(true);
+    debug!(endpoint = %address, "modbus connected");
+    Ok(tokio_modbus::client::tcp::attach_slave(stream, Slave(1)))
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400)
 }
 
 /// One read with a timeout, its reply checked against the request.
