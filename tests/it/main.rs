@@ -1,1 +1,4 @@
+#![allow(clippy::unwrap_used)]
+//! Integration tests, one binary.
 
+mod profiles;
