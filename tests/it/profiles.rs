@@ -750,3 +750,38 @@ fn energy_counter_going_backwards_is_flagged() {
         assert_eq!(checker.check(field, &mut r), expected);
     }
 }
+
+#[test]
+fn every_shipped_profile_plans_into_whole_reads() {
+    use citygate::source::modbus::plan;
+    let set = ProfileSet::load_dir(&profile_dir()).unwrap();
+    for p in set.iter() {
+        let reads = plan(p);
+        assert!(reads.iter().all(|r| r.count <= 125), "{}", p.name);
+        let holding = |start: RegisterAddress, words: u16| {
+            reads
+                .iter()
+                .position(|r| {
+                    start.0 >= r.start.0
+                        && u32::from(start.0) + u32::from(words)
+                            <= u32::from(r.start.0) + u32::from(r.count)
+                })
+                .unwrap_or_else(|| panic!("{}: no read holds {start}", p.name))
+        };
+        for f in &p.fields {
+            holding(f.address, f.words());
+        }
+        // A totaliser's integer part and its fraction come from the same request.
+        if let (Some(int), Some(frac)) = (
+            p.field("volume_forward"),
+            p.field("volume_forward_fraction"),
+        ) {
+            assert_eq!(
+                holding(int.address, 2),
+                holding(frac.address, 2),
+                "{}",
+                p.name
+            );
+        }
+    }
+}
