@@ -7,3 +7,4 @@ mod support;
 mod cli;
 mod config_files;
 mod pipeline;
+mod profiles;
