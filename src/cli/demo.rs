@@ -27,7 +27,7 @@ use crate::supervisor::{self, KeyMaterial};
 const PROFILES: &[(&str, &str)] = &[
     ("chint-ddsu666", include_str!("../../firmware-profiles/chint-ddsu666.toml")),
     ("eastron-sdm630", include_str!("../../firmware-profiles/eastron-sdm630.toml")),
-    ("WATER_PROFILE", include_str!("../../firmware-profiles/WATER_PROFILE.toml")),
+    ("oem-tuf-2000m", include_str!("../../firmware-profiles/oem-tuf-2000m.toml")),
 ];
 
 const PURPOSE_FIELDS: &[&str] = &[

@@ -21,7 +21,7 @@ async fn committed_batches_decrypt_to_what_the_meters_served() {
     let profiles = shipped_profiles();
     let token = CancellationToken::new();
     let elec = start_sim(&profiles, "chint-ddsu666", 3, 1, &token).await;
-    let water_name = profiles.names().find(|n| n.contains("water")).expect("a water meter profile").to_string();
+    let water_name = "oem-tuf-2000m".to_string();
     let water = start_sim(&profiles, &water_name, 2, 2, &token).await;
     let dep = Deployment::new();
     let mut devices = String::new();
