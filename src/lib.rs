@@ -9,3 +9,4 @@
 pub mod config;
 pub mod profile;
 pub mod reading;
+pub mod sim;
