@@ -70,7 +70,7 @@ fn bench(c: &mut Criterion) {
     let sealer = Sealer::new(
         GatewayId::new("bench-gw").unwrap(),
         ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
-        citygate::seal::keys::HubPublicKey::from_secret_bytes(&[2; 32]),
+        citygate::seal::keys::HubSecretKey::from_bytes(&[2; 32]).public_key(),
         pol.hash(),
     );
     let _ = FieldName::new("x");

@@ -210,8 +210,12 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
 
 /// `citygate keys gen --dir DIR`
 pub fn keys_gen(dir: &Path, force: bool) -> Result<(), CliError> {
-    let generated = keys::generate(dir, force).map_err(|e| CliError::Usage(e.to_string()))?;
-    println!("{generated}");
+    let g = keys::generate(dir, force).map_err(|e| CliError::Usage(e.to_string()))?;
+    println!("gateway signing key   {} (secret, 0600)", g.signing_key.display());
+    println!("gateway verifying key {} (register it at the hub; key id {})", g.verifying_key.display(), hex::encode(g.signer_key_id));
+    println!("hub HPKE secret key   {} (secret, 0600: belongs on the hub, not the gateway)", g.hub_secret_key.display());
+    println!("hub HPKE public key   {} (key id {})", g.hub_public_key.display(), hex::encode(g.hub_key_id));
+    println!("pseudonym key         {} (secret, 0600; key id {})", g.pseudonym_key.display(), hex::encode(g.pseudonym_key_id));
     Ok(())
 }
 
