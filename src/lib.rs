@@ -1,2 +1,3 @@
 //! citygate: an edge gateway for city-brain meter data.
 pub mod reading;
+pub mod seal;
