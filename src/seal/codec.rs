@@ -1,0 +1,103 @@
+//! The plaintext codec: `Vec<Record>` ⇄ `zstd(bincode 2 standard config)`.
+//!
+//! Sealing encodes with `bincode::serde::encode_to_vec(records, bincode::config::standard())`
+//! and compresses the result as one zstd frame at [`ZSTD_LEVEL`]. Opening reverses it under hard
+//! limits, because the plaintext is only as trustworthy as the gateway that signed it: the zstd
+//! stream is decompressed through a reader capped at [`MAX_PLAINTEXT_BYTES`] (a decompression
+//! bomb stops there instead of exhausting memory), and bincode decodes with the same limit so no
+//! length prefix can make it allocate more. Trailing bytes after the record list are rejected.
+//! The sealer refuses batches that encode to more than the cap, so every batch it produces can
+//! be opened.
+
+use std::io::Read;
+
+use crate::reading::Record;
+
+use super::error::{OpenError, SealError};
+
+/// zstd compression level used by the sealer (zstd's own default).
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Hard cap on the decompressed plaintext of one batch: 64 MiB.
+pub const MAX_PLAINTEXT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Encodes and compresses records into the plaintext that gets encrypted.
+pub(crate) fn encode_records(records: &[Record]) -> Result<Vec<u8>, SealError> {
+    let encoded = bincode::serde::encode_to_vec(records, bincode::config::standard())?;
+    if encoded.len() > MAX_PLAINTEXT_BYTES {
+        return Err(SealError::TooLarge {
+            size: encoded.len(),
+            limit: MAX_PLAINTEXT_BYTES,
+        });
+    }
+    zstd::bulk::compress(&encoded, ZSTD_LEVEL).map_err(SealError::Compress)
+}
+
+/// Decompresses (capped) and decodes a decrypted plaintext.
+pub(crate) fn decode_records(compressed: &[u8]) -> Result<Vec<Record>, OpenError> {
+    let plain = decompress_capped(compressed)?;
+    let config = bincode::config::standard().with_limit::<MAX_PLAINTEXT_BYTES>();
+    let (records, used): (Vec<Record>, usize) = bincode::serde::decode_from_slice(&plain, config)
+        .map_err(|e| OpenError::Decode(e.to_string()))?;
+    if used != plain.len() {
+        return Err(OpenError::Decode(format!(
+            "{} trailing bytes after the records",
+            plain.len().saturating_sub(used)
+        )));
+    }
+    Ok(records)
+}
+
+fn decompress_capped(compressed: &[u8]) -> Result<Vec<u8>, OpenError> {
+    let decoder =
+        zstd::stream::read::Decoder::with_buffer(compressed).map_err(|_| OpenError::Decompress)?;
+    let cap = u64::try_from(MAX_PLAINTEXT_BYTES)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    let mut out = Vec::new();
+    decoder
+        .take(cap)
+        .read_to_end(&mut out)
+        .map_err(|_| OpenError::Decompress)?;
+    if out.len() > MAX_PLAINTEXT_BYTES {
+        return Err(OpenError::DecompressedTooLarge {
+            limit: MAX_PLAINTEXT_BYTES,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decompression_is_capped() {
+        // 65 MiB of zeros compresses to a few KiB: a small bomb.
+        let bomb = zstd::bulk::compress(&vec![0u8; MAX_PLAINTEXT_BYTES + (1 << 20)], 1).unwrap();
+        assert!(bomb.len() < 64 * 1024);
+        assert_eq!(
+            decode_records(&bomb),
+            Err(OpenError::DecompressedTooLarge {
+                limit: MAX_PLAINTEXT_BYTES
+            })
+        );
+    }
+
+    #[test]
+    fn garbage_and_trailing_bytes_are_rejected() {
+        assert_eq!(decode_records(b"not zstd"), Err(OpenError::Decompress));
+        let mut plain =
+            bincode::serde::encode_to_vec(Vec::<Record>::new(), bincode::config::standard())
+                .unwrap();
+        plain.push(0);
+        let compressed = zstd::bulk::compress(&plain, ZSTD_LEVEL).unwrap();
+        assert!(matches!(
+            decode_records(&compressed),
+            Err(OpenError::Decode(_))
+        ));
+        // A length prefix claiming 2^40 records fails on the limit, not on allocation.
+        let huge = zstd::bulk::compress(&[253, 0, 0, 0, 0, 0, 1, 0, 0], ZSTD_LEVEL).unwrap();
+        assert!(matches!(decode_records(&huge), Err(OpenError::Decode(_))));
+    }
+}

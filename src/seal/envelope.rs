@@ -1,0 +1,300 @@
+//! The envelope framing: header encode/parse, whole-envelope parsing without crypto, and the
+//! [`SealedBatch`] that carries envelope bytes through the store and the uplink.
+//!
+//! The byte layout is specified in the `seal` module docs; this file is its only codec. Parsing
+//! reads untrusted bytes (from the disk, the broker, the network) through a bounds-checked cursor:
+//! every read is `slice::get`, every length is checked before use, so malformed input becomes an
+//! [`OpenError`] and never a panic or an out-of-range allocation. Parsing checks the framing
+//! only (magic, version, suite, gateway id syntax, stream code, lengths); signatures and
+//! decryption are the [`Opener`](super::Opener)'s job.
+
+use crate::reading::{GatewayId, Stream};
+
+use super::error::OpenError;
+
+/// The first four bytes of every envelope.
+pub const MAGIC: [u8; 4] = *b"CGB1";
+/// The envelope format version this code writes and reads.
+pub const VERSION: u8 = 1;
+/// Suite 1: HPKE base mode with DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305;
+/// Ed25519 signatures.
+pub const SUITE_X25519_CHACHA20POLY1305_ED25519: u8 = 1;
+/// The gateway id field holds 1..=64 bytes.
+pub const MAX_GATEWAY_LEN: usize = 64;
+/// Length of the trailing Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+/// Length of the HPKE encapsulated key (an X25519 public key).
+pub const ENCAPPED_KEY_LEN: usize = 32;
+
+/// Bytes of the header besides the gateway id: magic, version, suite, gateway_len, stream, seq,
+/// created_at, record_count, policy_hash, both key ids, enc.
+const HEADER_FIXED_LEN: usize = 4 + 1 + 1 + 1 + 1 + 8 + 8 + 4 + 32 + 8 + 8 + ENCAPPED_KEY_LEN;
+
+/// The envelope header: everything from magic through the encapsulated key. Its exact bytes are
+/// the AEAD associated data, so every field is authenticated by the AEAD and by the signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Envelope format version ([`VERSION`]).
+    pub version: u8,
+    /// Cipher suite id ([`SUITE_X25519_CHACHA20POLY1305_ED25519`]).
+    pub suite: u8,
+    pub gateway: GatewayId,
+    pub stream: Stream,
+    /// Per-stream sequence number at the gateway.
+    pub seq: u64,
+    /// When the batch was sealed, ms since the Unix epoch, UTC.
+    pub created_at_ms: i64,
+    pub record_count: u32,
+    /// Hash of the minimisation policy the records were produced under.
+    pub policy_hash: [u8; 32],
+    /// Key id of the gateway's Ed25519 verifying key.
+    pub signer_key_id: [u8; 8],
+    /// Key id of the hub's X25519 HPKE public key.
+    pub recipient_key_id: [u8; 8],
+    /// HPKE `enc`: the sender's ephemeral X25519 public key.
+    pub encapped_key: [u8; ENCAPPED_KEY_LEN],
+}
+
+impl Header {
+    /// Length of this header on the wire.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_FIXED_LEN + self.gateway.as_str().len()
+    }
+
+    /// Appends the header bytes (magic through enc) to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let gateway = self.gateway.as_str().as_bytes();
+        let gateway_len =
+            u8::try_from(gateway.len()).expect("invariant: GatewayId is at most 64 bytes");
+        out.reserve(self.encoded_len());
+        out.extend_from_slice(&MAGIC);
+        out.push(self.version);
+        out.push(self.suite);
+        out.push(gateway_len);
+        out.extend_from_slice(gateway);
+        out.push(self.stream.code());
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.created_at_ms.to_be_bytes());
+        out.extend_from_slice(&self.record_count.to_be_bytes());
+        out.extend_from_slice(&self.policy_hash);
+        out.extend_from_slice(&self.signer_key_id);
+        out.extend_from_slice(&self.recipient_key_id);
+        out.extend_from_slice(&self.encapped_key);
+    }
+
+    /// The header bytes (magic through enc).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Parses a header from the start of `bytes`; returns it and the number of bytes it used.
+    /// Checks magic, version, suite, gateway id and stream code, in that order.
+    pub fn parse(bytes: &[u8]) -> Result<(Header, usize), OpenError> {
+        let mut r = Cursor::new(bytes);
+        if r.array::<4>()? != MAGIC {
+            return Err(OpenError::BadMagic);
+        }
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(OpenError::UnknownVersion(version));
+        }
+        let suite = r.u8()?;
+        if suite != SUITE_X25519_CHACHA20POLY1305_ED25519 {
+            return Err(OpenError::UnknownSuite(suite));
+        }
+        let gateway_len = usize::from(r.u8()?);
+        if gateway_len == 0 || gateway_len > MAX_GATEWAY_LEN {
+            return Err(OpenError::BadGatewayId(format!(
+                "length {gateway_len} is outside 1..={MAX_GATEWAY_LEN}"
+            )));
+        }
+        let gateway = std::str::from_utf8(r.take(gateway_len)?)
+            .map_err(|_| OpenError::BadGatewayId("not UTF-8".to_owned()))?;
+        let gateway =
+            GatewayId::new(gateway).map_err(|e| OpenError::BadGatewayId(e.to_string()))?;
+        let stream_code = r.u8()?;
+        let stream = Stream::from_code(stream_code).ok_or(OpenError::UnknownStream(stream_code))?;
+        let header = Header {
+            version,
+            suite,
+            gateway,
+            stream,
+            seq: u64::from_be_bytes(r.array()?),
+            created_at_ms: i64::from_be_bytes(r.array()?),
+            record_count: u32::from_be_bytes(r.array()?),
+            policy_hash: r.array()?,
+            signer_key_id: r.array()?,
+            recipient_key_id: r.array()?,
+            encapped_key: r.array()?,
+        };
+        Ok((header, r.pos))
+    }
+}
+
+/// A parsed envelope whose slices borrow the input. Nothing in it has been verified.
+#[derive(Debug)]
+pub(crate) struct Frame<'a> {
+    pub header: Header,
+    /// Magic through enc: the AEAD associated data.
+    pub header_bytes: &'a [u8],
+    /// The HPKE ciphertext, AEAD tag included.
+    pub ciphertext: &'a [u8],
+    /// Every byte before the signature: what the signature covers.
+    pub signed: &'a [u8],
+    pub signature: [u8; SIGNATURE_LEN],
+}
+
+/// Splits a whole envelope into its parts. The envelope must end exactly after the signature.
+pub(crate) fn parse_frame(bytes: &[u8]) -> Result<Frame<'_>, OpenError> {
+    let (header, header_len) = Header::parse(bytes)?;
+    let mut r = Cursor::new(bytes);
+    let header_bytes = r.take(header_len)?;
+    let ct_len =
+        usize::try_from(u32::from_be_bytes(r.array()?)).map_err(|_| OpenError::Truncated)?;
+    let ciphertext = r.take(ct_len)?;
+    let signed_len = r.pos;
+    let signature = r.array::<SIGNATURE_LEN>()?;
+    let extra = bytes.len().saturating_sub(r.pos);
+    if extra != 0 {
+        return Err(OpenError::TrailingBytes { extra });
+    }
+    let signed = bytes.get(..signed_len).ok_or(OpenError::Truncated)?;
+    Ok(Frame {
+        header,
+        header_bytes,
+        ciphertext,
+        signed,
+        signature,
+    })
+}
+
+/// Parses an envelope's header and checks its framing, without any key: for the store and the
+/// uplink, which handle envelopes they cannot (and must not) open.
+pub fn peek_header(bytes: &[u8]) -> Result<Header, OpenError> {
+    parse_frame(bytes).map(|frame| frame.header)
+}
+
+/// A sealed batch: the whole envelope, as stored and published, with the two header fields the
+/// store keys it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedBatch {
+    pub stream: Stream,
+    pub seq: u64,
+    /// The complete envelope, magic through signature.
+    pub bytes: Vec<u8>,
+}
+
+/// A bounds-checked reader over untrusted bytes.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Cursor { bytes, pos: 0 }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], OpenError> {
+        let end = self.pos.checked_add(n).ok_or(OpenError::Truncated)?;
+        let slice = self.bytes.get(self.pos..end).ok_or(OpenError::Truncated)?;
+        self.pos = end;
+        Ok(slice)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], OpenError> {
+        let slice = self.take(N)?;
+        <[u8; N]>::try_from(slice).map_err(|_| OpenError::Truncated)
+    }
+
+    fn u8(&mut self) -> Result<u8, OpenError> {
+        let [b] = self.array::<1>()?;
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            version: VERSION,
+            suite: SUITE_X25519_CHACHA20POLY1305_ED25519,
+            gateway: GatewayId::new("gw-1").unwrap(),
+            stream: Stream::Alarms,
+            seq: 0x0102_0304_0506_0708,
+            created_at_ms: -2,
+            record_count: 7,
+            policy_hash: [0xaa; 32],
+            signer_key_id: [0xbb; 8],
+            recipient_key_id: [0xcc; 8],
+            encapped_key: [0xdd; 32],
+        }
+    }
+
+    #[test]
+    fn header_round_trips_and_has_documented_layout() {
+        let h = header();
+        let bytes = h.encode();
+        assert_eq!(bytes.len(), h.encoded_len());
+        assert_eq!(bytes.len(), 108 + 4);
+        assert_eq!(&bytes[..8], b"CGB1\x01\x01\x04g");
+        assert_eq!(&bytes[7..11], b"gw-1");
+        assert_eq!(bytes[11], 1, "stream code of alarms");
+        assert_eq!(
+            &bytes[12..20],
+            &[1, 2, 3, 4, 5, 6, 7, 8],
+            "seq is big-endian"
+        );
+        assert_eq!(
+            &bytes[20..28],
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe]
+        );
+        assert_eq!(&bytes[28..32], &[0, 0, 0, 7]);
+        assert_eq!(Header::parse(&bytes), Ok((h, bytes.len())));
+    }
+
+    #[test]
+    fn header_parse_rejects_bad_fields() {
+        let good = header().encode();
+        let with = |i: usize, b: u8| {
+            let mut v = good.clone();
+            v[i] = b;
+            Header::parse(&v).map(|_| ())
+        };
+        assert_eq!(with(0, b'X'), Err(OpenError::BadMagic));
+        assert_eq!(with(4, 2), Err(OpenError::UnknownVersion(2)));
+        assert_eq!(with(5, 9), Err(OpenError::UnknownSuite(9)));
+        assert!(matches!(with(6, 0), Err(OpenError::BadGatewayId(_))));
+        assert!(matches!(with(6, 65), Err(OpenError::BadGatewayId(_))));
+        assert!(matches!(with(7, b'/'), Err(OpenError::BadGatewayId(_))));
+        assert!(matches!(with(7, 0xff), Err(OpenError::BadGatewayId(_))));
+        assert_eq!(with(11, 3), Err(OpenError::UnknownStream(3)));
+        for len in 0..good.len() {
+            assert_eq!(
+                Header::parse(&good[..len]).map(|_| ()),
+                Err(OpenError::Truncated)
+            );
+        }
+    }
+
+    #[test]
+    fn frame_requires_exact_length() {
+        let mut env = header().encode();
+        env.extend_from_slice(&3u32.to_be_bytes());
+        env.extend_from_slice(b"abc");
+        env.extend_from_slice(&[0x55; SIGNATURE_LEN]);
+        let frame = parse_frame(&env).unwrap();
+        assert_eq!(frame.ciphertext, b"abc");
+        assert_eq!(frame.signed.len(), env.len() - SIGNATURE_LEN);
+        assert_eq!(frame.header_bytes, &header().encode()[..]);
+        env.push(0);
+        assert_eq!(
+            parse_frame(&env).map(|_| ()),
+            Err(OpenError::TrailingBytes { extra: 1 })
+        );
+    }
+}
