@@ -24,7 +24,11 @@ const DEVICES: usize = 100;
 
 fn profile() -> Arc<Profile> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
-    ProfileSet::load_dir(&dir).unwrap().get("chint-dtsu666").unwrap().clone()
+    ProfileSet::load_dir(&dir)
+        .unwrap()
+        .get("chint-dtsu666")
+        .unwrap()
+        .clone()
 }
 
 /// A plausible register image for every field of `p`.
@@ -33,17 +37,31 @@ fn image(p: &Profile) -> RegisterImage {
     for f in &p.fields {
         let eng = f.range.map_or(1.0, |(lo, hi)| (lo + hi) / 2.0);
         let raw = (eng - f.offset) / f.scale;
-        img.insert(f.address, decode::encode(f.ty, f.order, RawValue::Float(raw)));
+        img.insert(
+            f.address,
+            decode::encode(f.ty, f.order, RawValue::Float(raw)),
+        );
     }
     img
 }
 
 fn policy(p: &Profile) -> Policy {
-    let fields = p.fields.iter().take(p.fields.len() * 2 / 3).map(|f| f.name.clone()).collect();
+    let fields = p
+        .fields
+        .iter()
+        .take(p.fields.len() * 2 / 3)
+        .map(|f| f.name.clone())
+        .collect();
     Policy::new("bench", fields, PseudonymKey::new([7; 32]), &[])
 }
 
-fn records(p: &Profile, img: &RegisterImage, policy: &Policy, checker: &mut Checker, devices: &[DeviceId]) -> (usize, Vec<Record>) {
+fn records(
+    p: &Profile,
+    img: &RegisterImage,
+    policy: &Policy,
+    checker: &mut Checker,
+    devices: &[DeviceId],
+) -> (usize, Vec<Record>) {
     let mut readings = 0;
     let mut out = Vec::new();
     for (i, d) in devices.iter().enumerate() {
@@ -64,13 +82,15 @@ fn bench(c: &mut Criterion) {
     let p = profile();
     let img = image(&p);
     let pol = policy(&p);
-    let devices: Vec<DeviceId> = (0..DEVICES).map(|i| DeviceId::new(format!("meter-{i}")).unwrap()).collect();
+    let devices: Vec<DeviceId> = (0..DEVICES)
+        .map(|i| DeviceId::new(format!("meter-{i}")).unwrap())
+        .collect();
     let mut checker = Checker::new();
     let (readings, recs) = records(&p, &img, &pol, &mut checker, &devices);
     let sealer = Sealer::new(
         GatewayId::new("bench-gw").unwrap(),
         ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
-        citygate::seal::keys::HubSecretKey::from_bytes(&[2; 32]).public_key(),
+        citygate::seal::HubSecretKey::from_bytes(&[2; 32]).public_key(),
         pol.hash(),
     );
     let _ = FieldName::new("x");
@@ -80,7 +100,9 @@ fn bench(c: &mut Criterion) {
     g.bench_function("normalise_check_minimise", |b| {
         b.iter(|| black_box(records(&p, &img, &pol, &mut checker, &devices)))
     });
-    g.bench_function("seal", |b| b.iter(|| black_box(sealer.seal(Stream::Readings, 1, 0, &recs).unwrap())));
+    g.bench_function("seal", |b| {
+        b.iter(|| black_box(sealer.seal(Stream::Readings, 1, 0, &recs).unwrap()))
+    });
 
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(&dir.path().join("store"), StoreOptions::default()).unwrap();

@@ -7,11 +7,15 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use citygate::cli::{self, CliError};
+use citygate::cli;
 use citygate::config::duration;
 
 #[derive(Debug, Parser)]
-#[command(name = "citygate", version, about = "Edge gateway for city-brain meter data")]
+#[command(
+    name = "citygate",
+    version,
+    about = "Edge gateway for city-brain meter data"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,7 +77,9 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
                 _ => ExitCode::from(64),
             };
         }

@@ -19,8 +19,9 @@ use tracing::{info, warn};
 
 use crate::config::{DeviceConfig, GatewayConfig, KeyPaths, Transport};
 use crate::pipeline::{Batcher, Committer, SAMPLES_CHANNEL_CAPACITY, SEALED_CHANNEL_CAPACITY};
-use crate::seal::keys::{self, HubPublicKey, KeyError};
+use crate::seal::keys;
 use crate::seal::Sealer;
+use crate::seal::{HubPublicKey, KeyError};
 use crate::source::modbus::ModbusPoller;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -40,14 +41,21 @@ impl KeyMaterial {
         Ok(Self {
             signing: keys::load_signing_key(&paths.signing_key)?,
             hub: keys::load_hub_public_key(&paths.hub_public_key)?,
-            pseudonym: PseudonymKey::new(*keys::load_pseudonym_key(&paths.pseudonym_key)?.as_bytes()),
+            pseudonym: PseudonymKey::new(
+                *keys::load_pseudonym_key(&paths.pseudonym_key)?.as_bytes(),
+            ),
         })
     }
 }
 
 /// The policy a config declares.
 pub fn policy(cfg: &GatewayConfig, key: PseudonymKey) -> Policy {
-    Policy::new(&cfg.purpose.name, cfg.purpose.fields.clone(), key, &cfg.profile_versions())
+    Policy::new(
+        &cfg.purpose.name,
+        cfg.purpose.fields.clone(),
+        key,
+        &cfg.profile_versions(),
+    )
 }
 
 /// A started gateway.
@@ -67,7 +75,9 @@ impl Running {
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.shutdown.cancel();
         self.tracker.close();
-        let done = tokio::time::timeout(grace, self.tracker.wait()).await.is_ok();
+        let done = tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok();
         if !done {
             warn!(?grace, "shutdown grace period ran out");
         }
@@ -89,7 +99,12 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
     let (committed_tx, committed_rx) = watch::channel(0u64);
 
     let policy = policy(cfg, keys.pseudonym);
-    let sealer = Sealer::new(cfg.gateway_id.clone(), keys.signing, keys.hub, policy.hash());
+    let sealer = Sealer::new(
+        cfg.gateway_id.clone(),
+        keys.signing,
+        keys.hub,
+        policy.hash(),
+    );
     let seq_store = store.clone();
     let batcher = Batcher::new(
         samples_rx,
@@ -105,7 +120,10 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
 
     let mut endpoints: BTreeMap<Transport, Vec<DeviceConfig>> = BTreeMap::new();
     for d in &cfg.devices {
-        endpoints.entry(d.transport.clone()).or_default().push(d.clone());
+        endpoints
+            .entry(d.transport.clone())
+            .or_default()
+            .push(d.clone());
     }
     for (transport, devices) in endpoints {
         match transport {

@@ -34,7 +34,12 @@ pub fn report(cfg: &GatewayConfig) -> (String, bool) {
     let mut key_error = false;
     let _ = writeln!(out, "config    {}", cfg.path.display());
     let _ = writeln!(out, "gateway   {}", cfg.gateway_id);
-    let _ = writeln!(out, "profiles  {} ({} loaded)", cfg.profiles_dir.display(), cfg.profiles.len());
+    let _ = writeln!(
+        out,
+        "profiles  {} ({} loaded)",
+        cfg.profiles_dir.display(),
+        cfg.profiles.len()
+    );
     let _ = writeln!(
         out,
         "store     {} (quota {} bytes, cache {} bytes)",
@@ -42,16 +47,40 @@ pub fn report(cfg: &GatewayConfig) -> (String, bool) {
         cfg.store.max_bytes,
         cfg.store.cache_capacity_bytes
     );
-    let _ = writeln!(out, "batches   close at {} records or {:?}", cfg.batch.max_records, cfg.batch.max_age);
+    let _ = writeln!(
+        out,
+        "batches   close at {} records or {:?}",
+        cfg.batch.max_records, cfg.batch.max_age
+    );
     let statuses = [
-        ("signing_key", &cfg.keys.signing_key, key_status(&cfg.keys.signing_key, |p| keys::load_signing_key(p).map(|_| ()))),
-        ("hub_public_key", &cfg.keys.hub_public_key, key_status(&cfg.keys.hub_public_key, |p| keys::load_hub_public_key(p).map(|_| ()))),
-        ("pseudonym_key", &cfg.keys.pseudonym_key, key_status(&cfg.keys.pseudonym_key, |p| keys::load_pseudonym_key(p).map(|_| ()))),
+        (
+            "signing_key",
+            &cfg.keys.signing_key,
+            key_status(&cfg.keys.signing_key, |p| {
+                keys::load_signing_key(p).map(|_| ())
+            }),
+        ),
+        (
+            "hub_public_key",
+            &cfg.keys.hub_public_key,
+            key_status(&cfg.keys.hub_public_key, |p| {
+                keys::load_hub_public_key(p).map(|_| ())
+            }),
+        ),
+        (
+            "pseudonym_key",
+            &cfg.keys.pseudonym_key,
+            key_status(&cfg.keys.pseudonym_key, |p| {
+                keys::load_pseudonym_key(p).map(|_| ())
+            }),
+        ),
     ];
     for (name, path, status) in &statuses {
         let s = match status {
             KeyStatus::Ok => "ok".to_string(),
-            KeyStatus::Missing => "missing (create with `citygate keys gen --dir DIR`; `run` needs it)".to_string(),
+            KeyStatus::Missing => {
+                "missing (create with `citygate keys gen --dir DIR`; `run` needs it)".to_string()
+            }
             KeyStatus::Invalid(e) => {
                 key_error = true;
                 format!("ERROR: {e}")
@@ -63,12 +92,21 @@ pub fn report(cfg: &GatewayConfig) -> (String, bool) {
     let pseudonym = keys::load_pseudonym_key(&cfg.keys.pseudonym_key)
         .ok()
         .map(|k| PseudonymKey::new(*k.as_bytes()));
-    let policy = supervisor::policy(cfg, pseudonym.clone().unwrap_or_else(|| PseudonymKey::new([0; 32])));
+    let policy = supervisor::policy(
+        cfg,
+        pseudonym
+            .clone()
+            .unwrap_or_else(|| PseudonymKey::new([0; 32])),
+    );
     let _ = writeln!(
         out,
         "purpose   {}{}",
         cfg.purpose.name,
-        cfg.purpose.description.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
+        cfg.purpose
+            .description
+            .as_deref()
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default()
     );
     let fields: Vec<&str> = cfg.purpose.fields.iter().map(|f| f.as_str()).collect();
     let _ = writeln!(out, "needs     {}", fields.join(", "));
@@ -102,9 +140,15 @@ fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Pol
         d.unit,
         d.poll_interval,
         d.timeout,
-        d.location.as_deref().map(|l| format!("  location {l:?} (stays on the box)")).unwrap_or_default()
+        d.location
+            .as_deref()
+            .map(|l| format!("  location {l:?} (stays on the box)"))
+            .unwrap_or_default()
     );
-    let spans: Vec<String> = reads.iter().map(|r| format!("{}+{}", r.start, r.count)).collect();
+    let spans: Vec<String> = reads
+        .iter()
+        .map(|r| format!("{}+{}", r.start, r.count))
+        .collect();
     let _ = writeln!(
         out,
         "    polls FC{:02} in {} request(s): {}",
@@ -120,7 +164,9 @@ fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Pol
     for f in &p.fields {
         let disposition = policy.disposition(&f.name, &f.class);
         let leaves = match disposition {
-            Disposition::AsIs if f.class.personal => "as-is (personal: subject pseudonymised)".to_string(),
+            Disposition::AsIs if f.class.personal => {
+                "as-is (personal: subject pseudonymised)".to_string()
+            }
             other => other.to_string(),
         };
         let unit = if f.unit.symbol == f.unit.canonical.symbol() {
@@ -145,7 +191,11 @@ fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Pol
             unit,
             class,
             leaves,
-            if f.verified { "" } else { "  [register unverified]" }
+            if f.verified {
+                ""
+            } else {
+                "  [register unverified]"
+            }
         );
     }
 }

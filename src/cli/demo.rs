@@ -25,9 +25,18 @@ use crate::supervisor::{self, KeyMaterial};
 
 /// Profiles compiled into the binary for the demo: (name, text, meters' poll interval).
 const PROFILES: &[(&str, &str)] = &[
-    ("chint-ddsu666", include_str!("../../firmware-profiles/chint-ddsu666.toml")),
-    ("eastron-sdm630", include_str!("../../firmware-profiles/eastron-sdm630.toml")),
-    ("oem-tuf-2000m", include_str!("../../firmware-profiles/oem-tuf-2000m.toml")),
+    (
+        "chint-ddsu666",
+        include_str!("../../firmware-profiles/chint-ddsu666.toml"),
+    ),
+    (
+        "eastron-sdm630",
+        include_str!("../../firmware-profiles/eastron-sdm630.toml"),
+    ),
+    (
+        "oem-tuf-2000m",
+        include_str!("../../firmware-profiles/oem-tuf-2000m.toml"),
+    ),
 ];
 
 const PURPOSE_FIELDS: &[&str] = &[
@@ -76,8 +85,13 @@ impl Drop for TempDir {
 }
 
 fn temp_dir() -> Result<TempDir, CliError> {
-    let dir = std::env::temp_dir().join(format!("citygate-demo-{}-{}", std::process::id(), crate::reading::now_ms()));
-    std::fs::create_dir_all(&dir).map_err(|e| CliError::Runtime(format!("cannot create {}: {e}", dir.display())))?;
+    let dir = std::env::temp_dir().join(format!(
+        "citygate-demo-{}-{}",
+        std::process::id(),
+        crate::reading::now_ms()
+    ));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| CliError::Runtime(format!("cannot create {}: {e}", dir.display())))?;
     Ok(TempDir(dir))
 }
 
@@ -92,12 +106,15 @@ pub fn demo(duration: Duration, meters: u8, summary_json: Option<&Path>) -> Resu
     let summary = rt.block_on(run_demo(&tmp.0, duration, meters))?;
     print_summary(&summary);
     if let Some(path) = summary_json {
-        let json = serde_json::to_string_pretty(&summary).map_err(|e| CliError::Runtime(e.to_string()))?;
+        let json =
+            serde_json::to_string_pretty(&summary).map_err(|e| CliError::Runtime(e.to_string()))?;
         std::fs::write(path, json + "\n")
             .map_err(|e| CliError::Runtime(format!("cannot write {}: {e}", path.display())))?;
     }
     if summary.records_lost > 0 || summary.batches_rejected > 0 {
-        return Err(CliError::Runtime("the hub-side check found lost or rejected records".into()));
+        return Err(CliError::Runtime(
+            "the hub-side check found lost or rejected records".into(),
+        ));
     }
     Ok(())
 }
@@ -111,7 +128,9 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     let mut devices = String::new();
     let mut sims = Vec::new();
     for (i, profile) in profiles.iter().enumerate() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| rt_err(&e))?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| rt_err(&e))?;
         let addr = listener.local_addr().map_err(|e| rt_err(&e))?;
         let sim = SimMeters::new(profile.clone(), meters, 7 + i as u64);
         tokio::spawn(sim::serve(listener, sim.clone(), token.clone()));
@@ -136,9 +155,12 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     );
     let config_path = dir.join("gateway.toml");
     std::fs::write(&config_path, &config_text).map_err(|e| rt_err(&e))?;
-    let cfg = GatewayConfig::parse(&config_path, &config_text, Some(profiles)).map_err(CliError::Config)?;
+    let cfg = GatewayConfig::parse(&config_path, &config_text, Some(profiles))
+        .map_err(CliError::Config)?;
     let keys_loaded = KeyMaterial::load(&cfg.keys).map_err(|e| rt_err(&e))?;
-    let mut opener = Opener::new(keys::load_hub_secret_key(&dir.join("keys/hub.hpke.key")).map_err(|e| rt_err(&e))?);
+    let mut opener = Opener::new(
+        keys::load_hub_secret_key(&dir.join("keys/hub.hpke.key")).map_err(|e| rt_err(&e))?,
+    );
     opener.register(
         cfg.gateway_id.clone(),
         keys::load_verifying_key(&dir.join("keys/gateway.sign.pub")).map_err(|e| rt_err(&e))?,
@@ -182,7 +204,9 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     token.cancel();
     let _ = show_new_batches(&store, &opener, &mut next_seq, &mut verified, false).await;
     if !clean {
-        return Err(CliError::Runtime("the gateway did not shut down within its grace period".into()));
+        return Err(CliError::Runtime(
+            "the gateway did not shut down within its grace period".into(),
+        ));
     }
     Ok(Summary {
         duration_s: started.elapsed().as_secs_f64(),
@@ -194,7 +218,10 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
         batches_verified: verified.batches_verified,
         records_decrypted: verified.records_decrypted,
         batches_rejected: verified.batches_rejected,
-        records_lost: metrics.records_sealed.get().saturating_sub(verified.records_decrypted),
+        records_lost: metrics
+            .records_sealed
+            .get()
+            .saturating_sub(verified.records_decrypted),
         samples_dropped: metrics.samples_dropped.get(),
     })
 }
@@ -210,7 +237,11 @@ async fn show_new_batches(
 ) -> String {
     let mut rows = String::new();
     for stream in [Stream::Readings, Stream::Alarms] {
-        let from = if stream == Stream::Readings { *next_seq } else { 0 };
+        let from = if stream == Stream::Readings {
+            *next_seq
+        } else {
+            0
+        };
         let s = store.clone();
         let batches = tokio::task::spawn_blocking(move || s.peek(stream, from, 10_000))
             .await
@@ -260,7 +291,10 @@ fn print_summary(s: &Summary) {
     println!("  readings polled       {}", s.readings_polled);
     println!("  records sealed        {}", s.records_sealed);
     println!("  batches committed     {}", s.batches_committed);
-    println!("  batches verified      {} (signature, decryption)", s.batches_verified);
+    println!(
+        "  batches verified      {} (signature, decryption)",
+        s.batches_verified
+    );
     println!("  records decrypted     {}", s.records_decrypted);
     println!("  batches rejected      {}", s.batches_rejected);
     println!("  records lost          {}", s.records_lost);

@@ -58,7 +58,9 @@ pub fn check(path: &Path) -> Result<(), CliError> {
     let (report, key_error) = check_report(&cfg);
     print!("{report}");
     if key_error {
-        return Err(CliError::Usage("a key file is present but unusable (see above)".into()));
+        return Err(CliError::Usage(
+            "a key file is present but unusable (see above)".into(),
+        ));
     }
     Ok(())
 }
@@ -75,7 +77,12 @@ pub fn run(path: &Path) -> Result<(), CliError> {
             cache_capacity_bytes: cfg.store.cache_capacity_bytes,
         },
     )
-    .map_err(|e| CliError::Runtime(format!("cannot open store {}: {e}", cfg.store.path.display())))?;
+    .map_err(|e| {
+        CliError::Runtime(format!(
+            "cannot open store {}: {e}",
+            cfg.store.path.display()
+        ))
+    })?;
     let store: Arc<dyn Store> = Arc::new(store);
     let rt = runtime()?;
     rt.block_on(async {
@@ -165,7 +172,8 @@ pub struct SimArgs {
 /// `citygate sim`
 pub fn sim(args: SimArgs) -> Result<(), CliError> {
     init_logging("info");
-    let profiles = ProfileSet::load_dir(&args.profiles_dir).map_err(|e| CliError::Config(e.into()))?;
+    let profiles =
+        ProfileSet::load_dir(&args.profiles_dir).map_err(|e| CliError::Config(e.into()))?;
     let profile = profiles.get(&args.profile).cloned().ok_or_else(|| {
         CliError::Usage(format!(
             "no profile {:?} in {}; valid: {}",
@@ -182,13 +190,18 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
         meters.set_fault(UnitId(*u), Fault::Silent);
     }
     for u in &args.exception {
-        meters.set_fault(UnitId(*u), Fault::Exception(tokio_modbus::ExceptionCode::ServerDeviceBusy));
+        meters.set_fault(
+            UnitId(*u),
+            Fault::Exception(tokio_modbus::ExceptionCode::ServerDeviceBusy),
+        );
     }
     for s in &args.slow {
-        let (u, d) = s
-            .split_once('=')
-            .ok_or_else(|| CliError::Usage(format!("--slow {s:?}: write UNIT=DELAY, e.g. 3=800ms")))?;
-        let unit: u8 = u.parse().map_err(|_| CliError::Usage(format!("--slow {s:?}: {u:?} is not a unit id")))?;
+        let (u, d) = s.split_once('=').ok_or_else(|| {
+            CliError::Usage(format!("--slow {s:?}: write UNIT=DELAY, e.g. 3=800ms"))
+        })?;
+        let unit: u8 = u
+            .parse()
+            .map_err(|_| CliError::Usage(format!("--slow {s:?}: {u:?} is not a unit id")))?;
         let delay = crate::config::duration::parse(d).map_err(CliError::Usage)?;
         meters.set_fault(UnitId(unit), Fault::Slow(delay));
     }
@@ -197,8 +210,13 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .map_err(|e| CliError::Runtime(format!("cannot listen on {}: {e}", args.listen)))?;
-        let addr = listener.local_addr().map_err(|e| CliError::Runtime(e.to_string()))?;
-        println!("serving {} x {} on {addr} (unit ids 1..={})", args.count, args.profile, args.count);
+        let addr = listener
+            .local_addr()
+            .map_err(|e| CliError::Runtime(e.to_string()))?;
+        println!(
+            "serving {} x {} on {addr} (unit ids 1..={})",
+            args.count, args.profile, args.count
+        );
         let token = CancellationToken::new();
         let server = tokio::spawn(sim::serve(listener, meters, token.clone()));
         shutdown_signal().await;
@@ -211,11 +229,29 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
 /// `citygate keys gen --dir DIR`
 pub fn keys_gen(dir: &Path, force: bool) -> Result<(), CliError> {
     let g = keys::generate(dir, force).map_err(|e| CliError::Usage(e.to_string()))?;
-    println!("gateway signing key   {} (secret, 0600)", g.signing_key.display());
-    println!("gateway verifying key {} (register it at the hub; key id {})", g.verifying_key.display(), hex::encode(g.signer_key_id));
-    println!("hub HPKE secret key   {} (secret, 0600: belongs on the hub, not the gateway)", g.hub_secret_key.display());
-    println!("hub HPKE public key   {} (key id {})", g.hub_public_key.display(), hex::encode(g.hub_key_id));
-    println!("pseudonym key         {} (secret, 0600; key id {})", g.pseudonym_key.display(), hex::encode(g.pseudonym_key_id));
+    println!(
+        "gateway signing key   {} (secret, 0600)",
+        g.signing_key.display()
+    );
+    println!(
+        "gateway verifying key {} (register it at the hub; key id {})",
+        g.verifying_key.display(),
+        hex::encode(g.signer_key_id)
+    );
+    println!(
+        "hub HPKE secret key   {} (secret, 0600: belongs on the hub, not the gateway)",
+        g.hub_secret_key.display()
+    );
+    println!(
+        "hub HPKE public key   {} (key id {})",
+        g.hub_public_key.display(),
+        hex::encode(g.hub_key_id)
+    );
+    println!(
+        "pseudonym key         {} (secret, 0600; key id {})",
+        g.pseudonym_key.display(),
+        hex::encode(g.pseudonym_key_id)
+    );
     Ok(())
 }
 

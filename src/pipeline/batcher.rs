@@ -76,13 +76,18 @@ impl Batcher {
         for stream in Stream::ALL {
             self.seal(stream).await;
         }
-        info!(sealed = self.metrics.batches_sealed.get(), "batcher stopped");
+        info!(
+            sealed = self.metrics.batches_sealed.get(),
+            "batcher stopped"
+        );
     }
 
     /// Runs one sample through the transforms into the open batches.
     pub async fn accept(&mut self, sample: RawSample) {
         let normalised = normalise(&sample.profile, &sample.device, sample.at_ms, &sample.image);
-        self.metrics.readings_normalised.add(normalised.readings.len() as u64);
+        self.metrics
+            .readings_normalised
+            .add(normalised.readings.len() as u64);
         for mut reading in normalised.readings {
             let Some(field) = sample.profile.field(reading.field.as_str()) else {
                 continue;
@@ -109,7 +114,10 @@ impl Batcher {
     async fn seal_expired(&mut self) {
         let now = Instant::now();
         for stream in Stream::ALL {
-            if self.open[usize::from(stream.code())].deadline.is_some_and(|d| d <= now) {
+            if self.open[usize::from(stream.code())]
+                .deadline
+                .is_some_and(|d| d <= now)
+            {
                 self.seal(stream).await;
             }
         }

@@ -74,7 +74,10 @@ impl Committer {
                 if closed {
                     retries_after_close += 1;
                     if retries_after_close > 3 {
-                        error!(lost = self.pending.len(), "giving up on uncommitted batches at shutdown");
+                        error!(
+                            lost = self.pending.len(),
+                            "giving up on uncommitted batches at shutdown"
+                        );
                         return;
                     }
                 }
@@ -111,24 +114,25 @@ impl Committer {
     async fn commit_pending(&mut self) -> Result<(), StoreError> {
         let batches: Vec<SealedBatch> = self.pending.iter().cloned().collect();
         let store = self.store.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<(usize, u64), (usize, StoreError)> {
-            let mut evicted = 0u64;
-            for (i, b) in batches.iter().enumerate() {
-                match store.append(b.stream, b.seq, &b.bytes) {
-                    Ok(outcome) => evicted += outcome.evicted.len() as u64,
-                    // Already stored by an earlier attempt whose flush failed.
-                    Err(StoreError::SeqRegression { .. }) => {}
-                    Err(e) => return Err((i, e)),
+        let result =
+            tokio::task::spawn_blocking(move || -> Result<(usize, u64), (usize, StoreError)> {
+                let mut evicted = 0u64;
+                for (i, b) in batches.iter().enumerate() {
+                    match store.append(b.stream, b.seq, &b.bytes) {
+                        Ok(outcome) => evicted += outcome.evicted.len() as u64,
+                        // Already stored by an earlier attempt whose flush failed.
+                        Err(StoreError::SeqRegression { .. }) => {}
+                        Err(e) => return Err((i, e)),
+                    }
                 }
-            }
-            store.flush().map_err(|e| (0, e))?;
-            Ok((batches.len(), evicted))
-        })
-        .await
-        .map_err(|e| StoreError::Io {
-            path: std::path::PathBuf::new(),
-            source: std::io::Error::other(format!("commit task failed: {e}")),
-        })?;
+                store.flush().map_err(|e| (0, e))?;
+                Ok((batches.len(), evicted))
+            })
+            .await
+            .map_err(|e| StoreError::Io {
+                path: std::path::PathBuf::new(),
+                source: std::io::Error::other(format!("commit task failed: {e}")),
+            })?;
         match result {
             Ok((n, evicted)) => {
                 self.pending.drain(..n);

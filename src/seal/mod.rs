@@ -166,7 +166,7 @@ mod codec;
 mod envelope;
 mod error;
 mod key_types;
-mod keys;
+pub mod keys;
 mod opener;
 mod sealer;
 

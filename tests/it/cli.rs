@@ -13,10 +13,24 @@ fn example() -> std::path::PathBuf {
 
 #[test]
 fn check_accepts_the_example_and_shows_dispositions() {
-    let out = citygate().args(["check", "--config"]).arg(example()).output().unwrap();
+    let out = citygate()
+        .args(["check", "--config"])
+        .arg(example())
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
-    for needle in ["feeder-7-household-101", "chint-ddsu666", "as-is", "dropped", "polls FC"] {
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "feeder-7-household-101",
+        "chint-ddsu666",
+        "as-is",
+        "dropped",
+        "polls FC",
+    ] {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
 }
@@ -26,9 +40,10 @@ fn check_accepts_the_example_and_shows_dispositions() {
 fn edited_example(edit: impl Fn(&str) -> String) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let profiles = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
-    let text = std::fs::read_to_string(example())
-        .unwrap()
-        .replace("profiles_dir = \"../firmware-profiles\"", &format!("profiles_dir = {:?}", profiles.display().to_string()));
+    let text = std::fs::read_to_string(example()).unwrap().replace(
+        "profiles_dir = \"../firmware-profiles\"",
+        &format!("profiles_dir = {:?}", profiles.display().to_string()),
+    );
     let path = dir.path().join("gw.toml");
     std::fs::write(&path, edit(&text)).unwrap();
     (dir, path)
@@ -36,13 +51,25 @@ fn edited_example(edit: impl Fn(&str) -> String) -> (tempfile::TempDir, std::pat
 
 #[test]
 fn check_rejects_an_unknown_key_with_file_line_and_key() {
-    let (_dir, path) = edited_example(|t| t.replacen("unit = 2\n", "unit = 2\nbaudrate = 9600\n", 1));
-    let out = citygate().args(["check", "--config"]).arg(&path).output().unwrap();
+    let (_dir, path) =
+        edited_example(|t| t.replacen("unit = 2\n", "unit = 2\nbaudrate = 9600\n", 1));
+    let out = citygate()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     let text = std::fs::read_to_string(&path).unwrap();
-    let line = text.lines().position(|l| l.starts_with("baudrate")).unwrap() + 1;
-    assert!(stderr.contains(&format!("{}:{line}:", path.display())), "{stderr}");
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("baudrate"))
+        .unwrap()
+        + 1;
+    assert!(
+        stderr.contains(&format!("{}:{line}:", path.display())),
+        "{stderr}"
+    );
     assert!(stderr.contains("baudrate"), "{stderr}");
 }
 
@@ -60,21 +87,38 @@ fn check_rejects_a_bad_register_type_in_a_profile() {
     }
     let broken = profiles.join("chint-ddsu666.toml");
     let text = std::fs::read_to_string(&broken).unwrap();
-    let first_type = text.find("type = \"f32\"").expect("profile has an f32 field");
-    let edited = format!("{}type = \"f24\"{}", &text[..first_type], &text[first_type + "type = \"f32\"".len()..]);
+    let first_type = text
+        .find("type = \"f32\"")
+        .expect("profile has an f32 field");
+    let edited = format!(
+        "{}type = \"f24\"{}",
+        &text[..first_type],
+        &text[first_type + "type = \"f32\"".len()..]
+    );
     std::fs::write(&broken, &edited).unwrap();
     let line = edited[..first_type].matches('\n').count() + 1;
 
-    let cfg = std::fs::read_to_string(example())
-        .unwrap()
-        .replace("profiles_dir = \"../firmware-profiles\"", "profiles_dir = \"profiles\"");
+    let cfg = std::fs::read_to_string(example()).unwrap().replace(
+        "profiles_dir = \"../firmware-profiles\"",
+        "profiles_dir = \"profiles\"",
+    );
     let cfg_path = dir.path().join("gw.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let out = citygate().args(["check", "--config"]).arg(&cfg_path).output().unwrap();
+    let out = citygate()
+        .args(["check", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
-    assert!(stderr.contains(&format!("{}:{line}:", broken.display())), "{stderr}");
-    assert!(stderr.contains(".type`") && stderr.contains("\"f32\""), "names the key and what is valid: {stderr}");
+    assert!(
+        stderr.contains(&format!("{}:{line}:", broken.display())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(".type`") && stderr.contains("\"f32\""),
+        "names the key and what is valid: {stderr}"
+    );
 }
 
 #[test]
@@ -90,12 +134,27 @@ fn keys_gen_writes_private_files_0600_and_refuses_to_overwrite() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
-    let out = citygate().args(["keys", "gen", "--dir"]).arg(&keys).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = citygate()
+        .args(["keys", "gen", "--dir"])
+        .arg(&keys)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for secret in ["gateway.sign.key", "hub.hpke.key", "pseudonym.key"] {
-        let mode = std::fs::metadata(keys.join(secret)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(keys.join(secret))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{secret}");
     }
-    let again = citygate().args(["keys", "gen", "--dir"]).arg(&keys).output().unwrap();
+    let again = citygate()
+        .args(["keys", "gen", "--dir"])
+        .arg(&keys)
+        .output()
+        .unwrap();
     assert!(!again.status.success());
 }

@@ -14,7 +14,13 @@ use tokio_util::sync::CancellationToken;
 use crate::support::*;
 
 /// Purpose for these tests: some measurements, one identifier; everything else dropped.
-const PURPOSE: &[&str] = &["active_power", "energy_import", "voltage_l1", "meter_address", "volume_forward"];
+const PURPOSE: &[&str] = &[
+    "active_power",
+    "energy_import",
+    "voltage_l1",
+    "meter_address",
+    "volume_forward",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_batches_decrypt_to_what_the_meters_served() {
@@ -29,7 +35,10 @@ async fn committed_batches_decrypt_to_what_the_meters_served() {
     for u in 1..=3u8 {
         let name = format!("house-{u}");
         devices += &device_toml(&name, "chint-ddsu666", &elec.address, u, "300ms");
-        units.insert(name, (elec.meters.clone(), UnitId(u), "chint-ddsu666".into()));
+        units.insert(
+            name,
+            (elec.meters.clone(), UnitId(u), "chint-ddsu666".into()),
+        );
     }
     for u in 1..=2u8 {
         let name = format!("water-{u}");
@@ -47,29 +56,54 @@ async fn committed_batches_decrypt_to_what_the_meters_served() {
     );
     let keys = KeyMaterial::load(&cfg.keys).unwrap();
     let policy = supervisor::policy(&cfg, keys.pseudonym.clone());
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
+    let store: Arc<dyn Store> =
+        Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
     let running = supervisor::start(&cfg, keys, store.clone());
     let metrics = running.metrics.clone();
-    let enough = wait_for(Duration::from_secs(20), || metrics.batches_committed.get() >= 6).await;
-    assert!(enough, "only {} batches committed", metrics.batches_committed.get());
+    let enough = wait_for(Duration::from_secs(20), || {
+        metrics.batches_committed.get() >= 6
+    })
+    .await;
+    assert!(
+        enough,
+        "only {} batches committed",
+        metrics.batches_committed.get()
+    );
     assert!(running.shutdown(Duration::from_secs(10)).await);
     token.cancel();
 
     let opener = dep.opener(&cfg.gateway_id);
     let opened = open_all(store.as_ref(), &opener);
     let records: usize = opened.iter().map(|b| b.records.len()).sum();
-    assert_eq!(records as u64, metrics.records_sealed.get(), "every sealed record is committed and opens");
+    assert_eq!(
+        records as u64,
+        metrics.records_sealed.get(),
+        "every sealed record is committed and opens"
+    );
     assert!(records > 0);
     assert!(opened.iter().all(|b| b.header.policy_hash == policy.hash()));
 
-    let by_subject: BTreeMap<String, &String> = units.keys().map(|n| (policy.subject(&DeviceId::new(n.clone()).unwrap()), n)).collect();
+    let by_subject: BTreeMap<String, &String> = units
+        .keys()
+        .map(|n| (policy.subject(&DeviceId::new(n.clone()).unwrap()), n))
+        .collect();
     let mut checked = 0;
     for batch in &opened {
         for rec in &batch.records {
-            assert!(PURPOSE.contains(&rec.field.as_str()), "field {} should have been dropped", rec.field);
-            let device = by_subject.get(&rec.subject).unwrap_or_else(|| panic!("unknown subject {}", rec.subject));
+            assert!(
+                PURPOSE.contains(&rec.field.as_str()),
+                "field {} should have been dropped",
+                rec.field
+            );
+            let device = by_subject
+                .get(&rec.subject)
+                .unwrap_or_else(|| panic!("unknown subject {}", rec.subject));
             let (meters, unit, profile_name) = &units[*device];
-            let field = profiles.get(profile_name).unwrap().field(&rec.field).unwrap();
+            let field = profiles
+                .get(profile_name)
+                .unwrap()
+                .field(&rec.field)
+                .unwrap();
             assert_eq!(rec.unit, field.unit.canonical, "{}", rec.field);
             if field.class.is_identifying() {
                 match &rec.value {
@@ -84,12 +118,22 @@ async fn committed_batches_decrypt_to_what_the_meters_served() {
                 .iter()
                 .filter_map(|s| s.values.get(&field.name).copied())
                 .any(|eng| (eng * field.unit.factor - v).abs() <= 1e-9 * v.abs().max(1.0));
-            assert!(served, "{device} {} = {v} was never served by the simulator", rec.field);
+            assert!(
+                served,
+                "{device} {} = {v} was never served by the simulator",
+                rec.field
+            );
             checked += 1;
         }
     }
     assert!(checked > 0);
-    let dropped = profiles.get("chint-ddsu666").unwrap().fields.iter().filter(|f| !PURPOSE.contains(&f.name.as_str())).count();
+    let dropped = profiles
+        .get("chint-ddsu666")
+        .unwrap()
+        .fields
+        .iter()
+        .filter(|f| !PURPOSE.contains(&f.name.as_str()))
+        .count();
     assert!(dropped > 0, "the test must exercise dropped fields");
 }
 
@@ -100,7 +144,9 @@ async fn a_silent_meter_does_not_delay_the_others() {
     let sim = start_sim(&profiles, "chint-ddsu666", 3, 3, &token).await;
     sim.meters.set_fault(UnitId(2), Fault::Silent);
     let dep = Deployment::new();
-    let devices: String = (1..=3u8).map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "200ms")).collect();
+    let devices: String = (1..=3u8)
+        .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "200ms"))
+        .collect();
     let cfg = dep.config(&["active_power"], &devices, profiles);
     let keys = KeyMaterial::load(&cfg.keys).unwrap();
     let store: Arc<dyn Store> = Arc::new(citygate::store::MemStore::default());
@@ -115,11 +161,23 @@ async fn a_silent_meter_does_not_delay_the_others() {
     let elapsed = start.elapsed();
     assert!(running.shutdown(Duration::from_secs(5)).await);
     token.cancel();
-    let (s1, s2, s3) = (metrics.device(&m1), metrics.device(&DeviceId::new("m2").unwrap()), metrics.device(&m3));
+    let (s1, s2, s3) = (
+        metrics.device(&m1),
+        metrics.device(&DeviceId::new("m2").unwrap()),
+        metrics.device(&m3),
+    );
     let expected = (elapsed.as_millis() / 200) as u64;
     assert_eq!(s2.polls_ok, 0);
-    assert!(s2.timeouts >= 1 && s2.timeouts <= 6, "silent meter polled {} times", s2.timeouts);
+    assert!(
+        s2.timeouts >= 1 && s2.timeouts <= 6,
+        "silent meter polled {} times",
+        s2.timeouts
+    );
     for s in [&s1, &s3] {
-        assert!(s.polls_ok * 10 >= expected * 7, "healthy meter got {} of ~{expected} polls: {s:?}", s.polls_ok);
+        assert!(
+            s.polls_ok * 10 >= expected * 7,
+            "healthy meter got {} of ~{expected} polls: {s:?}",
+            s.polls_ok
+        );
     }
 }

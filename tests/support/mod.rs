@@ -26,7 +26,13 @@ pub struct SimEndpoint {
     pub address: String,
 }
 
-pub async fn start_sim(profiles: &ProfileSet, profile: &str, count: u8, seed: u64, token: &CancellationToken) -> SimEndpoint {
+pub async fn start_sim(
+    profiles: &ProfileSet,
+    profile: &str,
+    count: u8,
+    seed: u64,
+    token: &CancellationToken,
+) -> SimEndpoint {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let meters = SimMeters::new(profiles.get(profile).unwrap().clone(), count, seed);
@@ -56,13 +62,22 @@ impl Deployment {
 
     /// The hub side: an opener that trusts this deployment's gateway key.
     pub fn opener(&self, gateway: &GatewayId) -> Opener {
-        let mut o = Opener::new(keys::load_hub_secret_key(&self.path().join("keys/hub.hpke.key")).unwrap());
-        o.register(gateway.clone(), keys::load_verifying_key(&self.path().join("keys/gateway.sign.pub")).unwrap());
+        let mut o =
+            Opener::new(keys::load_hub_secret_key(&self.path().join("keys/hub.hpke.key")).unwrap());
+        o.register(
+            gateway.clone(),
+            keys::load_verifying_key(&self.path().join("keys/gateway.sign.pub")).unwrap(),
+        );
         o
     }
 
     /// Writes and loads a gateway config: `devices` is the `[[device]]` TOML.
-    pub fn config(&self, purpose_fields: &[&str], devices: &str, profiles: ProfileSet) -> GatewayConfig {
+    pub fn config(
+        &self,
+        purpose_fields: &[&str],
+        devices: &str,
+        profiles: ProfileSet,
+    ) -> GatewayConfig {
         let text = format!(
             "[gateway]\nid = \"gw-test\"\n\n[purpose]\nname = \"test\"\nfields = {purpose_fields:?}\n\n\
              [batch]\nmax_age = \"200ms\"\n\n[store]\npath = \"store\"\n\n[keys]\nsigning_key = \"keys/gateway.sign.key\"\n\
@@ -86,7 +101,11 @@ pub fn open_all(store: &dyn Store, opener: &Opener) -> Vec<OpenedBatch> {
     let mut out = Vec::new();
     for stream in citygate::reading::Stream::ALL {
         for b in store.peek(stream, 0, usize::MAX).unwrap() {
-            out.push(opener.open(&b.bytes).unwrap_or_else(|e| panic!("batch {stream}/{} rejected: {e}", b.seq)));
+            out.push(
+                opener
+                    .open(&b.bytes)
+                    .unwrap_or_else(|e| panic!("batch {stream}/{} rejected: {e}", b.seq)),
+            );
         }
     }
     out

@@ -149,7 +149,11 @@ struct Lane {
 }
 
 impl Lane {
-    async fn run(mut self, other_tx: mpsc::Sender<PolledDevice>, mut incoming_rx: mpsc::Receiver<PolledDevice>) {
+    async fn run(
+        mut self,
+        other_tx: mpsc::Sender<PolledDevice>,
+        mut incoming_rx: mpsc::Receiver<PolledDevice>,
+    ) {
         let mut conn: Option<Context> = None;
         let mut connect_failures: u32 = 0;
         loop {
@@ -162,7 +166,8 @@ impl Lane {
                 }
                 _ = sleep_until(due.unwrap_or_else(far_future)), if due.is_some() => {}
             }
-            let Some(idx) = (0..self.devices.len()).min_by_key(|&i| self.devices[i].next_due) else {
+            let Some(idx) = (0..self.devices.len()).min_by_key(|&i| self.devices[i].next_due)
+            else {
                 continue;
             };
             if conn.is_none() {
@@ -177,7 +182,11 @@ impl Lane {
                         warn!(endpoint = %self.address, error = %e, retry_in = ?delay, "modbus connect failed");
                         let now = Instant::now();
                         for d in &mut self.devices {
-                            self.metrics.record_poll(&d.config.id, now_ms(), &PollOutcome::Transport(e.to_string()));
+                            self.metrics.record_poll(
+                                &d.config.id,
+                                now_ms(),
+                                &PollOutcome::Transport(e.to_string()),
+                            );
                             d.next_due = d.next_due.max(now + delay);
                         }
                         continue;
@@ -199,7 +208,9 @@ impl Lane {
                 let dev = self.devices.swap_remove(idx);
                 let id = dev.config.id.clone();
                 match self.kind {
-                    LaneKind::Healthy => warn!(device = %id, "device stopped answering; polling it on probation"),
+                    LaneKind::Healthy => {
+                        warn!(device = %id, "device stopped answering; polling it on probation")
+                    }
                     LaneKind::Probation => info!(device = %id, "device answers again"),
                 }
                 if other_tx.try_send(dev).is_err() {
