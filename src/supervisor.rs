@@ -58,6 +58,22 @@ pub fn policy(cfg: &GatewayConfig, key: PseudonymKey) -> Policy {
     )
 }
 
+/// The first sequence number to use on a stream whose store says `store_next`.
+///
+/// A store that has never held a batch of the stream (a new box, or a store that was
+/// moved aside after corruption) would start again at 1, and the hub, which
+/// de-duplicates on (gateway, stream, seq), would take the new batches for replays.
+/// A fresh stream therefore starts at `unix_seconds << 20`: later than any sequence
+/// number an earlier store of this gateway can have reached unless it sealed more than
+/// a million batches per second on average. A store that has history continues it.
+pub fn first_seq(store_next: u64) -> u64 {
+    if store_next > 1 {
+        return store_next;
+    }
+    let secs = u64::try_from(crate::reading::now_ms() / 1000).unwrap_or(0);
+    (secs << 20).max(1)
+}
+
 /// A started gateway.
 #[derive(Debug)]
 pub struct Running {
@@ -112,7 +128,7 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
         sealer,
         policy,
         cfg.batch,
-        move |s| seq_store.next_seq(s),
+        move |s| first_seq(seq_store.next_seq(s)),
         metrics.clone(),
     );
     tracker.spawn(batcher.run());
@@ -148,5 +164,18 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
         committed_rx,
         shutdown,
         tracker,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_seq;
+
+    #[test]
+    fn fresh_streams_start_past_any_earlier_store() {
+        assert_eq!(first_seq(42), 42);
+        let fresh = first_seq(1);
+        assert!(fresh > 1 << 50, "{fresh}");
+        assert!(first_seq(1) >= fresh);
     }
 }

@@ -16,8 +16,8 @@
 //! | m3/h | 0–3 |
 //! | degC | 5–30 |
 //!
-//! Identifiers (category `identifier`) are fixed per unit (10 000 000 + unit id, or
-//! 1 000 + unit id when the type is too narrow); status words and bits are mostly 0.
+//! Identifiers (category `identifier`) are fixed per unit (10 000 000 + unit id, else
+//! 1 000 + unit id, else the unit id, whichever first fits the field's type and range); status words and bits are mostly 0.
 //! Every value is fitted into its field's limits ([`fit`]) before it is served.
 //!
 //! Draws come from a generator seeded by (seed, unit id) and happen in the same order
@@ -272,12 +272,14 @@ fn gauge(
         Kind::Pressure => 300_000.0 * m.skew * noise(0.02),
         Kind::Percent => 50.0 * m.skew * noise(0.05),
         Kind::Identifier => {
-            let id = 10_000_000.0 + f64::from(unit.0);
-            return if id <= limits(f).1 {
-                id
-            } else {
-                1_000.0 + f64::from(unit.0)
-            };
+            // The widest id that fits the field: a serial number, a short code, or the
+            // unit id itself (a meter's bus address).
+            let (lo, hi) = limits(f);
+            let u = f64::from(unit.0);
+            return [10_000_000.0 + u, 1_000.0 + u, u]
+                .into_iter()
+                .find(|id| (lo..=hi).contains(id))
+                .unwrap_or(u);
         }
         Kind::StatusWord => {
             let raw = if rng.gen_bool(STATUS_CHANCE) {

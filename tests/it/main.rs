@@ -8,3 +8,4 @@ mod cli;
 mod config_files;
 mod pipeline;
 mod profiles;
+mod run;

@@ -1,0 +1,151 @@
+//! `citygate run` as an operator runs it: a child process polling simulated meters,
+//! stopped by SIGTERM (clean: the open batch is sealed and committed) or SIGKILL
+//! (restarted: the store opens and the sequence continues).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use citygate::reading::{Stream, UnitId};
+use citygate::store::{SledStore, Store, StoreOptions};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+fn write_config(dep: &Deployment, address: &str, max_age: &str) -> PathBuf {
+    let profiles = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
+    let devices: String = (1..=2u8)
+        .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", address, u, "200ms"))
+        .collect();
+    let text = format!(
+        "[gateway]\nid = \"gw-run\"\nprofiles_dir = {:?}\n\n[purpose]\nname = \"t\"\nfields = [\"active_power\", \"energy_import\"]\n\n\
+         [batch]\nmax_age = \"{max_age}\"\nmax_records = 100000\n\n[store]\npath = \"store\"\n\n[keys]\n\
+         signing_key = \"keys/gateway.sign.key\"\nhub_public_key = \"keys/hub.hpke.pub\"\npseudonym_key = \"keys/pseudonym.key\"\n\n{devices}",
+        profiles.display().to_string()
+    );
+    let path = dep.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn_run(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_citygate"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits (bounded) for the child to exit.
+async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("citygate run did not exit within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the simulator has answered `n` more requests for unit 1.
+async fn polled(sim: &SimEndpoint, n: u64) {
+    let start = sim.meters.requests_served(UnitId(1));
+    let ok = wait_for(Duration::from_secs(15), || {
+        sim.meters.requests_served(UnitId(1)) >= start + n
+    })
+    .await;
+    assert!(ok, "the gateway did not poll the simulator");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_seals_and_commits_the_open_batch_then_exits_zero() {
+    let profiles = shipped_profiles();
+    let token = CancellationToken::new();
+    let sim = start_sim(&profiles, "chint-ddsu666", 2, 5, &token).await;
+    let dep = Deployment::new();
+    // A batch would only close after 60 s: whatever is stored was sealed by the shutdown.
+    let config = write_config(&dep, &sim.address, "60s");
+    let mut child = spawn_run(&config);
+    polled(&sim, 6).await;
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(20)).await;
+    token.cancel();
+    assert!(status.success(), "{status}");
+
+    let store = SledStore::open(&dep.store_path(), StoreOptions::default()).unwrap();
+    let batches = store.peek(Stream::Readings, 0, 100).unwrap();
+    assert_eq!(
+        batches.len(),
+        1,
+        "exactly the open batch was sealed at shutdown"
+    );
+    let opened = dep
+        .opener(&citygate::reading::GatewayId::new("gw-run").unwrap())
+        .open(&batches[0].bytes)
+        .unwrap();
+    assert!(
+        opened.records.len() >= 4,
+        "{} records",
+        opened.records.len()
+    );
+    assert!(opened
+        .records
+        .iter()
+        .all(|r| r.field == "active_power" || r.field == "energy_import"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_the_gateway_restarts_and_continues_its_sequence() {
+    let profiles = shipped_profiles();
+    let token = CancellationToken::new();
+    let sim = start_sim(&profiles, "chint-ddsu666", 2, 6, &token).await;
+    let dep = Deployment::new();
+    let config = write_config(&dep, &sim.address, "200ms");
+
+    let mut first = spawn_run(&config);
+    polled(&sim, 10).await;
+    signal(&first, "-KILL");
+    let status = wait_exit(&mut first, Duration::from_secs(10)).await;
+    assert!(!status.success());
+
+    let mut second = spawn_run(&config);
+    polled(&sim, 10).await;
+    signal(&second, "-TERM");
+    let status = wait_exit(&mut second, Duration::from_secs(20)).await;
+    token.cancel();
+    assert!(status.success(), "{status}");
+
+    let store = SledStore::open(&dep.store_path(), StoreOptions::default()).unwrap();
+    let opener = dep.opener(&citygate::reading::GatewayId::new("gw-run").unwrap());
+    let batches = store.peek(Stream::Readings, 0, 10_000).unwrap();
+    assert!(batches.len() >= 2, "{} batches", batches.len());
+    let seqs: Vec<u64> = batches.iter().map(|b| b.seq).collect();
+    for pair in seqs.windows(2) {
+        assert_eq!(
+            pair[1],
+            pair[0] + 1,
+            "sequence continues without holes: {seqs:?}"
+        );
+    }
+    for b in &batches {
+        let opened = opener
+            .open(&b.bytes)
+            .unwrap_or_else(|e| panic!("batch {} rejected: {e}", b.seq));
+        assert_eq!(opened.header.seq, b.seq);
+    }
+    assert!(store.next_seq(Stream::Readings) > *seqs.last().unwrap());
+}
