@@ -52,7 +52,7 @@ fn policy(p: &Profile) -> Policy {
         .take(p.fields.len() * 2 / 3)
         .map(|f| f.name.clone())
         .collect();
-    Policy::new("bench", fields, PseudonymKey::new([7; 32]), &[])
+    Policy::new("bench", fields, PseudonymKey::from_bytes([7; 32]), &[])
 }
 
 fn records(

@@ -41,7 +41,7 @@ impl KeyMaterial {
         Ok(Self {
             signing: keys::load_signing_key(&paths.signing_key)?,
             hub: keys::load_hub_public_key(&paths.hub_public_key)?,
-            pseudonym: PseudonymKey::new(
+            pseudonym: PseudonymKey::from_bytes(
                 *keys::load_pseudonym_key(&paths.pseudonym_key)?.as_bytes(),
             ),
         })

@@ -89,14 +89,12 @@ pub fn report(cfg: &GatewayConfig) -> (String, bool) {
         let _ = writeln!(out, "key       {name} {}: {s}", path.display());
     }
     // The policy hash needs the real key; without it, show the disposition only.
-    let pseudonym = keys::load_pseudonym_key(&cfg.keys.pseudonym_key)
-        .ok()
-        .map(|k| PseudonymKey::new(*k.as_bytes()));
+    let pseudonym = keys::load_pseudonym_key(&cfg.keys.pseudonym_key).ok();
     let policy = supervisor::policy(
         cfg,
         pseudonym
             .clone()
-            .unwrap_or_else(|| PseudonymKey::new([0; 32])),
+            .unwrap_or_else(|| PseudonymKey::from_bytes([0; 32])),
     );
     let _ = writeln!(
         out,

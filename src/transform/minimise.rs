@@ -13,46 +13,26 @@ use std::fmt;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+pub use crate::seal::PseudonymKey;
+
 use crate::reading::{Classification, DeviceId, FieldName, Reading, Record, Value};
 
 /// Domain separation for device pseudonyms and value pseudonyms.
 const DEVICE_CONTEXT: &[u8] = b"citygate/v1/device\0";
 const VALUE_CONTEXT: &[u8] = b"citygate/v1/value\0";
 
-/// The per-deployment pseudonymisation secret.
-#[derive(Clone)]
-pub struct PseudonymKey([u8; 32]);
-
-impl PseudonymKey {
-    pub fn new(bytes: [u8; 32]) -> Self {
-        Self(bytes)
+/// Keyed pseudonym `p-` + hex of the first 16 bytes of HMAC-SHA256 over a context and
+/// length-prefixed parts.
+fn mac(key: &PseudonymKey, context: &[u8], parts: &[&[u8]]) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes())
+        .expect("invariant: HMAC accepts any key length");
+    mac.update(context);
+    for p in parts {
+        mac.update(&(p.len() as u64).to_be_bytes());
+        mac.update(p);
     }
-
-    /// First 8 bytes of SHA-256 of the key: names it in the policy without revealing it.
-    pub fn id(&self) -> [u8; 8] {
-        let d = Sha256::digest(self.0);
-        let mut id = [0u8; 8];
-        id.copy_from_slice(&d[..8]);
-        id
-    }
-
-    fn mac(&self, context: &[u8], parts: &[&[u8]]) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
-            .expect("invariant: HMAC accepts any key length");
-        mac.update(context);
-        for p in parts {
-            mac.update(&(p.len() as u64).to_be_bytes());
-            mac.update(p);
-        }
-        let tag = mac.finalize().into_bytes();
-        format!("p-{}", hex::encode(&tag[..16]))
-    }
-}
-
-impl fmt::Debug for PseudonymKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PseudonymKey(id {})", hex::encode(self.id()))
-    }
+    let tag = mac.finalize().into_bytes();
+    format!("p-{}", hex::encode(&tag[..16]))
 }
 
 /// What happens to a field at the edge.
@@ -108,7 +88,7 @@ impl Policy {
             h.update(v.as_bytes());
         }
         h.update(b"\0key:");
-        h.update(key.id());
+        h.update(key.key_id());
         Self {
             purpose: purpose.to_string(),
             fields,
@@ -142,13 +122,16 @@ impl Policy {
 
     /// The device's pseudonym.
     pub fn subject(&self, device: &DeviceId) -> String {
-        self.key.mac(DEVICE_CONTEXT, &[device.as_str().as_bytes()])
+        mac(&self.key, DEVICE_CONTEXT, &[device.as_str().as_bytes()])
     }
 
     fn value_pseudonym(&self, field: &FieldName, value: &Value) -> String {
         let text = value.to_string();
-        self.key
-            .mac(VALUE_CONTEXT, &[field.as_str().as_bytes(), text.as_bytes()])
+        mac(
+            &self.key,
+            VALUE_CONTEXT,
+            &[field.as_str().as_bytes(), text.as_bytes()],
+        )
     }
 }
 
@@ -186,7 +169,7 @@ mod tests {
         Policy::new(
             "grid-planning",
             fields,
-            PseudonymKey::new(key),
+            PseudonymKey::from_bytes(key),
             &["p@1".into()],
         )
     }
@@ -280,11 +263,11 @@ mod tests {
         let other = Policy::new(
             "grid-planning",
             BTreeSet::new(),
-            PseudonymKey::new([1; 32]),
+            PseudonymKey::from_bytes([1; 32]),
             &["p@1".into()],
         );
         assert_ne!(a, other.hash());
-        assert!(!format!("{:?}", PseudonymKey::new([7; 32])).contains("07070707"));
+        assert!(!format!("{:?}", PseudonymKey::from_bytes([7; 32])).contains("07070707"));
     }
 
     proptest! {
