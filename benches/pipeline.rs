@@ -17,7 +17,7 @@ use citygate::seal::Sealer;
 use citygate::source::RegisterImage;
 use citygate::store::{SledStore, Store, StoreOptions};
 use citygate::transform::check::Checker;
-use citygate::transform::minimise::{minimise, Policy, PseudonymKey};
+use citygate::transform::minimise::{minimise_as, Policy, PseudonymKey};
 use citygate::transform::normalise::normalise;
 
 const DEVICES: usize = 100;
@@ -65,6 +65,7 @@ fn records(
     let mut readings = 0;
     let mut out = Vec::new();
     for (i, d) in devices.iter().enumerate() {
+        let subject = policy.subject(d);
         let n = normalise(p, d, 1_700_000_000_000 + i as i64, img);
         readings += n.readings.len();
         for mut r in n.readings {
@@ -72,7 +73,7 @@ fn records(
             if checker.check(field, &mut r) != Quality::Good {
                 black_box(&r);
             }
-            out.extend(minimise(policy, &r));
+            out.extend(minimise_as(policy, &r, &subject));
         }
     }
     (readings, out)

@@ -1,5 +1,6 @@
 //! Normalise → check → minimise → batch → seal.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -7,12 +8,12 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{error, info};
 
 use crate::config::BatchConfig;
-use crate::reading::{now_ms, Record, Stream};
+use crate::reading::{now_ms, DeviceId, Record, Stream};
 use crate::seal::{SealedBatch, Sealer};
 use crate::source::RawSample;
 use crate::telemetry::Metrics;
 use crate::transform::check::Checker;
-use crate::transform::minimise::{minimise, Policy};
+use crate::transform::minimise::{minimise_as, Policy};
 use crate::transform::normalise::normalise;
 
 #[derive(Debug, Default)]
@@ -29,6 +30,8 @@ pub struct Batcher {
     sealer: Sealer,
     policy: Policy,
     checker: Checker,
+    /// Device pseudonyms, computed once per device.
+    subjects: HashMap<DeviceId, String>,
     cfg: BatchConfig,
     open: [OpenBatch; 3],
     next_seq: [u64; 3],
@@ -52,6 +55,7 @@ impl Batcher {
             sealer,
             policy,
             checker: Checker::new(),
+            subjects: HashMap::new(),
             cfg,
             open: Default::default(),
             next_seq: Stream::ALL.map(next_seq),
@@ -88,6 +92,12 @@ impl Batcher {
         self.metrics
             .readings_normalised
             .add(normalised.readings.len() as u64);
+        let policy = &self.policy;
+        let subject = self
+            .subjects
+            .entry(sample.device.clone())
+            .or_insert_with(|| policy.subject(&sample.device))
+            .clone();
         for mut reading in normalised.readings {
             let Some(field) = sample.profile.field(reading.field.as_str()) else {
                 continue;
@@ -95,7 +105,7 @@ impl Batcher {
             if self.checker.check(field, &mut reading) != crate::reading::Quality::Good {
                 self.metrics.readings_flagged.inc();
             }
-            let Some(record) = minimise(&self.policy, &reading) else {
+            let Some(record) = minimise_as(&self.policy, &reading, &subject) else {
                 continue;
             };
             self.metrics.records_minimised.inc();

@@ -137,6 +137,12 @@ impl Policy {
 
 /// The record that leaves the box for `reading`, or `None` if the purpose drops it.
 pub fn minimise(policy: &Policy, reading: &Reading) -> Option<Record> {
+    minimise_as(policy, reading, &policy.subject(&reading.device))
+}
+
+/// [`minimise`] with the device's pseudonym already computed (callers that see the same
+/// devices again and again cache `policy.subject(device)`).
+pub fn minimise_as(policy: &Policy, reading: &Reading, subject: &str) -> Option<Record> {
     let value = match policy.disposition(&reading.field, &reading.class) {
         Disposition::Dropped => return None,
         Disposition::AsIs => reading.value.clone(),
@@ -145,7 +151,7 @@ pub fn minimise(policy: &Policy, reading: &Reading) -> Option<Record> {
         }
     };
     Some(Record {
-        subject: policy.subject(&reading.device),
+        subject: subject.to_string(),
         field: reading.field.as_str().to_string(),
         value,
         unit: reading.unit,
