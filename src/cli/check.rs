@@ -145,7 +145,7 @@ fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Pol
     );
     let spans: Vec<String> = reads
         .iter()
-        .map(|r| format!("{}+{}", r.start, r.count))
+        .map(|r| format!("{:#06x}+{}", r.start.0, r.count))
         .collect();
     let _ = writeln!(
         out,
@@ -156,7 +156,7 @@ fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Pol
     );
     let _ = writeln!(
         out,
-        "    {:<22} {:>8} {:<6} {:<5} {:<14} {:<12} leaves the box",
+        "    {:<22} {:>8} {:<6} {:<5} {:<14} {:<18} leaves the box",
         "field", "register", "type", "order", "unit", "class"
     );
     for f in &p.fields {
@@ -181,9 +181,9 @@ fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Pol
         .to_lowercase();
         let _ = writeln!(
             out,
-            "    {:<22} {:>8} {:<6} {:<5} {:<14} {:<12} {}{}",
+            "    {:<22} {:>8} {:<6} {:<5} {:<14} {:<18} {}{}",
             f.name.as_str(),
-            f.register,
+            format!("{:#06x}", f.register),
             f.ty.to_string(),
             f.order.to_string(),
             unit,
