@@ -124,18 +124,39 @@ pub struct GatewayConfig {
     pub devices: Vec<DeviceConfig>,
 }
 
+/// Reads a config file, turning an I/O failure into a diagnostic about the whole file.
+pub(crate) fn read_config_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::from(vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: 0,
+            col: 0,
+            key: String::new(),
+            message: format!("cannot read config: {e}"),
+        }])
+    })
+}
+
+/// Resolves `p` against `base` (the config file's directory) unless it is absolute.
+pub(crate) fn resolve_path(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Whether `address` looks like `host:port` with a non-empty host and a u16 port.
+pub(crate) fn is_host_port(address: &str) -> bool {
+    address
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+}
+
 impl GatewayConfig {
     /// Reads, parses and validates a config file and the profiles it names.
     pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::from(vec![Diagnostic {
-                file: path.to_path_buf(),
-                line: 0,
-                col: 0,
-                key: String::new(),
-                message: format!("cannot read config: {e}"),
-            }])
-        })?;
+        let text = read_config_text(path)?;
         raw::parse(path, &text, None)
     }
 

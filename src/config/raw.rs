@@ -155,13 +155,7 @@ pub(super) fn parse(
     let src = SourceFile::new(path, text);
     let raw: RawConfig = src.parse().map_err(|d| ConfigError::from(vec![d]))?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let resolve = |p: &Path| {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base.join(p)
-        }
-    };
+    let resolve = |p: &Path| super::resolve_path(&base, p);
     let mut errors: Vec<Diagnostic> = Vec::new();
 
     let gateway_id = GatewayId::new(raw.gateway.id.get_ref().clone())
@@ -262,10 +256,7 @@ pub(super) fn parse(
         let transport_span = d.transport.span();
         let transport = match d.transport.into_inner() {
             RawTransport::Tcp { address } => {
-                let ok = address
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-                if !ok {
+                if !super::is_host_port(&address) {
                     errors.push(src.at(
                         transport_span,
                         format!("{key}.transport.address"),

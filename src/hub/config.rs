@@ -1,0 +1,493 @@
+//! The hub's configuration file, parsed once into validated types, and its keys.
+//!
+//! ```toml
+//! [hub]
+//! id = "city-hub-1"
+//! hpke_secret_key = "keys/hub.hpke.key"
+//! state_path = "state"            # sled directory for de-duplication state
+//! [sink]
+//! type = "jsonl"
+//! path = "records.jsonl"
+//! [mqtt]
+//! broker = "broker.example:8883"
+//! ca_file = "tls/ca.pem"
+//! cert_file = "tls/hub.pem"
+//! key_file = "tls/hub.key"
+//! [[gateway]]
+//! id = "gw-1"
+//! verifying_key = "gateways/gw-1.sign.pub"
+//! ```
+//!
+//! Like the gateway config (`crate::config`): serde structs with `deny_unknown_fields`, spans
+//! kept where semantic errors can occur, every error found returned as a located
+//! [`Diagnostic`] (`FILE:LINE:COL: key ...: message`), relative paths resolved against the
+//! config file's directory. The `[mqtt]` keys are validated here and used by the MQTT layer.
+//!
+//! Loading the config does not read any key file: [`HubKeys::load`] does, as a separate step,
+//! so `citygate check` can validate a config on a machine without the keys.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::VerifyingKey;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::diag::{Diagnostic, SourceFile};
+use crate::config::{is_host_port, read_config_text, resolve_path, ConfigError};
+use crate::reading::GatewayId;
+use crate::seal::{load_hub_secret_key, load_verifying_key, HubSecretKey, KeyError, Opener};
+
+/// The default MQTT shared-subscription group: hub processes in one group share the load.
+pub const DEFAULT_SHARE_GROUP: &str = "citygate-hub";
+
+/// A validated hub configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubConfig {
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// The hub's name (same characters as a gateway id); logged, and the default MQTT client id.
+    pub id: String,
+    pub hpke_secret_key: PathBuf,
+    /// sled directory of the de-duplication state.
+    pub state_path: PathBuf,
+    pub sink: SinkConfig,
+    pub mqtt: MqttConfig,
+    /// The registry: gateways whose batches are accepted, in file order, ids unique.
+    pub gateways: Vec<GatewayEntry>,
+}
+
+/// Where accepted records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkConfig {
+    /// JSON Lines, appended to one file.
+    Jsonl { path: PathBuf },
+}
+
+/// How the hub reaches its broker. Used by the MQTT layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttConfig {
+    /// `host:port`.
+    pub broker: String,
+    pub client_id: String,
+    /// Shared-subscription group (`$share/{group}/citygate/v1/+/+`).
+    pub share_group: String,
+    /// `None` only when `danger_plaintext` is set.
+    pub tls: Option<TlsFiles>,
+    /// Connect without TLS (development only).
+    pub danger_plaintext: bool,
+    /// Run a broker inside the hub process (one-box setups, the demo).
+    pub embedded_broker: Option<EmbeddedBroker>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddedBroker {
+    pub listen: SocketAddr,
+}
+
+/// One registered gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayEntry {
+    pub id: GatewayId,
+    pub verifying_key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHubConfig {
+    hub: RawHub,
+    sink: RawSink,
+    mqtt: RawMqtt,
+    #[serde(rename = "gateway", default)]
+    gateways: Vec<RawGatewayEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHub {
+    id: Spanned<String>,
+    hpke_secret_key: PathBuf,
+    state_path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum RawSink {
+    Jsonl { path: PathBuf },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    broker: Spanned<String>,
+    client_id: Option<Spanned<String>>,
+    #[serde(default = "default_share_group")]
+    share_group: Spanned<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    danger_plaintext: bool,
+    embedded_broker: Option<RawEmbeddedBroker>,
+}
+
+fn default_share_group() -> Spanned<String> {
+    Spanned::new(0..0, DEFAULT_SHARE_GROUP.to_owned())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmbeddedBroker {
+    listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGatewayEntry {
+    id: Spanned<String>,
+    verifying_key: PathBuf,
+}
+
+/// MQTT topic-level characters a share group or client id may not contain.
+fn is_topic_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_graphic() && !"/+#$".contains(c))
+}
+
+impl HubConfig {
+    /// Reads, parses and validates a hub config file.
+    pub fn load(path: &Path) -> Result<HubConfig, ConfigError> {
+        let text = read_config_text(path)?;
+        HubConfig::parse(path, &text)
+    }
+
+    /// Parses config text as if read from `path` (relative paths resolve against its directory).
+    pub fn parse(path: &Path, text: &str) -> Result<HubConfig, ConfigError> {
+        let src = SourceFile::new(path, text);
+        let raw: RawHubConfig = src.parse().map_err(|d| ConfigError::from(vec![d]))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: &Path| resolve_path(&base, p);
+        let mut errors: Vec<Diagnostic> = Vec::new();
+
+        let id = raw.hub.id.get_ref().clone();
+        if let Err(e) = GatewayId::new(id.clone()) {
+            let msg = e.to_string().replace("gateway id", "hub id");
+            errors.push(src.at(raw.hub.id.span(), "hub.id", msg));
+        }
+
+        let m = raw.mqtt;
+        if !is_host_port(m.broker.get_ref()) {
+            errors.push(src.at(
+                m.broker.span(),
+                "mqtt.broker",
+                format!(
+                    "{:?} is not host:port, e.g. \"broker.example:8883\"",
+                    m.broker.get_ref()
+                ),
+            ));
+        }
+        let client_id = match &m.client_id {
+            Some(c) => {
+                if !is_topic_safe(c.get_ref()) {
+                    errors.push(src.at(
+                        c.span(),
+                        "mqtt.client_id",
+                        "must be 1..=64 printable ASCII characters without '/', '+', '#', '$'",
+                    ));
+                }
+                c.get_ref().clone()
+            }
+            None => id.clone(),
+        };
+        if !is_topic_safe(m.share_group.get_ref()) {
+            errors.push(src.at(
+                m.share_group.span(),
+                "mqtt.share_group",
+                "must be 1..=64 printable ASCII characters without '/', '+', '#', '$'",
+            ));
+        }
+        let danger_plaintext = m.danger_plaintext;
+        let tls = match (m.ca_file, m.cert_file, m.key_file) {
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+                ca_file: resolve(&ca),
+                cert_file: resolve(&cert),
+                key_file: resolve(&key),
+            }),
+            (None, None, None) if danger_plaintext => None,
+            (ca, cert, key) => {
+                let missing: Vec<&str> = [("ca_file", ca.is_none()), ("cert_file", cert.is_none())]
+                    .into_iter()
+                    .chain([("key_file", key.is_none())])
+                    .filter_map(|(k, missing)| missing.then_some(k))
+                    .collect();
+                errors.push(src.at(
+                    m.broker.span(),
+                    "mqtt",
+                    format!(
+                        "TLS needs ca_file, cert_file and key_file; missing: {} \
+                         (or, for development only, set danger_plaintext = true and none of them)",
+                        missing.join(", ")
+                    ),
+                ));
+                None
+            }
+        };
+        let embedded_broker = m.embedded_broker.and_then(|b| {
+            b.listen
+                .get_ref()
+                .parse::<SocketAddr>()
+                .map(|listen| EmbeddedBroker { listen })
+                .map_err(|_| {
+                    errors.push(src.at(
+                        b.listen.span(),
+                        "mqtt.embedded_broker.listen",
+                        format!(
+                            "{:?} is not ip:port, e.g. \"127.0.0.1:8883\"",
+                            b.listen.get_ref()
+                        ),
+                    ))
+                })
+                .ok()
+        });
+
+        let mut seen = HashSet::new();
+        let mut gateways = Vec::with_capacity(raw.gateways.len());
+        for (i, g) in raw.gateways.into_iter().enumerate() {
+            let key = format!("gateway[{i}].id");
+            match GatewayId::new(g.id.get_ref().clone()) {
+                Ok(id) if !seen.insert(id.clone()) => errors.push(src.at(
+                    g.id.span(),
+                    key,
+                    format!("gateway `{id}` is registered twice; each id may appear once"),
+                )),
+                Ok(id) => gateways.push(GatewayEntry {
+                    id,
+                    verifying_key: resolve(&g.verifying_key),
+                }),
+                Err(e) => errors.push(src.at(g.id.span(), key, e.to_string())),
+            }
+        }
+        if gateways.is_empty() && errors.is_empty() {
+            errors.push(src.whole(
+                "gateway",
+                "no [[gateway]] is registered; a hub without gateways rejects every batch",
+            ));
+        }
+
+        if !errors.is_empty() {
+            return Err(errors.into());
+        }
+        Ok(HubConfig {
+            path: path.to_path_buf(),
+            id,
+            hpke_secret_key: resolve(&raw.hub.hpke_secret_key),
+            state_path: resolve(&raw.hub.state_path),
+            sink: match raw.sink {
+                RawSink::Jsonl { path } => SinkConfig::Jsonl {
+                    path: resolve(&path),
+                },
+            },
+            mqtt: MqttConfig {
+                broker: m.broker.into_inner(),
+                client_id,
+                share_group: m.share_group.into_inner(),
+                tls,
+                danger_plaintext,
+                embedded_broker,
+            },
+            gateways,
+        })
+    }
+}
+
+/// The keys a hub needs: its HPKE secret key and each registered gateway's verifying key.
+pub struct HubKeys {
+    pub hub_secret: HubSecretKey,
+    pub gateways: Vec<(GatewayId, VerifyingKey)>,
+}
+
+impl HubKeys {
+    /// Loads every key file the config names; the first failure names its file.
+    pub fn load(cfg: &HubConfig) -> Result<HubKeys, KeyError> {
+        let hub_secret = load_hub_secret_key(&cfg.hpke_secret_key)?;
+        let gateways = cfg
+            .gateways
+            .iter()
+            .map(|g| Ok((g.id.clone(), load_verifying_key(&g.verifying_key)?)))
+            .collect::<Result<_, KeyError>>()?;
+        Ok(HubKeys {
+            hub_secret,
+            gateways,
+        })
+    }
+
+    /// An [`Opener`] for the hub key with every gateway registered.
+    pub fn into_opener(self) -> Opener {
+        let mut opener = Opener::new(self.hub_secret);
+        for (id, key) in self.gateways {
+            opener.register(id, key);
+        }
+        opener
+    }
+}
+
+impl std::fmt::Debug for HubKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<&str> = self.gateways.iter().map(|(g, _)| g.as_str()).collect();
+        f.debug_struct("HubKeys")
+            .field("hub_key_id", &hex::encode(self.hub_secret.key_id()))
+            .field("gateways", &ids)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"[hub]
+id = "hub-1"
+hpke_secret_key = "keys/hub.hpke.key"
+state_path = "state"
+
+[sink]
+type = "jsonl"
+path = "out/records.jsonl"
+
+[mqtt]
+broker = "127.0.0.1:8883"
+ca_file = "tls/ca.pem"
+cert_file = "tls/hub.pem"
+key_file = "tls/hub.key"
+
+[[gateway]]
+id = "gw-1"
+verifying_key = "gw/gw-1.pub"
+
+[[gateway]]
+id = "gw-2"
+verifying_key = "/abs/gw-2.pub"
+"#;
+
+    fn parse(text: &str) -> Result<HubConfig, ConfigError> {
+        HubConfig::parse(Path::new("/etc/citygate/hub.toml"), text)
+    }
+
+    fn errors(text: &str) -> Vec<Diagnostic> {
+        parse(text).unwrap_err().diagnostics
+    }
+
+    #[test]
+    fn loads_with_defaults_and_resolved_paths() {
+        let c = parse(CONFIG).unwrap();
+        assert_eq!(c.id, "hub-1");
+        assert_eq!(c.state_path, Path::new("/etc/citygate/state"));
+        assert_eq!(
+            c.sink,
+            SinkConfig::Jsonl {
+                path: "/etc/citygate/out/records.jsonl".into()
+            }
+        );
+        assert_eq!(c.mqtt.client_id, "hub-1");
+        assert_eq!(c.mqtt.share_group, DEFAULT_SHARE_GROUP);
+        assert!(!c.mqtt.danger_plaintext);
+        assert_eq!(
+            c.mqtt.tls.as_ref().unwrap().ca_file,
+            Path::new("/etc/citygate/tls/ca.pem")
+        );
+        assert_eq!(c.gateways.len(), 2);
+        assert_eq!(
+            c.gateways[0].verifying_key,
+            Path::new("/etc/citygate/gw/gw-1.pub")
+        );
+        assert_eq!(c.gateways[1].verifying_key, Path::new("/abs/gw-2.pub"));
+        assert_eq!(c.mqtt.embedded_broker, None);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let e = errors(&CONFIG.replace("state_path", "stat_path"));
+        assert_eq!(
+            (e[0].line, e[0].key.as_str()),
+            (4, "hub.stat_path"),
+            "{}",
+            e[0]
+        );
+        assert!(e[0].to_string().starts_with("/etc/citygate/hub.toml:4:"));
+    }
+
+    #[test]
+    fn duplicate_gateway_is_an_error_at_its_line() {
+        let e = errors(&CONFIG.replace("id = \"gw-2\"", "id = \"gw-1\""));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!((e[0].line, e[0].key.as_str()), (21, "gateway[1].id"));
+        assert!(e[0].message.contains("twice"));
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported() {
+        let text = CONFIG
+            .replace("127.0.0.1:8883", "localhost")
+            .replace("id = \"hub-1\"", "id = \"hub 1\"")
+            .replace("id = \"gw-2\"", "id = \"gw/2\"")
+            .replace("[mqtt]\n", "[mqtt]\nshare_group = \"a/b\"\n")
+            .replace(
+                "key_file = \"tls/hub.key\"",
+                "embedded_broker = { listen = \"nowhere\" }",
+            );
+        let keys: Vec<String> = errors(&text).into_iter().map(|d| d.key).collect();
+        for k in [
+            "hub.id",
+            "mqtt.broker",
+            "mqtt.share_group",
+            "mqtt",
+            "mqtt.embedded_broker.listen",
+            "gateway[1].id",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "{k} missing in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn plaintext_only_when_asked_and_embedded_broker_parses() {
+        let no_tls = CONFIG
+            .replace("ca_file = \"tls/ca.pem\"\n", "")
+            .replace("cert_file = \"tls/hub.pem\"\n", "")
+            .replace("key_file = \"tls/hub.key\"\n", "");
+        let e = errors(&no_tls);
+        assert!(e[0].message.contains("danger_plaintext"), "{}", e[0]);
+        let c = parse(&no_tls.replace(
+            "[mqtt]\n",
+            "[mqtt]\ndanger_plaintext = true\nembedded_broker = { listen = \"127.0.0.1:1883\" }\n",
+        ))
+        .unwrap();
+        assert!(c.mqtt.danger_plaintext && c.mqtt.tls.is_none());
+        assert_eq!(
+            c.mqtt.embedded_broker.unwrap().listen,
+            "127.0.0.1:1883".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn unknown_sink_type_says_what_is_valid() {
+        let e = errors(&CONFIG.replace("type = \"jsonl\"", "type = \"kafka\""));
+        assert!(e[0].message.contains("jsonl"), "{}", e[0]);
+    }
+
+    #[test]
+    fn keys_load_separately_and_name_the_missing_file() {
+        let c = parse(CONFIG).unwrap();
+        let err = HubKeys::load(&c).unwrap_err().to_string();
+        assert!(err.contains("/etc/citygate/keys/hub.hpke.key"), "{err}");
+    }
+}

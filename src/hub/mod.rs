@@ -1,0 +1,253 @@
+//! The hub's transport-independent core: sealed batches in, records to the sink, acks out.
+//!
+//! The MQTT layer (`uplink`) receives a payload on `citygate/v1/{gateway_id}/{stream}`, calls
+//! [`Hub::ingest`] with the topic's gateway id, and publishes the returned [`Ack`] (encoded by
+//! [`Ack::encode`], see `ack.rs` for the format) on `citygate/v1/{gateway_id}/ack`. For each
+//! payload, in this order:
+//!
+//! 1. open the envelope ([`Opener`]: parse, registered gateway and key, strict signature, HPKE,
+//!    decode) — a failure is rejected with [`OpenError::reason`](crate::seal::OpenError::reason);
+//! 2. the header's gateway must equal the topic's (`topic_mismatch`): a registered gateway may
+//!    not publish on another's topic;
+//! 3. de-duplicate on (gateway, stream, seq) ([`Dedup`]): a batch seen before is acknowledged
+//!    again and written nothing ([`Ingest::Duplicate`]);
+//! 4. write the records to the [`Sink`] durably;
+//! 5. mark the batch seen and flush the de-dup state;
+//! 6. return [`Ingest::Accepted`] with the ack.
+//!
+//! Steps 3–5 run under one lock, so two copies of a batch arriving at once are written once.
+//! Rejections are counted by reason ([`Hub::stats`]) and logged at WARN, and carry no ack: a
+//! forged or broken batch is never acknowledged. A sink or de-dup failure (`sink_failed`,
+//! `dedup_failed`) is logged at ERROR and also not acknowledged, so the gateway re-sends it.
+//!
+//! Crash consistency: the sink is written before the batch is marked, and [`Hub::new`] asks the
+//! sink for batches it holds that the de-dup state does not know (a crash between steps 4 and 5)
+//! and marks them first; `sink.rs` documents exactly what that covers.
+//!
+//! De-dup state is per hub process: hub processes sharing one subscription group must not split
+//! one gateway's batches between them (brokers' sticky/hash strategies by client keep a
+//! gateway on one hub), or a re-sent batch could be written by two of them.
+//!
+//! All calls block (file sync, sled flush): call them from `spawn_blocking` or a dedicated
+//! thread.
+
+mod ack;
+pub mod config;
+pub mod dedup;
+pub mod sink;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+pub use ack::{Ack, AckError, ACK_VERSION, MAX_ACK_BYTES};
+pub use config::{HubConfig, HubKeys, SinkConfig};
+pub use dedup::{Dedup, DedupError, Seen};
+pub use sink::{BatchKey, JsonlSink, Sink, SinkError};
+
+use crate::reading::GatewayId;
+use crate::seal::Opener;
+
+/// What became of one payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ingest {
+    /// Written to the sink and marked; publish the ack.
+    Accepted { ack: Ack, records: usize },
+    /// Seen before: nothing written; publish the ack again.
+    Duplicate { ack: Ack },
+    /// Not accepted and not acknowledged. `reason` is a constant snake_case label.
+    Rejected {
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+impl Ingest {
+    /// The ack to publish, if any.
+    pub fn ack(&self) -> Option<&Ack> {
+        match self {
+            Ingest::Accepted { ack, .. } | Ingest::Duplicate { ack } => Some(ack),
+            Ingest::Rejected { .. } => None,
+        }
+    }
+}
+
+/// Counters since the hub started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubStats {
+    pub accepted_batches: u64,
+    pub records_written: u64,
+    /// Batches acknowledged again without writing (includes `below_window`).
+    pub duplicates: u64,
+    /// Duplicates below a de-dup window that gave up a gap (see `dedup`).
+    pub below_window: u64,
+    /// Batches marked at start-up because the sink already held them.
+    pub recovered_batches: u64,
+    /// Rejected payloads by reason.
+    pub rejected: BTreeMap<&'static str, u64>,
+}
+
+/// Why a hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Dedup(#[from] DedupError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Keys(#[from] crate::seal::KeyError),
+}
+
+/// The receiving end. See the module docs.
+#[derive(Debug)]
+pub struct Hub {
+    opener: Opener,
+    dedup: Dedup,
+    sink: Box<dyn Sink>,
+    /// Serialises check → write → mark.
+    commit: Mutex<()>,
+    accepted_batches: AtomicU64,
+    records_written: AtomicU64,
+    duplicates: AtomicU64,
+    below_window: AtomicU64,
+    recovered_batches: u64,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Hub {
+    /// Builds a hub and marks the batches the sink holds but the de-dup state missed.
+    pub fn new(opener: Opener, dedup: Dedup, sink: Box<dyn Sink>) -> Result<Hub, HubError> {
+        let is_marked = |k: &BatchKey| {
+            // An unreadable state counts as marked: recovery then cuts nothing it cannot judge.
+            dedup
+                .check(&k.gateway, k.stream, k.seq)
+                .map_or(true, |s| s != Seen::New)
+        };
+        let recovered = sink.recover(&is_marked)?;
+        for k in &recovered {
+            tracing::warn!(gateway = %k.gateway, stream = %k.stream, seq = k.seq, "marking a batch the sink holds but de-dup missed");
+            dedup.mark(&k.gateway, k.stream, k.seq)?;
+        }
+        dedup.flush()?;
+        Ok(Hub {
+            opener,
+            dedup,
+            sink,
+            commit: Mutex::new(()),
+            accepted_batches: AtomicU64::new(0),
+            records_written: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            below_window: AtomicU64::new(0),
+            recovered_batches: recovered.len() as u64,
+            rejected: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Loads the keys, opens the de-dup state and the sink a config names.
+    pub fn open(cfg: &HubConfig) -> Result<Hub, HubError> {
+        let opener = HubKeys::load(cfg)?.into_opener();
+        let dedup = Dedup::open(&cfg.state_path)?;
+        let sink: Box<dyn Sink> = match &cfg.sink {
+            SinkConfig::Jsonl { path } => Box::new(JsonlSink::open(path)?),
+        };
+        Hub::new(opener, dedup, sink)
+    }
+
+    /// Takes one payload received on the topic of `topic_gateway`. Never panics.
+    pub fn ingest(&self, topic_gateway: &GatewayId, payload: &[u8]) -> Ingest {
+        let batch = match self.opener.open(payload) {
+            Ok(b) => b,
+            Err(e) => return self.reject(topic_gateway, e.reason(), e.to_string()),
+        };
+        let h = &batch.header;
+        if &h.gateway != topic_gateway {
+            let detail = format!(
+                "batch from {} published on the topic of {topic_gateway}",
+                h.gateway
+            );
+            return self.reject(topic_gateway, "topic_mismatch", detail);
+        }
+        let ack = Ack {
+            gateway: h.gateway.clone(),
+            stream: h.stream,
+            seq: h.seq,
+        };
+        let key = BatchKey {
+            gateway: h.gateway.clone(),
+            stream: h.stream,
+            seq: h.seq,
+        };
+
+        let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        match self.dedup.check(&key.gateway, key.stream, key.seq) {
+            Ok(Seen::New) => {}
+            Ok(seen) => {
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+                if seen == Seen::BelowWindow {
+                    self.below_window.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, "batch below the de-dup window acknowledged without writing");
+                } else {
+                    tracing::debug!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, "duplicate batch");
+                }
+                return Ingest::Duplicate { ack };
+            }
+            Err(e) => return self.fail(topic_gateway, "dedup_failed", e.to_string()),
+        }
+        if let Err(e) = self.sink.write_batch(&key, &batch.records) {
+            return self.fail(topic_gateway, "sink_failed", e.to_string());
+        }
+        let marked = self
+            .dedup
+            .mark(&key.gateway, key.stream, key.seq)
+            .and_then(|()| self.dedup.flush());
+        if let Err(e) = marked {
+            return self.fail(topic_gateway, "dedup_failed", e.to_string());
+        }
+        let records = batch.records.len();
+        self.accepted_batches.fetch_add(1, Ordering::Relaxed);
+        self.records_written
+            .fetch_add(records as u64, Ordering::Relaxed);
+        tracing::debug!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, records, "batch accepted");
+        Ingest::Accepted { ack, records }
+    }
+
+    pub fn stats(&self) -> HubStats {
+        HubStats {
+            accepted_batches: self.accepted_batches.load(Ordering::Relaxed),
+            records_written: self.records_written.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            below_window: self.below_window.load(Ordering::Relaxed),
+            recovered_batches: self.recovered_batches,
+            rejected: self
+                .rejected
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        }
+    }
+
+    fn count_rejection(&self, reason: &'static str) {
+        *self
+            .rejected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    fn reject(&self, gateway: &GatewayId, reason: &'static str, detail: String) -> Ingest {
+        self.count_rejection(reason);
+        tracing::warn!(gateway = %gateway, reason, detail = %detail, "batch rejected");
+        Ingest::Rejected { reason, detail }
+    }
+
+    /// A failure of the hub itself: not acknowledged, so the gateway re-sends.
+    fn fail(&self, gateway: &GatewayId, reason: &'static str, detail: String) -> Ingest {
+        self.count_rejection(reason);
+        tracing::error!(gateway = %gateway, reason, detail = %detail, "batch not written");
+        Ingest::Rejected { reason, detail }
+    }
+}

@@ -1,0 +1,279 @@
+//! Where accepted records go: the [`Sink`] trait and [`JsonlSink`], JSON Lines in one file.
+//!
+//! # JSON Lines format
+//!
+//! One object per record, one record per line (`\n`-terminated), members in this order:
+//!
+//! ```text
+//! {"gateway":"gw-1","stream":"readings","seq":42,"subject":"p-0123…","field":"voltage_l1",
+//!  "value":230.5,"unit":"V","at_ms":1700000000000,"timestamp":"2023-11-14T22:13:20.000Z",
+//!  "quality":"uncertain:out_of_range","tags":["emergency"]}
+//! ```
+//!
+//! - `value`: a JSON integer (`Int`), number (`Float`; `null` if not finite), `true`/`false`
+//!   (`Bool`) or string (`Text`).
+//! - `unit`: the canonical unit symbol (`W`, `Wh`, `V`, `m3`, …).
+//! - `timestamp`: `at_ms` as RFC 3339 UTC with milliseconds; `null` outside years 1970..=9999.
+//! - `quality`: `"good"`, `"uncertain:REASON"` or `"bad:REASON"`, REASON one of
+//!   `out_of_range`, `not_available`, `counter_backwards`, `counter_rollover`, `not_finite`.
+//!
+//! A batch's lines are written with one `write_all` and made durable with `sync_data` before
+//! [`Sink::write_batch`] returns, because the hub acks on return. If the write fails, the file is
+//! truncated back to its length before the batch, so a failed batch leaves nothing behind.
+//!
+//! # Restart (crash window)
+//!
+//! The hub writes the sink first and marks the batch seen afterwards, so a crash between the two
+//! leaves a batch in the sink that the de-dup state does not know; the gateway re-sends it.
+//! [`Sink::recover`] closes that window at start-up: it scans the last [`TAIL_SCAN_BYTES`] of the
+//! file and returns the (gateway, stream, seq) of every batch found there that the de-dup state
+//! does not know yet, so the hub marks them before accepting anything. If the file ends in a torn
+//! line (a crash mid-write), the torn bytes are cut off, and so are the complete lines of the last
+//! batch before them unless that batch is already marked (then the torn line began a new batch):
+//! that batch was never acknowledged and is re-sent whole. What remains uncovered: a crash that
+//! leaves the last batch cut exactly at a line boundary (its missing lines are then lost, the
+//! re-sent batch being taken as a duplicate), and batches older than the scanned tail whose marks
+//! power loss erased.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::reading::{GatewayId, Quality, Record, Stream, Value};
+
+/// How much of the end of a JSON Lines file [`JsonlSink::recover`] reads.
+pub const TAIL_SCAN_BYTES: u64 = 4 * 1024 * 1024;
+/// Last millisecond RFC 3339 can express with four-digit years (9999-12-31T23:59:59.999Z).
+const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
+
+/// The identity of a batch at the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BatchKey {
+    pub gateway: GatewayId,
+    pub stream: Stream,
+    pub seq: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("sink {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A destination for accepted records.
+pub trait Sink: Send + Sync + std::fmt::Debug {
+    /// Writes one batch's records; they must survive a crash once this returns `Ok`.
+    fn write_batch(&self, key: &BatchKey, records: &[Record]) -> Result<(), SinkError>;
+
+    /// At start-up: batches the sink holds durably that `is_marked` does not know (see the
+    /// module docs). Sinks that cannot tell return an empty list.
+    fn recover(&self, is_marked: &dyn Fn(&BatchKey) -> bool) -> Result<Vec<BatchKey>, SinkError>;
+}
+
+/// Appends JSON Lines to one file.
+#[derive(Debug)]
+pub struct JsonlSink {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    gateway: &'a str,
+    stream: &'static str,
+    seq: u64,
+    subject: &'a str,
+    field: &'a str,
+    value: serde_json::Value,
+    unit: &'static str,
+    at_ms: i64,
+    timestamp: Option<String>,
+    quality: String,
+    tags: &'a [String],
+}
+
+fn json_value(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Int(i) => (*i).into(),
+        Value::Float(f) => {
+            serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into)
+        }
+        Value::Bool(b) => (*b).into(),
+        Value::Text(s) => s.as_str().into(),
+    }
+}
+
+/// `at_ms` as RFC 3339 UTC with milliseconds, if representable.
+pub fn rfc3339_ms(at_ms: i64) -> Option<String> {
+    let ms = u64::try_from(at_ms)
+        .ok()
+        .filter(|_| at_ms <= MAX_RFC3339_MS)?;
+    let t = UNIX_EPOCH.checked_add(Duration::from_millis(ms))?;
+    Some(humantime::format_rfc3339_millis(t).to_string())
+}
+
+/// `"good"`, `"uncertain:REASON"` or `"bad:REASON"`.
+pub fn quality_label(q: Quality) -> String {
+    match q {
+        Quality::Good => "good".to_owned(),
+        Quality::Uncertain(r) => format!("uncertain:{}", r.as_str()),
+        Quality::Bad(r) => format!("bad:{}", r.as_str()),
+    }
+}
+
+/// The JSON Lines bytes of one batch.
+pub fn encode_batch(key: &BatchKey, records: &[Record]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(records.len() * 256);
+    for r in records {
+        let line = Line {
+            gateway: key.gateway.as_str(),
+            stream: key.stream.as_str(),
+            seq: key.seq,
+            subject: &r.subject,
+            field: &r.field,
+            value: json_value(&r.value),
+            unit: r.unit.symbol(),
+            at_ms: r.at_ms,
+            timestamp: rfc3339_ms(r.at_ms),
+            quality: quality_label(r.quality),
+            tags: &r.tags,
+        };
+        serde_json::to_writer(&mut out, &line).expect("invariant: a record line serialises");
+        out.push(b'\n');
+    }
+    out
+}
+
+impl JsonlSink {
+    /// Opens (or creates) the file for appending; creates its directory if needed.
+    pub fn open(path: &Path) -> Result<JsonlSink, SinkError> {
+        let io_err = |source| SinkError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io_err)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(path)
+            .map_err(io_err)?;
+        Ok(JsonlSink {
+            path: path.to_owned(),
+            file: Mutex::new(file),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io_err(&self) -> impl FnOnce(io::Error) -> SinkError + '_ {
+        move |source| SinkError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+/// A line's batch key, ignoring the other members.
+fn line_key(line: &[u8]) -> Option<BatchKey> {
+    serde_json::from_slice::<BatchKey>(line).ok()
+}
+
+impl Sink for JsonlSink {
+    fn write_batch(&self, key: &BatchKey, records: &[Record]) -> Result<(), SinkError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let bytes = encode_batch(key, records);
+        let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = file.metadata().map_err(self.io_err())?.len();
+        let written = file.write_all(&bytes).and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            if let Err(undo) = file.set_len(before).and_then(|()| file.sync_data()) {
+                tracing::error!(path = %self.path.display(), error = %undo, "cannot undo a failed sink write");
+            }
+            return Err(self.io_err()(e));
+        }
+        Ok(())
+    }
+
+    fn recover(&self, is_marked: &dyn Fn(&BatchKey) -> bool) -> Result<Vec<BatchKey>, SinkError> {
+        let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        let len = file.metadata().map_err(self.io_err())?.len();
+        let start = len.saturating_sub(TAIL_SCAN_BYTES);
+        let mut tail = Vec::new();
+        file.seek(SeekFrom::Start(start)).map_err(self.io_err())?;
+        (&mut *file)
+            .take(len - start)
+            .read_to_end(&mut tail)
+            .map_err(self.io_err())?;
+
+        // Complete lines as (offset in file, key); the first may be cut by the scan window.
+        let mut lines: Vec<(u64, Option<BatchKey>)> = Vec::new();
+        let mut pos = 0usize;
+        let mut torn_at = None;
+        while pos < tail.len() {
+            let offset = start + pos as u64;
+            match tail[pos..].iter().position(|b| *b == b'\n') {
+                Some(n) => {
+                    if !(pos == 0 && start > 0) {
+                        lines.push((offset, line_key(&tail[pos..pos + n])));
+                    }
+                    pos += n + 1;
+                }
+                None => {
+                    torn_at = Some(offset);
+                    break;
+                }
+            }
+        }
+        let unreadable = lines.iter().filter(|(_, k)| k.is_none()).count();
+        if unreadable > 0 {
+            tracing::warn!(path = %self.path.display(), lines = unreadable, "sink tail holds lines without a batch key");
+        }
+
+        if let Some(torn) = torn_at {
+            let mut cut = torn;
+            if let Some((_, Some(last))) = lines.last().cloned() {
+                if !is_marked(&last) {
+                    while let Some((offset, Some(k))) = lines.last() {
+                        if *k != last {
+                            break;
+                        }
+                        cut = *offset;
+                        lines.pop();
+                    }
+                }
+            }
+            tracing::warn!(path = %self.path.display(), from = cut, to = len, "cutting an unacknowledged, partly written batch off the sink");
+            file.set_len(cut)
+                .and_then(|()| file.sync_data())
+                .map_err(self.io_err())?;
+        }
+
+        let mut found: Vec<BatchKey> = Vec::new();
+        let mut previous: Option<BatchKey> = None;
+        for key in lines.into_iter().filter_map(|(_, k)| k) {
+            // A batch's lines are contiguous: ask once per batch, not once per line.
+            if previous.as_ref() != Some(&key) {
+                if !found.contains(&key) && !is_marked(&key) {
+                    found.push(key.clone());
+                }
+                previous = Some(key);
+            }
+        }
+        Ok(found)
+    }
+}

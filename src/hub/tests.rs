@@ -1,0 +1,393 @@
+//! Hub tests: real keys, real sealed batches, real sled and files in a temp dir.
+
+use std::path::PathBuf;
+
+use proptest::prelude::*;
+use tempfile::TempDir;
+
+use crate::reading::{GatewayId, Quality, QualityReason, Record, Stream, Unit, Value};
+use crate::seal::{self, Opener, Sealer};
+
+use super::*;
+
+fn gw() -> GatewayId {
+    GatewayId::new("gw-1").unwrap()
+}
+
+struct Fixture {
+    dir: TempDir,
+    keys: seal::GeneratedKeys,
+    sealer: Sealer,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = seal::generate(&dir.path().join("keys"), false).unwrap();
+        let sealer = Sealer::new(
+            gw(),
+            seal::load_signing_key(&keys.signing_key).unwrap(),
+            seal::load_hub_public_key(&keys.hub_public_key).unwrap(),
+            [7; 32],
+        );
+        Fixture { dir, keys, sealer }
+    }
+
+    fn sink_path(&self) -> PathBuf {
+        self.dir.path().join("out/records.jsonl")
+    }
+
+    fn opener(&self) -> Opener {
+        let mut opener = Opener::new(seal::load_hub_secret_key(&self.keys.hub_secret_key).unwrap());
+        opener.register(
+            gw(),
+            seal::load_verifying_key(&self.keys.verifying_key).unwrap(),
+        );
+        opener
+    }
+
+    fn hub(&self) -> Hub {
+        let dedup = Dedup::open(&self.dir.path().join("state")).unwrap();
+        let sink = JsonlSink::open(&self.sink_path()).unwrap();
+        Hub::new(self.opener(), dedup, Box::new(sink)).unwrap()
+    }
+
+    fn seal(&self, stream: Stream, seq: u64) -> Vec<u8> {
+        self.sealer
+            .seal(stream, seq, 1_700_000_000_000, &records())
+            .unwrap()
+            .bytes
+    }
+
+    fn lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.sink_path())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn records() -> Vec<Record> {
+    let r = |field: &str, value, unit, quality, tags: &[&str]| Record {
+        subject: "p-0123456789abcdef0123456789abcdef".into(),
+        field: field.into(),
+        value,
+        unit,
+        at_ms: 1_700_000_000_000,
+        quality,
+        tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+    };
+    vec![
+        r(
+            "energy_import",
+            Value::Int(123_456_789),
+            Unit::WattHour,
+            Quality::Good,
+            &[],
+        ),
+        r(
+            "voltage_l1",
+            Value::Float(230.5),
+            Unit::Volt,
+            Quality::Uncertain(QualityReason::OutOfRange),
+            &["emergency"],
+        ),
+        r(
+            "tamper",
+            Value::Bool(true),
+            Unit::One,
+            Quality::Bad(QualityReason::NotAvailable),
+            &[],
+        ),
+        r(
+            "meter_id",
+            Value::Text("p-ab".into()),
+            Unit::One,
+            Quality::Good,
+            &[],
+        ),
+    ]
+}
+
+fn ack(stream: Stream, seq: u64) -> Ack {
+    Ack {
+        gateway: gw(),
+        stream,
+        seq,
+    }
+}
+
+fn rejected(i: Ingest) -> &'static str {
+    match i {
+        Ingest::Rejected { reason, .. } => reason,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[test]
+fn accepted_batch_is_written_once_with_every_field() {
+    let f = Fixture::new();
+    let hub = f.hub();
+    let out = hub.ingest(&gw(), &f.seal(Stream::Readings, 42));
+    assert_eq!(
+        out,
+        Ingest::Accepted {
+            ack: ack(Stream::Readings, 42),
+            records: 4
+        }
+    );
+    let lines = f.lines();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(
+        lines[0],
+        serde_json::json!({
+            "gateway": "gw-1", "stream": "readings", "seq": 42,
+            "subject": "p-0123456789abcdef0123456789abcdef", "field": "energy_import",
+            "value": 123_456_789, "unit": "Wh", "at_ms": 1_700_000_000_000_i64,
+            "timestamp": "2023-11-14T22:13:20.000Z", "quality": "good", "tags": []
+        })
+    );
+    assert_eq!(lines[1]["value"], 230.5);
+    assert_eq!(lines[1]["quality"], "uncertain:out_of_range");
+    assert_eq!(lines[1]["tags"], serde_json::json!(["emergency"]));
+    assert_eq!(lines[2]["value"], true);
+    assert_eq!(lines[2]["quality"], "bad:not_available");
+    assert_eq!(lines[3]["value"], "p-ab");
+    let raw = std::fs::read_to_string(f.sink_path()).unwrap();
+    assert!(
+        raw.starts_with(r#"{"gateway":"gw-1","stream":"readings","seq":42,"subject""#),
+        "{raw}"
+    );
+
+    // The same batch again (re-sealed, as a gateway would re-send the stored envelope or not).
+    let again = hub.ingest(&gw(), &f.seal(Stream::Readings, 42));
+    assert_eq!(
+        again,
+        Ingest::Duplicate {
+            ack: ack(Stream::Readings, 42)
+        }
+    );
+    assert_eq!(f.lines().len(), 4);
+    let s = hub.stats();
+    assert_eq!(
+        (s.accepted_batches, s.records_written, s.duplicates),
+        (1, 4, 1)
+    );
+}
+
+#[test]
+fn dedup_survives_a_new_hub_over_the_same_paths() {
+    let f = Fixture::new();
+    let env = f.seal(Stream::Alarms, 3);
+    assert!(matches!(
+        f.hub().ingest(&gw(), &env),
+        Ingest::Accepted { .. }
+    ));
+    let hub = f.hub();
+    assert_eq!(
+        hub.ingest(&gw(), &env),
+        Ingest::Duplicate {
+            ack: ack(Stream::Alarms, 3)
+        }
+    );
+    assert_eq!(hub.stats().recovered_batches, 0);
+    assert_eq!(f.lines().len(), 4);
+}
+
+#[test]
+fn replay_of_an_old_seq_after_newer_ones_is_a_duplicate() {
+    let f = Fixture::new();
+    let hub = f.hub();
+    let old = f.seal(Stream::Readings, 1);
+    for seq in [1, 2, 3, 5, 4, 6] {
+        assert!(matches!(
+            hub.ingest(&gw(), &f.seal(Stream::Readings, seq)),
+            Ingest::Accepted { .. }
+        ));
+    }
+    assert_eq!(
+        hub.ingest(&gw(), &old),
+        Ingest::Duplicate {
+            ack: ack(Stream::Readings, 1)
+        }
+    );
+    // Other streams have their own sequence numbers.
+    assert!(matches!(
+        hub.ingest(&gw(), &f.seal(Stream::Audit, 1)),
+        Ingest::Accepted { .. }
+    ));
+    assert_eq!(f.lines().len(), 7 * 4);
+}
+
+#[test]
+fn tampered_unknown_version_and_mismatched_topic_are_rejected() {
+    let f = Fixture::new();
+    let hub = f.hub();
+    let env = f.seal(Stream::Readings, 9);
+
+    let mut flipped = env.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x01;
+    assert_eq!(rejected(hub.ingest(&gw(), &flipped)), "bad_signature");
+
+    let mut version = env.clone();
+    version[4] = 9;
+    assert_eq!(rejected(hub.ingest(&gw(), &version)), "unknown_version");
+
+    let other = GatewayId::new("gw-2").unwrap();
+    assert_eq!(rejected(hub.ingest(&other, &env)), "topic_mismatch");
+
+    let s = hub.stats();
+    assert_eq!(s.rejected.get("bad_signature"), Some(&1));
+    assert_eq!(s.rejected.get("unknown_version"), Some(&1));
+    assert_eq!(s.rejected.get("topic_mismatch"), Some(&1));
+    assert!(f.lines().is_empty());
+    // Nothing of that was marked: the genuine batch is still new.
+    assert!(matches!(hub.ingest(&gw(), &env), Ingest::Accepted { .. }));
+}
+
+#[test]
+fn unregistered_gateway_and_unregistered_key_are_rejected() {
+    let f = Fixture::new();
+    let hub = f.hub();
+    let hub_pub = seal::load_hub_public_key(&f.keys.hub_public_key).unwrap();
+    let stranger = Sealer::new(
+        GatewayId::new("gw-9").unwrap(),
+        ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
+        hub_pub.clone(),
+        [0; 32],
+    );
+    let env = stranger
+        .seal(Stream::Readings, 1, 0, &records())
+        .unwrap()
+        .bytes;
+    assert_eq!(
+        rejected(hub.ingest(&GatewayId::new("gw-9").unwrap(), &env)),
+        "unknown_gateway"
+    );
+
+    let impostor = Sealer::new(
+        gw(),
+        ed25519_dalek::SigningKey::from_bytes(&[4; 32]),
+        hub_pub,
+        [0; 32],
+    );
+    let env = impostor
+        .seal(Stream::Readings, 1, 0, &records())
+        .unwrap()
+        .bytes;
+    assert_eq!(rejected(hub.ingest(&gw(), &env)), "unknown_signer_key");
+    assert!(f.lines().is_empty());
+}
+
+#[test]
+fn a_batch_in_the_sink_but_not_marked_is_marked_at_restart() {
+    let f = Fixture::new();
+    let env = f.seal(Stream::Readings, 11);
+    {
+        // The crash window: the sink has the batch, the de-dup state does not.
+        let sink = JsonlSink::open(&f.sink_path()).unwrap();
+        let key = BatchKey {
+            gateway: gw(),
+            stream: Stream::Readings,
+            seq: 11,
+        };
+        sink.write_batch(&key, &records()).unwrap();
+    }
+    let hub = f.hub();
+    assert_eq!(hub.stats().recovered_batches, 1);
+    assert_eq!(
+        hub.ingest(&gw(), &env),
+        Ingest::Duplicate {
+            ack: ack(Stream::Readings, 11)
+        }
+    );
+    assert_eq!(f.lines().len(), 4);
+}
+
+#[test]
+fn a_torn_unacknowledged_batch_is_cut_and_rewritten_whole() {
+    let f = Fixture::new();
+    let hub = f.hub();
+    assert!(matches!(
+        hub.ingest(&gw(), &f.seal(Stream::Readings, 1)),
+        Ingest::Accepted { .. }
+    ));
+    drop(hub);
+    let key = BatchKey {
+        gateway: gw(),
+        stream: Stream::Readings,
+        seq: 2,
+    };
+    let bytes = sink::encode_batch(&key, &records());
+    let first_line = bytes.iter().position(|b| *b == b'\n').unwrap() + 1;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(f.sink_path())
+        .unwrap();
+    std::io::Write::write_all(&mut file, &bytes[..first_line + 10]).unwrap();
+    drop(file);
+
+    let hub = f.hub();
+    assert_eq!(hub.stats().recovered_batches, 0);
+    assert_eq!(
+        f.lines().len(),
+        4,
+        "the partial batch 2 is cut, batch 1 kept"
+    );
+    assert!(matches!(
+        hub.ingest(&gw(), &f.seal(Stream::Readings, 2)),
+        Ingest::Accepted { .. }
+    ));
+    let lines = f.lines();
+    assert_eq!(lines.len(), 8);
+    assert_eq!(lines.iter().filter(|l| l["seq"] == 2).count(), 4);
+}
+
+#[test]
+fn non_finite_floats_and_out_of_range_times_are_null_not_panics() {
+    let key = BatchKey {
+        gateway: gw(),
+        stream: Stream::Readings,
+        seq: 1,
+    };
+    let mut r = records().remove(1);
+    r.value = Value::Float(f64::NAN);
+    r.at_ms = -1;
+    let mut late = r.clone();
+    late.at_ms = i64::MAX;
+    let text = String::from_utf8(sink::encode_batch(&key, &[r, late])).unwrap();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["value"].is_null() && v["timestamp"].is_null(), "{line}");
+    }
+    assert_eq!(sink::rfc3339_ms(0).unwrap(), "1970-01-01T00:00:00.000Z");
+    assert_eq!(
+        sink::rfc3339_ms(253_402_300_799_999).unwrap(),
+        "9999-12-31T23:59:59.999Z"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn garbage_never_panics_and_is_never_acked(
+        bytes in proptest::collection::vec(any::<u8>(), 0..400),
+        flip in any::<proptest::sample::Index>(),
+        bit in 0u8..8,
+    ) {
+        let f = Fixture::new();
+        let hub = f.hub();
+        prop_assert!(hub.ingest(&gw(), &bytes).ack().is_none());
+        let mut env = f.seal(Stream::Readings, 5);
+        let i = flip.index(env.len());
+        env[i] ^= 1 << bit;
+        prop_assert!(hub.ingest(&gw(), &env).ack().is_none());
+        let mut prefixed = b"CGB1\x01\x01".to_vec();
+        prefixed.extend_from_slice(&bytes);
+        prop_assert!(hub.ingest(&gw(), &prefixed).ack().is_none());
+        prop_assert!(f.lines().is_empty());
+    }
+}
