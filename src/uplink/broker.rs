@@ -20,10 +20,14 @@
 //!   broker leaves one idle router thread (blocked on its channel) until the process exits.
 //!   Retained messages and sessions live in that router and are lost with the broker.
 //!
-//! Limits to know: rumqttd performs TLS handshakes one at a time in its accept loop (a client
-//! that stalls its handshake delays the next accepts); it re-reads the PEM files for every
-//! connection (with its own rustls 0.22); shared subscriptions (`$share/{group}/{filter}`)
-//! are supported (round robin).
+//! Limits to know:
+//! - rumqttd performs TLS handshakes one at a time in its accept loop, without a timeout: one
+//!   TCP connection that never completes its handshake keeps every other client out until it
+//!   closes (pinned by an ignored test in `tests/it/uplink.rs`). Acceptable for tests and the
+//!   demo on loopback; not for a broker exposed to untrusted networks.
+//! - It re-reads the PEM files for every connection, with its own rustls 0.22 (ring), which
+//!   also accepts TLS 1.2; citygate's clients only offer TLS 1.3.
+//! - Shared subscriptions (`$share/{group}/{filter}`) are supported (round robin).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener as StdTcpListener};
 use std::path::Path;
