@@ -3,8 +3,13 @@
 //! The modules follow the pipeline: `config` and `profile` describe what to poll,
 //! `source` polls meters, `transform` normalises, checks and minimises readings,
 //! `seal` turns records into encrypted, signed batches, `store` keeps them durable
+
 //! until the hub acknowledges them; `hub` is the receiving end (verify, decrypt,
 //! de-duplicate, write, ack). `supervisor` wires the tasks; `sim` serves
+
+//! until the hub acknowledges them, `uplink` carries them over MQTT with mutual TLS
+//! (and embeds a broker for one-box setups). `supervisor` wires the tasks; `sim` serves
+
 //! simulated meters for tests, demos and commissioning practice.
 
 pub mod cli;
@@ -20,3 +25,4 @@ pub mod store;
 pub mod supervisor;
 pub mod telemetry;
 pub mod transform;
+pub mod uplink;
