@@ -18,7 +18,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{DeviceConfig, GatewayConfig, KeyPaths, Transport};
-use crate::pipeline::{Batcher, Committer, SAMPLES_CHANNEL_CAPACITY, SEALED_CHANNEL_CAPACITY};
+use crate::pipeline::{
+    Batcher, CommittedMarks, Committer, SAMPLES_CHANNEL_CAPACITY, SEALED_CHANNEL_CAPACITY,
+};
+use crate::reading::Stream;
 use crate::seal::keys;
 use crate::seal::Sealer;
 use crate::seal::{HubPublicKey, KeyError};
@@ -79,8 +82,8 @@ pub fn first_seq(store_next: u64) -> u64 {
 pub struct Running {
     pub metrics: Arc<Metrics>,
     pub store: Arc<dyn Store>,
-    /// Counts committed batches; changes after every flush.
-    pub committed_rx: watch::Receiver<u64>,
+    /// Highest committed sequence number per stream; changes after every flush.
+    pub committed_rx: watch::Receiver<CommittedMarks>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -112,7 +115,8 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
     let tracker = TaskTracker::new();
     let (samples_tx, samples_rx) = mpsc::channel(SAMPLES_CHANNEL_CAPACITY);
     let (sealed_tx, sealed_rx) = mpsc::channel(SEALED_CHANNEL_CAPACITY);
-    let (committed_tx, committed_rx) = watch::channel(0u64);
+    let (committed_tx, committed_rx) =
+        watch::channel(Stream::ALL.map(|s| store.next_seq(s).saturating_sub(1)));
 
     let policy = policy(cfg, keys.pseudonym);
     let sealer = Sealer::new(

@@ -53,6 +53,10 @@ pub struct Metrics {
     pub seal_errors: Counter,
     pub store_errors: Counter,
     pub batches_evicted: Counter,
+    pub batches_sent: Counter,
+    pub batches_acked: Counter,
+    pub resend_rounds: Counter,
+    pub acks_rejected: Counter,
     devices: Mutex<BTreeMap<DeviceId, DeviceStats>>,
 }
 

@@ -43,6 +43,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+pub mod service;
+
 pub use ack::{Ack, AckError, ACK_VERSION, MAX_ACK_BYTES};
 pub use config::{HubConfig, HubKeys, SinkConfig};
 pub use dedup::{Dedup, DedupError, Seen};

@@ -12,6 +12,9 @@ use crate::seal::SealedBatch;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
+/// Highest committed sequence number per stream, indexed by `Stream::code`.
+pub type CommittedMarks = [u64; 3];
+
 /// Most batches held in memory while the store refuses writes (disk full, I/O error).
 /// Beyond it the oldest is dropped and counted: the gateway degrades, it does not die.
 pub const PENDING_LIMIT: usize = 256;
@@ -24,8 +27,9 @@ pub struct Committer {
     sealed_rx: mpsc::Receiver<SealedBatch>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
-    /// Bumped after every successful flush (the uplink waits on it).
-    committed_tx: watch::Sender<u64>,
+    /// Highest committed sequence number per stream (by `Stream::code`), raised after
+    /// every successful flush: the uplink sends nothing above it.
+    committed_tx: watch::Sender<CommittedMarks>,
     pending: VecDeque<SealedBatch>,
 }
 
@@ -34,7 +38,7 @@ impl Committer {
         sealed_rx: mpsc::Receiver<SealedBatch>,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
-        committed_tx: watch::Sender<u64>,
+        committed_tx: watch::Sender<CommittedMarks>,
     ) -> Self {
         Self {
             sealed_rx,
@@ -113,6 +117,11 @@ impl Committer {
     /// Appends every pending batch and flushes once, on a blocking thread.
     async fn commit_pending(&mut self) -> Result<(), StoreError> {
         let batches: Vec<SealedBatch> = self.pending.iter().cloned().collect();
+        let mut marks = *self.committed_tx.borrow();
+        for b in &batches {
+            let m = &mut marks[usize::from(b.stream.code())];
+            *m = (*m).max(b.seq);
+        }
         let store = self.store.clone();
         let result =
             tokio::task::spawn_blocking(move || -> Result<(usize, u64), (usize, StoreError)> {
@@ -141,7 +150,7 @@ impl Committer {
                     self.metrics.batches_evicted.add(evicted);
                     warn!(evicted, "store quota reached; oldest batches evicted");
                 }
-                self.committed_tx.send_modify(|c| *c += n as u64);
+                self.committed_tx.send_replace(marks);
                 Ok(())
             }
             Err((_, e)) => Err(e),

@@ -31,8 +31,11 @@ pub mod client;
 pub mod driver;
 pub mod tls;
 
+mod forwarder;
+
 pub use broker::{BrokerError, BrokerOptions, EmbeddedBroker};
 pub use certs::{CertAuthority, CertKeyFiles};
 pub use client::{LinkError, LinkEvent, LinkOptions, LinkState, LinkTls, MqttLink, QoS};
 pub use driver::LinkFailure;
+pub use forwarder::{ack_topic, stream_topic, Forwarder, ForwarderOptions};
 pub use tls::{TlsClientFiles, TlsError, TlsServerFiles};

@@ -6,6 +6,7 @@ mod support;
 
 mod cli;
 mod config_files;
+mod e2e;
 mod pipeline;
 mod profiles;
 mod run;
