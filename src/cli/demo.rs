@@ -1,10 +1,13 @@
-//! `citygate demo`: simulated meters, the gateway and a hub-side check in one process.
+//! `citygate demo`: simulated meters, the gateway, an embedded MQTT broker with mutual
+//! TLS and the hub, in one process.
 //!
-//! Everything runs from embedded defaults: the profiles are compiled in, keys are
-//! generated into a temporary directory, the simulated meters listen on 127.0.0.1 with
-//! ports chosen by the OS, and the store lives in the temporary directory, removed at
-//! the end. Until the uplink exists the demo plays the hub's part itself: it verifies
-//! and decrypts committed batches with the hub key and shows the records.
+//! Everything runs from embedded defaults: the profiles are compiled in; keys, a CA and
+//! certificates are generated into a temporary directory; the simulated meters and the
+//! broker listen on 127.0.0.1 with ports chosen by the OS; the store, the hub's state and
+//! its JSON Lines sink live in the temporary directory, removed at the end. Halfway
+//! through, the broker is stopped for a few seconds so batches pile up in the store and
+//! drain after it returns. The summary counts what the hub wrote against what the
+//! gateway sealed.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,12 +19,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::{runtime, CliError};
 use crate::config::GatewayConfig;
+use crate::hub::{service as hub_service, Hub, HubConfig};
 use crate::profile::{Profile, ProfileSet};
-use crate::reading::Stream;
-use crate::seal::{keys, Opener};
+use crate::seal::keys;
 use crate::sim::{self, SimMeters};
 use crate::store::{SledStore, Store, StoreOptions};
 use crate::supervisor::{self, KeyMaterial};
+use crate::uplink::backoff::BackoffPolicy;
+use crate::uplink::{
+    BrokerOptions, CertAuthority, EmbeddedBroker, Forwarder, ForwarderOptions, LinkOptions,
+    LinkTls, MqttLink,
+};
 
 /// Profiles compiled into the binary for the demo: (name, text, meters' poll interval).
 const PROFILES: &[(&str, &str)] = &[
@@ -56,12 +64,14 @@ pub struct Summary {
     pub meters: usize,
     pub readings_polled: u64,
     pub records_sealed: u64,
-    pub batches_sealed: u64,
     pub batches_committed: u64,
-    pub batches_verified: u64,
-    pub records_decrypted: u64,
-    pub batches_rejected: u64,
-    /// Records sealed by the gateway that the hub-side check could not decrypt.
+    pub batches_acked: u64,
+    pub hub_records_written: u64,
+    pub hub_duplicates_dropped: u64,
+    pub hub_rejected: u64,
+    /// Most `readings` batches waiting in the gateway's store during the outage.
+    pub outage_batches_buffered: u64,
+    /// Records the gateway sealed and committed that the hub never wrote.
     pub records_lost: u64,
     pub samples_dropped: u64,
 }
@@ -97,7 +107,8 @@ fn temp_dir() -> Result<TempDir, CliError> {
 
 /// `citygate demo`
 pub fn demo(duration: Duration, meters: u8, summary_json: Option<&Path>) -> Result<(), CliError> {
-    crate::telemetry::init_logging("warn");
+    // The outage is part of the show: only errors of citygate itself are logged.
+    crate::telemetry::init_logging("citygate=error,rumqttd=off,rumqttc=off");
     if meters == 0 || meters > 50 {
         return Err(CliError::Usage("--meters must be 1..=50".into()));
     }
@@ -111,9 +122,9 @@ pub fn demo(duration: Duration, meters: u8, summary_json: Option<&Path>) -> Resu
         std::fs::write(path, json + "\n")
             .map_err(|e| CliError::Runtime(format!("cannot write {}: {e}", path.display())))?;
     }
-    if summary.records_lost > 0 || summary.batches_rejected > 0 {
+    if summary.records_lost > 0 || summary.hub_rejected > 0 {
         return Err(CliError::Runtime(
-            "the hub-side check found lost or rejected records".into(),
+            "records were lost or rejected on the way to the hub".into(),
         ));
     }
     Ok(())
@@ -122,19 +133,18 @@ pub fn demo(duration: Duration, meters: u8, summary_json: Option<&Path>) -> Resu
 async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary, CliError> {
     let rt_err = |e: &dyn std::fmt::Display| CliError::Runtime(e.to_string());
     let profiles = embedded_profiles()?;
-    let generated = keys::generate(&dir.join("keys"), false).map_err(|e| rt_err(&e))?;
-    let _ = generated;
+    keys::generate(&dir.join("keys"), false).map_err(|e| rt_err(&e))?;
     let token = CancellationToken::new();
+
+    // Simulated meters.
     let mut devices = String::new();
-    let mut sims = Vec::new();
     for (i, profile) in profiles.iter().enumerate() {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| rt_err(&e))?;
         let addr = listener.local_addr().map_err(|e| rt_err(&e))?;
         let sim = SimMeters::new(profile.clone(), meters, 7 + i as u64);
-        tokio::spawn(sim::serve(listener, sim.clone(), token.clone()));
-        sims.push(sim);
+        tokio::spawn(sim::serve(listener, sim, token.clone()));
         for unit in 1..=meters {
             let _ = write!(
                 devices,
@@ -143,6 +153,44 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
             );
         }
     }
+
+    // PKI and the embedded broker with mutual TLS.
+    let ca =
+        CertAuthority::generate(&dir.join("pki"), "citygate demo ca").map_err(|e| rt_err(&e))?;
+    let server = ca.issue_localhost_server().map_err(|e| rt_err(&e))?;
+    let hub_cert = ca.issue_client("demo-hub").map_err(|e| rt_err(&e))?;
+    let gw_cert = ca.issue_client("demo-gateway").map_err(|e| rt_err(&e))?;
+    let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server)))
+        .map_err(|e| rt_err(&e))?;
+    let port = broker.tls_addr().port();
+
+    // The hub.
+    let hub_files = ca.client_files(&hub_cert);
+    let hub_text = format!(
+        "[hub]\nid = \"demo-hub\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nstate_path = \"hub-state\"\n\n\
+         [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n[mqtt]\nbroker = \"localhost:{port}\"\n\
+         ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\n[[gateway]]\nid = \"demo-gateway\"\n\
+         verifying_key = \"keys/gateway.sign.pub\"\n",
+        hub_files.ca.display().to_string(),
+        hub_files.cert.display().to_string(),
+        hub_files.key.display().to_string()
+    );
+    let hub_path = dir.join("hub.toml");
+    std::fs::write(&hub_path, hub_text).map_err(|e| rt_err(&e))?;
+    let hub_cfg = HubConfig::load(&hub_path).map_err(CliError::Config)?;
+    let hub = Arc::new(Hub::open(&hub_cfg).map_err(|e| rt_err(&e))?);
+    let (hub_link, hub_events) =
+        MqttLink::start(link_options(port, "demo-hub", LinkTls::Files(hub_files)))
+            .map_err(|e| rt_err(&e))?;
+    let hub_task = tokio::spawn(hub_service::serve(
+        hub.clone(),
+        hub_link,
+        hub_events,
+        "citygate-hub",
+        token.clone(),
+    ));
+
+    // The gateway.
     let known: Vec<&str> = PURPOSE_FIELDS
         .iter()
         .copied()
@@ -158,144 +206,197 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     let cfg = GatewayConfig::parse(&config_path, &config_text, Some(profiles))
         .map_err(CliError::Config)?;
     let keys_loaded = KeyMaterial::load(&cfg.keys).map_err(|e| rt_err(&e))?;
-    let mut opener = Opener::new(
-        keys::load_hub_secret_key(&dir.join("keys/hub.hpke.key")).map_err(|e| rt_err(&e))?,
-    );
-    opener.register(
-        cfg.gateway_id.clone(),
-        keys::load_verifying_key(&dir.join("keys/gateway.sign.pub")).map_err(|e| rt_err(&e))?,
-    );
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open(&cfg.store.path, StoreOptions::default()).map_err(|e| rt_err(&e))?,
     );
-
-    println!(
-        "citygate demo: {} simulated meters ({}) on 127.0.0.1, polled every 1s for {:?}",
-        cfg.devices.len(),
-        cfg.profiles.names().collect::<Vec<_>>().join(", "),
-        duration
-    );
-    println!("purpose {:?} needs: {}", cfg.purpose.name, known.join(", "));
-    println!("(the uplink to a remote hub arrives with the next release; the demo verifies and decrypts committed batches itself)\n");
-
     let running = supervisor::start(&cfg, keys_loaded, store.clone());
     let metrics = running.metrics.clone();
+    let (gw_link, gw_events) = MqttLink::start(link_options(
+        port,
+        "demo-gateway",
+        LinkTls::Files(ca.client_files(&gw_cert)),
+    ))
+    .map_err(|e| rt_err(&e))?;
+    let uplink_stop = CancellationToken::new();
+    let uplink_task = tokio::spawn(
+        Forwarder::new(
+            cfg.gateway_id.clone(),
+            store.clone(),
+            gw_link,
+            gw_events,
+            running.committed_rx.clone(),
+            ForwarderOptions {
+                // A batch published while the hub is still re-subscribing is lost by the
+                // broker; a short ack timeout re-sends it quickly.
+                ack_timeout: Duration::from_secs(3),
+                ..ForwarderOptions::default()
+            },
+            metrics.clone(),
+            uplink_stop.clone(),
+        )
+        .run(),
+    );
+
+    println!(
+        "citygate demo: {} simulated meters ({}) → gateway → MQTT over mutual TLS (embedded broker on 127.0.0.1:{port}) → hub",
+        cfg.devices.len(),
+        cfg.profiles.names().collect::<Vec<_>>().join(", "),
+    );
+    println!(
+        "purpose {:?} needs: {}; everything else is dropped at the edge",
+        cfg.purpose.name,
+        known.join(", ")
+    );
+    println!("the uplink is cut for a few seconds halfway through: batches wait in the store and drain after\n");
+
     let started = tokio::time::Instant::now();
-    let mut next_seq = 1u64;
-    let mut verified = Summary::default();
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let outage_at = duration / 2;
+    let outage_len = (duration / 5).clamp(Duration::from_secs(3), Duration::from_secs(8));
+    let mut broker = Some(broker);
+    let mut outage_end: Option<tokio::time::Instant> = None;
+    let mut buffered_max = 0u64;
+    let mut sink_offset = 0u64;
+    let sink_path = dir.join("records.jsonl");
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     while started.elapsed() < duration {
         tick.tick().await;
-        let shown = show_new_batches(&store, &opener, &mut next_seq, &mut verified, true).await;
+        let mut note = "";
+        if outage_end.is_none() && started.elapsed() >= outage_at {
+            if let Some(b) = broker.take() {
+                b.shutdown();
+            }
+            outage_end = Some(tokio::time::Instant::now() + outage_len);
+            note = "  ✂ uplink cut";
+        }
+        if let Some(end) = outage_end {
+            if broker.is_none() {
+                buffered_max = buffered_max.max(store.stats().readings.batches);
+                if tokio::time::Instant::now() >= end {
+                    let mut opts = BrokerOptions::localhost(ca.server_files(&server));
+                    opts.listen.set_port(port);
+                    broker = Some(EmbeddedBroker::start(opts).map_err(|e| rt_err(&e))?);
+                    note = "  ↺ uplink restored";
+                }
+            }
+        }
+        let hs = hub.stats();
         let s = store.stats();
         println!(
-            "  t={:>3}s  polls={:<5} readings={:<6} records sealed={:<6} batches committed={:<4} store={} batches/{} B{}",
+            "t={:>3}s  polls={:<5} sealed={:<6} committed={:<4} acked={:<4} store={:<3} hub written={:<6} dup={} rejected={}{note}",
             started.elapsed().as_secs(),
             metrics.samples_polled.get(),
-            metrics.readings_normalised.get(),
             metrics.records_sealed.get(),
             metrics.batches_committed.get(),
+            metrics.batches_acked.get(),
             s.total_batches(),
-            s.total_bytes(),
-            if shown.is_empty() { String::new() } else { format!("\n{shown}") }
+            hs.records_written,
+            hs.duplicates,
+            hs.rejected.values().sum::<u64>(),
         );
+        if started.elapsed().as_secs() % 3 == 0 {
+            print!("{}", new_sink_rows(&sink_path, &mut sink_offset, 4));
+        }
     }
+
+    // Stop polling, let the uplink deliver the rest, then stop everything.
     let clean = running.shutdown(Duration::from_secs(10)).await;
+    let drain_deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while store.stats().total_batches() > 0 && tokio::time::Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    uplink_stop.cancel();
     token.cancel();
-    let _ = show_new_batches(&store, &opener, &mut next_seq, &mut verified, false).await;
+    let _ = uplink_task.await;
+    let _ = hub_task.await;
+    if let Some(b) = broker {
+        b.shutdown();
+    }
     if !clean {
         return Err(CliError::Runtime(
             "the gateway did not shut down within its grace period".into(),
         ));
     }
+    let hs = hub.stats();
     Ok(Summary {
         duration_s: started.elapsed().as_secs_f64(),
         meters: cfg.devices.len(),
         readings_polled: metrics.readings_normalised.get(),
         records_sealed: metrics.records_sealed.get(),
-        batches_sealed: metrics.batches_sealed.get(),
         batches_committed: metrics.batches_committed.get(),
-        batches_verified: verified.batches_verified,
-        records_decrypted: verified.records_decrypted,
-        batches_rejected: verified.batches_rejected,
+        batches_acked: metrics.batches_acked.get(),
+        hub_records_written: hs.records_written,
+        hub_duplicates_dropped: hs.duplicates,
+        hub_rejected: hs.rejected.values().sum(),
+        outage_batches_buffered: buffered_max,
         records_lost: metrics
             .records_sealed
             .get()
-            .saturating_sub(verified.records_decrypted),
+            .saturating_sub(hs.records_written),
         samples_dropped: metrics.samples_dropped.get(),
     })
 }
 
-/// Opens committed `readings` batches from `next_seq` on, as the hub would; returns a
-/// few rows of the newest batch for display.
-async fn show_new_batches(
-    store: &Arc<dyn Store>,
-    opener: &Opener,
-    next_seq: &mut u64,
-    acc: &mut Summary,
-    render: bool,
-) -> String {
-    let mut rows = String::new();
-    for stream in [Stream::Readings, Stream::Alarms] {
-        let from = if stream == Stream::Readings {
-            *next_seq
-        } else {
-            0
-        };
-        let s = store.clone();
-        let batches = tokio::task::spawn_blocking(move || s.peek(stream, from, 10_000))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        for b in &batches {
-            match opener.open(&b.bytes) {
-                Ok(opened) => {
-                    acc.batches_verified += 1;
-                    acc.records_decrypted += opened.records.len() as u64;
-                    if render && stream == Stream::Readings && Some(b) == batches.last() {
-                        for r in opened.records.iter().take(6) {
-                            let _ = writeln!(
-                                rows,
-                                "           hub ← seq {:<4} {}…  {:<16} {:>14} {:<5} {}",
-                                b.seq,
-                                &r.subject[..r.subject.len().min(12)],
-                                r.field,
-                                r.value.to_string(),
-                                r.unit,
-                                r.quality
-                            );
-                        }
-                    }
-                }
-                Err(e) => {
-                    acc.batches_rejected += 1;
-                    eprintln!("  hub rejected batch {stream}/{}: {}", b.seq, e.reason());
-                }
-            }
-            // The demo's hub "acknowledges" what it verified so the store drains.
-            let s = store.clone();
-            let (st, seq) = (b.stream, b.seq);
-            let _ = tokio::task::spawn_blocking(move || s.ack(st, seq)).await;
-            if stream == Stream::Readings {
-                *next_seq = b.seq + 1;
-            }
+fn link_options(port: u16, id: &str, tls: LinkTls) -> LinkOptions {
+    let mut o = LinkOptions::new(format!("localhost:{port}"), id, tls);
+    o.keep_alive = Duration::from_secs(5);
+    o.connect_timeout = Duration::from_secs(5);
+    o.backoff = BackoffPolicy {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(1),
+    };
+    o
+}
+
+/// The newest rows the hub wrote since `offset`, as a compact table.
+fn new_sink_rows(path: &Path, offset: &mut u64, max: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        if f.seek(SeekFrom::Start(*offset)).is_ok() && f.read_to_string(&mut text).is_ok() {
+            // Only whole lines; a partial last line is read next time.
+            let whole = text.rfind('\n').map_or(0, |i| i + 1);
+            text.truncate(whole);
+            *offset += whole as u64;
         }
     }
-    rows.trim_end().to_string()
+    let mut out = String::new();
+    for line in text
+        .lines()
+        .rev()
+        .take(max)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            let subject = v["subject"].as_str().unwrap_or("");
+            let _ = writeln!(
+                out,
+                "         hub ← {:<8} {}…  {:<16} {:>16} {}",
+                format!("{}#{}", v["stream"].as_str().unwrap_or(""), v["seq"]),
+                &subject[..subject.len().min(12)],
+                v["field"].as_str().unwrap_or(""),
+                v["value"].to_string(),
+                v["unit"].as_str().unwrap_or("")
+            );
+        }
+    }
+    out
 }
 
 fn print_summary(s: &Summary) {
     println!("\nsummary");
-    println!("  meters                {}", s.meters);
-    println!("  readings polled       {}", s.readings_polled);
-    println!("  records sealed        {}", s.records_sealed);
-    println!("  batches committed     {}", s.batches_committed);
+    println!("  meters                   {}", s.meters);
+    println!("  readings polled          {}", s.readings_polled);
+    println!("  records sealed           {}", s.records_sealed);
+    println!("  batches committed        {}", s.batches_committed);
+    println!("  batches acked by the hub {}", s.batches_acked);
+    println!("  hub records written      {}", s.hub_records_written);
+    println!("  hub duplicates dropped   {}", s.hub_duplicates_dropped);
+    println!("  hub rejected             {}", s.hub_rejected);
     println!(
-        "  batches verified      {} (signature, decryption)",
-        s.batches_verified
+        "  buffered during outage   {} batches",
+        s.outage_batches_buffered
     );
-    println!("  records decrypted     {}", s.records_decrypted);
-    println!("  batches rejected      {}", s.batches_rejected);
-    println!("  records lost          {}", s.records_lost);
+    println!("  records lost             {}", s.records_lost);
 }

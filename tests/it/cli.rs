@@ -158,3 +158,46 @@ fn keys_gen_writes_private_files_0600_and_refuses_to_overwrite() {
         .unwrap();
     assert!(!again.status.success());
 }
+
+#[test]
+fn demo_delivers_every_record_through_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = dir.path().join("summary.json");
+    let out = citygate()
+        .args([
+            "demo",
+            "--duration",
+            "10s",
+            "--meters",
+            "1",
+            "--summary-json",
+        ])
+        .arg(&summary)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    for key in [
+        "readings_polled",
+        "records_sealed",
+        "batches_committed",
+        "batches_acked",
+        "hub_records_written",
+        "hub_duplicates_dropped",
+        "hub_rejected",
+        "outage_batches_buffered",
+        "records_lost",
+    ] {
+        assert!(s[key].is_u64(), "{key} missing: {s}");
+    }
+    assert!(s["records_sealed"].as_u64().unwrap() > 0);
+    assert_eq!(s["hub_records_written"], s["records_sealed"]);
+    assert_eq!(s["records_lost"], 0);
+    assert_eq!(s["hub_rejected"], 0);
+    assert!(s["outage_batches_buffered"].as_u64().unwrap() > 0, "{s}");
+}

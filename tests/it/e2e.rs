@@ -12,7 +12,8 @@ use citygate::store::{SledStore, Store, StoreOptions};
 use citygate::supervisor::{self, KeyMaterial};
 use citygate::uplink::backoff::BackoffPolicy;
 use citygate::uplink::{
-    BrokerOptions, CertAuthority, EmbeddedBroker, Forwarder, ForwarderOptions, LinkOptions, LinkTls, MqttLink,
+    BrokerOptions, CertAuthority, EmbeddedBroker, Forwarder, ForwarderOptions, LinkOptions,
+    LinkTls, MqttLink,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -65,14 +66,21 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
     let hub = Arc::new(Hub::open(&hub_cfg).unwrap());
     let hub_tls = LinkTls::Files(ca.client_files(&ca.issue_client("hub-1").unwrap()));
     let (hub_link, hub_events) = MqttLink::start(link_options(port, "hub-1", hub_tls)).unwrap();
-    let hub_task = tokio::spawn(service::serve(hub.clone(), hub_link, hub_events, "hubs", token.clone()));
+    let hub_task = tokio::spawn(service::serve(
+        hub.clone(),
+        hub_link,
+        hub_events,
+        "hubs",
+        token.clone(),
+    ));
 
     // Gateway.
     let devices: String = (1..=3u8)
         .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "200ms"))
         .collect();
     let cfg = dep.config(&["active_power", "energy_import"], &devices, profiles);
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
+    let store: Arc<dyn Store> =
+        Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
     let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
     let metrics = running.metrics.clone();
     let gw_tls = LinkTls::Files(ca.client_files(&ca.issue_client("gw-test").unwrap()));
@@ -102,7 +110,9 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
     broker.shutdown();
     let acked_before = metrics.batches_acked.get();
     assert!(
-        wait_for(Duration::from_secs(10), || store.stats().readings.batches >= 4).await,
+        wait_for(Duration::from_secs(10), || store.stats().readings.batches
+            >= 4)
+        .await,
         "batches did not pile up in the store during the outage"
     );
     let buffered = store.stats().readings.batches;
@@ -110,7 +120,9 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
     opts.listen.set_port(port);
     let broker = EmbeddedBroker::start(opts).unwrap();
     assert!(
-        wait_for(Duration::from_secs(20), || metrics.batches_acked.get() >= acked_before + buffered).await,
+        wait_for(Duration::from_secs(20), || metrics.batches_acked.get()
+            >= acked_before + buffered)
+        .await,
         "backlog of {buffered} did not drain: acked {} → {}",
         acked_before,
         metrics.batches_acked.get()
@@ -119,7 +131,9 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
     // Stop polling; let the uplink deliver the last batches, then stop everything.
     assert!(running.shutdown(Duration::from_secs(10)).await);
     assert!(
-        wait_for(Duration::from_secs(20), || store.stats().total_batches() == 0).await,
+        wait_for(Duration::from_secs(20), || store.stats().total_batches()
+            == 0)
+        .await,
         "store did not drain: {:?}",
         store.stats()
     );
@@ -130,10 +144,20 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
     broker.shutdown();
 
     let lines = sink_lines(&dep.path().join("records.jsonl"));
-    assert_eq!(lines.len() as u64, metrics.records_sealed.get(), "every sealed record written exactly once");
+    assert_eq!(
+        lines.len() as u64,
+        metrics.records_sealed.get(),
+        "every sealed record written exactly once"
+    );
     let mut seen = HashSet::new();
     for l in &lines {
-        let key = (l["stream"].to_string(), l["seq"].to_string(), l["subject"].to_string(), l["field"].to_string(), l["at_ms"].to_string());
+        let key = (
+            l["stream"].to_string(),
+            l["seq"].to_string(),
+            l["subject"].to_string(),
+            l["field"].to_string(),
+            l["at_ms"].to_string(),
+        );
         assert!(seen.insert(key), "duplicate record in the sink: {l}");
         assert_eq!(l["gateway"], "gw-test");
         assert!(l["field"] == "active_power" || l["field"] == "energy_import");
