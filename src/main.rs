@@ -33,6 +33,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Receive, verify, decrypt, de-duplicate and acknowledge batches over MQTT.
+    Hub {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Serve simulated meters over Modbus TCP.
     Sim(cli::SimArgs),
     /// Key management.
@@ -87,6 +92,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { config } => cli::check(&config),
         Command::Run { config } => cli::run(&config),
+        Command::Hub { config } => cli::hub(&config),
         Command::Sim(args) => cli::sim(args),
         Command::Keys {
             command: KeysCommand::Gen { dir, force },

@@ -29,6 +29,9 @@ use crate::source::modbus::ModbusPoller;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::transform::minimise::{Policy, PseudonymKey};
+use crate::uplink::{
+    Forwarder, ForwarderOptions, LinkError, LinkOptions, LinkTls, MqttLink, TlsClientFiles,
+};
 
 /// The secrets and public keys a gateway runs with.
 #[derive(Debug, Clone)]
@@ -169,6 +172,67 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
         shutdown,
         tracker,
     }
+}
+
+/// A running uplink (forwarder + MQTT link).
+#[derive(Debug)]
+pub struct UplinkHandle {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UplinkHandle {
+    /// Gives the uplink up to `grace` to deliver what is committed, then stops it.
+    pub async fn finish(self, store: &Arc<dyn Store>, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        while store.stats().total_batches() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts forwarding committed batches to the hub, if the config has an `[uplink]`.
+pub fn start_uplink(
+    cfg: &GatewayConfig,
+    running: &Running,
+) -> Result<Option<UplinkHandle>, LinkError> {
+    let Some(u) = &cfg.uplink else {
+        return Ok(None);
+    };
+    let tls = match &u.tls {
+        Some(t) => LinkTls::Files(TlsClientFiles {
+            ca: t.ca_file.clone(),
+            cert: t.cert_file.clone(),
+            key: t.key_file.clone(),
+        }),
+        None => {
+            warn!(broker = %u.broker, "uplink without TLS (danger_plaintext): batches are sealed, but the link is not authenticated");
+            LinkTls::DangerPlaintext
+        }
+    };
+    let (link, events) =
+        MqttLink::start(LinkOptions::new(u.broker.clone(), u.client_id.clone(), tls))?;
+    let stop = CancellationToken::new();
+    let forwarder = Forwarder::new(
+        cfg.gateway_id.clone(),
+        running.store.clone(),
+        link,
+        events,
+        running.committed_rx.clone(),
+        ForwarderOptions {
+            window: u.window,
+            ack_timeout: u.ack_timeout,
+        },
+        running.metrics.clone(),
+        stop.clone(),
+    );
+    info!(broker = %u.broker, "uplink started");
+    Ok(Some(UplinkHandle {
+        stop,
+        task: tokio::spawn(forwarder.run()),
+    }))
 }
 
 #[cfg(test)]

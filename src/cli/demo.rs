@@ -186,7 +186,7 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
         hub.clone(),
         hub_link,
         hub_events,
-        "citygate-hub",
+        "citygate-hub".to_string(),
         token.clone(),
     ));
 

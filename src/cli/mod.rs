@@ -23,6 +23,8 @@ use crate::telemetry::init_logging;
 
 /// How long `run` waits for open batches to be sealed and committed at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long `run` lets the uplink deliver committed batches after the sources stopped.
+pub const UPLINK_LAST_CHANCE: Duration = Duration::from_secs(3);
 
 /// A command's failure, classified for the exit code.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,11 @@ pub fn run(path: &Path) -> Result<(), CliError> {
     rt.block_on(async {
         let running = supervisor::start(&cfg, keys, store.clone());
         let metrics = running.metrics.clone();
+        let uplink = supervisor::start_uplink(&cfg, &running)
+            .map_err(|e| CliError::Usage(format!("uplink: {e}")))?;
+        if uplink.is_none() {
+            tracing::warn!("no [uplink] configured: batches stay in the store");
+        }
         let mut ticker = tokio::time::interval(Duration::from_secs(30));
         ticker.tick().await;
         loop {
@@ -108,12 +115,69 @@ pub fn run(path: &Path) -> Result<(), CliError> {
         }
         info!("shutting down: sealing and committing open batches");
         let clean = running.shutdown(SHUTDOWN_GRACE).await;
+        if let Some(u) = uplink {
+            // A short last chance to deliver; whatever is left is sent after restart.
+            u.finish(&store, UPLINK_LAST_CHANCE).await;
+        }
         let s = store.stats();
         info!(
             clean,
             committed = metrics.batches_committed.get(),
             store_batches = s.total_batches(),
             "gateway stopped"
+        );
+        Ok(())
+    })
+}
+
+/// `citygate hub --config FILE`
+pub fn hub(path: &Path) -> Result<(), CliError> {
+    use crate::hub::{service, Hub, HubConfig};
+    use crate::uplink::{LinkOptions, LinkTls, MqttLink, TlsClientFiles};
+    init_logging("info");
+    let cfg = HubConfig::load(path)?;
+    if cfg.mqtt.embedded_broker.is_some() {
+        return Err(CliError::Usage(
+            "mqtt.embedded_broker is not supported by `citygate hub` yet (it needs server certificates); \
+             connect to an external broker, or see `citygate demo` for the one-box setup"
+                .into(),
+        ));
+    }
+    let hub = Arc::new(Hub::open(&cfg).map_err(|e| CliError::Usage(e.to_string()))?);
+    let tls = match &cfg.mqtt.tls {
+        Some(t) => LinkTls::Files(TlsClientFiles {
+            ca: t.ca_file.clone(),
+            cert: t.cert_file.clone(),
+            key: t.key_file.clone(),
+        }),
+        None => LinkTls::DangerPlaintext,
+    };
+    let rt = runtime()?;
+    rt.block_on(async {
+        let (link, events) = MqttLink::start(LinkOptions::new(
+            cfg.mqtt.broker.clone(),
+            cfg.mqtt.client_id.clone(),
+            tls,
+        ))
+        .map_err(|e| CliError::Usage(format!("mqtt: {e}")))?;
+        let token = CancellationToken::new();
+        let task = tokio::spawn(service::serve(
+            hub.clone(),
+            link,
+            events,
+            cfg.mqtt.share_group.clone(),
+            token.clone(),
+        ));
+        shutdown_signal().await;
+        token.cancel();
+        let _ = task.await;
+        let s = hub.stats();
+        info!(
+            batches = s.accepted_batches,
+            records = s.records_written,
+            duplicates = s.duplicates,
+            rejected = s.rejected.values().sum::<u64>(),
+            "hub stopped"
         );
         Ok(())
     })

@@ -109,6 +109,60 @@ pub struct ModbusConfig {
     pub backoff_max: Duration,
 }
 
+/// Client TLS files for an MQTT connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// Validates an MQTT section's TLS keys: all three files, or none with
+/// `danger_plaintext`. The error says what is missing and what would be valid.
+pub(crate) fn tls_files(
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    danger_plaintext: bool,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Option<TlsFiles>, String> {
+    match (ca, cert, key) {
+        (Some(ca), Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            ca_file: resolve(&ca),
+            cert_file: resolve(&cert),
+            key_file: resolve(&key),
+        })),
+        (None, None, None) if danger_plaintext => Ok(None),
+        (ca, cert, key) => {
+            let missing: Vec<&str> = [
+                ("ca_file", ca.is_none()),
+                ("cert_file", cert.is_none()),
+                ("key_file", key.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(k, missing)| missing.then_some(k))
+            .collect();
+            Err(format!(
+                "TLS needs ca_file, cert_file and key_file; missing: {} \
+                 (or, for development only, set danger_plaintext = true and none of them)",
+                missing.join(", ")
+            ))
+        }
+    }
+}
+
+/// Where and how the gateway forwards committed batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UplinkConfig {
+    /// `host:port`; the host is the name the broker's certificate must carry.
+    pub broker: String,
+    pub client_id: String,
+    /// `None` only with `danger_plaintext`.
+    pub tls: Option<TlsFiles>,
+    pub window: usize,
+    pub ack_timeout: Duration,
+}
+
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -122,6 +176,8 @@ pub struct GatewayConfig {
     pub keys: KeyPaths,
     pub modbus: ModbusConfig,
     pub devices: Vec<DeviceConfig>,
+    /// `None`: store only (batches wait in the outbox).
+    pub uplink: Option<UplinkConfig>,
 }
 
 /// Reads a config file, turning an I/O failure into a diagnostic about the whole file.

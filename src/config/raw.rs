@@ -29,6 +29,7 @@ struct RawConfig {
     keys: RawKeys,
     #[serde(default)]
     modbus: RawModbus,
+    uplink: Option<RawUplink>,
     #[serde(rename = "device", default)]
     devices: Vec<RawDevice>,
 }
@@ -127,6 +128,29 @@ impl Default for RawModbus {
             backoff_max: default_backoff_max(),
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUplink {
+    broker: Spanned<String>,
+    client_id: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    danger_plaintext: bool,
+    #[serde(default = "default_window")]
+    window: Spanned<usize>,
+    #[serde(default = "default_ack_timeout")]
+    ack_timeout: HumanDuration,
+}
+
+fn default_window() -> Spanned<usize> {
+    Spanned::new(0..0, 16)
+}
+fn default_ack_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
 
 #[derive(Debug, Deserialize)]
@@ -301,6 +325,40 @@ pub(super) fn parse(
         }
     }
 
+    let uplink = raw.uplink.and_then(|u| {
+        if !super::is_host_port(u.broker.get_ref()) {
+            errors.push(src.at(
+                u.broker.span(),
+                "uplink.broker",
+                format!(
+                    "{:?} is not host:port, e.g. \"hub.example.org:8883\"",
+                    u.broker.get_ref()
+                ),
+            ));
+        }
+        if !(1..=1024).contains(u.window.get_ref()) {
+            errors.push(src.at(u.window.span(), "uplink.window", "must be 1..=1024 batches"));
+        }
+        let tls = super::tls_files(
+            u.ca_file,
+            u.cert_file,
+            u.key_file,
+            u.danger_plaintext,
+            &resolve,
+        )
+        .map_err(|msg| errors.push(src.at(u.broker.span(), "uplink", msg)))
+        .ok()?;
+        Some(super::UplinkConfig {
+            client_id: u
+                .client_id
+                .unwrap_or_else(|| raw.gateway.id.get_ref().clone()),
+            broker: u.broker.into_inner(),
+            tls,
+            window: u.window.into_inner(),
+            ack_timeout: u.ack_timeout.0,
+        })
+    });
+
     if !errors.is_empty() {
         return Err(errors.into());
     }
@@ -327,6 +385,7 @@ pub(super) fn parse(
         },
         modbus,
         devices,
+        uplink,
     })
 }
 

@@ -81,12 +81,7 @@ pub struct MqttConfig {
     pub embedded_broker: Option<EmbeddedBroker>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub ca_file: PathBuf,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-}
+pub use crate::config::TlsFiles;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EmbeddedBroker {
@@ -217,31 +212,17 @@ impl HubConfig {
             ));
         }
         let danger_plaintext = m.danger_plaintext;
-        let tls = match (m.ca_file, m.cert_file, m.key_file) {
-            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
-                ca_file: resolve(&ca),
-                cert_file: resolve(&cert),
-                key_file: resolve(&key),
-            }),
-            (None, None, None) if danger_plaintext => None,
-            (ca, cert, key) => {
-                let missing: Vec<&str> = [("ca_file", ca.is_none()), ("cert_file", cert.is_none())]
-                    .into_iter()
-                    .chain([("key_file", key.is_none())])
-                    .filter_map(|(k, missing)| missing.then_some(k))
-                    .collect();
-                errors.push(src.at(
-                    m.broker.span(),
-                    "mqtt",
-                    format!(
-                        "TLS needs ca_file, cert_file and key_file; missing: {} \
-                         (or, for development only, set danger_plaintext = true and none of them)",
-                        missing.join(", ")
-                    ),
-                ));
-                None
-            }
-        };
+        let tls = crate::config::tls_files(
+            m.ca_file,
+            m.cert_file,
+            m.key_file,
+            danger_plaintext,
+            &resolve,
+        )
+        .unwrap_or_else(|msg| {
+            errors.push(src.at(m.broker.span(), "mqtt", msg));
+            None
+        });
         let embedded_broker = m.embedded_broker.and_then(|b| {
             b.listen
                 .get_ref()

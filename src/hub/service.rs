@@ -49,15 +49,15 @@ pub async fn serve(
     hub: Arc<Hub>,
     link: MqttLink,
     mut events_rx: mpsc::Receiver<LinkEvent>,
-    group: &str,
+    group: String,
     shutdown: CancellationToken,
 ) {
-    for f in filters(group) {
+    for f in filters(&group) {
         if let Err(e) = link.subscribe(&f, QoS::AtLeastOnce).await {
             warn!(filter = %f, error = %e, "hub subscribe failed");
         }
     }
-    info!(group, "hub serving");
+    info!(group = %group, "hub serving");
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
