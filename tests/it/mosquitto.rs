@@ -1,0 +1,175 @@
+//! The end-to-end path against a real, external broker: Debian's mosquitto with mutual
+//! TLS. Skipped (with a note on stderr) where mosquitto is not installed, unless
+//! `CITYGATE_REQUIRE_MOSQUITTO=1` (CI sets it), which turns a missing broker into a failure.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use citygate::hub::{service, Hub, HubConfig};
+use citygate::store::{SledStore, Store, StoreOptions};
+use citygate::supervisor::{self, KeyMaterial};
+use citygate::uplink::backoff::BackoffPolicy;
+use citygate::uplink::{
+    CertAuthority, Forwarder, ForwarderOptions, LinkOptions, LinkTls, MqttLink,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+fn mosquitto_binary() -> Option<&'static str> {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the broker this test started, by its id, when the test ends.
+struct Broker(std::process::Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
+    let Some(bin) = mosquitto_binary() else {
+        assert!(
+            std::env::var("CITYGATE_REQUIRE_MOSQUITTO").is_err(),
+            "CITYGATE_REQUIRE_MOSQUITTO is set but mosquitto is not installed"
+        );
+        eprintln!("note: mosquitto not installed; skipping the external-broker test");
+        return;
+    };
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let server = ca.issue_localhost_server().unwrap();
+    let port = free_port();
+    let conf = dep.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\n\
+             require_certificate true\nuse_identity_as_username true\ntls_version tlsv1.3\n\
+             max_packet_size 1100000\npersistence false\nuser root\n",
+            ca.ca_file().display(),
+            server.cert.display(),
+            server.key.display()
+        ),
+    )
+    .unwrap();
+    let _broker = Broker(
+        Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dep.path().join("mosquitto.log")).unwrap(),
+            ))
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok())
+        .await,
+        "mosquitto did not start: {}",
+        std::fs::read_to_string(dep.path().join("mosquitto.log")).unwrap_or_default()
+    );
+
+    let opts = |id: &str, tls: LinkTls| {
+        let mut o = LinkOptions::new(format!("localhost:{port}"), id, tls);
+        o.connect_timeout = Duration::from_secs(5);
+        o.backoff = BackoffPolicy {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        };
+        o
+    };
+    let token = CancellationToken::new();
+    let profiles = shipped_profiles();
+    let sim = start_sim(&profiles, "eastron-sdm120", 2, 21, &token).await;
+
+    let hub_path = dep.path().join("hub.toml");
+    std::fs::write(
+        &hub_path,
+        "[hub]\nid = \"hub-1\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nstate_path = \"hub-state\"\n\n\
+         [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n[mqtt]\nbroker = \"localhost:1\"\ndanger_plaintext = true\n\n\
+         [[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n",
+    )
+    .unwrap();
+    let hub = Arc::new(Hub::open(&HubConfig::load(&hub_path).unwrap()).unwrap());
+    let hub_tls = LinkTls::Files(ca.client_files(&ca.issue_client("hub-1").unwrap()));
+    let (hub_link, hub_events) = MqttLink::start(opts("hub-1", hub_tls)).unwrap();
+    let hub_task = tokio::spawn(service::serve(
+        hub.clone(),
+        hub_link,
+        hub_events,
+        "hubs".to_string(),
+        token.clone(),
+    ));
+
+    let devices: String = (1..=2u8)
+        .map(|u| device_toml(&format!("m{u}"), "eastron-sdm120", &sim.address, u, "200ms"))
+        .collect();
+    let cfg = dep.config(
+        &["active_power", "energy_import", "voltage_l1"],
+        &devices,
+        profiles,
+    );
+    let store: Arc<dyn Store> =
+        Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
+    let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
+    let metrics = running.metrics.clone();
+    let gw_tls = LinkTls::Files(ca.client_files(&ca.issue_client("gw-test").unwrap()));
+    let (gw_link, gw_events) = MqttLink::start(opts("gw-test", gw_tls)).unwrap();
+    let stop = CancellationToken::new();
+    let uplink = tokio::spawn(
+        Forwarder::new(
+            cfg.gateway_id.clone(),
+            store.clone(),
+            gw_link,
+            gw_events,
+            running.committed_rx.clone(),
+            ForwarderOptions {
+                window: 8,
+                ack_timeout: Duration::from_secs(2),
+            },
+            metrics.clone(),
+            stop.clone(),
+        )
+        .run(),
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || metrics.batches_acked.get() >= 5).await,
+        "hub {:?}",
+        hub.stats()
+    );
+    assert!(running.shutdown(Duration::from_secs(10)).await);
+    assert!(
+        wait_for(Duration::from_secs(20), || store.stats().total_batches()
+            == 0)
+        .await
+    );
+    stop.cancel();
+    token.cancel();
+    let _ = uplink.await;
+    let _ = hub_task.await;
+    let stats = hub.stats();
+    assert_eq!(stats.records_written, metrics.records_sealed.get());
+    assert!(stats.rejected.values().all(|n| *n == 0), "{stats:?}");
+}
