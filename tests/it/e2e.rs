@@ -10,25 +10,12 @@ use std::time::Duration;
 use citygate::hub::{service, Hub, HubConfig};
 use citygate::store::{SledStore, Store, StoreOptions};
 use citygate::supervisor::{self, KeyMaterial};
-use citygate::uplink::backoff::BackoffPolicy;
 use citygate::uplink::{
-    BrokerOptions, CertAuthority, EmbeddedBroker, Forwarder, ForwarderOptions, LinkOptions,
-    LinkTls, MqttLink,
+    BrokerOptions, CertAuthority, EmbeddedBroker, Forwarder, ForwarderOptions, LinkTls, MqttLink,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
-
-fn link_options(port: u16, id: &str, tls: LinkTls) -> LinkOptions {
-    let mut o = LinkOptions::new(format!("localhost:{port}"), id, tls);
-    o.keep_alive = Duration::from_secs(5);
-    o.connect_timeout = Duration::from_secs(5);
-    o.backoff = BackoffPolicy {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(500),
-    };
-    o
-}
 
 fn hub_config(dep: &Deployment, port: u16) -> HubConfig {
     let text = format!(
@@ -65,7 +52,8 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
     let hub_cfg = hub_config(&dep, port);
     let hub = Arc::new(Hub::open(&hub_cfg).unwrap());
     let hub_tls = LinkTls::Files(ca.client_files(&ca.issue_client("hub-1").unwrap()));
-    let (hub_link, hub_events) = MqttLink::start(link_options(port, "hub-1", hub_tls)).unwrap();
+    let (hub_link, hub_events) =
+        MqttLink::start(test_link_options(port, "hub-1", hub_tls)).unwrap();
     let hub_task = tokio::spawn(service::serve(
         hub.clone(),
         hub_link,
@@ -84,7 +72,7 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
     let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
     let metrics = running.metrics.clone();
     let gw_tls = LinkTls::Files(ca.client_files(&ca.issue_client("gw-test").unwrap()));
-    let (gw_link, gw_events) = MqttLink::start(link_options(port, "gw-test", gw_tls)).unwrap();
+    let (gw_link, gw_events) = MqttLink::start(test_link_options(port, "gw-test", gw_tls)).unwrap();
     let uplink_stop = CancellationToken::new();
     let forwarder = Forwarder::new(
         cfg.gateway_id.clone(),
@@ -167,38 +155,6 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
     assert!(stats.rejected.values().all(|n| *n == 0), "{stats:?}");
 }
 
-fn spawn_run(config: &Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("citygate run did not exit within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn kill(child: &std::process::Child, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
 /// The real `citygate run` forwards over TLS; SIGKILLed while batches are in flight and
 /// restarted, nothing committed is lost and nothing is written twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,7 +169,8 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
     let port = broker.tls_addr().port();
     let hub = Arc::new(Hub::open(&hub_config(&dep, port)).unwrap());
     let hub_tls = LinkTls::Files(ca.client_files(&ca.issue_client("hub-1").unwrap()));
-    let (hub_link, hub_events) = MqttLink::start(link_options(port, "hub-1", hub_tls)).unwrap();
+    let (hub_link, hub_events) =
+        MqttLink::start(test_link_options(port, "hub-1", hub_tls)).unwrap();
     let hub_task = tokio::spawn(service::serve(
         hub.clone(),
         hub_link,
@@ -248,7 +205,7 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
         "{:?}",
         hub.stats()
     );
-    kill(&first, "-KILL");
+    signal(&first, "-KILL");
     assert!(!wait_exit(&mut first, Duration::from_secs(10))
         .await
         .success());
@@ -262,7 +219,7 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
         "{:?}",
         hub.stats()
     );
-    kill(&second, "-TERM");
+    signal(&second, "-TERM");
     let status = wait_exit(&mut second, Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
     token.cancel();

@@ -10,10 +10,7 @@ use std::time::Duration;
 use citygate::hub::{service, Hub, HubConfig};
 use citygate::store::{SledStore, Store, StoreOptions};
 use citygate::supervisor::{self, KeyMaterial};
-use citygate::uplink::backoff::BackoffPolicy;
-use citygate::uplink::{
-    CertAuthority, Forwarder, ForwarderOptions, LinkOptions, LinkTls, MqttLink,
-};
+use citygate::uplink::{CertAuthority, Forwarder, ForwarderOptions, LinkTls, MqttLink};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -91,15 +88,6 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
         std::fs::read_to_string(dep.path().join("mosquitto.log")).unwrap_or_default()
     );
 
-    let opts = |id: &str, tls: LinkTls| {
-        let mut o = LinkOptions::new(format!("localhost:{port}"), id, tls);
-        o.connect_timeout = Duration::from_secs(5);
-        o.backoff = BackoffPolicy {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-        };
-        o
-    };
     let token = CancellationToken::new();
     let profiles = shipped_profiles();
     let sim = start_sim(&profiles, "eastron-sdm120", 2, 21, &token).await;
@@ -114,7 +102,8 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
     .unwrap();
     let hub = Arc::new(Hub::open(&HubConfig::load(&hub_path).unwrap()).unwrap());
     let hub_tls = LinkTls::Files(ca.client_files(&ca.issue_client("hub-1").unwrap()));
-    let (hub_link, hub_events) = MqttLink::start(opts("hub-1", hub_tls)).unwrap();
+    let (hub_link, hub_events) =
+        MqttLink::start(test_link_options(port, "hub-1", hub_tls)).unwrap();
     let hub_task = tokio::spawn(service::serve(
         hub.clone(),
         hub_link,
@@ -136,7 +125,7 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
     let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
     let metrics = running.metrics.clone();
     let gw_tls = LinkTls::Files(ca.client_files(&ca.issue_client("gw-test").unwrap()));
-    let (gw_link, gw_events) = MqttLink::start(opts("gw-test", gw_tls)).unwrap();
+    let (gw_link, gw_events) = MqttLink::start(test_link_options(port, "gw-test", gw_tls)).unwrap();
     let stop = CancellationToken::new();
     let uplink = tokio::spawn(
         Forwarder::new(

@@ -3,7 +3,6 @@
 //! (restarted: the store opens and the sequence continues).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use citygate::reading::{Stream, UnitId};
@@ -26,39 +25,6 @@ fn write_config(dep: &Deployment, address: &str, max_age: &str) -> PathBuf {
     let path = dep.path().join("gateway.toml");
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn spawn_run(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_citygate"))
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-/// Waits (bounded) for the child to exit.
-async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("citygate run did not exit within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Waits until the simulator has answered `n` more requests for unit 1.

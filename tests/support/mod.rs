@@ -126,3 +126,57 @@ pub async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub fn arc_store(s: impl Store) -> Arc<dyn Store> {
     Arc::new(s)
 }
+
+/// Starts `citygate run --config CONFIG` as a child process.
+pub fn spawn_run(config: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends `sig` (e.g. "-TERM", "-KILL") to a child this test started.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits (bounded) for the child to exit; kills it and fails the test past `limit`.
+pub async fn wait_exit(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("citygate run did not exit within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// MQTT link options for loopback tests: short timeouts and backoff.
+pub fn test_link_options(
+    port: u16,
+    id: &str,
+    tls: citygate::uplink::LinkTls,
+) -> citygate::uplink::LinkOptions {
+    let mut o = citygate::uplink::LinkOptions::new(format!("localhost:{port}"), id, tls);
+    o.keep_alive = Duration::from_secs(5);
+    o.connect_timeout = Duration::from_secs(5);
+    o.backoff = citygate::uplink::backoff::BackoffPolicy {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(500),
+    };
+    o
+}
