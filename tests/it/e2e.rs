@@ -7,12 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use citygate::hub::{service, Hub, HubConfig};
+use citygate::hub::{Hub, HubConfig};
 use citygate::store::{SledStore, Store, StoreOptions};
 use citygate::supervisor::{self, KeyMaterial};
-use citygate::uplink::{
-    BrokerOptions, CertAuthority, EmbeddedBroker, Forwarder, ForwarderOptions, LinkTls, MqttLink,
-};
+use citygate::uplink::{BrokerOptions, CertAuthority, EmbeddedBroker, ForwarderOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -51,16 +49,7 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
     // Hub.
     let hub_cfg = hub_config(&dep, port);
     let hub = Arc::new(Hub::open(&hub_cfg).unwrap());
-    let hub_tls = LinkTls::Files(ca.client_files(&ca.issue_client("hub-1").unwrap()));
-    let (hub_link, hub_events) =
-        MqttLink::start(test_link_options(port, "hub-1", hub_tls)).unwrap();
-    let hub_task = tokio::spawn(service::serve(
-        hub.clone(),
-        hub_link,
-        hub_events,
-        "hubs".to_string(),
-        token.clone(),
-    ));
+    let hub_task = start_hub_service(&hub, &ca, port, &token);
 
     // Gateway.
     let devices: String = (1..=3u8)
@@ -71,23 +60,16 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
         Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
     let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
     let metrics = running.metrics.clone();
-    let gw_tls = LinkTls::Files(ca.client_files(&ca.issue_client("gw-test").unwrap()));
-    let (gw_link, gw_events) = MqttLink::start(test_link_options(port, "gw-test", gw_tls)).unwrap();
-    let uplink_stop = CancellationToken::new();
-    let forwarder = Forwarder::new(
-        cfg.gateway_id.clone(),
-        store.clone(),
-        gw_link,
-        gw_events,
-        running.committed_rx.clone(),
+    let (uplink_task, uplink_stop) = start_forwarder(
+        &cfg,
+        &running,
+        &ca,
+        port,
         ForwarderOptions {
             window: 8,
             ack_timeout: Duration::from_secs(3),
         },
-        metrics.clone(),
-        uplink_stop.clone(),
     );
-    let uplink_task = tokio::spawn(forwarder.run());
 
     assert!(
         wait_for(Duration::from_secs(20), || metrics.batches_acked.get() >= 3).await,
@@ -168,16 +150,7 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
     let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
     let port = broker.tls_addr().port();
     let hub = Arc::new(Hub::open(&hub_config(&dep, port)).unwrap());
-    let hub_tls = LinkTls::Files(ca.client_files(&ca.issue_client("hub-1").unwrap()));
-    let (hub_link, hub_events) =
-        MqttLink::start(test_link_options(port, "hub-1", hub_tls)).unwrap();
-    let hub_task = tokio::spawn(service::serve(
-        hub.clone(),
-        hub_link,
-        hub_events,
-        "hubs".to_string(),
-        token.clone(),
-    ));
+    let hub_task = start_hub_service(&hub, &ca, port, &token);
 
     let gw = ca.issue_client("gw-test").unwrap();
     let profiles_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");

@@ -7,10 +7,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use citygate::hub::{service, Hub, HubConfig};
+use citygate::hub::{Hub, HubConfig};
 use citygate::store::{SledStore, Store, StoreOptions};
 use citygate::supervisor::{self, KeyMaterial};
-use citygate::uplink::{CertAuthority, Forwarder, ForwarderOptions, LinkTls, MqttLink};
+use citygate::uplink::{CertAuthority, ForwarderOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -101,16 +101,7 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
     )
     .unwrap();
     let hub = Arc::new(Hub::open(&HubConfig::load(&hub_path).unwrap()).unwrap());
-    let hub_tls = LinkTls::Files(ca.client_files(&ca.issue_client("hub-1").unwrap()));
-    let (hub_link, hub_events) =
-        MqttLink::start(test_link_options(port, "hub-1", hub_tls)).unwrap();
-    let hub_task = tokio::spawn(service::serve(
-        hub.clone(),
-        hub_link,
-        hub_events,
-        "hubs".to_string(),
-        token.clone(),
-    ));
+    let hub_task = start_hub_service(&hub, &ca, port, &token);
 
     let devices: String = (1..=2u8)
         .map(|u| device_toml(&format!("m{u}"), "eastron-sdm120", &sim.address, u, "200ms"))
@@ -124,24 +115,15 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
         Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
     let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
     let metrics = running.metrics.clone();
-    let gw_tls = LinkTls::Files(ca.client_files(&ca.issue_client("gw-test").unwrap()));
-    let (gw_link, gw_events) = MqttLink::start(test_link_options(port, "gw-test", gw_tls)).unwrap();
-    let stop = CancellationToken::new();
-    let uplink = tokio::spawn(
-        Forwarder::new(
-            cfg.gateway_id.clone(),
-            store.clone(),
-            gw_link,
-            gw_events,
-            running.committed_rx.clone(),
-            ForwarderOptions {
-                window: 8,
-                ack_timeout: Duration::from_secs(2),
-            },
-            metrics.clone(),
-            stop.clone(),
-        )
-        .run(),
+    let (uplink, stop) = start_forwarder(
+        &cfg,
+        &running,
+        &ca,
+        port,
+        ForwarderOptions {
+            window: 8,
+            ack_timeout: Duration::from_secs(2),
+        },
     );
     assert!(
         wait_for(Duration::from_secs(20), || metrics.batches_acked.get() >= 5).await,

@@ -180,3 +180,49 @@ pub fn test_link_options(
     };
     o
 }
+
+/// Connects a hub to the broker on `port` with a client certificate from `ca` and
+/// serves it in a task until `token` is cancelled.
+pub fn start_hub_service(
+    hub: &Arc<citygate::hub::Hub>,
+    ca: &citygate::uplink::CertAuthority,
+    port: u16,
+    token: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    use citygate::uplink::{LinkTls, MqttLink};
+    let tls = LinkTls::Files(ca.client_files(&ca.issue_client("hub-1").unwrap()));
+    let (link, events) = MqttLink::start(test_link_options(port, "hub-1", tls)).unwrap();
+    tokio::spawn(citygate::hub::service::serve(
+        hub.clone(),
+        link,
+        events,
+        "hubs".to_string(),
+        token.clone(),
+    ))
+}
+
+/// Forwards `running`'s committed batches to the broker on `port` as gateway `gw-test`;
+/// cancel the returned token to stop it.
+pub fn start_forwarder(
+    cfg: &citygate::config::GatewayConfig,
+    running: &citygate::supervisor::Running,
+    ca: &citygate::uplink::CertAuthority,
+    port: u16,
+    opts: citygate::uplink::ForwarderOptions,
+) -> (tokio::task::JoinHandle<()>, CancellationToken) {
+    use citygate::uplink::{Forwarder, LinkTls, MqttLink};
+    let tls = LinkTls::Files(ca.client_files(&ca.issue_client("gw-test").unwrap()));
+    let (link, events) = MqttLink::start(test_link_options(port, "gw-test", tls)).unwrap();
+    let stop = CancellationToken::new();
+    let forwarder = Forwarder::new(
+        cfg.gateway_id.clone(),
+        running.store.clone(),
+        link,
+        events,
+        running.committed_rx.clone(),
+        opts,
+        running.metrics.clone(),
+        stop.clone(),
+    );
+    (tokio::spawn(forwarder.run()), stop)
+}
