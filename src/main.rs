@@ -33,6 +33,17 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Ask a running gateway (the one of this config) how it is doing.
+    Status {
+        #[arg(long, required_unless_present = "addr")]
+        config: Option<PathBuf>,
+        /// The status endpoint's address, instead of reading it from the config.
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+        /// Print the JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Receive, verify, decrypt, de-duplicate and acknowledge batches over MQTT.
     Hub {
         #[arg(long)]
@@ -92,6 +103,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { config } => cli::check(&config),
         Command::Run { config } => cli::run(&config),
+        Command::Status { config, addr, json } => cli::status(config.as_deref(), addr, json),
         Command::Hub { config } => cli::hub(&config),
         Command::Sim(args) => cli::sim(args),
         Command::Keys {

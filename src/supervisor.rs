@@ -214,6 +214,10 @@ pub fn start_uplink(
     };
     let (link, events) =
         MqttLink::start(LinkOptions::new(u.broker.clone(), u.client_id.clone(), tls))?;
+    running.metrics.update_link(|l| {
+        l.configured = true;
+        l.broker = Some(u.broker.clone());
+    });
     let stop = CancellationToken::new();
     let forwarder = Forwarder::new(
         cfg.gateway_id.clone(),

@@ -2,7 +2,11 @@
 //!
 //! Counters are plain atomics shared by `Arc`; per-device poll state sits behind one
 //! mutex touched once per poll. They feed `citygate run`'s periodic summary and the
-//! tests; exporting them (status, Prometheus) reads the same struct.
+//! tests; the local status endpoint ([`http`]) exports the same struct as JSON and in
+//! Prometheus text format ([`prometheus`]).
+
+pub mod http;
+pub mod prometheus;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +33,7 @@ impl Counter {
 }
 
 /// Poll outcomes of one device.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceStats {
     pub polls_ok: u64,
     pub timeouts: u64,
@@ -58,6 +62,37 @@ pub struct Metrics {
     pub resend_rounds: Counter,
     pub acks_rejected: Counter,
     devices: Mutex<BTreeMap<DeviceId, DeviceStats>>,
+    link: Mutex<LinkStatus>,
+    pub started: StartTime,
+}
+
+/// When a set of counters started: the process start, in practice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartTime(pub TimestampMs);
+
+impl Default for StartTime {
+    fn default() -> Self {
+        Self(crate::reading::now_ms())
+    }
+}
+
+/// State of the uplink, as the forwarder last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinkStatus {
+    /// False when the config has no `[uplink]`: batches stay in the store.
+    pub configured: bool,
+    pub broker: Option<String>,
+    pub connected: bool,
+    /// When `connected` last changed.
+    pub since_ms: Option<TimestampMs>,
+    /// Why the link last went down.
+    pub last_error: Option<String>,
+    /// When the hub last acknowledged a batch.
+    pub last_ack_ms: Option<TimestampMs>,
+    /// Batches published and not yet acknowledged.
+    pub in_flight: u64,
+    /// Successful connections since start.
+    pub connects: u64,
 }
 
 /// How one poll of one device ended.
@@ -96,6 +131,97 @@ impl Metrics {
     pub fn device(&self, device: &DeviceId) -> DeviceStats {
         let map = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         map.get(device).cloned().unwrap_or_default()
+    }
+
+    /// Every pipeline counter with its exported name (without `citygate_`/`_total`) and
+    /// help text, for the status endpoint.
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![
+            (
+                "samples_polled",
+                "Polls that returned a register image.",
+                self.samples_polled.get(),
+            ),
+            (
+                "samples_dropped",
+                "Samples dropped because the pipeline was full.",
+                self.samples_dropped.get(),
+            ),
+            (
+                "readings_normalised",
+                "Readings decoded from samples.",
+                self.readings_normalised.get(),
+            ),
+            (
+                "readings_flagged",
+                "Readings flagged uncertain or bad by the checks.",
+                self.readings_flagged.get(),
+            ),
+            (
+                "records_minimised",
+                "Records left after purpose minimisation.",
+                self.records_minimised.get(),
+            ),
+            (
+                "records_sealed",
+                "Records sealed into batches.",
+                self.records_sealed.get(),
+            ),
+            (
+                "batches_sealed",
+                "Batches sealed.",
+                self.batches_sealed.get(),
+            ),
+            (
+                "batches_committed",
+                "Batches durably committed to the store.",
+                self.batches_committed.get(),
+            ),
+            (
+                "seal_errors",
+                "Batches that could not be sealed.",
+                self.seal_errors.get(),
+            ),
+            (
+                "store_errors",
+                "Store writes that failed.",
+                self.store_errors.get(),
+            ),
+            (
+                "batches_evicted",
+                "Batches dropped by the store quota.",
+                self.batches_evicted.get(),
+            ),
+            (
+                "batches_sent",
+                "Batch publications to the broker (re-sends included).",
+                self.batches_sent.get(),
+            ),
+            (
+                "batches_acked",
+                "Batches acknowledged by the hub and deleted.",
+                self.batches_acked.get(),
+            ),
+            (
+                "resend_rounds",
+                "Times unacknowledged batches were sent again.",
+                self.resend_rounds.get(),
+            ),
+            (
+                "acks_rejected",
+                "Malformed or foreign acknowledgements ignored.",
+                self.acks_rejected.get(),
+            ),
+        ]
+    }
+
+    /// Updates the uplink state under its lock.
+    pub fn update_link(&self, f: impl FnOnce(&mut LinkStatus)) {
+        f(&mut self.link.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    pub fn link(&self) -> LinkStatus {
+        self.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn devices(&self) -> BTreeMap<DeviceId, DeviceStats> {

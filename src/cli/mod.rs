@@ -90,6 +90,9 @@ pub fn run(path: &Path) -> Result<(), CliError> {
     rt.block_on(async {
         let running = supervisor::start(&cfg, keys, store.clone());
         let metrics = running.metrics.clone();
+        let status_stop = CancellationToken::new();
+        crate::status::start_endpoint(&cfg, metrics.clone(), store.clone(), status_stop.clone())
+            .await;
         let uplink = supervisor::start_uplink(&cfg, &running)
             .map_err(|e| CliError::Usage(format!("uplink: {e}")))?;
         if uplink.is_none() {
@@ -119,6 +122,8 @@ pub fn run(path: &Path) -> Result<(), CliError> {
             // A short last chance to deliver; whatever is left is sent after restart.
             u.finish(&store, UPLINK_LAST_CHANCE).await;
         }
+        status_stop.cancel();
+        let _ = std::fs::remove_file(crate::status::address_file(&cfg.store.path));
         let s = store.stats();
         info!(
             clean,
@@ -128,6 +133,63 @@ pub fn run(path: &Path) -> Result<(), CliError> {
         );
         Ok(())
     })
+}
+
+/// `citygate status (--config FILE | --addr IP:PORT) [--json]`
+pub fn status(
+    config: Option<&Path>,
+    addr: Option<std::net::SocketAddr>,
+    json: bool,
+) -> Result<(), CliError> {
+    let addr = match (addr, config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => {
+            let cfg = GatewayConfig::load(path)?;
+            let Some(listen) = cfg.status.listen else {
+                return Err(CliError::Usage(format!(
+                    "{}: the status endpoint is off ([status] listen = \"off\")",
+                    path.display()
+                )));
+            };
+            if listen.port() == 0 {
+                crate::status::read_address_file(&cfg.store.path).ok_or_else(|| {
+                    CliError::Runtime(format!(
+                        "the gateway of {} listens on a port chosen at start, and {} does not name it: is it running?",
+                        path.display(),
+                        crate::status::address_file(&cfg.store.path).display()
+                    ))
+                })?
+            } else {
+                listen
+            }
+        }
+        (None, None) => return Err(CliError::Usage("give --config or --addr".into())),
+    };
+    let rt = runtime()?;
+    let (code, body) = rt
+        .block_on(crate::telemetry::http::get(
+            addr,
+            "/status",
+            Duration::from_secs(5),
+        ))
+        .map_err(|e| CliError::Runtime(e.to_string()))?;
+    if code != 200 {
+        return Err(CliError::Runtime(format!(
+            "{addr}/status answered HTTP {code}: {}",
+            body.trim()
+        )));
+    }
+    if json {
+        print!("{body}");
+        return Ok(());
+    }
+    let st: crate::status::GatewayStatus = serde_json::from_str(&body).map_err(|e| {
+        CliError::Runtime(format!(
+            "{addr}/status is not a citygate status document: {e}"
+        ))
+    })?;
+    print!("{}", crate::status::render(&st));
+    Ok(())
 }
 
 /// `citygate hub --config FILE`

@@ -163,6 +163,16 @@ pub struct UplinkConfig {
     pub ack_timeout: Duration,
 }
 
+/// The local status endpoint (`/status`, `/metrics`, `/health`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusConfig {
+    /// `None`: disabled (`listen = "off"`).
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// Where the status endpoint listens unless the config says otherwise.
+pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:9187";
+
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -178,6 +188,7 @@ pub struct GatewayConfig {
     pub devices: Vec<DeviceConfig>,
     /// `None`: store only (batches wait in the outbox).
     pub uplink: Option<UplinkConfig>,
+    pub status: StatusConfig,
 }
 
 /// Reads a config file, turning an I/O failure into a diagnostic about the whole file.

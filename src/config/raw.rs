@@ -30,6 +30,7 @@ struct RawConfig {
     #[serde(default)]
     modbus: RawModbus,
     uplink: Option<RawUplink>,
+    status: Option<RawStatus>,
     #[serde(rename = "device", default)]
     devices: Vec<RawDevice>,
 }
@@ -151,6 +152,14 @@ fn default_window() -> Spanned<usize> {
 }
 fn default_ack_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatus {
+    listen: Spanned<String>,
+    #[serde(default)]
+    danger_non_loopback: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -359,6 +368,8 @@ pub(super) fn parse(
         })
     });
 
+    let status = status_config(raw.status, &src, &mut errors);
+
     if !errors.is_empty() {
         return Err(errors.into());
     }
@@ -386,7 +397,50 @@ pub(super) fn parse(
         modbus,
         devices,
         uplink,
+        status,
     })
+}
+
+fn status_config(
+    raw: Option<RawStatus>,
+    src: &SourceFile,
+    errors: &mut Vec<Diagnostic>,
+) -> super::StatusConfig {
+    let Some(raw) = raw else {
+        return super::StatusConfig {
+            listen: super::DEFAULT_STATUS_LISTEN.parse().ok(),
+        };
+    };
+    let text = raw.listen.get_ref().trim();
+    if text == "off" {
+        return super::StatusConfig { listen: None };
+    }
+    match text.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() || raw.danger_non_loopback => {
+            super::StatusConfig { listen: Some(addr) }
+        }
+        Ok(addr) => {
+            errors.push(src.at(
+                raw.listen.span(),
+                "status.listen",
+                format!(
+                    "{addr} is not a loopback address: the endpoint has no authentication; \
+                     use 127.0.0.1 or ::1, or set danger_non_loopback = true"
+                ),
+            ));
+            super::StatusConfig { listen: None }
+        }
+        Err(_) => {
+            errors.push(src.at(
+                raw.listen.span(),
+                "status.listen",
+                format!(
+                    "{text:?} is not an IP:port address; valid: e.g. \"127.0.0.1:9187\", \"[::1]:9187\", or \"off\""
+                ),
+            ));
+            super::StatusConfig { listen: None }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -507,5 +561,27 @@ poll_interval = "1s"
         let e = errors(&CONFIG.replace("[\"voltage_l1\"]", "[\"voltage_l9\"]"));
         assert_eq!(e[0].key, "purpose.fields");
         assert!(e[0].message.contains("valid: voltage_l1"));
+    }
+
+    #[test]
+    fn status_endpoint_is_loopback_unless_opted_out() {
+        let with = |section: &str| CONFIG.replace("[store]", &format!("{section}\n\n[store]"));
+        let default = parse_str(CONFIG).unwrap().status.listen;
+        assert_eq!(default, Some("127.0.0.1:9187".parse().unwrap()));
+        let off = parse_str(&with("[status]\nlisten = \"off\"")).unwrap();
+        assert_eq!(off.status.listen, None);
+        let v6 = parse_str(&with("[status]\nlisten = \"[::1]:0\"")).unwrap();
+        assert_eq!(v6.status.listen, Some("[::1]:0".parse().unwrap()));
+        let e = errors(&with("[status]\nlisten = \"0.0.0.0:9187\""));
+        assert_eq!(e[0].key, "status.listen");
+        assert!(e[0].message.contains("danger_non_loopback"), "{}", e[0]);
+        let open = parse_str(&with(
+            "[status]\nlisten = \"0.0.0.0:9187\"\ndanger_non_loopback = true",
+        ))
+        .unwrap();
+        assert_eq!(open.status.listen, Some("0.0.0.0:9187".parse().unwrap()));
+        let e = errors(&with("[status]\nlisten = \"localhost\""));
+        assert!(e[0].message.contains("\"off\""), "{}", e[0]);
+        assert!(e[0].line > 0);
     }
 }

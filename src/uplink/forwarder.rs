@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use super::{LinkEvent, MqttLink, QoS};
 use crate::hub::Ack;
 use crate::pipeline::CommittedMarks;
-use crate::reading::{GatewayId, Stream};
+use crate::reading::{now_ms, GatewayId, Stream};
 use crate::store::{Store, StoredBatch};
 use crate::telemetry::Metrics;
 
@@ -122,6 +122,8 @@ impl Forwarder {
                 _ = tick.tick() => self.check_overdue(),
             }
             self.send_more().await;
+            let n = self.in_flight.len() as u64;
+            self.metrics.update_link(|l| l.in_flight = n);
         }
         self.link.shutdown().await;
         info!(in_flight = self.in_flight.len(), "uplink stopped");
@@ -135,12 +137,25 @@ impl Forwarder {
                     "uplink connected; re-sending everything unacknowledged"
                 );
                 self.connected = true;
+                self.metrics.update_link(|l| {
+                    l.connected = true;
+                    l.since_ms = Some(now_ms());
+                    l.connects += 1;
+                });
                 self.resend_all();
             }
             LinkEvent::Disconnected { error, .. } => {
                 if self.connected {
                     warn!(error = %error, "uplink disconnected");
                 }
+                let was = self.connected;
+                self.metrics.update_link(|l| {
+                    l.connected = false;
+                    if was || l.since_ms.is_none() {
+                        l.since_ms = Some(now_ms());
+                    }
+                    l.last_error = Some(error.to_string());
+                });
                 self.connected = false;
             }
             LinkEvent::Publish { topic, payload } if topic == acks => match Ack::decode(&payload) {
@@ -164,6 +179,7 @@ impl Forwarder {
         match tokio::task::spawn_blocking(move || store.ack(ack.stream, ack.seq)).await {
             Ok(Ok(true)) => {
                 self.metrics.batches_acked.inc();
+                self.metrics.update_link(|l| l.last_ack_ms = Some(now_ms()));
                 debug!(stream = %ack.stream, seq = ack.seq, "batch acknowledged and deleted");
             }
             Ok(Ok(false)) => debug!(stream = %ack.stream, seq = ack.seq, "repeated ack"),

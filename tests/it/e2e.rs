@@ -161,7 +161,8 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
         "[gateway]\nid = \"gw-test\"\nprofiles_dir = {:?}\n\n[purpose]\nname = \"t\"\nfields = [\"active_power\", \"energy_import\"]\n\n\
          [batch]\nmax_age = \"200ms\"\n\n[store]\npath = \"store\"\n\n[keys]\nsigning_key = \"keys/gateway.sign.key\"\n\
          hub_public_key = \"keys/hub.hpke.pub\"\npseudonym_key = \"keys/pseudonym.key\"\n\n\
-         [uplink]\nbroker = \"localhost:{port}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nack_timeout = \"2s\"\n\n{devices}",
+         [uplink]\nbroker = \"localhost:{port}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nack_timeout = \"2s\"\n\n\
+         [status]\nlisten = \"127.0.0.1:0\"\n\n{devices}",
         profiles_dir.display().to_string(),
         ca.ca_file().display().to_string(),
         gw.cert.display().to_string(),
@@ -192,6 +193,25 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
         "{:?}",
         hub.stats()
     );
+    // The operator sees the link up and acks arriving on the status endpoint.
+    let addr = citygate::status::read_address_file(&dep.path().join("store")).unwrap();
+    let (code, body) = citygate::telemetry::http::get(addr, "/status", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    let st: citygate::status::GatewayStatus = serde_json::from_str(&body).unwrap();
+    assert!(st.link.configured && st.link.connected, "{:?}", st.link);
+    assert_eq!(
+        st.link.broker.as_deref(),
+        Some(format!("localhost:{port}").as_str())
+    );
+    assert!(
+        st.link.last_ack_ms.is_some() && st.link.connects >= 1,
+        "{:?}",
+        st.link
+    );
+    assert!(st.counters["batches_acked"] >= 1, "{:?}", st.counters);
+
     signal(&second, "-TERM");
     let status = wait_exit(&mut second, Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");

@@ -11,4 +11,5 @@ mod mosquitto;
 mod pipeline;
 mod profiles;
 mod run;
+mod status;
 mod uplink;

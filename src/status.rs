@@ -1,0 +1,596 @@
+//! What `citygate run` reports about itself on its local status endpoint.
+//!
+//! - `GET /status`: a JSON [`GatewayStatus`] — store depth per stream, uplink state and
+//!   last ack, per-device last good poll and error counts, the pipeline counters, health.
+//! - `GET /metrics`: the same in Prometheus text format.
+//! - `GET /health`: `200 ok` or `503 degraded: reasons` (for systemd watchdogs, probes).
+//!
+//! `citygate status --config FILE` fetches `/status` and prints it as a table
+//! ([`render`]). The document is built from the live counters at request time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::GatewayConfig;
+use crate::reading::{now_ms, Stream, TimestampMs};
+use crate::store::Store;
+use crate::telemetry::http::{Reply, Routes};
+use crate::telemetry::prometheus::{count, Exposition, Kind, CONTENT_TYPE};
+use crate::telemetry::{LinkStatus, Metrics};
+
+/// Store usage above which the gateway reports itself degraded.
+const STORE_FULL_RATIO: f64 = 0.9;
+/// How long the uplink may be down before the gateway reports itself degraded.
+const UPLINK_DOWN_GRACE_MS: i64 = 60_000;
+
+/// One configured device and how its polls went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub name: String,
+    pub profile: String,
+    pub endpoint: String,
+    pub unit: u8,
+    pub poll_interval_ms: u64,
+    pub polls_ok: u64,
+    pub timeouts: u64,
+    pub exceptions: u64,
+    pub transport_errors: u64,
+    pub last_ok_ms: Option<TimestampMs>,
+    pub last_error: Option<String>,
+    /// No good poll within three intervals (plus slack) of now.
+    pub stale: bool,
+}
+
+/// Batches and bytes waiting in the store, per stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    pub batches: BTreeMap<String, u64>,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub evicted_batches: u64,
+}
+
+/// `ok`, or `degraded` with the reasons.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub reasons: Vec<String>,
+}
+
+/// The `/status` document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayStatus {
+    pub gateway: String,
+    pub version: String,
+    pub now_ms: TimestampMs,
+    pub uptime_s: u64,
+    pub health: Health,
+    pub store: StoreStatus,
+    pub link: LinkStatus,
+    pub counters: BTreeMap<String, u64>,
+    pub devices: Vec<DeviceStatus>,
+}
+
+#[derive(Debug, Clone)]
+struct DeviceInfo {
+    name: crate::reading::DeviceId,
+    profile: String,
+    endpoint: String,
+    unit: u8,
+    interval: Duration,
+}
+
+/// The live sources of the status document.
+#[derive(Debug)]
+pub struct StatusSource {
+    gateway: String,
+    devices: Vec<DeviceInfo>,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
+}
+
+impl StatusSource {
+    pub fn new(cfg: &GatewayConfig, metrics: Arc<Metrics>, store: Arc<dyn Store>) -> Self {
+        let devices = cfg
+            .devices
+            .iter()
+            .map(|d| DeviceInfo {
+                name: d.id.clone(),
+                profile: d.profile.name.clone(),
+                endpoint: d.transport.to_string(),
+                unit: d.unit.0,
+                interval: d.poll_interval,
+            })
+            .collect();
+        Self {
+            gateway: cfg.gateway_id.to_string(),
+            devices,
+            metrics,
+            store,
+        }
+    }
+
+    /// The status as of now.
+    pub fn snapshot(&self) -> GatewayStatus {
+        self.snapshot_at(now_ms())
+    }
+
+    fn snapshot_at(&self, now: TimestampMs) -> GatewayStatus {
+        let stats = self.store.stats();
+        let polls = self.metrics.devices();
+        let started = self.metrics.started.0;
+        let devices: Vec<DeviceStatus> = self
+            .devices
+            .iter()
+            .map(|d| {
+                let s = polls.get(&d.name).cloned().unwrap_or_default();
+                let limit = i64::try_from(d.interval.as_millis())
+                    .unwrap_or(i64::MAX / 4)
+                    .saturating_mul(3)
+                    .saturating_add(10_000);
+                let stale = now - s.last_ok_ms.unwrap_or(started) > limit;
+                DeviceStatus {
+                    name: d.name.to_string(),
+                    profile: d.profile.clone(),
+                    endpoint: d.endpoint.clone(),
+                    unit: d.unit,
+                    poll_interval_ms: u64::try_from(d.interval.as_millis()).unwrap_or(u64::MAX),
+                    polls_ok: s.polls_ok,
+                    timeouts: s.timeouts,
+                    exceptions: s.exceptions,
+                    transport_errors: s.transport_errors,
+                    last_ok_ms: s.last_ok_ms,
+                    last_error: s.last_error,
+                    stale,
+                }
+            })
+            .collect();
+        let link = self.metrics.link();
+        let mut reasons = Vec::new();
+        if stats.max_bytes > 0
+            && stats.total_bytes() as f64 > STORE_FULL_RATIO * stats.max_bytes as f64
+        {
+            reasons.push(format!(
+                "store above {:.0}% of its quota ({} of {} bytes)",
+                STORE_FULL_RATIO * 100.0,
+                stats.total_bytes(),
+                stats.max_bytes
+            ));
+        }
+        if link.configured && !link.connected {
+            let since = link.since_ms.unwrap_or(started);
+            if now - since > UPLINK_DOWN_GRACE_MS {
+                reasons.push(format!("uplink down for {} s", (now - since) / 1000));
+            }
+        }
+        if !devices.is_empty() && devices.iter().all(|d| d.stale) {
+            reasons.push("no device has answered recently".into());
+        }
+        GatewayStatus {
+            gateway: self.gateway.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            now_ms: now,
+            uptime_s: u64::try_from((now - started) / 1000).unwrap_or(0),
+            health: Health {
+                status: if reasons.is_empty() { "ok" } else { "degraded" }.into(),
+                reasons,
+            },
+            store: StoreStatus {
+                batches: Stream::ALL
+                    .iter()
+                    .map(|s| (s.to_string(), stats.get(*s).batches))
+                    .collect(),
+                bytes: stats.total_bytes(),
+                max_bytes: stats.max_bytes,
+                evicted_batches: Stream::ALL
+                    .iter()
+                    .map(|s| stats.get(*s).evicted_batches)
+                    .sum(),
+            },
+            link,
+            counters: self
+                .metrics
+                .counters()
+                .into_iter()
+                .map(|(name, _, v)| (name.to_string(), v))
+                .collect(),
+            devices,
+        }
+    }
+
+    /// The Prometheus exposition of the live counters.
+    pub fn prometheus(&self) -> String {
+        let st = self.snapshot();
+        let mut e = Exposition::new();
+        e.family("citygate_info", Kind::Gauge, "Gateway identity; always 1.")
+            .labelled(
+                "citygate_info",
+                &[("gateway", &st.gateway), ("version", &st.version)],
+                1u8,
+            );
+        e.single(
+            "citygate_up_seconds",
+            Kind::Gauge,
+            "Seconds since the gateway started.",
+            count(st.uptime_s),
+        );
+        e.single(
+            "citygate_healthy",
+            Kind::Gauge,
+            "1 when /health answers ok, 0 when degraded.",
+            u8::from(st.health.status == "ok"),
+        );
+        for (name, help, v) in self.metrics.counters() {
+            let full = format!("citygate_{name}_total");
+            e.single(&full, Kind::Counter, help, count(v));
+        }
+        let stats = self.store.stats();
+        e.family(
+            "citygate_store_batches",
+            Kind::Gauge,
+            "Batches waiting in the store, per stream.",
+        );
+        for s in Stream::ALL {
+            e.labelled(
+                "citygate_store_batches",
+                &[("stream", s.as_str())],
+                count(stats.get(s).batches),
+            );
+        }
+        e.single(
+            "citygate_store_bytes",
+            Kind::Gauge,
+            "Envelope bytes waiting in the store.",
+            count(stats.total_bytes()),
+        );
+        e.single(
+            "citygate_store_max_bytes",
+            Kind::Gauge,
+            "The store quota.",
+            count(stats.max_bytes),
+        );
+        let link = &st.link;
+        e.single(
+            "citygate_uplink_connected",
+            Kind::Gauge,
+            "1 while the uplink is connected to the broker.",
+            u8::from(link.connected),
+        );
+        e.single(
+            "citygate_uplink_in_flight",
+            Kind::Gauge,
+            "Batches published and not yet acknowledged by the hub.",
+            count(link.in_flight),
+        );
+        e.single(
+            "citygate_uplink_connects_total",
+            Kind::Counter,
+            "Successful connections to the broker.",
+            count(link.connects),
+        );
+        if let Some(t) = link.last_ack_ms {
+            e.single(
+                "citygate_uplink_last_ack_timestamp_seconds",
+                Kind::Gauge,
+                "When the hub last acknowledged a batch (Unix time).",
+                t as f64 / 1000.0,
+            );
+        }
+        e.family(
+            "citygate_device_polls_total",
+            Kind::Counter,
+            "Polls per device by outcome.",
+        );
+        for d in &st.devices {
+            for (outcome, n) in [
+                ("ok", d.polls_ok),
+                ("timeout", d.timeouts),
+                ("exception", d.exceptions),
+                ("transport_error", d.transport_errors),
+            ] {
+                e.labelled(
+                    "citygate_device_polls_total",
+                    &[("device", &d.name), ("outcome", outcome)],
+                    count(n),
+                );
+            }
+        }
+        e.family(
+            "citygate_device_last_ok_timestamp_seconds",
+            Kind::Gauge,
+            "When each device last answered a poll (Unix time; 0 = never).",
+        );
+        for d in &st.devices {
+            e.labelled(
+                "citygate_device_last_ok_timestamp_seconds",
+                &[("device", &d.name)],
+                d.last_ok_ms.map_or(0.0, |t| t as f64 / 1000.0),
+            );
+        }
+        e.finish()
+    }
+}
+
+impl Routes for StatusSource {
+    fn get(&self, path: &str) -> Option<Reply> {
+        match path {
+            "/status" => Some(Reply::json(200, &self.snapshot())),
+            "/metrics" => Some(Reply::ok(CONTENT_TYPE, self.prometheus())),
+            "/health" => {
+                let h = self.snapshot().health;
+                Some(if h.reasons.is_empty() {
+                    Reply::ok("text/plain", "ok\n".into())
+                } else {
+                    Reply {
+                        status: 503,
+                        content_type: "text/plain",
+                        body: format!("degraded: {}\n", h.reasons.join("; ")),
+                    }
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Where a running gateway records the address its status endpoint is bound to (so
+/// `citygate status` finds it when the config asks for port 0): next to the store.
+pub fn address_file(store_path: &Path) -> PathBuf {
+    let mut name = store_path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "store".into());
+    name.push(".status-addr");
+    store_path.with_file_name(name)
+}
+
+/// Writes the bound address atomically.
+pub fn write_address_file(store_path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+    let path = address_file(store_path);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{addr}\n"))?;
+    std::fs::rename(tmp, path)
+}
+
+/// Reads the address a running gateway recorded, if any.
+pub fn read_address_file(store_path: &Path) -> Option<SocketAddr> {
+    std::fs::read_to_string(address_file(store_path))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Binds the status endpoint configured in `cfg` and serves it until `token` is
+/// cancelled. A bind failure (port taken) degrades the gateway's observability, not the
+/// gateway: it is logged and `None` returned. The bound address is written next to the
+/// store for `citygate status`.
+pub async fn start_endpoint(
+    cfg: &GatewayConfig,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
+    token: tokio_util::sync::CancellationToken,
+) -> Option<SocketAddr> {
+    let listen = cfg.status.listen?;
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%listen, error = %e, "status endpoint disabled: cannot listen");
+            return None;
+        }
+    };
+    let addr = listener.local_addr().ok()?;
+    if let Err(e) = write_address_file(&cfg.store.path, addr) {
+        tracing::warn!(error = %e, "cannot record the status endpoint's address");
+    }
+    let source = Arc::new(StatusSource::new(cfg, metrics, store));
+    tokio::spawn(crate::telemetry::http::serve(listener, source, token));
+    tracing::info!(%addr, "status endpoint: /status /metrics /health");
+    Some(addr)
+}
+
+fn ago(now: TimestampMs, t: Option<TimestampMs>) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => {
+            let s = (now - t).max(0) / 1000;
+            match s {
+                0..=119 => format!("{s}s ago"),
+                120..=7199 => format!("{}m ago", s / 60),
+                _ => format!("{}h ago", s / 3600),
+            }
+        }
+    }
+}
+
+/// The status as the operator reads it in a terminal.
+pub fn render(st: &GatewayStatus) -> String {
+    let mut o = String::new();
+    let now = st.now_ms;
+    let _ = writeln!(
+        o,
+        "gateway {}  (citygate {}, up {} s)  health: {}",
+        st.gateway, st.version, st.uptime_s, st.health.status
+    );
+    for r in &st.health.reasons {
+        let _ = writeln!(o, "  ! {r}");
+    }
+    let batches: Vec<String> = st
+        .store
+        .batches
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    let _ = writeln!(
+        o,
+        "store   {} batches waiting ({}), {} of {} bytes, {} evicted",
+        st.store.batches.values().sum::<u64>(),
+        batches.join(", "),
+        st.store.bytes,
+        st.store.max_bytes,
+        st.store.evicted_batches
+    );
+    let l = &st.link;
+    if !l.configured {
+        let _ = writeln!(o, "uplink  not configured: batches stay in the store");
+    } else {
+        let state = if l.connected { "connected" } else { "DOWN" };
+        let _ = writeln!(
+            o,
+            "uplink  {} {} since {}, {} in flight, last ack {}{}",
+            l.broker.as_deref().unwrap_or("?"),
+            state,
+            ago(now, l.since_ms),
+            l.in_flight,
+            ago(now, l.last_ack_ms),
+            l.last_error
+                .as_deref()
+                .filter(|_| !l.connected)
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+    }
+    let c = |k: &str| st.counters.get(k).copied().unwrap_or(0);
+    let _ = writeln!(
+        o,
+        "counts  polled {}, sealed {} records in {} batches, committed {}, acked {}",
+        c("samples_polled"),
+        c("records_sealed"),
+        c("batches_sealed"),
+        c("batches_committed"),
+        c("batches_acked")
+    );
+    let _ = writeln!(
+        o,
+        "\n{:<24} {:<16} {:<28} {:>4} {:>8} {:>8} {:>6} {:>6} {:<10} last error",
+        "device", "profile", "endpoint", "unit", "interval", "ok", "tmout", "exc", "last ok"
+    );
+    for d in &st.devices {
+        let _ = writeln!(
+            o,
+            "{:<24} {:<16} {:<28} {:>4} {:>7}s {:>8} {:>6} {:>6} {:<10} {}{}",
+            d.name,
+            d.profile,
+            d.endpoint,
+            d.unit,
+            d.poll_interval_ms as f64 / 1000.0,
+            d.polls_ok,
+            d.timeouts,
+            d.exceptions + d.transport_errors,
+            ago(now, d.last_ok_ms),
+            d.last_error.as_deref().unwrap_or("-"),
+            if d.stale { "  (stale)" } else { "" }
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::DeviceId;
+    use crate::store::MemStore;
+    use crate::telemetry::PollOutcome;
+
+    fn source(store: Arc<dyn Store>) -> StatusSource {
+        let devices = ["a", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| DeviceInfo {
+                name: DeviceId::new(*n).unwrap(),
+                profile: "p".into(),
+                endpoint: "tcp://127.0.0.1:502".into(),
+                unit: u8::try_from(i + 1).unwrap(),
+                interval: Duration::from_secs(1),
+            })
+            .collect();
+        StatusSource {
+            gateway: "gw".into(),
+            devices,
+            metrics: Arc::new(Metrics::default()),
+            store,
+        }
+    }
+
+    #[test]
+    fn health_degrades_when_every_device_is_silent_or_the_store_fills() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new(1000));
+        let s = source(store.clone());
+        let t0 = s.metrics.started.0;
+        let (a, b) = (DeviceId::new("a").unwrap(), DeviceId::new("b").unwrap());
+        // Just started: nobody is stale yet.
+        assert_eq!(s.snapshot_at(t0 + 1000).health.status, "ok");
+        // `a` answers, `b` does not: one stale device is reported, the gateway is ok.
+        s.metrics.record_poll(&a, t0 + 20_000, &PollOutcome::Ok);
+        s.metrics
+            .record_poll(&b, t0 + 20_000, &PollOutcome::Timeout);
+        let st = s.snapshot_at(t0 + 21_000);
+        assert_eq!(st.health.status, "ok");
+        assert_eq!(
+            st.devices.iter().map(|d| d.stale).collect::<Vec<_>>(),
+            [false, true]
+        );
+        // Nobody answered for longer than 3 intervals + slack: degraded.
+        let st = s.snapshot_at(t0 + 40_000);
+        assert_eq!(st.health.status, "degraded");
+        assert_eq!(st.health.reasons, ["no device has answered recently"]);
+
+        // A store above 90 % of its quota degrades it too.
+        s.metrics.record_poll(&a, t0 + 40_000, &PollOutcome::Ok);
+        store.append(Stream::Readings, 1, &[0u8; 950]).unwrap();
+        let st = s.snapshot_at(t0 + 40_500);
+        assert_eq!(st.health.status, "degraded");
+        assert!(
+            st.health.reasons[0].starts_with("store above 90%"),
+            "{:?}",
+            st.health
+        );
+    }
+
+    #[test]
+    fn a_configured_uplink_down_for_a_minute_degrades_health() {
+        let s = source(Arc::new(MemStore::new(1 << 20)));
+        let t0 = s.metrics.started.0;
+        let a = DeviceId::new("a").unwrap();
+        s.metrics.record_poll(&a, t0 + 100_000, &PollOutcome::Ok);
+        s.metrics.update_link(|l| {
+            l.configured = true;
+            l.connected = false;
+            l.since_ms = Some(t0);
+        });
+        assert_eq!(s.snapshot_at(t0 + 30_000).health.status, "ok");
+        let st = s.snapshot_at(t0 + 100_000);
+        assert_eq!(st.health.reasons, ["uplink down for 100 s"]);
+        let text = s.prometheus();
+        assert!(text.contains("\ncitygate_uplink_connected 0\n"), "{text}");
+        let table = render(&st);
+        assert!(table.contains("uplink  ? DOWN"), "{table}");
+    }
+
+    #[test]
+    fn address_file_sits_next_to_the_store() {
+        assert_eq!(
+            address_file(Path::new("/var/lib/citygate/store")),
+            PathBuf::from("/var/lib/citygate/store.status-addr")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        assert_eq!(read_address_file(&store), None);
+        let addr: SocketAddr = "127.0.0.1:4567".parse().unwrap();
+        write_address_file(&store, addr).unwrap();
+        assert_eq!(read_address_file(&store), Some(addr));
+    }
+
+    #[test]
+    fn ages_read_naturally() {
+        assert_eq!(ago(100_000, None), "never");
+        assert_eq!(ago(100_000, Some(95_000)), "5s ago");
+        assert_eq!(ago(1_000_000, Some(0)), "16m ago");
+    }
+}
