@@ -81,6 +81,22 @@ enum KeysCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Generate a small TLS PKI for a one-box or pilot deployment: a CA, a broker
+    /// certificate and client certificates (gateways, hubs).
+    Tls {
+        /// Directory to write ca.pem, broker.pem/.key and client-ID.pem/.key into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS name or IP address the broker is reached by (repeatable).
+        #[arg(long = "server", required = true)]
+        servers: Vec<String>,
+        /// Client id (gateway id or hub id) to issue a certificate for (repeatable).
+        #[arg(long = "client", required = true)]
+        clients: Vec<String>,
+        /// Replace an existing ca.pem in DIR.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -109,6 +125,15 @@ fn main() -> ExitCode {
         Command::Keys {
             command: KeysCommand::Gen { dir, force },
         } => cli::keys_gen(&dir, force),
+        Command::Keys {
+            command:
+                KeysCommand::Tls {
+                    dir,
+                    servers,
+                    clients,
+                    force,
+                },
+        } => cli::keys_tls(&dir, &servers, &clients, force),
         Command::Demo {
             duration,
             meters,

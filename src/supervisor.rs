@@ -198,6 +198,16 @@ pub fn start_uplink(
     cfg: &GatewayConfig,
     running: &Running,
 ) -> Result<Option<UplinkHandle>, LinkError> {
+    start_uplink_with(cfg, running, |o| o)
+}
+
+/// [`start_uplink`] with a hook to adjust the MQTT link options (the demo and tests
+/// shorten keep-alive and backoff).
+pub fn start_uplink_with(
+    cfg: &GatewayConfig,
+    running: &Running,
+    adjust: impl FnOnce(LinkOptions) -> LinkOptions,
+) -> Result<Option<UplinkHandle>, LinkError> {
     let Some(u) = &cfg.uplink else {
         return Ok(None);
     };
@@ -212,8 +222,11 @@ pub fn start_uplink(
             LinkTls::DangerPlaintext
         }
     };
-    let (link, events) =
-        MqttLink::start(LinkOptions::new(u.broker.clone(), u.client_id.clone(), tls))?;
+    let (link, events) = MqttLink::start(adjust(LinkOptions::new(
+        u.broker.clone(),
+        u.client_id.clone(),
+        tls,
+    )))?;
     running.metrics.update_link(|l| {
         l.configured = true;
         l.broker = Some(u.broker.clone());

@@ -19,17 +19,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::{runtime, CliError};
 use crate::config::GatewayConfig;
-use crate::hub::{service as hub_service, Hub, HubConfig};
+use crate::hub::{HubConfig, HubProcess};
 use crate::profile::{Profile, ProfileSet};
 use crate::seal::keys;
 use crate::sim::{self, SimMeters};
 use crate::store::{SledStore, Store, StoreOptions};
 use crate::supervisor::{self, KeyMaterial};
 use crate::uplink::backoff::BackoffPolicy;
-use crate::uplink::{
-    BrokerOptions, CertAuthority, EmbeddedBroker, Forwarder, ForwarderOptions, LinkOptions,
-    LinkTls, MqttLink,
-};
+use crate::uplink::{BrokerOptions, CertAuthority, EmbeddedBroker, LinkOptions};
 
 /// Profiles compiled into the binary for the demo: (name, text, meters' poll interval).
 const PROFILES: &[(&str, &str)] = &[
@@ -178,17 +175,8 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     let hub_path = dir.join("hub.toml");
     std::fs::write(&hub_path, hub_text).map_err(|e| rt_err(&e))?;
     let hub_cfg = HubConfig::load(&hub_path).map_err(CliError::Config)?;
-    let hub = Arc::new(Hub::open(&hub_cfg).map_err(|e| rt_err(&e))?);
-    let (hub_link, hub_events) =
-        MqttLink::start(link_options(port, "demo-hub", LinkTls::Files(hub_files)))
-            .map_err(|e| rt_err(&e))?;
-    let hub_task = tokio::spawn(hub_service::serve(
-        hub.clone(),
-        hub_link,
-        hub_events,
-        "citygate-hub".to_string(),
-        token.clone(),
-    ));
+    let hub_process = HubProcess::start_with(&hub_cfg, quick_link).map_err(|e| rt_err(&e))?;
+    let hub = hub_process.hub().clone();
 
     // The gateway.
     let known: Vec<&str> = PURPOSE_FIELDS
@@ -199,7 +187,14 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     let config_text = format!(
         "[gateway]\nid = \"demo-gateway\"\n\n[purpose]\nname = \"demo-grid-and-water-planning\"\nfields = {known:?}\n\n\
          [batch]\nmax_age = \"1s\"\n\n[store]\npath = \"store\"\n\n[keys]\nsigning_key = \"keys/gateway.sign.key\"\n\
-         hub_public_key = \"keys/hub.hpke.pub\"\npseudonym_key = \"keys/pseudonym.key\"\n\n{devices}"
+         hub_public_key = \"keys/hub.hpke.pub\"\npseudonym_key = \"keys/pseudonym.key\"\n\n\
+         [uplink]\nbroker = \"localhost:{port}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\
+         # A batch published while the hub is still re-subscribing after the outage is lost\n\
+         # by the broker; a short ack timeout re-sends it quickly.\nack_timeout = \"3s\"\n\n\
+         [status]\nlisten = \"off\"\n\n{devices}",
+        ca.ca_file().display().to_string(),
+        gw_cert.cert.display().to_string(),
+        gw_cert.key.display().to_string(),
     );
     let config_path = dir.join("gateway.toml");
     std::fs::write(&config_path, &config_text).map_err(|e| rt_err(&e))?;
@@ -211,31 +206,9 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     );
     let running = supervisor::start(&cfg, keys_loaded, store.clone());
     let metrics = running.metrics.clone();
-    let (gw_link, gw_events) = MqttLink::start(link_options(
-        port,
-        "demo-gateway",
-        LinkTls::Files(ca.client_files(&gw_cert)),
-    ))
-    .map_err(|e| rt_err(&e))?;
-    let uplink_stop = CancellationToken::new();
-    let uplink_task = tokio::spawn(
-        Forwarder::new(
-            cfg.gateway_id.clone(),
-            store.clone(),
-            gw_link,
-            gw_events,
-            running.committed_rx.clone(),
-            ForwarderOptions {
-                // A batch published while the hub is still re-subscribing is lost by the
-                // broker; a short ack timeout re-sends it quickly.
-                ack_timeout: Duration::from_secs(3),
-                ..ForwarderOptions::default()
-            },
-            metrics.clone(),
-            uplink_stop.clone(),
-        )
-        .run(),
-    );
+    let uplink = supervisor::start_uplink_with(&cfg, &running, quick_link)
+        .map_err(|e| rt_err(&e))?
+        .ok_or_else(|| CliError::Runtime("the demo config has no [uplink]".into()))?;
 
     println!(
         "citygate demo: {} simulated meters ({}) → gateway → MQTT over mutual TLS (embedded broker on 127.0.0.1:{port}) → hub",
@@ -300,14 +273,9 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
 
     // Stop polling, let the uplink deliver the rest, then stop everything.
     let clean = running.shutdown(Duration::from_secs(10)).await;
-    let drain_deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while store.stats().total_batches() > 0 && tokio::time::Instant::now() < drain_deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    uplink_stop.cancel();
+    uplink.finish(&store, Duration::from_secs(20)).await;
     token.cancel();
-    let _ = uplink_task.await;
-    let _ = hub_task.await;
+    hub_process.shutdown().await;
     if let Some(b) = broker {
         b.shutdown();
     }
@@ -336,8 +304,9 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     })
 }
 
-fn link_options(port: u16, id: &str, tls: LinkTls) -> LinkOptions {
-    let mut o = LinkOptions::new(format!("localhost:{port}"), id, tls);
+/// Loopback link options for the demo: short keep-alive and backoff, so the outage and
+/// the recovery are visible within seconds.
+fn quick_link(mut o: LinkOptions) -> LinkOptions {
     o.keep_alive = Duration::from_secs(5);
     o.connect_timeout = Duration::from_secs(5);
     o.backoff = BackoffPolicy {

@@ -194,45 +194,15 @@ pub fn status(
 
 /// `citygate hub --config FILE`
 pub fn hub(path: &Path) -> Result<(), CliError> {
-    use crate::hub::{service, Hub, HubConfig};
-    use crate::uplink::{LinkOptions, LinkTls, MqttLink, TlsClientFiles};
+    use crate::hub::{HubConfig, HubProcess};
     init_logging("info");
     let cfg = HubConfig::load(path)?;
-    if cfg.mqtt.embedded_broker.is_some() {
-        return Err(CliError::Usage(
-            "mqtt.embedded_broker is not supported by `citygate hub` yet (it needs server certificates); \
-             connect to an external broker, or see `citygate demo` for the one-box setup"
-                .into(),
-        ));
-    }
-    let hub = Arc::new(Hub::open(&cfg).map_err(|e| CliError::Usage(e.to_string()))?);
-    let tls = match &cfg.mqtt.tls {
-        Some(t) => LinkTls::Files(TlsClientFiles {
-            ca: t.ca_file.clone(),
-            cert: t.cert_file.clone(),
-            key: t.key_file.clone(),
-        }),
-        None => LinkTls::DangerPlaintext,
-    };
     let rt = runtime()?;
     rt.block_on(async {
-        let (link, events) = MqttLink::start(LinkOptions::new(
-            cfg.mqtt.broker.clone(),
-            cfg.mqtt.client_id.clone(),
-            tls,
-        ))
-        .map_err(|e| CliError::Usage(format!("mqtt: {e}")))?;
-        let token = CancellationToken::new();
-        let task = tokio::spawn(service::serve(
-            hub.clone(),
-            link,
-            events,
-            cfg.mqtt.share_group.clone(),
-            token.clone(),
-        ));
+        let process = HubProcess::start(&cfg).map_err(|e| CliError::Usage(e.to_string()))?;
         shutdown_signal().await;
-        token.cancel();
-        let _ = task.await;
+        let hub = process.hub().clone();
+        process.shutdown().await;
         let s = hub.stats();
         info!(
             batches = s.accepted_batches,
@@ -377,6 +347,55 @@ pub fn keys_gen(dir: &Path, force: bool) -> Result<(), CliError> {
         "pseudonym key         {} (secret, 0600; key id {})",
         g.pseudonym_key.display(),
         hex::encode(g.pseudonym_key_id)
+    );
+    Ok(())
+}
+
+/// `citygate keys tls --dir DIR --server NAME… --client ID…`
+pub fn keys_tls(
+    dir: &Path,
+    servers: &[String],
+    clients: &[String],
+    force: bool,
+) -> Result<(), CliError> {
+    use crate::uplink::CertAuthority;
+    if dir.join("ca.pem").exists() && !force {
+        return Err(CliError::Usage(format!(
+            "{} already exists; certificates issued by it would stop verifying. Use --force to replace it",
+            dir.join("ca.pem").display()
+        )));
+    }
+    let (mut names, mut ips) = (Vec::new(), Vec::new());
+    for s in servers {
+        match s.parse::<std::net::IpAddr>() {
+            Ok(ip) => ips.push(ip),
+            Err(_) => names.push(s.as_str()),
+        }
+    }
+    let usage = |e: crate::uplink::TlsError| CliError::Usage(e.to_string());
+    let ca = CertAuthority::generate(dir, "citygate CA").map_err(usage)?;
+    let server = ca.issue_server("broker", &names, &ips).map_err(usage)?;
+    println!(
+        "CA certificate        {} (give to every gateway, hub and the broker)",
+        ca.ca_file().display()
+    );
+    println!(
+        "broker certificate    {} + {} (0600) for {}",
+        server.cert.display(),
+        server.key.display(),
+        servers.join(", ")
+    );
+    for c in clients {
+        let files = ca.issue_client(c).map_err(usage)?;
+        println!(
+            "client certificate    {} + {} (0600) for {c}",
+            files.cert.display(),
+            files.key.display()
+        );
+    }
+    println!(
+        "The CA's private key was not written: issue further certificates by running this again \
+         (a new CA) or with your own PKI."
     );
     Ok(())
 }

@@ -68,8 +68,11 @@ pub enum SinkConfig {
 /// How the hub reaches its broker. Used by the MQTT layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MqttConfig {
-    /// `host:port`.
+    /// `host:port`. With an embedded broker and no `broker` key: `localhost:{listen port}`,
+    /// and [`MqttConfig::broker_is_embedded`] says to use the port actually bound.
     pub broker: String,
+    /// True when `broker` was derived from `embedded_broker.listen`.
+    pub broker_is_embedded: bool,
     pub client_id: String,
     /// Shared-subscription group (`$share/{group}/citygate/v1/+/+`).
     pub share_group: String,
@@ -78,14 +81,19 @@ pub struct MqttConfig {
     /// Connect without TLS (development only).
     pub danger_plaintext: bool,
     /// Run a broker inside the hub process (one-box setups, the demo).
-    pub embedded_broker: Option<EmbeddedBroker>,
+    pub embedded_broker: Option<EmbeddedBrokerConfig>,
 }
 
 pub use crate::config::TlsFiles;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EmbeddedBroker {
+/// A broker run inside the hub process (rumqttd), mutual TLS only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddedBrokerConfig {
+    /// Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// The broker's certificate (leaf first) and key, and the CA client certificates of
+    /// gateways and hubs must chain to.
+    pub tls: crate::uplink::TlsServerFiles,
 }
 
 /// One registered gateway.
@@ -122,7 +130,7 @@ enum RawSink {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMqtt {
-    broker: Spanned<String>,
+    broker: Option<Spanned<String>>,
     client_id: Option<Spanned<String>>,
     #[serde(default = "default_share_group")]
     share_group: Spanned<String>,
@@ -142,6 +150,9 @@ fn default_share_group() -> Spanned<String> {
 #[serde(deny_unknown_fields)]
 struct RawEmbeddedBroker {
     listen: Spanned<String>,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,15 +192,17 @@ impl HubConfig {
         }
 
         let m = raw.mqtt;
-        if !is_host_port(m.broker.get_ref()) {
-            errors.push(src.at(
-                m.broker.span(),
-                "mqtt.broker",
-                format!(
-                    "{:?} is not host:port, e.g. \"broker.example:8883\"",
-                    m.broker.get_ref()
-                ),
-            ));
+        if let Some(b) = &m.broker {
+            if !is_host_port(b.get_ref()) {
+                errors.push(src.at(
+                    b.span(),
+                    "mqtt.broker",
+                    format!(
+                        "{:?} is not host:port, e.g. \"broker.example:8883\"",
+                        b.get_ref()
+                    ),
+                ));
+            }
         }
         let client_id = match &m.client_id {
             Some(c) => {
@@ -220,14 +233,24 @@ impl HubConfig {
             &resolve,
         )
         .unwrap_or_else(|msg| {
-            errors.push(src.at(m.broker.span(), "mqtt", msg));
+            errors.push(match &m.broker {
+                Some(b) => src.at(b.span(), "mqtt", msg),
+                None => src.whole("mqtt", msg),
+            });
             None
         });
         let embedded_broker = m.embedded_broker.and_then(|b| {
             b.listen
                 .get_ref()
                 .parse::<SocketAddr>()
-                .map(|listen| EmbeddedBroker { listen })
+                .map(|listen| EmbeddedBrokerConfig {
+                    listen,
+                    tls: crate::uplink::TlsServerFiles {
+                        client_ca: resolve(&b.client_ca_file),
+                        cert: resolve(&b.cert_file),
+                        key: resolve(&b.key_file),
+                    },
+                })
                 .map_err(|_| {
                     errors.push(src.at(
                         b.listen.span(),
@@ -240,6 +263,18 @@ impl HubConfig {
                 })
                 .ok()
         });
+        let (broker, broker_is_embedded) = match (m.broker, &embedded_broker) {
+            (Some(b), _) => (b.into_inner(), false),
+            (None, Some(e)) => (format!("localhost:{}", e.listen.port()), true),
+            (None, None) => {
+                errors.push(src.whole(
+                    "mqtt.broker",
+                    "missing: give the broker's host:port, or run one in the hub with \
+                     embedded_broker = { listen, cert_file, key_file, client_ca_file }",
+                ));
+                (String::new(), false)
+            }
+        };
 
         let mut seen = HashSet::new();
         let mut gateways = Vec::with_capacity(raw.gateways.len());
@@ -279,7 +314,8 @@ impl HubConfig {
                 },
             },
             mqtt: MqttConfig {
-                broker: m.broker.into_inner(),
+                broker,
+                broker_is_embedded,
                 client_id,
                 share_group: m.share_group.into_inner(),
                 tls,
@@ -424,7 +460,7 @@ verifying_key = "/abs/gw-2.pub"
             .replace("[mqtt]\n", "[mqtt]\nshare_group = \"a/b\"\n")
             .replace(
                 "key_file = \"tls/hub.key\"",
-                "embedded_broker = { listen = \"nowhere\" }",
+                "embedded_broker = { listen = \"nowhere\", cert_file = \"b.pem\", key_file = \"b.key\", client_ca_file = \"ca.pem\" }",
             );
         let keys: Vec<String> = errors(&text).into_iter().map(|d| d.key).collect();
         for k in [
@@ -447,16 +483,31 @@ verifying_key = "/abs/gw-2.pub"
             .replace("key_file = \"tls/hub.key\"\n", "");
         let e = errors(&no_tls);
         assert!(e[0].message.contains("danger_plaintext"), "{}", e[0]);
-        let c = parse(&no_tls.replace(
-            "[mqtt]\n",
-            "[mqtt]\ndanger_plaintext = true\nembedded_broker = { listen = \"127.0.0.1:1883\" }\n",
-        ))
-        .unwrap();
+        let c = parse(&no_tls.replace("[mqtt]\n", "[mqtt]\ndanger_plaintext = true\n")).unwrap();
         assert!(c.mqtt.danger_plaintext && c.mqtt.tls.is_none());
-        assert_eq!(
-            c.mqtt.embedded_broker.unwrap().listen,
-            "127.0.0.1:1883".parse().unwrap()
-        );
+    }
+
+    #[test]
+    fn embedded_broker_needs_its_tls_files_and_can_stand_in_for_broker() {
+        let embedded =
+            "embedded_broker = { listen = \"127.0.0.1:0\", cert_file = \"tls/broker.pem\", \
+                        key_file = \"tls/broker.key\", client_ca_file = \"tls/ca.pem\" }\n";
+        let c = parse(&CONFIG.replace("broker = \"127.0.0.1:8883\"\n", embedded)).unwrap();
+        let e = c.mqtt.embedded_broker.unwrap();
+        assert_eq!(e.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(e.tls.cert, Path::new("/etc/citygate/tls/broker.pem"));
+        assert_eq!(e.tls.client_ca, Path::new("/etc/citygate/tls/ca.pem"));
+        assert!(c.mqtt.broker_is_embedded);
+        assert_eq!(c.mqtt.broker, "localhost:0");
+        // Without its certificate it is an error naming the missing key.
+        let e = errors(&CONFIG.replace(
+            "broker = \"127.0.0.1:8883\"\n",
+            "embedded_broker = { listen = \"127.0.0.1:0\" }\n",
+        ));
+        assert!(e[0].to_string().contains("cert_file"), "{}", e[0]);
+        // Neither a broker nor an embedded one.
+        let e = errors(&CONFIG.replace("broker = \"127.0.0.1:8883\"\n", ""));
+        assert_eq!(e[0].key, "mqtt.broker");
     }
 
     #[test]

@@ -34,6 +34,7 @@
 mod ack;
 pub mod config;
 pub mod dedup;
+pub mod process;
 pub mod sink;
 
 #[cfg(test)]
@@ -48,6 +49,7 @@ pub mod service;
 pub use ack::{Ack, AckError, ACK_VERSION, MAX_ACK_BYTES};
 pub use config::{HubConfig, HubKeys, SinkConfig};
 pub use dedup::{Dedup, DedupError, Seen};
+pub use process::HubProcess;
 pub use sink::{BatchKey, JsonlSink, Sink, SinkError};
 
 use crate::reading::GatewayId;

@@ -7,6 +7,7 @@ mod support;
 mod cli;
 mod config_files;
 mod e2e;
+mod hub_wire;
 mod mosquitto;
 mod pipeline;
 mod profiles;
