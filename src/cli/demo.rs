@@ -166,7 +166,8 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     let hub_text = format!(
         "[hub]\nid = \"demo-hub\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nstate_path = \"hub-state\"\n\n\
          [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n[mqtt]\nbroker = \"localhost:{port}\"\n\
-         ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\n[[gateway]]\nid = \"demo-gateway\"\n\
+         ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\n[status]\nlisten = \"off\"\n\n\
+         [[gateway]]\nid = \"demo-gateway\"\n\
          verifying_key = \"keys/gateway.sign.pub\"\n",
         hub_files.ca.display().to_string(),
         hub_files.cert.display().to_string(),

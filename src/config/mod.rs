@@ -173,6 +173,60 @@ pub struct StatusConfig {
 /// Where the status endpoint listens unless the config says otherwise.
 pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:9187";
 
+/// The `[status]` section as written.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStatus {
+    listen: toml::Spanned<String>,
+    #[serde(default)]
+    danger_non_loopback: bool,
+}
+
+/// Validates a `[status]` section (gateway and hub share it); `default` applies when the
+/// section is absent.
+pub(crate) fn status_config(
+    raw: Option<RawStatus>,
+    src: &diag::SourceFile,
+    errors: &mut Vec<diag::Diagnostic>,
+    default: &str,
+) -> StatusConfig {
+    let Some(raw) = raw else {
+        return StatusConfig {
+            listen: default.parse().ok(),
+        };
+    };
+    let text = raw.listen.get_ref().trim();
+    if text == "off" {
+        return StatusConfig { listen: None };
+    }
+    match text.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() || raw.danger_non_loopback => {
+            StatusConfig { listen: Some(addr) }
+        }
+        Ok(addr) => {
+            errors.push(src.at(
+                raw.listen.span(),
+                "status.listen",
+                format!(
+                    "{addr} is not a loopback address: the endpoint has no authentication; \
+                     use 127.0.0.1 or ::1, or set danger_non_loopback = true"
+                ),
+            ));
+            StatusConfig { listen: None }
+        }
+        Err(_) => {
+            errors.push(src.at(
+                raw.listen.span(),
+                "status.listen",
+                format!(
+                    "{text:?} is not an IP:port address; valid: e.g. \"127.0.0.1:9187\", \"[::1]:9187\", or \"off\""
+                ),
+            ));
+            StatusConfig { listen: None }
+        }
+    }
+}
+
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {

@@ -30,7 +30,7 @@ struct RawConfig {
     #[serde(default)]
     modbus: RawModbus,
     uplink: Option<RawUplink>,
-    status: Option<RawStatus>,
+    status: Option<super::RawStatus>,
     #[serde(rename = "device", default)]
     devices: Vec<RawDevice>,
 }
@@ -152,14 +152,6 @@ fn default_window() -> Spanned<usize> {
 }
 fn default_ack_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStatus {
-    listen: Spanned<String>,
-    #[serde(default)]
-    danger_non_loopback: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -368,7 +360,7 @@ pub(super) fn parse(
         })
     });
 
-    let status = status_config(raw.status, &src, &mut errors);
+    let status = super::status_config(raw.status, &src, &mut errors, super::DEFAULT_STATUS_LISTEN);
 
     if !errors.is_empty() {
         return Err(errors.into());
@@ -399,48 +391,6 @@ pub(super) fn parse(
         uplink,
         status,
     })
-}
-
-fn status_config(
-    raw: Option<RawStatus>,
-    src: &SourceFile,
-    errors: &mut Vec<Diagnostic>,
-) -> super::StatusConfig {
-    let Some(raw) = raw else {
-        return super::StatusConfig {
-            listen: super::DEFAULT_STATUS_LISTEN.parse().ok(),
-        };
-    };
-    let text = raw.listen.get_ref().trim();
-    if text == "off" {
-        return super::StatusConfig { listen: None };
-    }
-    match text.parse::<std::net::SocketAddr>() {
-        Ok(addr) if addr.ip().is_loopback() || raw.danger_non_loopback => {
-            super::StatusConfig { listen: Some(addr) }
-        }
-        Ok(addr) => {
-            errors.push(src.at(
-                raw.listen.span(),
-                "status.listen",
-                format!(
-                    "{addr} is not a loopback address: the endpoint has no authentication; \
-                     use 127.0.0.1 or ::1, or set danger_non_loopback = true"
-                ),
-            ));
-            super::StatusConfig { listen: None }
-        }
-        Err(_) => {
-            errors.push(src.at(
-                raw.listen.span(),
-                "status.listen",
-                format!(
-                    "{text:?} is not an IP:port address; valid: e.g. \"127.0.0.1:9187\", \"[::1]:9187\", or \"off\""
-                ),
-            ));
-            super::StatusConfig { listen: None }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -56,7 +56,12 @@ pub struct HubConfig {
     pub mqtt: MqttConfig,
     /// The registry: gateways whose batches are accepted, in file order, ids unique.
     pub gateways: Vec<GatewayEntry>,
+    /// The local status endpoint (`/status`, `/metrics`, `/health`).
+    pub status: crate::config::StatusConfig,
 }
+
+/// Where the hub's status endpoint listens unless the config says otherwise.
+pub const DEFAULT_HUB_STATUS_LISTEN: &str = "127.0.0.1:9188";
 
 /// Where accepted records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +114,7 @@ struct RawHubConfig {
     hub: RawHub,
     sink: RawSink,
     mqtt: RawMqtt,
+    status: Option<crate::config::RawStatus>,
     #[serde(rename = "gateway", default)]
     gateways: Vec<RawGatewayEntry>,
 }
@@ -300,6 +306,9 @@ impl HubConfig {
             ));
         }
 
+        let status =
+            crate::config::status_config(raw.status, &src, &mut errors, DEFAULT_HUB_STATUS_LISTEN);
+
         if !errors.is_empty() {
             return Err(errors.into());
         }
@@ -323,6 +332,7 @@ impl HubConfig {
                 embedded_broker,
             },
             gateways,
+            status,
         })
     }
 }

@@ -80,7 +80,7 @@ impl Ingest {
 }
 
 /// Counters since the hub started.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct HubStats {
     pub accepted_batches: u64,
     pub records_written: u64,

@@ -8,6 +8,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{service, Hub, HubConfig, HubError};
+use crate::reading::now_ms;
+use crate::telemetry::http::{Reply, Routes};
+use crate::telemetry::prometheus::{count, Exposition, Kind, CONTENT_TYPE};
+use crate::telemetry::StartTime;
 use crate::uplink::{
     BrokerError, BrokerOptions, EmbeddedBroker, LinkError, LinkOptions, LinkTls, MqttLink,
     TlsClientFiles,
@@ -29,6 +33,7 @@ pub enum StartError {
 pub struct HubProcess {
     hub: Arc<Hub>,
     broker: Option<EmbeddedBroker>,
+    status_addr: Option<SocketAddr>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -82,12 +87,19 @@ impl HubProcess {
             cfg.mqtt.share_group.clone(),
             stop.clone(),
         ));
+        let status_addr = start_status(cfg, &hub, stop.clone());
         Ok(HubProcess {
             hub,
             broker,
+            status_addr,
             stop,
             task,
         })
+    }
+
+    /// Where the status endpoint listens, if it could bind.
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.status_addr
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -108,4 +120,123 @@ impl HubProcess {
             let _ = tokio::task::spawn_blocking(move || b.shutdown()).await;
         }
     }
+}
+
+/// The hub's `/status`, `/metrics` and `/health`.
+#[derive(Debug)]
+struct HubRoutes {
+    id: String,
+    hub: Arc<Hub>,
+    started: StartTime,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct HubStatus<'a> {
+    hub: &'a str,
+    version: &'a str,
+    uptime_s: i64,
+    #[serde(flatten)]
+    stats: super::HubStats,
+}
+
+impl Routes for HubRoutes {
+    fn get(&self, path: &str) -> Option<Reply> {
+        let stats = self.hub.stats();
+        let uptime_s = (now_ms() - self.started.0) / 1000;
+        match path {
+            "/status" => Some(Reply::json(
+                200,
+                &HubStatus {
+                    hub: &self.id,
+                    version: env!("CARGO_PKG_VERSION"),
+                    uptime_s,
+                    stats,
+                },
+            )),
+            "/health" => Some(Reply::ok("text/plain", "ok\n".into())),
+            "/metrics" => {
+                let mut e = Exposition::new();
+                e.family("citygate_hub_info", Kind::Gauge, "Hub identity; always 1.")
+                    .labelled(
+                        "citygate_hub_info",
+                        &[("hub", &self.id), ("version", env!("CARGO_PKG_VERSION"))],
+                        1u8,
+                    );
+                e.single(
+                    "citygate_hub_up_seconds",
+                    Kind::Gauge,
+                    "Seconds since the hub started.",
+                    uptime_s as f64,
+                );
+                for (name, help, v) in [
+                    (
+                        "accepted_batches",
+                        "Batches written and acknowledged.",
+                        stats.accepted_batches,
+                    ),
+                    (
+                        "records_written",
+                        "Records written to the sink.",
+                        stats.records_written,
+                    ),
+                    (
+                        "duplicates",
+                        "Batches seen before: acknowledged again, not written.",
+                        stats.duplicates,
+                    ),
+                    (
+                        "recovered_batches",
+                        "Batches found in the sink at start and marked seen.",
+                        stats.recovered_batches,
+                    ),
+                ] {
+                    e.single(
+                        &format!("citygate_hub_{name}_total"),
+                        Kind::Counter,
+                        help,
+                        count(v),
+                    );
+                }
+                e.family(
+                    "citygate_hub_rejected_total",
+                    Kind::Counter,
+                    "Payloads rejected (never acknowledged), by reason.",
+                );
+                for (reason, n) in &stats.rejected {
+                    e.labelled(
+                        "citygate_hub_rejected_total",
+                        &[("reason", reason)],
+                        count(*n),
+                    );
+                }
+                Some(Reply::ok(CONTENT_TYPE, e.finish()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Binds the hub's status endpoint; a failure is logged, not fatal.
+fn start_status(cfg: &HubConfig, hub: &Arc<Hub>, stop: CancellationToken) -> Option<SocketAddr> {
+    let listen = cfg.status.listen?;
+    let bound = std::net::TcpListener::bind(listen).and_then(|l| {
+        l.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(l)
+    });
+    let listener = match bound {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(%listen, error = %e, "status endpoint disabled: cannot listen");
+            return None;
+        }
+    };
+    let addr = listener.local_addr().ok()?;
+    let routes = Arc::new(HubRoutes {
+        id: cfg.id.clone(),
+        hub: hub.clone(),
+        started: StartTime::default(),
+    });
+    tokio::spawn(crate::telemetry::http::serve(listener, routes, stop));
+    info!(%addr, "status endpoint: /status /metrics /health");
+    Some(addr)
 }

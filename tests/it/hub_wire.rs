@@ -39,6 +39,7 @@ fn write_hub_config(dep: &Deployment, ca: &CertAuthority, listen: &str) -> PathB
          [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n\
          [mqtt]\nca_file = {ca:?}\ncert_file = {hc:?}\nkey_file = {hk:?}\n\
          embedded_broker = {{ listen = \"{listen}\", cert_file = {sc:?}, key_file = {sk:?}, client_ca_file = {ca:?} }}\n\n\
+         [status]\nlisten = \"127.0.0.1:0\"\n\n\
          [[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n",
         ca = ca.ca_file().display().to_string(),
         hc = hub.cert.display().to_string(),
@@ -267,6 +268,7 @@ async fn citygate_hub_runs_its_embedded_broker_from_keys_tls_output() {
          [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n\
          [mqtt]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\
          embedded_broker = {{ listen = \"127.0.0.1:0\", cert_file = {:?}, key_file = {:?}, client_ca_file = {:?} }}\n\n\
+         [status]\nlisten = \"127.0.0.1:0\"\n\n\
          [[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n",
         p("ca.pem"),
         p("client-hub-1.pem"),
