@@ -22,7 +22,7 @@ use crate::reading::{now_ms, Stream, TimestampMs};
 use crate::store::Store;
 use crate::telemetry::http::{Reply, Routes};
 use crate::telemetry::prometheus::{count, Exposition, Kind, CONTENT_TYPE};
-use crate::telemetry::{LinkStatus, Metrics};
+use crate::telemetry::{DeviceStats, LinkStatus, Metrics};
 
 /// Store usage above which the gateway reports itself degraded.
 const STORE_FULL_RATIO: f64 = 0.9;
@@ -37,12 +37,8 @@ pub struct DeviceStatus {
     pub endpoint: String,
     pub unit: u8,
     pub poll_interval_ms: u64,
-    pub polls_ok: u64,
-    pub timeouts: u64,
-    pub exceptions: u64,
-    pub transport_errors: u64,
-    pub last_ok_ms: Option<TimestampMs>,
-    pub last_error: Option<String>,
+    #[serde(flatten)]
+    pub polls: DeviceStats,
     /// No good poll within three intervals (plus slack) of now.
     pub stale: bool,
 }
@@ -141,12 +137,7 @@ impl StatusSource {
                     endpoint: d.endpoint.clone(),
                     unit: d.unit,
                     poll_interval_ms: u64::try_from(d.interval.as_millis()).unwrap_or(u64::MAX),
-                    polls_ok: s.polls_ok,
-                    timeouts: s.timeouts,
-                    exceptions: s.exceptions,
-                    transport_errors: s.transport_errors,
-                    last_ok_ms: s.last_ok_ms,
-                    last_error: s.last_error,
+                    polls: s,
                     stale,
                 }
             })
@@ -289,10 +280,10 @@ impl StatusSource {
         );
         for d in &st.devices {
             for (outcome, n) in [
-                ("ok", d.polls_ok),
-                ("timeout", d.timeouts),
-                ("exception", d.exceptions),
-                ("transport_error", d.transport_errors),
+                ("ok", d.polls.polls_ok),
+                ("timeout", d.polls.timeouts),
+                ("exception", d.polls.exceptions),
+                ("transport_error", d.polls.transport_errors),
             ] {
                 e.labelled(
                     "citygate_device_polls_total",
@@ -310,7 +301,7 @@ impl StatusSource {
             e.labelled(
                 "citygate_device_last_ok_timestamp_seconds",
                 &[("device", &d.name)],
-                d.last_ok_ms.map_or(0.0, |t| t as f64 / 1000.0),
+                d.polls.last_ok_ms.map_or(0.0, |t| t as f64 / 1000.0),
             );
         }
         e.finish()
@@ -480,11 +471,11 @@ pub fn render(st: &GatewayStatus) -> String {
             d.endpoint,
             d.unit,
             d.poll_interval_ms as f64 / 1000.0,
-            d.polls_ok,
-            d.timeouts,
-            d.exceptions + d.transport_errors,
-            ago(now, d.last_ok_ms),
-            d.last_error.as_deref().unwrap_or("-"),
+            d.polls.polls_ok,
+            d.polls.timeouts,
+            d.polls.exceptions + d.polls.transport_errors,
+            ago(now, d.polls.last_ok_ms),
+            d.polls.last_error.as_deref().unwrap_or("-"),
             if d.stale { "  (stale)" } else { "" }
         );
     }

@@ -33,7 +33,7 @@ impl Counter {
 }
 
 /// Poll outcomes of one device.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceStats {
     pub polls_ok: u64,
     pub timeouts: u64,

@@ -74,10 +74,10 @@ async fn status_metrics_and_health_of_a_running_gateway() {
         let done = s
             .devices
             .iter()
-            .any(|d| d.name == "meter-1" && d.polls_ok >= 3)
+            .any(|d| d.name == "meter-1" && d.polls.polls_ok >= 3)
             && s.devices
                 .iter()
-                .any(|d| d.name == "meter-2" && d.timeouts >= 1);
+                .any(|d| d.name == "meter-2" && d.polls.timeouts >= 1);
         st = Some(s);
         if done {
             break;
@@ -88,9 +88,12 @@ async fn status_metrics_and_health_of_a_running_gateway() {
     assert_eq!(st.gateway, "gw-status");
     let m1 = st.devices.iter().find(|d| d.name == "meter-1").unwrap();
     let m2 = st.devices.iter().find(|d| d.name == "meter-2").unwrap();
-    assert!(m1.polls_ok >= 3 && m1.last_ok_ms.is_some(), "{m1:?}");
-    assert!(m2.timeouts >= 1 && m2.polls_ok == 0, "{m2:?}");
-    assert_eq!(m2.last_error.as_deref(), Some("timeout"));
+    assert!(
+        m1.polls.polls_ok >= 3 && m1.polls.last_ok_ms.is_some(),
+        "{m1:?}"
+    );
+    assert!(m2.polls.timeouts >= 1 && m2.polls.polls_ok == 0, "{m2:?}");
+    assert_eq!(m2.polls.last_error.as_deref(), Some("timeout"));
     assert_eq!(m1.endpoint, format!("tcp://{}", sim.address));
     assert!(!st.link.configured, "no [uplink] in this config");
     assert!(st.counters["samples_polled"] >= 3, "{:?}", st.counters);
