@@ -118,12 +118,17 @@ pub fn report(cfg: &GatewayConfig) -> (String, bool) {
     }
     let _ = writeln!(out, "\ndevices   {}", cfg.devices.len());
     for d in &cfg.devices {
-        device_report(&mut out, d, &policy);
+        device_report(&mut out, d, &policy, cfg.batch.alarm_state_every);
     }
     (out, key_error)
 }
 
-fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Policy) {
+fn device_report(
+    out: &mut String,
+    d: &crate::config::DeviceConfig,
+    policy: &Policy,
+    alarm_every: std::time::Duration,
+) {
     let p = &d.profile;
     let reads = plan(p);
     let _ = writeln!(
@@ -143,6 +148,13 @@ fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Pol
             .map(|l| format!("  location {l:?} (stays on the box)"))
             .unwrap_or_default()
     );
+    if d.ratios != crate::profile::Ratios::UNITY {
+        let _ = writeln!(
+            out,
+            "    secondary-side meter: ct_ratio {}  pt_ratio {} (fields with a ratio are scaled to primary values)",
+            d.ratios.ct, d.ratios.pt
+        );
+    }
     let spans: Vec<String> = reads
         .iter()
         .map(|r| format!("{:#06x}+{}", r.start.0, r.count))
@@ -156,7 +168,7 @@ fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Pol
     );
     let _ = writeln!(
         out,
-        "    {:<22} {:>8} {:<6} {:<5} {:<14} {:<18} leaves the box",
+        "    {:<22} {:>8} {:<7} {:<5} {:<14} {:<18} leaves the box",
         "field", "register", "type", "order", "unit", "class"
     );
     for f in &p.fields {
@@ -179,21 +191,42 @@ fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Pol
             if f.class.personal { "/PI" } else { "" }
         )
         .to_lowercase();
+        let ty = match f.fraction {
+            Some(frac) => format!("{}+{}", f.ty, frac.ty),
+            None => f.ty.to_string(),
+        };
+        let mut notes = String::new();
+        if let Some(frac) = f.fraction {
+            let _ = write!(
+                notes,
+                "  [total = integer + fraction at {:#06x}]",
+                frac.register
+            );
+        }
+        if let Some(r) = f.ratio {
+            let _ = write!(notes, "  [ratio {r} x{}]", d.ratios.multiplier(Some(r)));
+        }
+        if f.stream != crate::reading::Stream::Readings {
+            let _ = write!(
+                notes,
+                "  [stream {}: on change, state every {:?}]",
+                f.stream, alarm_every
+            );
+        }
+        if !f.verified {
+            notes.push_str("  [register unverified]");
+        }
         let _ = writeln!(
             out,
-            "    {:<22} {:>8} {:<6} {:<5} {:<14} {:<18} {}{}",
+            "    {:<22} {:>8} {:<7} {:<5} {:<14} {:<18} {}{}",
             f.name.as_str(),
             format!("{:#06x}", f.register),
-            f.ty.to_string(),
+            ty,
             f.order.to_string(),
             unit,
             class,
             leaves,
-            if f.verified {
-                ""
-            } else {
-                "  [register unverified]"
-            }
+            notes
         );
     }
 }

@@ -13,7 +13,7 @@ use super::{
     BatchConfig, ConfigError, DeviceConfig, GatewayConfig, KeyPaths, ModbusConfig, PurposeConfig,
     StoreConfig, Transport,
 };
-use crate::profile::ProfileSet;
+use crate::profile::{Profile, ProfileSet, Ratio, Ratios};
 use crate::reading::{DeviceId, FieldName, GatewayId, UnitId};
 
 const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -56,6 +56,12 @@ struct RawBatch {
     max_age: Spanned<HumanDuration>,
     #[serde(default = "default_max_records")]
     max_records: Spanned<usize>,
+    #[serde(default = "default_alarm_state_every")]
+    alarm_state_every: Spanned<HumanDuration>,
+}
+
+fn default_alarm_state_every() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(15 * 60)))
 }
 
 fn default_max_age() -> Spanned<HumanDuration> {
@@ -70,6 +76,7 @@ impl Default for RawBatch {
         Self {
             max_age: default_max_age(),
             max_records: default_max_records(),
+            alarm_state_every: default_alarm_state_every(),
         }
     }
 }
@@ -163,6 +170,10 @@ struct RawDevice {
     poll_interval: Spanned<HumanDuration>,
     timeout: Option<HumanDuration>,
     location: Option<String>,
+    /// Current-transformer ratio of a secondary-side meter (primary A / secondary A).
+    ct_ratio: Option<Spanned<f64>>,
+    /// Voltage-transformer ratio of a secondary-side meter (primary V / secondary V).
+    pt_ratio: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,7 +214,15 @@ pub(super) fn parse(
     let batch = BatchConfig {
         max_age: raw.batch.max_age.get_ref().0,
         max_records: *raw.batch.max_records.get_ref(),
+        alarm_state_every: raw.batch.alarm_state_every.get_ref().0,
     };
+    if batch.alarm_state_every < Duration::from_secs(1) {
+        errors.push(src.at(
+            raw.batch.alarm_state_every.span(),
+            "batch.alarm_state_every",
+            "must be at least 1s, e.g. \"15m\"",
+        ));
+    }
     if batch.max_age.is_zero() || batch.max_age > Duration::from_secs(60) {
         errors.push(src.at(
             raw.batch.max_age.span(),
@@ -290,6 +309,13 @@ pub(super) fn parse(
                 Transport::Tcp { address }
             }
         };
+        let ratios = device_ratios(
+            &src,
+            &key,
+            &mut errors,
+            (d.ct_ratio.as_ref(), d.pt_ratio.as_ref()),
+            profile.as_deref(),
+        );
         if let (Some(id), Some(profile)) = (id, profile) {
             devices.push(DeviceConfig {
                 id,
@@ -299,6 +325,7 @@ pub(super) fn parse(
                 poll_interval: interval,
                 timeout: d.timeout.map_or(modbus.timeout, |t| t.0),
                 location: d.location,
+                ratios,
             });
         }
     }
@@ -389,10 +416,58 @@ pub(super) fn parse(
     })
 }
 
+/// A device's `ct_ratio`/`pt_ratio`: finite and > 0, and only where its profile has a
+/// field the ratio applies to (a ratio nothing uses is a misconfiguration).
+fn device_ratios(
+    src: &SourceFile<'_>,
+    key: &str,
+    errors: &mut Vec<Diagnostic>,
+    (ct, pt): (Option<&Spanned<f64>>, Option<&Spanned<f64>>),
+    profile: Option<&Profile>,
+) -> Ratios {
+    let mut ratios = Ratios::UNITY;
+    for (name, value, uses) in [
+        ("ct_ratio", ct, [Ratio::Ct, Ratio::CtPt]),
+        ("pt_ratio", pt, [Ratio::Pt, Ratio::CtPt]),
+    ] {
+        let Some(v) = value else { continue };
+        let x = *v.get_ref();
+        if !(x.is_finite() && x > 0.0) {
+            errors.push(src.at(
+                v.span(),
+                format!("{key}.{name}"),
+                format!("{name} {x} is not valid; valid: a number > 0 (primary / secondary, e.g. 40 for a 200/5 A CT)"),
+            ));
+            continue;
+        }
+        if let Some(p) = profile {
+            if !p
+                .fields
+                .iter()
+                .any(|f| f.ratio.is_some_and(|r| uses.contains(&r)))
+            {
+                errors.push(src.at(
+                    v.span(),
+                    format!("{key}.{name}"),
+                    format!(
+                        "profile {} has no field with ratio \"{}\" or \"ct_pt\", so {name} would change nothing; remove it or use a profile for the meter's secondary-side registers",
+                        p.name, uses[0]
+                    ),
+                ));
+                continue;
+            }
+        }
+        match name {
+            "ct_ratio" => ratios.ct = x,
+            _ => ratios.pt = x,
+        }
+    }
+    ratios
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::Profile;
 
     const PROFILE: &str = r#"
 [meter]

@@ -9,11 +9,11 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use super::{
-    Counter, Field, FieldType, FunctionCode, LineSettings, Parity, Profile, ProfileUnit, WordOrder,
-    DEFAULT_MAX_GAP_REGISTERS, MAX_REGISTERS_PER_READ,
+    Counter, Field, FieldType, Fraction, FunctionCode, LineSettings, Parity, Profile, ProfileUnit,
+    Ratio, WordOrder, DEFAULT_MAX_GAP_REGISTERS, MAX_REGISTERS_PER_READ,
 };
 use crate::config::diag::{Diagnostic, SourceFile};
-use crate::reading::{Category, Classification, FieldName, Grade, RegisterAddress};
+use crate::reading::{Category, Classification, FieldName, Grade, RegisterAddress, Stream};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +83,14 @@ struct RawField {
     sentinels: Vec<Spanned<toml::Value>>,
     counter: Option<Spanned<String>>,
     rollover: Option<Spanned<f64>>,
+    /// Combined total: the register of the fraction added to this field's integer part.
+    fraction_register: Option<Spanned<u32>>,
+    /// Type of the fraction part (default "f32").
+    fraction_type: Option<Spanned<String>>,
+    /// Transformer ratio for secondary-side values: "ct", "pt" or "ct_pt".
+    ratio: Option<Spanned<String>>,
+    /// "readings" or "alarms" (default: "alarms" for category "alarm").
+    stream: Option<Spanned<String>>,
     category: Category,
     grade: Grade,
     #[serde(default)]
@@ -183,13 +191,19 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>>
     for (i, f) in raw.fields.into_iter().enumerate() {
         let key = format!("field[{i}]");
         let reg_span = f.register.span();
-        if let Some(field) = convert_field(&mut c, &key, f, address_base, default_order) {
+        let frac_span = f.fraction_register.as_ref().map(Spanned::span);
+        let limits = (address_base, default_order, max_registers_per_read);
+        if let Some(field) = convert_field(&mut c, &key, f, limits) {
             for (j, other) in fields.iter().enumerate() {
-                if let Some(msg) = conflict(&field, other) {
+                if let Some((part, msg)) = conflict(&field, other) {
                     let other_line = crate::config::diag::line_col(text, spans[j].start).0;
+                    let (span, k) = match (part, &frac_span) {
+                        (Part::Fraction, Some(fs)) => (fs.clone(), "fraction_register"),
+                        _ => (reg_span.clone(), "register"),
+                    };
                     c.err(
-                        reg_span.clone(),
-                        format!("{key}.register"),
+                        span,
+                        format!("{key}({}).{k}", field.name),
                         format!("{msg} (line {other_line})"),
                     );
                 }
@@ -252,8 +266,7 @@ fn convert_field(
     c: &mut Check<'_>,
     key: &str,
     f: RawField,
-    address_base: u16,
-    default_order: WordOrder,
+    (address_base, default_order, max_registers_per_read): (u16, WordOrder, u16),
 ) -> Option<Field> {
     let before = c.errors.len();
     let name = FieldName::new(f.name.get_ref().clone())
@@ -388,6 +401,62 @@ fn convert_field(
             "rollover needs counter = \"monotonic\"".into(),
         );
     }
+    let fraction = convert_fraction(c, &key, &f, ty, address, address_base);
+    if let (Some(fr), Some(a), Some(t)) = (&fraction, address, ty) {
+        let whole = Field::span_of([(a, t), (fr.address, fr.ty)]);
+        if whole.1 > max_registers_per_read {
+            c.err(
+                f.fraction_register.as_ref().map_or(f.register.span(), Spanned::span),
+                format!("{key}.fraction_register"),
+                format!(
+                    "the integer part and the fraction span {} registers; one read (max_registers_per_read = {max_registers_per_read}) must hold both so they cannot tear",
+                    whole.1
+                ),
+            );
+        }
+    }
+    let ratio = f.ratio.as_ref().and_then(|r| {
+        let parsed = Ratio::parse(r.get_ref());
+        match (parsed, unit) {
+            (None, _) => c.err(
+                r.span(),
+                format!("{key}.ratio"),
+                format!("unknown ratio {:?}; valid: {}", r.get_ref(), Ratio::NAMES),
+            ),
+            (Some(p), Some(u)) if !p.applies_to(u.canonical) => c.err(
+                r.span(),
+                format!("{key}.ratio"),
+                format!(
+                    "ratio \"{p}\" does not apply to a field in {} ({}); valid for \"{p}\": {}",
+                    u.symbol,
+                    u.canonical,
+                    p.valid_units()
+                ),
+            ),
+            _ => {}
+        }
+        parsed
+    });
+    let stream = match f.stream.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        None if f.category == Category::Alarm => Stream::Alarms,
+        None | Some(("readings", _)) => Stream::Readings,
+        Some(("alarms", _)) => Stream::Alarms,
+        Some((other, span)) => {
+            c.err(
+                span,
+                format!("{key}.stream"),
+                format!("unknown stream {other:?}; valid: \"readings\", \"alarms\""),
+            );
+            Stream::Readings
+        }
+    };
+    if stream == Stream::Alarms && f.category == Category::Identifier {
+        c.err(
+            f.stream.as_ref().map_or(f.name.span(), Spanned::span),
+            format!("{key}.stream"),
+            "an identifier cannot travel on the alarms stream; valid: \"readings\"".into(),
+        );
+    }
     if c.errors.len() > before {
         return None;
     }
@@ -403,6 +472,9 @@ fn convert_field(
         range,
         sentinels,
         counter,
+        fraction,
+        ratio,
+        stream,
         class: Classification {
             category: f.category,
             grade: f.grade,
@@ -410,6 +482,91 @@ fn convert_field(
         },
         verified: f.verified,
         note: f.note,
+    })
+}
+
+/// The fraction part of a combined total, if the field has one.
+fn convert_fraction(
+    c: &mut Check<'_>,
+    key: &str,
+    f: &RawField,
+    ty: Option<FieldType>,
+    address: Option<RegisterAddress>,
+    address_base: u16,
+) -> Option<Fraction> {
+    let Some(reg) = &f.fraction_register else {
+        if let Some(t) = &f.fraction_type {
+            c.err(
+                t.span(),
+                format!("{key}.fraction_type"),
+                "fraction_type needs fraction_register".into(),
+            );
+        }
+        return None;
+    };
+    if ty.is_some_and(|t| !t.is_integer()) {
+        c.err(
+            f.ty.span(),
+            format!("{key}.type"),
+            format!(
+                "the integer part of a combined total must be an integer type, not {:?}; valid: \"u16\", \"i16\", \"u32\", \"i32\", \"u64\", \"i64\"",
+                f.ty.get_ref()
+            ),
+        );
+    }
+    let frac_ty = match &f.fraction_type {
+        None => Some(FieldType::F32),
+        Some(t) => match FieldType::parse(t.get_ref(), None) {
+            Some(FieldType::Bit(_)) | None => {
+                c.err(
+                    t.span(),
+                    format!("{key}.fraction_type"),
+                    format!(
+                        "fraction type {:?} is not valid; valid: \"f32\", \"f64\" or an integer type",
+                        t.get_ref()
+                    ),
+                );
+                None
+            }
+            Some(t) => Some(t),
+        },
+    }?;
+    let register = *reg.get_ref();
+    let words = u32::from(frac_ty.words());
+    let Some(wire) = register
+        .checked_sub(u32::from(address_base))
+        .filter(|w| w + words <= 0x1_0000)
+    else {
+        c.err(
+            reg.span(),
+            format!("{key}.fraction_register"),
+            format!(
+                "register {register} with address_base {address_base} and width {words} is outside 0..=65535 on the wire"
+            ),
+        );
+        return None;
+    };
+    let frac_addr = RegisterAddress(wire as u16);
+    if let (Some(a), Some(t)) = (address, ty) {
+        let (a0, a1) = (u32::from(a.0), u32::from(a.0) + u32::from(t.words()));
+        if wire < a1 && a0 < wire + words {
+            c.err(
+                reg.span(),
+                format!("{key}.fraction_register"),
+                format!(
+                    "fraction registers {register}..{} overlap the integer part (registers {}..{})",
+                    register + words,
+                    f.register.get_ref(),
+                    u64::from(*f.register.get_ref()) + u64::from(t.words())
+                ),
+            );
+            return None;
+        }
+    }
+    Some(Fraction {
+        register,
+        address: frac_addr,
+        ty: frac_ty,
     })
 }
 
@@ -442,37 +599,54 @@ fn parse_sentinel(v: &toml::Value, words: u16) -> Result<u64, String> {
     Ok(bits)
 }
 
-/// Why two fields may not coexist, if they may not.
-fn conflict(a: &Field, b: &Field) -> Option<String> {
+/// Which part of a field a conflict is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Integer,
+    Fraction,
+}
+
+/// Why two fields may not coexist, if they may not, and which part of `a` collides.
+/// Every part of each field (a combined total's fraction too) is compared.
+fn conflict(a: &Field, b: &Field) -> Option<(Part, String)> {
     if a.name == b.name {
-        return Some(format!("field name `{}` is used twice", a.name));
+        return Some((
+            Part::Integer,
+            format!("field name `{}` is used twice", a.name),
+        ));
     }
-    let (a0, a1) = (
-        u32::from(a.address.0),
-        u32::from(a.address.0) + u32::from(a.words()),
+    let reg_a = std::iter::once((Part::Integer, a.register, a.address, a.ty)).chain(
+        a.fraction
+            .map(|f| (Part::Fraction, f.register, f.address, f.ty)),
     );
-    let (b0, b1) = (
-        u32::from(b.address.0),
-        u32::from(b.address.0) + u32::from(b.words()),
-    );
-    if a0 >= b1 || b0 >= a1 {
-        return None;
+    for (part, register, addr, ty) in reg_a {
+        let (a0, a1) = (u32::from(addr.0), u32::from(addr.0) + u32::from(ty.words()));
+        let reg_b = std::iter::once((b.register, b.address, b.ty))
+            .chain(b.fraction.map(|f| (f.register, f.address, f.ty)));
+        for (b_register, b_addr, b_ty) in reg_b {
+            let (b0, b1) = (
+                u32::from(b_addr.0),
+                u32::from(b_addr.0) + u32::from(b_ty.words()),
+            );
+            if a0 >= b1 || b0 >= a1 {
+                continue;
+            }
+            let msg = match (ty, b_ty) {
+                (FieldType::Bit(x), FieldType::Bit(y)) if x == y => format!(
+                    "bit {x} of register {register} is already field `{}`",
+                    b.name
+                ),
+                (FieldType::Bit(_), _) | (_, FieldType::Bit(_)) => continue,
+                _ => format!(
+                    "registers {register}..{} overlap field `{}` ({b_ty} at register {b_register})",
+                    register + u32::from(ty.words()),
+                    b.name,
+                ),
+            };
+            return Some((part, msg));
+        }
     }
-    match (a.ty, b.ty) {
-        (FieldType::Bit(x), FieldType::Bit(y)) if x == y => Some(format!(
-            "bit {x} of register {} is already field `{}`",
-            a.register, b.name
-        )),
-        (FieldType::Bit(_), _) | (_, FieldType::Bit(_)) => None,
-        _ => Some(format!(
-            "registers {}..{} overlap field `{}` ({} at register {})",
-            a.register,
-            a.register + u32::from(a.words()),
-            b.name,
-            b.ty,
-            b.register
-        )),
-    }
+    None
 }
 
 #[cfg(test)]
