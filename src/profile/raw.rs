@@ -772,4 +772,175 @@ grade = "L2"
         );
         assert!(e.message.contains("outside"), "{e}");
     }
+
+    const COMBINED: &str = r#"
+[meter]
+vendor = "Test"
+model = "T2"
+protocol = "modbus"
+
+[modbus]
+function = 3
+address_base = 1
+order = "CDAB"
+
+[[field]]
+name = "volume_forward"
+register = 9
+type = "i32"
+fraction_register = 11
+unit = "m3"
+counter = "monotonic"
+category = "measurement"
+grade = "L2"
+
+[[field]]
+name = "current_l1"
+register = 20
+type = "u16"
+scale = 0.01
+unit = "A"
+ratio = "ct"
+category = "measurement"
+grade = "L3"
+
+[[field]]
+name = "tamper"
+register = 30
+type = "bit"
+bit = 0
+unit = "1"
+stream = "alarms"
+category = "status"
+grade = "L2"
+
+[[field]]
+name = "door_open"
+register = 30
+type = "bit"
+bit = 1
+unit = "1"
+category = "alarm"
+grade = "L2"
+"#;
+
+    #[test]
+    fn combined_total_ratio_and_stream_load() {
+        let p = parse_str(COMBINED).unwrap();
+        let v = p.field("volume_forward").unwrap();
+        let frac = v.fraction.unwrap();
+        assert_eq!(
+            (frac.register, frac.address, frac.ty),
+            (11, RegisterAddress(10), FieldType::F32)
+        );
+        assert_eq!(v.span(), (RegisterAddress(8), 4));
+        assert!(!v.keeps_integer());
+        assert_eq!(p.field("current_l1").unwrap().ratio, Some(Ratio::Ct));
+        assert_eq!(p.field("tamper").unwrap().stream, Stream::Alarms);
+        assert_eq!(
+            p.field("door_open").unwrap().stream,
+            Stream::Alarms,
+            "category alarm defaults to alarms"
+        );
+        assert_eq!(v.stream, Stream::Readings);
+    }
+
+    #[test]
+    fn fraction_overlapping_its_integer_part_is_rejected() {
+        let e =
+            one_error(&COMBINED.replacen("fraction_register = 11", "fraction_register = 10", 1));
+        assert_eq!(e.line, 16, "{e}");
+        assert!(e.key.ends_with("(volume_forward).fraction_register"), "{e}");
+        assert!(e.message.contains("overlap the integer part"), "{e}");
+    }
+
+    #[test]
+    fn fraction_overlapping_another_field_is_rejected_at_the_fraction() {
+        let e = one_error(&COMBINED.replacen("register = 20", "register = 12", 1));
+        assert!(e.message.contains("overlap field `volume_forward`"), "{e}");
+        assert!(e.message.contains("line 14"), "{e}");
+        // When the combined field comes second, its fraction's key is the one located.
+        let later = COMBINED.replacen(
+            "[[field]]\nname = \"volume_forward\"",
+            "[[field]]\nname = \"pulse_count\"\nregister = 3\ntype = \"u16\"\nunit = \"1\"\ncategory = \"status\"\ngrade = \"L1\"\n\n[[field]]\nname = \"volume_forward\"",
+            1,
+        )
+        .replacen("fraction_register = 11", "fraction_register = 3", 1);
+        let e = one_error(&later);
+        assert_eq!(e.line, 24, "{e}");
+        assert!(e.key.ends_with("(volume_forward).fraction_register"), "{e}");
+        assert!(e.message.contains("overlap field `pulse_count`"), "{e}");
+    }
+
+    #[test]
+    fn bad_combined_totals_are_explained() {
+        let e = one_error(&COMBINED.replacen("type = \"i32\"\n", "type = \"f32\"\n", 1));
+        assert!(
+            e.key.ends_with(".type") && e.message.contains("integer type"),
+            "{e}"
+        );
+        let e = one_error(&COMBINED.replacen(
+            "fraction_register = 11\n",
+            "fraction_register = 11\nfraction_type = \"bit\"\n",
+            1,
+        ));
+        assert!(
+            e.key.ends_with(".fraction_type") && e.message.contains("\"f32\""),
+            "{e}"
+        );
+        let e =
+            one_error(&COMBINED.replacen("fraction_register = 11", "fraction_register = 200", 1));
+        assert!(
+            e.message.contains("one read"),
+            "the parts must fit one request: {e}"
+        );
+        let e = one_error(
+            &COMBINED
+                .replacen("unit = \"m3\"", "fraction_type = \"f32\"\nunit = \"m3\"", 1)
+                .replacen("fraction_register = 11\n", "", 1),
+        );
+        assert!(e.message.contains("needs fraction_register"), "{e}");
+    }
+
+    #[test]
+    fn ratio_must_fit_the_unit() {
+        let e = one_error(&COMBINED.replacen("ratio = \"ct\"", "ratio = \"pt\"", 1));
+        assert_eq!(e.line, 28, "{e}");
+        assert!(e.key.ends_with("(current_l1).ratio"), "{e}");
+        assert!(
+            e.message.contains("V (voltages)"),
+            "says what is valid: {e}"
+        );
+        let e = one_error(&COMBINED.replacen("ratio = \"ct\"", "ratio = \"ct*pt\"", 1));
+        assert!(e.message.contains("\"ct_pt\""), "{e}");
+        // A ratio on a field with no electrical unit (a water volume).
+        let e = one_error(&COMBINED.replacen(
+            "counter = \"monotonic\"",
+            "counter = \"monotonic\"\nratio = \"ct_pt\"",
+            1,
+        ));
+        assert!(e.key.ends_with("(volume_forward).ratio"), "{e}");
+        assert!(e.message.contains("does not apply to a field in m3"), "{e}");
+    }
+
+    #[test]
+    fn stream_must_be_readings_or_alarms() {
+        let e = one_error(&COMBINED.replacen("stream = \"alarms\"", "stream = \"audit\"", 1));
+        assert!(e.key.ends_with("(tamper).stream"), "{e}");
+        assert!(e.message.contains("\"alarms\""), "{e}");
+        let e = one_error(
+            &GOOD
+                .replacen(
+                    "grade = \"L3\"\n",
+                    "grade = \"L3\"\nstream = \"alarms\"\n",
+                    1,
+                )
+                .replacen(
+                    "category = \"measurement\"\ngrade = \"L3\"",
+                    "category = \"identifier\"\ngrade = \"L3\"",
+                    1,
+                ),
+        );
+        assert!(e.message.contains("identifier"), "{e}");
+    }
 }

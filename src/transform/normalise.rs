@@ -306,4 +306,96 @@ grade = "L1"
         );
         assert_eq!(r.quality, Quality::Bad(QualityReason::NotFinite));
     }
+
+    const SECONDARY: &str = r#"
+[meter]
+vendor = "Test"
+model = "N2"
+protocol = "modbus"
+[modbus]
+function = 3
+order = "CDAB"
+[[field]]
+name = "current_l1"
+register = 0
+type = "u16"
+scale = 0.01
+unit = "A"
+ratio = "ct"
+category = "measurement"
+grade = "L3"
+[[field]]
+name = "voltage_l1"
+register = 1
+type = "u16"
+scale = 0.1
+unit = "V"
+ratio = "pt"
+category = "measurement"
+grade = "L2"
+[[field]]
+name = "energy_import"
+register = 2
+type = "u32"
+unit = "kWh"
+ratio = "ct_pt"
+category = "measurement"
+grade = "L3"
+[[field]]
+name = "volume_forward"
+register = 10
+type = "i32"
+fraction_register = 12
+unit = "m3"
+category = "measurement"
+grade = "L2"
+"#;
+
+    #[test]
+    fn ratios_scale_current_voltage_and_energy() {
+        let p = Profile::parse(Path::new("n2.toml"), SECONDARY).unwrap();
+        let dev = DeviceId::new("m1").unwrap();
+        let mut img = RegisterImage::new();
+        // 5.00 A, 230.0 V, 12 kWh (low word first)
+        img.insert(RegisterAddress(0), vec![500, 2300, 12, 0]);
+        let ratios = Ratios {
+            ct: 40.0,
+            pt: 100.0,
+        };
+        let n = normalise_with(&p, &dev, 0, &img, &ratios);
+        let v = |name: &str| {
+            n.readings
+                .iter()
+                .find(|r| r.field.as_str() == name)
+                .unwrap()
+                .value
+                .clone()
+        };
+        assert_eq!(v("current_l1"), Value::Float(5.0 * 40.0));
+        assert_eq!(v("voltage_l1"), Value::Float(230.0 * 100.0));
+        assert_eq!(v("energy_import"), Value::Float(12_000.0 * 4000.0));
+        // Unity ratios: the same values as the meter shows, still floats.
+        let n = normalise(&p, &dev, 0, &img);
+        assert_eq!(n.readings[2].value, Value::Float(12_000.0));
+    }
+
+    #[test]
+    fn a_combined_total_needs_both_parts() {
+        let p = Profile::parse(Path::new("n2.toml"), SECONDARY).unwrap();
+        let dev = DeviceId::new("m1").unwrap();
+        let mut img = RegisterImage::new();
+        img.insert(RegisterAddress(10), vec![0x0010, 0x0000]); // integer part 16 only
+        let n = normalise(&p, &dev, 0, &img);
+        assert!(n.missing.iter().any(|f| f.as_str() == "volume_forward"));
+        // 16 + 0.25 (f32 0x3E800000, low word first)
+        img.insert(RegisterAddress(12), vec![0x0000, 0x3E80]);
+        let n = normalise(&p, &dev, 0, &img);
+        let r = n
+            .readings
+            .iter()
+            .find(|r| r.field.as_str() == "volume_forward")
+            .unwrap();
+        assert_eq!(r.value, Value::Float(16.25));
+        assert_eq!(r.unit, Unit::CubicMetre);
+    }
 }
