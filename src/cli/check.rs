@@ -230,3 +230,76 @@ fn device_report(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::GatewayConfig;
+    use crate::profile::ProfileSet;
+
+    fn shipped() -> ProfileSet {
+        ProfileSet::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles"))
+            .expect("shipped profiles load")
+    }
+
+    #[test]
+    fn report_shows_ratios_fractions_and_alarm_streams() {
+        let text = r#"[gateway]
+id = "gw-1"
+[purpose]
+name = "ops"
+fields = ["current_l1", "volume_forward", "signal_weak"]
+[batch]
+alarm_state_every = "10m"
+[store]
+path = "store"
+[keys]
+signing_key = "keys/gateway.sign.key"
+hub_public_key = "keys/hub.hpke.pub"
+pseudonym_key = "keys/pseudonym.key"
+[[device]]
+name = "feeder"
+profile = "acrel-adl400"
+transport = { type = "tcp", address = "127.0.0.1:502" }
+unit = 1
+poll_interval = "10s"
+ct_ratio = 40
+[[device]]
+name = "main"
+profile = "oem-tuf-2000m"
+transport = { type = "tcp", address = "127.0.0.1:502" }
+unit = 2
+poll_interval = "10s"
+"#;
+        let cfg = GatewayConfig::parse(Path::new("/nonexistent/gw.toml"), text, Some(shipped()))
+            .expect("config parses");
+        let (out, key_error) = super::report(&cfg);
+        assert!(!key_error);
+        let line = |field: &str| {
+            out.lines()
+                .find(|l| l.trim_start().starts_with(&format!("{field} ")))
+                .unwrap_or_else(|| panic!("no line for {field}:\n{out}"))
+                .to_string()
+        };
+        assert!(out.contains("ct_ratio 40  pt_ratio 1"), "{out}");
+        assert!(
+            line("current_l1").contains("[ratio ct x40]"),
+            "{}",
+            line("current_l1")
+        );
+        assert!(line("active_power").contains("[ratio ct_pt x40]"));
+        assert!(line("voltage_l1").contains("[ratio pt x1]"));
+        assert!(!line("frequency").contains("ratio"));
+        let volume = line("volume_forward");
+        assert!(volume.contains("i32+f32"), "{volume}");
+        assert!(volume.contains("integer + fraction at 0x000b"), "{volume}");
+        let weak = line("signal_weak");
+        assert!(
+            weak.contains("[stream alarms: on change, state every 600s]"),
+            "{weak}"
+        );
+        assert!(!line("flow_rate").contains("stream"));
+        assert!(out.contains("polls FC03 in 4 request(s)"), "{out}");
+    }
+}

@@ -1004,6 +1004,16 @@ fn ct_pt_ratios_turn_secondary_values_into_primary_ones() {
     ] {
         assert_eq!(p.field(f).unwrap().ratio, r, "{f}");
     }
+    // The DTSU666's scaled floats are secondary-side too.
+    let dtsu = load("chint-dtsu666");
+    for (f, r) in [
+        ("current_l1", Ratio::Ct),
+        ("voltage_ll_12", Ratio::Pt),
+        ("reactive_power", Ratio::CtPt),
+        ("energy_import", Ratio::CtPt),
+    ] {
+        assert_eq!(dtsu.field(f).unwrap().ratio, Some(r), "{f}");
+    }
     // The profile's ranges describe the meter's (secondary) values: primary values far
     // above them are still good once the ratio is divided back out…
     let power = p.field("active_power").unwrap();
