@@ -1138,7 +1138,7 @@ fn abb_ab_integers_and_not_available_sentinels_decode() {
         );
     }
 
-    // A single-phase B21 answers "not available" on L2/L3 (mbmd `wrapTransform`).
+    // "Not available": all-ones unsigned, 0x7FFF… signed (mbmd `wrapTransform`).
     let n = decode(
         &p,
         &[
