@@ -276,4 +276,40 @@ mod tests {
         assert_eq!(decode_eng(power, &encode_eng(power, 1e9)), 32767.0);
         assert_eq!(decode_eng(power, &encode_eng(power, -1e9)), -32768.0);
     }
+
+    const COMBINED: &str = r#"
+[meter]
+vendor = "Sim"
+model = "C1"
+protocol = "modbus"
+[modbus]
+function = 3
+address_base = 1
+order = "CDAB"
+[[field]]
+name = "volume_forward"
+register = 9
+type = "i32"
+fraction_register = 11
+unit = "m3"
+range = [0.0, 99999999.0]
+counter = "monotonic"
+category = "measurement"
+grade = "L2"
+"#;
+
+    proptest::proptest! {
+        #[test]
+        fn combined_totals_split_into_integer_and_fraction(v in 0.0f64..99_999_999.0) {
+            let p = Profile::parse(std::path::Path::new("c1.toml"), COMBINED).expect("parses");
+            let f = p.field("volume_forward").expect("field");
+            let words = encode_eng(f, v);
+            proptest::prop_assert_eq!(words.len(), 4);
+            // The integer part alone is floor(v), low word first.
+            let int = decode(f.ty, f.order, &words[..2]).expect("width").as_f64();
+            proptest::prop_assert_eq!(int, v.floor());
+            let back = decode_eng(f, &words);
+            proptest::prop_assert!((back - v).abs() <= 1e-7, "{} -> {}", v, back);
+        }
+    }
 }
