@@ -466,8 +466,135 @@ fn device_ratios(
 }
 
 #[cfg(test)]
+mod ratio_tests {
+    use super::*;
+
+    const RATIO_PROFILE: &str = r#"
+[meter]
+vendor = "T"
+model = "R"
+protocol = "modbus"
+[modbus]
+function = 3
+[[field]]
+name = "voltage_l1"
+register = 0
+type = "u16"
+scale = 0.1
+unit = "V"
+ratio = "pt"
+category = "measurement"
+grade = "L2"
+[[field]]
+name = "active_power"
+register = 1
+type = "i32"
+unit = "W"
+ratio = "ct_pt"
+category = "measurement"
+grade = "L3"
+"#;
+
+    const CONFIG: &str = r#"[gateway]
+id = "gw-1"
+
+[purpose]
+name = "grid"
+fields = ["voltage_l1"]
+
+[store]
+path = "store"
+
+[keys]
+signing_key = "keys/gateway.sign.key"
+hub_public_key = "keys/hub.hpke.pub"
+pseudonym_key = "keys/pseudonym.key"
+
+[[device]]
+name = "m1"
+profile = "test-r"
+transport = { type = "tcp", address = "127.0.0.1:502" }
+unit = 1
+poll_interval = "1s"
+"#;
+
+    /// test-r (fields with ratios) and test-m (none).
+    fn ratio_profiles() -> ProfileSet {
+        let mut set = ProfileSet::default();
+        set.insert(Profile::parse(Path::new("test-r.toml"), RATIO_PROFILE).unwrap());
+        let plain = RATIO_PROFILE
+            .replace("ratio = \"pt\"\n", "")
+            .replace("ratio = \"ct_pt\"\n", "");
+        set.insert(Profile::parse(Path::new("test-m.toml"), &plain).unwrap());
+        set
+    }
+
+    fn parse_ratio(text: &str) -> Result<GatewayConfig, ConfigError> {
+        parse(
+            Path::new("/etc/citygate/gw.toml"),
+            text,
+            Some(ratio_profiles()),
+        )
+    }
+
+    #[test]
+    fn device_ratios_load_and_default_to_one() {
+        let text = CONFIG.replace(
+            "poll_interval = \"1s\"",
+            "poll_interval = \"1s\"\nct_ratio = 40\npt_ratio = 100.0",
+        );
+        let c = parse_ratio(&text).unwrap();
+        assert_eq!(
+            c.devices[0].ratios,
+            Ratios {
+                ct: 40.0,
+                pt: 100.0
+            }
+        );
+        assert_eq!(c.devices[0].ratios.multiplier(Some(Ratio::CtPt)), 4000.0);
+        assert_eq!(
+            parse_ratio(CONFIG).unwrap().devices[0].ratios,
+            Ratios::UNITY
+        );
+        assert_eq!(c.batch.alarm_state_every, Duration::from_secs(15 * 60));
+    }
+
+    #[test]
+    fn bad_ratios_are_located() {
+        let base = CONFIG;
+        for bad in ["ct_ratio = 0", "ct_ratio = -5.0", "pt_ratio = nan"] {
+            let text = base.replace(
+                "poll_interval = \"1s\"",
+                &format!("poll_interval = \"1s\"\n{bad}"),
+            );
+            let e = parse_ratio(&text).unwrap_err().diagnostics;
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+            let key = bad.split(' ').next().unwrap();
+            assert_eq!(e[0].key, format!("device[0].{key}"), "{}", e[0]);
+            assert_eq!(e[0].line, 22, "{}", e[0]);
+            assert!(e[0].message.contains("> 0"), "{}", e[0]);
+        }
+    }
+
+    #[test]
+    fn a_ratio_no_field_uses_is_rejected() {
+        // test-m has no field with a ratio: a CT ratio there would silently do nothing.
+        let text = CONFIG
+            .replace("profile = \"test-r\"", "profile = \"test-m\"")
+            .replace(
+                "poll_interval = \"1s\"",
+                "poll_interval = \"1s\"\nct_ratio = 40",
+            );
+        let e = parse_ratio(&text).unwrap_err().diagnostics;
+        assert_eq!(e[0].key, "device[0].ct_ratio");
+        assert!(e[0].message.contains("no field with ratio"), "{}", e[0]);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::Profile;
 
     const PROFILE: &str = r#"
 [meter]
@@ -582,95 +709,5 @@ poll_interval = "1s"
         let e = errors(&CONFIG.replace("[\"voltage_l1\"]", "[\"voltage_l9\"]"));
         assert_eq!(e[0].key, "purpose.fields");
         assert!(e[0].message.contains("valid: voltage_l1"));
-    }
-
-    const RATIO_PROFILE: &str = r#"
-[meter]
-vendor = "T"
-model = "R"
-protocol = "modbus"
-[modbus]
-function = 3
-[[field]]
-name = "voltage_l1"
-register = 0
-type = "u16"
-scale = 0.1
-unit = "V"
-ratio = "pt"
-category = "measurement"
-grade = "L2"
-[[field]]
-name = "active_power"
-register = 1
-type = "i32"
-unit = "W"
-ratio = "ct_pt"
-category = "measurement"
-grade = "L3"
-"#;
-
-    fn ratio_profiles() -> ProfileSet {
-        let mut set = profiles();
-        set.insert(Profile::parse(Path::new("test-r.toml"), RATIO_PROFILE).unwrap());
-        set
-    }
-
-    fn parse_ratio(text: &str) -> Result<GatewayConfig, ConfigError> {
-        parse(
-            Path::new("/etc/citygate/gw.toml"),
-            text,
-            Some(ratio_profiles()),
-        )
-    }
-
-    #[test]
-    fn device_ratios_load_and_default_to_one() {
-        let text = CONFIG
-            .replace("profile = \"test-m\"", "profile = \"test-r\"")
-            .replace(
-                "poll_interval = \"1s\"",
-                "poll_interval = \"1s\"\nct_ratio = 40\npt_ratio = 100.0",
-            );
-        let c = parse_ratio(&text).unwrap();
-        assert_eq!(
-            c.devices[0].ratios,
-            Ratios {
-                ct: 40.0,
-                pt: 100.0
-            }
-        );
-        assert_eq!(c.devices[0].ratios.multiplier(Some(Ratio::CtPt)), 4000.0);
-        assert_eq!(parse_str(CONFIG).unwrap().devices[0].ratios, Ratios::UNITY);
-        assert_eq!(c.batch.alarm_state_every, Duration::from_secs(15 * 60));
-    }
-
-    #[test]
-    fn bad_ratios_are_located() {
-        let base = CONFIG.replace("profile = \"test-m\"", "profile = \"test-r\"");
-        for bad in ["ct_ratio = 0", "ct_ratio = -5.0", "pt_ratio = nan"] {
-            let text = base.replace(
-                "poll_interval = \"1s\"",
-                &format!("poll_interval = \"1s\"\n{bad}"),
-            );
-            let e = parse_ratio(&text).unwrap_err().diagnostics;
-            assert_eq!(e.len(), 1, "{bad}: {e:?}");
-            let key = bad.split(' ').next().unwrap();
-            assert_eq!(e[0].key, format!("device[0].{key}"), "{}", e[0]);
-            assert_eq!(e[0].line, 22, "{}", e[0]);
-            assert!(e[0].message.contains("> 0"), "{}", e[0]);
-        }
-    }
-
-    #[test]
-    fn a_ratio_no_field_uses_is_rejected() {
-        // test-m has no field with a ratio: a CT ratio there would silently do nothing.
-        let text = CONFIG.replace(
-            "poll_interval = \"1s\"",
-            "poll_interval = \"1s\"\nct_ratio = 40",
-        );
-        let e = errors(&text);
-        assert_eq!(e[0].key, "device[0].ct_ratio");
-        assert!(e[0].message.contains("no field with ratio"), "{}", e[0]);
     }
 }
