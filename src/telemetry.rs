@@ -51,6 +51,8 @@ pub struct Metrics {
     pub readings_normalised: Counter,
     pub readings_flagged: Counter,
     pub records_minimised: Counter,
+    /// Alarm-stream readings held back because they repeat the last state sent.
+    pub alarm_repeats_held: Counter,
     pub records_sealed: Counter,
     pub batches_sealed: Counter,
     pub batches_committed: Counter,

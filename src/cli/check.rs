@@ -118,12 +118,17 @@ pub fn report(cfg: &GatewayConfig) -> (String, bool) {
     }
     let _ = writeln!(out, "\ndevices   {}", cfg.devices.len());
     for d in &cfg.devices {
-        device_report(&mut out, d, &policy);
+        device_report(&mut out, d, &policy, cfg.batch.alarm_state_every);
     }
     (out, key_error)
 }
 
-fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Policy) {
+fn device_report(
+    out: &mut String,
+    d: &crate::config::DeviceConfig,
+    policy: &Policy,
+    alarm_every: std::time::Duration,
+) {
     let p = &d.profile;
     let reads = plan(p);
     let _ = writeln!(
@@ -143,6 +148,13 @@ fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Pol
             .map(|l| format!("  location {l:?} (stays on the box)"))
             .unwrap_or_default()
     );
+    if d.ratios != crate::profile::Ratios::UNITY {
+        let _ = writeln!(
+            out,
+            "    secondary-side meter: ct_ratio {}  pt_ratio {} (fields with a ratio are scaled to primary values)",
+            d.ratios.ct, d.ratios.pt
+        );
+    }
     let spans: Vec<String> = reads
         .iter()
         .map(|r| format!("{:#06x}+{}", r.start.0, r.count))
@@ -156,7 +168,7 @@ fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Pol
     );
     let _ = writeln!(
         out,
-        "    {:<22} {:>8} {:<6} {:<5} {:<14} {:<18} leaves the box",
+        "    {:<22} {:>8} {:<7} {:<5} {:<14} {:<18} leaves the box",
         "field", "register", "type", "order", "unit", "class"
     );
     for f in &p.fields {
@@ -179,21 +191,115 @@ fn device_report(out: &mut String, d: &crate::config::DeviceConfig, policy: &Pol
             if f.class.personal { "/PI" } else { "" }
         )
         .to_lowercase();
+        let ty = match f.fraction {
+            Some(frac) => format!("{}+{}", f.ty, frac.ty),
+            None => f.ty.to_string(),
+        };
+        let mut notes = String::new();
+        if let Some(frac) = f.fraction {
+            let _ = write!(
+                notes,
+                "  [total = integer + fraction at {:#06x}]",
+                frac.register
+            );
+        }
+        if let Some(r) = f.ratio {
+            let _ = write!(notes, "  [ratio {r} x{}]", d.ratios.multiplier(Some(r)));
+        }
+        if f.stream != crate::reading::Stream::Readings {
+            let _ = write!(
+                notes,
+                "  [stream {}: on change, state every {:?}]",
+                f.stream, alarm_every
+            );
+        }
+        if !f.verified {
+            notes.push_str("  [register unverified]");
+        }
         let _ = writeln!(
             out,
-            "    {:<22} {:>8} {:<6} {:<5} {:<14} {:<18} {}{}",
+            "    {:<22} {:>8} {:<7} {:<5} {:<14} {:<18} {}{}",
             f.name.as_str(),
             format!("{:#06x}", f.register),
-            f.ty.to_string(),
+            ty,
             f.order.to_string(),
             unit,
             class,
             leaves,
-            if f.verified {
-                ""
-            } else {
-                "  [register unverified]"
-            }
+            notes
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::GatewayConfig;
+    use crate::profile::ProfileSet;
+
+    fn shipped() -> ProfileSet {
+        ProfileSet::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles"))
+            .expect("shipped profiles load")
+    }
+
+    #[test]
+    fn report_shows_ratios_fractions_and_alarm_streams() {
+        let text = r#"[gateway]
+id = "gw-1"
+[purpose]
+name = "ops"
+fields = ["current_l1", "volume_forward", "signal_weak"]
+[batch]
+alarm_state_every = "10m"
+[store]
+path = "store"
+[keys]
+signing_key = "keys/gateway.sign.key"
+hub_public_key = "keys/hub.hpke.pub"
+pseudonym_key = "keys/pseudonym.key"
+[[device]]
+name = "feeder"
+profile = "acrel-adl400"
+transport = { type = "tcp", address = "127.0.0.1:502" }
+unit = 1
+poll_interval = "10s"
+ct_ratio = 40
+[[device]]
+name = "main"
+profile = "oem-tuf-2000m"
+transport = { type = "tcp", address = "127.0.0.1:502" }
+unit = 2
+poll_interval = "10s"
+"#;
+        let cfg = GatewayConfig::parse(Path::new("/nonexistent/gw.toml"), text, Some(shipped()))
+            .expect("config parses");
+        let (out, key_error) = super::report(&cfg);
+        assert!(!key_error);
+        let line = |field: &str| {
+            out.lines()
+                .find(|l| l.trim_start().starts_with(&format!("{field} ")))
+                .unwrap_or_else(|| panic!("no line for {field}:\n{out}"))
+                .to_string()
+        };
+        assert!(out.contains("ct_ratio 40  pt_ratio 1"), "{out}");
+        assert!(
+            line("current_l1").contains("[ratio ct x40]"),
+            "{}",
+            line("current_l1")
+        );
+        assert!(line("active_power").contains("[ratio ct_pt x40]"));
+        assert!(line("voltage_l1").contains("[ratio pt x1]"));
+        assert!(!line("frequency").contains("ratio"));
+        let volume = line("volume_forward");
+        assert!(volume.contains("i32+f32"), "{volume}");
+        assert!(volume.contains("integer + fraction at 0x000b"), "{volume}");
+        let weak = line("signal_weak");
+        assert!(
+            weak.contains("[stream alarms: on change, state every 600s]"),
+            "{weak}"
+        );
+        assert!(!line("flow_rate").contains("stream"));
+        assert!(out.contains("polls FC03 in 4 request(s)"), "{out}");
     }
 }

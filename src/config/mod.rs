@@ -18,7 +18,7 @@ use std::time::Duration;
 
 pub use diag::Diagnostic;
 
-use crate::profile::{Profile, ProfileSet};
+use crate::profile::{Profile, ProfileSet, Ratios};
 use crate::reading::{DeviceId, FieldName, GatewayId, UnitId};
 
 /// Every problem found in a config and the profiles it uses.
@@ -70,6 +70,9 @@ pub struct DeviceConfig {
     pub poll_interval: Duration,
     pub timeout: Duration,
     pub location: Option<String>,
+    /// Transformer ratios of a secondary-side meter (`ct_ratio`, `pt_ratio`; 1 and 1
+    /// when not set).
+    pub ratios: Ratios,
 }
 
 /// The declared purpose of the outbound flow.
@@ -85,6 +88,9 @@ pub struct PurposeConfig {
 pub struct BatchConfig {
     pub max_age: Duration,
     pub max_records: usize,
+    /// An alarm-stream field is sent when its value or quality changes, and otherwise
+    /// at least this often (its standing state).
+    pub alarm_state_every: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use super::{
     BatchConfig, ConfigError, DeviceConfig, GatewayConfig, KeyPaths, ModbusConfig, PurposeConfig,
     StoreConfig, Transport,
 };
-use crate::profile::ProfileSet;
+use crate::profile::{Profile, ProfileSet, Ratio, Ratios};
 use crate::reading::{DeviceId, FieldName, GatewayId, UnitId};
 
 const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -57,6 +57,12 @@ struct RawBatch {
     max_age: Spanned<HumanDuration>,
     #[serde(default = "default_max_records")]
     max_records: Spanned<usize>,
+    #[serde(default = "default_alarm_state_every")]
+    alarm_state_every: Spanned<HumanDuration>,
+}
+
+fn default_alarm_state_every() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(15 * 60)))
 }
 
 fn default_max_age() -> Spanned<HumanDuration> {
@@ -71,6 +77,7 @@ impl Default for RawBatch {
         Self {
             max_age: default_max_age(),
             max_records: default_max_records(),
+            alarm_state_every: default_alarm_state_every(),
         }
     }
 }
@@ -164,6 +171,10 @@ struct RawDevice {
     poll_interval: Spanned<HumanDuration>,
     timeout: Option<HumanDuration>,
     location: Option<String>,
+    /// Current-transformer ratio of a secondary-side meter (primary A / secondary A).
+    ct_ratio: Option<Spanned<f64>>,
+    /// Voltage-transformer ratio of a secondary-side meter (primary V / secondary V).
+    pt_ratio: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,7 +215,15 @@ pub(super) fn parse(
     let batch = BatchConfig {
         max_age: raw.batch.max_age.get_ref().0,
         max_records: *raw.batch.max_records.get_ref(),
+        alarm_state_every: raw.batch.alarm_state_every.get_ref().0,
     };
+    if batch.alarm_state_every < Duration::from_secs(1) {
+        errors.push(src.at(
+            raw.batch.alarm_state_every.span(),
+            "batch.alarm_state_every",
+            "must be at least 1s, e.g. \"15m\"",
+        ));
+    }
     if batch.max_age.is_zero() || batch.max_age > Duration::from_secs(60) {
         errors.push(src.at(
             raw.batch.max_age.span(),
@@ -291,6 +310,13 @@ pub(super) fn parse(
                 Transport::Tcp { address }
             }
         };
+        let ratios = device_ratios(
+            &src,
+            &key,
+            &mut errors,
+            (d.ct_ratio.as_ref(), d.pt_ratio.as_ref()),
+            profile.as_deref(),
+        );
         if let (Some(id), Some(profile)) = (id, profile) {
             devices.push(DeviceConfig {
                 id,
@@ -300,6 +326,7 @@ pub(super) fn parse(
                 poll_interval: interval,
                 timeout: d.timeout.map_or(modbus.timeout, |t| t.0),
                 location: d.location,
+                ratios,
             });
         }
     }
@@ -391,6 +418,181 @@ pub(super) fn parse(
         uplink,
         status,
     })
+}
+
+/// A device's `ct_ratio`/`pt_ratio`: finite and > 0, and only where its profile has a
+/// field the ratio applies to (a ratio nothing uses is a misconfiguration).
+fn device_ratios(
+    src: &SourceFile<'_>,
+    key: &str,
+    errors: &mut Vec<Diagnostic>,
+    (ct, pt): (Option<&Spanned<f64>>, Option<&Spanned<f64>>),
+    profile: Option<&Profile>,
+) -> Ratios {
+    let mut ratios = Ratios::UNITY;
+    for (name, value, uses) in [
+        ("ct_ratio", ct, [Ratio::Ct, Ratio::CtPt]),
+        ("pt_ratio", pt, [Ratio::Pt, Ratio::CtPt]),
+    ] {
+        let Some(v) = value else { continue };
+        let x = *v.get_ref();
+        if !(x.is_finite() && x > 0.0) {
+            errors.push(src.at(
+                v.span(),
+                format!("{key}.{name}"),
+                format!("{name} {x} is not valid; valid: a number > 0 (primary / secondary, e.g. 40 for a 200/5 A CT)"),
+            ));
+            continue;
+        }
+        if let Some(p) = profile {
+            if !p
+                .fields
+                .iter()
+                .any(|f| f.ratio.is_some_and(|r| uses.contains(&r)))
+            {
+                errors.push(src.at(
+                    v.span(),
+                    format!("{key}.{name}"),
+                    format!(
+                        "profile {} has no field with ratio \"{}\" or \"ct_pt\", so {name} would change nothing; remove it or use a profile for the meter's secondary-side registers",
+                        p.name, uses[0]
+                    ),
+                ));
+                continue;
+            }
+        }
+        match name {
+            "ct_ratio" => ratios.ct = x,
+            _ => ratios.pt = x,
+        }
+    }
+    ratios
+}
+
+#[cfg(test)]
+mod ratio_tests {
+    use super::*;
+
+    const RATIO_PROFILE: &str = r#"
+[meter]
+vendor = "T"
+model = "R"
+protocol = "modbus"
+[modbus]
+function = 3
+[[field]]
+name = "voltage_l1"
+register = 0
+type = "u16"
+scale = 0.1
+unit = "V"
+ratio = "pt"
+category = "measurement"
+grade = "L2"
+[[field]]
+name = "active_power"
+register = 1
+type = "i32"
+unit = "W"
+ratio = "ct_pt"
+category = "measurement"
+grade = "L3"
+"#;
+
+    const CONFIG: &str = r#"[gateway]
+id = "gw-1"
+
+[purpose]
+name = "grid"
+fields = ["voltage_l1"]
+
+[store]
+path = "store"
+
+[keys]
+signing_key = "keys/gateway.sign.key"
+hub_public_key = "keys/hub.hpke.pub"
+pseudonym_key = "keys/pseudonym.key"
+
+[[device]]
+name = "m1"
+profile = "test-r"
+transport = { type = "tcp", address = "127.0.0.1:502" }
+unit = 1
+poll_interval = "1s"
+"#;
+
+    /// test-r (fields with ratios) and test-m (none).
+    fn ratio_profiles() -> ProfileSet {
+        let mut set = ProfileSet::default();
+        set.insert(Profile::parse(Path::new("test-r.toml"), RATIO_PROFILE).unwrap());
+        let plain = RATIO_PROFILE
+            .replace("ratio = \"pt\"\n", "")
+            .replace("ratio = \"ct_pt\"\n", "");
+        set.insert(Profile::parse(Path::new("test-m.toml"), &plain).unwrap());
+        set
+    }
+
+    fn parse_ratio(text: &str) -> Result<GatewayConfig, ConfigError> {
+        parse(
+            Path::new("/etc/citygate/gw.toml"),
+            text,
+            Some(ratio_profiles()),
+        )
+    }
+
+    #[test]
+    fn device_ratios_load_and_default_to_one() {
+        let text = CONFIG.replace(
+            "poll_interval = \"1s\"",
+            "poll_interval = \"1s\"\nct_ratio = 40\npt_ratio = 100.0",
+        );
+        let c = parse_ratio(&text).unwrap();
+        assert_eq!(
+            c.devices[0].ratios,
+            Ratios {
+                ct: 40.0,
+                pt: 100.0
+            }
+        );
+        assert_eq!(c.devices[0].ratios.multiplier(Some(Ratio::CtPt)), 4000.0);
+        assert_eq!(
+            parse_ratio(CONFIG).unwrap().devices[0].ratios,
+            Ratios::UNITY
+        );
+        assert_eq!(c.batch.alarm_state_every, Duration::from_secs(15 * 60));
+    }
+
+    #[test]
+    fn bad_ratios_are_located() {
+        let base = CONFIG;
+        for bad in ["ct_ratio = 0", "ct_ratio = -5.0", "pt_ratio = nan"] {
+            let text = base.replace(
+                "poll_interval = \"1s\"",
+                &format!("poll_interval = \"1s\"\n{bad}"),
+            );
+            let e = parse_ratio(&text).unwrap_err().diagnostics;
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+            let key = bad.split(' ').next().unwrap();
+            assert_eq!(e[0].key, format!("device[0].{key}"), "{}", e[0]);
+            assert_eq!(e[0].line, 22, "{}", e[0]);
+            assert!(e[0].message.contains("> 0"), "{}", e[0]);
+        }
+    }
+
+    #[test]
+    fn a_ratio_no_field_uses_is_rejected() {
+        // test-m has no field with a ratio: a CT ratio there would silently do nothing.
+        let text = CONFIG
+            .replace("profile = \"test-r\"", "profile = \"test-m\"")
+            .replace(
+                "poll_interval = \"1s\"",
+                "poll_interval = \"1s\"\nct_ratio = 40",
+            );
+        let e = parse_ratio(&text).unwrap_err().diagnostics;
+        assert_eq!(e[0].key, "device[0].ct_ratio");
+        assert!(e[0].message.contains("no field with ratio"), "{}", e[0]);
+    }
 }
 
 #[cfg(test)]

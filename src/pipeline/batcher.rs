@@ -12,9 +12,10 @@ use crate::reading::{now_ms, DeviceId, Record, Stream};
 use crate::seal::{SealedBatch, Sealer};
 use crate::source::RawSample;
 use crate::telemetry::Metrics;
+use crate::transform::alarm::AlarmGate;
 use crate::transform::check::Checker;
 use crate::transform::minimise::{minimise_as, Policy};
-use crate::transform::normalise::normalise;
+use crate::transform::normalise::normalise_with;
 
 #[derive(Debug, Default)]
 struct OpenBatch {
@@ -30,6 +31,8 @@ pub struct Batcher {
     sealer: Sealer,
     policy: Policy,
     checker: Checker,
+    /// Alarm-stream readings go out on change and as periodic standing state.
+    alarms: AlarmGate,
     /// Device pseudonyms, computed once per device.
     subjects: HashMap<DeviceId, String>,
     cfg: BatchConfig,
@@ -55,6 +58,7 @@ impl Batcher {
             sealer,
             policy,
             checker: Checker::new(),
+            alarms: AlarmGate::new(cfg.alarm_state_every),
             subjects: HashMap::new(),
             cfg,
             open: Default::default(),
@@ -86,9 +90,18 @@ impl Batcher {
         );
     }
 
-    /// Runs one sample through the transforms into the open batches.
+    /// Runs one sample through the transforms into the open batches. A reading goes
+    /// to its profile field's stream; an alarm-stream reading only when the alarm gate
+    /// passes it (changed, or due as standing state). The purpose must list a field
+    /// for it to leave, alarms included.
     pub async fn accept(&mut self, sample: RawSample) {
-        let normalised = normalise(&sample.profile, &sample.device, sample.at_ms, &sample.image);
+        let normalised = normalise_with(
+            &sample.profile,
+            &sample.device,
+            sample.at_ms,
+            &sample.image,
+            &sample.ratios,
+        );
         self.metrics
             .readings_normalised
             .add(normalised.readings.len() as u64);
@@ -102,14 +115,24 @@ impl Batcher {
             let Some(field) = sample.profile.field(reading.field.as_str()) else {
                 continue;
             };
-            if self.checker.check(field, &mut reading) != crate::reading::Quality::Good {
+            let multiplier = sample.ratios.multiplier(field.ratio);
+            if self.checker.check_scaled(field, &mut reading, multiplier)
+                != crate::reading::Quality::Good
+            {
                 self.metrics.readings_flagged.inc();
+            }
+            let stream = field.stream;
+            if stream == Stream::Alarms
+                && self.policy.fields().contains(&reading.field)
+                && !self.alarms.pass(&reading)
+            {
+                self.metrics.alarm_repeats_held.inc();
+                continue;
             }
             let Some(record) = minimise_as(&self.policy, &reading, &subject) else {
                 continue;
             };
             self.metrics.records_minimised.inc();
-            let stream = reading.class.stream();
             let batch = &mut self.open[usize::from(stream.code())];
             if batch.records.is_empty() {
                 batch.deadline = Some(Instant::now() + self.cfg.max_age);

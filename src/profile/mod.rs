@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::diag::Diagnostic;
-use crate::reading::{Classification, FieldName, RegisterAddress};
+use crate::reading::{Classification, FieldName, RegisterAddress, Stream, Unit};
 
 pub use decode::{FieldType, RawValue, WordOrder};
 pub use units::ProfileUnit;
@@ -73,6 +73,105 @@ pub enum Counter {
     Monotonic { rollover: Option<f64> },
 }
 
+/// Which instrument-transformer ratio turns a secondary-side value into a primary one.
+///
+/// CT/PT-connected meters report what their terminals see; the gateway multiplies by
+/// the device's configured ratios (`ct_ratio`, `pt_ratio` in `[[device]]`): currents by
+/// CT, voltages by PT, powers and energies by CT × PT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ratio {
+    Ct,
+    Pt,
+    CtPt,
+}
+
+impl Ratio {
+    pub const NAMES: &'static str = "\"ct\", \"pt\", \"ct_pt\"";
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ct" => Ratio::Ct,
+            "pt" => Ratio::Pt,
+            "ct_pt" => Ratio::CtPt,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ratio::Ct => "ct",
+            Ratio::Pt => "pt",
+            Ratio::CtPt => "ct_pt",
+        }
+    }
+
+    /// Whether values in canonical unit `unit` scale with this ratio: CT for amperes,
+    /// PT for volts, CT × PT for power and energy.
+    pub fn applies_to(self, unit: Unit) -> bool {
+        match self {
+            Ratio::Ct => unit == Unit::Ampere,
+            Ratio::Pt => unit == Unit::Volt,
+            Ratio::CtPt => matches!(
+                unit,
+                Unit::Watt | Unit::WattHour | Unit::Var | Unit::VarHour | Unit::VoltAmpere
+            ),
+        }
+    }
+
+    /// The canonical units this ratio may apply to, for error messages.
+    pub fn valid_units(self) -> &'static str {
+        match self {
+            Ratio::Ct => "A (currents)",
+            Ratio::Pt => "V (voltages)",
+            Ratio::CtPt => "W, Wh, var, varh, VA (powers and energies)",
+        }
+    }
+}
+
+impl std::fmt::Display for Ratio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A device's instrument-transformer ratios (1 and 1 for a direct-connected meter).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ratios {
+    pub ct: f64,
+    pub pt: f64,
+}
+
+impl Default for Ratios {
+    fn default() -> Self {
+        Self::UNITY
+    }
+}
+
+impl Ratios {
+    pub const UNITY: Ratios = Ratios { ct: 1.0, pt: 1.0 };
+
+    /// What a field's secondary-side value is multiplied by (1 without a `ratio`).
+    pub fn multiplier(&self, ratio: Option<Ratio>) -> f64 {
+        match ratio {
+            None => 1.0,
+            Some(Ratio::Ct) => self.ct,
+            Some(Ratio::Pt) => self.pt,
+            Some(Ratio::CtPt) => self.ct * self.pt,
+        }
+    }
+}
+
+/// The second register part of a combined total: `total = integer part + fraction`,
+/// both in the field's unit before `scale`/`offset` (a TUF-2000M totaliser is an i32
+/// LONG integer part plus an f32 REAL4 fraction).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fraction {
+    /// The register number as written in the profile.
+    pub register: u32,
+    pub address: RegisterAddress,
+    pub ty: FieldType,
+}
+
 /// One validated profile field.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Field {
@@ -92,6 +191,14 @@ pub struct Field {
     /// Raw register bit patterns that mean "not available".
     pub sentinels: Vec<u64>,
     pub counter: Counter,
+    /// For a combined total: the fraction part added to the value of `ty` at `address`.
+    pub fraction: Option<Fraction>,
+    /// The transformer ratio a secondary-side value is multiplied by, if any.
+    pub ratio: Option<Ratio>,
+    /// The stream the field's readings travel on: `alarms` for alarm and tamper bits
+    /// (sent when they change and at least every `batch.alarm_state_every`), else
+    /// `readings`.
+    pub stream: Stream,
     pub class: Classification,
     /// False where the reference marks the register unverified on real hardware.
     pub verified: bool,
@@ -99,13 +206,48 @@ pub struct Field {
 }
 
 impl Field {
+    /// Width in registers of the (integer) part at `address`.
     pub fn words(&self) -> u16 {
         self.ty.words()
     }
 
+    /// Every register range the field's value is made of: its own, and a fraction's.
+    pub fn parts(&self) -> impl Iterator<Item = (RegisterAddress, FieldType)> + '_ {
+        std::iter::once((self.address, self.ty)).chain(self.fraction.map(|f| (f.address, f.ty)))
+    }
+
+    /// The smallest run of registers holding every part: what one read must cover so
+    /// the parts of a combined total cannot tear.
+    pub fn span(&self) -> (RegisterAddress, u16) {
+        Self::span_of(self.parts())
+    }
+
+    /// The smallest run of registers holding every `(address, type)` part.
+    pub fn span_of(
+        parts: impl IntoIterator<Item = (RegisterAddress, FieldType)>,
+    ) -> (RegisterAddress, u16) {
+        let (mut start, mut end) = (u32::MAX, 0u32);
+        for (a, t) in parts {
+            start = start.min(u32::from(a.0));
+            end = end.max(u32::from(a.0) + u32::from(t.words()));
+        }
+        if start > end {
+            return (RegisterAddress(0), 0);
+        }
+        (
+            RegisterAddress(u16::try_from(start).unwrap_or(u16::MAX)),
+            u16::try_from(end - start).unwrap_or(u16::MAX),
+        )
+    }
+
     /// True when the decoded value is an integer that scaling leaves an integer.
     pub fn keeps_integer(&self) -> bool {
-        self.ty.is_integer() && self.scale == 1.0 && self.offset == 0.0 && self.unit.factor == 1.0
+        self.ty.is_integer()
+            && self.fraction.is_none()
+            && self.ratio.is_none()
+            && self.scale == 1.0
+            && self.offset == 0.0
+            && self.unit.factor == 1.0
     }
 }
 

@@ -15,6 +15,9 @@
 //! types and clamped to the type's width, then [`encode`]d. [`fit`] picks the
 //! representable value nearest a target that still decodes inside the field's
 //! `range`; when none does (a range narrower than one raw step) it serves the nearest.
+//! A combined total (integer part + fraction) is split as the meter does: the integer
+//! part takes `floor(raw)`, the fraction part `raw − floor(raw)`; its words are the
+//! integer part's followed by the fraction's.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -42,28 +45,32 @@ impl RegisterMap {
         let start = profile
             .fields
             .iter()
-            .map(|f| u32::from(f.address.0))
+            .map(|f| u32::from(f.span().0 .0))
             .min()
             .unwrap_or(0);
         let end = profile
             .fields
             .iter()
-            .map(|f| u32::from(f.address.0) + u32::from(f.words()))
+            .map(|f| {
+                let (a, n) = f.span();
+                u32::from(a.0) + u32::from(n)
+            })
             .max()
             .unwrap_or(0);
         let len = end.saturating_sub(start) as usize;
-        let mut covered = vec![false; len];
-        for f in profile.fields.iter().filter(|f| !is_bit(f)) {
-            let at = (u32::from(f.address.0) - start) as usize;
-            for c in &mut covered[at..at + usize::from(f.words())] {
-                *c = true;
-            }
-        }
-        Self {
+        let mut map = Self {
             start,
             len,
-            covered,
+            covered: vec![false; len],
+        };
+        for f in profile.fields.iter().filter(|f| !is_bit(f)) {
+            for r in map.index(f) {
+                for c in &mut map.covered[r] {
+                    *c = true;
+                }
+            }
         }
+        map
     }
 
     /// Index range of `count` registers from `start` inside the image, if all served.
@@ -73,9 +80,23 @@ impl RegisterMap {
         (to <= self.len).then_some(from..to)
     }
 
-    fn index(&self, field: &Field) -> Range<usize> {
-        let at = (u32::from(field.address.0) - self.start) as usize;
-        at..at + usize::from(field.words())
+    /// Index ranges of each of the field's parts inside the image, in part order.
+    fn index(&self, field: &Field) -> Vec<Range<usize>> {
+        field
+            .parts()
+            .map(|(a, t)| {
+                let at = (u32::from(a.0) - self.start) as usize;
+                at..at + usize::from(t.words())
+            })
+            .collect()
+    }
+
+    /// The field's words out of the image, parts concatenated.
+    fn field_words(&self, field: &Field, image: &[u16]) -> Vec<u16> {
+        self.index(field)
+            .into_iter()
+            .flat_map(|r| image[r].iter().copied())
+            .collect()
     }
 
     /// Builds the image from each field's encoded words (in profile field order).
@@ -83,11 +104,18 @@ impl RegisterMap {
         let mut image = vec![0u16; self.len];
         let fields = profile.fields.iter().zip(words);
         for (f, w) in fields.clone().filter(|(f, _)| !is_bit(f)) {
-            image[self.index(f)].copy_from_slice(w);
+            let mut rest = w.as_slice();
+            for r in self.index(f) {
+                let (part, tail) = rest.split_at(r.len().min(rest.len()));
+                image[r.start..r.start + part.len()].copy_from_slice(part);
+                rest = tail;
+            }
         }
         for (f, w) in fields {
             let FieldType::Bit(bit) = f.ty else { continue };
-            let at = self.index(f).start;
+            let Some(at) = self.index(f).first().map(|r| r.start) else {
+                continue;
+            };
             if self.covered[at] {
                 continue;
             }
@@ -103,7 +131,7 @@ impl RegisterMap {
         profile
             .fields
             .iter()
-            .map(|f| (f.name.clone(), decode_eng(f, &image[self.index(f)])))
+            .map(|f| (f.name.clone(), decode_eng(f, &self.field_words(f, image))))
             .collect()
     }
 }
@@ -141,10 +169,21 @@ pub(super) fn limits(field: &Field) -> (f64, f64) {
     }
 }
 
-/// Encodes an engineering value (profile unit) into the field's registers.
+/// Encodes an engineering value (profile unit) into the field's registers (a combined
+/// total: the integer part's words, then the fraction's).
 pub(super) fn encode_eng(field: &Field, eng: f64) -> Vec<u16> {
     let raw = (eng - field.offset) / field.scale;
     let (rmin, rmax) = raw_bounds(field.ty);
+    if let Some(frac) = field.fraction {
+        let whole = raw.floor().clamp(rmin, rmax);
+        let int = match field.ty {
+            FieldType::U16 | FieldType::U32 | FieldType::U64 => RawValue::Unsigned(whole as u64),
+            _ => RawValue::Signed(whole as i64),
+        };
+        let mut words = encode(field.ty, field.order, int);
+        words.extend(encode(frac.ty, field.order, RawValue::Float(raw - whole)));
+        return words;
+    }
     let value = match field.ty {
         FieldType::F32 | FieldType::F64 => RawValue::Float(raw),
         FieldType::Bit(_) => RawValue::Bit(raw >= 0.5),
@@ -158,11 +197,20 @@ pub(super) fn encode_eng(field: &Field, eng: f64) -> Vec<u16> {
     encode(field.ty, field.order, value)
 }
 
-/// Decodes a field's registers into its engineering value (profile unit).
+/// Decodes a field's registers (parts concatenated) into its engineering value (profile
+/// unit).
 pub(super) fn decode_eng(field: &Field, words: &[u16]) -> f64 {
-    // The image always holds exactly `field.words()` registers for the field.
-    decode(field.ty, field.order, words)
-        .map(|raw| raw.as_f64() * field.scale + field.offset)
+    // The image always holds exactly the field's registers.
+    let (int_words, frac_words) = words.split_at(usize::from(field.words()).min(words.len()));
+    let fraction = match field.fraction {
+        Some(f) => match decode(f.ty, field.order, frac_words) {
+            Ok(v) => v.as_f64(),
+            Err(_) => return f64::NAN,
+        },
+        None => 0.0,
+    };
+    decode(field.ty, field.order, int_words)
+        .map(|raw| (raw.as_f64() + fraction) * field.scale + field.offset)
         .unwrap_or(f64::NAN)
 }
 
@@ -227,5 +275,41 @@ mod tests {
         let power = p.field("power_total").expect("fixture field");
         assert_eq!(decode_eng(power, &encode_eng(power, 1e9)), 32767.0);
         assert_eq!(decode_eng(power, &encode_eng(power, -1e9)), -32768.0);
+    }
+
+    const COMBINED: &str = r#"
+[meter]
+vendor = "Sim"
+model = "C1"
+protocol = "modbus"
+[modbus]
+function = 3
+address_base = 1
+order = "CDAB"
+[[field]]
+name = "volume_forward"
+register = 9
+type = "i32"
+fraction_register = 11
+unit = "m3"
+range = [0.0, 99999999.0]
+counter = "monotonic"
+category = "measurement"
+grade = "L2"
+"#;
+
+    proptest::proptest! {
+        #[test]
+        fn combined_totals_split_into_integer_and_fraction(v in 0.0f64..99_999_999.0) {
+            let p = Profile::parse(std::path::Path::new("c1.toml"), COMBINED).expect("parses");
+            let f = p.field("volume_forward").expect("field");
+            let words = encode_eng(f, v);
+            proptest::prop_assert_eq!(words.len(), 4);
+            // The integer part alone is floor(v), low word first.
+            let int = decode(f.ty, f.order, &words[..2]).expect("width").as_f64();
+            proptest::prop_assert_eq!(int, v.floor());
+            let back = decode_eng(f, &words);
+            proptest::prop_assert!((back - v).abs() <= 1e-7, "{} -> {}", v, back);
+        }
     }
 }

@@ -346,6 +346,8 @@ fn advance(f: &Field, prev: f64, increment: f64) -> (Vec<u16>, f64) {
     };
     let floor = f.scale.abs() * 1e-6;
     let smallest = match f.ty {
+        // A combined total's f32 fraction resolves far below one integer step.
+        _ if f.fraction.is_some() => f.scale.abs() * 1e-3,
         FieldType::F32 => prev.abs() * f64::from(f32::EPSILON) / 2.0,
         FieldType::F64 => prev.abs() * f64::EPSILON / 2.0,
         _ => f.scale.abs() / 2.0,

@@ -9,7 +9,7 @@ pub mod modbus;
 
 use std::sync::Arc;
 
-use crate::profile::Profile;
+use crate::profile::{Profile, Ratios};
 use crate::reading::{DeviceId, RegisterAddress, TimestampMs};
 
 /// Register blocks read from one device in one poll.
@@ -53,6 +53,9 @@ pub struct RawSample {
     pub profile: Arc<Profile>,
     pub at_ms: TimestampMs,
     pub image: RegisterImage,
+    /// The device's transformer ratios (`Ratios::UNITY` for a direct-connected meter),
+    /// applied by normalisation to fields with a `ratio`.
+    pub ratios: Ratios,
 }
 
 #[cfg(test)]

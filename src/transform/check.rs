@@ -7,17 +7,29 @@
 
 use std::collections::HashMap;
 
-use super::normalise::engineering;
+use super::normalise::engineering_secondary;
 use crate::profile::{Counter, Field};
 use crate::reading::{DeviceId, FieldName, Quality, QualityReason, Reading};
 
 /// The quality a reading deserves, given the previous accepted value of a counter.
 pub fn assess(field: &Field, reading: &Reading, previous: Option<f64>) -> Quality {
+    assess_scaled(field, reading, previous, 1.0)
+}
+
+/// [`assess`] for a reading multiplied by a transformer ratio `multiplier`: the
+/// profile's `range` describes the meter's own (secondary-side) value, so the range is
+/// checked on the value divided by the multiplier.
+pub fn assess_scaled(
+    field: &Field,
+    reading: &Reading,
+    previous: Option<f64>,
+    multiplier: f64,
+) -> Quality {
     let mut q = reading.quality;
     if matches!(q, Quality::Bad(_)) {
         return q;
     }
-    let Some(eng) = engineering(field, &reading.value) else {
+    let Some(eng) = engineering_secondary(field, &reading.value, multiplier) else {
         return q;
     };
     if let Some((lo, hi)) = field.range {
@@ -26,7 +38,7 @@ pub fn assess(field: &Field, reading: &Reading, previous: Option<f64>) -> Qualit
         }
     }
     if let (Counter::Monotonic { rollover }, Some(prev)) = (field.counter, previous) {
-        let prev_eng = prev / field.unit.factor;
+        let prev_eng = prev / field.unit.factor / multiplier;
         if eng < prev_eng {
             let wrapped = rollover.is_some_and(|r| prev_eng > 0.9 * r && eng < 0.1 * r);
             q = q.worst(Quality::Uncertain(if wrapped {
@@ -52,9 +64,19 @@ impl Checker {
 
     /// Sets the reading's quality; returns it for convenience.
     pub fn check(&mut self, field: &Field, reading: &mut Reading) -> Quality {
+        self.check_scaled(field, reading, 1.0)
+    }
+
+    /// [`Checker::check`] for a reading multiplied by a transformer ratio.
+    pub fn check_scaled(
+        &mut self,
+        field: &Field,
+        reading: &mut Reading,
+        multiplier: f64,
+    ) -> Quality {
         let key = (reading.device.clone(), reading.field.clone());
         let previous = self.last.get(&key).copied();
-        reading.quality = assess(field, reading, previous);
+        reading.quality = assess_scaled(field, reading, previous, multiplier);
         if matches!(field.counter, Counter::Monotonic { .. })
             && !matches!(reading.quality, Quality::Bad(_))
         {

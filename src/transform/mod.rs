@@ -3,8 +3,10 @@
 //! `normalise` decodes register images into typed readings in canonical units;
 //! `check` flags quality (out of range, sentinel, counters going backwards) without
 //! ever rewriting a value; `minimise` applies the declared purpose, dropping what it
-//! does not need and pseudonymising identifiers with a keyed HMAC.
+//! does not need and pseudonymising identifiers with a keyed HMAC; `alarm` decides
+//! which alarm-stream readings go out (on change, and periodically as standing state).
 
+pub mod alarm;
 pub mod check;
 pub mod minimise;
 pub mod normalise;

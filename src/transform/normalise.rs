@@ -5,8 +5,15 @@
 //! integers; bits become booleans. A raw pattern the profile lists as a sentinel is kept
 //! as read and flagged `bad(not_available)`; a NaN/infinite float is flagged
 //! `bad(not_finite)`. A field whose registers are not in the image is reported missing.
+//!
+//! A combined total (a field with a `fraction`) is integer part + fraction, then scaled:
+//! engineering = (integer + fraction) × scale + offset; it is always a float, and
+//! missing unless both parts are in the image. A field with a `ratio` is a secondary-side
+//! value: its canonical value is multiplied by the device's CT, PT or CT × PT ratio
+//! ([`Ratios`]) and is always a float; range checks divide it back out
+//! (`check::Checker::check_scaled`).
 
-use crate::profile::{decode, Field, FieldType, Profile, RawValue};
+use crate::profile::{decode, Field, FieldType, Profile, Ratios, RawValue};
 use crate::reading::{DeviceId, FieldName, Quality, QualityReason, Reading, TimestampMs, Value};
 use crate::source::RegisterImage;
 
@@ -18,23 +25,51 @@ pub struct Normalised {
     pub missing: Vec<FieldName>,
 }
 
-/// Decodes every field of `profile` found in `image`.
+/// Decodes every field of `profile` found in `image` (a direct-connected meter: no
+/// transformer ratios).
 pub fn normalise(
     profile: &Profile,
     device: &DeviceId,
     at_ms: TimestampMs,
     image: &RegisterImage,
 ) -> Normalised {
+    normalise_with(profile, device, at_ms, image, &Ratios::UNITY)
+}
+
+/// Decodes every field of `profile` found in `image`, applying the device's transformer
+/// `ratios` to the fields that name one.
+pub fn normalise_with(
+    profile: &Profile,
+    device: &DeviceId,
+    at_ms: TimestampMs,
+    image: &RegisterImage,
+    ratios: &Ratios,
+) -> Normalised {
     let mut out = Normalised {
         readings: Vec::with_capacity(profile.fields.len()),
         missing: Vec::new(),
     };
     for field in &profile.fields {
-        match image.get(field.address, field.words()) {
-            Some(words) => out
-                .readings
-                .push(normalise_field(field, device, at_ms, words)),
-            None => out.missing.push(field.name.clone()),
+        let words = image.get(field.address, field.words());
+        let fraction = field.fraction.map(|f| image.get(f.address, f.ty.words()));
+        match (words, fraction) {
+            (Some(words), None) => out.readings.push(normalise_parts(
+                field,
+                device,
+                at_ms,
+                words,
+                None,
+                ratios.multiplier(field.ratio),
+            )),
+            (Some(words), Some(Some(frac))) => out.readings.push(normalise_parts(
+                field,
+                device,
+                at_ms,
+                words,
+                Some(frac),
+                ratios.multiplier(field.ratio),
+            )),
+            _ => out.missing.push(field.name.clone()),
         }
     }
     out
@@ -63,15 +98,35 @@ fn width_mask(field: &Field) -> u64 {
     }
 }
 
-/// Decodes one field from exactly its registers.
+/// Decodes one field from exactly its registers (no fraction part, no ratio).
 pub fn normalise_field(
     field: &Field,
     device: &DeviceId,
     at_ms: TimestampMs,
     words: &[u16],
 ) -> Reading {
-    let (value, mut quality) = match decode::decode(field.ty, field.order, words) {
-        Ok(raw) => to_value(field, raw),
+    normalise_parts(field, device, at_ms, words, None, 1.0)
+}
+
+/// Decodes one field from its registers and, for a combined total, its fraction's
+/// registers; `multiplier` is the device's transformer ratio for the field (1 without).
+pub fn normalise_parts(
+    field: &Field,
+    device: &DeviceId,
+    at_ms: TimestampMs,
+    words: &[u16],
+    fraction: Option<&[u16]>,
+    multiplier: f64,
+) -> Reading {
+    let decoded = decode::decode(field.ty, field.order, words).and_then(|raw| {
+        match (field.fraction, fraction) {
+            (Some(f), Some(fw)) => decode::decode(f.ty, field.order, fw)
+                .map(|frac| RawValue::Float(raw.as_f64() + frac.as_f64())),
+            _ => Ok(raw),
+        }
+    });
+    let (value, mut quality) = match decoded {
+        Ok(raw) => to_value(field, raw, multiplier),
         // The image lookup returns exactly `words()` registers, so this is unreachable in
         // practice; keep it typed rather than panic.
         Err(_) => (
@@ -93,7 +148,7 @@ pub fn normalise_field(
     }
 }
 
-fn to_value(field: &Field, raw: RawValue) -> (Value, Quality) {
+fn to_value(field: &Field, raw: RawValue, multiplier: f64) -> (Value, Quality) {
     match raw {
         RawValue::Bit(b) => (Value::Bool(b), Quality::Good),
         RawValue::Signed(i) if field.keeps_integer() => (Value::Int(i), Quality::Good),
@@ -101,7 +156,7 @@ fn to_value(field: &Field, raw: RawValue) -> (Value, Quality) {
             (Value::Int(u as i64), Quality::Good)
         }
         raw => {
-            let v = (raw.as_f64() * field.scale + field.offset) * field.unit.factor;
+            let v = (raw.as_f64() * field.scale + field.offset) * field.unit.factor * multiplier;
             let q = if v.is_finite() {
                 Quality::Good
             } else {
@@ -115,6 +170,12 @@ fn to_value(field: &Field, raw: RawValue) -> (Value, Quality) {
 /// The engineering value (profile unit) of a canonical reading value, for range checks.
 pub fn engineering(field: &Field, value: &Value) -> Option<f64> {
     value.as_f64().map(|v| v / field.unit.factor)
+}
+
+/// The meter-side engineering value (profile unit, secondary side) of a canonical value
+/// that was multiplied by a transformer ratio `multiplier`.
+pub fn engineering_secondary(field: &Field, value: &Value, multiplier: f64) -> Option<f64> {
+    engineering(field, value).map(|v| v / multiplier)
 }
 
 #[cfg(test)]
@@ -244,5 +305,97 @@ grade = "L1"
             &[0x7FC0, 0],
         );
         assert_eq!(r.quality, Quality::Bad(QualityReason::NotFinite));
+    }
+
+    const SECONDARY: &str = r#"
+[meter]
+vendor = "Test"
+model = "N2"
+protocol = "modbus"
+[modbus]
+function = 3
+order = "CDAB"
+[[field]]
+name = "current_l1"
+register = 0
+type = "u16"
+scale = 0.01
+unit = "A"
+ratio = "ct"
+category = "measurement"
+grade = "L3"
+[[field]]
+name = "voltage_l1"
+register = 1
+type = "u16"
+scale = 0.1
+unit = "V"
+ratio = "pt"
+category = "measurement"
+grade = "L2"
+[[field]]
+name = "energy_import"
+register = 2
+type = "u32"
+unit = "kWh"
+ratio = "ct_pt"
+category = "measurement"
+grade = "L3"
+[[field]]
+name = "volume_forward"
+register = 10
+type = "i32"
+fraction_register = 12
+unit = "m3"
+category = "measurement"
+grade = "L2"
+"#;
+
+    #[test]
+    fn ratios_scale_current_voltage_and_energy() {
+        let p = Profile::parse(Path::new("n2.toml"), SECONDARY).unwrap();
+        let dev = DeviceId::new("m1").unwrap();
+        let mut img = RegisterImage::new();
+        // 5.00 A, 230.0 V, 12 kWh (low word first)
+        img.insert(RegisterAddress(0), vec![500, 2300, 12, 0]);
+        let ratios = Ratios {
+            ct: 40.0,
+            pt: 100.0,
+        };
+        let n = normalise_with(&p, &dev, 0, &img, &ratios);
+        let v = |name: &str| {
+            n.readings
+                .iter()
+                .find(|r| r.field.as_str() == name)
+                .unwrap()
+                .value
+                .clone()
+        };
+        assert_eq!(v("current_l1"), Value::Float(5.0 * 40.0));
+        assert_eq!(v("voltage_l1"), Value::Float(230.0 * 100.0));
+        assert_eq!(v("energy_import"), Value::Float(12_000.0 * 4000.0));
+        // Unity ratios: the same values as the meter shows, still floats.
+        let n = normalise(&p, &dev, 0, &img);
+        assert_eq!(n.readings[2].value, Value::Float(12_000.0));
+    }
+
+    #[test]
+    fn a_combined_total_needs_both_parts() {
+        let p = Profile::parse(Path::new("n2.toml"), SECONDARY).unwrap();
+        let dev = DeviceId::new("m1").unwrap();
+        let mut img = RegisterImage::new();
+        img.insert(RegisterAddress(10), vec![0x0010, 0x0000]); // integer part 16 only
+        let n = normalise(&p, &dev, 0, &img);
+        assert!(n.missing.iter().any(|f| f.as_str() == "volume_forward"));
+        // 16 + 0.25 (f32 0x3E800000, low word first)
+        img.insert(RegisterAddress(12), vec![0x0000, 0x3E80]);
+        let n = normalise(&p, &dev, 0, &img);
+        let r = n
+            .readings
+            .iter()
+            .find(|r| r.field.as_str() == "volume_forward")
+            .unwrap();
+        assert_eq!(r.value, Value::Float(16.25));
+        assert_eq!(r.unit, Unit::CubicMetre);
     }
 }

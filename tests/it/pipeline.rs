@@ -181,3 +181,129 @@ async fn a_silent_meter_does_not_delay_the_others() {
         );
     }
 }
+
+/// Alarm bits of a water meter are sealed into the `alarms` stream (first state, then only
+/// changes until the standing-state period), measurements into `readings`; a secondary-side
+/// meter's currents arrive multiplied by its configured CT ratio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarm_bits_travel_on_the_alarms_stream_and_ratios_apply() {
+    use citygate::reading::Stream;
+    let profiles = shipped_profiles();
+    let token = CancellationToken::new();
+    let water = start_sim(&profiles, "xintai-water-meter", 2, 5, &token).await;
+    let feeder = start_sim(&profiles, "acrel-adl400", 1, 6, &token).await;
+    let dep = Deployment::new();
+    let mut devices: String = (1..=2u8)
+        .map(|u| {
+            device_toml(
+                &format!("tap-{u}"),
+                "xintai-water-meter",
+                &water.address,
+                u,
+                "100ms",
+            )
+        })
+        .collect();
+    devices += &device_toml("feeder-1", "acrel-adl400", &feeder.address, 1, "200ms").replace(
+        "poll_interval = \"200ms\"",
+        "poll_interval = \"200ms\"\nct_ratio = 40",
+    );
+    let alarm_fields = ["valve_fault", "battery_low"];
+    let purpose = [
+        "volume_forward",
+        "valve_open",
+        "valve_fault",
+        "battery_low",
+        "current_l1",
+    ];
+    let cfg = dep.config(&purpose, &devices, profiles.clone());
+    assert_eq!(cfg.devices[2].ratios.ct, 40.0);
+    let keys = KeyMaterial::load(&cfg.keys).unwrap();
+    let policy = supervisor::policy(&cfg, keys.pseudonym.clone());
+    let store: Arc<dyn Store> = Arc::new(citygate::store::MemStore::default());
+    let running = supervisor::start(&cfg, keys, store.clone());
+    let metrics = running.metrics.clone();
+    // 2 water meters × 2 alarm bits: at least 4 alarm records (the first state of each).
+    let enough = wait_for(Duration::from_secs(20), || {
+        metrics.alarm_repeats_held.get() >= 40 && metrics.batches_committed.get() >= 4
+    })
+    .await;
+    assert!(
+        enough,
+        "held {} alarm repeats, committed {} batches",
+        metrics.alarm_repeats_held.get(),
+        metrics.batches_committed.get()
+    );
+    assert!(running.shutdown(Duration::from_secs(10)).await);
+    token.cancel();
+
+    let opened = open_all(store.as_ref(), &dep.opener(&cfg.gateway_id));
+    let subject = |name: &str| policy.subject(&DeviceId::new(name).unwrap());
+    let taps: BTreeMap<String, UnitId> = (1..=2u8)
+        .map(|u| (subject(&format!("tap-{u}")), UnitId(u)))
+        .collect();
+    let mut last_alarm: HashMap<(String, String), Value> = HashMap::new();
+    let (mut alarms, mut volumes, mut currents) = (0, 0, 0);
+    for batch in &opened {
+        for rec in &batch.records {
+            let is_alarm = alarm_fields.contains(&rec.field.as_str());
+            assert_eq!(
+                batch.header.stream == Stream::Alarms,
+                is_alarm,
+                "{} sealed into {}",
+                rec.field,
+                batch.header.stream
+            );
+            if is_alarm {
+                alarms += 1;
+                let unit = taps[&rec.subject];
+                let Value::Bool(on) = rec.value else {
+                    panic!("alarm bit {} is {:?}", rec.field, rec.value)
+                };
+                let served = water.meters.history(unit).iter().any(|s| {
+                    s.values[&citygate::reading::FieldName::new(rec.field.clone()).unwrap()]
+                        == f64::from(u8::from(on))
+                });
+                assert!(served, "{} = {on} never served", rec.field);
+                // On change only (the standing-state period, 15 min, is not reached).
+                let key = (rec.subject.clone(), rec.field.clone());
+                if let Some(prev) = last_alarm.insert(key, rec.value.clone()) {
+                    assert_ne!(prev, rec.value, "{} repeated without a change", rec.field);
+                }
+            }
+            if rec.field == "volume_forward" {
+                volumes += 1;
+            }
+            if rec.field == "current_l1" {
+                assert_eq!(rec.subject, subject("feeder-1"));
+                let field = profiles
+                    .get("acrel-adl400")
+                    .unwrap()
+                    .field("current_l1")
+                    .unwrap();
+                let v = rec.value.as_f64().unwrap();
+                let primary = feeder
+                    .meters
+                    .history(UnitId(1))
+                    .iter()
+                    .any(|s| (s.values[&field.name] * 40.0 - v).abs() < 1e-9 * v.max(1.0));
+                assert!(
+                    primary,
+                    "current_l1 {v} A is not 40 × a served secondary value"
+                );
+                currents += 1;
+            }
+        }
+    }
+    assert!(alarms >= 4, "{alarms} alarm records");
+    assert_eq!(
+        last_alarm.len(),
+        4,
+        "every alarm bit of every tap sent its state"
+    );
+    assert!(
+        volumes > alarms,
+        "measurements go out every poll ({volumes}), alarms on change ({alarms})"
+    );
+    assert!(currents > 0);
+}

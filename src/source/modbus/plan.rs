@@ -4,6 +4,8 @@
 //! profile's `max_registers_per_read` (≤ 125, the Modbus limit) and the unused
 //! registers between two fields do not exceed `max_gap_registers` (reading a gap costs
 //! two bytes per register; a large gap may also hit addresses the meter rejects).
+//! A field's range is its [`span`](crate::profile::Field::span): every register any of
+//! its parts needs.
 
 use crate::profile::Profile;
 use crate::reading::RegisterAddress;
@@ -21,10 +23,12 @@ impl ReadRequest {
     }
 }
 
-/// Plans the reads covering every field of `profile`.
+/// Plans the reads covering every field of `profile`. A field made of several parts (a
+/// combined total's integer part and fraction) is planned as one range spanning all of
+/// them, so both parts always come from the same request and cannot tear.
 pub fn plan(profile: &Profile) -> Vec<ReadRequest> {
     plan_ranges(
-        profile.fields.iter().map(|f| (f.address, f.words())),
+        profile.fields.iter().map(|f| f.span()),
         profile.max_gap_registers,
         profile.max_registers_per_read,
     )

@@ -263,6 +263,7 @@ impl Lane {
                 profile: cfg.profile.clone(),
                 at_ms,
                 image,
+                ratios: cfg.ratios,
             };
             // Policy when the transforms fall behind: drop the newest sample and count it;
             // polling never blocks on downstream back-pressure.

@@ -8,12 +8,16 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+mod layout;
+
+use layout::{conflict, convert_fraction, Part};
+
 use super::{
-    Counter, Field, FieldType, FunctionCode, LineSettings, Parity, Profile, ProfileUnit, WordOrder,
-    DEFAULT_MAX_GAP_REGISTERS, MAX_REGISTERS_PER_READ,
+    Counter, Field, FieldType, FunctionCode, LineSettings, Parity, Profile, ProfileUnit, Ratio,
+    WordOrder, DEFAULT_MAX_GAP_REGISTERS, MAX_REGISTERS_PER_READ,
 };
 use crate::config::diag::{Diagnostic, SourceFile};
-use crate::reading::{Category, Classification, FieldName, Grade, RegisterAddress};
+use crate::reading::{Category, Classification, FieldName, Grade, RegisterAddress, Stream};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +87,14 @@ struct RawField {
     sentinels: Vec<Spanned<toml::Value>>,
     counter: Option<Spanned<String>>,
     rollover: Option<Spanned<f64>>,
+    /// Combined total: the register of the fraction added to this field's integer part.
+    fraction_register: Option<Spanned<u32>>,
+    /// Type of the fraction part (default "f32").
+    fraction_type: Option<Spanned<String>>,
+    /// Transformer ratio for secondary-side values: "ct", "pt" or "ct_pt".
+    ratio: Option<Spanned<String>>,
+    /// "readings" or "alarms" (default: "alarms" for category "alarm").
+    stream: Option<Spanned<String>>,
     category: Category,
     grade: Grade,
     #[serde(default)]
@@ -183,13 +195,19 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>>
     for (i, f) in raw.fields.into_iter().enumerate() {
         let key = format!("field[{i}]");
         let reg_span = f.register.span();
-        if let Some(field) = convert_field(&mut c, &key, f, address_base, default_order) {
+        let frac_span = f.fraction_register.as_ref().map(Spanned::span);
+        let limits = (address_base, default_order, max_registers_per_read);
+        if let Some(field) = convert_field(&mut c, &key, f, limits) {
             for (j, other) in fields.iter().enumerate() {
-                if let Some(msg) = conflict(&field, other) {
+                if let Some((part, msg)) = conflict(&field, other) {
                     let other_line = crate::config::diag::line_col(text, spans[j].start).0;
+                    let (span, k) = match (part, &frac_span) {
+                        (Part::Fraction, Some(fs)) => (fs.clone(), "fraction_register"),
+                        _ => (reg_span.clone(), "register"),
+                    };
                     c.err(
-                        reg_span.clone(),
-                        format!("{key}.register"),
+                        span,
+                        format!("{key}({}).{k}", field.name),
                         format!("{msg} (line {other_line})"),
                     );
                 }
@@ -252,8 +270,7 @@ fn convert_field(
     c: &mut Check<'_>,
     key: &str,
     f: RawField,
-    address_base: u16,
-    default_order: WordOrder,
+    (address_base, default_order, max_registers_per_read): (u16, WordOrder, u16),
 ) -> Option<Field> {
     let before = c.errors.len();
     let name = FieldName::new(f.name.get_ref().clone())
@@ -388,6 +405,62 @@ fn convert_field(
             "rollover needs counter = \"monotonic\"".into(),
         );
     }
+    let fraction = convert_fraction(c, &key, &f, ty, address, address_base);
+    if let (Some(fr), Some(a), Some(t)) = (&fraction, address, ty) {
+        let whole = Field::span_of([(a, t), (fr.address, fr.ty)]);
+        if whole.1 > max_registers_per_read {
+            c.err(
+                f.fraction_register.as_ref().map_or(f.register.span(), Spanned::span),
+                format!("{key}.fraction_register"),
+                format!(
+                    "the integer part and the fraction span {} registers; one read (max_registers_per_read = {max_registers_per_read}) must hold both so they cannot tear",
+                    whole.1
+                ),
+            );
+        }
+    }
+    let ratio = f.ratio.as_ref().and_then(|r| {
+        let parsed = Ratio::parse(r.get_ref());
+        match (parsed, unit) {
+            (None, _) => c.err(
+                r.span(),
+                format!("{key}.ratio"),
+                format!("unknown ratio {:?}; valid: {}", r.get_ref(), Ratio::NAMES),
+            ),
+            (Some(p), Some(u)) if !p.applies_to(u.canonical) => c.err(
+                r.span(),
+                format!("{key}.ratio"),
+                format!(
+                    "ratio \"{p}\" does not apply to a field in {} ({}); valid for \"{p}\": {}",
+                    u.symbol,
+                    u.canonical,
+                    p.valid_units()
+                ),
+            ),
+            _ => {}
+        }
+        parsed
+    });
+    let stream = match f.stream.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        None if f.category == Category::Alarm => Stream::Alarms,
+        None | Some(("readings", _)) => Stream::Readings,
+        Some(("alarms", _)) => Stream::Alarms,
+        Some((other, span)) => {
+            c.err(
+                span,
+                format!("{key}.stream"),
+                format!("unknown stream {other:?}; valid: \"readings\", \"alarms\""),
+            );
+            Stream::Readings
+        }
+    };
+    if stream == Stream::Alarms && f.category == Category::Identifier {
+        c.err(
+            f.stream.as_ref().map_or(f.name.span(), Spanned::span),
+            format!("{key}.stream"),
+            "an identifier cannot travel on the alarms stream; valid: \"readings\"".into(),
+        );
+    }
     if c.errors.len() > before {
         return None;
     }
@@ -403,6 +476,9 @@ fn convert_field(
         range,
         sentinels,
         counter,
+        fraction,
+        ratio,
+        stream,
         class: Classification {
             category: f.category,
             grade: f.grade,
@@ -440,39 +516,6 @@ fn parse_sentinel(v: &toml::Value, words: u16) -> Result<u64, String> {
         ));
     }
     Ok(bits)
-}
-
-/// Why two fields may not coexist, if they may not.
-fn conflict(a: &Field, b: &Field) -> Option<String> {
-    if a.name == b.name {
-        return Some(format!("field name `{}` is used twice", a.name));
-    }
-    let (a0, a1) = (
-        u32::from(a.address.0),
-        u32::from(a.address.0) + u32::from(a.words()),
-    );
-    let (b0, b1) = (
-        u32::from(b.address.0),
-        u32::from(b.address.0) + u32::from(b.words()),
-    );
-    if a0 >= b1 || b0 >= a1 {
-        return None;
-    }
-    match (a.ty, b.ty) {
-        (FieldType::Bit(x), FieldType::Bit(y)) if x == y => Some(format!(
-            "bit {x} of register {} is already field `{}`",
-            a.register, b.name
-        )),
-        (FieldType::Bit(_), _) | (_, FieldType::Bit(_)) => None,
-        _ => Some(format!(
-            "registers {}..{} overlap field `{}` ({} at register {})",
-            a.register,
-            a.register + u32::from(a.words()),
-            b.name,
-            b.ty,
-            b.register
-        )),
-    }
 }
 
 #[cfg(test)]
@@ -597,5 +640,176 @@ grade = "L2"
                 .replacen("register = 0x10", "register = 0", 1),
         );
         assert!(e.message.contains("outside"), "{e}");
+    }
+
+    const COMBINED: &str = r#"
+[meter]
+vendor = "Test"
+model = "T2"
+protocol = "modbus"
+
+[modbus]
+function = 3
+address_base = 1
+order = "CDAB"
+
+[[field]]
+name = "volume_forward"
+register = 9
+type = "i32"
+fraction_register = 11
+unit = "m3"
+counter = "monotonic"
+category = "measurement"
+grade = "L2"
+
+[[field]]
+name = "current_l1"
+register = 20
+type = "u16"
+scale = 0.01
+unit = "A"
+ratio = "ct"
+category = "measurement"
+grade = "L3"
+
+[[field]]
+name = "tamper"
+register = 30
+type = "bit"
+bit = 0
+unit = "1"
+stream = "alarms"
+category = "status"
+grade = "L2"
+
+[[field]]
+name = "door_open"
+register = 30
+type = "bit"
+bit = 1
+unit = "1"
+category = "alarm"
+grade = "L2"
+"#;
+
+    #[test]
+    fn combined_total_ratio_and_stream_load() {
+        let p = parse_str(COMBINED).unwrap();
+        let v = p.field("volume_forward").unwrap();
+        let frac = v.fraction.unwrap();
+        assert_eq!(
+            (frac.register, frac.address, frac.ty),
+            (11, RegisterAddress(10), FieldType::F32)
+        );
+        assert_eq!(v.span(), (RegisterAddress(8), 4));
+        assert!(!v.keeps_integer());
+        assert_eq!(p.field("current_l1").unwrap().ratio, Some(Ratio::Ct));
+        assert_eq!(p.field("tamper").unwrap().stream, Stream::Alarms);
+        assert_eq!(
+            p.field("door_open").unwrap().stream,
+            Stream::Alarms,
+            "category alarm defaults to alarms"
+        );
+        assert_eq!(v.stream, Stream::Readings);
+    }
+
+    #[test]
+    fn fraction_overlapping_its_integer_part_is_rejected() {
+        let e =
+            one_error(&COMBINED.replacen("fraction_register = 11", "fraction_register = 10", 1));
+        assert_eq!(e.line, 16, "{e}");
+        assert!(e.key.ends_with("(volume_forward).fraction_register"), "{e}");
+        assert!(e.message.contains("overlap the integer part"), "{e}");
+    }
+
+    #[test]
+    fn fraction_overlapping_another_field_is_rejected_at_the_fraction() {
+        let e = one_error(&COMBINED.replacen("register = 20", "register = 12", 1));
+        assert!(e.message.contains("overlap field `volume_forward`"), "{e}");
+        assert!(e.message.contains("line 14"), "{e}");
+        // When the combined field comes second, its fraction's key is the one located.
+        let later = COMBINED.replacen(
+            "[[field]]\nname = \"volume_forward\"",
+            "[[field]]\nname = \"pulse_count\"\nregister = 3\ntype = \"u16\"\nunit = \"1\"\ncategory = \"status\"\ngrade = \"L1\"\n\n[[field]]\nname = \"volume_forward\"",
+            1,
+        )
+        .replacen("fraction_register = 11", "fraction_register = 3", 1);
+        let e = one_error(&later);
+        assert_eq!(e.line, 24, "{e}");
+        assert!(e.key.ends_with("(volume_forward).fraction_register"), "{e}");
+        assert!(e.message.contains("overlap field `pulse_count`"), "{e}");
+    }
+
+    #[test]
+    fn bad_combined_totals_are_explained() {
+        let e = one_error(&COMBINED.replacen("type = \"i32\"\n", "type = \"f32\"\n", 1));
+        assert!(
+            e.key.ends_with(".type") && e.message.contains("integer type"),
+            "{e}"
+        );
+        let e = one_error(&COMBINED.replacen(
+            "fraction_register = 11\n",
+            "fraction_register = 11\nfraction_type = \"bit\"\n",
+            1,
+        ));
+        assert!(
+            e.key.ends_with(".fraction_type") && e.message.contains("\"f32\""),
+            "{e}"
+        );
+        let e =
+            one_error(&COMBINED.replacen("fraction_register = 11", "fraction_register = 200", 1));
+        assert!(
+            e.message.contains("one read"),
+            "the parts must fit one request: {e}"
+        );
+        let e = one_error(
+            &COMBINED
+                .replacen("unit = \"m3\"", "fraction_type = \"f32\"\nunit = \"m3\"", 1)
+                .replacen("fraction_register = 11\n", "", 1),
+        );
+        assert!(e.message.contains("needs fraction_register"), "{e}");
+    }
+
+    #[test]
+    fn ratio_must_fit_the_unit() {
+        let e = one_error(&COMBINED.replacen("ratio = \"ct\"", "ratio = \"pt\"", 1));
+        assert_eq!(e.line, 28, "{e}");
+        assert!(e.key.ends_with("(current_l1).ratio"), "{e}");
+        assert!(
+            e.message.contains("V (voltages)"),
+            "says what is valid: {e}"
+        );
+        let e = one_error(&COMBINED.replacen("ratio = \"ct\"", "ratio = \"ct*pt\"", 1));
+        assert!(e.message.contains("\"ct_pt\""), "{e}");
+        // A ratio on a field with no electrical unit (a water volume).
+        let e = one_error(&COMBINED.replacen(
+            "counter = \"monotonic\"",
+            "counter = \"monotonic\"\nratio = \"ct_pt\"",
+            1,
+        ));
+        assert!(e.key.ends_with("(volume_forward).ratio"), "{e}");
+        assert!(e.message.contains("does not apply to a field in m3"), "{e}");
+    }
+
+    #[test]
+    fn stream_must_be_readings_or_alarms() {
+        let e = one_error(&COMBINED.replacen("stream = \"alarms\"", "stream = \"audit\"", 1));
+        assert!(e.key.ends_with("(tamper).stream"), "{e}");
+        assert!(e.message.contains("\"alarms\""), "{e}");
+        let e = one_error(
+            &GOOD
+                .replacen(
+                    "grade = \"L3\"\n",
+                    "grade = \"L3\"\nstream = \"alarms\"\n",
+                    1,
+                )
+                .replacen(
+                    "category = \"measurement\"\ngrade = \"L3\"",
+                    "category = \"identifier\"\ngrade = \"L3\"",
+                    1,
+                ),
+        );
+        assert!(e.message.contains("identifier"), "{e}");
     }
 }
