@@ -214,6 +214,11 @@ impl Metrics {
                 "Malformed or foreign acknowledgements ignored.",
                 self.acks_rejected.get(),
             ),
+            (
+                "alarm_repeats_held",
+                "Unchanged alarm readings held back between periodic states.",
+                self.alarm_repeats_held.get(),
+            ),
         ]
     }
 
