@@ -10,5 +10,6 @@ mod e2e;
 mod mosquitto;
 mod pipeline;
 mod profiles;
+mod rtu;
 mod run;
 mod uplink;

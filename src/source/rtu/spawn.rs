@@ -1,0 +1,132 @@
+//! Builds the RTU tasks for a validated config: one [`RtuBus`] per serial port, per
+//! RTU-over-TCP server and per DTU, and one [`DtuListener`] per listen address.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::timing::LineTiming;
+use super::transport::{DtuListener, Link};
+use super::RtuBus;
+use crate::config::{DeviceConfig, ModbusConfig, Transport};
+use crate::profile::LineSettings;
+use crate::source::RawSample;
+use crate::telemetry::Metrics;
+
+/// A task to spawn.
+pub type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The line settings a bus runs with: the transport's explicit settings over the
+/// first device's profile defaults.
+pub fn bus_line(transport: &Transport, devices: &[DeviceConfig]) -> LineSettings {
+    let profile_line = devices.first().and_then(|d| d.profile.line);
+    transport.line().unwrap_or_default().resolve(profile_line)
+}
+
+/// The bus task of one RTU transport (its stream not yet open), without DTU routing.
+pub fn bus_for(
+    transport: &Transport,
+    devices: Vec<DeviceConfig>,
+    link: Link,
+    cfg: ModbusConfig,
+    samples_tx: mpsc::Sender<RawSample>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> RtuBus {
+    let line = bus_line(transport, &devices);
+    let heartbeats = match transport {
+        Transport::Dtu { id, heartbeat, .. } => {
+            let mut h = vec![id.as_bytes().to_vec()];
+            if let Some(hb) = heartbeat {
+                h.push(hb.as_bytes().to_vec());
+            }
+            h
+        }
+        _ => Vec::new(),
+    };
+    RtuBus::new(
+        link,
+        LineTiming::new(&line),
+        devices,
+        cfg,
+        heartbeats,
+        samples_tx,
+        metrics,
+        shutdown,
+    )
+}
+
+/// Every RTU task for `groups` (devices grouped by transport; TCP groups are ignored).
+pub fn tasks(
+    groups: Vec<(Transport, Vec<DeviceConfig>)>,
+    cfg: ModbusConfig,
+    samples_tx: &mpsc::Sender<RawSample>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Vec<Task> {
+    let mut out: Vec<Task> = Vec::new();
+    let mut dtus: BTreeMap<String, Vec<(Transport, Vec<DeviceConfig>)>> = BTreeMap::new();
+    for (transport, devices) in groups {
+        let link = match &transport {
+            Transport::Tcp { .. } => continue,
+            Transport::Serial { port, .. } => Link::Serial {
+                port: port.clone(),
+                line: bus_line(&transport, &devices),
+            },
+            Transport::RtuTcp { address, .. } => Link::Tcp {
+                address: address.clone(),
+            },
+            Transport::Dtu { listen, .. } => {
+                dtus.entry(listen.clone())
+                    .or_default()
+                    .push((transport, devices));
+                continue;
+            }
+        };
+        let bus = bus_for(
+            &transport,
+            devices,
+            link,
+            cfg,
+            samples_tx.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        out.push(Box::pin(bus.run()));
+    }
+    for (listen, buses) in dtus {
+        let ids = buses.iter().filter_map(|(t, _)| match t {
+            Transport::Dtu { id, .. } => Some(id.clone()),
+            _ => None,
+        });
+        let (listener, mut receivers) = DtuListener::new(listen, ids, shutdown.clone());
+        out.push(Box::pin(listener.run()));
+        for (transport, devices) in buses {
+            let Transport::Dtu { id, .. } = &transport else {
+                continue;
+            };
+            let Some(sessions_rx) = receivers.remove(id) else {
+                continue;
+            };
+            let link = Link::Dtu {
+                id: id.clone(),
+                sessions_rx,
+            };
+            let bus = bus_for(
+                &transport,
+                devices,
+                link,
+                cfg,
+                samples_tx.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            );
+            out.push(Box::pin(bus.run()));
+        }
+    }
+    out
+}
