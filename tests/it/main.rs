@@ -9,6 +9,7 @@ mod config_files;
 mod e2e;
 mod mosquitto;
 mod pipeline;
+mod probe;
 mod profiles;
 mod rtu;
 mod run;

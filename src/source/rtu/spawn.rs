@@ -130,3 +130,41 @@ pub fn tasks(
     }
     out
 }
+
+/// One line per RTU bus of `devices`: line settings, requests per cycle, the computed
+/// wire-time cycle and load, and a warning when the intervals exceed what the baud
+/// rate carries. Empty when no device uses RTU.
+pub fn bus_report(devices: &[DeviceConfig]) -> String {
+    use std::fmt::Write as _;
+    let mut groups: BTreeMap<&Transport, Vec<&DeviceConfig>> = BTreeMap::new();
+    for d in devices.iter().filter(|d| d.transport.is_rtu()) {
+        groups.entry(&d.transport).or_default().push(d);
+    }
+    let mut out = String::new();
+    for (transport, devs) in groups {
+        let owned: Vec<DeviceConfig> = devs.iter().map(|d| (*d).clone()).collect();
+        let line = bus_line(transport, &owned);
+        let timing = LineTiming::new(&line);
+        let plans: Vec<(Vec<crate::source::modbus::ReadRequest>, std::time::Duration)> = owned
+            .iter()
+            .map(|d| (crate::source::modbus::plan(&d.profile), d.poll_interval))
+            .collect();
+        let budget =
+            super::BusBudget::compute(&timing, plans.iter().map(|(p, i)| (p.as_slice(), *i)));
+        let _ = writeln!(
+            out,
+            "  {transport}  {}  {} device(s), {} request(s)/cycle, cycle ≥ {:.1} ms on the wire, load {:.0}% of the line{}",
+            super::timing::describe(&line),
+            owned.len(),
+            budget.requests,
+            budget.cycle.as_secs_f64() * 1e3,
+            budget.load * 100.0,
+            if budget.overloaded() {
+                "  WARNING: the poll intervals ask for more than this baud rate carries"
+            } else {
+                ""
+            }
+        );
+    }
+    out
+}
