@@ -226,12 +226,12 @@ fn io_reason(e: &io::Error) -> String {
 fn serial_reason(port: &str, e: &io::Error) -> String {
     let text = e.to_string();
     let lower = text.to_lowercase();
-    let why = if e.kind() == io::ErrorKind::NotFound || lower.contains("no such file") {
+    let why = if lower.contains("busy") || lower.contains("lock") {
+        "port busy (another process has it open)".to_string()
+    } else if e.kind() == io::ErrorKind::NotFound || lower.contains("no such file") {
         "no such device".to_string()
     } else if e.kind() == io::ErrorKind::PermissionDenied || lower.contains("permission denied") {
         "permission denied (is the user in the `dialout` group?)".to_string()
-    } else if lower.contains("busy") {
-        "port busy (another process has it open)".to_string()
     } else {
         text
     };

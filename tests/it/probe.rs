@@ -204,3 +204,26 @@ fn probe_errors_are_one_line_with_a_nonzero_exit() {
     assert!(err.contains("no answer"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+#[tokio::test]
+async fn probe_on_a_port_held_by_another_process_says_busy() {
+    use tokio_serial::SerialPort;
+    let (_master, slave) = tokio_serial::SerialStream::pair().unwrap();
+    let path = slave.name().unwrap();
+    let line = citygate::source::rtu::DEFAULT_LINE;
+    // Held exclusively, as a running gateway holds its bus.
+    let _held = citygate::source::rtu::transport::open_serial(&path, &line).unwrap();
+    let (code, out, err) = run(&[
+        "probe",
+        "--profile",
+        "chint-ddsu666",
+        "--serial",
+        &path,
+        "--unit",
+        "1",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("port busy"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}

@@ -102,6 +102,7 @@ fn unit_of(sample: &RawSample) -> u8 {
 
 struct Bus {
     samples_rx: mpsc::Receiver<RawSample>,
+    status: tokio::sync::watch::Receiver<citygate::source::rtu::bus::BusStatus>,
     metrics: Arc<Metrics>,
     token: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -126,9 +127,11 @@ fn start_bus(
         metrics.clone(),
         token.clone(),
     );
+    let status = bus.status();
     let task = tokio::spawn(bus.run());
     Bus {
         samples_rx,
+        status,
         metrics,
         token,
         task,
@@ -425,8 +428,14 @@ async fn dtu_dials_in_registers_and_its_heartbeats_are_filtered() {
         got.push(s);
     }
     let metrics = bus.metrics.clone();
+    let status = bus.status.clone();
     bus.stop().await;
     token.cancel();
+    let discarded = status.borrow().link.discarded_bytes;
+    assert!(
+        discarded >= 3 * id.len() as u64,
+        "heartbeats were not seen and dropped: {discarded} bytes discarded"
+    );
     let served = Served::of(&meters, 3);
     assert!(got.iter().all(|s| served.matches(s, unit_of(s))));
     for u in 1..=3 {

@@ -106,7 +106,7 @@ pub enum Scan {
         skipped: usize,
         end: usize,
     },
-    /// No reply (yet): keep reading unless [`hopeless`] says none can complete.
+    /// No reply (yet): keep reading until the deadline.
     Incomplete,
 }
 
@@ -156,30 +156,6 @@ pub fn find_reply(buf: &[u8], expect: &Expect) -> Scan {
         }
     }
     Scan::Incomplete
-}
-
-/// Whether `buf` can no longer contain the reply: no candidate start is left that
-/// could still complete. Used to decide that input is garbage only.
-pub fn hopeless(buf: &[u8], expect: &Expect) -> bool {
-    let exc = expect.function | 0x80;
-    let longest = expect.reply_len().max(5);
-    !buf.iter().enumerate().any(|(i, &b)| {
-        if b != expect.unit.0 {
-            return false;
-        }
-        let rest = &buf[i..];
-        match rest.get(1) {
-            None => true,
-            Some(&fc) if fc == exc => rest.len() < 5,
-            Some(&fc) if fc == expect.function => {
-                rest.len() < longest
-                    && rest
-                        .get(2)
-                        .map_or(true, |&n| usize::from(n) == 2 * usize::from(expect.count))
-            }
-            Some(_) => false,
-        }
-    })
 }
 
 /// A request as the simulated server sees it.
@@ -292,7 +268,6 @@ mod tests {
             encode_reply(7, 4, &[1, 2, 3]),
             encode_exception(7, 3, 2),
         ] {
-            assert!(hopeless(&bad, &e) || find_reply(&bad, &e) == Scan::Incomplete);
             assert!(
                 !matches!(find_reply(&bad, &e), Scan::Found { .. }),
                 "{bad:02x?}"
@@ -301,7 +276,6 @@ mod tests {
         let mut corrupt = encode_reply(7, 4, &[1, 2]);
         corrupt[4] ^= 0x10;
         assert!(!matches!(find_reply(&corrupt, &e), Scan::Found { .. }));
-        assert!(hopeless(&corrupt, &e));
         let exc = encode_exception(7, 4, 6);
         assert_eq!(
             find_reply(&exc, &e),
@@ -344,7 +318,6 @@ mod tests {
         ) {
             let e = Expect { unit: UnitId(unit), function: 3, count };
             let _ = find_reply(&bytes, &e);
-            let _ = hopeless(&bytes, &e);
             let _ = parse_request(&bytes);
         }
 

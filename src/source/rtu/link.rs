@@ -8,6 +8,12 @@
 //! late reply is thrown away instead of being read as the answer to the next request;
 //! a reply can in any case only be accepted for the unit, function and length it
 //! answers.
+//!
+//! Received frames are not delimited by the 1.5-character gap: serial servers, DTUs
+//! and USB adapters re-chunk bytes freely, so the reply is recognised by its content
+//! (CRC, unit, function, byte count) instead. A device that is never addressed again
+//! while its late reply may still arrive (the bus's backoff guarantees that) cannot
+//! have that reply taken for a later request.
 
 use std::time::Duration;
 

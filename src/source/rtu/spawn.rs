@@ -165,6 +165,15 @@ pub fn bus_report(devices: &[DeviceConfig]) -> String {
                 ""
             }
         );
+        let defaults: std::collections::BTreeSet<_> =
+            owned.iter().filter_map(|d| d.profile.line).collect();
+        if defaults.len() > 1 {
+            let _ = writeln!(
+                out,
+                "    note: the profiles on this bus have different [line] defaults; unset keys follow {}'s",
+                owned.first().map_or("", |d| d.profile.name.as_str())
+            );
+        }
     }
     out
 }

@@ -116,6 +116,13 @@ pub fn open_serial(port: &str, line: &LineSettings) -> io::Result<tokio_serial::
             StopBits::One
         });
     builder.open_native_async().map_err(|e| {
+        let lower = e.description.to_lowercase();
+        if lower.contains("lock") || lower.contains("busy") {
+            // serialport reports a port another process holds as `NoDevice`.
+            return io::Error::other(format!(
+                "serial port {port}: port busy (another process has it open)"
+            ));
+        }
         let kind = match e.kind() {
             tokio_serial::ErrorKind::NoDevice => io::ErrorKind::NotFound,
             tokio_serial::ErrorKind::Io(k) => k,
