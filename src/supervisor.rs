@@ -152,7 +152,6 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
     let mut rtu_groups = Vec::new();
     for (transport, devices) in endpoints {
         match transport {
-            t if t.is_rtu() => rtu_groups.push((t, devices)),
             Transport::Tcp { address } => {
                 let poller = ModbusPoller::new(
                     address,
@@ -164,8 +163,9 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
                 );
                 tracker.spawn(poller.run());
             }
-            // Matched by the guard above.
-            Transport::Serial { .. } | Transport::RtuTcp { .. } | Transport::Dtu { .. } => {}
+            t @ (Transport::Serial { .. } | Transport::RtuTcp { .. } | Transport::Dtu { .. }) => {
+                rtu_groups.push((t, devices))
+            }
         }
     }
     for task in

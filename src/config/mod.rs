@@ -68,16 +68,19 @@ pub enum Transport {
 impl Transport {
     /// Whether the transport speaks Modbus RTU (one bus task per transport).
     pub fn is_rtu(&self) -> bool {
-        !matches!(self, Transport::Tcp { .. })
+        matches!(
+            self,
+            Transport::Serial { .. } | Transport::RtuTcp { .. } | Transport::Dtu { .. }
+        )
     }
 
     /// Explicit serial settings of an RTU transport.
     pub fn line(&self) -> Option<LineOverride> {
         match self {
-            Transport::Tcp { .. } => None,
             Transport::Serial { line, .. }
             | Transport::RtuTcp { line, .. }
             | Transport::Dtu { line, .. } => Some(*line),
+            _ => None,
         }
     }
 }

@@ -216,10 +216,10 @@ fn line_override(
 /// DTU id as `t` with different settings.
 fn rtu_conflict(devices: &[DeviceConfig], t: &Transport) -> Option<DeviceId> {
     let key = |t: &Transport| match t {
-        Transport::Tcp { .. } => None,
         Transport::Serial { port, .. } => Some(format!("serial {port}")),
         Transport::RtuTcp { address, .. } => Some(format!("rtu_tcp {address}")),
         Transport::Dtu { id, .. } => Some(format!("dtu {id}")),
+        _ => None,
     };
     let k = key(t)?;
     devices

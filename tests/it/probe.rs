@@ -227,3 +227,56 @@ async fn probe_on_a_port_held_by_another_process_says_busy() {
     assert!(err.contains("port busy"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn check_prints_rtu_buses_with_cycle_time_and_warns_when_overloaded() {
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/gateway.rtu.example.toml");
+    let out = citygate()
+        .args(["check", "--config"])
+        .arg(&example)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bus = stdout
+        .lines()
+        .find(|l| l.contains("serial:///dev/ttyUSB0") && l.contains("request(s)/cycle"))
+        .unwrap_or_else(|| panic!("no bus line in\n{stdout}"));
+    assert!(
+        bus.contains("9600 8N1") && bus.contains("3 device(s)") && bus.contains("ms on the wire"),
+        "{bus}"
+    );
+    assert!(!stdout.contains("WARNING"), "{stdout}");
+
+    // The same bus polled every 100 ms cannot be carried at 9600 baud.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace(
+            "profiles_dir = \"../firmware-profiles\"",
+            &format!("profiles_dir = {:?}", profiles_dir().display().to_string()),
+        )
+        .replace("poll_interval = \"5s\"", "poll_interval = \"100ms\"");
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = citygate()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bus = stdout
+        .lines()
+        .find(|l| l.contains("serial:///dev/ttyUSB0"))
+        .unwrap();
+    assert!(bus.contains("WARNING"), "{bus}");
+}

@@ -72,7 +72,6 @@ pub fn tasks(
     let mut dtus: BTreeMap<String, Vec<(Transport, Vec<DeviceConfig>)>> = BTreeMap::new();
     for (transport, devices) in groups {
         let link = match &transport {
-            Transport::Tcp { .. } => continue,
             Transport::Serial { port, .. } => Link::Serial {
                 port: port.clone(),
                 line: bus_line(&transport, &devices),
@@ -86,6 +85,7 @@ pub fn tasks(
                     .push((transport, devices));
                 continue;
             }
+            _ => continue,
         };
         let bus = bus_for(
             &transport,
