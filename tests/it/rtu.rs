@@ -607,3 +607,76 @@ async fn rtu_over_tcp_through_the_gateway_into_sealed_batches() {
         assert!(s.polls_ok >= 2 && s.timeouts == 0, "m{u}: {s:?}");
     }
 }
+
+/// A DTU dialling in to the gateway's listener, through the whole gateway into
+/// sealed batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtu_dial_in_through_the_gateway_into_sealed_batches() {
+    use crate::support::{open_all, wait_for, Deployment};
+    use citygate::store::{SledStore, Store, StoreOptions};
+    use citygate::supervisor::{self, KeyMaterial};
+
+    // The gateway binds the configured address itself: take a free loopback port.
+    let listen = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let id = "865000999888777";
+    let meters = SimMeters::new(profile(), 2, 18);
+    let token = CancellationToken::new();
+    tokio::spawn(citygate::sim::dial_dtu(
+        listen.clone(),
+        id.to_string(),
+        Duration::from_millis(50),
+        RtuSim::new(meters.clone()),
+        token.clone(),
+    ));
+    let dep = Deployment::new();
+    let mut devices = String::new();
+    for u in 1..=2u8 {
+        devices += &format!(
+            "[[device]]\nname = \"d{u}\"\nprofile = \"{PROFILE}\"\n\
+             transport = {{ type = \"dtu\", id = \"{id}\", listen = \"{listen}\" }}\n\
+             unit = {u}\npoll_interval = \"200ms\"\n\n"
+        );
+    }
+    let cfg = dep.config(
+        &["active_power", "voltage_l1"],
+        &devices,
+        shipped_profiles(),
+    );
+    let keys = KeyMaterial::load(&cfg.keys).unwrap();
+    let policy = supervisor::policy(&cfg, keys.pseudonym.clone());
+    let store: Arc<dyn Store> =
+        Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
+    let running = supervisor::start(&cfg, keys, store.clone());
+    let metrics = running.metrics.clone();
+    let enough = wait_for(Duration::from_secs(20), || {
+        metrics.batches_committed.get() >= 3
+    })
+    .await;
+    assert!(enough, "{} batches", metrics.batches_committed.get());
+    assert!(running.shutdown(Duration::from_secs(10)).await);
+    token.cancel();
+
+    let subjects: HashMap<String, u8> = (1..=2u8)
+        .map(|u| (policy.subject(&DeviceId::new(format!("d{u}")).unwrap()), u))
+        .collect();
+    let p = profile();
+    let mut checked = 0;
+    for batch in open_all(store.as_ref(), &dep.opener(&cfg.gateway_id)) {
+        for rec in &batch.records {
+            let unit = subjects[&rec.subject];
+            let field = p.field(&rec.field).unwrap();
+            let v = rec.value.as_f64().unwrap();
+            let served = meters
+                .history(UnitId(unit))
+                .iter()
+                .filter_map(|s| s.values.get(&field.name).copied())
+                .any(|eng| (eng * field.unit.factor).to_bits() == v.to_bits());
+            assert!(served, "d{unit} {} = {v} never served", rec.field);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "{checked}");
+}
