@@ -22,7 +22,7 @@ use tokio_modbus::{Request, Response};
 
 use super::CliError;
 use crate::profile::{FunctionCode, LineSettings, Parity, Profile, ProfileSet};
-use crate::reading::{DeviceId, RegisterAddress, UnitId};
+use crate::reading::{DeviceId, RegisterAddress, UnitId, Value};
 use crate::source::modbus::{plan, ReadRequest};
 use crate::source::rtu::transport::{open_serial, BoxedStream};
 use crate::source::rtu::{LineOverride, LineTiming, RtuError, Transactor};
@@ -336,7 +336,7 @@ pub fn probe(args: &ProbeArgs) -> Result<String, CliError> {
             Some(w) => {
                 let mut r = normalise_field(f, &device, 0, w);
                 r.quality = r.quality.worst(assess(f, &r, None));
-                (Some(r.value.to_string()), r.quality.to_string())
+                (Some(r.value), r.quality.to_string())
             }
             None => (None, "missing (read failed)".to_string()),
         };
@@ -353,7 +353,7 @@ pub fn probe(args: &ProbeArgs) -> Result<String, CliError> {
                     "type": f.ty.to_string(),
                     "order": f.order.to_string(),
                     "raw": raw,
-                    "value": value,
+                    "value": value.as_ref().map(json_value),
                     "unit": f.unit.canonical.symbol(),
                     "quality": quality,
                 })
@@ -396,12 +396,38 @@ pub fn probe(args: &ProbeArgs) -> Result<String, CliError> {
             } else {
                 raw.join(" ")
             },
-            value.unwrap_or_else(|| "-".into()),
+            value.as_ref().map_or_else(|| "-".into(), human),
             f.unit.canonical.symbol(),
             quality
         );
     }
     Ok(out)
+}
+
+/// A value as an operator reads it off a display: floats to 9 significant digits.
+fn human(v: &Value) -> String {
+    match v {
+        Value::Float(x) if x.is_finite() && *x != 0.0 => {
+            let magnitude = x.abs().log10().floor() as i32 + 1;
+            let decimals = (9 - magnitude).clamp(0, 9) as usize;
+            let s = format!("{x:.decimals$}");
+            if s.contains('.') {
+                s.trim_end_matches('0').trim_end_matches('.').to_string()
+            } else {
+                s
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+fn json_value(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Int(i) => serde_json::json!(i),
+        Value::Float(x) => serde_json::json!(x),
+        Value::Bool(b) => serde_json::json!(b),
+        Value::Text(t) => serde_json::json!(t),
+    }
 }
 
 /// Parses `1-247`, `5` or `1-3,7`.
@@ -467,4 +493,29 @@ pub fn scan(args: &ScanArgs) -> Result<String, CliError> {
         let _ = writeln!(out, "unit {u:>3}  {what}");
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_read_like_a_display() {
+        assert_eq!(human(&Value::Float(231.670_089_721_679_7)), "231.67009");
+        assert_eq!(human(&Value::Float(0.912_919_521_331_787_1)), "0.912919521");
+        assert_eq!(human(&Value::Float(44_182_250.0)), "44182250");
+        assert_eq!(
+            human(&Value::Float(-1_739.393_472_671_508_8)),
+            "-1739.39347"
+        );
+        assert_eq!(human(&Value::Int(2)), "2");
+    }
+
+    #[test]
+    fn unit_ranges_parse() {
+        assert_eq!(parse_units("1-3,7").unwrap(), vec![1, 2, 3, 7]);
+        assert!(parse_units("0-3").is_err());
+        assert!(parse_units("5-2").is_err());
+        assert!(parse_units("1-248").is_err());
+    }
 }
