@@ -217,7 +217,11 @@ impl RtuBus {
                 else {
                     continue;
                 };
-                let broken = self.poll_device(&mut tr, idx, &budget).await;
+                let token = self.shutdown.clone();
+                let broken = tokio::select! {
+                    () = token.cancelled() => break 'outer,
+                    broken = self.poll_device(&mut tr, idx, &budget) => broken,
+                };
                 stats = add(stats, tr.stats);
                 tr.stats = LinkStats::default();
                 self.status_tx.send_replace(BusStatus {
