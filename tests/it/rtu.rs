@@ -489,7 +489,14 @@ async fn measure_cycle_time() {
         let polls = |m: &Metrics| devs.iter().map(|d| m.device(&d.id).polls_ok).sum::<u64>();
         let p0 = polls(&b.metrics);
         let t0 = std::time::Instant::now();
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // At least a dozen cycles.
+        tokio::time::sleep(
+            computed
+                .cycle
+                .saturating_mul(12)
+                .max(Duration::from_secs(5)),
+        )
+        .await;
         let p1 = polls(&b.metrics);
         let elapsed = t0.elapsed();
         let metrics = b.metrics.clone();
