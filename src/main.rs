@@ -49,8 +49,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Serve simulated meters over Modbus TCP.
-    Sim(cli::SimArgs),
+    /// Serve simulated meters over Modbus TCP and/or Modbus RTU.
+    Sim(Box<cli::SimArgs>),
+    /// Read one meter once and print every field (raw registers, value, unit, quality).
+    Probe(Box<cli::probe::ProbeArgs>),
+    /// List the unit ids that answer on a bus or endpoint.
+    Scan(Box<cli::probe::ScanArgs>),
     /// Key management.
     Keys {
         #[command(subcommand)]
@@ -121,7 +125,9 @@ fn main() -> ExitCode {
         Command::Run { config } => cli::run(&config),
         Command::Status { config, addr, json } => cli::status(config.as_deref(), addr, json),
         Command::Hub { config } => cli::hub(&config),
-        Command::Sim(args) => cli::sim(args),
+        Command::Sim(args) => cli::sim(*args),
+        Command::Probe(args) => cli::probe::probe(&args).map(|out| print!("{out}")),
+        Command::Scan(args) => cli::probe::scan(&args).map(|out| print!("{out}")),
         Command::Keys {
             command: KeysCommand::Gen { dir, force },
         } => cli::keys_gen(&dir, force),

@@ -1,7 +1,8 @@
 //! Wires the gateway's tasks together and shuts them down in order.
 //!
 //! ```text
-//! ModbusPoller (one per endpoint) ─samples─► Batcher ─sealed─► Committer ─► Store
+//! ModbusPoller (one per endpoint) ─┐
+//! RtuBus (one per bus / DTU) ───────┴samples─► Batcher ─sealed─► Committer ─► Store
 //! ```
 //! Shutdown: the cancellation token stops the pollers; their sample senders drop, so
 //! the batcher drains its input, seals every open batch and drops its sender; the
@@ -148,6 +149,7 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
             .or_default()
             .push(d.clone());
     }
+    let mut rtu_groups = Vec::new();
     for (transport, devices) in endpoints {
         match transport {
             Transport::Tcp { address } => {
@@ -161,7 +163,15 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
                 );
                 tracker.spawn(poller.run());
             }
+            t @ (Transport::Serial { .. } | Transport::RtuTcp { .. } | Transport::Dtu { .. }) => {
+                rtu_groups.push((t, devices))
+            }
         }
+    }
+    for task in
+        crate::source::rtu::spawn::tasks(rtu_groups, cfg.modbus, &samples_tx, &metrics, &shutdown)
+    {
+        tracker.spawn(task);
     }
     drop(samples_tx);
     info!(gateway = %cfg.gateway_id, devices = cfg.devices.len(), "gateway started");

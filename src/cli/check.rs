@@ -116,6 +116,10 @@ pub fn report(cfg: &GatewayConfig) -> (String, bool) {
             let _ = writeln!(out, "policy    (hash needs the pseudonym key)");
         }
     }
+    let buses = crate::source::rtu::spawn::bus_report(&cfg.devices);
+    if !buses.is_empty() {
+        let _ = write!(out, "\nrtu buses\n{buses}");
+    }
     let _ = writeln!(out, "\ndevices   {}", cfg.devices.len());
     for d in &cfg.devices {
         device_report(&mut out, d, &policy, cfg.batch.alarm_state_every);

@@ -2,6 +2,8 @@
 
 mod check;
 pub mod demo;
+pub mod probe;
+pub mod sim_rtu;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -247,9 +249,9 @@ pub struct SimArgs {
     /// Number of meters, served as unit ids 1..=N.
     #[arg(long, default_value_t = 1)]
     pub count: u8,
-    /// Address to listen on, e.g. 127.0.0.1:5020.
+    /// Serve Modbus TCP on this address, e.g. 127.0.0.1:5020.
     #[arg(long)]
-    pub listen: String,
+    pub listen: Option<String>,
     #[arg(long, default_value = "firmware-profiles")]
     pub profiles_dir: std::path::PathBuf,
     /// Unit ids that never answer.
@@ -263,6 +265,8 @@ pub struct SimArgs {
     pub slow: Vec<String>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    #[command(flatten)]
+    pub rtu: sim_rtu::RtuSimArgs,
 }
 
 /// `citygate sim`
@@ -301,23 +305,38 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
         let delay = crate::config::duration::parse(d).map_err(CliError::Usage)?;
         meters.set_fault(UnitId(unit), Fault::Slow(delay));
     }
+    args.rtu.apply_exceptions(&meters)?;
+    if args.listen.is_none() && !args.rtu.any() {
+        return Err(CliError::Usage(
+            "give --listen ADDR (Modbus TCP) and/or --rtu-listen ADDR, --pty, --dtu ADDR (Modbus RTU)"
+                .into(),
+        ));
+    }
     let rt = runtime()?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .map_err(|e| CliError::Runtime(format!("cannot listen on {}: {e}", args.listen)))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| CliError::Runtime(e.to_string()))?;
-        println!(
-            "serving {} x {} on {addr} (unit ids 1..={})",
-            args.count, args.profile, args.count
-        );
         let token = CancellationToken::new();
-        let server = tokio::spawn(sim::serve(listener, meters, token.clone()));
+        let mut tasks = args.rtu.start(meters.clone(), &token).await?;
+        if let Some(listen) = &args.listen {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| CliError::Runtime(format!("cannot listen on {listen}: {e}")))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| CliError::Runtime(e.to_string()))?;
+            println!(
+                "serving {} x {} on {addr} (unit ids 1..={})",
+                args.count, args.profile, args.count
+            );
+            let token = token.clone();
+            tasks.push(tokio::spawn(async move {
+                let _ = sim::serve(listener, meters, token).await;
+            }));
+        }
         shutdown_signal().await;
         token.cancel();
-        let _ = server.await;
+        for t in tasks {
+            let _ = t.await;
+        }
         Ok(())
     })
 }

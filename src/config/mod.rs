@@ -20,6 +20,7 @@ pub use diag::Diagnostic;
 
 use crate::profile::{Profile, ProfileSet, Ratios};
 use crate::reading::{DeviceId, FieldName, GatewayId, UnitId};
+use crate::source::rtu::LineOverride;
 
 /// Every problem found in a config and the profiles it uses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,12 +51,47 @@ impl From<Vec<Diagnostic>> for ConfigError {
 pub enum Transport {
     /// Modbus TCP (also serial servers and DTUs in Modbus TCP mode): `host:port`.
     Tcp { address: String },
+    /// Modbus RTU on a local serial port (RS-485 adapter).
+    Serial { port: String, line: LineOverride },
+    /// Modbus RTU over TCP: a serial device server or a DTU in transparent mode.
+    RtuTcp { address: String, line: LineOverride },
+    /// Modbus RTU through a DTU that dials in to `listen` and registers with `id`.
+    Dtu {
+        id: String,
+        listen: String,
+        /// Heartbeat packet the DTU sends between frames (filtered out); default `id`.
+        heartbeat: Option<String>,
+        line: LineOverride,
+    },
+}
+
+impl Transport {
+    /// Whether the transport speaks Modbus RTU (one bus task per transport).
+    pub fn is_rtu(&self) -> bool {
+        matches!(
+            self,
+            Transport::Serial { .. } | Transport::RtuTcp { .. } | Transport::Dtu { .. }
+        )
+    }
+
+    /// Explicit serial settings of an RTU transport.
+    pub fn line(&self) -> Option<LineOverride> {
+        match self {
+            Transport::Serial { line, .. }
+            | Transport::RtuTcp { line, .. }
+            | Transport::Dtu { line, .. } => Some(*line),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Transport::Tcp { address } => write!(f, "tcp://{address}"),
+            Transport::Serial { port, .. } => write!(f, "serial://{port}"),
+            Transport::RtuTcp { address, .. } => write!(f, "rtu+tcp://{address}"),
+            Transport::Dtu { id, listen, .. } => write!(f, "dtu://{id}@{listen}"),
         }
     }
 }

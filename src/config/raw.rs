@@ -180,7 +180,64 @@ struct RawDevice {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum RawTransport {
-    Tcp { address: String },
+    Tcp {
+        address: String,
+    },
+    Serial {
+        port: String,
+        baud: Option<u32>,
+        parity: Option<crate::profile::Parity>,
+        data_bits: Option<u8>,
+        stop_bits: Option<u8>,
+    },
+    #[serde(rename = "rtu_tcp")]
+    RtuTcp {
+        address: String,
+        baud: Option<u32>,
+        parity: Option<crate::profile::Parity>,
+        data_bits: Option<u8>,
+        stop_bits: Option<u8>,
+    },
+    Dtu {
+        id: String,
+        listen: String,
+        heartbeat: Option<String>,
+        baud: Option<u32>,
+        parity: Option<crate::profile::Parity>,
+        data_bits: Option<u8>,
+        stop_bits: Option<u8>,
+    },
+}
+
+/// Serial settings of an RTU transport; unset keys come from the profile's `[line]`.
+fn line_override(
+    baud: Option<u32>,
+    parity: Option<crate::profile::Parity>,
+    data_bits: Option<u8>,
+    stop_bits: Option<u8>,
+) -> crate::source::rtu::LineOverride {
+    crate::source::rtu::LineOverride {
+        baud,
+        data_bits,
+        parity,
+        stop_bits,
+    }
+}
+
+/// A device already configured whose RTU transport names the same port, server or
+/// DTU id as `t` with different settings.
+fn rtu_conflict(devices: &[DeviceConfig], t: &Transport) -> Option<DeviceId> {
+    let key = |t: &Transport| match t {
+        Transport::Serial { port, .. } => Some(format!("serial {port}")),
+        Transport::RtuTcp { address, .. } => Some(format!("rtu_tcp {address}")),
+        Transport::Dtu { id, .. } => Some(format!("dtu {id}")),
+        _ => None,
+    };
+    let k = key(t)?;
+    devices
+        .iter()
+        .find(|d| key(&d.transport).as_ref() == Some(&k) && &d.transport != t)
+        .map(|d| d.id.clone())
 }
 
 pub(super) fn parse(
@@ -302,12 +359,82 @@ pub(super) fn parse(
             RawTransport::Tcp { address } => {
                 if !super::is_host_port(&address) {
                     errors.push(src.at(
-                        transport_span,
+                        transport_span.clone(),
                         format!("{key}.transport.address"),
                         format!("{address:?} is not host:port, e.g. \"192.168.1.20:502\""),
                     ));
                 }
                 Transport::Tcp { address }
+            }
+            RawTransport::Serial {
+                port,
+                baud,
+                parity,
+                data_bits,
+                stop_bits,
+            } => {
+                if port.trim().is_empty() {
+                    errors.push(src.at(
+                        transport_span.clone(),
+                        format!("{key}.transport.port"),
+                        "is empty; name the serial device, e.g. \"/dev/ttyUSB0\"",
+                    ));
+                }
+                Transport::Serial {
+                    port,
+                    line: line_override(baud, parity, data_bits, stop_bits),
+                }
+            }
+            RawTransport::RtuTcp {
+                address,
+                baud,
+                parity,
+                data_bits,
+                stop_bits,
+            } => {
+                if !super::is_host_port(&address) {
+                    errors.push(src.at(
+                        transport_span.clone(),
+                        format!("{key}.transport.address"),
+                        format!("{address:?} is not host:port, e.g. \"10.0.0.5:4001\""),
+                    ));
+                }
+                Transport::RtuTcp {
+                    address,
+                    line: line_override(baud, parity, data_bits, stop_bits),
+                }
+            }
+            RawTransport::Dtu {
+                id,
+                listen,
+                heartbeat,
+                baud,
+                parity,
+                data_bits,
+                stop_bits,
+            } => {
+                if id.trim().is_empty()
+                    || id.len() > crate::source::rtu::transport::MAX_REGISTRATION
+                {
+                    errors.push(src.at(
+                        transport_span.clone(),
+                        format!("{key}.transport.id"),
+                        "must be the DTU's registration identifier (1..=128 bytes), e.g. its IMEI",
+                    ));
+                }
+                if !super::is_host_port(&listen) {
+                    errors.push(src.at(
+                        transport_span.clone(),
+                        format!("{key}.transport.listen"),
+                        format!("{listen:?} is not host:port, e.g. \"0.0.0.0:9000\""),
+                    ));
+                }
+                Transport::Dtu {
+                    id,
+                    listen,
+                    heartbeat,
+                    line: line_override(baud, parity, data_bits, stop_bits),
+                }
             }
         };
         let ratios = device_ratios(
@@ -317,6 +444,18 @@ pub(super) fn parse(
             (d.ct_ratio.as_ref(), d.pt_ratio.as_ref()),
             profile.as_deref(),
         );
+        if let Some(line) = transport.line() {
+            for (k, msg) in line.problems() {
+                errors.push(src.at(transport_span.clone(), format!("{key}.transport.{k}"), msg));
+            }
+        }
+        if let Some(other) = rtu_conflict(&devices, &transport) {
+            errors.push(src.at(
+                transport_span.clone(),
+                format!("{key}.transport"),
+                format!("conflicts with device `{other}` on the same port or DTU: one bus needs one set of line settings (and a DTU id one listen address)"),
+            ));
+        }
         if let (Some(id), Some(profile)) = (id, profile) {
             devices.push(DeviceConfig {
                 id,
@@ -735,5 +874,37 @@ poll_interval = "1s"
         let e = errors(&with("[status]\nlisten = \"localhost\""));
         assert!(e[0].message.contains("\"off\""), "{}", e[0]);
         assert!(e[0].line > 0);
+    }
+
+    #[test]
+    fn rtu_transports_parse_and_bad_values_are_located() {
+        let serial = CONFIG.replace(
+            "{ type = \"tcp\", address = \"127.0.0.1:502\" }",
+            "{ type = \"serial\", port = \"/dev/ttyUSB0\", baud = 19200, parity = \"even\" }",
+        );
+        let c = parse_str(&serial).unwrap();
+        let line = c.devices[0].transport.line().unwrap();
+        assert_eq!(
+            (line.baud, line.parity),
+            (Some(19200), Some(crate::profile::Parity::Even))
+        );
+        let dtu = CONFIG.replace(
+            "{ type = \"tcp\", address = \"127.0.0.1:502\" }",
+            "{ type = \"dtu\", id = \"865000111\", listen = \"0.0.0.0:9000\" }",
+        );
+        assert!(parse_str(&dtu).unwrap().devices[0].transport.is_rtu());
+        let e = errors(&serial.replace("19200", "9601"));
+        assert_eq!(e[0].key, "device[0].transport.baud", "{}", e[0]);
+        assert_eq!(e[0].line, 19);
+        assert!(e[0].message.contains("valid"), "{}", e[0]);
+        let e = errors(&serial.replace("\"even\"", "\"mark\""));
+        assert!(e[0].message.contains("even"), "{}", e[0]);
+        let e = errors(&serial.replace("baud = 19200", "speed = 19200"));
+        assert!(e[0].message.contains("speed"), "{}", e[0]);
+        let e = errors(&CONFIG.replace(
+            "{ type = \"tcp\", address = \"127.0.0.1:502\" }",
+            "{ type = \"rtu_tcp\", address = \"10.0.0.5\" }",
+        ));
+        assert_eq!(e[0].key, "device[0].transport.address");
     }
 }

@@ -47,7 +47,7 @@ impl FunctionCode {
 }
 
 /// Serial line parity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Parity {
     None,
@@ -56,7 +56,7 @@ pub enum Parity {
 }
 
 /// Default serial line settings of a meter model (used by RTU transports).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LineSettings {
     pub baud: u32,
     pub data_bits: u8,

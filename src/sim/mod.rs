@@ -17,6 +17,9 @@
 //! - Random draws are deterministic per seed and unit id; counters integrate over the
 //!   (tokio) time elapsed between snapshots.
 //!
+//! [`RtuSim`] serves the same meters over Modbus RTU (pty, RTU over TCP, DTU
+//! dial-out) with line faults on top.
+//!
 //! Faults ([`Fault`]) are set per unit at run time: slow answers, silence and
 //! exception responses. Nothing here panics on a client's request; malformed or
 //! unsupported requests get Modbus exceptions.
@@ -26,9 +29,11 @@
 mod map;
 mod meter;
 mod model;
+mod rtu;
 mod server;
 
 pub use meter::{Fault, SimMeters, Snapshot, DEFAULT_TICK, HISTORY_LIMIT};
+pub use rtu::{dial_dtu, serve_rtu_tcp, Chaos, InjectedFaults, LineFault, RtuSim};
 pub use server::serve;
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! shares one decoder.
 
 pub mod modbus;
+pub mod rtu;
 
 use std::sync::Arc;
 

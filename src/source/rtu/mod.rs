@@ -1,0 +1,20 @@
+//! Modbus RTU: serial buses, RTU over TCP (serial servers, DTUs in transparent mode)
+//! and DTUs that dial in to the gateway.
+//!
+//! - `frame`: CRC, request encoding, reply scanning (hand-written, see there why).
+//! - `timing`: character and silence times, the bus budget (cycle time, load).
+//! - `link`: one transaction at a time over any byte stream, with draining.
+//! - `bus`: the [`RtuBus`] task that owns one bus and schedules its devices.
+//! - `transport`: opening serial ports and TCP streams; the [`DtuListener`].
+
+pub mod bus;
+pub mod frame;
+pub mod link;
+pub mod spawn;
+pub mod timing;
+pub mod transport;
+
+pub use bus::{RtuBus, RtuDevice};
+pub use link::{LinkStats, RtuError, RtuStream, Transactor};
+pub use timing::{BusBudget, LineOverride, LineTiming, DEFAULT_LINE};
+pub use transport::{DtuListener, Link};

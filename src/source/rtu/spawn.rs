@@ -1,0 +1,179 @@
+//! Builds the RTU tasks for a validated config: one [`RtuBus`] per serial port, per
+//! RTU-over-TCP server and per DTU, and one [`DtuListener`] per listen address.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::timing::LineTiming;
+use super::transport::{DtuListener, Link};
+use super::RtuBus;
+use crate::config::{DeviceConfig, ModbusConfig, Transport};
+use crate::profile::LineSettings;
+use crate::source::RawSample;
+use crate::telemetry::Metrics;
+
+/// A task to spawn.
+pub type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The line settings a bus runs with: the transport's explicit settings over the
+/// first device's profile defaults.
+pub fn bus_line(transport: &Transport, devices: &[DeviceConfig]) -> LineSettings {
+    let profile_line = devices.first().and_then(|d| d.profile.line);
+    transport.line().unwrap_or_default().resolve(profile_line)
+}
+
+/// The bus task of one RTU transport (its stream not yet open), without DTU routing.
+pub fn bus_for(
+    transport: &Transport,
+    devices: Vec<DeviceConfig>,
+    link: Link,
+    cfg: ModbusConfig,
+    samples_tx: mpsc::Sender<RawSample>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> RtuBus {
+    let line = bus_line(transport, &devices);
+    let heartbeats = match transport {
+        Transport::Dtu { id, heartbeat, .. } => {
+            let mut h = vec![id.as_bytes().to_vec()];
+            if let Some(hb) = heartbeat {
+                h.push(hb.as_bytes().to_vec());
+            }
+            h
+        }
+        _ => Vec::new(),
+    };
+    RtuBus::new(
+        link,
+        LineTiming::new(&line),
+        devices,
+        cfg,
+        heartbeats,
+        samples_tx,
+        metrics,
+        shutdown,
+    )
+}
+
+/// Every RTU task for `groups` (devices grouped by transport; TCP groups are ignored).
+pub fn tasks(
+    groups: Vec<(Transport, Vec<DeviceConfig>)>,
+    cfg: ModbusConfig,
+    samples_tx: &mpsc::Sender<RawSample>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Vec<Task> {
+    let mut out: Vec<Task> = Vec::new();
+    let mut dtus: BTreeMap<String, Vec<(Transport, Vec<DeviceConfig>)>> = BTreeMap::new();
+    for (transport, devices) in groups {
+        let link = match &transport {
+            Transport::Serial { port, .. } => Link::Serial {
+                port: port.clone(),
+                line: bus_line(&transport, &devices),
+            },
+            Transport::RtuTcp { address, .. } => Link::Tcp {
+                address: address.clone(),
+            },
+            Transport::Dtu { listen, .. } => {
+                dtus.entry(listen.clone())
+                    .or_default()
+                    .push((transport, devices));
+                continue;
+            }
+            _ => continue,
+        };
+        let bus = bus_for(
+            &transport,
+            devices,
+            link,
+            cfg,
+            samples_tx.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        out.push(Box::pin(bus.run()));
+    }
+    for (listen, buses) in dtus {
+        let ids = buses.iter().filter_map(|(t, _)| match t {
+            Transport::Dtu { id, .. } => Some(id.clone()),
+            _ => None,
+        });
+        let (listener, mut receivers) = DtuListener::new(listen, ids, shutdown.clone());
+        out.push(Box::pin(listener.run()));
+        for (transport, devices) in buses {
+            let Transport::Dtu { id, .. } = &transport else {
+                continue;
+            };
+            let Some(sessions_rx) = receivers.remove(id) else {
+                continue;
+            };
+            let link = Link::Dtu {
+                id: id.clone(),
+                sessions_rx,
+            };
+            let bus = bus_for(
+                &transport,
+                devices,
+                link,
+                cfg,
+                samples_tx.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            );
+            out.push(Box::pin(bus.run()));
+        }
+    }
+    out
+}
+
+/// One line per RTU bus of `devices`: line settings, requests per cycle, the computed
+/// wire-time cycle and load, and a warning when the intervals exceed what the baud
+/// rate carries. Empty when no device uses RTU.
+pub fn bus_report(devices: &[DeviceConfig]) -> String {
+    use std::fmt::Write as _;
+    let mut groups: BTreeMap<&Transport, Vec<&DeviceConfig>> = BTreeMap::new();
+    for d in devices.iter().filter(|d| d.transport.is_rtu()) {
+        groups.entry(&d.transport).or_default().push(d);
+    }
+    let mut out = String::new();
+    for (transport, devs) in groups {
+        let owned: Vec<DeviceConfig> = devs.iter().map(|d| (*d).clone()).collect();
+        let line = bus_line(transport, &owned);
+        let timing = LineTiming::new(&line);
+        let plans: Vec<(Vec<crate::source::modbus::ReadRequest>, std::time::Duration)> = owned
+            .iter()
+            .map(|d| (crate::source::modbus::plan(&d.profile), d.poll_interval))
+            .collect();
+        let budget =
+            super::BusBudget::compute(&timing, plans.iter().map(|(p, i)| (p.as_slice(), *i)));
+        let _ = writeln!(
+            out,
+            "  {transport}  {}  {} device(s), {} request(s)/cycle, cycle ≥ {:.1} ms on the wire, load {:.0}% of the line{}",
+            super::timing::describe(&line),
+            owned.len(),
+            budget.requests,
+            budget.cycle.as_secs_f64() * 1e3,
+            budget.load * 100.0,
+            if budget.overloaded() {
+                "  WARNING: the poll intervals ask for more than this baud rate carries"
+            } else {
+                ""
+            }
+        );
+        let defaults: std::collections::BTreeSet<_> =
+            owned.iter().filter_map(|d| d.profile.line).collect();
+        if defaults.len() > 1 {
+            let _ = writeln!(
+                out,
+                "    note: the profiles on this bus have different [line] defaults; unset keys follow {}'s",
+                owned.first().map_or("", |d| d.profile.name.as_str())
+            );
+        }
+    }
+    out
+}
