@@ -8,6 +8,7 @@
 
 pub mod diag;
 pub mod duration;
+pub mod mqtt;
 mod raw;
 
 use std::collections::BTreeSet;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use diag::Diagnostic;
+pub use mqtt::MqttSourceConfig;
 
 use crate::profile::{Profile, ProfileSet};
 use crate::reading::{DeviceId, FieldName, GatewayId, UnitId};
@@ -50,12 +52,23 @@ impl From<Vec<Diagnostic>> for ConfigError {
 pub enum Transport {
     /// Modbus TCP (also serial servers and DTUs in Modbus TCP mode): `host:port`.
     Tcp { address: String },
+    /// A meter publishing to the broker of `[[mqtt_source]]` `source` on `topic`; with a
+    /// `+` level in `topic`, `key` is the value of that level that names this device.
+    Mqtt {
+        source: String,
+        topic: String,
+        key: Option<String>,
+    },
 }
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Transport::Tcp { address } => write!(f, "tcp://{address}"),
+            Transport::Mqtt { source, topic, key } => {
+                write!(f, "mqtt source {source} topic {topic}")?;
+                key.as_ref().map_or(Ok(()), |k| write!(f, " (+ = {k})"))
+            }
         }
     }
 }
@@ -66,7 +79,9 @@ pub struct DeviceConfig {
     pub id: DeviceId,
     pub profile: Arc<Profile>,
     pub transport: Transport,
+    /// Modbus unit id (0 for MQTT devices, which have none).
     pub unit: UnitId,
+    /// Modbus poll interval (zero for MQTT devices, which publish on their own schedule).
     pub poll_interval: Duration,
     pub timeout: Duration,
     pub location: Option<String>,
@@ -178,6 +193,8 @@ pub struct GatewayConfig {
     pub devices: Vec<DeviceConfig>,
     /// `None`: store only (batches wait in the outbox).
     pub uplink: Option<UplinkConfig>,
+    /// Brokers that MQTT meters publish to.
+    pub mqtt_sources: Vec<MqttSourceConfig>,
 }
 
 /// Reads a config file, turning an I/O failure into a diagnostic about the whole file.

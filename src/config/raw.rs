@@ -30,6 +30,8 @@ struct RawConfig {
     #[serde(default)]
     modbus: RawModbus,
     uplink: Option<RawUplink>,
+    #[serde(rename = "mqtt_source", default)]
+    mqtt_sources: Vec<super::mqtt::RawMqttSource>,
     #[serde(rename = "device", default)]
     devices: Vec<RawDevice>,
 }
@@ -159,8 +161,9 @@ struct RawDevice {
     name: Spanned<String>,
     profile: Spanned<String>,
     transport: Spanned<RawTransport>,
-    unit: Spanned<u8>,
-    poll_interval: Spanned<HumanDuration>,
+    /// Required for Modbus transports; MQTT devices have none.
+    unit: Option<Spanned<u8>>,
+    poll_interval: Option<Spanned<HumanDuration>>,
     timeout: Option<HumanDuration>,
     location: Option<String>,
 }
@@ -168,7 +171,14 @@ struct RawDevice {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum RawTransport {
-    Tcp { address: String },
+    Tcp {
+        address: String,
+    },
+    Mqtt {
+        source: String,
+        topic: String,
+        key: Option<String>,
+    },
 }
 
 pub(super) fn parse(
@@ -231,6 +241,15 @@ pub(super) fn parse(
         backoff_max: raw.modbus.backoff_max.0,
     };
 
+    let mut mqtt_problems = Vec::new();
+    let mqtt_sources = super::mqtt::sources(
+        raw.mqtt_sources,
+        raw.gateway.id.get_ref(),
+        &resolve,
+        &mut mqtt_problems,
+    );
+    let mut mqtt_routes = super::mqtt::DeviceRoutes::new(&mqtt_sources);
+
     let mut names = HashSet::new();
     let mut devices = Vec::with_capacity(raw.devices.len());
     for (i, d) in raw.devices.into_iter().enumerate() {
@@ -261,22 +280,47 @@ pub(super) fn parse(
                 ),
             ));
         }
-        let unit = *d.unit.get_ref();
-        if !(1..=247).contains(&unit) {
-            errors.push(src.at(
-                d.unit.span(),
-                format!("{key}.unit"),
-                format!("unit id {unit} is not valid; valid: 1..=247"),
-            ));
-        }
-        let interval = d.poll_interval.get_ref().0;
-        if interval < MIN_POLL_INTERVAL {
-            errors.push(src.at(
-                d.poll_interval.span(),
-                format!("{key}.poll_interval"),
-                "must be at least 100ms",
-            ));
-        }
+        let polled = !matches!(d.transport.get_ref(), RawTransport::Mqtt { .. });
+        let unit = match &d.unit {
+            Some(u) if !(1..=247).contains(u.get_ref()) => {
+                errors.push(src.at(
+                    u.span(),
+                    format!("{key}.unit"),
+                    format!("unit id {} is not valid; valid: 1..=247", u.get_ref()),
+                ));
+                0
+            }
+            Some(u) => *u.get_ref(),
+            None if polled => {
+                errors.push(src.at(
+                    d.name.span(),
+                    format!("{key}.unit"),
+                    "a Modbus device needs `unit = N` (its unit id, 1..=247)",
+                ));
+                0
+            }
+            None => 0,
+        };
+        let interval = match &d.poll_interval {
+            Some(p) if p.get_ref().0 < MIN_POLL_INTERVAL => {
+                errors.push(src.at(
+                    p.span(),
+                    format!("{key}.poll_interval"),
+                    "must be at least 100ms",
+                ));
+                MIN_POLL_INTERVAL
+            }
+            Some(p) => p.get_ref().0,
+            None if polled => {
+                errors.push(src.at(
+                    d.name.span(),
+                    format!("{key}.poll_interval"),
+                    "a Modbus device needs `poll_interval`, e.g. \"15s\"",
+                ));
+                MIN_POLL_INTERVAL
+            }
+            None => Duration::ZERO,
+        };
         let transport_span = d.transport.span();
         let transport = match d.transport.into_inner() {
             RawTransport::Tcp { address } => {
@@ -289,7 +333,27 @@ pub(super) fn parse(
                 }
                 Transport::Tcp { address }
             }
+            RawTransport::Mqtt {
+                source,
+                topic,
+                key: k,
+            } => mqtt_routes
+                .transport(d.name.get_ref(), source, topic.clone(), k)
+                .unwrap_or_else(|m| {
+                    errors.push(src.at(transport_span, format!("{key}.transport"), m));
+                    Transport::Mqtt {
+                        source: String::new(),
+                        topic,
+                        key: None,
+                    }
+                }),
         };
+        if let Some(Err(m)) = profile
+            .as_ref()
+            .map(|p| super::mqtt::profile_fits(&transport, p))
+        {
+            errors.push(src.at(d.profile.span(), format!("{key}.profile"), m));
+        }
         if let (Some(id), Some(profile)) = (id, profile) {
             devices.push(DeviceConfig {
                 id,
@@ -359,6 +423,9 @@ pub(super) fn parse(
         })
     });
 
+    for (span, key, message) in mqtt_problems {
+        errors.push(src.at(span, key, message));
+    }
     if !errors.is_empty() {
         return Err(errors.into());
     }
@@ -386,6 +453,7 @@ pub(super) fn parse(
         modbus,
         devices,
         uplink,
+        mqtt_sources,
     })
 }
 

@@ -10,11 +10,12 @@ use tracing::{error, info};
 use crate::config::BatchConfig;
 use crate::reading::{now_ms, DeviceId, Record, Stream};
 use crate::seal::{SealedBatch, Sealer};
-use crate::source::RawSample;
+use crate::source::{RawSample, SampleData};
 use crate::telemetry::Metrics;
 use crate::transform::check::Checker;
 use crate::transform::minimise::{minimise_as, Policy};
 use crate::transform::normalise::normalise;
+use crate::transform::normalise_values::normalise_values;
 
 #[derive(Debug, Default)]
 struct OpenBatch {
@@ -88,7 +89,12 @@ impl Batcher {
 
     /// Runs one sample through the transforms into the open batches.
     pub async fn accept(&mut self, sample: RawSample) {
-        let normalised = normalise(&sample.profile, &sample.device, sample.at_ms, &sample.image);
+        let normalised = match &sample.data {
+            SampleData::Registers(image) => {
+                normalise(&sample.profile, &sample.device, sample.at_ms, image)
+            }
+            SampleData::Values(values) => normalise_values(&sample.profile, &sample.device, values),
+        };
         self.metrics
             .readings_normalised
             .add(normalised.readings.len() as u64);

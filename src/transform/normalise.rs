@@ -93,7 +93,9 @@ pub fn normalise_field(
     }
 }
 
-fn to_value(field: &Field, raw: RawValue) -> (Value, Quality) {
+/// A decoded raw value as a typed value in canonical units, with its quality (shared by
+/// the register and the named-value paths).
+pub(crate) fn to_value(field: &Field, raw: RawValue) -> (Value, Quality) {
     match raw {
         RawValue::Bit(b) => (Value::Bool(b), Quality::Good),
         RawValue::Signed(i) if field.keeps_integer() => (Value::Int(i), Quality::Good),

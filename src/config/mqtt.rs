@@ -1,0 +1,224 @@
+//! `[[mqtt_source]]` broker connections and `transport = { type = "mqtt", … }` devices.
+//!
+//! ```toml
+//! [[mqtt_source]]
+//! name = "meters"                  # devices refer to it
+//! broker = "broker.lan:8883"
+//! client_id = "gw-1-meters"        # default: "<gateway id>-<name>"
+//! ca_file = "tls/ca.pem"           # TLS with a client certificate, as the uplink;
+//! cert_file = "tls/gw.pem"         # or danger_plaintext = true and none of the three
+//! key_file = "tls/gw.key"
+//! qos = 1                          # 0 or 1
+//!
+//! [[device]]
+//! name = "w-0017"
+//! profile = "oem-ultrasonic-water-mqtt"
+//! transport = { type = "mqtt", source = "meters", topic = "meters/w-0017/up" }
+//! # or one wildcard level that names the device: topic = "meters/+/up", key = "W0017"
+//! # (key defaults to the device name)
+//! ```
+//!
+//! A topic is a concrete topic name, or a filter with exactly one `+` level whose value
+//! selects the device by `key`; `#` is not allowed (a device is one topic). Two devices
+//! may not share a (source, topic, key) route, and an MQTT device needs an MQTT profile
+//! (and a register device a register profile).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{TlsFiles, Transport};
+use crate::profile::Profile;
+
+/// One broker connection that MQTT meters publish to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttSourceConfig {
+    pub name: String,
+    /// `host:port`; the host is the name the broker's certificate must carry.
+    pub broker: String,
+    pub client_id: String,
+    /// `None` only with `danger_plaintext`.
+    pub tls: Option<TlsFiles>,
+    /// Subscription QoS: 0 or 1.
+    pub qos: u8,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMqttSource {
+    name: Spanned<String>,
+    broker: Spanned<String>,
+    client_id: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    danger_plaintext: bool,
+    qos: Option<Spanned<u8>>,
+}
+
+/// A located problem: the span, the key below the section, the message.
+pub(super) type Problem = (std::ops::Range<usize>, String, String);
+
+/// Converts the `[[mqtt_source]]` tables; problems are returned with their spans.
+pub(super) fn sources(
+    raw: Vec<RawMqttSource>,
+    gateway_id: &str,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    problems: &mut Vec<Problem>,
+) -> Vec<MqttSourceConfig> {
+    let mut names = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, s) in raw.into_iter().enumerate() {
+        let key = format!("mqtt_source[{i}]");
+        let name = s.name.get_ref().clone();
+        if name.is_empty() || !names.insert(name.clone()) {
+            problems.push((
+                s.name.span(),
+                format!("{key}.name"),
+                format!("source name {name:?} is empty or used twice"),
+            ));
+        }
+        if !super::is_host_port(s.broker.get_ref()) {
+            problems.push((
+                s.broker.span(),
+                format!("{key}.broker"),
+                format!(
+                    "{:?} is not host:port, e.g. \"broker.lan:8883\"",
+                    s.broker.get_ref()
+                ),
+            ));
+        }
+        let qos = s.qos.as_ref().map_or(1, |q| *q.get_ref());
+        if qos > 1 {
+            let span = s.qos.as_ref().map_or(s.name.span(), Spanned::span);
+            problems.push((span, format!("{key}.qos"), "valid: 0 or 1".into()));
+        }
+        let tls = match super::tls_files(
+            s.ca_file,
+            s.cert_file,
+            s.key_file,
+            s.danger_plaintext,
+            resolve,
+        ) {
+            Ok(tls) => tls,
+            Err(msg) => {
+                problems.push((s.broker.span(), key, msg));
+                continue;
+            }
+        };
+        out.push(MqttSourceConfig {
+            client_id: s
+                .client_id
+                .unwrap_or_else(|| format!("{gateway_id}-{name}")),
+            name,
+            broker: s.broker.into_inner(),
+            tls,
+            qos,
+        });
+    }
+    out
+}
+
+/// Checks device routes as devices are read.
+#[derive(Debug)]
+pub(super) struct DeviceRoutes {
+    sources: Vec<String>,
+    seen: HashSet<(String, String, Option<String>)>,
+}
+
+impl DeviceRoutes {
+    pub(super) fn new(sources: &[MqttSourceConfig]) -> Self {
+        Self {
+            sources: sources.iter().map(|s| s.name.clone()).collect(),
+            seen: HashSet::new(),
+        }
+    }
+
+    /// The transport of an MQTT device, or why it is not valid.
+    pub(super) fn transport(
+        &mut self,
+        device: &str,
+        source: String,
+        topic: String,
+        key: Option<String>,
+    ) -> Result<Transport, String> {
+        if !self.sources.contains(&source) {
+            return Err(format!(
+                "no [[mqtt_source]] named {source:?}; valid: {}",
+                if self.sources.is_empty() {
+                    "(none configured)".to_string()
+                } else {
+                    self.sources.join(", ")
+                }
+            ));
+        }
+        let wildcard = check_topic(&topic)?;
+        let key = match (wildcard, key) {
+            (true, key) => Some(key.unwrap_or_else(|| device.to_string())),
+            (false, Some(_)) => {
+                return Err(format!(
+                    "`key` selects a device within a `+` topic level, but {topic:?} has none"
+                ))
+            }
+            (false, None) => None,
+        };
+        if !self
+            .seen
+            .insert((source.clone(), topic.clone(), key.clone()))
+        {
+            return Err(format!(
+                "another device already listens on {topic:?} of source {source:?}{}",
+                key.as_deref()
+                    .map(|k| format!(" with key {k:?}"))
+                    .unwrap_or_default()
+            ));
+        }
+        Ok(Transport::Mqtt { source, topic, key })
+    }
+}
+
+/// Validates a device topic; true if it has a `+` level.
+pub fn check_topic(topic: &str) -> Result<bool, String> {
+    let help = "valid: a topic such as \"meters/w-0017/up\", or one with exactly one `+` level \
+                such as \"meters/+/up\" (no `#`)";
+    if topic.is_empty() || topic.len() > 1024 || topic.contains(['#', '\0']) {
+        return Err(format!("topic {topic:?} is not valid; {help}"));
+    }
+    let pluses = topic.split('/').filter(|l| l.contains('+')).count();
+    if topic.split('/').any(|l| l.contains('+') && l != "+") || pluses > 1 {
+        return Err(format!("topic {topic:?} is not valid; {help}"));
+    }
+    Ok(pluses == 1)
+}
+
+/// Whether a device's profile fits its transport.
+pub(super) fn profile_fits(transport: &Transport, profile: &Profile) -> Result<(), String> {
+    match (matches!(transport, Transport::Mqtt { .. }), profile.is_mqtt()) {
+        (true, false) => Err(format!(
+            "profile {:?} describes registers; an MQTT device needs a profile with protocol = \"mqtt\"",
+            profile.name
+        )),
+        (false, true) => Err(format!(
+            "profile {:?} describes MQTT payloads; use transport = {{ type = \"mqtt\", … }}",
+            profile.name
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_topic;
+
+    #[test]
+    fn topics() {
+        assert_eq!(check_topic("meters/w-1/up"), Ok(false));
+        assert_eq!(check_topic("/sys/pk/+/thing/event/property/post"), Ok(true));
+        for bad in ["", "a/#", "a/+/+", "a/b+/c", "+x"] {
+            assert!(check_topic(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! [`MqttSubscriber`]: one task per `[[mqtt_source]]` broker connection.
+//!
+//! It owns one [`MqttLink`] (rumqttc event loop in the link's own driver task, TLS by
+//! default, reconnect with backoff, re-subscription after a new session), subscribes to
+//! every topic and filter its devices listen on, and turns each message into a
+//! [`RawSample`] of named values:
+//!
+//! 1. the topic selects the device ([`Routes`]); an unknown topic is counted
+//!    (`mqtt_unknown_topic`) and logged;
+//! 2. the payload is decoded by the device profile's [`MqttSpec`](crate::profile::mqtt::MqttSpec)
+//!    ([`decode`]); a rejected payload is counted (`mqtt_payload_errors`, and the device's
+//!    `payload_errors`) and logged with its topic; missing or mistyped fields are counted
+//!    (`mqtt_field_errors`) and the rest of the message is used;
+//! 3. stale and duplicate values are dropped (`mqtt_stale_values`): per device and field,
+//!    a value stamped by the meter is used only if its timestamp is later than the last
+//!    one used, so QoS 1 redeliveries, retained messages seen again after a reconnect and
+//!    out-of-order arrivals never become second readings. Values stamped with the receive
+//!    time cannot be told apart and are always used (and marked `receive_time`);
+//! 4. the sample goes to the transforms with `try_send`: when they fall behind, the
+//!    sample is dropped and counted (`samples_dropped`), as for polled meters, so a slow
+//!    pipeline never stalls the subscription.
+//!
+//! Warnings about bad messages are rate-limited ([`LOG_BURST`] per [`LOG_WINDOW`], then a
+//! count of what was suppressed); every bad message is counted regardless. Nothing a
+//! broker sends can make this task panic or stop; it stops on cancellation.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::decode::{decode, Decoded};
+use super::routes::Routes;
+use crate::config::{DeviceConfig, MqttSourceConfig};
+use crate::reading::{now_ms, DeviceId, FieldName, TimestampMs};
+use crate::source::{RawSample, SampleData, TimeSource};
+use crate::telemetry::{Metrics, PollOutcome};
+use crate::uplink::{LinkEvent, LinkOptions, LinkTls, MqttLink, QoS, TlsClientFiles};
+
+/// Warnings about bad messages allowed per [`LOG_WINDOW`].
+pub const LOG_BURST: u32 = 10;
+pub const LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// Allows a burst of log lines per window and counts the rest.
+#[derive(Debug)]
+struct LogLimiter {
+    window_start: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn new() -> Self {
+        Self {
+            window_start: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log this one; reports what the previous window suppressed.
+    fn allow(&mut self, source: &str) -> bool {
+        if self.window_start.elapsed() >= LOG_WINDOW {
+            if self.suppressed > 0 {
+                warn!(
+                    source,
+                    suppressed = self.suppressed,
+                    "bad mqtt messages not logged"
+                );
+            }
+            self.window_start = Instant::now();
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < LOG_BURST {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+/// The source task of one broker connection; see the module docs.
+#[derive(Debug)]
+pub struct MqttSubscriber {
+    cfg: MqttSourceConfig,
+    routes: Routes,
+    samples_tx: mpsc::Sender<RawSample>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    /// Per device and field: the latest meter timestamp used.
+    last: HashMap<DeviceId, HashMap<FieldName, TimestampMs>>,
+    log: LogLimiter,
+}
+
+impl MqttSubscriber {
+    pub fn new(
+        cfg: MqttSourceConfig,
+        devices: Vec<DeviceConfig>,
+        samples_tx: mpsc::Sender<RawSample>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            cfg,
+            routes: Routes::new(devices),
+            samples_tx,
+            metrics,
+            shutdown,
+            last: HashMap::new(),
+            log: LogLimiter::new(),
+        }
+    }
+
+    /// Runs until cancelled.
+    pub async fn run(mut self) {
+        let tls = match &self.cfg.tls {
+            Some(t) => LinkTls::Files(TlsClientFiles {
+                ca: t.ca_file.clone(),
+                cert: t.cert_file.clone(),
+                key: t.key_file.clone(),
+            }),
+            None => {
+                warn!(source = %self.cfg.name, broker = %self.cfg.broker, "mqtt source without TLS (danger_plaintext): meter data and the broker are not authenticated");
+                LinkTls::DangerPlaintext
+            }
+        };
+        let opts = LinkOptions::new(self.cfg.broker.clone(), self.cfg.client_id.clone(), tls);
+        let (link, mut events) = match MqttLink::start(opts) {
+            Ok(l) => l,
+            Err(e) => {
+                error!(source = %self.cfg.name, broker = %self.cfg.broker, error = %e, "mqtt source cannot start");
+                let at = now_ms();
+                for d in self.routes.devices() {
+                    self.metrics
+                        .record_poll(&d.id, at, &PollOutcome::Transport(e.to_string()));
+                }
+                return;
+            }
+        };
+        let qos = if self.cfg.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        for filter in self.routes.filters() {
+            if let Err(e) = link.subscribe(&filter, qos).await {
+                error!(source = %self.cfg.name, %filter, error = %e, "mqtt subscribe failed");
+            }
+        }
+        info!(source = %self.cfg.name, broker = %self.cfg.broker, devices = self.routes.devices().len(), "mqtt source started");
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(LinkEvent::Publish { topic, payload }) => {
+                        self.on_message(&topic, &payload, now_ms());
+                    }
+                    Some(LinkEvent::Connected { session_present }) => {
+                        info!(source = %self.cfg.name, session_present, "mqtt source connected");
+                    }
+                    Some(LinkEvent::Disconnected { error, retry_in }) => {
+                        warn!(source = %self.cfg.name, %error, ?retry_in, "mqtt source disconnected");
+                    }
+                    Some(LinkEvent::SubAck { granted: false, .. }) => {
+                        error!(source = %self.cfg.name, "broker refused a subscription");
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+            }
+        }
+        link.shutdown().await;
+        info!(source = %self.cfg.name, "mqtt source stopped");
+    }
+
+    /// Handles one message; public for tests that drive the task without a broker.
+    pub fn on_message(&mut self, topic: &str, payload: &[u8], received_ms: TimestampMs) {
+        self.metrics.mqtt_messages.inc();
+        let Some(device) = self.routes.device(topic) else {
+            self.metrics.mqtt_unknown_topic.inc();
+            if self.log.allow(&self.cfg.name) {
+                warn!(source = %self.cfg.name, topic, "mqtt message on a topic no device listens on");
+            }
+            return;
+        };
+        let Some(spec) = device.profile.mqtt.as_ref() else {
+            return; // config validation gives every MQTT device an MQTT profile
+        };
+        let decoded = match decode(spec, payload, received_ms) {
+            Ok(d) => d,
+            Err(e) => {
+                self.metrics.mqtt_payload_errors.inc();
+                self.metrics.record_poll(
+                    &device.id,
+                    received_ms,
+                    &PollOutcome::PayloadError(e.to_string()),
+                );
+                if self.log.allow(&self.cfg.name) {
+                    warn!(source = %self.cfg.name, topic, device = %device.id, bytes = payload.len(), error = %e, "mqtt payload rejected");
+                }
+                return;
+            }
+        };
+        let Decoded { values, errors } = decoded;
+        if let Some(first) = errors.first() {
+            self.metrics.mqtt_field_errors.add(errors.len() as u64);
+            self.metrics.record_poll(
+                &device.id,
+                received_ms,
+                &PollOutcome::PayloadError(first.to_string()),
+            );
+            if self.log.allow(&self.cfg.name) {
+                warn!(source = %self.cfg.name, topic, device = %device.id, errors = errors.len(), first = %first, "mqtt payload fields unusable");
+            }
+        } else {
+            self.metrics
+                .record_poll(&device.id, received_ms, &PollOutcome::Ok);
+        }
+        let last = self.last.entry(device.id.clone()).or_default();
+        let before = values.len();
+        let values: Vec<_> = values
+            .into_iter()
+            .filter(|v| {
+                if v.time == TimeSource::Received {
+                    return true;
+                }
+                match last.get(&v.field) {
+                    Some(prev) if *prev >= v.at_ms => false,
+                    _ => {
+                        last.insert(v.field.clone(), v.at_ms);
+                        true
+                    }
+                }
+            })
+            .collect();
+        let stale = before - values.len();
+        if stale > 0 {
+            self.metrics.mqtt_stale_values.add(stale as u64);
+            debug!(source = %self.cfg.name, topic, device = %device.id, stale, "stale or duplicate mqtt values dropped");
+        }
+        if values.is_empty() {
+            return;
+        }
+        self.metrics.samples_polled.inc();
+        let sample = RawSample {
+            device: device.id.clone(),
+            profile: device.profile.clone(),
+            at_ms: received_ms,
+            data: SampleData::Values(values),
+        };
+        if self.samples_tx.try_send(sample).is_err() {
+            self.metrics.samples_dropped.inc();
+        }
+    }
+}
