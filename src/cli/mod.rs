@@ -2,6 +2,7 @@
 
 mod check;
 pub mod demo;
+mod sim_mqtt;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -216,8 +217,8 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 1)]
     pub count: u8,
     /// Address to listen on, e.g. 127.0.0.1:5020.
-    #[arg(long)]
-    pub listen: String,
+    #[arg(long, required_unless_present = "mqtt_broker")]
+    pub listen: Option<String>,
     #[arg(long, default_value = "firmware-profiles")]
     pub profiles_dir: std::path::PathBuf,
     /// Unit ids that never answer.
@@ -231,6 +232,8 @@ pub struct SimArgs {
     pub slow: Vec<String>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    #[command(flatten)]
+    pub mqtt: Box<sim_mqtt::MqttSimArgs>,
 }
 
 /// `citygate sim`
@@ -249,6 +252,10 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
     if args.count == 0 || args.count > 247 {
         return Err(CliError::Usage("--count must be 1..=247".into()));
     }
+    if args.mqtt.mqtt_broker.is_some() {
+        return sim_mqtt::sim_mqtt(&args, profile);
+    }
+    let listen = args.listen.clone().unwrap_or_default();
     let meters = SimMeters::new(profile, args.count, args.seed);
     for u in &args.silent {
         meters.set_fault(UnitId(*u), Fault::Silent);
@@ -271,9 +278,9 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
     }
     let rt = runtime()?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
+        let listener = tokio::net::TcpListener::bind(&listen)
             .await
-            .map_err(|e| CliError::Runtime(format!("cannot listen on {}: {e}", args.listen)))?;
+            .map_err(|e| CliError::Runtime(format!("cannot listen on {listen}: {e}")))?;
         let addr = listener
             .local_addr()
             .map_err(|e| CliError::Runtime(e.to_string()))?;

@@ -8,6 +8,7 @@ mod cli;
 mod config_files;
 mod e2e;
 mod mosquitto;
+mod mqtt_meters;
 mod pipeline;
 mod profiles;
 mod run;
