@@ -104,9 +104,10 @@ pub(super) fn sources(
             resolve,
         ) {
             Ok(tls) => tls,
+            // Kept (the config is rejected anyway) so its devices are not reported too.
             Err(msg) => {
                 problems.push((s.broker.span(), key, msg));
-                continue;
+                None
             }
         };
         out.push(MqttSourceConfig {
@@ -211,7 +212,165 @@ pub(super) fn profile_fits(transport: &Transport, profile: &Profile) -> Result<(
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::check_topic;
+    use crate::config::{Diagnostic, GatewayConfig, Transport};
+    use crate::profile::{Profile, ProfileSet};
+
+    const MQTT_PROFILE: &str = r#"
+[meter]
+vendor = "T"
+model = "W"
+protocol = "mqtt"
+[mqtt]
+shape = "json"
+[[field]]
+name = "flow_rate"
+pointer = "/flow"
+unit = "m3/h"
+category = "measurement"
+grade = "L2"
+"#;
+
+    const MODBUS_PROFILE: &str = r#"
+[meter]
+vendor = "T"
+model = "M"
+protocol = "modbus"
+[modbus]
+function = 4
+[[field]]
+name = "voltage_l1"
+register = 0
+type = "f32"
+unit = "V"
+category = "measurement"
+grade = "L2"
+"#;
+
+    const CONFIG: &str = r#"[gateway]
+id = "gw-1"
+
+[purpose]
+name = "water"
+fields = ["flow_rate"]
+
+[store]
+path = "store"
+
+[keys]
+signing_key = "k/s"
+hub_public_key = "k/h"
+pseudonym_key = "k/p"
+
+[[mqtt_source]]
+name = "meters"
+broker = "broker.lan:8883"
+ca_file = "tls/ca.pem"
+cert_file = "tls/gw.pem"
+key_file = "tls/gw.key"
+
+[[device]]
+name = "w1"
+profile = "test-w"
+transport = { type = "mqtt", source = "meters", topic = "water/w1/up" }
+
+[[device]]
+name = "w2"
+profile = "test-w"
+transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
+"#;
+
+    fn parse(text: &str) -> Result<GatewayConfig, Vec<Diagnostic>> {
+        let mut set = ProfileSet::default();
+        set.insert(Profile::parse(Path::new("test-w.toml"), MQTT_PROFILE).unwrap());
+        set.insert(Profile::parse(Path::new("test-m.toml"), MODBUS_PROFILE).unwrap());
+        GatewayConfig::parse(Path::new("/etc/citygate/gw.toml"), text, Some(set))
+            .map_err(|e| e.diagnostics)
+    }
+
+    #[test]
+    fn mqtt_sources_and_devices_load_with_defaults() {
+        let c = parse(CONFIG).unwrap();
+        let s = &c.mqtt_sources[0];
+        assert_eq!(s.client_id, "gw-1-meters");
+        assert_eq!(s.qos, 1);
+        assert_eq!(
+            s.tls.as_ref().unwrap().ca_file,
+            Path::new("/etc/citygate/tls/ca.pem")
+        );
+        assert_eq!(
+            c.devices[1].transport,
+            Transport::Mqtt {
+                source: "meters".into(),
+                topic: "water/+/up".into(),
+                key: Some("w2".into()),
+            },
+            "the key defaults to the device name"
+        );
+        assert_eq!(c.devices[0].poll_interval, std::time::Duration::ZERO);
+    }
+
+    #[test]
+    fn plaintext_needs_saying_so() {
+        let text = CONFIG.replace("ca_file = \"tls/ca.pem\"\n", "");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key, "mqtt_source[0]");
+        assert!(e[0].message.contains("missing: ca_file"), "{}", e[0]);
+        let text = CONFIG
+            .replace("ca_file = \"tls/ca.pem\"\n", "")
+            .replace("cert_file = \"tls/gw.pem\"\n", "")
+            .replace("key_file = \"tls/gw.key\"\n", "danger_plaintext = true\n");
+        assert!(parse(&text).unwrap().mqtt_sources[0].tls.is_none());
+    }
+
+    #[test]
+    fn bad_routes_are_located() {
+        let cases = [
+            ("source = \"meters\", topic = \"water/w1/up\"", "source = \"nope\", topic = \"water/w1/up\"", "valid: meters"),
+            ("topic = \"water/w1/up\"", "topic = \"water/#\"", "no `#`"),
+            ("topic = \"water/w1/up\"", "topic = \"water/w1/up\", key = \"x\"", "has none"),
+            ("topic = \"water/+/up\" }", "topic = \"water/+/up\", key = \"w1\" }\n[[device]]\nname = \"w3\"\nprofile = \"test-w\"\ntransport = { type = \"mqtt\", source = \"meters\", topic = \"water/+/up\", key = \"w1\" }", "already listens"),
+        ];
+        for (from, to, want) in cases {
+            let e = parse(&CONFIG.replacen(from, to, 1)).unwrap_err();
+            assert!(
+                e.iter()
+                    .any(|d| d.key.ends_with(".transport") && d.message.contains(want)),
+                "{to}: {e:?}"
+            );
+        }
+        let e = parse(&CONFIG.replace("broker.lan:8883", "broker.lan")).unwrap_err();
+        assert_eq!(
+            (e[0].key.as_str(), e[0].line),
+            ("mqtt_source[0].broker", 18)
+        );
+    }
+
+    #[test]
+    fn profiles_must_fit_the_transport() {
+        let e =
+            parse(&CONFIG.replacen("profile = \"test-w\"", "profile = \"test-m\"", 1)).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|d| d.key == "device[0].profile" && d.message.contains("protocol = \"mqtt\"")),
+            "{e:?}"
+        );
+        let modbus = "[[device]]\nname = \"m1\"\nprofile = \"test-w\"\ntransport = { type = \"tcp\", address = \"10.0.0.1:502\" }\nunit = 1\npoll_interval = \"1s\"\n";
+        let e = parse(&format!("{CONFIG}{modbus}")).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|d| d.key == "device[2].profile" && d.message.contains("type = \"mqtt\"")),
+            "{e:?}"
+        );
+        let no_unit = modbus
+            .replace("profile = \"test-w\"", "profile = \"test-m\"")
+            .replace("unit = 1\n", "");
+        let e = parse(&format!("{CONFIG}{no_unit}")).unwrap_err();
+        assert!(e.iter().any(|d| d.key == "device[2].unit"), "{e:?}");
+    }
 
     #[test]
     fn topics() {

@@ -458,3 +458,145 @@ async fn a_json_meter_without_timestamps_is_stamped_on_receipt_and_marked() {
         assert_eq!(r.quality, Quality::Uncertain(QualityReason::ReceiveTime));
     }
 }
+
+#[test]
+fn the_shipped_water_meter_profile_decodes_a_known_payload() {
+    use citygate::source::mqtt::decode;
+    use citygate::transform::normalise_values::normalise_values;
+    let profiles = shipped_profiles();
+    let p = profiles.get(SHIPPED).unwrap();
+    // Huawei OceanConnect deviceReq layout (reference §3), alarm bits 1 and 2 set.
+    let payload = br#"{"msgType":"deviceReq","data":[{"serviceId":"WaterMeter",
+        "serviceData":{"meterId":"W0017","totalFlow":1234.567,"flow":0.52,"batteryVoltage":3.61,
+                       "valveStatus":1,"alarmStatus":6,"temperature":12.5},
+        "eventTime":"20251123T140000Z"}]}"#;
+    let received = 1_763_906_460_000; // a minute later
+    let d = decode(p.mqtt.as_ref().unwrap(), payload, received).unwrap();
+    assert!(d.errors.is_empty(), "{:?}", d.errors);
+    let n = normalise_values(p, &DeviceId::new("w").unwrap(), &d.values);
+    let get = |f: &str| {
+        n.readings
+            .iter()
+            .find(|r| r.field.as_str() == f)
+            .unwrap_or_else(|| panic!("{f}"))
+    };
+    assert_eq!(n.readings.len(), p.fields.len());
+    assert!(n
+        .readings
+        .iter()
+        .all(|r| r.at_ms == 1_763_906_400_000 && r.quality == Quality::Good));
+    assert_eq!(get("serial_number").value, Value::Text("W0017".into()));
+    assert_eq!(get("volume_forward").value, Value::Float(1234.567));
+    assert_eq!(get("volume_forward").unit.symbol(), "m3");
+    assert_eq!(get("flow_rate").value, Value::Float(0.52));
+    assert_eq!(get("flow_rate").unit.symbol(), "m3/h");
+    assert_eq!(get("battery_voltage").value, Value::Float(3.61));
+    assert_eq!(get("water_temp").value, Value::Float(12.5));
+    assert_eq!(get("valve_state").value, Value::Int(1));
+    assert_eq!(get("alarm_flags").value, Value::Int(6));
+    assert_eq!(get("valve_abnormal").value, Value::Bool(true));
+    assert_eq!(get("battery_low").value, Value::Bool(true));
+    assert_eq!(
+        get("battery_low").class.stream(),
+        citygate::reading::Stream::Alarms
+    );
+}
+
+/// `citygate sim --mqtt-broker` as a child process against the embedded broker: its
+/// payloads decode with the profile, and `--malformed-every` interleaves bad ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sim_command_publishes_decodable_meters_and_malformed_payloads() {
+    use citygate::source::mqtt::decode;
+    let pki = pki();
+    let port = pki.broker.tls_addr().port();
+    let sim_client = pki.ca.issue_client("sim").unwrap();
+    let tls = LinkTls::Files(
+        pki.ca
+            .client_files(&pki.ca.issue_client("watcher").unwrap()),
+    );
+    let (link, mut events) = MqttLink::start(test_link_options(port, "watcher", tls)).unwrap();
+    link.subscribe("tb/#", QoS::AtLeastOnce).await.unwrap();
+    // Wait for the subscription before starting the publisher.
+    let subscribed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(e) = events.recv().await {
+            if matches!(e, LinkEvent::SubAck { granted: true, .. }) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(subscribed, Ok(true));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+        .args([
+            "sim",
+            "--profile",
+            SHIPPED,
+            "--count",
+            "2",
+            "--shape",
+            "thingsboard",
+        ])
+        .args([
+            "--interval",
+            "100ms",
+            "--malformed-every",
+            "2",
+            "--profiles-dir",
+        ])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles"))
+        .args(["--mqtt-broker", &format!("localhost:{port}"), "--ca-file"])
+        .arg(pki.ca.ca_file())
+        .arg("--cert-file")
+        .arg(&sim_client.cert)
+        .arg("--key-file")
+        .arg(&sim_client.key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let gw = keyed_profile(PayloadShape::ThingsBoard, "test-tb-water");
+    let spec = gw.mqtt.clone().unwrap();
+    let (mut good, mut bad) = (BTreeMap::<String, Vec<f64>>::new(), 0);
+    let _ = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(e) = events.recv().await {
+            let LinkEvent::Publish { topic, payload } = e else {
+                continue;
+            };
+            match decode(&spec, &payload, now_ms()) {
+                Ok(d) if d.errors.is_empty() => {
+                    let vol = d
+                        .values
+                        .iter()
+                        .find(|v| v.field.as_str() == "volume_forward")
+                        .map(|v| match &v.value {
+                            citygate::source::SourceValue::Raw(r) => r.as_f64(),
+                            other => panic!("{other:?}"),
+                        })
+                        .unwrap();
+                    good.entry(topic).or_default().push(vol);
+                }
+                _ => bad += 1,
+            }
+            if good.values().all(|v| v.len() >= 6) && good.len() == 2 && bad >= 4 {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    link.shutdown().await;
+    assert_eq!(
+        good.keys().cloned().collect::<Vec<_>>(),
+        ["tb/W0001/telemetry", "tb/W0002/telemetry"]
+    );
+    for (topic, vols) in &good {
+        assert!(vols.len() >= 6, "{topic}: {vols:?}");
+        assert!(
+            vols.windows(2).all(|w| w[1] > w[0]),
+            "{topic}: volume must increase: {vols:?}"
+        );
+    }
+    assert!(bad >= 4, "malformed payloads seen: {bad}");
+}
