@@ -127,6 +127,16 @@ pub fn run(path: &Path) -> Result<(), CliError> {
             store_batches = s.total_batches(),
             "gateway stopped"
         );
+        if !cfg.mqtt_sources.is_empty() {
+            info!(
+                messages = metrics.mqtt_messages.get(),
+                unknown_topic = metrics.mqtt_unknown_topic.get(),
+                payload_errors = metrics.mqtt_payload_errors.get(),
+                field_errors = metrics.mqtt_field_errors.get(),
+                stale_values = metrics.mqtt_stale_values.get(),
+                "mqtt sources"
+            );
+        }
         Ok(())
     })
 }

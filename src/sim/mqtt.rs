@@ -518,8 +518,10 @@ pub fn iso8601(at_ms: TimestampMs) -> String {
     )
 }
 
-/// Publishes a snapshot of every meter each `interval` on `link` (QoS 1) until cancelled.
-/// Drains the link's events meanwhile, as [`MqttLink`] requires.
+/// Publishes a snapshot of every meter each `interval` on `link` (QoS 1) until cancelled;
+/// returns how many messages were queued. A publish waits while rumqttc's request queue
+/// is full (so nothing is dropped silently); a late snapshot is sent late, not skipped.
+/// The link's events are drained in a task of their own, as [`MqttLink`] requires.
 pub async fn publish(
     mut sim: MqttSim,
     link: MqttLink,
@@ -527,28 +529,38 @@ pub async fn publish(
     interval: Duration,
     shutdown: CancellationToken,
 ) -> u64 {
+    let drain = tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                LinkEvent::Connected { .. } => info!("sim connected to broker"),
+                LinkEvent::Disconnected { error, .. } => warn!(%error, "sim disconnected"),
+                _ => {}
+            }
+        }
+    });
     let mut published = 0u64;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    'run: loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            ev = events.recv() => match ev {
-                Some(LinkEvent::Connected { .. }) => info!("sim connected to broker"),
-                Some(LinkEvent::Disconnected { error, .. }) => warn!(%error, "sim disconnected"),
-                Some(_) => {}
-                None => break,
-            },
-            _ = tick.tick() => {
-                for m in sim.next_messages(now_ms()) {
-                    if link.try_publish(&m.topic, QoS::AtLeastOnce, Bytes::from(m.payload)).is_ok() {
-                        published += 1;
+            _ = tick.tick() => {}
+        }
+        for m in sim.next_messages(now_ms()) {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'run,
+                r = link.publish(&m.topic, QoS::AtLeastOnce, Bytes::from(m.payload)) => match r {
+                    Ok(()) => published += 1,
+                    Err(e) => {
+                        warn!(error = %e, "sim publish failed");
+                        break 'run;
                     }
-                }
+                },
             }
         }
     }
     link.shutdown().await;
+    drain.abort();
     published
 }
 

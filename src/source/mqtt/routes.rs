@@ -96,3 +96,69 @@ impl Routes {
         &self.devices
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::profile::Profile;
+    use crate::reading::{DeviceId, UnitId};
+
+    pub(crate) fn device(name: &str, topic: &str, key: Option<&str>) -> DeviceConfig {
+        let profile = Profile::parse(
+            Path::new("t.toml"),
+            "[meter]\nvendor = \"T\"\nmodel = \"T\"\nprotocol = \"mqtt\"\n[mqtt]\nshape = \"json\"\n\
+             [[field]]\nname = \"flow_rate\"\npointer = \"/f\"\nunit = \"m3/h\"\ncategory = \"measurement\"\ngrade = \"L2\"\n",
+        )
+        .unwrap();
+        DeviceConfig {
+            id: DeviceId::new(name).unwrap(),
+            profile: Arc::new(profile),
+            transport: Transport::Mqtt {
+                source: "s".into(),
+                topic: topic.into(),
+                key: key.map(str::to_owned),
+            },
+            unit: UnitId(0),
+            poll_interval: Duration::ZERO,
+            timeout: Duration::ZERO,
+            location: None,
+        }
+    }
+
+    #[test]
+    fn exact_topics_and_one_wildcard_level() {
+        let r = Routes::new(vec![
+            device("a", "m/a/up", None),
+            device("b", "m/+/up", Some("B1")),
+            device("c", "m/+/up", Some("C1")),
+            device("x", "m/+/up", Some("a")),
+            device("s", "/sys/pk/+/thing/event/property/post", Some("dev1")),
+        ]);
+        assert_eq!(
+            r.filters(),
+            ["/sys/pk/+/thing/event/property/post", "m/+/up", "m/a/up"]
+        );
+        let who = |t: &str| r.device(t).map(|d| d.id.to_string());
+        assert_eq!(who("m/a/up").as_deref(), Some("a"), "exact wins");
+        assert_eq!(who("m/B1/up").as_deref(), Some("b"));
+        assert_eq!(who("m/C1/up").as_deref(), Some("c"));
+        assert_eq!(
+            who("/sys/pk/dev1/thing/event/property/post").as_deref(),
+            Some("s")
+        );
+        for unknown in [
+            "m/Z9/up",
+            "m/B1/down",
+            "m/B1/up/x",
+            "m/B1",
+            "",
+            "/sys/pk/dev2/thing/event/property/post",
+        ] {
+            assert_eq!(who(unknown), None, "{unknown}");
+        }
+    }
+}

@@ -260,3 +260,70 @@ impl MqttSubscriber {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::mqtt::routes::tests::device;
+
+    fn subscriber() -> (MqttSubscriber, mpsc::Receiver<RawSample>, Arc<Metrics>) {
+        let (tx, rx) = mpsc::channel(4);
+        let metrics = Arc::new(Metrics::default());
+        let cfg = MqttSourceConfig {
+            name: "s".into(),
+            broker: "localhost:1".into(),
+            client_id: "c".into(),
+            tls: None,
+            qos: 1,
+        };
+        let s = MqttSubscriber::new(
+            cfg,
+            vec![device("w1", "w/+/up", Some("W1"))],
+            tx,
+            metrics.clone(),
+            CancellationToken::new(),
+        );
+        (s, rx, metrics)
+    }
+
+    #[test]
+    fn messages_become_samples_and_bad_ones_counters() {
+        let (mut s, mut rx, m) = subscriber();
+        let now = 1_763_906_400_000;
+        s.on_message("w/W1/up", br#"{"f": 1.5}"#, now);
+        let sample = rx.try_recv().unwrap();
+        assert_eq!(sample.device.as_str(), "w1");
+        let SampleData::Values(v) = &sample.data else {
+            panic!("{:?}", sample.data)
+        };
+        assert_eq!((v.len(), v[0].time), (1, TimeSource::Received));
+        s.on_message("w/W2/up", br#"{"f": 1.5}"#, now);
+        s.on_message("w/W1/up", b"\xff", now);
+        s.on_message("w/W1/up", br#"{"f": "1.5"}"#, now);
+        assert_eq!(m.mqtt_messages.get(), 4);
+        assert_eq!(m.mqtt_unknown_topic.get(), 1);
+        assert_eq!(m.mqtt_payload_errors.get(), 1);
+        assert_eq!(m.mqtt_field_errors.get(), 1);
+        let stats = m.device(&DeviceId::new("w1").unwrap());
+        assert_eq!((stats.polls_ok, stats.payload_errors), (1, 2));
+        assert!(rx.try_recv().is_err(), "nothing usable in the bad ones");
+    }
+
+    #[test]
+    fn a_full_pipeline_drops_samples_instead_of_blocking() {
+        let (mut s, _rx, m) = subscriber();
+        for i in 0..10 {
+            s.on_message("w/W1/up", br#"{"f": 1}"#, 1_763_906_400_000 + i);
+        }
+        assert_eq!(m.samples_polled.get(), 10);
+        assert_eq!(m.samples_dropped.get(), 6, "channel capacity 4");
+    }
+
+    #[test]
+    fn log_limiter_allows_a_burst_per_window() {
+        let mut l = LogLimiter::new();
+        let allowed = (0..LOG_BURST * 3).filter(|_| l.allow("s")).count();
+        assert_eq!(allowed, LOG_BURST as usize);
+        assert_eq!(l.suppressed, u64::from(LOG_BURST) * 2);
+    }
+}
