@@ -600,3 +600,78 @@ async fn the_sim_command_publishes_decodable_meters_and_malformed_payloads() {
     }
     assert!(bad >= 4, "malformed payloads seen: {bad}");
 }
+
+/// The MQTT source reconnects and subscribes again after its broker restarts; messages
+/// published afterwards arrive as samples.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_source_resubscribes_after_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertAuthority::generate(dir.path(), "citygate test ca").unwrap();
+    let server = ca.issue_localhost_server().unwrap();
+    let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
+    let addr = broker.tls_addr();
+    let gw = ca.issue_client("gw-test").unwrap();
+    let devices = format!(
+        "[[mqtt_source]]\nname = \"m\"\nbroker = \"localhost:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n\
+         [[device]]\nname = \"w1\"\nprofile = \"{SHIPPED}\"\ntransport = {{ type = \"mqtt\", source = \"m\", topic = \"w/1\" }}\n",
+        addr.port(),
+        ca.ca_file().display(),
+        gw.cert.display(),
+        gw.key.display()
+    );
+    let dep = Deployment::new();
+    let cfg = dep.config(&["flow_rate"], &devices, shipped_profiles());
+    let keys = KeyMaterial::load(&cfg.keys).unwrap();
+    let running = supervisor::start(&cfg, keys, Arc::new(MemStore::default()));
+    let metrics = running.metrics.clone();
+    let shipped = shipped_profiles().get(SHIPPED).unwrap().clone();
+    let mut sim = sim(&shipped, PayloadShape::Json, "w/1", "W", 1);
+    let mut at = now_ms() - 600_000;
+
+    // Publishes fresh snapshots from a new connection until `samples` samples arrived.
+    let mut deliver = |target: u64| {
+        let files = ca.client_files(&ca.issue_client("meter").unwrap());
+        let metrics = metrics.clone();
+        let messages: Vec<SimMessage> = (0..400)
+            .flat_map(|_| {
+                at += 1000;
+                sim.next_messages(at)
+            })
+            .filter(|m| m.truth.is_some())
+            .collect();
+        async move {
+            let (link, mut events) = MqttLink::start(test_link_options(
+                addr.port(),
+                "meter",
+                LinkTls::Files(files),
+            ))
+            .unwrap();
+            let drain = tokio::spawn(async move { while events.recv().await.is_some() {} });
+            let mut ok = false;
+            for m in messages {
+                publish(&link, &m.topic, m.payload).await;
+                if wait_for(Duration::from_millis(50), || {
+                    metrics.samples_polled.get() >= target
+                })
+                .await
+                {
+                    ok = true;
+                    break;
+                }
+            }
+            link.shutdown().await;
+            drain.abort();
+            ok
+        }
+    };
+    assert!(deliver(1).await, "no sample before the restart");
+    let before = metrics.samples_polled.get();
+    broker.shutdown();
+    let mut opts = BrokerOptions::localhost(ca.server_files(&server));
+    opts.listen = addr;
+    let broker = EmbeddedBroker::start(opts).unwrap();
+    assert!(deliver(before + 3).await, "no samples after the restart");
+    assert!(running.shutdown(Duration::from_secs(10)).await);
+    broker.shutdown();
+    assert_eq!(metrics.mqtt_payload_errors.get(), 0);
+}
