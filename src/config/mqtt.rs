@@ -365,6 +365,14 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
                 .any(|d| d.key == "device[2].profile" && d.message.contains("type = \"mqtt\"")),
             "{e:?}"
         );
+        let e = parse(&CONFIG.replacen(
+            "topic = \"water/w1/up\" }",
+            "topic = \"water/w1/up\" }\nunit = 3\npoll_interval = \"1s\"",
+            1,
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = e.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(keys, ["device[0].unit", "device[0].poll_interval"], "{e:?}");
         let no_unit = modbus
             .replace("profile = \"test-w\"", "profile = \"test-m\"")
             .replace("unit = 1\n", "");

@@ -282,6 +282,14 @@ pub(super) fn parse(
         }
         let polled = !matches!(d.transport.get_ref(), RawTransport::Mqtt { .. });
         let unit = match &d.unit {
+            Some(u) if !polled => {
+                errors.push(src.at(
+                    u.span(),
+                    format!("{key}.unit"),
+                    "an MQTT device has no unit id; remove `unit`",
+                ));
+                0
+            }
             Some(u) if !(1..=247).contains(u.get_ref()) => {
                 errors.push(src.at(
                     u.span(),
@@ -302,6 +310,14 @@ pub(super) fn parse(
             None => 0,
         };
         let interval = match &d.poll_interval {
+            Some(p) if !polled => {
+                errors.push(src.at(
+                    p.span(),
+                    format!("{key}.poll_interval"),
+                    "MQTT meters publish on their own schedule; remove `poll_interval`",
+                ));
+                Duration::ZERO
+            }
             Some(p) if p.get_ref().0 < MIN_POLL_INTERVAL => {
                 errors.push(src.at(
                     p.span(),

@@ -351,3 +351,40 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn onenet_and_iotda_layouts_are_json_pointers() {
+    let text = r#"
+[meter]
+vendor = "T"
+model = "W"
+protocol = "mqtt"
+[mqtt]
+shape = "json"
+timestamp = "/dp/flow/0/t"
+timestamp_format = "s"
+[[field]]
+name = "flow_rate"
+pointer = "/dp/flow/0/v"
+unit = "m3/h"
+category = "measurement"
+grade = "L2"
+"#;
+    let p = Profile::parse(Path::new("onenet.toml"), text).unwrap();
+    let payload = br#"{"id":123,"dp":{"flow":[{"v":0.5,"t":1763906340}]}}"#;
+    let d = decode(spec(&p), payload, NOW).unwrap();
+    assert_eq!(d.values[0].at_ms, NOW - 60_000);
+    assert_eq!(d.values[0].value, SourceValue::Raw(RawValue::Float(0.5)));
+
+    let iotda = text
+        .replace("/dp/flow/0/t", "/services/0/event_time")
+        .replace("\"s\"", "\"iso8601\"")
+        .replace("/dp/flow/0/v", "/services/0/properties/flow");
+    let p = Profile::parse(Path::new("iotda.toml"), &iotda).unwrap();
+    let payload = br#"{"services":[{"service_id":"Water","properties":{"flow":0.5},"event_time":"20251123T135900Z"}]}"#;
+    let d = decode(spec(&p), payload, NOW).unwrap();
+    assert_eq!(
+        (d.values[0].at_ms, d.values[0].time),
+        (NOW - 60_000, TimeSource::Device)
+    );
+}
