@@ -15,11 +15,14 @@
 //! profile = "oem-ultrasonic-water-mqtt"
 //! transport = { type = "mqtt", source = "meters", topic = "meters/w-0017/up" }
 //! # or one wildcard level that names the device: topic = "meters/+/up", key = "W0017"
-//! # (key defaults to the device name)
+//! # (key defaults to the device name); or a ThingsBoard gateway-API topic, where the
+//! # key is the device's name in the payload: topic = "v1/gateway/telemetry", key = "Meter A"
 //! ```
 //!
 //! A topic is a concrete topic name, or a filter with exactly one `+` level whose value
-//! selects the device by `key`; `#` is not allowed (a device is one topic). Two devices
+//! selects the device by `key`; `#` is not allowed (a device is one topic). A `key` on a
+//! concrete topic names the device inside ThingsBoard gateway-API messages
+//! (`{"Meter A": [{"ts": …, "values": {…}}]}`); such devices need a `thingsboard` profile. Two devices
 //! may not share a (source, topic, key) route, and an MQTT device needs an MQTT profile
 //! (and a register device a register profile).
 
@@ -30,6 +33,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{TlsFiles, Transport};
+use crate::profile::mqtt::PayloadShape;
 use crate::profile::Profile;
 
 /// One broker connection that MQTT meters publish to.
@@ -159,13 +163,20 @@ impl DeviceRoutes {
         let wildcard = check_topic(&topic)?;
         let key = match (wildcard, key) {
             (true, key) => Some(key.unwrap_or_else(|| device.to_string())),
-            (false, Some(_)) => {
-                return Err(format!(
-                    "`key` selects a device within a `+` topic level, but {topic:?} has none"
-                ))
-            }
-            (false, None) => None,
+            (false, key) => key,
         };
+        // A concrete topic is either one device's or a gateway-API topic shared by keys.
+        let mixed = !wildcard
+            && self
+                .seen
+                .iter()
+                .any(|(s, t, k)| s == &source && t == &topic && k.is_some() != key.is_some());
+        if mixed {
+            return Err(format!(
+                "{topic:?} is used with and without `key`; a concrete topic is one device's, \
+                 or a ThingsBoard gateway-API topic where every device has a `key`"
+            ));
+        }
         if !self
             .seen
             .insert((source.clone(), topic.clone(), key.clone()))
@@ -197,16 +208,29 @@ pub fn check_topic(topic: &str) -> Result<bool, String> {
 
 /// Whether a device's profile fits its transport.
 pub(super) fn profile_fits(transport: &Transport, profile: &Profile) -> Result<(), String> {
-    match (matches!(transport, Transport::Mqtt { .. }), profile.is_mqtt()) {
-        (true, false) => Err(format!(
+    match (transport, &profile.mqtt) {
+        (Transport::Mqtt { .. }, None) => Err(format!(
             "profile {:?} describes registers; an MQTT device needs a profile with protocol = \"mqtt\"",
             profile.name
         )),
-        (false, true) => Err(format!(
+        (
+            Transport::Mqtt {
+                topic, key: Some(_), ..
+            },
+            Some(spec),
+        ) if !topic.contains('+') && spec.shape != PayloadShape::ThingsBoard => Err(format!(
+            "a `key` on a topic without `+` selects a device in ThingsBoard gateway-API \
+             messages, but profile {:?} has shape {:?}; valid: a \"thingsboard\" profile, \
+             or a topic with one `+` level",
+            profile.name,
+            spec.shape.as_str()
+        )),
+        (Transport::Mqtt { .. }, Some(_)) => Ok(()),
+        (_, Some(_)) => Err(format!(
             "profile {:?} describes MQTT payloads; use transport = {{ type = \"mqtt\", … }}",
             profile.name
         )),
-        _ => Ok(()),
+        (_, None) => Ok(()),
     }
 }
 
@@ -331,7 +355,7 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
         let cases = [
             ("source = \"meters\", topic = \"water/w1/up\"", "source = \"nope\", topic = \"water/w1/up\"", "valid: meters"),
             ("topic = \"water/w1/up\"", "topic = \"water/#\"", "no `#`"),
-            ("topic = \"water/w1/up\"", "topic = \"water/w1/up\", key = \"x\"", "has none"),
+            ("topic = \"water/+/up\" }", "topic = \"water/w1/up\", key = \"w2\" }", "with and without `key`"),
             ("topic = \"water/+/up\" }", "topic = \"water/+/up\", key = \"w1\" }\n[[device]]\nname = \"w3\"\nprofile = \"test-w\"\ntransport = { type = \"mqtt\", source = \"meters\", topic = \"water/+/up\", key = \"w1\" }", "already listens"),
         ];
         for (from, to, want) in cases {
@@ -373,6 +397,13 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
         .unwrap_err();
         let keys: Vec<&str> = e.iter().map(|d| d.key.as_str()).collect();
         assert_eq!(keys, ["device[0].unit", "device[0].poll_interval"], "{e:?}");
+        let gw = "[[device]]\nname = \"g1\"\nprofile = \"test-w\"\ntransport = { type = \"mqtt\", source = \"meters\", topic = \"v1/gateway/telemetry\", key = \"Meter A\" }\n";
+        let e = parse(&format!("{CONFIG}{gw}")).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|d| d.key == "device[2].profile" && d.message.contains("gateway-API")),
+            "{e:?}"
+        );
         let no_unit = modbus
             .replace("profile = \"test-w\"", "profile = \"test-m\"")
             .replace("unit = 1\n", "");

@@ -31,7 +31,8 @@ pub enum PayloadShape {
     /// Any JSON document; every field and the timestamp are found by JSON pointer.
     Json,
     /// ThingsBoard device telemetry: `{"k":v}`, `{"ts":ms,"values":{…}}` or an array of
-    /// either; fields by key.
+    /// either; fields by key. Also one device's entry of a gateway-API message (routing
+    /// by device name is the source's job).
     ThingsBoard,
     /// Alibaba Alink `thing.event.property.post`: `params: {"Prop": {"value": v, "time": ms}}`
     /// or the flat `params: {"Prop": v}`; fields by property identifier.

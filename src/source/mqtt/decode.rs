@@ -71,11 +71,25 @@ pub fn decode(
     payload: &[u8],
     received_ms: TimestampMs,
 ) -> Result<Decoded, PayloadError> {
+    let root = parse(payload)?;
+    decode_value(spec, &root, received_ms)
+}
+
+/// Checks the size and parses JSON.
+pub fn parse(payload: &[u8]) -> Result<Json, PayloadError> {
     if payload.len() > MAX_PAYLOAD_BYTES {
         return Err(PayloadError::TooLarge(payload.len()));
     }
-    let root: Json =
-        serde_json::from_slice(payload).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+    serde_json::from_slice(payload).map_err(|e| PayloadError::NotJson(e.to_string()))
+}
+
+/// Decodes one already parsed document (a whole payload, or one device's entry of a
+/// ThingsBoard gateway-API message).
+pub fn decode_value(
+    spec: &MqttSpec,
+    root: &Json,
+    received_ms: TimestampMs,
+) -> Result<Decoded, PayloadError> {
     let stamp = |at: Option<TimestampMs>| match at {
         Some(ms) if time::plausible(ms, received_ms) => (ms, TimeSource::Device),
         _ => (received_ms, TimeSource::Received),
@@ -100,13 +114,13 @@ pub fn decode(
             }
         }
         PayloadShape::ThingsBoard => {
-            let entries = thingsboard_entries(&root)?;
+            let entries = thingsboard_entries(root)?;
             collect_keyed(&mut out, spec, &entries, |entry, key| {
                 (entry.values.get(key), stamp(entry.at_ms))
             });
         }
         PayloadShape::Alink => {
-            let params = alink_params(&root)?;
+            let params = alink_params(root)?;
             let entries = [Entry {
                 values: params,
                 at_ms: None,

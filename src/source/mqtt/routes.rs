@@ -2,7 +2,9 @@
 //!
 //! A device listens on a concrete topic, or on a filter with one `+` level and a key: the
 //! message's value at that level must equal the key. A concrete topic wins over a filter
-//! that also matches it. The subscription list is every distinct topic and filter.
+//! that also matches it. A concrete topic with keys is a ThingsBoard gateway-API topic
+//! (`v1/gateway/telemetry`): one message carries several devices, each under its key.
+//! The subscription list is every distinct topic and filter.
 
 use std::collections::HashMap;
 
@@ -22,6 +24,8 @@ pub struct Routes {
     devices: Vec<DeviceConfig>,
     exact: HashMap<String, usize>,
     patterns: Vec<Pattern>,
+    /// Gateway-API topics: device key → device.
+    gateways: HashMap<String, HashMap<String, usize>>,
 }
 
 impl Routes {
@@ -29,6 +33,7 @@ impl Routes {
     pub fn new(devices: Vec<DeviceConfig>) -> Self {
         let mut exact = HashMap::new();
         let mut patterns: Vec<Pattern> = Vec::new();
+        let mut gateways: HashMap<String, HashMap<String, usize>> = HashMap::new();
         for (i, d) in devices.iter().enumerate() {
             let Transport::Mqtt { topic, key, .. } = &d.transport else {
                 continue;
@@ -48,7 +53,13 @@ impl Routes {
                         }),
                     }
                 }
-                _ => {
+                (None, Some(key)) => {
+                    gateways
+                        .entry(topic.clone())
+                        .or_default()
+                        .insert(key.clone(), i);
+                }
+                (_, None) => {
                     exact.insert(topic.clone(), i);
                 }
             }
@@ -57,6 +68,7 @@ impl Routes {
             devices,
             exact,
             patterns,
+            gateways,
         }
     }
 
@@ -64,6 +76,7 @@ impl Routes {
     pub fn filters(&self) -> Vec<String> {
         let mut f: Vec<String> = self.exact.keys().cloned().collect();
         f.extend(self.patterns.iter().map(|p| p.filter.clone()));
+        f.extend(self.gateways.keys().cloned());
         f.sort();
         f
     }
@@ -90,6 +103,17 @@ impl Routes {
             let i = p.keys.get(*levels.get(p.plus_at)?)?;
             self.devices.get(*i)
         })
+    }
+
+    /// Whether messages on `topic` are ThingsBoard gateway-API messages.
+    pub fn is_gateway(&self, topic: &str) -> bool {
+        self.gateways.contains_key(topic)
+    }
+
+    /// The device under `key` in a gateway-API message on `topic`.
+    pub fn gateway_device(&self, topic: &str, key: &str) -> Option<&DeviceConfig> {
+        let i = self.gateways.get(topic)?.get(key)?;
+        self.devices.get(*i)
     }
 
     pub fn devices(&self) -> &[DeviceConfig] {
@@ -137,10 +161,28 @@ pub(crate) mod tests {
             device("c", "m/+/up", Some("C1")),
             device("x", "m/+/up", Some("a")),
             device("s", "/sys/pk/+/thing/event/property/post", Some("dev1")),
+            device("g1", "v1/gateway/telemetry", Some("Meter A")),
+            device("g2", "v1/gateway/telemetry", Some("Meter B")),
         ]);
         assert_eq!(
             r.filters(),
-            ["/sys/pk/+/thing/event/property/post", "m/+/up", "m/a/up"]
+            [
+                "/sys/pk/+/thing/event/property/post",
+                "m/+/up",
+                "m/a/up",
+                "v1/gateway/telemetry"
+            ]
+        );
+        assert!(r.is_gateway("v1/gateway/telemetry") && !r.is_gateway("m/a/up"));
+        let gw = |k: &str| {
+            r.gateway_device("v1/gateway/telemetry", k)
+                .map(|d| d.id.to_string())
+        };
+        assert_eq!(gw("Meter B").as_deref(), Some("g2"));
+        assert_eq!(gw("Meter C"), None);
+        assert_eq!(
+            r.device("v1/gateway/telemetry").map(|d| d.id.to_string()),
+            None
         );
         let who = |t: &str| r.device(t).map(|d| d.id.to_string());
         assert_eq!(who("m/a/up").as_deref(), Some("a"), "exact wins");

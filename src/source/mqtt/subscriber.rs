@@ -183,7 +183,10 @@ impl MqttSubscriber {
     /// Handles one message; public for tests that drive the task without a broker.
     pub fn on_message(&mut self, topic: &str, payload: &[u8], received_ms: TimestampMs) {
         self.metrics.mqtt_messages.inc();
-        let Some(device) = self.routes.device(topic) else {
+        if self.routes.is_gateway(topic) {
+            return self.on_gateway_message(topic, payload, received_ms);
+        }
+        let Some(device) = self.routes.device(topic).cloned() else {
             self.metrics.mqtt_unknown_topic.inc();
             if self.log.allow(&self.cfg.name) {
                 warn!(source = %self.cfg.name, topic, "mqtt message on a topic no device listens on");
@@ -193,7 +196,55 @@ impl MqttSubscriber {
         let Some(spec) = device.profile.mqtt.as_ref() else {
             return; // config validation gives every MQTT device an MQTT profile
         };
-        let decoded = match decode(spec, payload, received_ms) {
+        let decoded = decode(spec, payload, received_ms);
+        self.accept(topic, &device, decoded, received_ms, payload.len());
+    }
+
+    /// A ThingsBoard gateway-API message: `{"Device A": [telemetry…], "Device B": …}`.
+    fn on_gateway_message(&mut self, topic: &str, payload: &[u8], received_ms: TimestampMs) {
+        let root = match super::decode::parse(payload) {
+            Ok(serde_json::Value::Object(root)) => root,
+            other => {
+                let e = match other {
+                    Err(e) => e,
+                    Ok(_) => super::PayloadError::Shape {
+                        shape: "thingsboard gateway",
+                        detail: "expected an object of device names".into(),
+                    },
+                };
+                self.metrics.mqtt_payload_errors.inc();
+                if self.log.allow(&self.cfg.name) {
+                    warn!(source = %self.cfg.name, topic, bytes = payload.len(), error = %e, "mqtt payload rejected");
+                }
+                return;
+            }
+        };
+        for (key, telemetry) in &root {
+            let Some(device) = self.routes.gateway_device(topic, key).cloned() else {
+                self.metrics.mqtt_unknown_topic.inc();
+                if self.log.allow(&self.cfg.name) {
+                    warn!(source = %self.cfg.name, topic, key, "gateway-api message for a device not configured");
+                }
+                continue;
+            };
+            let Some(spec) = device.profile.mqtt.as_ref() else {
+                continue;
+            };
+            let decoded = super::decode::decode_value(spec, telemetry, received_ms);
+            self.accept(topic, &device, decoded, received_ms, payload.len());
+        }
+    }
+
+    /// Counts, de-duplicates and forwards what one device's message yielded.
+    fn accept(
+        &mut self,
+        topic: &str,
+        device: &DeviceConfig,
+        decoded: Result<Decoded, super::PayloadError>,
+        received_ms: TimestampMs,
+        bytes: usize,
+    ) {
+        let decoded = match decoded {
             Ok(d) => d,
             Err(e) => {
                 self.metrics.mqtt_payload_errors.inc();
@@ -203,7 +254,7 @@ impl MqttSubscriber {
                     &PollOutcome::PayloadError(e.to_string()),
                 );
                 if self.log.allow(&self.cfg.name) {
-                    warn!(source = %self.cfg.name, topic, device = %device.id, bytes = payload.len(), error = %e, "mqtt payload rejected");
+                    warn!(source = %self.cfg.name, topic, device = %device.id, bytes, error = %e, "mqtt payload rejected");
                 }
                 return;
             }
@@ -307,6 +358,57 @@ mod tests {
         let stats = m.device(&DeviceId::new("w1").unwrap());
         assert_eq!((stats.polls_ok, stats.payload_errors), (1, 2));
         assert!(rx.try_recv().is_err(), "nothing usable in the bad ones");
+    }
+
+    #[test]
+    fn thingsboard_gateway_messages_fan_out_by_device_name() {
+        use crate::profile::Profile;
+        use std::path::Path;
+        let tb = Arc::new(
+            Profile::parse(
+                Path::new("tb.toml"),
+                "[meter]\nvendor = \"T\"\nmodel = \"T\"\nprotocol = \"mqtt\"\n[mqtt]\nshape = \"thingsboard\"\n\
+                 [[field]]\nname = \"flow_rate\"\nkey = \"flow\"\nunit = \"m3/h\"\ncategory = \"measurement\"\ngrade = \"L2\"\n",
+            )
+            .unwrap(),
+        );
+        let mut a = device("a", "v1/gateway/telemetry", Some("Meter A"));
+        let mut b = device("b", "v1/gateway/telemetry", Some("Meter B"));
+        a.profile = tb.clone();
+        b.profile = tb;
+        let (tx, mut rx) = mpsc::channel(8);
+        let m = Arc::new(Metrics::default());
+        let cfg = MqttSourceConfig {
+            name: "tb".into(),
+            broker: "localhost:1".into(),
+            client_id: "c".into(),
+            tls: None,
+            qos: 1,
+        };
+        let mut s = MqttSubscriber::new(cfg, vec![a, b], tx, m.clone(), CancellationToken::new());
+        let now = 1_763_906_400_000;
+        let payload = format!(
+            r#"{{"Meter A":[{{"ts":{},"values":{{"flow":1.5}}}},{{"ts":{},"values":{{"flow":1.6}}}}],
+                "Meter B":[{{"ts":{},"values":{{"flow":"x"}}}}],
+                "Meter C":[{{"ts":{},"values":{{"flow":2}}}}]}}"#,
+            now - 2000,
+            now - 1000,
+            now - 1000,
+            now - 1000
+        );
+        s.on_message("v1/gateway/telemetry", payload.as_bytes(), now);
+        let sample = rx.try_recv().unwrap();
+        assert_eq!(sample.device.as_str(), "a");
+        let SampleData::Values(v) = &sample.data else {
+            panic!("{:?}", sample.data)
+        };
+        let times: Vec<i64> = v.iter().map(|v| v.at_ms).collect();
+        assert_eq!(times, [now - 2000, now - 1000]);
+        assert!(rx.try_recv().is_err(), "Meter B had only a bad value");
+        assert_eq!(m.mqtt_field_errors.get(), 1);
+        assert_eq!(m.mqtt_unknown_topic.get(), 1, "Meter C is not configured");
+        s.on_message("v1/gateway/telemetry", b"[1]", now);
+        assert_eq!(m.mqtt_payload_errors.get(), 1);
     }
 
     #[test]
