@@ -1,6 +1,6 @@
 //! MQTT meters: subscribe to a broker and turn published payloads into samples.
 //!
-//! - [`decode`]: payload bytes → named values by the profile's payload shape (`json` with
+//! - [`decode`](mod@decode): payload bytes → named values by the profile's payload shape (`json` with
 //!   JSON pointers, ThingsBoard telemetry, Alibaba Alink property posts) and timestamps
 //!   ([`time`]: epoch ms, epoch s, ISO 8601); pure and property-tested.
 //! - [`routes`]: topic → device (concrete topics, or one `+` level naming the device).
