@@ -306,6 +306,8 @@ pub enum QualityReason {
     CounterRollover,
     /// The float is NaN or infinite.
     NotFinite,
+    /// The meter sent no usable timestamp: the time is the gateway's receive time.
+    ReceiveTime,
 }
 
 impl QualityReason {
@@ -316,6 +318,7 @@ impl QualityReason {
             QualityReason::CounterBackwards => "counter_backwards",
             QualityReason::CounterRollover => "counter_rollover",
             QualityReason::NotFinite => "not_finite",
+            QualityReason::ReceiveTime => "receive_time",
         }
     }
 }

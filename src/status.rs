@@ -39,7 +39,8 @@ pub struct DeviceStatus {
     pub poll_interval_ms: u64,
     #[serde(flatten)]
     pub polls: DeviceStats,
-    /// No good poll within three intervals (plus slack) of now.
+    /// No good poll within three intervals (plus slack) of now; never for devices
+    /// without a poll interval (MQTT meters).
     pub stale: bool,
 }
 
@@ -130,7 +131,9 @@ impl StatusSource {
                     .unwrap_or(i64::MAX / 4)
                     .saturating_mul(3)
                     .saturating_add(10_000);
-                let stale = now - s.last_ok_ms.unwrap_or(started) > limit;
+                // Devices without a schedule (MQTT meters publish when they like) are
+                // never called stale.
+                let stale = !d.interval.is_zero() && now - s.last_ok_ms.unwrap_or(started) > limit;
                 DeviceStatus {
                     name: d.name.to_string(),
                     profile: d.profile.clone(),
@@ -160,7 +163,8 @@ impl StatusSource {
                 reasons.push(format!("uplink down for {} s", (now - since) / 1000));
             }
         }
-        if !devices.is_empty() && devices.iter().all(|d| d.stale) {
+        let mut polled = devices.iter().filter(|d| d.poll_interval_ms > 0).peekable();
+        if polled.peek().is_some() && polled.all(|d| d.stale) {
             reasons.push("no device has answered recently".into());
         }
         GatewayStatus {
@@ -284,6 +288,7 @@ impl StatusSource {
                 ("timeout", d.polls.timeouts),
                 ("exception", d.polls.exceptions),
                 ("transport_error", d.polls.transport_errors),
+                ("payload_error", d.polls.payload_errors),
             ] {
                 e.labelled(
                     "citygate_device_polls_total",
@@ -473,7 +478,7 @@ pub fn render(st: &GatewayStatus) -> String {
             d.poll_interval_ms as f64 / 1000.0,
             d.polls.polls_ok,
             d.polls.timeouts,
-            d.polls.exceptions + d.polls.transport_errors,
+            d.polls.exceptions + d.polls.transport_errors + d.polls.payload_errors,
             ago(now, d.polls.last_ok_ms),
             d.polls.last_error.as_deref().unwrap_or("-"),
             if d.stale { "  (stale)" } else { "" }

@@ -1,8 +1,9 @@
 //! Wires the gateway's tasks together and shuts them down in order.
 //!
 //! ```text
-//! ModbusPoller (one per endpoint) ─┐
-//! RtuBus (one per bus / DTU) ───────┴samples─► Batcher ─sealed─► Committer ─► Store
+//! ModbusPoller (one per endpoint)      ─┐
+//! RtuBus (one per bus / DTU)            ─┼samples─► Batcher ─sealed─► Committer ─► Store
+//! MqttSubscriber (one per mqtt_source)  ─┘
 //! ```
 //! Shutdown: the cancellation token stops the pollers; their sample senders drop, so
 //! the batcher drains its input, seals every open batch and drops its sender; the
@@ -27,6 +28,7 @@ use crate::seal::keys;
 use crate::seal::Sealer;
 use crate::seal::{HubPublicKey, KeyError};
 use crate::source::modbus::ModbusPoller;
+use crate::source::mqtt::MqttSubscriber;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::transform::minimise::{Policy, PseudonymKey};
@@ -143,7 +145,12 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
     tracker.spawn(Committer::new(sealed_rx, store.clone(), metrics.clone(), committed_tx).run());
 
     let mut endpoints: BTreeMap<Transport, Vec<DeviceConfig>> = BTreeMap::new();
+    let mut mqtt_devices: BTreeMap<&str, Vec<DeviceConfig>> = BTreeMap::new();
     for d in &cfg.devices {
+        if let Transport::Mqtt { source, .. } = &d.transport {
+            mqtt_devices.entry(source).or_default().push(d.clone());
+            continue;
+        }
         endpoints
             .entry(d.transport.clone())
             .or_default()
@@ -166,12 +173,28 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
             t @ (Transport::Serial { .. } | Transport::RtuTcp { .. } | Transport::Dtu { .. }) => {
                 rtu_groups.push((t, devices))
             }
+            // One task per broker connection, not per device: started below.
+            Transport::Mqtt { .. } => {}
         }
     }
     for task in
         crate::source::rtu::spawn::tasks(rtu_groups, cfg.modbus, &samples_tx, &metrics, &shutdown)
     {
         tracker.spawn(task);
+    }
+    for source in &cfg.mqtt_sources {
+        let Some(devices) = mqtt_devices.remove(source.name.as_str()) else {
+            warn!(source = %source.name, "mqtt source has no devices; not connecting");
+            continue;
+        };
+        let subscriber = MqttSubscriber::new(
+            source.clone(),
+            devices,
+            samples_tx.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tracker.spawn(subscriber.run());
     }
     drop(samples_tx);
     info!(gateway = %cfg.gateway_id, devices = cfg.devices.len(), "gateway started");

@@ -39,6 +39,8 @@ pub struct DeviceStats {
     pub timeouts: u64,
     pub exceptions: u64,
     pub transport_errors: u64,
+    /// MQTT messages (or fields of them) that could not be used.
+    pub payload_errors: u64,
     pub last_ok_ms: Option<TimestampMs>,
     pub last_error: Option<String>,
 }
@@ -63,6 +65,16 @@ pub struct Metrics {
     pub batches_acked: Counter,
     pub resend_rounds: Counter,
     pub acks_rejected: Counter,
+    /// MQTT meter messages received, on any topic.
+    pub mqtt_messages: Counter,
+    /// Messages on a topic no device listens on.
+    pub mqtt_unknown_topic: Counter,
+    /// Messages rejected as a whole (too large, not JSON, wrong shape, no field).
+    pub mqtt_payload_errors: Counter,
+    /// Fields missing from, or of the wrong type in, otherwise usable messages.
+    pub mqtt_field_errors: Counter,
+    /// Values dropped because the device already sent one as new or newer.
+    pub mqtt_stale_values: Counter,
     devices: Mutex<BTreeMap<DeviceId, DeviceStats>>,
     link: Mutex<LinkStatus>,
     pub started: StartTime,
@@ -104,6 +116,8 @@ pub enum PollOutcome {
     Timeout,
     Exception(String),
     Transport(String),
+    /// A message from the device could not be (fully) used.
+    PayloadError(String),
 }
 
 impl Metrics {
@@ -125,6 +139,10 @@ impl Metrics {
             }
             PollOutcome::Transport(e) => {
                 s.transport_errors += 1;
+                s.last_error = Some(e.clone());
+            }
+            PollOutcome::PayloadError(e) => {
+                s.payload_errors += 1;
                 s.last_error = Some(e.clone());
             }
         }
@@ -218,6 +236,31 @@ impl Metrics {
                 "alarm_repeats_held",
                 "Unchanged alarm readings held back between periodic states.",
                 self.alarm_repeats_held.get(),
+            ),
+            (
+                "mqtt_messages",
+                "MQTT meter messages received.",
+                self.mqtt_messages.get(),
+            ),
+            (
+                "mqtt_unknown_topic",
+                "MQTT meter messages on a topic no device listens on.",
+                self.mqtt_unknown_topic.get(),
+            ),
+            (
+                "mqtt_payload_errors",
+                "MQTT meter messages rejected as a whole.",
+                self.mqtt_payload_errors.get(),
+            ),
+            (
+                "mqtt_field_errors",
+                "Fields missing or mistyped in otherwise usable MQTT messages.",
+                self.mqtt_field_errors.get(),
+            ),
+            (
+                "mqtt_stale_values",
+                "MQTT values dropped as not newer than the last one used.",
+                self.mqtt_stale_values.get(),
             ),
         ]
     }

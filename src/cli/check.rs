@@ -121,8 +121,26 @@ pub fn report(cfg: &GatewayConfig) -> (String, bool) {
         let _ = write!(out, "\nrtu buses\n{buses}");
     }
     let _ = writeln!(out, "\ndevices   {}", cfg.devices.len());
+    for s in &cfg.mqtt_sources {
+        let _ = writeln!(
+            out,
+            "mqtt      source {} at {} (client id {}, qos {}, {})",
+            s.name,
+            s.broker,
+            s.client_id,
+            s.qos,
+            if s.tls.is_some() {
+                "TLS"
+            } else {
+                "PLAINTEXT: danger_plaintext"
+            }
+        );
+    }
     for d in &cfg.devices {
-        device_report(&mut out, d, &policy, cfg.batch.alarm_state_every);
+        match &d.profile.mqtt {
+            Some(spec) => mqtt_device_report(&mut out, d, spec, &policy),
+            None => device_report(&mut out, d, &policy, cfg.batch.alarm_state_every),
+        }
     }
     (out, key_error)
 }
@@ -176,25 +194,7 @@ fn device_report(
         "field", "register", "type", "order", "unit", "class"
     );
     for f in &p.fields {
-        let disposition = policy.disposition(&f.name, &f.class);
-        let leaves = match disposition {
-            Disposition::AsIs if f.class.personal => {
-                "as-is (personal: subject pseudonymised)".to_string()
-            }
-            other => other.to_string(),
-        };
-        let unit = if f.unit.symbol == f.unit.canonical.symbol() {
-            f.unit.symbol.to_string()
-        } else {
-            format!("{}→{}", f.unit.symbol, f.unit.canonical)
-        };
-        let class = format!(
-            "{:?}/{:?}{}",
-            f.class.category,
-            f.class.grade,
-            if f.class.personal { "/PI" } else { "" }
-        )
-        .to_lowercase();
+        let (unit, class, leaves) = field_columns(f, policy);
         let ty = match f.fraction {
             Some(frac) => format!("{}+{}", f.ty, frac.ty),
             None => f.ty.to_string(),
@@ -231,6 +231,85 @@ fn device_report(
             class,
             leaves,
             notes
+        );
+    }
+}
+
+/// The unit, class and disposition columns of a field line.
+fn field_columns(f: &crate::profile::Field, policy: &Policy) -> (String, String, String) {
+    let leaves = match policy.disposition(&f.name, &f.class) {
+        Disposition::AsIs if f.class.personal => {
+            "as-is (personal: subject pseudonymised)".to_string()
+        }
+        other => other.to_string(),
+    };
+    let unit = if f.unit.symbol == f.unit.canonical.symbol() {
+        f.unit.symbol.to_string()
+    } else {
+        format!("{}→{}", f.unit.symbol, f.unit.canonical)
+    };
+    let class = format!(
+        "{:?}/{:?}{}",
+        f.class.category,
+        f.class.grade,
+        if f.class.personal { "/PI" } else { "" }
+    )
+    .to_lowercase();
+    (unit, class, leaves)
+}
+
+fn mqtt_device_report(
+    out: &mut String,
+    d: &crate::config::DeviceConfig,
+    spec: &crate::profile::mqtt::MqttSpec,
+    policy: &Policy,
+) {
+    let p = &d.profile;
+    let _ = writeln!(
+        out,
+        "\n  {}  profile {} ({} {}, version {})  {}{}",
+        d.id,
+        p.name,
+        p.vendor,
+        p.model,
+        p.version,
+        d.transport,
+        d.location
+            .as_deref()
+            .map(|l| format!("  location {l:?} (stays on the box)"))
+            .unwrap_or_default()
+    );
+    let time = match (spec.shape, &spec.timestamp) {
+        (crate::profile::mqtt::PayloadShape::Json, Some(t)) => {
+            let format = format!("{:?}", spec.time_format).to_lowercase();
+            format!("time at {t} ({format})")
+        }
+        (crate::profile::mqtt::PayloadShape::Json, None) => "time: receive time".to_string(),
+        _ => "time from the payload (ms)".to_string(),
+    };
+    let _ = writeln!(out, "    payload {}, {time}", spec.shape.as_str());
+    let _ = writeln!(
+        out,
+        "    {:<22} {:<44} {:<8} {:<14} {:<18} leaves the box",
+        "field", "located at", "type", "unit", "class"
+    );
+    for (f, m) in p.fields.iter().zip(&spec.fields) {
+        let (unit, class, leaves) = field_columns(f, policy);
+        let kind = match m.kind {
+            crate::profile::mqtt::ValueKind::Bit(n) => format!("bit{n}"),
+            k => format!("{k:?}").to_lowercase(),
+        };
+        let _ = writeln!(
+            out,
+            "    {:<22} {:<44} {:<8} {:<14} {:<18} {}{}{}",
+            f.name.as_str(),
+            m.locator.to_string(),
+            kind,
+            unit,
+            class,
+            leaves,
+            if m.optional { "  [optional]" } else { "" },
+            if f.verified { "" } else { "  [unverified]" }
         );
     }
 }

@@ -3,6 +3,7 @@
 mod check;
 pub mod demo;
 pub mod probe;
+mod sim_mqtt;
 pub mod sim_rtu;
 
 use std::path::Path;
@@ -133,6 +134,16 @@ pub fn run(path: &Path) -> Result<(), CliError> {
             store_batches = s.total_batches(),
             "gateway stopped"
         );
+        if !cfg.mqtt_sources.is_empty() {
+            info!(
+                messages = metrics.mqtt_messages.get(),
+                unknown_topic = metrics.mqtt_unknown_topic.get(),
+                payload_errors = metrics.mqtt_payload_errors.get(),
+                field_errors = metrics.mqtt_field_errors.get(),
+                stale_values = metrics.mqtt_stale_values.get(),
+                "mqtt sources"
+            );
+        }
         Ok(())
     })
 }
@@ -267,6 +278,8 @@ pub struct SimArgs {
     pub seed: u64,
     #[command(flatten)]
     pub rtu: sim_rtu::RtuSimArgs,
+    #[command(flatten)]
+    pub mqtt: Box<sim_mqtt::MqttSimArgs>,
 }
 
 /// `citygate sim`
@@ -284,6 +297,9 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
     })?;
     if args.count == 0 || args.count > 247 {
         return Err(CliError::Usage("--count must be 1..=247".into()));
+    }
+    if args.mqtt.mqtt_broker.is_some() {
+        return sim_mqtt::sim_mqtt(&args, profile);
     }
     let meters = SimMeters::new(profile, args.count, args.seed);
     for u in &args.silent {
@@ -308,7 +324,7 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
     args.rtu.apply_exceptions(&meters)?;
     if args.listen.is_none() && !args.rtu.any() {
         return Err(CliError::Usage(
-            "give --listen ADDR (Modbus TCP) and/or --rtu-listen ADDR, --pty, --dtu ADDR (Modbus RTU)"
+            "give --listen ADDR (Modbus TCP) and/or --rtu-listen ADDR, --pty, --dtu ADDR (Modbus RTU), or --mqtt-broker HOST:PORT (MQTT meters)"
                 .into(),
         ));
     }

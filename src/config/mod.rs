@@ -8,6 +8,7 @@
 
 pub mod diag;
 pub mod duration;
+pub mod mqtt;
 mod raw;
 
 use std::collections::BTreeSet;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use diag::Diagnostic;
+pub use mqtt::MqttSourceConfig;
 
 use crate::profile::{Profile, ProfileSet, Ratios};
 use crate::reading::{DeviceId, FieldName, GatewayId, UnitId};
@@ -63,6 +65,13 @@ pub enum Transport {
         heartbeat: Option<String>,
         line: LineOverride,
     },
+    /// A meter publishing to the broker of `[[mqtt_source]]` `source` on `topic`; with a
+    /// `+` level in `topic`, `key` is the value of that level that names this device.
+    Mqtt {
+        source: String,
+        topic: String,
+        key: Option<String>,
+    },
 }
 
 impl Transport {
@@ -92,6 +101,10 @@ impl fmt::Display for Transport {
             Transport::Serial { port, .. } => write!(f, "serial://{port}"),
             Transport::RtuTcp { address, .. } => write!(f, "rtu+tcp://{address}"),
             Transport::Dtu { id, listen, .. } => write!(f, "dtu://{id}@{listen}"),
+            Transport::Mqtt { source, topic, key } => {
+                write!(f, "mqtt source {source} topic {topic}")?;
+                key.as_ref().map_or(Ok(()), |k| write!(f, " (+ = {k})"))
+            }
         }
     }
 }
@@ -102,7 +115,9 @@ pub struct DeviceConfig {
     pub id: DeviceId,
     pub profile: Arc<Profile>,
     pub transport: Transport,
+    /// Modbus unit id (0 for MQTT devices, which have none).
     pub unit: UnitId,
+    /// Modbus poll interval (zero for MQTT devices, which publish on their own schedule).
     pub poll_interval: Duration,
     pub timeout: Duration,
     pub location: Option<String>,
@@ -285,6 +300,8 @@ pub struct GatewayConfig {
     /// `None`: store only (batches wait in the outbox).
     pub uplink: Option<UplinkConfig>,
     pub status: StatusConfig,
+    /// Brokers that MQTT meters publish to.
+    pub mqtt_sources: Vec<MqttSourceConfig>,
 }
 
 /// Reads a config file, turning an I/O failure into a diagnostic about the whole file.

@@ -31,6 +31,8 @@ struct RawConfig {
     modbus: RawModbus,
     uplink: Option<RawUplink>,
     status: Option<super::RawStatus>,
+    #[serde(rename = "mqtt_source", default)]
+    mqtt_sources: Vec<super::mqtt::RawMqttSource>,
     #[serde(rename = "device", default)]
     devices: Vec<RawDevice>,
 }
@@ -167,8 +169,9 @@ struct RawDevice {
     name: Spanned<String>,
     profile: Spanned<String>,
     transport: Spanned<RawTransport>,
-    unit: Spanned<u8>,
-    poll_interval: Spanned<HumanDuration>,
+    /// Required for Modbus transports; MQTT devices have none.
+    unit: Option<Spanned<u8>>,
+    poll_interval: Option<Spanned<HumanDuration>>,
     timeout: Option<HumanDuration>,
     location: Option<String>,
     /// Current-transformer ratio of a secondary-side meter (primary A / secondary A).
@@ -206,6 +209,11 @@ enum RawTransport {
         parity: Option<crate::profile::Parity>,
         data_bits: Option<u8>,
         stop_bits: Option<u8>,
+    },
+    Mqtt {
+        source: String,
+        topic: String,
+        key: Option<String>,
     },
 }
 
@@ -308,6 +316,15 @@ pub(super) fn parse(
         backoff_max: raw.modbus.backoff_max.0,
     };
 
+    let mut mqtt_problems = Vec::new();
+    let mqtt_sources = super::mqtt::sources(
+        raw.mqtt_sources,
+        raw.gateway.id.get_ref(),
+        &resolve,
+        &mut mqtt_problems,
+    );
+    let mut mqtt_routes = super::mqtt::DeviceRoutes::new(&mqtt_sources);
+
     let mut names = HashSet::new();
     let mut devices = Vec::with_capacity(raw.devices.len());
     for (i, d) in raw.devices.into_iter().enumerate() {
@@ -338,22 +355,63 @@ pub(super) fn parse(
                 ),
             ));
         }
-        let unit = *d.unit.get_ref();
-        if !(1..=247).contains(&unit) {
-            errors.push(src.at(
-                d.unit.span(),
-                format!("{key}.unit"),
-                format!("unit id {unit} is not valid; valid: 1..=247"),
-            ));
-        }
-        let interval = d.poll_interval.get_ref().0;
-        if interval < MIN_POLL_INTERVAL {
-            errors.push(src.at(
-                d.poll_interval.span(),
-                format!("{key}.poll_interval"),
-                "must be at least 100ms",
-            ));
-        }
+        let polled = !matches!(d.transport.get_ref(), RawTransport::Mqtt { .. });
+        let unit = match &d.unit {
+            Some(u) if !polled => {
+                errors.push(src.at(
+                    u.span(),
+                    format!("{key}.unit"),
+                    "an MQTT device has no unit id; remove `unit`",
+                ));
+                0
+            }
+            Some(u) if !(1..=247).contains(u.get_ref()) => {
+                errors.push(src.at(
+                    u.span(),
+                    format!("{key}.unit"),
+                    format!("unit id {} is not valid; valid: 1..=247", u.get_ref()),
+                ));
+                0
+            }
+            Some(u) => *u.get_ref(),
+            None if polled => {
+                errors.push(src.at(
+                    d.name.span(),
+                    format!("{key}.unit"),
+                    "a Modbus device needs `unit = N` (its unit id, 1..=247)",
+                ));
+                0
+            }
+            None => 0,
+        };
+        let interval = match &d.poll_interval {
+            Some(p) if !polled => {
+                errors.push(src.at(
+                    p.span(),
+                    format!("{key}.poll_interval"),
+                    "MQTT meters publish on their own schedule; remove `poll_interval`",
+                ));
+                Duration::ZERO
+            }
+            Some(p) if p.get_ref().0 < MIN_POLL_INTERVAL => {
+                errors.push(src.at(
+                    p.span(),
+                    format!("{key}.poll_interval"),
+                    "must be at least 100ms",
+                ));
+                MIN_POLL_INTERVAL
+            }
+            Some(p) => p.get_ref().0,
+            None if polled => {
+                errors.push(src.at(
+                    d.name.span(),
+                    format!("{key}.poll_interval"),
+                    "a Modbus device needs `poll_interval`, e.g. \"15s\"",
+                ));
+                MIN_POLL_INTERVAL
+            }
+            None => Duration::ZERO,
+        };
         let transport_span = d.transport.span();
         let transport = match d.transport.into_inner() {
             RawTransport::Tcp { address } => {
@@ -436,6 +494,20 @@ pub(super) fn parse(
                     line: line_override(baud, parity, data_bits, stop_bits),
                 }
             }
+            RawTransport::Mqtt {
+                source,
+                topic,
+                key: k,
+            } => mqtt_routes
+                .transport(d.name.get_ref(), source, topic.clone(), k)
+                .unwrap_or_else(|m| {
+                    errors.push(src.at(transport_span.clone(), format!("{key}.transport"), m));
+                    Transport::Mqtt {
+                        source: String::new(),
+                        topic,
+                        key: None,
+                    }
+                }),
         };
         let ratios = device_ratios(
             &src,
@@ -455,6 +527,12 @@ pub(super) fn parse(
                 format!("{key}.transport"),
                 format!("conflicts with device `{other}` on the same port or DTU: one bus needs one set of line settings (and a DTU id one listen address)"),
             ));
+        }
+        if let Some(Err(m)) = profile
+            .as_ref()
+            .map(|p| super::mqtt::profile_fits(&transport, p))
+        {
+            errors.push(src.at(d.profile.span(), format!("{key}.profile"), m));
         }
         if let (Some(id), Some(profile)) = (id, profile) {
             devices.push(DeviceConfig {
@@ -528,6 +606,9 @@ pub(super) fn parse(
 
     let status = super::status_config(raw.status, &src, &mut errors, super::DEFAULT_STATUS_LISTEN);
 
+    for (span, key, message) in mqtt_problems {
+        errors.push(src.at(span, key, message));
+    }
     if !errors.is_empty() {
         return Err(errors.into());
     }
@@ -556,6 +637,7 @@ pub(super) fn parse(
         devices,
         uplink,
         status,
+        mqtt_sources,
     })
 }
 

@@ -10,12 +10,13 @@ use tracing::{error, info};
 use crate::config::BatchConfig;
 use crate::reading::{now_ms, DeviceId, Record, Stream};
 use crate::seal::{SealedBatch, Sealer};
-use crate::source::RawSample;
+use crate::source::{RawSample, SampleData};
 use crate::telemetry::Metrics;
 use crate::transform::alarm::AlarmGate;
 use crate::transform::check::Checker;
 use crate::transform::minimise::{minimise_as, Policy};
 use crate::transform::normalise::normalise_with;
+use crate::transform::normalise_values::normalise_values;
 
 #[derive(Debug, Default)]
 struct OpenBatch {
@@ -95,13 +96,18 @@ impl Batcher {
     /// passes it (changed, or due as standing state). The purpose must list a field
     /// for it to leave, alarms included.
     pub async fn accept(&mut self, sample: RawSample) {
-        let normalised = normalise_with(
-            &sample.profile,
-            &sample.device,
-            sample.at_ms,
-            &sample.image,
-            &sample.ratios,
-        );
+        let normalised = match &sample.data {
+            SampleData::Registers(image) => normalise_with(
+                &sample.profile,
+                &sample.device,
+                sample.at_ms,
+                image,
+                &sample.ratios,
+            ),
+            SampleData::Values(values) => {
+                normalise_values(&sample.profile, &sample.device, values, &sample.ratios)
+            }
+        };
         self.metrics
             .readings_normalised
             .add(normalised.readings.len() as u64);

@@ -7,9 +7,14 @@
 //! canonical one and a classification. Validation rejects overlapping registers,
 //! type/width mismatches, unknown units and impossible ranges, with `FILE:LINE` errors.
 //!
+//! Meters that publish over MQTT have profiles with `protocol = "mqtt"` (see [`mqtt`]):
+//! their fields are the same validated [`Field`]s, located in a payload instead of a
+//! register map.
+//!
 //! The file format is documented in README.md ("Device profiles").
 
 pub mod decode;
+pub mod mqtt;
 mod raw;
 pub mod units;
 
@@ -268,6 +273,10 @@ pub struct Profile {
     pub fields: Vec<Field>,
     /// First 8 bytes of SHA-256 over the file, hex: names the profile version in batches.
     pub version: String,
+    /// Payload shape and field locations of a meter that publishes over MQTT; `None` for
+    /// register (Modbus) profiles, whose `function`, `address_base` and field registers
+    /// are then meaningless.
+    pub mqtt: Option<mqtt::MqttSpec>,
 }
 
 impl Profile {
@@ -287,7 +296,16 @@ impl Profile {
 
     /// Parses and validates profile text; `path`'s stem names the profile.
     pub fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>> {
-        raw::parse(path, text)
+        if mqtt::declares_mqtt(text) {
+            mqtt::parse(path, text)
+        } else {
+            raw::parse(path, text)
+        }
+    }
+
+    /// Whether the meter publishes over MQTT instead of being polled for registers.
+    pub fn is_mqtt(&self) -> bool {
+        self.mqtt.is_some()
     }
 
     pub fn field(&self, name: &str) -> Option<&Field> {

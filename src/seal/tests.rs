@@ -270,6 +270,7 @@ fn arb_reason() -> impl Strategy<Value = QualityReason> {
         Just(QualityReason::CounterBackwards),
         Just(QualityReason::CounterRollover),
         Just(QualityReason::NotFinite),
+        Just(QualityReason::ReceiveTime),
     ]
 }
 

@@ -24,11 +24,15 @@
 //! exception responses. Nothing here panics on a client's request; malformed or
 //! unsupported requests get Modbus exceptions.
 //!
+//! [`mqtt`] simulates meters that publish over MQTT (`citygate sim --mqtt-broker`), with
+//! the same value model.
+//!
 //! [`Profile`]: crate::profile::Profile
 
 mod map;
 mod meter;
 mod model;
+pub mod mqtt;
 mod rtu;
 mod server;
 

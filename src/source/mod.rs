@@ -1,17 +1,21 @@
-//! Sources: tasks that poll meters and hand raw register images to the transforms.
+//! Sources: tasks that poll meters and hand raw samples to the transforms.
 //!
-//! A source never interprets registers beyond framing: it produces a [`RawSample`]
-//! (which device, which profile, when, and the register blocks it read). Turning
-//! registers into typed readings is `transform::normalise`'s job, so every protocol
-//! shares one decoder.
+//! A source never interprets values beyond framing: it produces a [`RawSample`]
+//! (which device, which profile, when, and what it read). Register sources hand over
+//! the register blocks they read ([`SampleData::Registers`]); sources whose meters
+//! publish named values (MQTT) hand over those values, located and typed by the
+//! profile but not scaled ([`SampleData::Values`]). Turning either into typed readings
+//! in canonical units is `transform::normalise`'s job, so every protocol shares one
+//! set of unit, scale and sentinel rules.
 
 pub mod modbus;
+pub mod mqtt;
 pub mod rtu;
 
 use std::sync::Arc;
 
-use crate::profile::{Profile, Ratios};
-use crate::reading::{DeviceId, RegisterAddress, TimestampMs};
+use crate::profile::{Profile, Ratios, RawValue};
+use crate::reading::{DeviceId, FieldName, RegisterAddress, TimestampMs};
 
 /// Register blocks read from one device in one poll.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,13 +51,50 @@ impl RegisterImage {
     }
 }
 
-/// One poll of one device.
+/// A value a meter published under a name, before scaling and unit conversion.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceValue {
+    /// A number or flag, typed as the profile field declares it.
+    Raw(RawValue),
+    /// A text identifier (serial numbers, IMEIs).
+    Text(String),
+}
+
+/// Where a named value's timestamp comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSource {
+    /// The meter's own timestamp from the payload.
+    Device,
+    /// The gateway's receive time: the payload had none, or an implausible one.
+    Received,
+}
+
+/// One named value of a sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedValue {
+    pub field: FieldName,
+    pub value: SourceValue,
+    pub at_ms: TimestampMs,
+    pub time: TimeSource,
+}
+
+/// What a source read from one device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SampleData {
+    /// Register blocks (Modbus).
+    Registers(RegisterImage),
+    /// Named values with their own timestamps (MQTT payloads).
+    Values(Vec<NamedValue>),
+}
+
+/// One poll (or one received message) of one device.
 #[derive(Debug, Clone)]
 pub struct RawSample {
     pub device: DeviceId,
     pub profile: Arc<Profile>,
+    /// When the sample was taken (poll time, or receive time for messages).
     pub at_ms: TimestampMs,
-    pub image: RegisterImage,
+    pub data: SampleData,
     /// The device's transformer ratios (`Ratios::UNITY` for a direct-connected meter),
     /// applied by normalisation to fields with a `ratio`.
     pub ratios: Ratios,

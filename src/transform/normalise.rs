@@ -148,7 +148,10 @@ pub fn normalise_parts(
     }
 }
 
-fn to_value(field: &Field, raw: RawValue, multiplier: f64) -> (Value, Quality) {
+/// A decoded raw value as a typed value in canonical units, with its quality (shared by
+/// the register and the named-value paths). `multiplier` is the device's CT/PT factor
+/// for the field (1 for most).
+pub(crate) fn to_value(field: &Field, raw: RawValue, multiplier: f64) -> (Value, Quality) {
     match raw {
         RawValue::Bit(b) => (Value::Bool(b), Quality::Good),
         RawValue::Signed(i) if field.keeps_integer() => (Value::Int(i), Quality::Good),

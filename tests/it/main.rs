@@ -9,6 +9,7 @@ mod config_files;
 mod e2e;
 mod hub_wire;
 mod mosquitto;
+mod mqtt_meters;
 mod pipeline;
 mod probe;
 mod profiles;

@@ -86,7 +86,10 @@ impl Served {
 
     /// Whether every decoded value of `sample` was served by `unit`.
     fn matches(&self, sample: &RawSample, unit: u8) -> bool {
-        let n = normalise(&sample.profile, &sample.device, sample.at_ms, &sample.image);
+        let citygate::source::SampleData::Registers(image) = &sample.data else {
+            return false;
+        };
+        let n = normalise(&sample.profile, &sample.device, sample.at_ms, image);
         !n.readings.is_empty()
             && n.readings.iter().all(|r| {
                 let v = r.value.as_f64().unwrap();

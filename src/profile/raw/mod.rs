@@ -137,7 +137,7 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>>
             raw.meter.protocol.span(),
             "meter.protocol".into(),
             format!(
-                "unsupported protocol {:?}; valid: \"modbus\"",
+                "unsupported protocol {:?}; valid: \"modbus\", \"mqtt\"",
                 raw.meter.protocol.get_ref()
             ),
         );
@@ -246,6 +246,7 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>>
         line,
         fields,
         version: hex::encode(&digest[..8]),
+        mqtt: None,
     })
 }
 

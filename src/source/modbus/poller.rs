@@ -18,7 +18,7 @@ use super::{plan, ModbusError, ReadRequest};
 use crate::config::{DeviceConfig, ModbusConfig};
 use crate::profile::FunctionCode;
 use crate::reading::now_ms;
-use crate::source::{RawSample, RegisterImage};
+use crate::source::{RawSample, RegisterImage, SampleData};
 use crate::telemetry::{Metrics, PollOutcome};
 
 /// A device with its read plan and schedule.
@@ -262,7 +262,7 @@ impl Lane {
                 device: cfg.id.clone(),
                 profile: cfg.profile.clone(),
                 at_ms,
-                image,
+                data: SampleData::Registers(image),
                 ratios: cfg.ratios,
             };
             // Policy when the transforms fall behind: drop the newest sample and count it;

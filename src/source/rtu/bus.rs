@@ -32,7 +32,7 @@ use super::transport::{BoxedStream, Link};
 use crate::config::{DeviceConfig, ModbusConfig};
 use crate::reading::now_ms;
 use crate::source::modbus::{plan, ReadRequest};
-use crate::source::{RawSample, RegisterImage};
+use crate::source::{RawSample, RegisterImage, SampleData};
 use crate::telemetry::{Metrics, PollOutcome};
 
 /// How often a read the device rejected as an illegal address is tried again.
@@ -348,7 +348,7 @@ impl RtuBus {
                 device: cfg.id.clone(),
                 profile: cfg.profile.clone(),
                 at_ms,
-                image,
+                data: SampleData::Registers(image),
                 ratios: cfg.ratios,
             };
             // Same policy as the TCP poller: drop the newest sample when downstream is full.

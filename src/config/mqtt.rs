@@ -1,0 +1,422 @@
+//! `[[mqtt_source]]` broker connections and `transport = { type = "mqtt", … }` devices.
+//!
+//! ```toml
+//! [[mqtt_source]]
+//! name = "meters"                  # devices refer to it
+//! broker = "broker.lan:8883"
+//! client_id = "gw-1-meters"        # default: "<gateway id>-<name>"
+//! ca_file = "tls/ca.pem"           # TLS with a client certificate, as the uplink;
+//! cert_file = "tls/gw.pem"         # or danger_plaintext = true and none of the three
+//! key_file = "tls/gw.key"
+//! qos = 1                          # 0 or 1
+//!
+//! [[device]]
+//! name = "w-0017"
+//! profile = "oem-ultrasonic-water-mqtt"
+//! transport = { type = "mqtt", source = "meters", topic = "meters/w-0017/up" }
+//! # or one wildcard level that names the device: topic = "meters/+/up", key = "W0017"
+//! # (key defaults to the device name); or a ThingsBoard gateway-API topic, where the
+//! # key is the device's name in the payload: topic = "v1/gateway/telemetry", key = "Meter A"
+//! ```
+//!
+//! A topic is a concrete topic name, or a filter with exactly one `+` level whose value
+//! selects the device by `key`; `#` is not allowed (a device is one topic). A `key` on a
+//! concrete topic names the device inside ThingsBoard gateway-API messages
+//! (`{"Meter A": [{"ts": …, "values": {…}}]}`); such devices need a `thingsboard` profile. Two devices
+//! may not share a (source, topic, key) route, and an MQTT device needs an MQTT profile
+//! (and a register device a register profile).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{TlsFiles, Transport};
+use crate::profile::mqtt::PayloadShape;
+use crate::profile::Profile;
+
+/// One broker connection that MQTT meters publish to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttSourceConfig {
+    pub name: String,
+    /// `host:port`; the host is the name the broker's certificate must carry.
+    pub broker: String,
+    pub client_id: String,
+    /// `None` only with `danger_plaintext`.
+    pub tls: Option<TlsFiles>,
+    /// Subscription QoS: 0 or 1.
+    pub qos: u8,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMqttSource {
+    name: Spanned<String>,
+    broker: Spanned<String>,
+    client_id: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    danger_plaintext: bool,
+    qos: Option<Spanned<u8>>,
+}
+
+/// A located problem: the span, the key below the section, the message.
+pub(super) type Problem = (std::ops::Range<usize>, String, String);
+
+/// Converts the `[[mqtt_source]]` tables; problems are returned with their spans.
+pub(super) fn sources(
+    raw: Vec<RawMqttSource>,
+    gateway_id: &str,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    problems: &mut Vec<Problem>,
+) -> Vec<MqttSourceConfig> {
+    let mut names = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, s) in raw.into_iter().enumerate() {
+        let key = format!("mqtt_source[{i}]");
+        let name = s.name.get_ref().clone();
+        if name.is_empty() || !names.insert(name.clone()) {
+            problems.push((
+                s.name.span(),
+                format!("{key}.name"),
+                format!("source name {name:?} is empty or used twice"),
+            ));
+        }
+        if !super::is_host_port(s.broker.get_ref()) {
+            problems.push((
+                s.broker.span(),
+                format!("{key}.broker"),
+                format!(
+                    "{:?} is not host:port, e.g. \"broker.lan:8883\"",
+                    s.broker.get_ref()
+                ),
+            ));
+        }
+        let qos = s.qos.as_ref().map_or(1, |q| *q.get_ref());
+        if qos > 1 {
+            let span = s.qos.as_ref().map_or(s.name.span(), Spanned::span);
+            problems.push((span, format!("{key}.qos"), "valid: 0 or 1".into()));
+        }
+        let tls = match super::tls_files(
+            s.ca_file,
+            s.cert_file,
+            s.key_file,
+            s.danger_plaintext,
+            resolve,
+        ) {
+            Ok(tls) => tls,
+            // Kept (the config is rejected anyway) so its devices are not reported too.
+            Err(msg) => {
+                problems.push((s.broker.span(), key, msg));
+                None
+            }
+        };
+        out.push(MqttSourceConfig {
+            client_id: s
+                .client_id
+                .unwrap_or_else(|| format!("{gateway_id}-{name}")),
+            name,
+            broker: s.broker.into_inner(),
+            tls,
+            qos,
+        });
+    }
+    out
+}
+
+/// Checks device routes as devices are read.
+#[derive(Debug)]
+pub(super) struct DeviceRoutes {
+    sources: Vec<String>,
+    seen: HashSet<(String, String, Option<String>)>,
+}
+
+impl DeviceRoutes {
+    pub(super) fn new(sources: &[MqttSourceConfig]) -> Self {
+        Self {
+            sources: sources.iter().map(|s| s.name.clone()).collect(),
+            seen: HashSet::new(),
+        }
+    }
+
+    /// The transport of an MQTT device, or why it is not valid.
+    pub(super) fn transport(
+        &mut self,
+        device: &str,
+        source: String,
+        topic: String,
+        key: Option<String>,
+    ) -> Result<Transport, String> {
+        if !self.sources.contains(&source) {
+            return Err(format!(
+                "no [[mqtt_source]] named {source:?}; valid: {}",
+                if self.sources.is_empty() {
+                    "(none configured)".to_string()
+                } else {
+                    self.sources.join(", ")
+                }
+            ));
+        }
+        let wildcard = check_topic(&topic)?;
+        let key = match (wildcard, key) {
+            (true, key) => Some(key.unwrap_or_else(|| device.to_string())),
+            (false, key) => key,
+        };
+        // A concrete topic is either one device's or a gateway-API topic shared by keys.
+        let mixed = !wildcard
+            && self
+                .seen
+                .iter()
+                .any(|(s, t, k)| s == &source && t == &topic && k.is_some() != key.is_some());
+        if mixed {
+            return Err(format!(
+                "{topic:?} is used with and without `key`; a concrete topic is one device's, \
+                 or a ThingsBoard gateway-API topic where every device has a `key`"
+            ));
+        }
+        if !self
+            .seen
+            .insert((source.clone(), topic.clone(), key.clone()))
+        {
+            return Err(format!(
+                "another device already listens on {topic:?} of source {source:?}{}",
+                key.as_deref()
+                    .map(|k| format!(" with key {k:?}"))
+                    .unwrap_or_default()
+            ));
+        }
+        Ok(Transport::Mqtt { source, topic, key })
+    }
+}
+
+/// Validates a device topic; true if it has a `+` level.
+pub fn check_topic(topic: &str) -> Result<bool, String> {
+    let help = "valid: a topic such as \"meters/w-0017/up\", or one with exactly one `+` level \
+                such as \"meters/+/up\" (no `#`)";
+    if topic.is_empty() || topic.len() > 1024 || topic.contains(['#', '\0']) {
+        return Err(format!("topic {topic:?} is not valid; {help}"));
+    }
+    let pluses = topic.split('/').filter(|l| l.contains('+')).count();
+    if topic.split('/').any(|l| l.contains('+') && l != "+") || pluses > 1 {
+        return Err(format!("topic {topic:?} is not valid; {help}"));
+    }
+    Ok(pluses == 1)
+}
+
+/// Whether a device's profile fits its transport.
+pub(super) fn profile_fits(transport: &Transport, profile: &Profile) -> Result<(), String> {
+    match (transport, &profile.mqtt) {
+        (Transport::Mqtt { .. }, None) => Err(format!(
+            "profile {:?} describes registers; an MQTT device needs a profile with protocol = \"mqtt\"",
+            profile.name
+        )),
+        (
+            Transport::Mqtt {
+                topic, key: Some(_), ..
+            },
+            Some(spec),
+        ) if !topic.contains('+') && spec.shape != PayloadShape::ThingsBoard => Err(format!(
+            "a `key` on a topic without `+` selects a device in ThingsBoard gateway-API \
+             messages, but profile {:?} has shape {:?}; valid: a \"thingsboard\" profile, \
+             or a topic with one `+` level",
+            profile.name,
+            spec.shape.as_str()
+        )),
+        (Transport::Mqtt { .. }, Some(_)) => Ok(()),
+        (_, Some(_)) => Err(format!(
+            "profile {:?} describes MQTT payloads; use transport = {{ type = \"mqtt\", … }}",
+            profile.name
+        )),
+        (_, None) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::check_topic;
+    use crate::config::{Diagnostic, GatewayConfig, Transport};
+    use crate::profile::{Profile, ProfileSet};
+
+    const MQTT_PROFILE: &str = r#"
+[meter]
+vendor = "T"
+model = "W"
+protocol = "mqtt"
+[mqtt]
+shape = "json"
+[[field]]
+name = "flow_rate"
+pointer = "/flow"
+unit = "m3/h"
+category = "measurement"
+grade = "L2"
+"#;
+
+    const MODBUS_PROFILE: &str = r#"
+[meter]
+vendor = "T"
+model = "M"
+protocol = "modbus"
+[modbus]
+function = 4
+[[field]]
+name = "voltage_l1"
+register = 0
+type = "f32"
+unit = "V"
+category = "measurement"
+grade = "L2"
+"#;
+
+    const CONFIG: &str = r#"[gateway]
+id = "gw-1"
+
+[purpose]
+name = "water"
+fields = ["flow_rate"]
+
+[store]
+path = "store"
+
+[keys]
+signing_key = "k/s"
+hub_public_key = "k/h"
+pseudonym_key = "k/p"
+
+[[mqtt_source]]
+name = "meters"
+broker = "broker.lan:8883"
+ca_file = "tls/ca.pem"
+cert_file = "tls/gw.pem"
+key_file = "tls/gw.key"
+
+[[device]]
+name = "w1"
+profile = "test-w"
+transport = { type = "mqtt", source = "meters", topic = "water/w1/up" }
+
+[[device]]
+name = "w2"
+profile = "test-w"
+transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
+"#;
+
+    fn parse(text: &str) -> Result<GatewayConfig, Vec<Diagnostic>> {
+        let mut set = ProfileSet::default();
+        set.insert(Profile::parse(Path::new("test-w.toml"), MQTT_PROFILE).unwrap());
+        set.insert(Profile::parse(Path::new("test-m.toml"), MODBUS_PROFILE).unwrap());
+        GatewayConfig::parse(Path::new("/etc/citygate/gw.toml"), text, Some(set))
+            .map_err(|e| e.diagnostics)
+    }
+
+    #[test]
+    fn mqtt_sources_and_devices_load_with_defaults() {
+        let c = parse(CONFIG).unwrap();
+        let s = &c.mqtt_sources[0];
+        assert_eq!(s.client_id, "gw-1-meters");
+        assert_eq!(s.qos, 1);
+        assert_eq!(
+            s.tls.as_ref().unwrap().ca_file,
+            Path::new("/etc/citygate/tls/ca.pem")
+        );
+        assert_eq!(
+            c.devices[1].transport,
+            Transport::Mqtt {
+                source: "meters".into(),
+                topic: "water/+/up".into(),
+                key: Some("w2".into()),
+            },
+            "the key defaults to the device name"
+        );
+        assert_eq!(c.devices[0].poll_interval, std::time::Duration::ZERO);
+    }
+
+    #[test]
+    fn plaintext_needs_saying_so() {
+        let text = CONFIG.replace("ca_file = \"tls/ca.pem\"\n", "");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key, "mqtt_source[0]");
+        assert!(e[0].message.contains("missing: ca_file"), "{}", e[0]);
+        let text = CONFIG
+            .replace("ca_file = \"tls/ca.pem\"\n", "")
+            .replace("cert_file = \"tls/gw.pem\"\n", "")
+            .replace("key_file = \"tls/gw.key\"\n", "danger_plaintext = true\n");
+        assert!(parse(&text).unwrap().mqtt_sources[0].tls.is_none());
+    }
+
+    #[test]
+    fn bad_routes_are_located() {
+        let cases = [
+            ("source = \"meters\", topic = \"water/w1/up\"", "source = \"nope\", topic = \"water/w1/up\"", "valid: meters"),
+            ("topic = \"water/w1/up\"", "topic = \"water/#\"", "no `#`"),
+            ("topic = \"water/+/up\" }", "topic = \"water/w1/up\", key = \"w2\" }", "with and without `key`"),
+            ("topic = \"water/+/up\" }", "topic = \"water/+/up\", key = \"w1\" }\n[[device]]\nname = \"w3\"\nprofile = \"test-w\"\ntransport = { type = \"mqtt\", source = \"meters\", topic = \"water/+/up\", key = \"w1\" }", "already listens"),
+        ];
+        for (from, to, want) in cases {
+            let e = parse(&CONFIG.replacen(from, to, 1)).unwrap_err();
+            assert!(
+                e.iter()
+                    .any(|d| d.key.ends_with(".transport") && d.message.contains(want)),
+                "{to}: {e:?}"
+            );
+        }
+        let e = parse(&CONFIG.replace("broker.lan:8883", "broker.lan")).unwrap_err();
+        assert_eq!(
+            (e[0].key.as_str(), e[0].line),
+            ("mqtt_source[0].broker", 18)
+        );
+    }
+
+    #[test]
+    fn profiles_must_fit_the_transport() {
+        let e =
+            parse(&CONFIG.replacen("profile = \"test-w\"", "profile = \"test-m\"", 1)).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|d| d.key == "device[0].profile" && d.message.contains("protocol = \"mqtt\"")),
+            "{e:?}"
+        );
+        let modbus = "[[device]]\nname = \"m1\"\nprofile = \"test-w\"\ntransport = { type = \"tcp\", address = \"10.0.0.1:502\" }\nunit = 1\npoll_interval = \"1s\"\n";
+        let e = parse(&format!("{CONFIG}{modbus}")).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|d| d.key == "device[2].profile" && d.message.contains("type = \"mqtt\"")),
+            "{e:?}"
+        );
+        let e = parse(&CONFIG.replacen(
+            "topic = \"water/w1/up\" }",
+            "topic = \"water/w1/up\" }\nunit = 3\npoll_interval = \"1s\"",
+            1,
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = e.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(keys, ["device[0].unit", "device[0].poll_interval"], "{e:?}");
+        let gw = "[[device]]\nname = \"g1\"\nprofile = \"test-w\"\ntransport = { type = \"mqtt\", source = \"meters\", topic = \"v1/gateway/telemetry\", key = \"Meter A\" }\n";
+        let e = parse(&format!("{CONFIG}{gw}")).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|d| d.key == "device[2].profile" && d.message.contains("gateway-API")),
+            "{e:?}"
+        );
+        let no_unit = modbus
+            .replace("profile = \"test-w\"", "profile = \"test-m\"")
+            .replace("unit = 1\n", "");
+        let e = parse(&format!("{CONFIG}{no_unit}")).unwrap_err();
+        assert!(e.iter().any(|d| d.key == "device[2].unit"), "{e:?}");
+    }
+
+    #[test]
+    fn topics() {
+        assert_eq!(check_topic("meters/w-1/up"), Ok(false));
+        assert_eq!(check_topic("/sys/pk/+/thing/event/property/post"), Ok(true));
+        for bad in ["", "a/#", "a/+/+", "a/b+/c", "+x"] {
+            assert!(check_topic(bad).is_err(), "{bad}");
+        }
+    }
+}

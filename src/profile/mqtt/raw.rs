@@ -1,0 +1,618 @@
+//! The MQTT profile file as written (serde, `deny_unknown_fields`) and its one-time
+//! conversion into a validated [`Profile`] with an [`MqttSpec`], collecting every error
+//! with its location.
+
+use std::ops::Range;
+use std::path::Path;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use super::{is_json_pointer, Locator, MqttField, MqttSpec, PayloadShape, TimeFormat, ValueKind};
+use crate::config::diag::{Diagnostic, SourceFile};
+use crate::profile::{
+    Counter, Field, FunctionCode, Profile, ProfileUnit, WordOrder, DEFAULT_MAX_GAP_REGISTERS,
+    MAX_REGISTERS_PER_READ,
+};
+use crate::reading::{Category, Classification, FieldName, Grade, RegisterAddress, Stream};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqttProfile {
+    meter: RawMeter,
+    mqtt: RawMqtt,
+    #[serde(rename = "field", default)]
+    fields: Vec<RawMqttField>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeter {
+    vendor: String,
+    model: String,
+    firmware: Option<String>,
+    description: Option<String>,
+    #[allow(dead_code)] // checked by `declares_mqtt`
+    protocol: String,
+    #[serde(default)]
+    sources: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    shape: Spanned<String>,
+    timestamp: Option<Spanned<String>>,
+    timestamp_format: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqttField {
+    name: Spanned<String>,
+    pointer: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    #[serde(rename = "type")]
+    ty: Option<Spanned<String>>,
+    bit: Option<Spanned<u8>>,
+    scale: Option<Spanned<f64>>,
+    offset: Option<f64>,
+    unit: Spanned<String>,
+    range: Option<Spanned<Vec<f64>>>,
+    #[serde(default)]
+    sentinels: Vec<Spanned<toml::Value>>,
+    counter: Option<Spanned<String>>,
+    rollover: Option<Spanned<f64>>,
+    category: Category,
+    grade: Grade,
+    #[serde(default)]
+    personal: bool,
+    #[serde(default)]
+    optional: bool,
+    #[serde(default = "default_true")]
+    verified: bool,
+    note: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+struct Check<'a> {
+    src: SourceFile<'a>,
+    errors: Vec<Diagnostic>,
+}
+
+impl Check<'_> {
+    fn err(&mut self, span: Range<usize>, key: String, message: String) {
+        self.errors.push(self.src.at(span, key, message));
+    }
+}
+
+/// Parses and validates an MQTT profile; `path`'s stem names it.
+pub(in crate::profile) fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>> {
+    let src = SourceFile::new(path, text);
+    let raw: RawMqttProfile = src.parse().map_err(|d| vec![d])?;
+    let mut c = Check {
+        src,
+        errors: Vec::new(),
+    };
+    let shape = PayloadShape::parse(raw.mqtt.shape.get_ref()).unwrap_or_else(|| {
+        c.err(
+            raw.mqtt.shape.span(),
+            "mqtt.shape".into(),
+            format!(
+                "unknown payload shape {:?}; valid: {}",
+                raw.mqtt.shape.get_ref(),
+                PayloadShape::NAMES
+            ),
+        );
+        PayloadShape::Json
+    });
+    let builtin_time = match shape {
+        PayloadShape::Json => None,
+        PayloadShape::ThingsBoard => Some("ThingsBoard carries its time in `ts` (ms)"),
+        PayloadShape::Alink => Some("Alink carries its time in each property's `time` (ms)"),
+    };
+    for (key, span) in [
+        (
+            "mqtt.timestamp",
+            raw.mqtt.timestamp.as_ref().map(Spanned::span),
+        ),
+        (
+            "mqtt.timestamp_format",
+            raw.mqtt.timestamp_format.as_ref().map(Spanned::span),
+        ),
+    ] {
+        if let (Some(why), Some(span)) = (builtin_time, span) {
+            c.err(
+                span,
+                key.into(),
+                format!("only shape \"json\" takes {key}: {why}"),
+            );
+        }
+    }
+    let timestamp = raw.mqtt.timestamp.as_ref().and_then(|t| {
+        if is_json_pointer(t.get_ref()) {
+            Some(t.get_ref().clone())
+        } else {
+            c.err(t.span(), "mqtt.timestamp".into(), pointer_help(t.get_ref()));
+            None
+        }
+    });
+    let time_format = match raw.mqtt.timestamp_format.as_ref() {
+        None => TimeFormat::Millis,
+        Some(f) => match f.get_ref().as_str() {
+            "ms" => TimeFormat::Millis,
+            "s" => TimeFormat::Seconds,
+            "iso8601" | "rfc3339" => TimeFormat::Iso8601,
+            other => {
+                c.err(
+                    f.span(),
+                    "mqtt.timestamp_format".into(),
+                    format!(
+                        "unknown timestamp format {other:?}; valid: {}",
+                        TimeFormat::NAMES
+                    ),
+                );
+                TimeFormat::Millis
+            }
+        },
+    };
+
+    let mut fields = Vec::with_capacity(raw.fields.len());
+    let mut mqtt_fields: Vec<MqttField> = Vec::with_capacity(raw.fields.len());
+    for (i, f) in raw.fields.into_iter().enumerate() {
+        let name_span = f.name.span();
+        if let Some((field, mf)) = convert_field(&mut c, &format!("field[{i}]"), f, shape) {
+            if let Some(other) = mqtt_fields.iter().find(|o| o.name == mf.name) {
+                c.err(
+                    name_span.clone(),
+                    format!("field[{i}].name"),
+                    format!("field name `{}` is used twice", other.name),
+                );
+            }
+            fields.push(field);
+            mqtt_fields.push(mf);
+        }
+    }
+    if fields.is_empty() && c.errors.is_empty() {
+        c.errors.push(
+            c.src
+                .whole("field", "a profile needs at least one [[field]]"),
+        );
+    }
+    if !c.errors.is_empty() {
+        return Err(c.errors);
+    }
+    let digest = Sha256::digest(text.as_bytes());
+    Ok(Profile {
+        name: path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string(),
+        path: path.to_path_buf(),
+        vendor: raw.meter.vendor,
+        model: raw.meter.model,
+        firmware: raw.meter.firmware,
+        description: raw.meter.description.or_else(|| {
+            (!raw.meter.sources.is_empty())
+                .then(|| format!("sources: {}", raw.meter.sources.join("; ")))
+        }),
+        function: FunctionCode::ReadHolding,
+        address_base: 0,
+        max_gap_registers: DEFAULT_MAX_GAP_REGISTERS,
+        max_registers_per_read: MAX_REGISTERS_PER_READ,
+        line: None,
+        fields,
+        version: hex::encode(&digest[..8]),
+        mqtt: Some(MqttSpec {
+            shape,
+            timestamp,
+            time_format,
+            fields: mqtt_fields,
+        }),
+    })
+}
+
+fn pointer_help(p: &str) -> String {
+    format!(
+        "{p:?} is not a JSON pointer (RFC 6901); valid: \"\" or \"/\"-separated steps such as \
+         \"/params/flow\" or \"/data/0/value\", with \"~\" written \"~0\" and \"/\" inside a step \"~1\""
+    )
+}
+
+fn convert_field(
+    c: &mut Check<'_>,
+    key: &str,
+    f: RawMqttField,
+    shape: PayloadShape,
+) -> Option<(Field, MqttField)> {
+    let before = c.errors.len();
+    let name = FieldName::new(f.name.get_ref().clone())
+        .map_err(|e| c.err(f.name.span(), format!("{key}.name"), e.to_string()))
+        .ok();
+    let key = match &name {
+        Some(n) => format!("{key}({n})"),
+        None => key.to_string(),
+    };
+    let locator = match (shape, &f.pointer, &f.key) {
+        (PayloadShape::Json, Some(p), None) => {
+            if !is_json_pointer(p.get_ref()) {
+                c.err(
+                    p.span(),
+                    format!("{key}.pointer"),
+                    pointer_help(p.get_ref()),
+                );
+            }
+            Some(Locator::Pointer(p.get_ref().clone()))
+        }
+        (PayloadShape::ThingsBoard | PayloadShape::Alink, None, Some(k)) => {
+            if k.get_ref().is_empty() {
+                c.err(
+                    k.span(),
+                    format!("{key}.key"),
+                    "key must not be empty".into(),
+                );
+            }
+            Some(Locator::Key(k.get_ref().clone()))
+        }
+        (PayloadShape::Json, _, Some(k)) => {
+            c.err(
+                k.span(),
+                format!("{key}.key"),
+                "shape \"json\" locates fields by `pointer = \"/path/to/value\"`, not `key`".into(),
+            );
+            None
+        }
+        (_, Some(p), _) => {
+            c.err(
+                p.span(),
+                format!("{key}.pointer"),
+                format!(
+                    "shape {:?} locates fields by `key = \"TelemetryKey\"`, not `pointer`",
+                    shape.as_str()
+                ),
+            );
+            None
+        }
+        (_, None, None) => {
+            let (want, example) = match shape {
+                PayloadShape::Json => ("pointer", "\"/params/flow\""),
+                _ => ("key", "\"flow\""),
+            };
+            c.err(
+                f.name.span(),
+                format!("{key}.{want}"),
+                format!(
+                    "a field of shape {:?} needs `{want} = {example}`",
+                    shape.as_str()
+                ),
+            );
+            None
+        }
+    };
+    let kind = match (
+        f.ty.as_ref().map(|t| (t.get_ref().as_str(), t.span())),
+        &f.bit,
+    ) {
+        (None | Some(("number", _)), None) => Some(ValueKind::Number),
+        (Some(("integer", _)), None) => Some(ValueKind::Integer),
+        (Some(("bool", _)), None) => Some(ValueKind::Bool),
+        (Some(("text", _)), None) => Some(ValueKind::Text),
+        (Some(("bit", _)), Some(b)) if *b.get_ref() <= 63 => Some(ValueKind::Bit(*b.get_ref())),
+        (Some(("bit", _)), Some(b)) => {
+            c.err(
+                b.span(),
+                format!("{key}.bit"),
+                format!(
+                    "bit {} does not exist in a 64-bit integer; valid: 0..=63",
+                    b.get_ref()
+                ),
+            );
+            None
+        }
+        (Some(("bit", span)), None) => {
+            c.err(
+                span,
+                format!("{key}.type"),
+                "type \"bit\" needs `bit = N` (0 = least significant bit of the integer)".into(),
+            );
+            None
+        }
+        (Some((other, span)), _) if !["number", "integer", "bool", "text"].contains(&other) => {
+            c.err(
+                span,
+                format!("{key}.type"),
+                format!("unknown value type {other:?}; valid: {}", ValueKind::NAMES),
+            );
+            None
+        }
+        (_, Some(b)) => {
+            c.err(
+                b.span(),
+                format!("{key}.bit"),
+                "`bit` only applies to type \"bit\"".into(),
+            );
+            None
+        }
+        (Some((other, span)), None) => {
+            c.err(
+                span,
+                format!("{key}.type"),
+                format!("unknown value type {other:?}; valid: {}", ValueKind::NAMES),
+            );
+            None
+        }
+    };
+    let unit = ProfileUnit::parse(f.unit.get_ref());
+    if unit.is_none() {
+        c.err(
+            f.unit.span(),
+            format!("{key}.unit"),
+            format!(
+                "unknown unit {:?}; valid: {}",
+                f.unit.get_ref(),
+                ProfileUnit::valid_symbols()
+            ),
+        );
+    }
+    let scale = f.scale.as_ref().map_or(1.0, |s| *s.get_ref());
+    if let Some(s) = &f.scale {
+        if !scale.is_finite() || scale == 0.0 {
+            c.err(
+                s.span(),
+                format!("{key}.scale"),
+                "scale must be a finite, non-zero number".into(),
+            );
+        }
+    }
+    let scaled = f.scale.is_some() || f.offset.is_some();
+    let not_numeric = match kind {
+        Some(ValueKind::Text) => Some("text"),
+        Some(ValueKind::Bool | ValueKind::Bit(_)) => Some("a flag"),
+        _ => None,
+    };
+    if let (Some(what), true) = (
+        not_numeric,
+        scaled || f.counter.is_some() || f.range.is_some(),
+    ) {
+        let span = f.ty.as_ref().map_or(f.name.span(), Spanned::span);
+        c.err(
+            span,
+            format!("{key}.type"),
+            format!("{what} takes no scale, offset, range or counter"),
+        );
+    }
+    let range = match &f.range {
+        Some(r) => match r.get_ref().as_slice() {
+            [lo, hi] if lo <= hi => Some((*lo, *hi)),
+            _ => {
+                c.err(
+                    r.span(),
+                    format!("{key}.range"),
+                    "range must be [min, max] with min <= max".into(),
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let sentinels = f
+        .sentinels
+        .iter()
+        .filter_map(|s| match s.get_ref() {
+            toml::Value::Integer(i) => Some(*i as u64),
+            toml::Value::String(h) => u64::from_str_radix(
+                &h.trim_start_matches("0x")
+                    .trim_start_matches("0X")
+                    .replace('_', ""),
+                16,
+            )
+            .map_err(|_| {
+                c.err(
+                    s.span(),
+                    format!("{key}.sentinels"),
+                    format!("sentinel {h:?} is not a hex bit pattern like \"0xFFFFFFFF\""),
+                )
+            })
+            .ok(),
+            other => {
+                c.err(
+                    s.span(),
+                    format!("{key}.sentinels"),
+                    format!("sentinel {other} must be an integer or a hex string"),
+                );
+                None
+            }
+        })
+        .collect();
+    let counter = match f.counter.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        None | Some(("none", _)) => Counter::None,
+        Some(("monotonic", _)) => Counter::Monotonic {
+            rollover: f.rollover.as_ref().map(|r| *r.get_ref()),
+        },
+        Some((other, span)) => {
+            c.err(
+                span,
+                format!("{key}.counter"),
+                format!("unknown counter kind {other:?}; valid: \"none\", \"monotonic\""),
+            );
+            Counter::None
+        }
+    };
+    if let (Some(r), Counter::None) = (&f.rollover, counter) {
+        c.err(
+            r.span(),
+            format!("{key}.rollover"),
+            "rollover needs counter = \"monotonic\"".into(),
+        );
+    }
+    if c.errors.len() > before {
+        return None;
+    }
+    let (name, kind) = (name?, kind?);
+    let field = Field {
+        name: name.clone(),
+        register: 0,
+        address: RegisterAddress(0),
+        ty: kind.field_type(),
+        order: WordOrder::default(),
+        scale,
+        offset: f.offset.unwrap_or(0.0),
+        unit: unit?,
+        range,
+        sentinels,
+        counter,
+        class: Classification {
+            category: f.category,
+            grade: f.grade,
+            personal: f.personal,
+        },
+        verified: f.verified,
+        note: f.note,
+        // MQTT meters publish primary-side values and whole totals; alarm flags travel on
+        // the alarms stream like the Modbus profiles' (`category = "alarm"`).
+        fraction: None,
+        ratio: None,
+        stream: if f.category == Category::Alarm {
+            Stream::Alarms
+        } else {
+            Stream::Readings
+        },
+    };
+    let mqtt = MqttField {
+        name,
+        locator: locator?,
+        kind,
+        optional: f.optional,
+    };
+    Some((field, mqtt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::declares_mqtt;
+    use super::*;
+    use crate::profile::FieldType;
+
+    const GOOD: &str = r#"
+[meter]
+vendor = "Test"
+model = "W1"
+protocol = "mqtt"
+
+[mqtt]
+shape = "json"
+timestamp = "/data/0/eventTime"
+timestamp_format = "iso8601"
+
+[[field]]
+name = "volume_forward"
+pointer = "/data/0/serviceData/totalVolume"
+unit = "m3"
+range = [0.0, 1e8]
+counter = "monotonic"
+category = "measurement"
+grade = "L3"
+
+[[field]]
+name = "battery_low"
+pointer = "/data/0/serviceData/alarm"
+type = "bit"
+bit = 2
+unit = "1"
+category = "alarm"
+grade = "L2"
+"#;
+
+    fn parse_str(text: &str) -> Result<Profile, Vec<Diagnostic>> {
+        Profile::parse(Path::new("firmware-profiles/test-w1.toml"), text)
+    }
+
+    fn one_error(text: &str) -> Diagnostic {
+        let errs = parse_str(text).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        errs.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn good_profile_loads_as_ordinary_fields_plus_locators() {
+        let p = parse_str(GOOD).unwrap();
+        assert_eq!(p.name, "test-w1");
+        let spec = p.mqtt.as_ref().unwrap();
+        assert_eq!(spec.shape, PayloadShape::Json);
+        assert_eq!(spec.time_format, TimeFormat::Iso8601);
+        assert_eq!(spec.fields.len(), p.fields.len());
+        assert_eq!(
+            spec.fields[0].locator,
+            Locator::Pointer("/data/0/serviceData/totalVolume".into())
+        );
+        assert_eq!(spec.fields[1].kind, ValueKind::Bit(2));
+        let vol = p.field("volume_forward").unwrap();
+        assert!(matches!(vol.counter, Counter::Monotonic { .. }));
+        assert_eq!(vol.ty, FieldType::F64);
+        assert_eq!(
+            p.field("battery_low").unwrap().class.category,
+            Category::Alarm
+        );
+    }
+
+    #[test]
+    fn bad_pointer_is_located_and_explained() {
+        let e =
+            one_error(&GOOD.replacen("\"/data/0/serviceData/totalVolume\"", "\"data.volume\"", 1));
+        assert_eq!(e.line, 14, "{e}");
+        assert!(e.key.ends_with("(volume_forward).pointer"), "{e}");
+        assert!(e.message.contains("RFC 6901"), "{e}");
+        let e = one_error(&GOOD.replacen("/data/0/eventTime", "/a~2b", 1));
+        assert_eq!(e.key, "mqtt.timestamp", "{e}");
+    }
+
+    #[test]
+    fn shape_and_locator_mismatches_are_rejected() {
+        let e = one_error(&GOOD.replacen("shape = \"json\"", "shape = \"sparkplug\"", 1));
+        assert!(e.message.contains("\"thingsboard\""), "{e}");
+        let tb = GOOD
+            .replacen("shape = \"json\"", "shape = \"thingsboard\"", 1)
+            .replacen("timestamp = \"/data/0/eventTime\"\n", "", 1)
+            .replacen("timestamp_format = \"iso8601\"\n", "", 1);
+        let errs = parse_str(&tb).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].message.contains("`key"), "{}", errs[0]);
+        let tb_ts = GOOD.replacen("shape = \"json\"", "shape = \"alink\"", 1);
+        let errs = parse_str(&tb_ts).unwrap_err();
+        assert!(errs.iter().any(|e| e.key == "mqtt.timestamp"), "{errs:?}");
+    }
+
+    #[test]
+    fn register_keys_and_bad_kinds_are_rejected() {
+        let e = one_error(&GOOD.replacen("unit = \"m3\"", "unit = \"m3\"\nregister = 3", 1));
+        assert!(e.to_string().contains("register"), "{e}");
+        let e = one_error(&GOOD.replacen("type = \"bit\"", "type = \"u16\"", 1));
+        assert!(e.message.contains("\"integer\""), "{e}");
+        let e = one_error(&GOOD.replacen("bit = 2", "bit = 64", 1));
+        assert!(e.message.contains("0..=63"), "{e}");
+        let e = one_error(&GOOD.replacen("bit = 2\n", "bit = 2\nscale = 2.0\n", 1));
+        assert!(e.message.contains("no scale"), "{e}");
+    }
+
+    #[test]
+    fn modbus_profiles_are_not_taken_for_mqtt() {
+        assert!(declares_mqtt(GOOD));
+        assert!(!declares_mqtt(&GOOD.replacen("\"mqtt\"", "\"modbus\"", 1)));
+        assert!(!declares_mqtt("not toml ["));
+    }
+
+    #[test]
+    fn json_pointer_syntax() {
+        for ok in ["", "/", "/a/0", "/a~1b/~0", "/params/Flow"] {
+            assert!(is_json_pointer(ok), "{ok}");
+        }
+        for bad in ["a", "a/b", "/a~", "/~2"] {
+            assert!(!is_json_pointer(bad), "{bad}");
+        }
+    }
+}

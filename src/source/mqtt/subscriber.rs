@@ -1,0 +1,432 @@
+//! [`MqttSubscriber`]: one task per `[[mqtt_source]]` broker connection.
+//!
+//! It owns one [`MqttLink`] (rumqttc event loop in the link's own driver task, TLS by
+//! default, reconnect with backoff, re-subscription after a new session), subscribes to
+//! every topic and filter its devices listen on, and turns each message into a
+//! [`RawSample`] of named values:
+//!
+//! 1. the topic selects the device ([`Routes`]); an unknown topic is counted
+//!    (`mqtt_unknown_topic`) and logged;
+//! 2. the payload is decoded by the device profile's [`MqttSpec`](crate::profile::mqtt::MqttSpec)
+//!    ([`decode`]); a rejected payload is counted (`mqtt_payload_errors`, and the device's
+//!    `payload_errors`) and logged with its topic; missing or mistyped fields are counted
+//!    (`mqtt_field_errors`) and the rest of the message is used;
+//! 3. stale and duplicate values are dropped (`mqtt_stale_values`): per device and field,
+//!    a value stamped by the meter is used only if its timestamp is later than the last
+//!    one used, so QoS 1 redeliveries, retained messages seen again after a reconnect and
+//!    out-of-order arrivals never become second readings. Values stamped with the receive
+//!    time cannot be told apart and are always used (and marked `receive_time`);
+//! 4. the sample goes to the transforms with `try_send`: when they fall behind, the
+//!    sample is dropped and counted (`samples_dropped`), as for polled meters, so a slow
+//!    pipeline never stalls the subscription.
+//!
+//! Warnings about bad messages are rate-limited ([`LOG_BURST`] per [`LOG_WINDOW`], then a
+//! count of what was suppressed); every bad message is counted regardless. Nothing a
+//! broker sends can make this task panic or stop; it stops on cancellation.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::decode::{decode, Decoded};
+use super::routes::Routes;
+use crate::config::{DeviceConfig, MqttSourceConfig};
+use crate::reading::{now_ms, DeviceId, FieldName, TimestampMs};
+use crate::source::{RawSample, SampleData, TimeSource};
+use crate::telemetry::{Metrics, PollOutcome};
+use crate::uplink::{LinkEvent, LinkOptions, LinkTls, MqttLink, QoS, TlsClientFiles};
+
+/// Warnings about bad messages allowed per [`LOG_WINDOW`].
+pub const LOG_BURST: u32 = 10;
+pub const LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// Allows a burst of log lines per window and counts the rest.
+#[derive(Debug)]
+struct LogLimiter {
+    window_start: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn new() -> Self {
+        Self {
+            window_start: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log this one; reports what the previous window suppressed.
+    fn allow(&mut self, source: &str) -> bool {
+        if self.window_start.elapsed() >= LOG_WINDOW {
+            if self.suppressed > 0 {
+                warn!(
+                    source,
+                    suppressed = self.suppressed,
+                    "bad mqtt messages not logged"
+                );
+            }
+            self.window_start = Instant::now();
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < LOG_BURST {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+/// The source task of one broker connection; see the module docs.
+#[derive(Debug)]
+pub struct MqttSubscriber {
+    cfg: MqttSourceConfig,
+    routes: Routes,
+    samples_tx: mpsc::Sender<RawSample>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    /// Per device and field: the latest meter timestamp used.
+    last: HashMap<DeviceId, HashMap<FieldName, TimestampMs>>,
+    log: LogLimiter,
+}
+
+impl MqttSubscriber {
+    pub fn new(
+        cfg: MqttSourceConfig,
+        devices: Vec<DeviceConfig>,
+        samples_tx: mpsc::Sender<RawSample>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            cfg,
+            routes: Routes::new(devices),
+            samples_tx,
+            metrics,
+            shutdown,
+            last: HashMap::new(),
+            log: LogLimiter::new(),
+        }
+    }
+
+    /// Runs until cancelled.
+    pub async fn run(mut self) {
+        let tls = match &self.cfg.tls {
+            Some(t) => LinkTls::Files(TlsClientFiles {
+                ca: t.ca_file.clone(),
+                cert: t.cert_file.clone(),
+                key: t.key_file.clone(),
+            }),
+            None => {
+                warn!(source = %self.cfg.name, broker = %self.cfg.broker, "mqtt source without TLS (danger_plaintext): meter data and the broker are not authenticated");
+                LinkTls::DangerPlaintext
+            }
+        };
+        let opts = LinkOptions::new(self.cfg.broker.clone(), self.cfg.client_id.clone(), tls);
+        let (link, mut events) = match MqttLink::start(opts) {
+            Ok(l) => l,
+            Err(e) => {
+                error!(source = %self.cfg.name, broker = %self.cfg.broker, error = %e, "mqtt source cannot start");
+                let at = now_ms();
+                for d in self.routes.devices() {
+                    self.metrics
+                        .record_poll(&d.id, at, &PollOutcome::Transport(e.to_string()));
+                }
+                return;
+            }
+        };
+        let qos = if self.cfg.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        for filter in self.routes.filters() {
+            if let Err(e) = link.subscribe(&filter, qos).await {
+                error!(source = %self.cfg.name, %filter, error = %e, "mqtt subscribe failed");
+            }
+        }
+        info!(source = %self.cfg.name, broker = %self.cfg.broker, devices = self.routes.devices().len(), "mqtt source started");
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(LinkEvent::Publish { topic, payload }) => {
+                        self.on_message(&topic, &payload, now_ms());
+                    }
+                    Some(LinkEvent::Connected { session_present }) => {
+                        info!(source = %self.cfg.name, session_present, "mqtt source connected");
+                    }
+                    Some(LinkEvent::Disconnected { error, retry_in }) => {
+                        warn!(source = %self.cfg.name, %error, ?retry_in, "mqtt source disconnected");
+                    }
+                    Some(LinkEvent::SubAck { granted: false, .. }) => {
+                        error!(source = %self.cfg.name, "broker refused a subscription");
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+            }
+        }
+        link.shutdown().await;
+        info!(source = %self.cfg.name, "mqtt source stopped");
+    }
+
+    /// Handles one message; public for tests that drive the task without a broker.
+    pub fn on_message(&mut self, topic: &str, payload: &[u8], received_ms: TimestampMs) {
+        self.metrics.mqtt_messages.inc();
+        if self.routes.is_gateway(topic) {
+            return self.on_gateway_message(topic, payload, received_ms);
+        }
+        let Some(device) = self.routes.device(topic).cloned() else {
+            self.metrics.mqtt_unknown_topic.inc();
+            if self.log.allow(&self.cfg.name) {
+                warn!(source = %self.cfg.name, topic, "mqtt message on a topic no device listens on");
+            }
+            return;
+        };
+        let Some(spec) = device.profile.mqtt.as_ref() else {
+            return; // config validation gives every MQTT device an MQTT profile
+        };
+        let decoded = decode(spec, payload, received_ms);
+        self.accept(topic, &device, decoded, received_ms, payload.len());
+    }
+
+    /// A ThingsBoard gateway-API message: `{"Device A": [telemetry…], "Device B": …}`.
+    fn on_gateway_message(&mut self, topic: &str, payload: &[u8], received_ms: TimestampMs) {
+        let root = match super::decode::parse(payload) {
+            Ok(serde_json::Value::Object(root)) => root,
+            other => {
+                let e = match other {
+                    Err(e) => e,
+                    Ok(_) => super::PayloadError::Shape {
+                        shape: "thingsboard gateway",
+                        detail: "expected an object of device names".into(),
+                    },
+                };
+                self.metrics.mqtt_payload_errors.inc();
+                if self.log.allow(&self.cfg.name) {
+                    warn!(source = %self.cfg.name, topic, bytes = payload.len(), error = %e, "mqtt payload rejected");
+                }
+                return;
+            }
+        };
+        for (key, telemetry) in &root {
+            let Some(device) = self.routes.gateway_device(topic, key).cloned() else {
+                self.metrics.mqtt_unknown_topic.inc();
+                if self.log.allow(&self.cfg.name) {
+                    warn!(source = %self.cfg.name, topic, key, "gateway-api message for a device not configured");
+                }
+                continue;
+            };
+            let Some(spec) = device.profile.mqtt.as_ref() else {
+                continue;
+            };
+            let decoded = super::decode::decode_value(spec, telemetry, received_ms);
+            self.accept(topic, &device, decoded, received_ms, payload.len());
+        }
+    }
+
+    /// Counts, de-duplicates and forwards what one device's message yielded.
+    fn accept(
+        &mut self,
+        topic: &str,
+        device: &DeviceConfig,
+        decoded: Result<Decoded, super::PayloadError>,
+        received_ms: TimestampMs,
+        bytes: usize,
+    ) {
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                self.metrics.mqtt_payload_errors.inc();
+                self.metrics.record_poll(
+                    &device.id,
+                    received_ms,
+                    &PollOutcome::PayloadError(e.to_string()),
+                );
+                if self.log.allow(&self.cfg.name) {
+                    warn!(source = %self.cfg.name, topic, device = %device.id, bytes, error = %e, "mqtt payload rejected");
+                }
+                return;
+            }
+        };
+        let Decoded { values, errors } = decoded;
+        if let Some(first) = errors.first() {
+            self.metrics.mqtt_field_errors.add(errors.len() as u64);
+            self.metrics.record_poll(
+                &device.id,
+                received_ms,
+                &PollOutcome::PayloadError(first.to_string()),
+            );
+            if self.log.allow(&self.cfg.name) {
+                warn!(source = %self.cfg.name, topic, device = %device.id, errors = errors.len(), first = %first, "mqtt payload fields unusable");
+            }
+        } else {
+            self.metrics
+                .record_poll(&device.id, received_ms, &PollOutcome::Ok);
+        }
+        let last = self.last.entry(device.id.clone()).or_default();
+        let before = values.len();
+        let values: Vec<_> = values
+            .into_iter()
+            .filter(|v| {
+                if v.time == TimeSource::Received {
+                    return true;
+                }
+                match last.get(&v.field) {
+                    Some(prev) if *prev >= v.at_ms => false,
+                    _ => {
+                        last.insert(v.field.clone(), v.at_ms);
+                        true
+                    }
+                }
+            })
+            .collect();
+        let stale = before - values.len();
+        if stale > 0 {
+            self.metrics.mqtt_stale_values.add(stale as u64);
+            debug!(source = %self.cfg.name, topic, device = %device.id, stale, "stale or duplicate mqtt values dropped");
+        }
+        if values.is_empty() {
+            return;
+        }
+        self.metrics.samples_polled.inc();
+        let sample = RawSample {
+            device: device.id.clone(),
+            profile: device.profile.clone(),
+            at_ms: received_ms,
+            data: SampleData::Values(values),
+            ratios: device.ratios,
+        };
+        if self.samples_tx.try_send(sample).is_err() {
+            self.metrics.samples_dropped.inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::mqtt::routes::tests::device;
+
+    fn subscriber() -> (MqttSubscriber, mpsc::Receiver<RawSample>, Arc<Metrics>) {
+        let (tx, rx) = mpsc::channel(4);
+        let metrics = Arc::new(Metrics::default());
+        let cfg = MqttSourceConfig {
+            name: "s".into(),
+            broker: "localhost:1".into(),
+            client_id: "c".into(),
+            tls: None,
+            qos: 1,
+        };
+        let s = MqttSubscriber::new(
+            cfg,
+            vec![device("w1", "w/+/up", Some("W1"))],
+            tx,
+            metrics.clone(),
+            CancellationToken::new(),
+        );
+        (s, rx, metrics)
+    }
+
+    #[test]
+    fn messages_become_samples_and_bad_ones_counters() {
+        let (mut s, mut rx, m) = subscriber();
+        let now = 1_763_906_400_000;
+        s.on_message("w/W1/up", br#"{"f": 1.5}"#, now);
+        let sample = rx.try_recv().unwrap();
+        assert_eq!(sample.device.as_str(), "w1");
+        let SampleData::Values(v) = &sample.data else {
+            panic!("{:?}", sample.data)
+        };
+        assert_eq!((v.len(), v[0].time), (1, TimeSource::Received));
+        s.on_message("w/W2/up", br#"{"f": 1.5}"#, now);
+        s.on_message("w/W1/up", b"\xff", now);
+        s.on_message("w/W1/up", br#"{"f": "1.5"}"#, now);
+        assert_eq!(m.mqtt_messages.get(), 4);
+        assert_eq!(m.mqtt_unknown_topic.get(), 1);
+        assert_eq!(m.mqtt_payload_errors.get(), 1);
+        assert_eq!(m.mqtt_field_errors.get(), 1);
+        let stats = m.device(&DeviceId::new("w1").unwrap());
+        assert_eq!((stats.polls_ok, stats.payload_errors), (1, 2));
+        assert!(rx.try_recv().is_err(), "nothing usable in the bad ones");
+    }
+
+    #[test]
+    fn thingsboard_gateway_messages_fan_out_by_device_name() {
+        use crate::profile::Profile;
+        use std::path::Path;
+        let tb = Arc::new(
+            Profile::parse(
+                Path::new("tb.toml"),
+                "[meter]\nvendor = \"T\"\nmodel = \"T\"\nprotocol = \"mqtt\"\n[mqtt]\nshape = \"thingsboard\"\n\
+                 [[field]]\nname = \"flow_rate\"\nkey = \"flow\"\nunit = \"m3/h\"\ncategory = \"measurement\"\ngrade = \"L2\"\n",
+            )
+            .unwrap(),
+        );
+        let mut a = device("a", "v1/gateway/telemetry", Some("Meter A"));
+        let mut b = device("b", "v1/gateway/telemetry", Some("Meter B"));
+        a.profile = tb.clone();
+        b.profile = tb;
+        let (tx, mut rx) = mpsc::channel(8);
+        let m = Arc::new(Metrics::default());
+        let cfg = MqttSourceConfig {
+            name: "tb".into(),
+            broker: "localhost:1".into(),
+            client_id: "c".into(),
+            tls: None,
+            qos: 1,
+        };
+        let mut s = MqttSubscriber::new(cfg, vec![a, b], tx, m.clone(), CancellationToken::new());
+        let now = 1_763_906_400_000;
+        let payload = format!(
+            r#"{{"Meter A":[{{"ts":{},"values":{{"flow":1.5}}}},{{"ts":{},"values":{{"flow":1.6}}}}],
+                "Meter B":[{{"ts":{},"values":{{"flow":"x"}}}}],
+                "Meter C":[{{"ts":{},"values":{{"flow":2}}}}]}}"#,
+            now - 2000,
+            now - 1000,
+            now - 1000,
+            now - 1000
+        );
+        s.on_message("v1/gateway/telemetry", payload.as_bytes(), now);
+        let sample = rx.try_recv().unwrap();
+        assert_eq!(sample.device.as_str(), "a");
+        let SampleData::Values(v) = &sample.data else {
+            panic!("{:?}", sample.data)
+        };
+        let times: Vec<i64> = v.iter().map(|v| v.at_ms).collect();
+        assert_eq!(times, [now - 2000, now - 1000]);
+        assert!(rx.try_recv().is_err(), "Meter B had only a bad value");
+        assert_eq!(m.mqtt_field_errors.get(), 1);
+        assert_eq!(m.mqtt_unknown_topic.get(), 1, "Meter C is not configured");
+        s.on_message("v1/gateway/telemetry", b"[1]", now);
+        assert_eq!(m.mqtt_payload_errors.get(), 1);
+    }
+
+    #[test]
+    fn a_full_pipeline_drops_samples_instead_of_blocking() {
+        let (mut s, _rx, m) = subscriber();
+        for i in 0..10 {
+            s.on_message("w/W1/up", br#"{"f": 1}"#, 1_763_906_400_000 + i);
+        }
+        assert_eq!(m.samples_polled.get(), 10);
+        assert_eq!(m.samples_dropped.get(), 6, "channel capacity 4");
+    }
+
+    #[test]
+    fn log_limiter_allows_a_burst_per_window() {
+        let mut l = LogLimiter::new();
+        let allowed = (0..LOG_BURST * 3).filter(|_| l.allow("s")).count();
+        assert_eq!(allowed, LOG_BURST as usize);
+        assert_eq!(l.suppressed, u64::from(LOG_BURST) * 2);
+    }
+}
