@@ -57,11 +57,19 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(|e| CliError::Runtime(format!("cannot start the async runtime: {e}")))
 }
 
+/// Writes a command's report to stdout. A reader that went away (`citygate check | head`)
+/// is not an error worth a panic: the rest is dropped.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 /// `citygate check --config FILE`
 pub fn check(path: &Path) -> Result<(), CliError> {
     let cfg = GatewayConfig::load(path)?;
     let (report, key_error) = check_report(&cfg);
-    print!("{report}");
+    emit(&report);
     if key_error {
         return Err(CliError::Usage(
             "a key file is present but unusable (see above)".into(),
@@ -193,7 +201,7 @@ pub fn status(
         )));
     }
     if json {
-        print!("{body}");
+        emit(&body);
         return Ok(());
     }
     let st: crate::status::GatewayStatus = serde_json::from_str(&body).map_err(|e| {
@@ -201,7 +209,7 @@ pub fn status(
             "{addr}/status is not a citygate status document: {e}"
         ))
     })?;
-    print!("{}", crate::status::render(&st));
+    emit(&crate::status::render(&st));
     Ok(())
 }
 
