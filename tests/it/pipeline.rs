@@ -182,6 +182,51 @@ async fn a_silent_meter_does_not_delay_the_others() {
     }
 }
 
+/// A meter that rejects the profile's registers as an illegal data address is asked once
+/// per planned read, not on every poll; its neighbour on the endpoint keeps its schedule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_illegal_address_is_reported_once_not_hammered() {
+    let profiles = shipped_profiles();
+    let token = CancellationToken::new();
+    let sim = start_sim(&profiles, "chint-ddsu666", 2, 4, &token).await;
+    sim.meters.set_fault(
+        UnitId(1),
+        Fault::Exception(tokio_modbus::ExceptionCode::IllegalDataAddress),
+    );
+    let planned = citygate::source::modbus::plan(profiles.get("chint-ddsu666").unwrap()).len();
+    let dep = Deployment::new();
+    let devices: String = (1..=2u8)
+        .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "100ms"))
+        .collect();
+    let cfg = dep.config(&["active_power"], &devices, profiles);
+    let keys = KeyMaterial::load(&cfg.keys).unwrap();
+    let store: Arc<dyn Store> = Arc::new(citygate::store::MemStore::default());
+    let running = supervisor::start(&cfg, keys, store);
+    let metrics = running.metrics.clone();
+    let m2 = DeviceId::new("m2").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || metrics.device(&m2).polls_ok
+            >= 10)
+        .await
+    );
+    assert!(running.shutdown(Duration::from_secs(5)).await);
+    token.cancel();
+    let s1 = metrics.device(&DeviceId::new("m1").unwrap());
+    assert_eq!(
+        sim.meters.requests_served(UnitId(1)),
+        planned as u64,
+        "each rejected read was sent once"
+    );
+    assert_eq!(s1.polls_ok, 0);
+    assert!(s1.exceptions >= 5, "every poll still reports why: {s1:?}");
+    assert!(
+        s1.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("Illegal data address")),
+        "{s1:?}"
+    );
+}
+
 /// Alarm bits of a water meter are sealed into the `alarms` stream (first state, then only
 /// changes until the standing-state period), measurements into `readings`; a secondary-side
 /// meter's currents arrive multiplied by its configured CT ratio.

@@ -9,7 +9,9 @@
 //! returns after its first good poll. A dead meter thus costs the others only the one
 //! timeout that revealed it. Device exceptions, timeouts and transport errors are
 //! distinct [`ModbusError`]s and distinct counters; an exception does not break the
-//! connection (the device is alive).
+//! connection (the device is alive). A read the device rejects as an illegal data
+//! address is reported once and not sent again for [`ILLEGAL_ADDRESS_RETRY`] (its fields
+//! are missing meanwhile), so a profile that does not fit a firmware is not hammered.
 
 pub mod plan;
 mod poller;
@@ -18,6 +20,10 @@ pub use plan::{plan, ReadRequest};
 pub use poller::{ModbusPoller, PolledDevice};
 
 use std::time::Duration;
+
+/// How often a read the device rejected as an illegal data address is tried again
+/// (Modbus TCP and RTU alike).
+pub const ILLEGAL_ADDRESS_RETRY: Duration = Duration::from_secs(600);
 
 /// How a Modbus transaction failed.
 #[derive(Debug, thiserror::Error)]

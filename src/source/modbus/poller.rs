@@ -26,6 +26,9 @@ use crate::telemetry::{Metrics, PollOutcome};
 pub struct PolledDevice {
     pub config: DeviceConfig,
     plan: Vec<ReadRequest>,
+    /// Per planned read: until when the device's "illegal data address" keeps it unsent,
+    /// and whether that was reported.
+    rejected: Vec<(Option<Instant>, bool)>,
     next_due: Instant,
     failures: u32,
 }
@@ -35,6 +38,7 @@ impl PolledDevice {
         let plan = plan(&config.profile);
         Self {
             config,
+            rejected: vec![(None, false); plan.len()],
             plan,
             next_due: Instant::now(),
             failures: 0,
@@ -229,12 +233,42 @@ impl Lane {
         let mut image = RegisterImage::new();
         let mut failure: Option<ModbusError> = None;
         let mut exception: Option<ModbusError> = None;
-        for req in &dev.plan {
+        let started = Instant::now();
+        for (req, (until, reported)) in dev.plan.iter().zip(dev.rejected.iter_mut()) {
+            if until.is_some_and(|t| t > started) {
+                // Still rejected: its fields stay missing and the poll says why.
+                exception = Some(ModbusError::Exception(
+                    tokio_modbus::ExceptionCode::IllegalDataAddress,
+                ));
+                continue;
+            }
             match read(ctx, cfg.profile.function, *req, cfg.timeout).await {
-                Ok(words) => image.insert(req.start, words),
+                Ok(words) => {
+                    if until.take().is_some() {
+                        info!(device = %cfg.id, start = %req.start, "read accepted again");
+                    }
+                    image.insert(req.start, words);
+                }
                 Err(e) if e.breaks_connection() => {
                     failure = Some(e);
                     break;
+                }
+                Err(ModbusError::Exception(tokio_modbus::ExceptionCode::IllegalDataAddress)) => {
+                    *until = Some(Instant::now() + super::ILLEGAL_ADDRESS_RETRY);
+                    if !*reported {
+                        *reported = true;
+                        warn!(
+                            device = %cfg.id,
+                            unit = %cfg.unit,
+                            start = %req.start,
+                            count = req.count,
+                            retry_in = ?super::ILLEGAL_ADDRESS_RETRY,
+                            "device rejects these registers (illegal data address); their fields are missing"
+                        );
+                    }
+                    exception = Some(ModbusError::Exception(
+                        tokio_modbus::ExceptionCode::IllegalDataAddress,
+                    ));
                 }
                 Err(e) => exception = Some(e),
             }

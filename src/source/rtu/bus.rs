@@ -35,8 +35,7 @@ use crate::source::modbus::{plan, ReadRequest};
 use crate::source::{RawSample, RegisterImage, SampleData};
 use crate::telemetry::{Metrics, PollOutcome};
 
-/// How often a read the device rejected as an illegal address is tried again.
-pub const ILLEGAL_ADDRESS_RETRY: Duration = Duration::from_secs(600);
+pub use crate::source::modbus::ILLEGAL_ADDRESS_RETRY;
 /// Quick retries of a poll answered "busy" before waiting for the next slot.
 pub const BUSY_RETRIES: u32 = 3;
 /// Delay before retrying a busy device.
