@@ -518,36 +518,6 @@ async fn measure_cycle_time() {
     }
 }
 
-/// Requests per poll cycle the read planner issues for each shipped profile
-/// (`--nocapture` prints them); every field is covered by exactly the planned reads.
-#[test]
-fn planner_requests_per_shipped_profile() {
-    let profiles = shipped_profiles();
-    let mut seen = 0;
-    for p in profiles.iter() {
-        let plan = citygate::source::modbus::plan(p);
-        let registers: u32 = plan.iter().map(|r| u32::from(r.count)).sum();
-        println!(
-            "{}: {} field(s), {} request(s)/cycle, {registers} registers",
-            p.name,
-            p.fields.len(),
-            plan.len()
-        );
-        assert!(
-            !plan.is_empty() && plan.len() <= p.fields.len(),
-            "{}",
-            p.name
-        );
-        for f in &p.fields {
-            assert!(plan.iter().any(|r| r.start.0 <= f.address.0
-                && u32::from(f.address.0) + u32::from(f.words())
-                    <= u32::from(r.start.0) + u32::from(r.count)));
-        }
-        seen += 1;
-    }
-    assert!(seen >= 5);
-}
-
 /// RTU over TCP through the whole gateway: config → supervisor → bus task → seal →
 /// commit; the opened records carry values the simulator served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
