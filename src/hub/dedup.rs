@@ -157,6 +157,10 @@ impl SeqWindow {
     }
 }
 
+/// Attempts (50 ms apart) to take sled's lock while a previous instance in this process
+/// finishes its background writes.
+const LOCK_RETRIES: u32 = 60;
+
 /// The persisted de-dup state of every (gateway, stream).
 #[derive(Debug)]
 pub struct Dedup {
@@ -178,12 +182,28 @@ impl Dedup {
     /// Opens (or creates) the state at `path`. Errors, including corruption, are returned:
     /// starting over would accept replays.
     pub fn open(path: &Path) -> Result<Dedup, DedupError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_CAPACITY_BYTES)
             .mode(sled::Mode::LowSpace)
-            .flush_every_ms(Some(BACKGROUND_FSYNC_MS))
-            .open()?;
+            .flush_every_ms(Some(BACKGROUND_FSYNC_MS));
+        // sled releases its lock file only when its last background writer is done, a
+        // little after the previous `Db` was dropped: a hub restarted inside one process
+        // (tests, `HubProcess`) can race it. Wait for it, briefly; a lock held by another
+        // live process stays an error.
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if attempts < LOCK_RETRIES
+                        && e.to_string().contains("could not acquire lock") =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other?,
+            }
+        };
         let tree = db.open_tree(TREE)?;
         Ok(Dedup {
             db,
@@ -234,6 +254,20 @@ mod tests {
 
     fn gw() -> GatewayId {
         GatewayId::new("gw-1").unwrap()
+    }
+
+    #[test]
+    fn reopening_waits_for_the_previous_instance_to_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Dedup::open(dir.path()).unwrap();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        // Opened while `first` still holds the lock: waits instead of failing.
+        let second = Dedup::open(dir.path());
+        releaser.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
     }
 
     #[test]
