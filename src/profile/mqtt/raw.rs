@@ -2,20 +2,16 @@
 //! conversion into a validated [`Profile`] with an [`MqttSpec`], collecting every error
 //! with its location.
 
-use std::ops::Range;
 use std::path::Path;
 
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use super::{is_json_pointer, Locator, MqttField, MqttSpec, PayloadShape, TimeFormat, ValueKind};
 use crate::config::diag::{Diagnostic, SourceFile};
-use crate::profile::{
-    Counter, Field, FunctionCode, Profile, ProfileUnit, WordOrder, DEFAULT_MAX_GAP_REGISTERS,
-    MAX_REGISTERS_PER_READ,
-};
-use crate::reading::{Category, Classification, FieldName, Grade, RegisterAddress, Stream};
+use crate::profile::raw::common::{self, default_true, Check, RawMeter};
+use crate::profile::{Field, Profile, WordOrder};
+use crate::reading::{Category, Classification, Grade, RegisterAddress, Stream};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,19 +20,6 @@ struct RawMqttProfile {
     mqtt: RawMqtt,
     #[serde(rename = "field", default)]
     fields: Vec<RawMqttField>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMeter {
-    vendor: String,
-    model: String,
-    firmware: Option<String>,
-    description: Option<String>,
-    #[allow(dead_code)] // checked by `declares_mqtt`
-    protocol: String,
-    #[serde(default)]
-    sources: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -75,29 +58,12 @@ struct RawMqttField {
     note: Option<String>,
 }
 
-fn default_true() -> bool {
-    true
-}
-
-struct Check<'a> {
-    src: SourceFile<'a>,
-    errors: Vec<Diagnostic>,
-}
-
-impl Check<'_> {
-    fn err(&mut self, span: Range<usize>, key: String, message: String) {
-        self.errors.push(self.src.at(span, key, message));
-    }
-}
-
 /// Parses and validates an MQTT profile; `path`'s stem names it.
 pub(in crate::profile) fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>> {
     let src = SourceFile::new(path, text);
+    // `meter.protocol` is "mqtt": `declares_mqtt` chose this parser by it.
     let raw: RawMqttProfile = src.parse().map_err(|d| vec![d])?;
-    let mut c = Check {
-        src,
-        errors: Vec::new(),
-    };
+    let mut c = Check::new(src);
     let shape = PayloadShape::parse(raw.mqtt.shape.get_ref()).unwrap_or_else(|| {
         c.err(
             raw.mqtt.shape.span(),
@@ -177,43 +143,15 @@ pub(in crate::profile) fn parse(path: &Path, text: &str) -> Result<Profile, Vec<
             mqtt_fields.push(mf);
         }
     }
-    if fields.is_empty() && c.errors.is_empty() {
-        c.errors.push(
-            c.src
-                .whole("field", "a profile needs at least one [[field]]"),
-        );
-    }
-    if !c.errors.is_empty() {
-        return Err(c.errors);
-    }
-    let digest = Sha256::digest(text.as_bytes());
+    c.finish(fields.is_empty())?;
     Ok(Profile {
-        name: path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_string(),
-        path: path.to_path_buf(),
-        vendor: raw.meter.vendor,
-        model: raw.meter.model,
-        firmware: raw.meter.firmware,
-        description: raw.meter.description.or_else(|| {
-            (!raw.meter.sources.is_empty())
-                .then(|| format!("sources: {}", raw.meter.sources.join("; ")))
-        }),
-        function: FunctionCode::ReadHolding,
-        address_base: 0,
-        max_gap_registers: DEFAULT_MAX_GAP_REGISTERS,
-        max_registers_per_read: MAX_REGISTERS_PER_READ,
-        line: None,
-        fields,
-        version: hex::encode(&digest[..8]),
         mqtt: Some(MqttSpec {
             shape,
             timestamp,
             time_format,
             fields: mqtt_fields,
         }),
+        ..common::profile(path, text, raw.meter, fields)
     })
 }
 
@@ -231,13 +169,7 @@ fn convert_field(
     shape: PayloadShape,
 ) -> Option<(Field, MqttField)> {
     let before = c.errors.len();
-    let name = FieldName::new(f.name.get_ref().clone())
-        .map_err(|e| c.err(f.name.span(), format!("{key}.name"), e.to_string()))
-        .ok();
-    let key = match &name {
-        Some(n) => format!("{key}({n})"),
-        None => key.to_string(),
-    };
+    let (name, key) = common::name(c, key, &f.name);
     let locator = match (shape, &f.pointer, &f.key) {
         (PayloadShape::Json, Some(p), None) => {
             if !is_json_pointer(p.get_ref()) {
@@ -347,28 +279,8 @@ fn convert_field(
             None
         }
     };
-    let unit = ProfileUnit::parse(f.unit.get_ref());
-    if unit.is_none() {
-        c.err(
-            f.unit.span(),
-            format!("{key}.unit"),
-            format!(
-                "unknown unit {:?}; valid: {}",
-                f.unit.get_ref(),
-                ProfileUnit::valid_symbols()
-            ),
-        );
-    }
-    let scale = f.scale.as_ref().map_or(1.0, |s| *s.get_ref());
-    if let Some(s) = &f.scale {
-        if !scale.is_finite() || scale == 0.0 {
-            c.err(
-                s.span(),
-                format!("{key}.scale"),
-                "scale must be a finite, non-zero number".into(),
-            );
-        }
-    }
+    let unit = common::unit(c, &key, &f.unit);
+    let scale = common::scale(c, &key, f.scale.as_ref());
     let scaled = f.scale.is_some() || f.offset.is_some();
     let not_numeric = match kind {
         Some(ValueKind::Text) => Some("text"),
@@ -386,39 +298,15 @@ fn convert_field(
             format!("{what} takes no scale, offset, range or counter"),
         );
     }
-    let range = match &f.range {
-        Some(r) => match r.get_ref().as_slice() {
-            [lo, hi] if lo <= hi => Some((*lo, *hi)),
-            _ => {
-                c.err(
-                    r.span(),
-                    format!("{key}.range"),
-                    "range must be [min, max] with min <= max".into(),
-                );
-                None
-            }
-        },
-        None => None,
-    };
+    let range = common::range(c, &key, f.range.as_ref());
     let sentinels = f
         .sentinels
         .iter()
         .filter_map(|s| match s.get_ref() {
             toml::Value::Integer(i) => Some(*i as u64),
-            toml::Value::String(h) => u64::from_str_radix(
-                &h.trim_start_matches("0x")
-                    .trim_start_matches("0X")
-                    .replace('_', ""),
-                16,
-            )
-            .map_err(|_| {
-                c.err(
-                    s.span(),
-                    format!("{key}.sentinels"),
-                    format!("sentinel {h:?} is not a hex bit pattern like \"0xFFFFFFFF\""),
-                )
-            })
-            .ok(),
+            toml::Value::String(h) => common::hex_sentinel(h)
+                .map_err(|m| c.err(s.span(), format!("{key}.sentinels"), m))
+                .ok(),
             other => {
                 c.err(
                     s.span(),
@@ -429,27 +317,7 @@ fn convert_field(
             }
         })
         .collect();
-    let counter = match f.counter.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
-        None | Some(("none", _)) => Counter::None,
-        Some(("monotonic", _)) => Counter::Monotonic {
-            rollover: f.rollover.as_ref().map(|r| *r.get_ref()),
-        },
-        Some((other, span)) => {
-            c.err(
-                span,
-                format!("{key}.counter"),
-                format!("unknown counter kind {other:?}; valid: \"none\", \"monotonic\""),
-            );
-            Counter::None
-        }
-    };
-    if let (Some(r), Counter::None) = (&f.rollover, counter) {
-        c.err(
-            r.span(),
-            format!("{key}.rollover"),
-            "rollover needs counter = \"monotonic\"".into(),
-        );
-    }
+    let counter = common::counter(c, &key, f.counter.as_ref(), f.rollover.as_ref());
     if c.errors.len() > before {
         return None;
     }
@@ -496,7 +364,7 @@ fn convert_field(
 mod tests {
     use super::super::declares_mqtt;
     use super::*;
-    use crate::profile::FieldType;
+    use crate::profile::{Counter, FieldType};
 
     const GOOD: &str = r#"
 [meter]

@@ -5,19 +5,20 @@ use std::ops::Range;
 use std::path::Path;
 
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+pub(super) mod common;
 mod layout;
 
+use common::{default_true, Check, RawMeter};
 use layout::{conflict, convert_fraction, Part};
 
 use super::{
-    Counter, Field, FieldType, FunctionCode, LineSettings, Parity, Profile, ProfileUnit, Ratio,
-    WordOrder, DEFAULT_MAX_GAP_REGISTERS, MAX_REGISTERS_PER_READ,
+    Counter, Field, FieldType, FunctionCode, LineSettings, Parity, Profile, Ratio, WordOrder,
+    DEFAULT_MAX_GAP_REGISTERS, MAX_REGISTERS_PER_READ,
 };
 use crate::config::diag::{Diagnostic, SourceFile};
-use crate::reading::{Category, Classification, FieldName, Grade, RegisterAddress, Stream};
+use crate::reading::{Category, Classification, Grade, RegisterAddress, Stream};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,19 +28,6 @@ struct RawProfile {
     line: Option<RawLine>,
     #[serde(rename = "field", default)]
     fields: Vec<RawField>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMeter {
-    vendor: String,
-    model: String,
-    firmware: Option<String>,
-    description: Option<String>,
-    protocol: Spanned<String>,
-    /// Where the register map comes from (documentation only).
-    #[serde(default)]
-    sources: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,34 +92,10 @@ struct RawField {
     note: Option<String>,
 }
 
-fn default_true() -> bool {
-    true
-}
-
-/// Collects diagnostics while converting.
-struct Check<'a> {
-    src: SourceFile<'a>,
-    errors: Vec<Diagnostic>,
-}
-
-impl Check<'_> {
-    fn err(&mut self, span: Range<usize>, key: String, message: String) {
-        self.errors.push(self.src.at(span, key, message));
-    }
-}
-
 pub(super) fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>> {
     let src = SourceFile::new(path, text);
     let raw: RawProfile = src.parse().map_err(|d| vec![d])?;
-    let name = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or_default()
-        .to_string();
-    let mut c = Check {
-        src,
-        errors: Vec::new(),
-    };
+    let mut c = Check::new(src);
     if raw.meter.protocol.get_ref() != "modbus" {
         c.err(
             raw.meter.protocol.span(),
@@ -216,26 +180,8 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>>
             spans.push(reg_span);
         }
     }
-    if fields.is_empty() && c.errors.is_empty() {
-        c.errors.push(
-            c.src
-                .whole("field", "a profile needs at least one [[field]]"),
-        );
-    }
-    if !c.errors.is_empty() {
-        return Err(c.errors);
-    }
-    let digest = Sha256::digest(text.as_bytes());
+    c.finish(fields.is_empty())?;
     Ok(Profile {
-        name,
-        path: path.to_path_buf(),
-        vendor: raw.meter.vendor,
-        model: raw.meter.model,
-        firmware: raw.meter.firmware,
-        description: raw.meter.description.or_else(|| {
-            (!raw.meter.sources.is_empty())
-                .then(|| format!("sources: {}", raw.meter.sources.join("; ")))
-        }),
         function,
         address_base,
         max_gap_registers: raw
@@ -244,9 +190,7 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>>
             .unwrap_or(DEFAULT_MAX_GAP_REGISTERS),
         max_registers_per_read,
         line,
-        fields,
-        version: hex::encode(&digest[..8]),
-        mqtt: None,
+        ..common::profile(path, text, raw.meter, fields)
     })
 }
 
@@ -274,13 +218,7 @@ fn convert_field(
     (address_base, default_order, max_registers_per_read): (u16, WordOrder, u16),
 ) -> Option<Field> {
     let before = c.errors.len();
-    let name = FieldName::new(f.name.get_ref().clone())
-        .map_err(|e| c.err(f.name.span(), format!("{key}.name"), e.to_string()))
-        .ok();
-    let key = match &name {
-        Some(n) => format!("{key}({n})"),
-        None => key.to_string(),
-    };
+    let (name, key) = common::name(c, key, &f.name);
     let bit = f.bit.as_ref().map(|b| *b.get_ref());
     let ty = FieldType::parse(f.ty.get_ref(), bit);
     match (ty, &f.bit) {
@@ -330,42 +268,9 @@ fn convert_field(
             None
         }
     };
-    let unit = ProfileUnit::parse(f.unit.get_ref());
-    if unit.is_none() {
-        c.err(
-            f.unit.span(),
-            format!("{key}.unit"),
-            format!(
-                "unknown unit {:?}; valid: {}",
-                f.unit.get_ref(),
-                ProfileUnit::valid_symbols()
-            ),
-        );
-    }
-    let scale = f.scale.as_ref().map_or(1.0, |s| *s.get_ref());
-    if let Some(s) = &f.scale {
-        if !scale.is_finite() || scale == 0.0 {
-            c.err(
-                s.span(),
-                format!("{key}.scale"),
-                "scale must be a finite, non-zero number".into(),
-            );
-        }
-    }
-    let range = match &f.range {
-        Some(r) => match r.get_ref().as_slice() {
-            [lo, hi] if lo <= hi => Some((*lo, *hi)),
-            _ => {
-                c.err(
-                    r.span(),
-                    format!("{key}.range"),
-                    "range must be [min, max] with min <= max".into(),
-                );
-                None
-            }
-        },
-        None => None,
-    };
+    let unit = common::unit(c, &key, &f.unit);
+    let scale = common::scale(c, &key, f.scale.as_ref());
+    let range = common::range(c, &key, f.range.as_ref());
     let sentinels = f
         .sentinels
         .iter()
@@ -376,34 +281,14 @@ fn convert_field(
                 .ok()
         })
         .collect();
-    let counter = match f.counter.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
-        None | Some(("none", _)) => Counter::None,
-        Some(("monotonic", span)) => {
-            if matches!(ty, Some(FieldType::Bit(_))) {
-                c.err(
-                    span,
-                    format!("{key}.counter"),
-                    "a bit cannot be a monotonic counter".into(),
-                );
-            }
-            Counter::Monotonic {
-                rollover: f.rollover.as_ref().map(|r| *r.get_ref()),
-            }
-        }
-        Some((other, span)) => {
-            c.err(
-                span,
-                format!("{key}.counter"),
-                format!("unknown counter kind {other:?}; valid: \"none\", \"monotonic\""),
-            );
-            Counter::None
-        }
-    };
-    if let (Some(r), Counter::None) = (&f.rollover, counter) {
+    let counter = common::counter(c, &key, f.counter.as_ref(), f.rollover.as_ref());
+    // `rollover` is refused only without a counter, so this error never joins that one.
+    if let (Counter::Monotonic { .. }, Some(FieldType::Bit(_)), Some(s)) = (counter, ty, &f.counter)
+    {
         c.err(
-            r.span(),
-            format!("{key}.rollover"),
-            "rollover needs counter = \"monotonic\"".into(),
+            s.span(),
+            format!("{key}.counter"),
+            "a bit cannot be a monotonic counter".into(),
         );
     }
     let fraction = convert_fraction(c, &key, &f, ty, address, address_base);
@@ -495,15 +380,7 @@ fn convert_field(
 fn parse_sentinel(v: &toml::Value, words: u16) -> Result<u64, String> {
     let bits = match v {
         toml::Value::Integer(i) if *i >= 0 => *i as u64,
-        toml::Value::String(s) => {
-            let digits = s
-                .trim_start_matches("0x")
-                .trim_start_matches("0X")
-                .replace('_', "");
-            u64::from_str_radix(&digits, 16).map_err(|_| {
-                format!("sentinel {s:?} is not a hex bit pattern like \"0xFFFFFFFF\"")
-            })?
-        }
+        toml::Value::String(s) => common::hex_sentinel(s)?,
         other => {
             return Err(format!(
                 "sentinel {other} must be a non-negative integer or a hex string"
