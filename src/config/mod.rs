@@ -6,6 +6,7 @@
 //! found as a located [`Diagnostic`]. Past this point a device always has a loaded
 //! profile, a valid unit id and a positive poll interval.
 
+mod device;
 pub mod diag;
 pub mod duration;
 pub mod mqtt;

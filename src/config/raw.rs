@@ -1,6 +1,6 @@
 //! The gateway config file as written, and its conversion into validated types.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,13 +10,10 @@ use toml::Spanned;
 use super::diag::{Diagnostic, SourceFile};
 use super::duration::HumanDuration;
 use super::{
-    BatchConfig, ConfigError, DeviceConfig, GatewayConfig, KeyPaths, ModbusConfig, PurposeConfig,
-    StoreConfig, Transport,
+    BatchConfig, ConfigError, GatewayConfig, KeyPaths, ModbusConfig, PurposeConfig, StoreConfig,
 };
-use crate::profile::{Profile, ProfileSet, Ratio, Ratios};
-use crate::reading::{DeviceId, FieldName, GatewayId, UnitId};
-
-const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+use crate::profile::ProfileSet;
+use crate::reading::{FieldName, GatewayId};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,7 +31,7 @@ struct RawConfig {
     #[serde(rename = "mqtt_source", default)]
     mqtt_sources: Vec<super::mqtt::RawMqttSource>,
     #[serde(rename = "device", default)]
-    devices: Vec<RawDevice>,
+    devices: Vec<super::device::RawDevice>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,91 +160,6 @@ fn default_ack_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDevice {
-    name: Spanned<String>,
-    profile: Spanned<String>,
-    transport: Spanned<RawTransport>,
-    /// Required for Modbus transports; MQTT devices have none.
-    unit: Option<Spanned<u8>>,
-    poll_interval: Option<Spanned<HumanDuration>>,
-    timeout: Option<HumanDuration>,
-    location: Option<String>,
-    /// Current-transformer ratio of a secondary-side meter (primary A / secondary A).
-    ct_ratio: Option<Spanned<f64>>,
-    /// Voltage-transformer ratio of a secondary-side meter (primary V / secondary V).
-    pt_ratio: Option<Spanned<f64>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-enum RawTransport {
-    Tcp {
-        address: String,
-    },
-    Serial {
-        port: String,
-        baud: Option<u32>,
-        parity: Option<crate::profile::Parity>,
-        data_bits: Option<u8>,
-        stop_bits: Option<u8>,
-    },
-    #[serde(rename = "rtu_tcp")]
-    RtuTcp {
-        address: String,
-        baud: Option<u32>,
-        parity: Option<crate::profile::Parity>,
-        data_bits: Option<u8>,
-        stop_bits: Option<u8>,
-    },
-    Dtu {
-        id: String,
-        listen: String,
-        heartbeat: Option<String>,
-        baud: Option<u32>,
-        parity: Option<crate::profile::Parity>,
-        data_bits: Option<u8>,
-        stop_bits: Option<u8>,
-    },
-    Mqtt {
-        source: String,
-        topic: String,
-        key: Option<String>,
-    },
-}
-
-/// Serial settings of an RTU transport; unset keys come from the profile's `[line]`.
-fn line_override(
-    baud: Option<u32>,
-    parity: Option<crate::profile::Parity>,
-    data_bits: Option<u8>,
-    stop_bits: Option<u8>,
-) -> crate::source::rtu::LineOverride {
-    crate::source::rtu::LineOverride {
-        baud,
-        data_bits,
-        parity,
-        stop_bits,
-    }
-}
-
-/// A device already configured whose RTU transport names the same port, server or
-/// DTU id as `t` with different settings.
-fn rtu_conflict(devices: &[DeviceConfig], t: &Transport) -> Option<DeviceId> {
-    let key = |t: &Transport| match t {
-        Transport::Serial { port, .. } => Some(format!("serial {port}")),
-        Transport::RtuTcp { address, .. } => Some(format!("rtu_tcp {address}")),
-        Transport::Dtu { id, .. } => Some(format!("dtu {id}")),
-        _ => None,
-    };
-    let k = key(t)?;
-    devices
-        .iter()
-        .find(|d| key(&d.transport).as_ref() == Some(&k) && &d.transport != t)
-        .map(|d| d.id.clone())
-}
-
 pub(super) fn parse(
     path: &Path,
     text: &str,
@@ -325,228 +237,18 @@ pub(super) fn parse(
     );
     let mut mqtt_routes = super::mqtt::DeviceRoutes::new(&mqtt_sources);
 
-    let mut names = HashSet::new();
-    let mut devices = Vec::with_capacity(raw.devices.len());
-    for (i, d) in raw.devices.into_iter().enumerate() {
-        let key = format!("device[{i}]");
-        let id = DeviceId::new(d.name.get_ref().clone())
-            .map_err(|e| errors.push(src.at(d.name.span(), format!("{key}.name"), e.to_string())))
-            .ok();
-        if let Some(id) = &id {
-            if !names.insert(id.clone()) {
-                errors.push(src.at(
-                    d.name.span(),
-                    format!("{key}.name"),
-                    format!("device name `{id}` is used twice"),
-                ));
-            }
-        }
-        let profile = profiles.get(d.profile.get_ref()).cloned();
-        if profile.is_none() && profiles_loaded {
-            let valid: Vec<&str> = profiles.names().collect();
-            errors.push(src.at(
-                d.profile.span(),
-                format!("{key}.profile"),
-                format!(
-                    "no profile named {:?} in {}; valid: {}",
-                    d.profile.get_ref(),
-                    profiles_dir.display(),
-                    valid.join(", ")
-                ),
-            ));
-        }
-        let polled = !matches!(d.transport.get_ref(), RawTransport::Mqtt { .. });
-        let unit = match &d.unit {
-            Some(u) if !polled => {
-                errors.push(src.at(
-                    u.span(),
-                    format!("{key}.unit"),
-                    "an MQTT device has no unit id; remove `unit`",
-                ));
-                0
-            }
-            Some(u) if !(1..=247).contains(u.get_ref()) => {
-                errors.push(src.at(
-                    u.span(),
-                    format!("{key}.unit"),
-                    format!("unit id {} is not valid; valid: 1..=247", u.get_ref()),
-                ));
-                0
-            }
-            Some(u) => *u.get_ref(),
-            None if polled => {
-                errors.push(src.at(
-                    d.name.span(),
-                    format!("{key}.unit"),
-                    "a Modbus device needs `unit = N` (its unit id, 1..=247)",
-                ));
-                0
-            }
-            None => 0,
-        };
-        let interval = match &d.poll_interval {
-            Some(p) if !polled => {
-                errors.push(src.at(
-                    p.span(),
-                    format!("{key}.poll_interval"),
-                    "MQTT meters publish on their own schedule; remove `poll_interval`",
-                ));
-                Duration::ZERO
-            }
-            Some(p) if p.get_ref().0 < MIN_POLL_INTERVAL => {
-                errors.push(src.at(
-                    p.span(),
-                    format!("{key}.poll_interval"),
-                    "must be at least 100ms",
-                ));
-                MIN_POLL_INTERVAL
-            }
-            Some(p) => p.get_ref().0,
-            None if polled => {
-                errors.push(src.at(
-                    d.name.span(),
-                    format!("{key}.poll_interval"),
-                    "a Modbus device needs `poll_interval`, e.g. \"15s\"",
-                ));
-                MIN_POLL_INTERVAL
-            }
-            None => Duration::ZERO,
-        };
-        let transport_span = d.transport.span();
-        let transport = match d.transport.into_inner() {
-            RawTransport::Tcp { address } => {
-                if !super::is_host_port(&address) {
-                    errors.push(src.at(
-                        transport_span.clone(),
-                        format!("{key}.transport.address"),
-                        format!("{address:?} is not host:port, e.g. \"192.168.1.20:502\""),
-                    ));
-                }
-                Transport::Tcp { address }
-            }
-            RawTransport::Serial {
-                port,
-                baud,
-                parity,
-                data_bits,
-                stop_bits,
-            } => {
-                if port.trim().is_empty() {
-                    errors.push(src.at(
-                        transport_span.clone(),
-                        format!("{key}.transport.port"),
-                        "is empty; name the serial device, e.g. \"/dev/ttyUSB0\"",
-                    ));
-                }
-                Transport::Serial {
-                    port,
-                    line: line_override(baud, parity, data_bits, stop_bits),
-                }
-            }
-            RawTransport::RtuTcp {
-                address,
-                baud,
-                parity,
-                data_bits,
-                stop_bits,
-            } => {
-                if !super::is_host_port(&address) {
-                    errors.push(src.at(
-                        transport_span.clone(),
-                        format!("{key}.transport.address"),
-                        format!("{address:?} is not host:port, e.g. \"10.0.0.5:4001\""),
-                    ));
-                }
-                Transport::RtuTcp {
-                    address,
-                    line: line_override(baud, parity, data_bits, stop_bits),
-                }
-            }
-            RawTransport::Dtu {
-                id,
-                listen,
-                heartbeat,
-                baud,
-                parity,
-                data_bits,
-                stop_bits,
-            } => {
-                if id.trim().is_empty()
-                    || id.len() > crate::source::rtu::transport::MAX_REGISTRATION
-                {
-                    errors.push(src.at(
-                        transport_span.clone(),
-                        format!("{key}.transport.id"),
-                        "must be the DTU's registration identifier (1..=128 bytes), e.g. its IMEI",
-                    ));
-                }
-                if !super::is_host_port(&listen) {
-                    errors.push(src.at(
-                        transport_span.clone(),
-                        format!("{key}.transport.listen"),
-                        format!("{listen:?} is not host:port, e.g. \"0.0.0.0:9000\""),
-                    ));
-                }
-                Transport::Dtu {
-                    id,
-                    listen,
-                    heartbeat,
-                    line: line_override(baud, parity, data_bits, stop_bits),
-                }
-            }
-            RawTransport::Mqtt {
-                source,
-                topic,
-                key: k,
-            } => mqtt_routes
-                .transport(d.name.get_ref(), source, topic.clone(), k)
-                .unwrap_or_else(|m| {
-                    errors.push(src.at(transport_span.clone(), format!("{key}.transport"), m));
-                    Transport::Mqtt {
-                        source: String::new(),
-                        topic,
-                        key: None,
-                    }
-                }),
-        };
-        let ratios = device_ratios(
-            &src,
-            &key,
-            &mut errors,
-            (d.ct_ratio.as_ref(), d.pt_ratio.as_ref()),
-            profile.as_deref(),
-        );
-        if let Some(line) = transport.line() {
-            for (k, msg) in line.problems() {
-                errors.push(src.at(transport_span.clone(), format!("{key}.transport.{k}"), msg));
-            }
-        }
-        if let Some(other) = rtu_conflict(&devices, &transport) {
-            errors.push(src.at(
-                transport_span.clone(),
-                format!("{key}.transport"),
-                format!("conflicts with device `{other}` on the same port or DTU: one bus needs one set of line settings (and a DTU id one listen address)"),
-            ));
-        }
-        if let Some(Err(m)) = profile
-            .as_ref()
-            .map(|p| super::mqtt::profile_fits(&transport, p))
-        {
-            errors.push(src.at(d.profile.span(), format!("{key}.profile"), m));
-        }
-        if let (Some(id), Some(profile)) = (id, profile) {
-            devices.push(DeviceConfig {
-                id,
-                profile,
-                transport,
-                unit: UnitId(unit),
-                poll_interval: interval,
-                timeout: d.timeout.map_or(modbus.timeout, |t| t.0),
-                location: d.location,
-                ratios,
-            });
-        }
-    }
+    let devices = super::device::devices(
+        raw.devices,
+        &super::device::Context {
+            src: &src,
+            profiles: &profiles,
+            profiles_dir: &profiles_dir,
+            profiles_loaded,
+            modbus: &modbus,
+        },
+        &mut mqtt_routes,
+        &mut errors,
+    );
 
     let known: BTreeSet<&str> = devices
         .iter()
@@ -639,181 +341,6 @@ pub(super) fn parse(
         status,
         mqtt_sources,
     })
-}
-
-/// A device's `ct_ratio`/`pt_ratio`: finite and > 0, and only where its profile has a
-/// field the ratio applies to (a ratio nothing uses is a misconfiguration).
-fn device_ratios(
-    src: &SourceFile<'_>,
-    key: &str,
-    errors: &mut Vec<Diagnostic>,
-    (ct, pt): (Option<&Spanned<f64>>, Option<&Spanned<f64>>),
-    profile: Option<&Profile>,
-) -> Ratios {
-    let mut ratios = Ratios::UNITY;
-    for (name, value, uses) in [
-        ("ct_ratio", ct, [Ratio::Ct, Ratio::CtPt]),
-        ("pt_ratio", pt, [Ratio::Pt, Ratio::CtPt]),
-    ] {
-        let Some(v) = value else { continue };
-        let x = *v.get_ref();
-        if !(x.is_finite() && x > 0.0) {
-            errors.push(src.at(
-                v.span(),
-                format!("{key}.{name}"),
-                format!("{name} {x} is not valid; valid: a number > 0 (primary / secondary, e.g. 40 for a 200/5 A CT)"),
-            ));
-            continue;
-        }
-        if let Some(p) = profile {
-            if !p
-                .fields
-                .iter()
-                .any(|f| f.ratio.is_some_and(|r| uses.contains(&r)))
-            {
-                errors.push(src.at(
-                    v.span(),
-                    format!("{key}.{name}"),
-                    format!(
-                        "profile {} has no field with ratio \"{}\" or \"ct_pt\", so {name} would change nothing; remove it or use a profile for the meter's secondary-side registers",
-                        p.name, uses[0]
-                    ),
-                ));
-                continue;
-            }
-        }
-        match name {
-            "ct_ratio" => ratios.ct = x,
-            _ => ratios.pt = x,
-        }
-    }
-    ratios
-}
-
-#[cfg(test)]
-mod ratio_tests {
-    use super::*;
-
-    const RATIO_PROFILE: &str = r#"
-[meter]
-vendor = "T"
-model = "R"
-protocol = "modbus"
-[modbus]
-function = 3
-[[field]]
-name = "voltage_l1"
-register = 0
-type = "u16"
-scale = 0.1
-unit = "V"
-ratio = "pt"
-category = "measurement"
-grade = "L2"
-[[field]]
-name = "active_power"
-register = 1
-type = "i32"
-unit = "W"
-ratio = "ct_pt"
-category = "measurement"
-grade = "L3"
-"#;
-
-    const CONFIG: &str = r#"[gateway]
-id = "gw-1"
-
-[purpose]
-name = "grid"
-fields = ["voltage_l1"]
-
-[store]
-path = "store"
-
-[keys]
-signing_key = "keys/gateway.sign.key"
-hub_public_key = "keys/hub.hpke.pub"
-pseudonym_key = "keys/pseudonym.key"
-
-[[device]]
-name = "m1"
-profile = "test-r"
-transport = { type = "tcp", address = "127.0.0.1:502" }
-unit = 1
-poll_interval = "1s"
-"#;
-
-    /// test-r (fields with ratios) and test-m (none).
-    fn ratio_profiles() -> ProfileSet {
-        let mut set = ProfileSet::default();
-        set.insert(Profile::parse(Path::new("test-r.toml"), RATIO_PROFILE).unwrap());
-        let plain = RATIO_PROFILE
-            .replace("ratio = \"pt\"\n", "")
-            .replace("ratio = \"ct_pt\"\n", "");
-        set.insert(Profile::parse(Path::new("test-m.toml"), &plain).unwrap());
-        set
-    }
-
-    fn parse_ratio(text: &str) -> Result<GatewayConfig, ConfigError> {
-        parse(
-            Path::new("/etc/citygate/gw.toml"),
-            text,
-            Some(ratio_profiles()),
-        )
-    }
-
-    #[test]
-    fn device_ratios_load_and_default_to_one() {
-        let text = CONFIG.replace(
-            "poll_interval = \"1s\"",
-            "poll_interval = \"1s\"\nct_ratio = 40\npt_ratio = 100.0",
-        );
-        let c = parse_ratio(&text).unwrap();
-        assert_eq!(
-            c.devices[0].ratios,
-            Ratios {
-                ct: 40.0,
-                pt: 100.0
-            }
-        );
-        assert_eq!(c.devices[0].ratios.multiplier(Some(Ratio::CtPt)), 4000.0);
-        assert_eq!(
-            parse_ratio(CONFIG).unwrap().devices[0].ratios,
-            Ratios::UNITY
-        );
-        assert_eq!(c.batch.alarm_state_every, Duration::from_secs(15 * 60));
-    }
-
-    #[test]
-    fn bad_ratios_are_located() {
-        let base = CONFIG;
-        for bad in ["ct_ratio = 0", "ct_ratio = -5.0", "pt_ratio = nan"] {
-            let text = base.replace(
-                "poll_interval = \"1s\"",
-                &format!("poll_interval = \"1s\"\n{bad}"),
-            );
-            let e = parse_ratio(&text).unwrap_err().diagnostics;
-            assert_eq!(e.len(), 1, "{bad}: {e:?}");
-            let key = bad.split(' ').next().unwrap();
-            assert_eq!(e[0].key, format!("device[0].{key}"), "{}", e[0]);
-            assert_eq!(e[0].line, 22, "{}", e[0]);
-            assert!(e[0].message.contains("> 0"), "{}", e[0]);
-        }
-    }
-
-    #[test]
-    fn a_ratio_no_field_uses_is_rejected() {
-        // test-m has no field with a ratio: a CT ratio there would silently do nothing.
-        let text = CONFIG
-            .replace("profile = \"test-r\"", "profile = \"test-m\"")
-            .replace(
-                "poll_interval = \"1s\"",
-                "poll_interval = \"1s\"\nct_ratio = 40",
-            );
-        let e = parse_ratio(&text).unwrap_err().diagnostics;
-        assert_eq!(e[0].key, "device[0].ct_ratio");
-        assert!(e[0].message.contains("no field with ratio"), "{}", e[0]);
-    }
 }
 
 #[cfg(test)]
