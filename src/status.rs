@@ -225,30 +225,26 @@ impl StatusSource {
             let full = format!("citygate_{name}_total");
             e.single(&full, Kind::Counter, help, count(v));
         }
-        let stats = self.store.stats();
+        // From the same snapshot, so the gauges agree with `/status` and `healthy`.
         e.family(
             "citygate_store_batches",
             Kind::Gauge,
             "Batches waiting in the store, per stream.",
         );
-        for s in Stream::ALL {
-            e.labelled(
-                "citygate_store_batches",
-                &[("stream", s.as_str())],
-                count(stats.get(s).batches),
-            );
+        for (stream, n) in &st.store.batches {
+            e.labelled("citygate_store_batches", &[("stream", stream)], count(*n));
         }
         e.single(
             "citygate_store_bytes",
             Kind::Gauge,
             "Envelope bytes waiting in the store.",
-            count(stats.total_bytes()),
+            count(st.store.bytes),
         );
         e.single(
             "citygate_store_max_bytes",
             Kind::Gauge,
             "The store quota.",
-            count(stats.max_bytes),
+            count(st.store.max_bytes),
         );
         let link = &st.link;
         e.single(
@@ -367,27 +363,17 @@ pub fn read_address_file(store_path: &Path) -> Option<SocketAddr> {
 /// cancelled. A bind failure (port taken) degrades the gateway's observability, not the
 /// gateway: it is logged and `None` returned. The bound address is written next to the
 /// store for `citygate status`.
-pub async fn start_endpoint(
+pub fn start_endpoint(
     cfg: &GatewayConfig,
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
     token: tokio_util::sync::CancellationToken,
 ) -> Option<SocketAddr> {
-    let listen = cfg.status.listen?;
-    let listener = match tokio::net::TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(%listen, error = %e, "status endpoint disabled: cannot listen");
-            return None;
-        }
-    };
-    let addr = listener.local_addr().ok()?;
+    let source = Arc::new(StatusSource::new(cfg, metrics, store));
+    let addr = crate::telemetry::http::spawn_endpoint(cfg.status.listen?, source, token)?;
     if let Err(e) = write_address_file(&cfg.store.path, addr) {
         tracing::warn!(error = %e, "cannot record the status endpoint's address");
     }
-    let source = Arc::new(StatusSource::new(cfg, metrics, store));
-    tokio::spawn(crate::telemetry::http::serve(listener, source, token));
-    tracing::info!(%addr, "status endpoint: /status /metrics /health");
     Some(addr)
 }
 

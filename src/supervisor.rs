@@ -32,9 +32,7 @@ use crate::source::mqtt::MqttSubscriber;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::transform::minimise::{Policy, PseudonymKey};
-use crate::uplink::{
-    Forwarder, ForwarderOptions, LinkError, LinkOptions, LinkTls, MqttLink, TlsClientFiles,
-};
+use crate::uplink::{Forwarder, ForwarderOptions, LinkError, LinkOptions, LinkTls, MqttLink};
 
 /// The secrets and public keys a gateway runs with.
 #[derive(Debug, Clone)]
@@ -244,17 +242,10 @@ pub fn start_uplink_with(
     let Some(u) = &cfg.uplink else {
         return Ok(None);
     };
-    let tls = match &u.tls {
-        Some(t) => LinkTls::Files(TlsClientFiles {
-            ca: t.ca_file.clone(),
-            cert: t.cert_file.clone(),
-            key: t.key_file.clone(),
-        }),
-        None => {
-            warn!(broker = %u.broker, "uplink without TLS (danger_plaintext): batches are sealed, but the link is not authenticated");
-            LinkTls::DangerPlaintext
-        }
-    };
+    let tls = LinkTls::from_config(u.tls.as_ref());
+    if u.tls.is_none() {
+        warn!(broker = %u.broker, "uplink without TLS (danger_plaintext): batches are sealed, but the link is not authenticated");
+    }
     let (link, events) = MqttLink::start(adjust(LinkOptions::new(
         u.broker.clone(),
         u.client_id.clone(),

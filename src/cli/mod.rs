@@ -102,8 +102,7 @@ pub fn run(path: &Path) -> Result<(), CliError> {
         let running = supervisor::start(&cfg, keys, store.clone());
         let metrics = running.metrics.clone();
         let status_stop = CancellationToken::new();
-        crate::status::start_endpoint(&cfg, metrics.clone(), store.clone(), status_stop.clone())
-            .await;
+        crate::status::start_endpoint(&cfg, metrics.clone(), store.clone(), status_stop.clone());
         let uplink = supervisor::start_uplink(&cfg, &running)
             .map_err(|e| CliError::Usage(format!("uplink: {e}")))?;
         if uplink.is_none() {

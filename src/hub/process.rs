@@ -14,7 +14,6 @@ use crate::telemetry::prometheus::{count, Exposition, Kind, CONTENT_TYPE};
 use crate::telemetry::StartTime;
 use crate::uplink::{
     BrokerError, BrokerOptions, EmbeddedBroker, LinkError, LinkOptions, LinkTls, MqttLink,
-    TlsClientFiles,
 };
 
 /// Why a hub could not start.
@@ -66,17 +65,10 @@ impl HubProcess {
             (Some(b), true) => format!("localhost:{}", b.tls_addr().port()),
             _ => cfg.mqtt.broker.clone(),
         };
-        let tls = match &cfg.mqtt.tls {
-            Some(t) => LinkTls::Files(TlsClientFiles {
-                ca: t.ca_file.clone(),
-                cert: t.cert_file.clone(),
-                key: t.key_file.clone(),
-            }),
-            None => {
-                warn!(broker = %target, "hub connects without TLS (danger_plaintext)");
-                LinkTls::DangerPlaintext
-            }
-        };
+        let tls = LinkTls::from_config(cfg.mqtt.tls.as_ref());
+        if cfg.mqtt.tls.is_none() {
+            warn!(broker = %target, "hub connects without TLS (danger_plaintext)");
+        }
         let opts = adjust(LinkOptions::new(target, cfg.mqtt.client_id.clone(), tls));
         let (link, events) = MqttLink::start(opts)?;
         let stop = CancellationToken::new();
@@ -218,25 +210,10 @@ impl Routes for HubRoutes {
 
 /// Binds the hub's status endpoint; a failure is logged, not fatal.
 fn start_status(cfg: &HubConfig, hub: &Arc<Hub>, stop: CancellationToken) -> Option<SocketAddr> {
-    let listen = cfg.status.listen?;
-    let bound = std::net::TcpListener::bind(listen).and_then(|l| {
-        l.set_nonblocking(true)?;
-        tokio::net::TcpListener::from_std(l)
-    });
-    let listener = match bound {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(%listen, error = %e, "status endpoint disabled: cannot listen");
-            return None;
-        }
-    };
-    let addr = listener.local_addr().ok()?;
     let routes = Arc::new(HubRoutes {
         id: cfg.id.clone(),
         hub: hub.clone(),
         started: StartTime::default(),
     });
-    tokio::spawn(crate::telemetry::http::serve(listener, routes, stop));
-    info!(%addr, "status endpoint: /status /metrics /health");
-    Some(addr)
+    crate::telemetry::http::spawn_endpoint(cfg.status.listen?, routes, stop)
 }

@@ -104,6 +104,31 @@ pub async fn serve(listener: TcpListener, routes: Arc<dyn Routes>, token: Cancel
     }
 }
 
+/// Binds `listen` and serves `routes` on it in a task until `token` is cancelled; must
+/// run inside a tokio runtime. A bind failure (port taken) costs observability, not the
+/// process: it is logged and `None` returned. Returns the bound address.
+pub fn spawn_endpoint(
+    listen: SocketAddr,
+    routes: Arc<dyn Routes>,
+    token: CancellationToken,
+) -> Option<SocketAddr> {
+    let bound = std::net::TcpListener::bind(listen).and_then(|l| {
+        l.set_nonblocking(true)?;
+        TcpListener::from_std(l)
+    });
+    let listener = match bound {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(%listen, error = %e, "status endpoint disabled: cannot listen");
+            return None;
+        }
+    };
+    let addr = listener.local_addr().ok()?;
+    tokio::spawn(serve(listener, routes, token));
+    tracing::info!(%addr, "status endpoint: /status /metrics /health");
+    Some(addr)
+}
+
 fn answer(routes: &dyn Routes, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {

@@ -108,6 +108,7 @@ impl Forwarder {
         }
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut committer_gone = false;
+        let mut reported_in_flight = 0;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -123,7 +124,10 @@ impl Forwarder {
             }
             self.send_more().await;
             let n = self.in_flight.len() as u64;
-            self.metrics.update_link(|l| l.in_flight = n);
+            if n != reported_in_flight {
+                reported_in_flight = n;
+                self.metrics.update_link(|l| l.in_flight = n);
+            }
         }
         self.link.shutdown().await;
         info!(in_flight = self.in_flight.len(), "uplink stopped");

@@ -518,37 +518,23 @@ async fn measure_cycle_time() {
     }
 }
 
-/// RTU over TCP through the whole gateway: config → supervisor → bus task → seal →
-/// commit; the opened records carry values the simulator served.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rtu_over_tcp_through_the_gateway_into_sealed_batches() {
+/// Runs the whole gateway (config → supervisor → bus task → seal → commit) on
+/// `devices` (named `{prefix}{unit}`) until `batches` are committed, then opens every
+/// sealed record and checks it against what `meters` served to its unit. Returns the
+/// number of records checked and the gateway's counters.
+async fn gateway_records_match_the_meters(
+    meters: &SimMeters,
+    devices: &str,
+    prefix: &str,
+    units: std::ops::RangeInclusive<u8>,
+    batches: u64,
+) -> (usize, Arc<Metrics>) {
     use crate::support::{open_all, wait_for, Deployment};
     use citygate::store::{SledStore, Store, StoreOptions};
     use citygate::supervisor::{self, KeyMaterial};
 
-    let meters = SimMeters::new(profile(), 3, 17);
-    let token = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    tokio::spawn(citygate::sim::serve_rtu_tcp(
-        listener,
-        RtuSim::new(meters.clone()),
-        token.clone(),
-    ));
     let dep = Deployment::new();
-    let mut devices = String::new();
-    for u in 1..=3u8 {
-        devices += &format!(
-            "[[device]]\nname = \"m{u}\"\nprofile = \"{PROFILE}\"\n\
-             transport = {{ type = \"rtu_tcp\", address = \"{address}\", baud = 19200 }}\n\
-             unit = {u}\npoll_interval = \"200ms\"\n\n"
-        );
-    }
-    let cfg = dep.config(
-        &["active_power", "voltage_l1"],
-        &devices,
-        shipped_profiles(),
-    );
+    let cfg = dep.config(&["active_power", "voltage_l1"], devices, shipped_profiles());
     let keys = KeyMaterial::load(&cfg.keys).unwrap();
     let policy = supervisor::policy(&cfg, keys.pseudonym.clone());
     let store: Arc<dyn Store> =
@@ -556,15 +542,19 @@ async fn rtu_over_tcp_through_the_gateway_into_sealed_batches() {
     let running = supervisor::start(&cfg, keys, store.clone());
     let metrics = running.metrics.clone();
     let enough = wait_for(Duration::from_secs(20), || {
-        metrics.batches_committed.get() >= 4
+        metrics.batches_committed.get() >= batches
     })
     .await;
     assert!(enough, "{} batches", metrics.batches_committed.get());
     assert!(running.shutdown(Duration::from_secs(10)).await);
-    token.cancel();
 
-    let subjects: HashMap<String, u8> = (1..=3u8)
-        .map(|u| (policy.subject(&DeviceId::new(format!("m{u}")).unwrap()), u))
+    let subjects: HashMap<String, u8> = units
+        .map(|u| {
+            (
+                policy.subject(&DeviceId::new(format!("{prefix}{u}")).unwrap()),
+                u,
+            )
+        })
         .collect();
     let p = profile();
     let mut checked = 0;
@@ -578,10 +568,38 @@ async fn rtu_over_tcp_through_the_gateway_into_sealed_batches() {
                 .iter()
                 .filter_map(|s| s.values.get(&field.name).copied())
                 .any(|eng| (eng * field.unit.factor).to_bits() == v.to_bits());
-            assert!(served, "m{unit} {} = {v} never served", rec.field);
+            assert!(served, "{prefix}{unit} {} = {v} never served", rec.field);
             checked += 1;
         }
     }
+    (checked, metrics)
+}
+
+/// RTU over TCP through the whole gateway: the opened records carry values the
+/// simulator served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtu_over_tcp_through_the_gateway_into_sealed_batches() {
+    let meters = SimMeters::new(profile(), 3, 17);
+    let token = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(citygate::sim::serve_rtu_tcp(
+        listener,
+        RtuSim::new(meters.clone()),
+        token.clone(),
+    ));
+    let devices: String = (1..=3u8)
+        .map(|u| {
+            format!(
+                "[[device]]\nname = \"m{u}\"\nprofile = \"{PROFILE}\"\n\
+                 transport = {{ type = \"rtu_tcp\", address = \"{address}\", baud = 19200 }}\n\
+                 unit = {u}\npoll_interval = \"200ms\"\n\n"
+            )
+        })
+        .collect();
+    let (checked, metrics) =
+        gateway_records_match_the_meters(&meters, &devices, "m", 1..=3, 4).await;
+    token.cancel();
     assert!(checked >= 12, "{checked}");
     for u in 1..=3u8 {
         let s = metrics.device(&DeviceId::new(format!("m{u}")).unwrap());
@@ -593,10 +611,6 @@ async fn rtu_over_tcp_through_the_gateway_into_sealed_batches() {
 /// sealed batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dtu_dial_in_through_the_gateway_into_sealed_batches() {
-    use crate::support::{open_all, wait_for, Deployment};
-    use citygate::store::{SledStore, Store, StoreOptions};
-    use citygate::supervisor::{self, KeyMaterial};
-
     // The gateway binds the configured address itself: take a free loopback port.
     let listen = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -612,52 +626,16 @@ async fn dtu_dial_in_through_the_gateway_into_sealed_batches() {
         RtuSim::new(meters.clone()),
         token.clone(),
     ));
-    let dep = Deployment::new();
-    let mut devices = String::new();
-    for u in 1..=2u8 {
-        devices += &format!(
-            "[[device]]\nname = \"d{u}\"\nprofile = \"{PROFILE}\"\n\
-             transport = {{ type = \"dtu\", id = \"{id}\", listen = \"{listen}\" }}\n\
-             unit = {u}\npoll_interval = \"200ms\"\n\n"
-        );
-    }
-    let cfg = dep.config(
-        &["active_power", "voltage_l1"],
-        &devices,
-        shipped_profiles(),
-    );
-    let keys = KeyMaterial::load(&cfg.keys).unwrap();
-    let policy = supervisor::policy(&cfg, keys.pseudonym.clone());
-    let store: Arc<dyn Store> =
-        Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
-    let running = supervisor::start(&cfg, keys, store.clone());
-    let metrics = running.metrics.clone();
-    let enough = wait_for(Duration::from_secs(20), || {
-        metrics.batches_committed.get() >= 3
-    })
-    .await;
-    assert!(enough, "{} batches", metrics.batches_committed.get());
-    assert!(running.shutdown(Duration::from_secs(10)).await);
-    token.cancel();
-
-    let subjects: HashMap<String, u8> = (1..=2u8)
-        .map(|u| (policy.subject(&DeviceId::new(format!("d{u}")).unwrap()), u))
+    let devices: String = (1..=2u8)
+        .map(|u| {
+            format!(
+                "[[device]]\nname = \"d{u}\"\nprofile = \"{PROFILE}\"\n\
+                 transport = {{ type = \"dtu\", id = \"{id}\", listen = \"{listen}\" }}\n\
+                 unit = {u}\npoll_interval = \"200ms\"\n\n"
+            )
+        })
         .collect();
-    let p = profile();
-    let mut checked = 0;
-    for batch in open_all(store.as_ref(), &dep.opener(&cfg.gateway_id)) {
-        for rec in &batch.records {
-            let unit = subjects[&rec.subject];
-            let field = p.field(&rec.field).unwrap();
-            let v = rec.value.as_f64().unwrap();
-            let served = meters
-                .history(UnitId(unit))
-                .iter()
-                .filter_map(|s| s.values.get(&field.name).copied())
-                .any(|eng| (eng * field.unit.factor).to_bits() == v.to_bits());
-            assert!(served, "d{unit} {} = {v} never served", rec.field);
-            checked += 1;
-        }
-    }
+    let (checked, _) = gateway_records_match_the_meters(&meters, &devices, "d", 1..=2, 3).await;
+    token.cancel();
     assert!(checked >= 8, "{checked}");
 }

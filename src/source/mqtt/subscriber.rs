@@ -39,7 +39,7 @@ use crate::config::{DeviceConfig, MqttSourceConfig};
 use crate::reading::{now_ms, DeviceId, FieldName, TimestampMs};
 use crate::source::{RawSample, SampleData, TimeSource};
 use crate::telemetry::{Metrics, PollOutcome};
-use crate::uplink::{LinkEvent, LinkOptions, LinkTls, MqttLink, QoS, TlsClientFiles};
+use crate::uplink::{LinkEvent, LinkOptions, LinkTls, MqttLink, QoS};
 
 /// Warnings about bad messages allowed per [`LOG_WINDOW`].
 pub const LOG_BURST: u32 = 10;
@@ -120,17 +120,10 @@ impl MqttSubscriber {
 
     /// Runs until cancelled.
     pub async fn run(mut self) {
-        let tls = match &self.cfg.tls {
-            Some(t) => LinkTls::Files(TlsClientFiles {
-                ca: t.ca_file.clone(),
-                cert: t.cert_file.clone(),
-                key: t.key_file.clone(),
-            }),
-            None => {
-                warn!(source = %self.cfg.name, broker = %self.cfg.broker, "mqtt source without TLS (danger_plaintext): meter data and the broker are not authenticated");
-                LinkTls::DangerPlaintext
-            }
-        };
+        let tls = LinkTls::from_config(self.cfg.tls.as_ref());
+        if self.cfg.tls.is_none() {
+            warn!(source = %self.cfg.name, broker = %self.cfg.broker, "mqtt source without TLS (danger_plaintext): meter data and the broker are not authenticated");
+        }
         let opts = LinkOptions::new(self.cfg.broker.clone(), self.cfg.client_id.clone(), tls);
         let (link, mut events) = match MqttLink::start(opts) {
             Ok(l) => l,
