@@ -3,15 +3,18 @@
 //! The modules follow the pipeline: `config` and `profile` describe what to poll,
 //! `source` polls meters, `transform` normalises, checks and minimises readings,
 //! `seal` turns records into encrypted, signed batches, `store` keeps them durable
-//! until the hub acknowledges them, `uplink` carries them over MQTT with mutual TLS
-//! (and embeds a broker for one-box setups); `hub` is the receiving end (verify,
-//! decrypt, de-duplicate, write, ack). `supervisor` wires the tasks; `status` and
+//! until the hub acknowledges them, `uplink` forwards them to the hub; `hub` is the
+//! receiving end (verify, decrypt, de-duplicate, write, ack). `mqtt` is the MQTT/TLS
+//! transport every MQTT speaker shares (with an embedded broker for one-box setups), and
+//! `wire` the topics and acks gateways and hubs exchange. `supervisor` wires the tasks; `status` and
 //! `telemetry` report on them; `sim` serves simulated meters for tests, demos and
 //! commissioning practice.
 
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod hub;
+pub mod mqtt;
 pub mod pipeline;
 pub mod profile;
 pub mod reading;
@@ -24,3 +27,4 @@ pub mod supervisor;
 pub mod telemetry;
 pub mod transform;
 pub mod uplink;
+pub mod wire;

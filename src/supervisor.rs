@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{DeviceConfig, GatewayConfig, KeyPaths, Transport};
+use crate::mqtt::{LinkError, LinkOptions, LinkTls, MqttLink};
 use crate::pipeline::{
     Batcher, CommittedMarks, Committer, SAMPLES_CHANNEL_CAPACITY, SEALED_CHANNEL_CAPACITY,
 };
@@ -32,7 +33,7 @@ use crate::source::mqtt::MqttSubscriber;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::transform::minimise::{Policy, PseudonymKey};
-use crate::uplink::{Forwarder, ForwarderOptions, LinkError, LinkOptions, LinkTls, MqttLink};
+use crate::uplink::{Forwarder, ForwarderOptions};
 
 /// The secrets and public keys a gateway runs with.
 #[derive(Debug, Clone)]

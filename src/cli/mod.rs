@@ -400,7 +400,7 @@ pub fn keys_tls(
     clients: &[String],
     force: bool,
 ) -> Result<(), CliError> {
-    use crate::uplink::CertAuthority;
+    use crate::mqtt::CertAuthority;
     if dir.join("ca.pem").exists() && !force {
         return Err(CliError::Usage(format!(
             "{} already exists; certificates issued by it would stop verifying. Use --force to replace it",
@@ -414,7 +414,7 @@ pub fn keys_tls(
             Err(_) => names.push(s.as_str()),
         }
     }
-    let usage = |e: crate::uplink::TlsError| CliError::Usage(e.to_string());
+    let usage = |e: crate::mqtt::TlsError| CliError::Usage(e.to_string());
     let ca = CertAuthority::generate(dir, "citygate CA").map_err(usage)?;
     let server = ca.issue_server("broker", &names, &ips).map_err(usage)?;
     println!(

@@ -7,10 +7,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{runtime, shutdown_signal, CliError, SimArgs};
+use crate::mqtt::{LinkOptions, LinkTls, MqttLink, TlsClientFiles};
 use crate::profile::mqtt::PayloadShape;
 use crate::profile::Profile;
 use crate::sim::mqtt::{publish, MqttSim, MqttSimOptions};
-use crate::uplink::{LinkOptions, LinkTls, MqttLink, TlsClientFiles};
 
 /// The MQTT options of `citygate sim`.
 #[derive(Debug, clap::Args)]

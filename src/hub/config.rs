@@ -98,7 +98,7 @@ pub struct EmbeddedBrokerConfig {
     pub listen: SocketAddr,
     /// The broker's certificate (leaf first) and key, and the CA client certificates of
     /// gateways and hubs must chain to.
-    pub tls: crate::uplink::TlsServerFiles,
+    pub tls: crate::mqtt::TlsServerFiles,
 }
 
 /// One registered gateway.
@@ -251,7 +251,7 @@ impl HubConfig {
                 .parse::<SocketAddr>()
                 .map(|listen| EmbeddedBrokerConfig {
                     listen,
-                    tls: crate::uplink::TlsServerFiles {
+                    tls: crate::mqtt::TlsServerFiles {
                         client_ca: resolve(&b.client_ca_file),
                         cert: resolve(&b.cert_file),
                         key: resolve(&b.key_file),

@@ -1,8 +1,8 @@
 //! The hub's transport-independent core: sealed batches in, records to the sink, acks out.
 //!
-//! The MQTT layer (`uplink`) receives a payload on `citygate/v1/{gateway_id}/{stream}`, calls
+//! The MQTT layer (`service`) receives a payload on `citygate/v1/{gateway_id}/{stream}`, calls
 //! [`Hub::ingest`] with the topic's gateway id, and publishes the returned [`Ack`] (encoded by
-//! [`Ack::encode`], see `ack.rs` for the format) on `citygate/v1/{gateway_id}/ack`. For each
+//! [`Ack::encode`], see `wire` for the format) on `citygate/v1/{gateway_id}/ack`. For each
 //! payload, in this order:
 //!
 //! 1. open the envelope ([`Opener`]: parse, registered gateway and key, strict signature, HPKE,
@@ -31,7 +31,6 @@
 //! All calls block (file sync, sled flush): call them from `spawn_blocking` or a dedicated
 //! thread.
 
-mod ack;
 pub mod config;
 pub mod dedup;
 pub mod process;
@@ -46,7 +45,6 @@ use std::sync::{Mutex, PoisonError};
 
 pub mod service;
 
-pub use ack::{Ack, AckError, ACK_VERSION, MAX_ACK_BYTES};
 pub use config::{HubConfig, HubKeys, SinkConfig};
 pub use dedup::{Dedup, DedupError, Seen};
 pub use process::HubProcess;
@@ -54,6 +52,7 @@ pub use sink::{BatchKey, JsonlSink, Sink, SinkError};
 
 use crate::reading::GatewayId;
 use crate::seal::Opener;
+use crate::wire::Ack;
 
 /// What became of one payload.
 #[derive(Debug, Clone, PartialEq, Eq)]

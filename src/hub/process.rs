@@ -8,13 +8,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{service, Hub, HubConfig, HubError};
+use crate::mqtt::{
+    BrokerError, BrokerOptions, EmbeddedBroker, LinkError, LinkOptions, LinkTls, MqttLink,
+};
 use crate::reading::now_ms;
 use crate::telemetry::http::{Reply, Routes};
 use crate::telemetry::prometheus::{count, Exposition, Kind, CONTENT_TYPE};
 use crate::telemetry::StartTime;
-use crate::uplink::{
-    BrokerError, BrokerOptions, EmbeddedBroker, LinkError, LinkOptions, LinkTls, MqttLink,
-};
 
 /// Why a hub could not start.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! The hub's MQTT side: batches in from a shared subscription, acks out.
 //!
-//! Subscribes to `$share/{group}/citygate/v1/+/{readings,alarms,audit}` so several hub
+//! Subscribes to the hubs' shared subscription (`wire::hub_filters`) so several hub
 //! processes can split the load behind one broker cluster, feeds every payload to
 //! [`Hub::ingest`] (on a blocking thread: it writes and syncs), and publishes the
 //! returned ack on `citygate/v1/{gateway}/ack`. A payload on a topic that names no
@@ -14,35 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{Hub, Ingest};
-use crate::reading::{GatewayId, Stream};
-use crate::uplink::{ack_topic, LinkEvent, MqttLink, QoS};
-
-/// The subscription filters of a hub in share group `group`.
-pub fn filters(group: &str) -> Vec<String> {
-    Stream::ALL
-        .iter()
-        .map(|s| format!("$share/{group}/citygate/v1/+/{s}"))
-        .collect()
-}
-
-/// The gateway named by a batch topic `citygate/v1/{gateway}/{stream}`.
-pub fn topic_gateway(topic: &str) -> Option<GatewayId> {
-    let mut parts = topic.split('/');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
-        (Some("citygate"), Some("v1"), Some(gw), Some(stream), None)
-            if Stream::ALL.iter().any(|s| s.as_str() == stream) =>
-        {
-            GatewayId::new(gw).ok()
-        }
-        _ => None,
-    }
-}
+use crate::mqtt::{LinkEvent, MqttLink, QoS};
+use crate::wire::{ack_topic, hub_filters, parse_stream_topic};
 
 /// Runs the hub over `link` until `shutdown` is cancelled or the link's events end.
 pub async fn serve(
@@ -52,7 +25,7 @@ pub async fn serve(
     group: String,
     shutdown: CancellationToken,
 ) {
-    for f in filters(&group) {
+    for f in hub_filters(&group) {
         if let Err(e) = link.subscribe(&f, QoS::AtLeastOnce).await {
             warn!(filter = %f, error = %e, "hub subscribe failed");
         }
@@ -66,7 +39,7 @@ pub async fn serve(
         let LinkEvent::Publish { topic, payload } = event else {
             continue;
         };
-        let Some(gateway) = topic_gateway(&topic) else {
+        let Some((gateway, _stream)) = parse_stream_topic(&topic) else {
             warn!(topic = %topic, "payload on an unexpected topic dropped");
             continue;
         };
@@ -94,22 +67,4 @@ pub async fn serve(
     }
     link.shutdown().await;
     info!("hub stopped");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn topics_name_their_gateway() {
-        assert_eq!(
-            topic_gateway("citygate/v1/gw-1/readings").unwrap().as_str(),
-            "gw-1"
-        );
-        assert!(topic_gateway("citygate/v1/gw-1/ack").is_none());
-        assert!(topic_gateway("citygate/v1/gw 1/readings").is_none());
-        assert!(topic_gateway("citygate/v2/gw-1/readings").is_none());
-        assert!(topic_gateway("citygate/v1/gw-1/readings/x").is_none());
-        assert_eq!(filters("hubs")[0], "$share/hubs/citygate/v1/+/readings");
-    }
 }

@@ -32,11 +32,11 @@ use tracing::{info, warn};
 
 use super::map::decode_eng;
 use super::model::MeterModel;
+use crate::mqtt::{LinkEvent, MqttLink, QoS};
 use crate::profile::mqtt::{Locator, MqttField, MqttSpec, PayloadShape, TimeFormat, ValueKind};
 use crate::profile::{Field, Profile};
 use crate::reading::{now_ms, TimestampMs, UnitId};
 use crate::source::mqtt::decode::{ALINK_PROPERTY_POST, MAX_PAYLOAD_BYTES};
-use crate::uplink::{LinkEvent, MqttLink, QoS};
 
 /// Kinds of malformed message, in the order they are sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

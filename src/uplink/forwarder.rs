@@ -19,25 +19,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{LinkEvent, MqttLink, QoS};
-use crate::hub::Ack;
+use crate::mqtt::{LinkEvent, MqttLink, QoS};
 use crate::pipeline::CommittedMarks;
 use crate::reading::{now_ms, GatewayId, Stream};
 use crate::store::{Store, StoredBatch};
 use crate::telemetry::Metrics;
+use crate::wire::{ack_topic, stream_topic, Ack};
 
 /// Sending order: priority streams first.
 const PRIORITY: [Stream; 3] = [Stream::Alarms, Stream::Audit, Stream::Readings];
-
-/// The MQTT topic of a gateway's stream.
-pub fn stream_topic(gateway: &GatewayId, stream: Stream) -> String {
-    format!("citygate/v1/{gateway}/{stream}")
-}
-
-/// The MQTT topic the hub acknowledges a gateway's batches on.
-pub fn ack_topic(gateway: &GatewayId) -> String {
-    format!("citygate/v1/{gateway}/ack")
-}
 
 /// Flow control of the uplink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

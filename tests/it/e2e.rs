@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use citygate::hub::{Hub, HubConfig};
+use citygate::mqtt::{BrokerOptions, CertAuthority, EmbeddedBroker};
 use citygate::store::{SledStore, Store, StoreOptions};
 use citygate::supervisor::{self, KeyMaterial};
-use citygate::uplink::{BrokerOptions, CertAuthority, EmbeddedBroker, ForwarderOptions};
+use citygate::uplink::ForwarderOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;

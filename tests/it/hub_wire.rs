@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use citygate::hub::{HubConfig, HubProcess};
+use citygate::mqtt::{CertAuthority, LinkEvent, LinkTls, MqttLink, QoS};
 use citygate::reading::{GatewayId, Quality, Record, Stream, Unit, Value};
 use citygate::seal::{keys, Sealer};
-use citygate::uplink::{ack_topic, stream_topic, CertAuthority, LinkEvent, LinkTls, MqttLink, QoS};
+use citygate::wire::{ack_topic, stream_topic};
 use tokio::sync::mpsc;
 
 use crate::support::*;
@@ -56,7 +57,7 @@ fn start_hub(config: &Path) -> HubProcess {
     let cfg = HubConfig::load(config).unwrap();
     HubProcess::start_with(&cfg, |mut o| {
         o.keep_alive = Duration::from_secs(5);
-        o.backoff = citygate::uplink::backoff::BackoffPolicy {
+        o.backoff = citygate::backoff::BackoffPolicy {
             initial: Duration::from_millis(50),
             max: Duration::from_millis(500),
         };
@@ -110,7 +111,7 @@ impl Publisher {
         let deadline = tokio::time::Instant::now() + limit;
         while let Ok(Some(e)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
             if let LinkEvent::Publish { payload, .. } = e {
-                seqs.push(citygate::hub::Ack::decode(&payload).unwrap().seq);
+                seqs.push(citygate::wire::Ack::decode(&payload).unwrap().seq);
             }
         }
         seqs

@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use citygate::mqtt::{
+    BrokerOptions, CertAuthority, EmbeddedBroker, LinkEvent, LinkTls, MqttLink, QoS,
+};
 use citygate::profile::mqtt::PayloadShape;
 use citygate::profile::{Profile, ProfileSet};
 use citygate::reading::{now_ms, DeviceId, Quality, QualityReason, Value};
 use citygate::sim::mqtt::{Malformed, MqttSim, MqttSimOptions, SimMessage, SimValue, Truth};
 use citygate::store::{MemStore, Store};
 use citygate::supervisor::{self, KeyMaterial};
-use citygate::uplink::{
-    BrokerOptions, CertAuthority, EmbeddedBroker, LinkEvent, LinkTls, MqttLink, QoS,
-};
 use tokio::sync::mpsc;
 
 use crate::support::*;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use citygate::uplink::backoff::BackoffPolicy;
-use citygate::uplink::{
+use citygate::backoff::BackoffPolicy;
+use citygate::mqtt::{
     tls, BrokerError, BrokerOptions, CertAuthority, CertKeyFiles, EmbeddedBroker, LinkEvent,
     LinkFailure, LinkOptions, LinkTls, MqttLink, QoS, TlsClientFiles, TlsError,
 };

@@ -169,12 +169,12 @@ pub async fn wait_exit(
 pub fn test_link_options(
     port: u16,
     id: &str,
-    tls: citygate::uplink::LinkTls,
-) -> citygate::uplink::LinkOptions {
-    let mut o = citygate::uplink::LinkOptions::new(format!("localhost:{port}"), id, tls);
+    tls: citygate::mqtt::LinkTls,
+) -> citygate::mqtt::LinkOptions {
+    let mut o = citygate::mqtt::LinkOptions::new(format!("localhost:{port}"), id, tls);
     o.keep_alive = Duration::from_secs(5);
     o.connect_timeout = Duration::from_secs(5);
-    o.backoff = citygate::uplink::backoff::BackoffPolicy {
+    o.backoff = citygate::backoff::BackoffPolicy {
         initial: Duration::from_millis(50),
         max: Duration::from_millis(500),
     };
@@ -185,11 +185,11 @@ pub fn test_link_options(
 /// serves it in a task until `token` is cancelled.
 pub fn start_hub_service(
     hub: &Arc<citygate::hub::Hub>,
-    ca: &citygate::uplink::CertAuthority,
+    ca: &citygate::mqtt::CertAuthority,
     port: u16,
     token: &CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    use citygate::uplink::{LinkTls, MqttLink};
+    use citygate::mqtt::{LinkTls, MqttLink};
     let tls = LinkTls::Files(ca.client_files(&ca.issue_client("hub-1").unwrap()));
     let (link, events) = MqttLink::start(test_link_options(port, "hub-1", tls)).unwrap();
     tokio::spawn(citygate::hub::service::serve(
@@ -206,11 +206,12 @@ pub fn start_hub_service(
 pub fn start_forwarder(
     cfg: &citygate::config::GatewayConfig,
     running: &citygate::supervisor::Running,
-    ca: &citygate::uplink::CertAuthority,
+    ca: &citygate::mqtt::CertAuthority,
     port: u16,
     opts: citygate::uplink::ForwarderOptions,
 ) -> (tokio::task::JoinHandle<()>, CancellationToken) {
-    use citygate::uplink::{Forwarder, LinkTls, MqttLink};
+    use citygate::mqtt::{LinkTls, MqttLink};
+    use citygate::uplink::Forwarder;
     let tls = LinkTls::Files(ca.client_files(&ca.issue_client("gw-test").unwrap()));
     let (link, events) = MqttLink::start(test_link_options(port, "gw-test", tls)).unwrap();
     let stop = CancellationToken::new();

@@ -36,10 +36,10 @@ use tracing::{debug, error, info, warn};
 use super::decode::{decode, Decoded};
 use super::routes::Routes;
 use crate::config::{DeviceConfig, MqttSourceConfig};
+use crate::mqtt::{LinkEvent, LinkOptions, LinkTls, MqttLink, QoS};
 use crate::reading::{now_ms, DeviceId, FieldName, TimestampMs};
 use crate::source::{RawSample, SampleData, TimeSource};
 use crate::telemetry::{Metrics, PollOutcome};
-use crate::uplink::{LinkEvent, LinkOptions, LinkTls, MqttLink, QoS};
 
 /// Warnings about bad messages allowed per [`LOG_WINDOW`].
 pub const LOG_BURST: u32 = 10;

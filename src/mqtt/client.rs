@@ -32,9 +32,10 @@ use tracing::{debug, warn};
 
 pub use rumqttc::QoS;
 
-use super::backoff::BackoffPolicy;
-use super::driver::{Driver, LinkFailure};
+use super::driver::Driver;
+use super::event::{LinkEvent, LinkState};
 use super::tls::{self, TlsClientFiles, TlsError};
+use crate::backoff::BackoffPolicy;
 
 /// Default largest MQTT packet, both directions (rumqttc's own default is 10 KiB).
 pub const DEFAULT_MAX_PACKET_BYTES: usize = 1024 * 1024;
@@ -109,42 +110,6 @@ impl LinkOptions {
             backoff: BackoffPolicy::default(),
         }
     }
-}
-
-/// What the driver reports, in the order it happened.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkEvent {
-    /// CONNACK accepted. `session_present = false`: subscriptions are being re-issued and
-    /// anything not yet acknowledged end-to-end must be re-sent.
-    Connected { session_present: bool },
-    /// A connection attempt failed or an established connection broke; the driver retries
-    /// after `retry_in`.
-    Disconnected {
-        error: LinkFailure,
-        retry_in: Duration,
-    },
-    /// An incoming application message.
-    Publish { topic: String, payload: Bytes },
-    /// The broker acknowledged our QoS 1 publish with this packet id.
-    PubAck { pkid: u16 },
-    /// The broker answered a SUBSCRIBE; `granted` is false if it refused any filter.
-    SubAck { pkid: u16, granted: bool },
-}
-
-/// The link's current connection state, always readable without waiting.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkState {
-    Connecting,
-    /// `epoch` counts successful connections since start (1 for the first).
-    Connected {
-        session_present: bool,
-        epoch: u64,
-    },
-    Disconnected {
-        error: LinkFailure,
-    },
-    /// The link was shut down.
-    Stopped,
 }
 
 /// Why a link call failed.

@@ -202,7 +202,7 @@ fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::uplink::tls;
+    use crate::mqtt::tls;
 
     #[test]
     fn issued_files_load_into_rustls_configs() {

@@ -11,79 +11,12 @@
 
 use std::time::Duration;
 
-use rumqttc::{ConnectionError, Event, EventLoop, Outgoing, Packet, StateError};
+use rumqttc::{ConnectionError, Event, EventLoop, Outgoing, Packet};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::backoff::{Backoff, BackoffPolicy};
-use super::client::{LinkEvent, LinkState};
-
-/// Why a connection attempt failed or a connection broke, classified for policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkFailure {
-    /// TLS handshake or certificate problem (untrusted server, refused client certificate,
-    /// no common protocol). Retrying will not help until an operator fixes certificates.
-    Tls(String),
-    /// The broker answered CONNACK with a refusal code.
-    Refused(String),
-    /// TCP-level failure: refused, reset, unreachable, DNS, closed by peer.
-    Network(String),
-    /// Connect, handshake or flush took too long.
-    Timeout,
-    /// The broker broke the MQTT protocol or sent a packet we cannot accept (e.g. too big).
-    Protocol(String),
-}
-
-impl LinkFailure {
-    /// Classifies a rumqttc error.
-    pub fn classify(err: &ConnectionError) -> LinkFailure {
-        match err {
-            ConnectionError::Tls(tls) => LinkFailure::Tls(tls.to_string()),
-            ConnectionError::Io(io) => from_io(io),
-            ConnectionError::MqttState(StateError::Io(io)) => from_io(io),
-            // The first read after a TLS 1.3 handshake happens while decoding CONNACK.
-            ConnectionError::MqttState(StateError::Deserialization(
-                rumqttc::mqttbytes::Error::Io(io),
-            )) => from_io(io),
-            ConnectionError::MqttState(state) => LinkFailure::Protocol(state.to_string()),
-            ConnectionError::NetworkTimeout | ConnectionError::FlushTimeout => LinkFailure::Timeout,
-            ConnectionError::ConnectionRefused(code) => LinkFailure::Refused(format!("{code:?}")),
-            ConnectionError::NotConnAck(packet) => {
-                LinkFailure::Protocol(format!("expected CONNACK, got {packet:?}"))
-            }
-            ConnectionError::RequestsDone => LinkFailure::Network("link closed".to_owned()),
-        }
-    }
-
-    /// True for certificate and handshake failures.
-    pub fn is_tls(&self) -> bool {
-        matches!(self, LinkFailure::Tls(_))
-    }
-}
-
-impl std::fmt::Display for LinkFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LinkFailure::Tls(d) => write!(f, "tls: {d}"),
-            LinkFailure::Refused(d) => write!(f, "refused by broker: {d}"),
-            LinkFailure::Network(d) => write!(f, "network: {d}"),
-            LinkFailure::Timeout => f.write_str("timeout"),
-            LinkFailure::Protocol(d) => write!(f, "protocol: {d}"),
-        }
-    }
-}
-
-/// rustls reports alerts and certificate errors as `io::Error`s wrapping a `rustls::Error`,
-/// also after the handshake (TLS 1.3 servers reject a client certificate on the first read).
-fn from_io(io: &std::io::Error) -> LinkFailure {
-    match io
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(tls) => LinkFailure::Tls(tls.to_string()),
-        None => LinkFailure::Network(io.to_string()),
-    }
-}
+use super::event::{LinkEvent, LinkFailure, LinkState};
+use crate::backoff::{Backoff, BackoffPolicy};
 
 /// Owns the event loop; see the module docs.
 pub(crate) struct Driver {
@@ -208,34 +141,5 @@ impl Driver {
         if self.events_tx.send(event).await.is_err() {
             debug!("link event receiver gone; event discarded");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn io_errors_wrapping_rustls_errors_are_tls_failures() {
-        let tls = std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
-        );
-        assert!(LinkFailure::classify(&ConnectionError::Io(tls)).is_tls());
-        let alert = std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate),
-        );
-        let in_decode = StateError::Deserialization(rumqttc::mqttbytes::Error::Io(alert));
-        assert!(LinkFailure::classify(&ConnectionError::MqttState(in_decode)).is_tls());
-        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
-        assert!(matches!(
-            LinkFailure::classify(&ConnectionError::MqttState(StateError::Io(reset))),
-            LinkFailure::Network(_)
-        ));
-        assert_eq!(
-            LinkFailure::classify(&ConnectionError::NetworkTimeout),
-            LinkFailure::Timeout
-        );
     }
 }
