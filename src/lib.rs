@@ -13,6 +13,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod diag;
 pub mod hub;
 pub mod mqtt;
 pub mod pipeline;

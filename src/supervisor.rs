@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{DeviceConfig, GatewayConfig, KeyPaths, Transport};
-use crate::mqtt::{LinkError, LinkOptions, LinkTls, MqttLink};
+use crate::mqtt::{LinkError, LinkOptions, MqttLink};
 use crate::pipeline::{
     Batcher, CommittedMarks, Committer, SAMPLES_CHANNEL_CAPACITY, SEALED_CHANNEL_CAPACITY,
 };
@@ -243,7 +243,7 @@ pub fn start_uplink_with(
     let Some(u) = &cfg.uplink else {
         return Ok(None);
     };
-    let tls = LinkTls::from_config(u.tls.as_ref());
+    let tls = crate::config::TlsFiles::link_tls(u.tls.as_ref());
     if u.tls.is_none() {
         warn!(broker = %u.broker, "uplink without TLS (danger_plaintext): batches are sealed, but the link is not authenticated");
     }

@@ -8,10 +8,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::diag::{Diagnostic, SourceFile};
 use super::duration::HumanDuration;
 use super::mqtt::DeviceRoutes;
 use super::{DeviceConfig, ModbusConfig, Transport};
+use crate::diag::{Diagnostic, SourceFile};
 use crate::profile::{Profile, ProfileSet, Ratio, Ratios};
 use crate::reading::{DeviceId, UnitId};
 

@@ -7,7 +7,7 @@
 //! profile, a valid unit id and a positive poll interval.
 
 mod device;
-pub mod diag;
+use crate::diag;
 pub mod duration;
 pub mod mqtt;
 mod raw;
@@ -173,6 +173,21 @@ pub struct TlsFiles {
     pub ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+}
+
+impl TlsFiles {
+    /// The link TLS of a validated config section: its files, or plaintext where the config
+    /// said `danger_plaintext` (`None`). Callers log the plaintext case in their terms.
+    pub fn link_tls(files: Option<&TlsFiles>) -> crate::mqtt::LinkTls {
+        match files {
+            Some(t) => crate::mqtt::LinkTls::Files(crate::mqtt::TlsClientFiles {
+                ca: t.ca_file.clone(),
+                cert: t.cert_file.clone(),
+                key: t.key_file.clone(),
+            }),
+            None => crate::mqtt::LinkTls::DangerPlaintext,
+        }
+    }
 }
 
 /// Validates an MQTT section's TLS keys: all three files, or none with

@@ -7,11 +7,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::diag::{Diagnostic, SourceFile};
 use super::duration::HumanDuration;
 use super::{
     BatchConfig, ConfigError, GatewayConfig, KeyPaths, ModbusConfig, PurposeConfig, StoreConfig,
 };
+use crate::diag::{Diagnostic, SourceFile};
 use crate::profile::ProfileSet;
 use crate::reading::{FieldName, GatewayId};
 

@@ -34,8 +34,8 @@ use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::diag::{Diagnostic, SourceFile};
 use crate::config::{is_host_port, read_config_text, resolve_path, ConfigError};
+use crate::diag::{Diagnostic, SourceFile};
 use crate::reading::GatewayId;
 use crate::seal::{load_hub_secret_key, load_verifying_key, HubSecretKey, KeyError, Opener};
 

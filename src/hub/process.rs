@@ -8,9 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{service, Hub, HubConfig, HubError};
-use crate::mqtt::{
-    BrokerError, BrokerOptions, EmbeddedBroker, LinkError, LinkOptions, LinkTls, MqttLink,
-};
+use crate::mqtt::{BrokerError, BrokerOptions, EmbeddedBroker, LinkError, LinkOptions, MqttLink};
 use crate::reading::now_ms;
 use crate::telemetry::http::{Reply, Routes};
 use crate::telemetry::prometheus::{count, Exposition, Kind, CONTENT_TYPE};
@@ -65,7 +63,7 @@ impl HubProcess {
             (Some(b), true) => format!("localhost:{}", b.tls_addr().port()),
             _ => cfg.mqtt.broker.clone(),
         };
-        let tls = LinkTls::from_config(cfg.mqtt.tls.as_ref());
+        let tls = crate::config::TlsFiles::link_tls(cfg.mqtt.tls.as_ref());
         if cfg.mqtt.tls.is_none() {
             warn!(broker = %target, "hub connects without TLS (danger_plaintext)");
         }

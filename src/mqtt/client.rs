@@ -59,21 +59,6 @@ pub enum LinkTls {
     DangerPlaintext,
 }
 
-impl LinkTls {
-    /// The TLS of a validated config section: its files, or plaintext where the config
-    /// said `danger_plaintext` (`None`). Callers log the plaintext case in their terms.
-    pub fn from_config(files: Option<&crate::config::TlsFiles>) -> LinkTls {
-        match files {
-            Some(t) => LinkTls::Files(TlsClientFiles {
-                ca: t.ca_file.clone(),
-                cert: t.cert_file.clone(),
-                key: t.key_file.clone(),
-            }),
-            None => LinkTls::DangerPlaintext,
-        }
-    }
-}
-
 /// Everything [`MqttLink::start`] needs.
 #[derive(Debug, Clone)]
 pub struct LinkOptions {

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::diag::Diagnostic;
+use crate::diag::Diagnostic;
 use crate::reading::{Classification, FieldName, RegisterAddress, Stream, Unit};
 
 pub use decode::{FieldType, RawValue, WordOrder};

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{is_json_pointer, Locator, MqttField, MqttSpec, PayloadShape, TimeFormat, ValueKind};
-use crate::config::diag::{Diagnostic, SourceFile};
+use crate::diag::{Diagnostic, SourceFile};
 use crate::profile::raw::common::{self, default_true, Check, RawMeter};
 use crate::profile::{Field, Profile, WordOrder};
 use crate::reading::{Category, Classification, Grade, RegisterAddress, Stream};

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use crate::config::diag::{Diagnostic, SourceFile};
+use crate::diag::{Diagnostic, SourceFile};
 use crate::profile::{
     Counter, Field, FunctionCode, Profile, ProfileUnit, DEFAULT_MAX_GAP_REGISTERS,
     MAX_REGISTERS_PER_READ,

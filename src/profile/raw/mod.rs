@@ -17,7 +17,7 @@ use super::{
     Counter, Field, FieldType, FunctionCode, LineSettings, Parity, Profile, Ratio, WordOrder,
     DEFAULT_MAX_GAP_REGISTERS, MAX_REGISTERS_PER_READ,
 };
-use crate::config::diag::{Diagnostic, SourceFile};
+use crate::diag::{Diagnostic, SourceFile};
 use crate::reading::{Category, Classification, Grade, RegisterAddress, Stream};
 
 #[derive(Debug, Deserialize)]
@@ -164,7 +164,7 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Profile, Vec<Diagnostic>>
         if let Some(field) = convert_field(&mut c, &key, f, limits) {
             for (j, other) in fields.iter().enumerate() {
                 if let Some((part, msg)) = conflict(&field, other) {
-                    let other_line = crate::config::diag::line_col(text, spans[j].start).0;
+                    let other_line = crate::diag::line_col(text, spans[j].start).0;
                     let (span, k) = match (part, &frac_span) {
                         (Part::Fraction, Some(fs)) => (fs.clone(), "fraction_register"),
                         _ => (reg_span.clone(), "register"),

@@ -36,7 +36,7 @@ use tracing::{debug, error, info, warn};
 use super::decode::{decode, Decoded};
 use super::routes::Routes;
 use crate::config::{DeviceConfig, MqttSourceConfig};
-use crate::mqtt::{LinkEvent, LinkOptions, LinkTls, MqttLink, QoS};
+use crate::mqtt::{LinkEvent, LinkOptions, MqttLink, QoS};
 use crate::reading::{now_ms, DeviceId, FieldName, TimestampMs};
 use crate::source::{RawSample, SampleData, TimeSource};
 use crate::telemetry::{Metrics, PollOutcome};
@@ -120,7 +120,7 @@ impl MqttSubscriber {
 
     /// Runs until cancelled.
     pub async fn run(mut self) {
-        let tls = LinkTls::from_config(self.cfg.tls.as_ref());
+        let tls = crate::config::TlsFiles::link_tls(self.cfg.tls.as_ref());
         if self.cfg.tls.is_none() {
             warn!(source = %self.cfg.name, broker = %self.cfg.broker, "mqtt source without TLS (danger_plaintext): meter data and the broker are not authenticated");
         }
