@@ -12,7 +12,7 @@
 //! Publishing happens from the caller's task through the `AsyncClient` (never from the
 //! driver, which would deadlock once rumqttc's request channel is full).
 //!
-//! Delivery caveats (see DESIGN "Uplink and acknowledgements"): a PUBACK only means the broker
+//! Delivery caveats (the uplink forwarder relies on these): a PUBACK only means the broker
 //! has the message; rumqttc drops its un-acked publishes when a reconnect yields a new session,
 //! so callers re-send from their own store after every `Connected { session_present: false }`.
 //!
