@@ -28,7 +28,7 @@ use bytes::Bytes;
 use rumqttc::{AsyncClient, MqttOptions, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::{debug, info_span, warn, Instrument};
 
 pub use rumqttc::QoS;
 
@@ -142,12 +142,12 @@ impl MqttLink {
             opts.backoff,
             opts.connect_timeout,
         );
-        let driver = tokio::spawn(driver.run());
-        let resubscriber = tokio::spawn(resubscribe(
-            client.clone(),
-            state_rx.clone(),
-            subscriptions.clone(),
-        ));
+        // Every line the link's tasks log carries which link it is.
+        let span = info_span!("mqtt_link", client_id = %opts.client_id, broker = %opts.broker);
+        let driver = tokio::spawn(driver.run().instrument(span.clone()));
+        let resubscriber = tokio::spawn(
+            resubscribe(client.clone(), state_rx.clone(), subscriptions.clone()).instrument(span),
+        );
         let link = MqttLink {
             client,
             state_rx,

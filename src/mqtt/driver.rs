@@ -59,24 +59,22 @@ impl Driver {
 
     /// Polls until DISCONNECT is sent or every client handle is dropped.
     pub(crate) async fn run(mut self) {
-        let client_id = self.eventloop.mqtt_options.client_id();
         loop {
             match self.eventloop.poll().await {
-                Ok(Event::Incoming(packet)) => self.incoming(packet, &client_id).await,
+                Ok(Event::Incoming(packet)) => self.incoming(packet).await,
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                    info!(client_id = %client_id, "mqtt link disconnected on request");
+                    info!("mqtt link disconnected on request");
                     break;
                 }
                 Ok(Event::Outgoing(_)) => {}
                 Err(ConnectionError::RequestsDone) => {
-                    debug!(client_id = %client_id, "all mqtt link handles dropped");
+                    debug!("all mqtt link handles dropped");
                     break;
                 }
                 Err(err) => {
                     let error = LinkFailure::classify(&err);
                     let retry_in = self.backoff.next_delay();
                     warn!(
-                        client_id = %client_id,
                         error = %error,
                         failures = self.backoff.failures(),
                         retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX),
@@ -93,13 +91,12 @@ impl Driver {
         self.state_tx.send_replace(LinkState::Stopped);
     }
 
-    async fn incoming(&mut self, packet: Packet, client_id: &str) {
+    async fn incoming(&mut self, packet: Packet) {
         match packet {
             Packet::ConnAck(ack) => {
                 self.backoff.reset();
                 self.epoch += 1;
                 info!(
-                    client_id = %client_id,
                     session_present = ack.session_present,
                     epoch = self.epoch,
                     "mqtt link connected"
