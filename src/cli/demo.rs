@@ -176,7 +176,9 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     let hub_path = dir.join("hub.toml");
     std::fs::write(&hub_path, hub_text).map_err(|e| rt_err(&e))?;
     let hub_cfg = HubConfig::load(&hub_path).map_err(CliError::Config)?;
-    let hub_process = HubProcess::start_with(&hub_cfg, quick_link).map_err(|e| rt_err(&e))?;
+    let hub_process = HubProcess::start_with(&hub_cfg, quick_link)
+        .await
+        .map_err(|e| rt_err(&e))?;
     let hub = hub_process.hub().clone();
 
     // The gateway.

@@ -224,7 +224,9 @@ pub fn hub(path: &Path) -> Result<(), CliError> {
     let cfg = HubConfig::load(path)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let process = HubProcess::start(&cfg).map_err(|e| CliError::Usage(e.to_string()))?;
+        let process = HubProcess::start(&cfg)
+            .await
+            .map_err(|e| CliError::Usage(e.to_string()))?;
         shutdown_signal().await;
         let hub = process.hub().clone();
         process.shutdown().await;
