@@ -230,17 +230,18 @@ impl UplinkHandle {
     }
 }
 
-/// Starts forwarding committed batches to the hub, if the config has an `[uplink]`.
-pub fn start_uplink(
+/// Starts forwarding committed batches to the hub, if the config has an `[uplink]`. The TLS
+/// files are read on a blocking thread.
+pub async fn start_uplink(
     cfg: &GatewayConfig,
     running: &Running,
 ) -> Result<Option<UplinkHandle>, LinkError> {
-    start_uplink_with(cfg, running, |o| o)
+    start_uplink_with(cfg, running, |o| o).await
 }
 
 /// [`start_uplink`] with a hook to adjust the MQTT link options (the demo and tests
 /// shorten keep-alive and backoff).
-pub fn start_uplink_with(
+pub async fn start_uplink_with(
     cfg: &GatewayConfig,
     running: &Running,
     adjust: impl FnOnce(LinkOptions) -> LinkOptions,
@@ -252,11 +253,13 @@ pub fn start_uplink_with(
     if u.tls.is_none() {
         warn!(broker = %u.broker, "uplink without TLS (danger_plaintext): batches are sealed, but the link is not authenticated");
     }
-    let (link, events) = MqttLink::start(adjust(LinkOptions::new(
-        u.broker.clone(),
-        u.client_id.clone(),
-        tls,
-    )))?;
+    let opts = adjust(LinkOptions::new(u.broker.clone(), u.client_id.clone(), tls));
+    // Reads the PEM files; the blocking thread can spawn the link's tasks.
+    let (link, events) = match tokio::task::spawn_blocking(move || MqttLink::start(opts)).await {
+        Ok(started) => started?,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => return Err(LinkError::Stopped),
+    };
     running.metrics.update_link(|l| {
         l.configured = true;
         l.broker = Some(u.broker.clone());

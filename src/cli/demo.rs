@@ -203,13 +203,20 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     std::fs::write(&config_path, &config_text).map_err(|e| rt_err(&e))?;
     let cfg = GatewayConfig::parse(&config_path, &config_text, Some(profiles))
         .map_err(CliError::Config)?;
-    let keys_loaded = KeyMaterial::load(&cfg.keys).map_err(|e| rt_err(&e))?;
-    let store =
-        SledStore::open(&cfg.store.path, StoreOptions::default()).map_err(|e| rt_err(&e))?;
-    let outbox = Outbox::new(Arc::new(store));
+    // Key files and sled: on a blocking thread.
+    let (keys, store_path) = (cfg.keys.clone(), cfg.store.path.clone());
+    let (keys_loaded, outbox) = tokio::task::spawn_blocking(move || {
+        let keys = KeyMaterial::load(&keys).map_err(|e| rt_err(&e))?;
+        let store =
+            SledStore::open(&store_path, StoreOptions::default()).map_err(|e| rt_err(&e))?;
+        Ok::<_, CliError>((keys, Outbox::new(Arc::new(store))))
+    })
+    .await
+    .map_err(|e| rt_err(&e))??;
     let running = supervisor::start(&cfg, keys_loaded, outbox.clone());
     let metrics = running.metrics.clone();
     let uplink = supervisor::start_uplink_with(&cfg, &running, quick_link)
+        .await
         .map_err(|e| rt_err(&e))?
         .ok_or_else(|| CliError::Runtime("the demo config has no [uplink]".into()))?;
 

@@ -109,6 +109,7 @@ pub fn run(path: &Path) -> Result<(), CliError> {
             status_stop.clone(),
         );
         let uplink = supervisor::start_uplink(&cfg, &running)
+            .await
             .map_err(|e| CliError::Usage(format!("uplink: {e}")))?;
         if uplink.is_none() {
             tracing::warn!("no [uplink] configured: batches stay in the store");
