@@ -6,7 +6,9 @@
 //! - `GET /health`: `200 ok` or `503 degraded: reasons` (for systemd watchdogs, probes).
 //!
 //! `citygate status --config FILE` fetches `/status` and prints it as a table
-//! ([`render`]). The document is built from the live counters at request time.
+//! ([`render`]). The document is built from the live counters at request time; the store's
+//! come from the snapshot the [`Outbox`](crate::store::Outbox) publishes, so a request never
+//! waits for a store write.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,10 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::config::GatewayConfig;
 use crate::reading::{now_ms, Stream, TimestampMs};
-use crate::store::Store;
+use crate::store::StoreStats;
 use crate::telemetry::http::{Reply, Routes};
 use crate::telemetry::prometheus::{count, Exposition, Kind, CONTENT_TYPE};
 use crate::telemetry::{DeviceStats, LinkStatus, Metrics};
@@ -89,11 +92,16 @@ pub struct StatusSource {
     gateway: String,
     devices: Vec<DeviceInfo>,
     metrics: Arc<Metrics>,
-    store: Arc<dyn Store>,
+    /// The store's counters as the outbox last published them.
+    store_stats: watch::Receiver<StoreStats>,
 }
 
 impl StatusSource {
-    pub fn new(cfg: &GatewayConfig, metrics: Arc<Metrics>, store: Arc<dyn Store>) -> Self {
+    pub fn new(
+        cfg: &GatewayConfig,
+        metrics: Arc<Metrics>,
+        store_stats: watch::Receiver<StoreStats>,
+    ) -> Self {
         let devices = cfg
             .devices
             .iter()
@@ -109,7 +117,7 @@ impl StatusSource {
             gateway: cfg.gateway_id.to_string(),
             devices,
             metrics,
-            store,
+            store_stats,
         }
     }
 
@@ -119,7 +127,7 @@ impl StatusSource {
     }
 
     fn snapshot_at(&self, now: TimestampMs) -> GatewayStatus {
-        let stats = self.store.stats();
+        let stats = self.store_stats.borrow().clone();
         let polls = self.metrics.devices();
         let started = self.metrics.started.0;
         let devices: Vec<DeviceStatus> = self
@@ -366,10 +374,10 @@ pub fn read_address_file(store_path: &Path) -> Option<SocketAddr> {
 pub fn start_endpoint(
     cfg: &GatewayConfig,
     metrics: Arc<Metrics>,
-    store: Arc<dyn Store>,
+    store_stats: watch::Receiver<StoreStats>,
     token: tokio_util::sync::CancellationToken,
 ) -> Option<SocketAddr> {
-    let source = Arc::new(StatusSource::new(cfg, metrics, store));
+    let source = Arc::new(StatusSource::new(cfg, metrics, store_stats));
     let addr = crate::telemetry::http::spawn_endpoint(cfg.status.listen?, source, token)?;
     if let Err(e) = write_address_file(&cfg.store.path, addr) {
         tracing::warn!(error = %e, "cannot record the status endpoint's address");
@@ -477,10 +485,10 @@ pub fn render(st: &GatewayStatus) -> String {
 mod tests {
     use super::*;
     use crate::reading::DeviceId;
-    use crate::store::MemStore;
+    use crate::store::{MemStore, Outbox};
     use crate::telemetry::PollOutcome;
 
-    fn source(store: Arc<dyn Store>) -> StatusSource {
+    fn source(store_stats: watch::Receiver<StoreStats>) -> StatusSource {
         let devices = ["a", "b"]
             .iter()
             .enumerate()
@@ -496,14 +504,14 @@ mod tests {
             gateway: "gw".into(),
             devices,
             metrics: Arc::new(Metrics::default()),
-            store,
+            store_stats,
         }
     }
 
-    #[test]
-    fn health_degrades_when_every_device_is_silent_or_the_store_fills() {
-        let store: Arc<dyn Store> = Arc::new(MemStore::new(1000));
-        let s = source(store.clone());
+    #[tokio::test]
+    async fn health_degrades_when_every_device_is_silent_or_the_store_fills() {
+        let outbox = Outbox::new(Arc::new(MemStore::new(1000)));
+        let s = source(outbox.stats_rx());
         let t0 = s.metrics.started.0;
         let (a, b) = (DeviceId::new("a").unwrap(), DeviceId::new("b").unwrap());
         // Just started: nobody is stale yet.
@@ -525,7 +533,10 @@ mod tests {
 
         // A store above 90 % of its quota degrades it too.
         s.metrics.record_poll(&a, t0 + 40_000, &PollOutcome::Ok);
-        store.append(Stream::Readings, 1, &[0u8; 950]).unwrap();
+        outbox
+            .append(Stream::Readings, 1, vec![0u8; 950])
+            .await
+            .unwrap();
         let st = s.snapshot_at(t0 + 40_500);
         assert_eq!(st.health.status, "degraded");
         assert!(
@@ -537,7 +548,7 @@ mod tests {
 
     #[test]
     fn a_configured_uplink_down_for_a_minute_degrades_health() {
-        let s = source(Arc::new(MemStore::new(1 << 20)));
+        let s = source(Outbox::new(Arc::new(MemStore::new(1 << 20))).stats_rx());
         let t0 = s.metrics.started.0;
         let a = DeviceId::new("a").unwrap();
         s.metrics.record_poll(&a, t0 + 100_000, &PollOutcome::Ok);

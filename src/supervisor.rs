@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! ModbusPoller (one per endpoint)      ─┐
-//! RtuBus (one per bus / DTU)            ─┼samples─► Batcher ─sealed─► Committer ─► Store
+//! RtuBus (one per bus / DTU)            ─┼samples─► Batcher ─sealed─► Committer ─► Outbox
 //! MqttSubscriber (one per mqtt_source)  ─┘
 //! ```
 //! Shutdown: the cancellation token stops the pollers; their sample senders drop, so
@@ -30,7 +30,7 @@ use crate::seal::Sealer;
 use crate::seal::{HubPublicKey, KeyError};
 use crate::source::modbus::ModbusPoller;
 use crate::source::mqtt::MqttSubscriber;
-use crate::store::Store;
+use crate::store::{Outbox, StoreStats};
 use crate::telemetry::Metrics;
 use crate::transform::minimise::{Policy, PseudonymKey};
 use crate::uplink::{Forwarder, ForwarderOptions};
@@ -86,7 +86,8 @@ pub fn first_seq(store_next: u64) -> u64 {
 #[derive(Debug)]
 pub struct Running {
     pub metrics: Arc<Metrics>,
-    pub store: Arc<dyn Store>,
+    /// The store, as async code may use it.
+    pub outbox: Outbox,
     /// Highest committed sequence number per stream; changes after every flush.
     pub committed_rx: watch::Receiver<CommittedMarks>,
     shutdown: CancellationToken,
@@ -113,15 +114,17 @@ impl Running {
     }
 }
 
-/// Starts pollers, batcher and committer for `cfg` on the current runtime.
-pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> Running {
+/// Starts pollers, batcher and committer for `cfg` on the current runtime. `outbox` is an
+/// [`Outbox`] or the `Arc<dyn Store>` to wrap in one (before any task writes to it).
+pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) -> Running {
+    let outbox: Outbox = outbox.into();
     let metrics = Arc::new(Metrics::default());
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (samples_tx, samples_rx) = mpsc::channel(SAMPLES_CHANNEL_CAPACITY);
     let (sealed_tx, sealed_rx) = mpsc::channel(SEALED_CHANNEL_CAPACITY);
     let (committed_tx, committed_rx) =
-        watch::channel(Stream::ALL.map(|s| store.next_seq(s).saturating_sub(1)));
+        watch::channel(Stream::ALL.map(|s| outbox.next_seq_at_open(s).saturating_sub(1)));
 
     let policy = policy(cfg, keys.pseudonym);
     let sealer = Sealer::new(
@@ -130,18 +133,18 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
         keys.hub,
         policy.hash(),
     );
-    let seq_store = store.clone();
+    let seq_outbox = outbox.clone();
     let batcher = Batcher::new(
         samples_rx,
         sealed_tx,
         sealer,
         policy,
         cfg.batch,
-        move |s| first_seq(seq_store.next_seq(s)),
+        move |s| first_seq(seq_outbox.next_seq_at_open(s)),
         metrics.clone(),
     );
     tracker.spawn(batcher.run());
-    tracker.spawn(Committer::new(sealed_rx, store.clone(), metrics.clone(), committed_tx).run());
+    tracker.spawn(Committer::new(sealed_rx, outbox.clone(), metrics.clone(), committed_tx).run());
 
     let mut endpoints: BTreeMap<Transport, Vec<DeviceConfig>> = BTreeMap::new();
     let mut mqtt_devices: BTreeMap<&str, Vec<DeviceConfig>> = BTreeMap::new();
@@ -199,7 +202,7 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
     info!(gateway = %cfg.gateway_id, devices = cfg.devices.len(), "gateway started");
     Running {
         metrics,
-        store,
+        outbox,
         committed_rx,
         shutdown,
         tracker,
@@ -211,31 +214,35 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
 pub struct UplinkHandle {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// The outbox's published counters: the uplink is done when they show no batch.
+    stats_rx: watch::Receiver<StoreStats>,
 }
 
 impl UplinkHandle {
-    /// Gives the uplink up to `grace` to deliver what is committed, then stops it.
-    pub async fn finish(self, store: &Arc<dyn Store>, grace: Duration) {
-        let deadline = tokio::time::Instant::now() + grace;
-        while store.stats().total_batches() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    /// Gives the uplink up to `grace` to deliver what is committed (the store is empty once
+    /// the hub acknowledged everything), then stops it. Wakes on every change of the store's
+    /// counters; never polls.
+    pub async fn finish(mut self, grace: Duration) {
+        let drained = self.stats_rx.wait_for(|s| s.total_batches() == 0);
+        // Err: the grace ran out, or the outbox is gone (nothing left to wait for).
+        let _ = tokio::time::timeout(grace, drained).await;
         self.stop.cancel();
         let _ = self.task.await;
     }
 }
 
-/// Starts forwarding committed batches to the hub, if the config has an `[uplink]`.
-pub fn start_uplink(
+/// Starts forwarding committed batches to the hub, if the config has an `[uplink]`. The TLS
+/// files are read on a blocking thread.
+pub async fn start_uplink(
     cfg: &GatewayConfig,
     running: &Running,
 ) -> Result<Option<UplinkHandle>, LinkError> {
-    start_uplink_with(cfg, running, |o| o)
+    start_uplink_with(cfg, running, |o| o).await
 }
 
 /// [`start_uplink`] with a hook to adjust the MQTT link options (the demo and tests
 /// shorten keep-alive and backoff).
-pub fn start_uplink_with(
+pub async fn start_uplink_with(
     cfg: &GatewayConfig,
     running: &Running,
     adjust: impl FnOnce(LinkOptions) -> LinkOptions,
@@ -247,11 +254,13 @@ pub fn start_uplink_with(
     if u.tls.is_none() {
         warn!(broker = %u.broker, "uplink without TLS (danger_plaintext): batches are sealed, but the link is not authenticated");
     }
-    let (link, events) = MqttLink::start(adjust(LinkOptions::new(
-        u.broker.clone(),
-        u.client_id.clone(),
-        tls,
-    )))?;
+    let opts = adjust(LinkOptions::new(u.broker.clone(), u.client_id.clone(), tls));
+    // Reads the PEM files; the blocking thread can spawn the link's tasks.
+    let (link, events) = match tokio::task::spawn_blocking(move || MqttLink::start(opts)).await {
+        Ok(started) => started?,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => return Err(LinkError::Stopped),
+    };
     running.metrics.update_link(|l| {
         l.configured = true;
         l.broker = Some(u.broker.clone());
@@ -259,7 +268,7 @@ pub fn start_uplink_with(
     let stop = CancellationToken::new();
     let forwarder = Forwarder::new(
         cfg.gateway_id.clone(),
-        running.store.clone(),
+        running.outbox.clone(),
         link,
         events,
         running.committed_rx.clone(),
@@ -274,12 +283,34 @@ pub fn start_uplink_with(
     Ok(Some(UplinkHandle {
         stop,
         task: tokio::spawn(forwarder.run()),
+        stats_rx: running.outbox.stats_rx(),
     }))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::first_seq;
+    use super::*;
+    use crate::store::MemStore;
+
+    #[tokio::test(start_paused = true)]
+    async fn finishing_the_uplink_wakes_on_the_last_ack_without_waiting() {
+        let outbox = Outbox::new(Arc::new(MemStore::default()));
+        outbox.append(Stream::Alarms, 7, vec![1; 8]).await.unwrap();
+        let stop = CancellationToken::new();
+        let uplink = UplinkHandle {
+            stop: stop.clone(),
+            task: tokio::spawn(async move { stop.cancelled().await }),
+            stats_rx: outbox.stats_rx(),
+        };
+        let started = tokio::time::Instant::now();
+        let finish = tokio::spawn(uplink.finish(Duration::from_secs(60)));
+        tokio::task::yield_now().await;
+        assert!(!finish.is_finished(), "finished with a batch in the store");
+        assert!(outbox.ack(Stream::Alarms, 7).await.unwrap());
+        finish.await.unwrap();
+        // Paused time only moves when every task sleeps: a polling wait would have slept.
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
 
     #[test]
     fn fresh_streams_start_past_any_earlier_store() {

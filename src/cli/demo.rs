@@ -25,7 +25,7 @@ use crate::mqtt::{BrokerOptions, CertAuthority, EmbeddedBroker, LinkOptions};
 use crate::profile::{Profile, ProfileSet};
 use crate::seal::keys;
 use crate::sim::{self, SimMeters};
-use crate::store::{SledStore, Store, StoreOptions};
+use crate::store::{Outbox, SledStore, StoreOptions};
 use crate::supervisor::{self, KeyMaterial};
 
 /// Profiles compiled into the binary for the demo: (name, text, meters' poll interval).
@@ -176,7 +176,9 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     let hub_path = dir.join("hub.toml");
     std::fs::write(&hub_path, hub_text).map_err(|e| rt_err(&e))?;
     let hub_cfg = HubConfig::load(&hub_path).map_err(CliError::Config)?;
-    let hub_process = HubProcess::start_with(&hub_cfg, quick_link).map_err(|e| rt_err(&e))?;
+    let hub_process = HubProcess::start_with(&hub_cfg, quick_link)
+        .await
+        .map_err(|e| rt_err(&e))?;
     let hub = hub_process.hub().clone();
 
     // The gateway.
@@ -201,13 +203,20 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     std::fs::write(&config_path, &config_text).map_err(|e| rt_err(&e))?;
     let cfg = GatewayConfig::parse(&config_path, &config_text, Some(profiles))
         .map_err(CliError::Config)?;
-    let keys_loaded = KeyMaterial::load(&cfg.keys).map_err(|e| rt_err(&e))?;
-    let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&cfg.store.path, StoreOptions::default()).map_err(|e| rt_err(&e))?,
-    );
-    let running = supervisor::start(&cfg, keys_loaded, store.clone());
+    // Key files and sled: on a blocking thread.
+    let (keys, store_path) = (cfg.keys.clone(), cfg.store.path.clone());
+    let (keys_loaded, outbox) = tokio::task::spawn_blocking(move || {
+        let keys = KeyMaterial::load(&keys).map_err(|e| rt_err(&e))?;
+        let store =
+            SledStore::open(&store_path, StoreOptions::default()).map_err(|e| rt_err(&e))?;
+        Ok::<_, CliError>((keys, Outbox::new(Arc::new(store))))
+    })
+    .await
+    .map_err(|e| rt_err(&e))??;
+    let running = supervisor::start(&cfg, keys_loaded, outbox.clone());
     let metrics = running.metrics.clone();
     let uplink = supervisor::start_uplink_with(&cfg, &running, quick_link)
+        .await
         .map_err(|e| rt_err(&e))?
         .ok_or_else(|| CliError::Runtime("the demo config has no [uplink]".into()))?;
 
@@ -244,7 +253,7 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
         }
         if let Some(end) = outage_end {
             if broker.is_none() {
-                buffered_max = buffered_max.max(store.stats().readings.batches);
+                buffered_max = buffered_max.max(outbox.stats().readings.batches);
                 if tokio::time::Instant::now() >= end {
                     let mut opts = BrokerOptions::localhost(ca.server_files(&server));
                     opts.listen.set_port(port);
@@ -254,7 +263,7 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
             }
         }
         let hs = hub.stats();
-        let s = store.stats();
+        let s = outbox.stats();
         println!(
             "t={:>3}s  polls={:<5} sealed={:<6} committed={:<4} acked={:<4} store={:<3} hub written={:<6} dup={} rejected={}{note}",
             started.elapsed().as_secs(),
@@ -274,7 +283,7 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
 
     // Stop polling, let the uplink deliver the rest, then stop everything.
     let clean = running.shutdown(Duration::from_secs(10)).await;
-    uplink.finish(&store, Duration::from_secs(20)).await;
+    uplink.finish(Duration::from_secs(20)).await;
     token.cancel();
     hub_process.shutdown().await;
     if let Some(b) = broker {

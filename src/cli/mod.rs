@@ -20,7 +20,7 @@ use crate::profile::ProfileSet;
 use crate::reading::UnitId;
 use crate::seal::keys;
 use crate::sim::{self, Fault, SimMeters};
-use crate::store::{SledStore, Store, StoreOptions};
+use crate::store::{Outbox, SledStore, StoreOptions};
 use crate::supervisor::{self, KeyMaterial};
 use crate::telemetry::init_logging;
 
@@ -96,14 +96,20 @@ pub fn run(path: &Path) -> Result<(), CliError> {
             cfg.store.path.display()
         ))
     })?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let outbox = Outbox::new(Arc::new(store));
     let rt = runtime()?;
     rt.block_on(async {
-        let running = supervisor::start(&cfg, keys, store.clone());
+        let running = supervisor::start(&cfg, keys, outbox.clone());
         let metrics = running.metrics.clone();
         let status_stop = CancellationToken::new();
-        crate::status::start_endpoint(&cfg, metrics.clone(), store.clone(), status_stop.clone());
+        crate::status::start_endpoint(
+            &cfg,
+            metrics.clone(),
+            outbox.stats_rx(),
+            status_stop.clone(),
+        );
         let uplink = supervisor::start_uplink(&cfg, &running)
+            .await
             .map_err(|e| CliError::Usage(format!("uplink: {e}")))?;
         if uplink.is_none() {
             tracing::warn!("no [uplink] configured: batches stay in the store");
@@ -114,7 +120,7 @@ pub fn run(path: &Path) -> Result<(), CliError> {
             tokio::select! {
                 _ = shutdown_signal() => break,
                 _ = ticker.tick() => {
-                    let s = store.stats();
+                    let s = outbox.stats();
                     info!(
                         polled = metrics.samples_polled.get(),
                         sealed = metrics.records_sealed.get(),
@@ -130,11 +136,11 @@ pub fn run(path: &Path) -> Result<(), CliError> {
         let clean = running.shutdown(SHUTDOWN_GRACE).await;
         if let Some(u) = uplink {
             // A short last chance to deliver; whatever is left is sent after restart.
-            u.finish(&store, UPLINK_LAST_CHANCE).await;
+            u.finish(UPLINK_LAST_CHANCE).await;
         }
         status_stop.cancel();
         let _ = std::fs::remove_file(crate::status::address_file(&cfg.store.path));
-        let s = store.stats();
+        let s = outbox.stats();
         info!(
             clean,
             committed = metrics.batches_committed.get(),
@@ -219,7 +225,9 @@ pub fn hub(path: &Path) -> Result<(), CliError> {
     let cfg = HubConfig::load(path)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let process = HubProcess::start(&cfg).map_err(|e| CliError::Usage(e.to_string()))?;
+        let process = HubProcess::start(&cfg)
+            .await
+            .map_err(|e| CliError::Usage(e.to_string()))?;
         shutdown_signal().await;
         let hub = process.hub().clone();
         process.shutdown().await;

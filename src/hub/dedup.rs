@@ -31,7 +31,9 @@
 //!
 //! [`Dedup::mark`] is staged; it is durable once [`Dedup::flush`] returns (sled's flush: survives
 //! a process crash; sled's background `sync_all` every second bounds what power loss can take).
-//! sled's page cache is capped at [`CACHE_CAPACITY_BYTES`]. All calls block.
+//! sled's page cache is capped at [`CACHE_CAPACITY_BYTES`]. All calls block: the hub makes them
+//! on blocking threads ([`HubProcess`](super::HubProcess) opens the state in `spawn_blocking`,
+//! and `service` ingests there), never on an async worker.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -157,9 +159,10 @@ impl SeqWindow {
     }
 }
 
-/// Attempts (50 ms apart) to take sled's lock while a previous instance in this process
-/// finishes its background writes.
+/// Attempts to take sled's lock while a previous instance in this process finishes its
+/// background writes, [`LOCK_RETRY_INTERVAL`] apart (3 s in all).
 const LOCK_RETRIES: u32 = 60;
+const LOCK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The persisted de-dup state of every (gateway, stream).
 #[derive(Debug)]
@@ -181,7 +184,16 @@ fn key(gw: &GatewayId, stream: Stream) -> Vec<u8> {
 impl Dedup {
     /// Opens (or creates) the state at `path`. Errors, including corruption, are returned:
     /// starting over would accept replays.
+    ///
+    /// Blocks, for up to 3 s while a previous instance in this process lets go of the state
+    /// (sled releases its lock only after its background writer ends): call it from a
+    /// blocking thread.
     pub fn open(path: &Path) -> Result<Dedup, DedupError> {
+        Self::open_waiting(path, |_| std::thread::sleep(LOCK_RETRY_INTERVAL))
+    }
+
+    /// [`Dedup::open`], calling `wait(attempt)` before each new attempt while the lock is held.
+    fn open_waiting(path: &Path, mut wait: impl FnMut(u32)) -> Result<Dedup, DedupError> {
         let config = sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_CAPACITY_BYTES)
@@ -199,7 +211,7 @@ impl Dedup {
                         && e.to_string().contains("could not acquire lock") =>
                 {
                     attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    wait(attempts);
                 }
                 other => break other?,
             }
@@ -259,15 +271,26 @@ mod tests {
     #[test]
     fn reopening_waits_for_the_previous_instance_to_let_go() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Dedup::open(dir.path()).unwrap();
-        let releaser = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(300));
-            drop(first);
+        let mut first = Some(Dedup::open(dir.path()).unwrap());
+        let mut waits = 0;
+        // Opened while `first` still holds the lock; `first` goes away during the first wait.
+        let second = Dedup::open_waiting(dir.path(), |_| {
+            waits += 1;
+            drop(first.take());
+            std::thread::sleep(LOCK_RETRY_INTERVAL);
         });
-        // Opened while `first` still holds the lock: waits instead of failing.
-        let second = Dedup::open(dir.path());
-        releaser.join().unwrap();
+        assert!(waits >= 1, "the first attempt did not find the lock held");
         assert!(second.is_ok(), "{:?}", second.err());
+    }
+
+    #[test]
+    fn a_lock_that_is_never_released_is_an_error_after_the_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = Dedup::open(dir.path()).unwrap();
+        let mut waits = 0;
+        let err = Dedup::open_waiting(dir.path(), |_| waits += 1).unwrap_err();
+        assert_eq!(waits, LOCK_RETRIES);
+        assert!(err.to_string().contains("could not acquire lock"), "{err}");
     }
 
     #[test]

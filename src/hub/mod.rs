@@ -29,7 +29,7 @@
 //! gateway on one hub), or a re-sent batch could be written by two of them.
 //!
 //! All calls block (file sync, sled flush): call them from `spawn_blocking` or a dedicated
-//! thread.
+//! thread. [`service`] ingests in `spawn_blocking`; [`HubProcess`] opens the hub there.
 
 pub mod config;
 pub mod dedup;
@@ -149,7 +149,10 @@ impl Hub {
         })
     }
 
-    /// Loads the keys, opens the de-dup state and the sink a config names.
+    /// Loads the keys, opens the de-dup state and the sink a config names, and runs the
+    /// sink's recovery. Blocks (key files, sled, file reads and syncs, up to 3 s waiting for a
+    /// previous instance's lock): async code calls it in `spawn_blocking`, as
+    /// [`HubProcess::start`] does.
     pub fn open(cfg: &HubConfig) -> Result<Hub, HubError> {
         let opener = HubKeys::load(cfg)?.into_opener();
         let dedup = Dedup::open(&cfg.state_path)?;

@@ -23,6 +23,17 @@ pub enum StartError {
     Broker(#[from] BrokerError),
     #[error("mqtt: {0}")]
     Link(#[from] LinkError),
+    #[error("hub start-up task failed: {0}")]
+    Task(String),
+}
+
+/// Runs blocking start-up work (sled, key and PEM files, binding) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StartError> + Send + 'static,
+) -> Result<T, StartError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StartError::Task(e.to_string()))?
 }
 
 /// A started hub; [`HubProcess::shutdown`] stops it.
@@ -37,23 +48,25 @@ pub struct HubProcess {
 
 impl HubProcess {
     /// Opens the hub's state and sink, starts the embedded broker if configured, connects
-    /// and serves. Must run inside a tokio runtime; binding the broker blocks briefly.
-    pub fn start(cfg: &HubConfig) -> Result<HubProcess, StartError> {
-        Self::start_with(cfg, |o| o)
+    /// and serves. The blocking parts (state, sink, keys, broker, TLS files) run on blocking
+    /// threads.
+    pub async fn start(cfg: &HubConfig) -> Result<HubProcess, StartError> {
+        Self::start_with(cfg, |o| o).await
     }
 
     /// [`start`](Self::start) with a hook to adjust the MQTT link options (tests shorten
     /// timeouts and backoff).
-    pub fn start_with(
+    pub async fn start_with(
         cfg: &HubConfig,
         adjust: impl FnOnce(LinkOptions) -> LinkOptions,
     ) -> Result<HubProcess, StartError> {
-        let hub = Arc::new(Hub::open(cfg)?);
+        let hub_cfg = cfg.clone();
+        let hub = Arc::new(blocking(move || Ok(Hub::open(&hub_cfg)?)).await?);
         let broker = match &cfg.mqtt.embedded_broker {
             Some(e) => {
                 let mut opts = BrokerOptions::localhost(e.tls.clone());
                 opts.listen = e.listen;
-                let b = EmbeddedBroker::start(opts)?;
+                let b = blocking(move || Ok(EmbeddedBroker::start(opts)?)).await?;
                 info!(addr = %b.tls_addr(), "embedded broker listening (mutual TLS)");
                 Some(b)
             }
@@ -68,7 +81,8 @@ impl HubProcess {
             warn!(broker = %target, "hub connects without TLS (danger_plaintext)");
         }
         let opts = adjust(LinkOptions::new(target, cfg.mqtt.client_id.clone(), tls));
-        let (link, events) = MqttLink::start(opts)?;
+        // Reads the PEM files; the blocking thread can spawn the link's tasks.
+        let (link, events) = blocking(move || Ok(MqttLink::start(opts)?)).await?;
         let stop = CancellationToken::new();
         let task = tokio::spawn(service::serve(
             hub.clone(),

@@ -1,4 +1,9 @@
 //! Normalise → check → minimise → batch → seal.
+//!
+//! Sealing (zstd, HPKE, Ed25519 over a whole batch) is CPU work of up to milliseconds, so it
+//! runs on a blocking thread. The batcher waits for each seal before it continues, so batches
+//! leave in sealing order and sequence numbers stay gap-free per stream; samples meanwhile
+//! queue in the bounded sample channel.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,7 +34,8 @@ struct OpenBatch {
 pub struct Batcher {
     samples_rx: mpsc::Receiver<RawSample>,
     sealed_tx: mpsc::Sender<SealedBatch>,
-    sealer: Sealer,
+    /// Shared with the blocking thread that seals.
+    sealer: Arc<Sealer>,
     policy: Policy,
     checker: Checker,
     /// Alarm-stream readings go out on change and as periodic standing state.
@@ -56,7 +62,7 @@ impl Batcher {
         Self {
             samples_rx,
             sealed_tx,
-            sealer,
+            sealer: Arc::new(sealer),
             policy,
             checker: Checker::new(),
             alarms: AlarmGate::new(cfg.alarm_state_every),
@@ -170,18 +176,30 @@ impl Batcher {
             return;
         }
         let seq = self.next_seq[i];
-        match self.sealer.seal(stream, seq, now_ms(), &records) {
+        let n = records.len();
+        let sealer = self.sealer.clone();
+        let sealed =
+            tokio::task::spawn_blocking(move || sealer.seal(stream, seq, now_ms(), &records)).await;
+        let sealed = match sealed {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.seal_errors.inc();
+                error!(%stream, seq, records = n, error = %e, "sealing task failed; records lost");
+                return;
+            }
+        };
+        match sealed {
             Ok(batch) => {
                 self.next_seq[i] += 1;
                 self.metrics.batches_sealed.inc();
-                self.metrics.records_sealed.add(records.len() as u64);
+                self.metrics.records_sealed.add(n as u64);
                 if self.sealed_tx.send(batch).await.is_err() {
                     error!(%stream, seq, "committer gone; sealed batch lost");
                 }
             }
             Err(e) => {
                 self.metrics.seal_errors.inc();
-                error!(%stream, seq, records = records.len(), error = %e, "sealing failed; records lost");
+                error!(%stream, seq, records = n, error = %e, "sealing failed; records lost");
             }
         }
     }

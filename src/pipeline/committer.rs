@@ -9,7 +9,7 @@ use tracing::{error, warn};
 
 use crate::reading::Stream;
 use crate::seal::SealedBatch;
-use crate::store::{Store, StoreError};
+use crate::store::{Outbox, StoreError, StoredBatch};
 use crate::telemetry::Metrics;
 
 /// Highest committed sequence number per stream, indexed by `Stream::code`.
@@ -25,7 +25,7 @@ const GROUP_MAX: usize = 64;
 #[derive(Debug)]
 pub struct Committer {
     sealed_rx: mpsc::Receiver<SealedBatch>,
-    store: Arc<dyn Store>,
+    outbox: Outbox,
     metrics: Arc<Metrics>,
     /// Highest committed sequence number per stream (by `Stream::code`), raised after
     /// every successful flush: the uplink sends nothing above it.
@@ -36,13 +36,13 @@ pub struct Committer {
 impl Committer {
     pub fn new(
         sealed_rx: mpsc::Receiver<SealedBatch>,
-        store: Arc<dyn Store>,
+        outbox: Outbox,
         metrics: Arc<Metrics>,
         committed_tx: watch::Sender<CommittedMarks>,
     ) -> Self {
         Self {
             sealed_rx,
-            store,
+            outbox,
             metrics,
             committed_tx,
             pending: VecDeque::new(),
@@ -116,44 +116,30 @@ impl Committer {
 
     /// Appends every pending batch and flushes once, on a blocking thread.
     async fn commit_pending(&mut self) -> Result<(), StoreError> {
-        let batches: Vec<SealedBatch> = self.pending.iter().cloned().collect();
+        let batches: Vec<StoredBatch> = self
+            .pending
+            .iter()
+            .map(|b| StoredBatch {
+                stream: b.stream,
+                seq: b.seq,
+                bytes: b.bytes.clone(),
+            })
+            .collect();
         let mut marks = *self.committed_tx.borrow();
         for b in &batches {
             let m = &mut marks[usize::from(b.stream.code())];
             *m = (*m).max(b.seq);
         }
-        let store = self.store.clone();
-        let result =
-            tokio::task::spawn_blocking(move || -> Result<(usize, u64), (usize, StoreError)> {
-                let mut evicted = 0u64;
-                for (i, b) in batches.iter().enumerate() {
-                    match store.append(b.stream, b.seq, &b.bytes) {
-                        Ok(outcome) => evicted += outcome.evicted.len() as u64,
-                        // Already stored by an earlier attempt whose flush failed.
-                        Err(StoreError::SeqRegression { .. }) => {}
-                        Err(e) => return Err((i, e)),
-                    }
-                }
-                store.flush().map_err(|e| (0, e))?;
-                Ok((batches.len(), evicted))
-            })
-            .await
-            .map_err(|e| StoreError::Io {
-                path: std::path::PathBuf::new(),
-                source: std::io::Error::other(format!("commit task failed: {e}")),
-            })?;
-        match result {
-            Ok((n, evicted)) => {
-                self.pending.drain(..n);
-                self.metrics.batches_committed.add(n as u64);
-                if evicted > 0 {
-                    self.metrics.batches_evicted.add(evicted);
-                    warn!(evicted, "store quota reached; oldest batches evicted");
-                }
-                self.committed_tx.send_replace(marks);
-                Ok(())
-            }
-            Err((_, e)) => Err(e),
+        let n = batches.len();
+        let outcome = self.outbox.commit(batches).await?;
+        self.pending.drain(..n);
+        self.metrics.batches_committed.add(n as u64);
+        let evicted = outcome.evicted.len() as u64;
+        if evicted > 0 {
+            self.metrics.batches_evicted.add(evicted);
+            warn!(evicted, "store quota reached; oldest batches evicted");
         }
+        self.committed_tx.send_replace(marks);
+        Ok(())
     }
 }

@@ -3,8 +3,9 @@
 //! [`Batcher`] owns the transforms' state (counter memory) and the open batch of each
 //! stream; it seals a batch when it reaches `batch.max_records` or `batch.max_age`, and
 //! once more for whatever is open when its input closes (shutdown). [`Committer`] owns
-//! the store's write side: it appends every sealed batch that is waiting and then
-//! flushes once (group commit), off the async workers.
+//! the store's write side: it hands every sealed batch that is waiting to the
+//! [`Outbox`](crate::store::Outbox), which appends them and flushes once (group commit)
+//! on a blocking thread.
 
 mod batcher;
 mod committer;

@@ -7,6 +7,8 @@
 //!   ([`StoreError::is_disk_full`]) is a state to degrade in (keep polling, drop and count),
 //!   never a reason to exit.
 //! - [`StoreError::Corrupt`] means the on-disk state cannot be trusted; an operator decides.
+//! - [`StoreError::Task`]: the blocking thread of an [`Outbox`](super::Outbox) call panicked or
+//!   was cancelled; whether anything was written is unknown, so retry as for a disk error.
 
 use std::io;
 use std::path::PathBuf;
@@ -35,6 +37,10 @@ pub enum StoreError {
 
     #[error("store corrupt: {0}")]
     Corrupt(String),
+
+    /// The blocking thread running a store call panicked or was cancelled.
+    #[error("store call failed on its blocking thread: {0}")]
+    Task(String),
 }
 
 impl StoreError {

@@ -74,13 +74,16 @@
 //!   seen, so an operator decides.
 //! - A full disk surfaces as a sled I/O error; [`StoreError::is_disk_full`] recognises it so
 //!   the caller can degrade (drop and count) instead of exiting.
-//! - All calls block (sled I/O, `flush` can take hundreds of milliseconds at p99): call them
-//!   from `spawn_blocking` or a dedicated thread, never on an async worker.
+//! - All calls block (sled I/O, `flush` can take hundreds of milliseconds at p99). Async code
+//!   never holds a [`Store`]: it holds an [`Outbox`], which makes every call on a blocking
+//!   thread and publishes [`StoreStats`] through a `watch` so readers never take the ledger
+//!   lock (see `outbox.rs`).
 
 mod error;
 mod keys;
 mod ledger;
 mod mem_store;
+mod outbox;
 mod recovery;
 mod sled_store;
 
@@ -89,6 +92,7 @@ mod tests;
 
 pub use error::StoreError;
 pub use mem_store::MemStore;
+pub use outbox::{CommitOutcome, Outbox};
 pub use sled_store::SledStore;
 
 use crate::reading::Stream;

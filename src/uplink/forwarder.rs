@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::mqtt::{LinkEvent, MqttLink, QoS};
 use crate::pipeline::CommittedMarks;
 use crate::reading::{now_ms, GatewayId, Stream};
-use crate::store::{Store, StoredBatch};
+use crate::store::{Outbox, StoredBatch};
 use crate::telemetry::Metrics;
 use crate::wire::{ack_topic, stream_topic, Ack};
 
@@ -51,7 +51,7 @@ impl Default for ForwarderOptions {
 #[derive(Debug)]
 pub struct Forwarder {
     gateway: GatewayId,
-    store: Arc<dyn Store>,
+    outbox: Outbox,
     link: MqttLink,
     events_rx: mpsc::Receiver<LinkEvent>,
     committed_rx: watch::Receiver<CommittedMarks>,
@@ -68,7 +68,7 @@ impl Forwarder {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         gateway: GatewayId,
-        store: Arc<dyn Store>,
+        outbox: Outbox,
         link: MqttLink,
         events_rx: mpsc::Receiver<LinkEvent>,
         committed_rx: watch::Receiver<CommittedMarks>,
@@ -78,7 +78,7 @@ impl Forwarder {
     ) -> Self {
         Self {
             gateway,
-            store,
+            outbox,
             link,
             events_rx,
             committed_rx,
@@ -169,16 +169,14 @@ impl Forwarder {
 
     async fn on_ack(&mut self, ack: Ack) {
         self.in_flight.remove(&(ack.stream.code(), ack.seq));
-        let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.ack(ack.stream, ack.seq)).await {
-            Ok(Ok(true)) => {
+        match self.outbox.ack(ack.stream, ack.seq).await {
+            Ok(true) => {
                 self.metrics.batches_acked.inc();
                 self.metrics.update_link(|l| l.last_ack_ms = Some(now_ms()));
                 debug!(stream = %ack.stream, seq = ack.seq, "batch acknowledged and deleted");
             }
-            Ok(Ok(false)) => debug!(stream = %ack.stream, seq = ack.seq, "repeated ack"),
-            Ok(Err(e)) => warn!(error = %e, "deleting an acknowledged batch failed"),
-            Err(e) => warn!(error = %e, "ack task failed"),
+            Ok(false) => debug!(stream = %ack.stream, seq = ack.seq, "repeated ack"),
+            Err(e) => warn!(error = %e, "deleting an acknowledged batch failed"),
         }
     }
 
@@ -220,16 +218,13 @@ impl Forwarder {
             if self.cursor[i] > marks[i] {
                 continue;
             }
-            let store = self.store.clone();
-            let from = self.cursor[i];
             let batches: Vec<StoredBatch> =
-                match tokio::task::spawn_blocking(move || store.peek(stream, from, room)).await {
-                    Ok(Ok(b)) => b,
-                    Ok(Err(e)) => {
+                match self.outbox.peek(stream, self.cursor[i], room).await {
+                    Ok(b) => b,
+                    Err(e) => {
                         warn!(error = %e, "reading the store failed");
                         return;
                     }
-                    Err(_) => return,
                 };
             for b in batches.into_iter().filter(|b| b.seq <= marks[i]) {
                 let topic = stream_topic(&self.gateway, stream);

@@ -53,7 +53,7 @@ fn write_hub_config(dep: &Deployment, ca: &CertAuthority, listen: &str) -> PathB
     path
 }
 
-fn start_hub(config: &Path) -> HubProcess {
+async fn start_hub(config: &Path) -> HubProcess {
     let cfg = HubConfig::load(config).unwrap();
     HubProcess::start_with(&cfg, |mut o| {
         o.keep_alive = Duration::from_secs(5);
@@ -63,6 +63,7 @@ fn start_hub(config: &Path) -> HubProcess {
         };
         o
     })
+    .await
     .unwrap()
 }
 
@@ -135,7 +136,7 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
     let dep = Deployment::new();
     let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
     let config = write_hub_config(&dep, &ca, "127.0.0.1:0");
-    let hub = start_hub(&config);
+    let hub = start_hub(&config).await;
     let port = hub.broker_addr().unwrap().port();
     let mut gw = Publisher::connect(&ca, port).await;
     // The hub subscribes right after connecting; give its subscription a moment.
@@ -219,7 +220,7 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
     drop(gw);
     hub.shutdown().await;
     let config = write_hub_config(&dep, &ca, &format!("127.0.0.1:{port}"));
-    let hub = start_hub(&config);
+    let hub = start_hub(&config).await;
     let mut gw = Publisher::connect(&ca, port).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     gw.publish(Stream::Readings, good).await;

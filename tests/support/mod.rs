@@ -217,7 +217,7 @@ pub fn start_forwarder(
     let stop = CancellationToken::new();
     let forwarder = Forwarder::new(
         cfg.gateway_id.clone(),
-        running.store.clone(),
+        running.outbox.clone(),
         link,
         events,
         running.committed_rx.clone(),

@@ -1,0 +1,306 @@
+//! [`Outbox`]: the handle async code holds on the store.
+//!
+//! Every [`Store`] call blocks (sled I/O; `flush` can take hundreds of milliseconds; `append`
+//! holds the ledger lock across eviction scans). The outbox makes each call on a blocking
+//! thread (`tokio::task::spawn_blocking`), so async tasks get only `async fn`s and never the
+//! sync store: the committer, the forwarder, the status endpoint and the uplink's last-chance
+//! wait all hold an `Outbox` (or its stats receiver), not an `Arc<dyn Store>`.
+//!
+//! # Stats without the writer's lock
+//!
+//! After every call that can change the counters (append, group commit, ack, flush), still on
+//! the blocking thread, the outbox reads [`Store::stats`] and publishes the snapshot through a
+//! `tokio::sync::watch`. Readers ([`Outbox::stats`], [`Outbox::stats_rx`]) only borrow the
+//! last snapshot: they never wait for an append that holds the ledger lock, and a waiter
+//! (`changed()`) wakes on the next change instead of polling. Publishing is serialised by its
+//! own lock and each publisher reads the counters after taking it, so a slow publisher never
+//! replaces a newer snapshot with an older one: the last publish always follows the last
+//! change.
+//!
+//! # How it fails
+//!
+//! Store errors are returned as they are. A blocking task that panicked or was cancelled (the
+//! runtime shutting down) becomes [`StoreError::Task`]; the committer retries it like a disk
+//! error.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::watch;
+
+use crate::reading::Stream;
+
+use super::{AppendOutcome, Store, StoreError, StoreStats, StoredBatch};
+
+/// A cheap-to-clone async handle on a [`Store`]. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn Store>,
+    stats_tx: watch::Sender<StoreStats>,
+    /// Serialises read-then-publish of the stats (see the module docs).
+    publish: Mutex<()>,
+    /// `Store::next_seq` per stream (by code) when the handle was made.
+    next_seq_at_open: [u64; 3],
+}
+
+impl Inner {
+    /// Publishes the store's counters as they are now. Runs on a blocking thread: it may wait
+    /// for the ledger lock.
+    fn publish(&self) {
+        let _guard = self.publish.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = self.store.stats();
+        self.stats_tx.send_if_modified(|published| {
+            let changed = *published != now;
+            if changed {
+                *published = now;
+            }
+            changed
+        });
+    }
+}
+
+/// What a group commit ([`Outbox::commit`]) did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// Batches dropped by the quota to make room, oldest first: (stream, seq, bytes).
+    pub evicted: Vec<(Stream, u64, u64)>,
+}
+
+impl Outbox {
+    /// Wraps `store`. Reads its counters and sequence numbers once, here, on the calling
+    /// thread (an uncontended lock, no I/O): make the handle before writers start.
+    pub fn new(store: Arc<dyn Store>) -> Outbox {
+        let next_seq_at_open = Stream::ALL.map(|s| store.next_seq(s));
+        let (stats_tx, _) = watch::channel(store.stats());
+        Outbox {
+            inner: Arc::new(Inner {
+                store,
+                stats_tx,
+                publish: Mutex::new(()),
+                next_seq_at_open,
+            }),
+        }
+    }
+
+    /// Runs `f` on the store on a blocking thread, then publishes the stats if `publish`.
+    async fn call<T, F>(&self, publish: bool, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = f(inner.store.as_ref());
+            if publish {
+                inner.publish();
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// [`Store::append`], off the async workers.
+    pub async fn append(
+        &self,
+        stream: Stream,
+        seq: u64,
+        bytes: Vec<u8>,
+    ) -> Result<AppendOutcome, StoreError> {
+        self.call(true, move |s| s.append(stream, seq, &bytes))
+            .await
+    }
+
+    /// Group commit: appends every batch in order, then flushes once. A batch the store
+    /// refuses with [`StoreError::SeqRegression`] was stored by an earlier attempt whose flush
+    /// failed, and is skipped. Any other error stops the group; batches appended before it
+    /// stay staged (a retry skips them as above) and nothing is committed.
+    pub async fn commit(&self, batches: Vec<StoredBatch>) -> Result<CommitOutcome, StoreError> {
+        self.call(true, move |s| {
+            let mut evicted = Vec::new();
+            for b in &batches {
+                match s.append(b.stream, b.seq, &b.bytes) {
+                    Ok(outcome) => evicted.extend(outcome.evicted),
+                    Err(StoreError::SeqRegression { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            s.flush()?;
+            Ok(CommitOutcome { evicted })
+        })
+        .await
+    }
+
+    /// [`Store::flush`], off the async workers.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.call(true, |s| s.flush()).await
+    }
+
+    /// [`Store::peek`], off the async workers.
+    pub async fn peek(
+        &self,
+        stream: Stream,
+        from_seq: u64,
+        max: usize,
+    ) -> Result<Vec<StoredBatch>, StoreError> {
+        self.call(false, move |s| s.peek(stream, from_seq, max))
+            .await
+    }
+
+    /// [`Store::ack`], off the async workers.
+    pub async fn ack(&self, stream: Stream, seq: u64) -> Result<bool, StoreError> {
+        self.call(true, move |s| s.ack(stream, seq)).await
+    }
+
+    /// [`Store::next_seq`] as it was when the handle was made: where the batcher continues
+    /// and the committed marks start.
+    pub fn next_seq_at_open(&self, stream: Stream) -> u64 {
+        self.inner.next_seq_at_open[usize::from(stream.code())]
+    }
+
+    /// The last published counters. Never waits for the store.
+    pub fn stats(&self) -> StoreStats {
+        self.inner.stats_tx.borrow().clone()
+    }
+
+    /// A receiver of the published counters, to read them or wait for a change.
+    pub fn stats_rx(&self) -> watch::Receiver<StoreStats> {
+        self.inner.stats_tx.subscribe()
+    }
+}
+
+impl From<Arc<dyn Store>> for Outbox {
+    fn from(store: Arc<dyn Store>) -> Outbox {
+        Outbox::new(store)
+    }
+}
+
+impl<S: Store> From<Arc<S>> for Outbox {
+    fn from(store: Arc<S>) -> Outbox {
+        Outbox::new(store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc as std_mpsc;
+    use std::time::Duration;
+
+    use super::super::MemStore;
+    use super::*;
+
+    /// A store whose `append` holds its lock until the test lets go, like `SledStore`'s
+    /// ledger lock across an eviction scan; `stats` takes the same lock.
+    #[derive(Debug)]
+    struct StuckStore {
+        inner: MemStore,
+        lock: Mutex<()>,
+        entered_tx: Mutex<std_mpsc::Sender<()>>,
+        release_rx: Mutex<std_mpsc::Receiver<()>>,
+    }
+
+    impl Store for StuckStore {
+        fn append(
+            &self,
+            stream: Stream,
+            seq: u64,
+            bytes: &[u8],
+        ) -> Result<AppendOutcome, StoreError> {
+            let _held = self.lock.lock().unwrap();
+            self.entered_tx.lock().unwrap().send(()).unwrap();
+            self.release_rx.lock().unwrap().recv().unwrap();
+            self.inner.append(stream, seq, bytes)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+        fn peek(&self, s: Stream, from: u64, max: usize) -> Result<Vec<StoredBatch>, StoreError> {
+            self.inner.peek(s, from, max)
+        }
+        fn ack(&self, stream: Stream, seq: u64) -> Result<bool, StoreError> {
+            self.inner.ack(stream, seq)
+        }
+        fn next_seq(&self, stream: Stream) -> u64 {
+            self.inner.next_seq(stream)
+        }
+        fn stats(&self) -> StoreStats {
+            let _held = self.lock.lock().unwrap();
+            self.inner.stats()
+        }
+    }
+
+    #[tokio::test]
+    async fn stats_answer_while_an_append_holds_the_store_lock() {
+        let (entered_tx, entered_rx) = std_mpsc::channel();
+        let (release_tx, release_rx) = std_mpsc::channel();
+        let outbox = Outbox::new(Arc::new(StuckStore {
+            inner: MemStore::new(1000),
+            lock: Mutex::new(()),
+            entered_tx: Mutex::new(entered_tx),
+            release_rx: Mutex::new(release_rx),
+        }));
+        let mut stats_rx = outbox.stats_rx();
+        let writer = outbox.clone();
+        let append = tokio::spawn(async move {
+            writer
+                .append(Stream::Readings, 1, vec![0; 10])
+                .await
+                .unwrap()
+        });
+        tokio::task::spawn_blocking(move || entered_rx.recv().unwrap())
+            .await
+            .unwrap();
+
+        // The append holds the lock: the snapshot still answers (read on another thread, so
+        // a reader that waited for the lock fails the test instead of hanging it).
+        let reader = outbox.clone();
+        let read = tokio::task::spawn_blocking(move || reader.stats());
+        let stats = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("stats waited for the writer's lock")
+            .unwrap();
+        assert_eq!(stats.total_batches(), 0);
+        assert_eq!(outbox.stats_rx().borrow().total_batches(), 0);
+
+        release_tx.send(()).unwrap();
+        append.await.unwrap();
+        stats_rx.changed().await.unwrap();
+        assert_eq!(stats_rx.borrow().readings.batches, 1);
+        assert_eq!(outbox.stats().readings.bytes, 10);
+    }
+
+    #[tokio::test]
+    async fn every_change_is_published_and_commit_skips_what_is_already_stored() {
+        let store = Arc::new(MemStore::new(25));
+        let outbox = Outbox::new(store.clone());
+        assert_eq!(outbox.next_seq_at_open(Stream::Alarms), 1);
+        let batch = |stream, seq| StoredBatch {
+            stream,
+            seq,
+            bytes: vec![1; 10],
+        };
+        outbox
+            .commit(vec![batch(Stream::Readings, 1), batch(Stream::Alarms, 1)])
+            .await
+            .unwrap();
+        assert_eq!(outbox.stats(), store.stats());
+        // A retry of an appended batch is skipped; the third batch evicts the oldest reading.
+        let out = outbox
+            .commit(vec![batch(Stream::Alarms, 1), batch(Stream::Audit, 1)])
+            .await
+            .unwrap();
+        assert_eq!(out.evicted, vec![(Stream::Readings, 1, 10)]);
+        assert_eq!(outbox.stats().readings.evicted_batches, 1);
+        assert!(outbox.ack(Stream::Alarms, 1).await.unwrap());
+        assert_eq!(outbox.stats(), store.stats());
+        assert_eq!(outbox.stats().total_batches(), 1);
+        let left = outbox.peek(Stream::Audit, 0, 10).await.unwrap();
+        assert_eq!(left, vec![batch(Stream::Audit, 1)]);
+        // Made before the appends: the handle keeps the numbers it opened with.
+        assert_eq!(outbox.next_seq_at_open(Stream::Alarms), 1);
+    }
+}
