@@ -32,24 +32,13 @@ fn records(n: usize) -> Vec<Record> {
 /// A hub config with an embedded broker on `listen`, the hub's client certificate, and
 /// one registered gateway, `gw-test`.
 fn write_hub_config(dep: &Deployment, ca: &CertAuthority, listen: &str) -> PathBuf {
-    let server = ca.issue_localhost_server().unwrap();
-    let hub = ca.issue_client("hub-1").unwrap();
-    let text = format!(
-        "[hub]\nid = \"hub-1\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nstate_path = \"hub-state\"\n\n\
-         [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n\
-         [mqtt]\nca_file = {ca:?}\ncert_file = {hc:?}\nkey_file = {hk:?}\n\
-         embedded_broker = {{ listen = \"{listen}\", cert_file = {sc:?}, key_file = {sk:?}, client_ca_file = {ca:?} }}\n\n\
-         [status]\nlisten = \"127.0.0.1:0\"\n\n\
-         [[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n",
-        ca = ca.ca_file().display().to_string(),
-        hc = hub.cert.display().to_string(),
-        hk = hub.key.display().to_string(),
-        sc = server.cert.display().to_string(),
-        sk = server.key.display().to_string(),
-    );
-    let path = dep.path().join("hub.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    HubToml::embedded_broker(
+        listen,
+        &TlsFiles::client(ca, "hub-1"),
+        &TlsFiles::localhost_server(ca),
+    )
+    .status()
+    .write(dep.path())
 }
 
 fn start_hub(config: &Path) -> HubProcess {
@@ -262,23 +251,18 @@ async fn citygate_hub_runs_its_embedded_broker_from_keys_tls_output() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let p = |f: &str| pki.join(f).display().to_string();
-    let text = format!(
-        "[hub]\nid = \"hub-1\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nstate_path = \"hub-state\"\n\n\
-         [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n\
-         [mqtt]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\
-         embedded_broker = {{ listen = \"127.0.0.1:0\", cert_file = {:?}, key_file = {:?}, client_ca_file = {:?} }}\n\n\
-         [status]\nlisten = \"127.0.0.1:0\"\n\n\
-         [[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n",
-        p("ca.pem"),
-        p("client-hub-1.pem"),
-        p("client-hub-1.key"),
-        p("broker.pem"),
-        p("broker.key"),
-        p("ca.pem"),
-    );
-    let config = dep.path().join("hub.toml");
-    std::fs::write(&config, text).unwrap();
+    let files = |cert: &str, key: &str| TlsFiles {
+        ca: pki.join("ca.pem"),
+        cert: pki.join(cert),
+        key: pki.join(key),
+    };
+    let config = HubToml::embedded_broker(
+        "127.0.0.1:0",
+        &files("client-hub-1.pem", "client-hub-1.key"),
+        &files("broker.pem", "broker.key"),
+    )
+    .status()
+    .write(dep.path());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
         .args(["hub", "--config"])
         .arg(&config)

@@ -92,14 +92,8 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
     let profiles = shipped_profiles();
     let sim = start_sim(&profiles, "eastron-sdm120", 2, 21, &token).await;
 
-    let hub_path = dep.path().join("hub.toml");
-    std::fs::write(
-        &hub_path,
-        "[hub]\nid = \"hub-1\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nstate_path = \"hub-state\"\n\n\
-         [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n[mqtt]\nbroker = \"localhost:1\"\ndanger_plaintext = true\n\n\
-         [[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n",
-    )
-    .unwrap();
+    // The hub's [mqtt] section is not used: `start_hub_service` connects it to mosquitto.
+    let hub_path = HubToml::plaintext(1).write(dep.path());
     let hub = Arc::new(Hub::open(&HubConfig::load(&hub_path).unwrap()).unwrap());
     let hub_task = start_hub_service(&hub, &ca, port, &token);
 

@@ -117,7 +117,7 @@ async fn publish(link: &MqttLink, topic: &str, payload: Vec<u8>) {
 async fn mqtt_meters_in_every_shape_arrive_as_sealed_readings() {
     let pki = pki();
     let port = pki.broker.tls_addr().port();
-    let gw_client = pki.ca.issue_client("gw-test").unwrap();
+    let gw_client = TlsFiles::client(&pki.ca, "gw-test");
 
     let mut profiles = shipped_profiles();
     profiles.insert(keyed_profile(PayloadShape::ThingsBoard, "test-tb-water"));
@@ -157,39 +157,26 @@ async fn mqtt_meters_in_every_shape_arrive_as_sealed_readings() {
             profile: "test-alink-water".into(),
         },
     ];
-    let devices = format!(
-        r#"
-[[mqtt_source]]
-name = "meters"
-broker = "localhost:{port}"
-ca_file = "{ca}"
-cert_file = "{cert}"
-key_file = "{key}"
-
-[[device]]
-name = "flat-1"
-profile = "{SHIPPED}"
-transport = {{ type = "mqtt", source = "meters", topic = "water/+/up", key = "W0001" }}
-
-[[device]]
-name = "flat-2"
-profile = "{SHIPPED}"
-transport = {{ type = "mqtt", source = "meters", topic = "water/+/up", key = "W0002" }}
-
-[[device]]
-name = "tb-1"
-profile = "test-tb-water"
-transport = {{ type = "mqtt", source = "meters", topic = "tb/T0001/telemetry" }}
-
-[[device]]
-name = "alink-1"
-profile = "test-alink-water"
-transport = {{ type = "mqtt", source = "meters", topic = "/sys/pk1/+/thing/event/property/post", key = "A0001" }}
-"#,
-        ca = pki.ca.ca_file().display(),
-        cert = gw_client.cert.display(),
-        key = gw_client.key.display(),
-    );
+    let devices = [
+        mqtt_source_toml("meters", port, &gw_client, ""),
+        mqtt_device_toml("flat-1", SHIPPED, "meters", "water/+/up", Some("W0001")),
+        mqtt_device_toml("flat-2", SHIPPED, "meters", "water/+/up", Some("W0002")),
+        mqtt_device_toml(
+            "tb-1",
+            "test-tb-water",
+            "meters",
+            "tb/T0001/telemetry",
+            None,
+        ),
+        mqtt_device_toml(
+            "alink-1",
+            "test-alink-water",
+            "meters",
+            "/sys/pk1/+/thing/event/property/post",
+            Some("A0001"),
+        ),
+    ]
+    .concat();
     let dep = Deployment::new();
     let cfg = dep.config(PURPOSE, &devices, profiles.clone());
     let keys = KeyMaterial::load(&cfg.keys).unwrap();
@@ -421,14 +408,9 @@ async fn a_json_meter_without_timestamps_is_stamped_on_receipt_and_marked() {
     profiles.insert(profile);
     let pki = pki();
     let port = pki.broker.tls_addr().port();
-    let gw = pki.ca.issue_client("gw-test").unwrap();
-    let devices = format!(
-        "[[mqtt_source]]\nname = \"m\"\nbroker = \"localhost:{port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nqos = 0\n\n\
-         [[device]]\nname = \"w1\"\nprofile = \"no-time\"\ntransport = {{ type = \"mqtt\", source = \"m\", topic = \"w/1\" }}\n",
-        pki.ca.ca_file().display(),
-        gw.cert.display(),
-        gw.key.display()
-    );
+    let gw = TlsFiles::client(&pki.ca, "gw-test");
+    let devices = mqtt_source_toml("m", port, &gw, "qos = 0")
+        + &mqtt_device_toml("w1", "no-time", "m", "w/1", None);
     let dep = Deployment::new();
     let cfg = dep.config(&["flow_rate"], &devices, profiles);
     let keys = KeyMaterial::load(&cfg.keys).unwrap();
@@ -630,15 +612,9 @@ async fn an_mqtt_source_resubscribes_after_a_broker_restart() {
     let server = ca.issue_localhost_server().unwrap();
     let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
     let addr = broker.tls_addr();
-    let gw = ca.issue_client("gw-test").unwrap();
-    let devices = format!(
-        "[[mqtt_source]]\nname = \"m\"\nbroker = \"localhost:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n\
-         [[device]]\nname = \"w1\"\nprofile = \"{SHIPPED}\"\ntransport = {{ type = \"mqtt\", source = \"m\", topic = \"w/1\" }}\n",
-        addr.port(),
-        ca.ca_file().display(),
-        gw.cert.display(),
-        gw.key.display()
-    );
+    let gw = TlsFiles::client(&ca, "gw-test");
+    let devices = mqtt_source_toml("m", addr.port(), &gw, "")
+        + &mqtt_device_toml("w1", SHIPPED, "m", "w/1", None);
     let dep = Deployment::new();
     let cfg = dep.config(&["flow_rate"], &devices, shipped_profiles());
     let keys = KeyMaterial::load(&cfg.keys).unwrap();

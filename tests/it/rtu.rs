@@ -590,10 +590,12 @@ async fn rtu_over_tcp_through_the_gateway_into_sealed_batches() {
     ));
     let devices: String = (1..=3u8)
         .map(|u| {
-            format!(
-                "[[device]]\nname = \"m{u}\"\nprofile = \"{PROFILE}\"\n\
-                 transport = {{ type = \"rtu_tcp\", address = \"{address}\", baud = 19200 }}\n\
-                 unit = {u}\npoll_interval = \"200ms\"\n\n"
+            crate::support::transport_device(
+                &format!("m{u}"),
+                PROFILE,
+                &format!("type = \"rtu_tcp\", address = \"{address}\", baud = 19200"),
+                u,
+                "200ms",
             )
         })
         .collect();
@@ -628,10 +630,12 @@ async fn dtu_dial_in_through_the_gateway_into_sealed_batches() {
     ));
     let devices: String = (1..=2u8)
         .map(|u| {
-            format!(
-                "[[device]]\nname = \"d{u}\"\nprofile = \"{PROFILE}\"\n\
-                 transport = {{ type = \"dtu\", id = \"{id}\", listen = \"{listen}\" }}\n\
-                 unit = {u}\npoll_interval = \"200ms\"\n\n"
+            crate::support::transport_device(
+                &format!("d{u}"),
+                PROFILE,
+                &format!("type = \"dtu\", id = \"{id}\", listen = \"{listen}\""),
+                u,
+                "200ms",
             )
         })
         .collect();
