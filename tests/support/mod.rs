@@ -197,6 +197,7 @@ pub fn start_hub_service(
         link,
         events,
         "hubs".to_string(),
+        tokio::sync::watch::channel(false).0,
         token.clone(),
     ))
 }
