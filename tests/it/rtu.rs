@@ -627,11 +627,9 @@ async fn rtu_over_tcp_through_the_gateway_into_sealed_batches() {
 /// sealed batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dtu_dial_in_through_the_gateway_into_sealed_batches() {
-    // The gateway binds the configured address itself: take a free loopback port.
-    let listen = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    // The gateway binds the configured address itself: reserve a loopback port for it.
+    let (_reserved, listen) = crate::support::reserve_port();
+    let listen = listen.to_string();
     let id = "865000999888777";
     let meters = SimMeters::new(profile(), 2, 18);
     let token = CancellationToken::new();

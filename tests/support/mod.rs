@@ -42,6 +42,19 @@ pub async fn start_sim(
     SimEndpoint { meters, address }
 }
 
+/// A loopback port for a component that binds a configured address itself and cannot
+/// report a port of its choosing: the returned socket holds the port bound (with
+/// SO_REUSEADDR, not listening) so no other process takes it, while a listener that also
+/// sets SO_REUSEADDR, as tokio's do, can still bind and listen on it. Keep it alive while
+/// the component runs.
+pub fn reserve_port() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
 /// A test deployment directory with generated keys.
 pub struct Deployment {
     pub dir: tempfile::TempDir,
