@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -42,6 +43,7 @@ pub struct HubProcess {
     hub: Arc<Hub>,
     broker: Option<EmbeddedBroker>,
     status_addr: Option<SocketAddr>,
+    subscribed_rx: watch::Receiver<bool>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -84,21 +86,30 @@ impl HubProcess {
         // Reads the PEM files; the blocking thread can spawn the link's tasks.
         let (link, events) = blocking(move || Ok(MqttLink::start(opts)?)).await?;
         let stop = CancellationToken::new();
+        let (subscribed_tx, subscribed_rx) = watch::channel(false);
         let task = tokio::spawn(service::serve(
             hub.clone(),
             link,
             events,
             cfg.mqtt.share_group.clone(),
+            subscribed_tx,
             stop.clone(),
         ));
-        let status_addr = start_status(cfg, &hub, stop.clone());
+        let status_addr = start_status(cfg, &hub, subscribed_rx.clone(), stop.clone());
         Ok(HubProcess {
             hub,
             broker,
             status_addr,
+            subscribed_rx,
             stop,
             task,
         })
+    }
+
+    /// True while the broker has granted all of the hub's subscriptions; batches
+    /// published before that may reach no hub.
+    pub fn subscribed(&self) -> watch::Receiver<bool> {
+        self.subscribed_rx.clone()
     }
 
     /// Where the status endpoint listens, if it could bind.
@@ -131,6 +142,7 @@ impl HubProcess {
 struct HubRoutes {
     id: String,
     hub: Arc<Hub>,
+    subscribed_rx: watch::Receiver<bool>,
     started: StartTime,
 }
 
@@ -139,6 +151,8 @@ struct HubStatus<'a> {
     hub: &'a str,
     version: &'a str,
     uptime_s: i64,
+    /// Whether the broker has granted all of the hub's subscriptions.
+    subscribed: bool,
     #[serde(flatten)]
     stats: super::HubStats,
 }
@@ -154,6 +168,7 @@ impl Routes for HubRoutes {
                     hub: &self.id,
                     version: env!("CARGO_PKG_VERSION"),
                     uptime_s,
+                    subscribed: *self.subscribed_rx.borrow(),
                     stats,
                 },
             )),
@@ -221,10 +236,16 @@ impl Routes for HubRoutes {
 }
 
 /// Binds the hub's status endpoint; a failure is logged, not fatal.
-fn start_status(cfg: &HubConfig, hub: &Arc<Hub>, stop: CancellationToken) -> Option<SocketAddr> {
+fn start_status(
+    cfg: &HubConfig,
+    hub: &Arc<Hub>,
+    subscribed_rx: watch::Receiver<bool>,
+    stop: CancellationToken,
+) -> Option<SocketAddr> {
     let routes = Arc::new(HubRoutes {
         id: cfg.id.clone(),
         hub: hub.clone(),
+        subscribed_rx,
         started: StartTime::default(),
     });
     crate::telemetry::http::spawn_endpoint(cfg.status.listen?, routes, stop)

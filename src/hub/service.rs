@@ -5,11 +5,16 @@
 //! [`Hub::ingest`] (on a blocking thread: it writes and syncs), and publishes the
 //! returned ack on `citygate/v1/{gateway}/ack`. A payload on a topic that names no
 //! valid gateway is counted and dropped.
+//!
+//! Readiness: `subscribed_tx` holds true while the broker has granted every filter in the
+//! current session (one granted SUBACK per filter since the CONNACK that started it, or
+//! a resumed session that had them), false before and while disconnected. Batches
+//! published while it is false may reach no hub.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -17,27 +22,55 @@ use super::{Hub, Ingest};
 use crate::mqtt::{LinkEvent, MqttLink, QoS};
 use crate::wire::{ack_topic, hub_filters, parse_stream_topic};
 
-/// Runs the hub over `link` until `shutdown` is cancelled or the link's events end.
+/// Runs the hub over `link` until `shutdown` is cancelled or the link's events end,
+/// reporting on `subscribed_tx` whether its subscriptions are in place.
 pub async fn serve(
     hub: Arc<Hub>,
     link: MqttLink,
     mut events_rx: mpsc::Receiver<LinkEvent>,
     group: String,
+    subscribed_tx: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
-    for f in hub_filters(&group) {
-        if let Err(e) = link.subscribe(&f, QoS::AtLeastOnce).await {
+    let filters = hub_filters(&group);
+    for f in &filters {
+        if let Err(e) = link.subscribe(f, QoS::AtLeastOnce).await {
             warn!(filter = %f, error = %e, "hub subscribe failed");
         }
     }
     info!(group = %group, "hub serving");
+    let mut granted = 0;
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
             e = events_rx.recv() => match e { Some(e) => e, None => break },
         };
-        let LinkEvent::Publish { topic, payload } = event else {
-            continue;
+        let (topic, payload) = match event {
+            LinkEvent::Publish { topic, payload } => (topic, payload),
+            LinkEvent::Connected { session_present } => {
+                if !session_present {
+                    granted = 0;
+                }
+                subscribed_tx.send_replace(granted >= filters.len());
+                continue;
+            }
+            LinkEvent::Disconnected { .. } => {
+                subscribed_tx.send_replace(false);
+                continue;
+            }
+            LinkEvent::SubAck { granted: true, .. } => {
+                granted += 1;
+                if granted == filters.len() {
+                    subscribed_tx.send_replace(true);
+                    info!(group = %group, "hub subscribed");
+                }
+                continue;
+            }
+            LinkEvent::SubAck { granted: false, .. } => {
+                warn!(group = %group, "hub subscription refused by the broker");
+                continue;
+            }
+            LinkEvent::PubAck { .. } => continue,
         };
         let Some((gateway, _stream)) = parse_stream_topic(&topic) else {
             warn!(topic = %topic, "payload on an unexpected topic dropped");

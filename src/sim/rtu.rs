@@ -334,3 +334,99 @@ pub async fn dial_dtu(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::{timeout, Instant};
+
+    use super::*;
+    use crate::profile::Parity;
+    use crate::sim::fixtures::test_profile;
+
+    const LINE: LineSettings = LineSettings {
+        baud: 9600,
+        data_bits: 8,
+        parity: Parity::None,
+        stop_bits: 1,
+    };
+
+    /// Serves `sim` on one end of an in-memory stream; returns the other end.
+    fn serve(sim: &RtuSim, shutdown: &CancellationToken) -> tokio::io::DuplexStream {
+        let (client, server) = tokio::io::duplex(1024);
+        let sim = sim.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { sim.serve(server, shutdown, None).await });
+        client
+    }
+
+    /// Sends a read of two input registers from `unit`; returns the reply (9 bytes) and
+    /// how long it took on the paused clock.
+    async fn read_two(
+        bus: &mut tokio::io::DuplexStream,
+        unit: u8,
+        limit: Duration,
+    ) -> Option<(Vec<u8>, Duration)> {
+        let started = Instant::now();
+        bus.write_all(&frame::encode_any_request(unit, 4, 0, 2))
+            .await
+            .unwrap();
+        let mut reply = vec![0u8; 9];
+        timeout(limit, bus.read_exact(&mut reply))
+            .await
+            .ok()
+            .map(|r| {
+                r.unwrap();
+                (reply, started.elapsed())
+            })
+    }
+
+    /// The timer wheel counts whole milliseconds: each sleep may end up to 1 ms late.
+    fn about(elapsed: Duration, want: Duration, sleeps: u32) {
+        assert!(
+            elapsed >= want && elapsed <= want + Duration::from_millis(sleeps.into()),
+            "took {elapsed:?}, wire and fault time {want:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_baud_every_frame_takes_its_wire_time_and_a_slow_unit_adds_its_delay() {
+        let meters = SimMeters::new(test_profile(), 2, 7).with_tick(Duration::from_secs(3600));
+        meters.set_fault(UnitId(2), Fault::Slow(Duration::from_millis(250)));
+        let sim = RtuSim::new(meters.clone()).with_baud(&LINE);
+        let shutdown = CancellationToken::new();
+        let mut bus = serve(&sim, &shutdown);
+        let t = LineTiming::new(&LINE);
+        let wire = t.bytes(frame::REQUEST_LEN) + t.bytes(9);
+        // 9600 baud, 10 bits a byte: about 8 ms for the request, 9 ms for the reply.
+        assert!(wire > Duration::from_millis(15), "{wire:?}");
+
+        let (reply, took) = read_two(&mut bus, 1, Duration::from_secs(5)).await.unwrap();
+        let words = meters
+            .read(UnitId(1), FunctionCode::ReadInput, RegisterAddress(0), 2)
+            .unwrap();
+        assert_eq!(reply, frame::encode_reply(1, 4, &words));
+        about(took, wire, 2);
+
+        let (_, took) = read_two(&mut bus, 2, Duration::from_secs(5)).await.unwrap();
+        about(took, wire + Duration::from_millis(250), 3);
+        assert_eq!(sim.injected().replies.load(Ordering::Relaxed), 2);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_unit_never_answers_and_the_bus_serves_the_next_request() {
+        let meters = SimMeters::new(test_profile(), 2, 8).with_tick(Duration::from_secs(3600));
+        meters.set_fault(UnitId(1), Fault::Silent);
+        let sim = RtuSim::new(meters);
+        let shutdown = CancellationToken::new();
+        let mut bus = serve(&sim, &shutdown);
+        // An hour of silence costs nothing on the paused clock.
+        assert!(read_two(&mut bus, 1, Duration::from_secs(3600))
+            .await
+            .is_none());
+        let (reply, took) = read_two(&mut bus, 2, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(reply[..2], [2, 4]);
+        assert_eq!(took, Duration::ZERO, "no baud emulation: answered at once");
+        shutdown.cancel();
+    }
+}

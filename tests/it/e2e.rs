@@ -17,13 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::support::*;
 
 fn hub_config(dep: &Deployment, port: u16) -> HubConfig {
-    let text = format!(
-        "[hub]\nid = \"hub-1\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nstate_path = \"hub-state\"\n\n\
-         [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n[mqtt]\nbroker = \"localhost:{port}\"\n\
-         danger_plaintext = true\n\n[[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n"
-    );
-    let path = dep.path().join("hub.toml");
-    std::fs::write(&path, &text).unwrap();
+    let path = HubToml::plaintext(port).write(dep.path());
     HubConfig::load(&path).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -153,24 +147,19 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
     let hub = Arc::new(Hub::open(&hub_config(&dep, port)).unwrap());
     let hub_task = start_hub_service(&hub, &ca, port, &token);
 
-    let gw = ca.issue_client("gw-test").unwrap();
-    let profiles_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
     let devices: String = (1..=3u8)
         .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "200ms"))
         .collect();
-    let text = format!(
-        "[gateway]\nid = \"gw-test\"\nprofiles_dir = {:?}\n\n[purpose]\nname = \"t\"\nfields = [\"active_power\", \"energy_import\"]\n\n\
-         [batch]\nmax_age = \"200ms\"\n\n[store]\npath = \"store\"\n\n[keys]\nsigning_key = \"keys/gateway.sign.key\"\n\
-         hub_public_key = \"keys/hub.hpke.pub\"\npseudonym_key = \"keys/pseudonym.key\"\n\n\
-         [uplink]\nbroker = \"localhost:{port}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nack_timeout = \"2s\"\n\n\
-         [status]\nlisten = \"127.0.0.1:0\"\n\n{devices}",
-        profiles_dir.display().to_string(),
-        ca.ca_file().display().to_string(),
-        gw.cert.display().to_string(),
-        gw.key.display().to_string(),
-    );
-    let config = dep.path().join("gateway.toml");
-    std::fs::write(&config, text).unwrap();
+    let config = GatewayToml::new("gw-test", &["active_power", "energy_import"])
+        .shipped_profiles()
+        .uplink(
+            port,
+            &TlsFiles::client(&ca, "gw-test"),
+            "ack_timeout = \"2s\"",
+        )
+        .status()
+        .devices(&devices)
+        .write(dep.path());
 
     let mut first = spawn_run(&config);
     assert!(

@@ -33,24 +33,13 @@ fn records(n: usize) -> Vec<Record> {
 /// A hub config with an embedded broker on `listen`, the hub's client certificate, and
 /// one registered gateway, `gw-test`.
 fn write_hub_config(dep: &Deployment, ca: &CertAuthority, listen: &str) -> PathBuf {
-    let server = ca.issue_localhost_server().unwrap();
-    let hub = ca.issue_client("hub-1").unwrap();
-    let text = format!(
-        "[hub]\nid = \"hub-1\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nstate_path = \"hub-state\"\n\n\
-         [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n\
-         [mqtt]\nca_file = {ca:?}\ncert_file = {hc:?}\nkey_file = {hk:?}\n\
-         embedded_broker = {{ listen = \"{listen}\", cert_file = {sc:?}, key_file = {sk:?}, client_ca_file = {ca:?} }}\n\n\
-         [status]\nlisten = \"127.0.0.1:0\"\n\n\
-         [[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n",
-        ca = ca.ca_file().display().to_string(),
-        hc = hub.cert.display().to_string(),
-        hk = hub.key.display().to_string(),
-        sc = server.cert.display().to_string(),
-        sk = server.key.display().to_string(),
-    );
-    let path = dep.path().join("hub.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    HubToml::embedded_broker(
+        listen,
+        &TlsFiles::client(ca, "hub-1"),
+        &TlsFiles::localhost_server(ca),
+    )
+    .status()
+    .write(dep.path())
 }
 
 async fn start_hub(config: &Path) -> HubProcess {
@@ -65,6 +54,16 @@ async fn start_hub(config: &Path) -> HubProcess {
     })
     .await
     .unwrap()
+}
+
+/// Waits (bounded) until the broker has granted the hub's subscriptions: a batch
+/// published before that reaches no hub.
+async fn until_subscribed(hub: &HubProcess) {
+    let mut subscribed = hub.subscribed();
+    tokio::time::timeout(Duration::from_secs(10), subscribed.wait_for(|s| *s))
+        .await
+        .expect("the hub never subscribed")
+        .unwrap();
 }
 
 /// A client holding gw-test's certificate, subscribed to gw-test's acks.
@@ -91,6 +90,16 @@ impl Publisher {
         link.subscribe(&ack_topic(&gw), QoS::AtLeastOnce)
             .await
             .unwrap();
+        let granted = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(e) = events.recv().await {
+                if let LinkEvent::SubAck { granted, .. } = e {
+                    return granted;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(granted.ok(), Some(true), "the ack subscription was refused");
         Publisher { link, events }
     }
 
@@ -106,15 +115,24 @@ impl Publisher {
             .unwrap();
     }
 
-    /// The sequence numbers acknowledged within `limit`.
-    async fn acks_within(&mut self, limit: Duration) -> Vec<u64> {
+    /// The sequence numbers of the next `n` acks, in arrival order (bounded wait). The
+    /// hub handles payloads in order and acks arrive in order, so an ack for anything
+    /// published before the last acked payload would be among them.
+    async fn next_acks(&mut self, n: usize) -> Vec<u64> {
         let mut seqs = Vec::new();
-        let deadline = tokio::time::Instant::now() + limit;
-        while let Ok(Some(e)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
-            if let LinkEvent::Publish { payload, .. } = e {
-                seqs.push(citygate::wire::Ack::decode(&payload).unwrap().seq);
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            while seqs.len() < n {
+                match self.events.recv().await {
+                    Some(LinkEvent::Publish { payload, .. }) => {
+                        seqs.push(citygate::wire::Ack::decode(&payload).unwrap().seq);
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
             }
-        }
+        })
+        .await;
+        assert!(got.is_ok(), "only acks {seqs:?} of {n} arrived");
         seqs
     }
 }
@@ -139,8 +157,17 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
     let hub = start_hub(&config).await;
     let port = hub.broker_addr().unwrap().port();
     let mut gw = Publisher::connect(&ca, port).await;
-    // The hub subscribes right after connecting; give its subscription a moment.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_subscribed(&hub).await;
+    let (code, body) = citygate::telemetry::http::get(
+        hub.status_addr().unwrap(),
+        "/status",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["subscribed"], true, "{body}");
 
     let gateway = GatewayId::new("gw-test").unwrap();
     let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
@@ -156,7 +183,7 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
     // A good batch: written and acknowledged.
     let good = seal(100, 3);
     gw.publish(Stream::Readings, good.clone()).await;
-    assert_eq!(gw.acks_within(Duration::from_secs(5)).await, [100]);
+    assert_eq!(gw.next_acks(1).await, [100]);
     assert_eq!(sink_seqs(&dep), [100, 100, 100]);
 
     // Tampered: one byte of the ciphertext flipped. Signed by a key the hub does not know
@@ -192,9 +219,9 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
     // ack), written nothing.
     gw.publish(Stream::Readings, good.clone()).await;
     assert_eq!(
-        gw.acks_within(Duration::from_secs(3)).await,
+        gw.next_acks(1).await,
         [100],
-        "only the replay is acked"
+        "only the replay (published last) is acked"
     );
     let stats = hub.hub().stats();
     assert_eq!(stats.duplicates, 1, "{stats:?}");
@@ -222,10 +249,10 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
     let config = write_hub_config(&dep, &ca, &format!("127.0.0.1:{port}"));
     let hub = start_hub(&config).await;
     let mut gw = Publisher::connect(&ca, port).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_subscribed(&hub).await;
     gw.publish(Stream::Readings, good).await;
     gw.publish(Stream::Readings, seal(101, 2)).await;
-    let mut acks = gw.acks_within(Duration::from_secs(5)).await;
+    let mut acks = gw.next_acks(2).await;
     acks.sort_unstable();
     assert_eq!(acks, [100, 101]);
     let stats = hub.hub().stats();
@@ -264,23 +291,18 @@ async fn citygate_hub_runs_its_embedded_broker_from_keys_tls_output() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let p = |f: &str| pki.join(f).display().to_string();
-    let text = format!(
-        "[hub]\nid = \"hub-1\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nstate_path = \"hub-state\"\n\n\
-         [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n\
-         [mqtt]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\
-         embedded_broker = {{ listen = \"127.0.0.1:0\", cert_file = {:?}, key_file = {:?}, client_ca_file = {:?} }}\n\n\
-         [status]\nlisten = \"127.0.0.1:0\"\n\n\
-         [[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n",
-        p("ca.pem"),
-        p("client-hub-1.pem"),
-        p("client-hub-1.key"),
-        p("broker.pem"),
-        p("broker.key"),
-        p("ca.pem"),
-    );
-    let config = dep.path().join("hub.toml");
-    std::fs::write(&config, text).unwrap();
+    let files = |cert: &str, key: &str| TlsFiles {
+        ca: pki.join("ca.pem"),
+        cert: pki.join(cert),
+        key: pki.join(key),
+    };
+    let config = HubToml::embedded_broker(
+        "127.0.0.1:0",
+        &files("client-hub-1.pem", "client-hub-1.key"),
+        &files("broker.pem", "broker.key"),
+    )
+    .status()
+    .write(dep.path());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
         .args(["hub", "--config"])
         .arg(&config)
@@ -288,12 +310,38 @@ async fn citygate_hub_runs_its_embedded_broker_from_keys_tls_output() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Read the log as it is written: the hub says when its subscriptions are granted.
+    let stderr = child.stderr.take().unwrap();
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = line_tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    let subscribed = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(line) = line_rx.recv().await {
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("hub subscribed") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if subscribed != Ok(true) {
+        let _ = child.kill();
+        panic!("the hub never subscribed: {subscribed:?}\n{log}");
+    }
     assert!(child.try_wait().unwrap().is_none(), "the hub exited early");
     signal(&child, "-TERM");
     let status = wait_exit(&mut child, Duration::from_secs(15)).await;
-    let mut log = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    // The child has exited: the reader ends at the end of its log.
+    while let Some(line) = line_rx.recv().await {
+        log.push_str(&line);
+        log.push('\n');
+    }
     assert!(status.success(), "{status}\n{log}");
     assert!(log.contains("embedded broker listening"), "{log}");
     assert!(log.contains("hub serving"), "{log}");

@@ -22,14 +22,6 @@ fn mosquitto_binary() -> Option<&'static str> {
         .find(|p| Path::new(p).exists())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the broker this test started, by its id, when the test ends.
 struct Broker(std::process::Child);
 
@@ -38,6 +30,48 @@ impl Drop for Broker {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Starts mosquitto with the config `conf(port)` writes, on a loopback port nobody uses.
+/// Mosquitto cannot listen on port 0 and report the port, so a free port is picked; if
+/// another process takes it first, mosquitto exits with "Address already in use" and a
+/// fresh port is tried. Ready once mosquitto logs that it is running.
+async fn start_mosquitto(bin: &str, dir: &Path, conf: impl Fn(u16) -> String) -> (Broker, u16) {
+    for attempt in 0..5 {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let conf_path = dir.join("mosquitto.conf");
+        std::fs::write(&conf_path, conf(port)).unwrap();
+        let log_path = dir.join(format!("mosquitto-{attempt}.log"));
+        let mut broker = Broker(
+            Command::new(bin)
+                .arg("-c")
+                .arg(&conf_path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
+                .spawn()
+                .unwrap(),
+        );
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let mut exited = false;
+        let settled = wait_for(Duration::from_secs(10), || {
+            exited = broker.0.try_wait().unwrap().is_some();
+            exited || log().contains(" running")
+        })
+        .await;
+        assert!(settled, "mosquitto neither ran nor exited: {}", log());
+        if !exited {
+            return (broker, port);
+        }
+        assert!(
+            log().contains("Address already in use"),
+            "mosquitto did not start: {}",
+            log()
+        );
+    }
+    panic!("mosquitto found no free port in 5 attempts");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,10 +87,7 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
     let dep = Deployment::new();
     let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
     let server = ca.issue_localhost_server().unwrap();
-    let port = free_port();
-    let conf = dep.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
+    let (_broker, port) = start_mosquitto(bin, dep.path(), |port| {
         format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\n\
              require_certificate true\nuse_identity_as_username true\ntls_version tlsv1.3\n\
@@ -64,43 +95,16 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
             ca.ca_file().display(),
             server.cert.display(),
             server.key.display()
-        ),
-    )
-    .unwrap();
-    let _broker = Broker(
-        Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dep.path().join("mosquitto.log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap(),
-    );
-    assert!(
-        wait_for(Duration::from_secs(10), || std::net::TcpStream::connect((
-            "127.0.0.1",
-            port
-        ))
-        .is_ok())
-        .await,
-        "mosquitto did not start: {}",
-        std::fs::read_to_string(dep.path().join("mosquitto.log")).unwrap_or_default()
-    );
+        )
+    })
+    .await;
 
     let token = CancellationToken::new();
     let profiles = shipped_profiles();
     let sim = start_sim(&profiles, "eastron-sdm120", 2, 21, &token).await;
 
-    let hub_path = dep.path().join("hub.toml");
-    std::fs::write(
-        &hub_path,
-        "[hub]\nid = \"hub-1\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nstate_path = \"hub-state\"\n\n\
-         [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n[mqtt]\nbroker = \"localhost:1\"\ndanger_plaintext = true\n\n\
-         [[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n",
-    )
-    .unwrap();
+    // The hub's [mqtt] section is not used: `start_hub_service` connects it to mosquitto.
+    let hub_path = HubToml::plaintext(1).write(dep.path());
     let hub = Arc::new(Hub::open(&HubConfig::load(&hub_path).unwrap()).unwrap());
     let hub_task = start_hub_service(&hub, &ca, port, &token);
 

@@ -117,7 +117,7 @@ async fn publish(link: &MqttLink, topic: &str, payload: Vec<u8>) {
 async fn mqtt_meters_in_every_shape_arrive_as_sealed_readings() {
     let pki = pki();
     let port = pki.broker.tls_addr().port();
-    let gw_client = pki.ca.issue_client("gw-test").unwrap();
+    let gw_client = TlsFiles::client(&pki.ca, "gw-test");
 
     let mut profiles = shipped_profiles();
     profiles.insert(keyed_profile(PayloadShape::ThingsBoard, "test-tb-water"));
@@ -157,39 +157,26 @@ async fn mqtt_meters_in_every_shape_arrive_as_sealed_readings() {
             profile: "test-alink-water".into(),
         },
     ];
-    let devices = format!(
-        r#"
-[[mqtt_source]]
-name = "meters"
-broker = "localhost:{port}"
-ca_file = "{ca}"
-cert_file = "{cert}"
-key_file = "{key}"
-
-[[device]]
-name = "flat-1"
-profile = "{SHIPPED}"
-transport = {{ type = "mqtt", source = "meters", topic = "water/+/up", key = "W0001" }}
-
-[[device]]
-name = "flat-2"
-profile = "{SHIPPED}"
-transport = {{ type = "mqtt", source = "meters", topic = "water/+/up", key = "W0002" }}
-
-[[device]]
-name = "tb-1"
-profile = "test-tb-water"
-transport = {{ type = "mqtt", source = "meters", topic = "tb/T0001/telemetry" }}
-
-[[device]]
-name = "alink-1"
-profile = "test-alink-water"
-transport = {{ type = "mqtt", source = "meters", topic = "/sys/pk1/+/thing/event/property/post", key = "A0001" }}
-"#,
-        ca = pki.ca.ca_file().display(),
-        cert = gw_client.cert.display(),
-        key = gw_client.key.display(),
-    );
+    let devices = [
+        mqtt_source_toml("meters", port, &gw_client, ""),
+        mqtt_device_toml("flat-1", SHIPPED, "meters", "water/+/up", Some("W0001")),
+        mqtt_device_toml("flat-2", SHIPPED, "meters", "water/+/up", Some("W0002")),
+        mqtt_device_toml(
+            "tb-1",
+            "test-tb-water",
+            "meters",
+            "tb/T0001/telemetry",
+            None,
+        ),
+        mqtt_device_toml(
+            "alink-1",
+            "test-alink-water",
+            "meters",
+            "/sys/pk1/+/thing/event/property/post",
+            Some("A0001"),
+        ),
+    ]
+    .concat();
     let dep = Deployment::new();
     let cfg = dep.config(PURPOSE, &devices, profiles.clone());
     let keys = KeyMaterial::load(&cfg.keys).unwrap();
@@ -234,7 +221,10 @@ transport = {{ type = "mqtt", source = "meters", topic = "/sys/pk1/+/thing/event
             }
         }
         assert!(round < 199, "the gateway never received a message");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if counted_from.is_none() {
+            // Polling for the gateway's subscription: a round every 50 ms until it hears.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let from = counted_from.expect("gateway received messages");
     // A duplicate of the last good json message and a message on an unknown topic.
@@ -267,22 +257,30 @@ transport = {{ type = "mqtt", source = "meters", topic = "/sys/pk1/+/thing/event
         })
         .count() as u64;
     assert!(expect_payload_errors >= 3 && expect_field_errors >= 2);
+    // Every counted good message taken in (the source has handed it on when the device's
+    // poll counter moves), and the duplicate's values all found stale.
+    let mut expect_ok: BTreeMap<&str, u64> = BTreeMap::new();
+    for (device, _) in counted.iter().filter(|(_, m)| m.truth.is_some()) {
+        *expect_ok.entry(device.as_str()).or_default() += 1;
+    }
+    let polls_ok = |d: &str| metrics.device(&DeviceId::new(d).unwrap()).polls_ok;
     let all_in = wait_for(Duration::from_secs(10), || {
         metrics.mqtt_unknown_topic.get() >= 1
             && metrics.mqtt_payload_errors.get() >= expect_payload_errors
             && metrics.mqtt_field_errors.get() >= expect_field_errors
-            && metrics.mqtt_stale_values.get() > 0
+            && metrics.mqtt_stale_values.get() >= PURPOSE.len() as u64
+            && expect_ok.iter().all(|(d, n)| polls_ok(d) >= *n)
     })
     .await;
     assert!(
         all_in,
-        "unknown {} payload {} (>= {expect_payload_errors}) field {} (>= {expect_field_errors}) stale {}",
+        "unknown {} payload {} (>= {expect_payload_errors}) field {} (>= {expect_field_errors}) stale {}; polls {:?} (>= {expect_ok:?})",
         metrics.mqtt_unknown_topic.get(),
         metrics.mqtt_payload_errors.get(),
         metrics.mqtt_field_errors.get(),
-        metrics.mqtt_stale_values.get()
+        metrics.mqtt_stale_values.get(),
+        expect_ok.keys().map(|d| (*d, polls_ok(d))).collect::<Vec<_>>()
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(running.shutdown(Duration::from_secs(10)).await);
     link.shutdown().await;
     drain.abort();
@@ -421,14 +419,9 @@ async fn a_json_meter_without_timestamps_is_stamped_on_receipt_and_marked() {
     profiles.insert(profile);
     let pki = pki();
     let port = pki.broker.tls_addr().port();
-    let gw = pki.ca.issue_client("gw-test").unwrap();
-    let devices = format!(
-        "[[mqtt_source]]\nname = \"m\"\nbroker = \"localhost:{port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nqos = 0\n\n\
-         [[device]]\nname = \"w1\"\nprofile = \"no-time\"\ntransport = {{ type = \"mqtt\", source = \"m\", topic = \"w/1\" }}\n",
-        pki.ca.ca_file().display(),
-        gw.cert.display(),
-        gw.key.display()
-    );
+    let gw = TlsFiles::client(&pki.ca, "gw-test");
+    let devices = mqtt_source_toml("m", port, &gw, "qos = 0")
+        + &mqtt_device_toml("w1", "no-time", "m", "w/1", None);
     let dep = Deployment::new();
     let cfg = dep.config(&["flow_rate"], &devices, profiles);
     let keys = KeyMaterial::load(&cfg.keys).unwrap();
@@ -630,15 +623,9 @@ async fn an_mqtt_source_resubscribes_after_a_broker_restart() {
     let server = ca.issue_localhost_server().unwrap();
     let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
     let addr = broker.tls_addr();
-    let gw = ca.issue_client("gw-test").unwrap();
-    let devices = format!(
-        "[[mqtt_source]]\nname = \"m\"\nbroker = \"localhost:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n\
-         [[device]]\nname = \"w1\"\nprofile = \"{SHIPPED}\"\ntransport = {{ type = \"mqtt\", source = \"m\", topic = \"w/1\" }}\n",
-        addr.port(),
-        ca.ca_file().display(),
-        gw.cert.display(),
-        gw.key.display()
-    );
+    let gw = TlsFiles::client(&ca, "gw-test");
+    let devices = mqtt_source_toml("m", addr.port(), &gw, "")
+        + &mqtt_device_toml("w1", SHIPPED, "m", "w/1", None);
     let dep = Deployment::new();
     let cfg = dep.config(&["flow_rate"], &devices, shipped_profiles());
     let keys = KeyMaterial::load(&cfg.keys).unwrap();

@@ -152,11 +152,11 @@ fn probe_prints_the_decoded_table_over_rtu_and_tcp() {
 
 #[test]
 fn probe_errors_are_one_line_with_a_nonzero_exit() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let closed = format!("127.0.0.1:{port}");
+    // A port held bound but not listening: connecting is refused, and no other process
+    // can take the port while the test runs.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = held.local_addr().unwrap().to_string();
     let cases: [(&[&str], i32, &str); 4] = [
         (&["--tcp", &closed, "--unit", "1"], 1, "connection refused"),
         (

@@ -2,7 +2,7 @@
 //! stopped by SIGTERM (clean: the open batch is sealed and committed) or SIGKILL
 //! (restarted: the store opens and the sequence continues).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use citygate::reading::{Stream, UnitId};
@@ -12,19 +12,14 @@ use tokio_util::sync::CancellationToken;
 use crate::support::*;
 
 fn write_config(dep: &Deployment, address: &str, max_age: &str) -> PathBuf {
-    let profiles = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
     let devices: String = (1..=2u8)
         .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", address, u, "200ms"))
         .collect();
-    let text = format!(
-        "[gateway]\nid = \"gw-run\"\nprofiles_dir = {:?}\n\n[purpose]\nname = \"t\"\nfields = [\"active_power\", \"energy_import\"]\n\n\
-         [batch]\nmax_age = \"{max_age}\"\nmax_records = 100000\n\n[store]\npath = \"store\"\n\n[keys]\n\
-         signing_key = \"keys/gateway.sign.key\"\nhub_public_key = \"keys/hub.hpke.pub\"\npseudonym_key = \"keys/pseudonym.key\"\n\n{devices}",
-        profiles.display().to_string()
-    );
-    let path = dep.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    GatewayToml::new("gw-run", &["active_power", "energy_import"])
+        .shipped_profiles()
+        .batch(&format!("max_age = \"{max_age}\"\nmax_records = 100000"))
+        .devices(&devices)
+        .write(dep.path())
 }
 
 /// Waits until the simulator has answered `n` more requests for unit 1.

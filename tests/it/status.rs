@@ -15,20 +15,16 @@ use tokio_util::sync::CancellationToken;
 use crate::support::*;
 
 fn write_config(dep: &Deployment, address: &str) -> PathBuf {
-    let profiles = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
     let devices: String = (1..=2u8)
         .map(|u| device_toml(&format!("meter-{u}"), "chint-ddsu666", address, u, "200ms"))
         .collect();
-    let text = format!(
-        "[gateway]\nid = \"gw-status\"\nprofiles_dir = {:?}\n\n[purpose]\nname = \"t\"\nfields = [\"active_power\"]\n\n\
-         [batch]\nmax_age = \"60s\"\n\n[store]\npath = \"store\"\n\n[keys]\n\
-         signing_key = \"keys/gateway.sign.key\"\nhub_public_key = \"keys/hub.hpke.pub\"\npseudonym_key = \"keys/pseudonym.key\"\n\n\
-         [modbus]\ntimeout = \"200ms\"\nbackoff_max = \"1s\"\n\n[status]\nlisten = \"127.0.0.1:0\"\n\n{devices}",
-        profiles.display().to_string()
-    );
-    let path = dep.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    GatewayToml::new("gw-status", &["active_power"])
+        .shipped_profiles()
+        .batch("max_age = \"60s\"")
+        .modbus("200ms", "1s")
+        .status()
+        .devices(&devices)
+        .write(dep.path())
 }
 
 fn citygate_status(config: &Path, extra: &[&str]) -> std::process::Output {

@@ -2,6 +2,9 @@
 //! loopback, generated keys, and a gateway config pointing at them.
 #![allow(dead_code)]
 
+mod fixtures;
+pub use fixtures::*;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub fn shipped_profiles() -> ProfileSet {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
-    ProfileSet::load_dir(&dir).unwrap_or_else(|e| panic!("{e:?}"))
+    ProfileSet::load_dir(&shipped_profiles_dir()).unwrap_or_else(|e| panic!("{e:?}"))
 }
 
 /// A simulated endpoint serving `count` meters of one profile on 127.0.0.1.
@@ -38,6 +40,19 @@ pub async fn start_sim(
     let meters = SimMeters::new(profiles.get(profile).unwrap().clone(), count, seed);
     tokio::spawn(sim::serve(listener, meters.clone(), token.clone()));
     SimEndpoint { meters, address }
+}
+
+/// A loopback port for a component that binds a configured address itself and cannot
+/// report a port of its choosing: the returned socket holds the port bound (with
+/// SO_REUSEADDR, not listening) so no other process takes it, while a listener that also
+/// sets SO_REUSEADDR, as tokio's do, can still bind and listen on it. Keep it alive while
+/// the component runs.
+pub fn reserve_port() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
 }
 
 /// A test deployment directory with generated keys.
@@ -71,29 +86,27 @@ impl Deployment {
         o
     }
 
-    /// Writes and loads a gateway config: `devices` is the `[[device]]` TOML.
+    /// Writes and loads gateway `gw-test`'s config: `devices` is the `[[device]]` TOML.
     pub fn config(
         &self,
         purpose_fields: &[&str],
         devices: &str,
         profiles: ProfileSet,
     ) -> GatewayConfig {
-        let text = format!(
-            "[gateway]\nid = \"gw-test\"\n\n[purpose]\nname = \"test\"\nfields = {purpose_fields:?}\n\n\
-             [batch]\nmax_age = \"200ms\"\n\n[store]\npath = \"store\"\n\n[keys]\nsigning_key = \"keys/gateway.sign.key\"\n\
-             hub_public_key = \"keys/hub.hpke.pub\"\npseudonym_key = \"keys/pseudonym.key\"\n\n\
-             [modbus]\ntimeout = \"300ms\"\nbackoff_max = \"2s\"\n\n{devices}"
-        );
-        let path = self.path().join("gateway.toml");
-        std::fs::write(&path, &text).unwrap();
+        self.load_config(
+            &GatewayToml::new("gw-test", purpose_fields)
+                .modbus("300ms", "2s")
+                .devices(devices),
+            profiles,
+        )
+    }
+
+    /// Writes and loads `toml` as this deployment's gateway config.
+    pub fn load_config(&self, toml: &GatewayToml, profiles: ProfileSet) -> GatewayConfig {
+        let path = toml.write(self.path());
+        let text = std::fs::read_to_string(&path).unwrap();
         GatewayConfig::parse(&path, &text, Some(profiles)).unwrap_or_else(|e| panic!("{e}"))
     }
-}
-
-pub fn device_toml(name: &str, profile: &str, address: &str, unit: u8, interval: &str) -> String {
-    format!(
-        "[[device]]\nname = \"{name}\"\nprofile = \"{profile}\"\ntransport = {{ type = \"tcp\", address = \"{address}\" }}\nunit = {unit}\npoll_interval = \"{interval}\"\n\n"
-    )
 }
 
 /// Opens every stored batch of every stream, in order.
@@ -197,6 +210,7 @@ pub fn start_hub_service(
         link,
         events,
         "hubs".to_string(),
+        tokio::sync::watch::channel(false).0,
         token.clone(),
     ))
 }
