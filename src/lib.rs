@@ -9,6 +9,7 @@
 //! `telemetry` report on them; `sim` serves simulated meters for tests, demos and
 //! commissioning practice.
 
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod hub;

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{runtime, CliError};
+use crate::backoff::BackoffPolicy;
 use crate::config::GatewayConfig;
 use crate::hub::{HubConfig, HubProcess};
 use crate::profile::{Profile, ProfileSet};
@@ -25,7 +26,6 @@ use crate::seal::keys;
 use crate::sim::{self, SimMeters};
 use crate::store::{SledStore, Store, StoreOptions};
 use crate::supervisor::{self, KeyMaterial};
-use crate::uplink::backoff::BackoffPolicy;
 use crate::uplink::{BrokerOptions, CertAuthority, EmbeddedBroker, LinkOptions};
 
 /// Profiles compiled into the binary for the demo: (name, text, meters' poll interval).

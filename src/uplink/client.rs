@@ -32,9 +32,9 @@ use tracing::{debug, warn};
 
 pub use rumqttc::QoS;
 
-use super::backoff::BackoffPolicy;
 use super::driver::{Driver, LinkFailure};
 use super::tls::{self, TlsClientFiles, TlsError};
+use crate::backoff::BackoffPolicy;
 
 /// Default largest MQTT packet, both directions (rumqttc's own default is 10 KiB).
 pub const DEFAULT_MAX_PACKET_BYTES: usize = 1024 * 1024;

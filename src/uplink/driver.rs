@@ -15,8 +15,8 @@ use rumqttc::{ConnectionError, Event, EventLoop, Outgoing, Packet, StateError};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::backoff::{Backoff, BackoffPolicy};
 use super::client::{LinkEvent, LinkState};
+use crate::backoff::{Backoff, BackoffPolicy};
 
 /// Why a connection attempt failed or a connection broke, classified for policy.
 #[derive(Debug, Clone, PartialEq, Eq)]

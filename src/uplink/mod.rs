@@ -15,7 +15,7 @@
 //!   127.0.0.1; a plaintext listener only under `danger_plaintext_listen`.
 //! - [`client`] and [`driver`]: [`MqttLink`], a rumqttc client whose event loop is polled in
 //!   its own task (nothing else happens there) and which reports connection changes, incoming
-//!   publishes and PUBACKs over a bounded channel; [`backoff`] spaces out reconnects.
+//!   publishes and PUBACKs over a bounded channel; [`crate::backoff`] spaces out reconnects.
 //!
 //! Invariants: nothing here logs key material; nothing here panics on bytes from the broker or
 //! files; plaintext only exists behind options whose names start with `danger_`.
@@ -24,7 +24,6 @@
 //! so the embedded broker builds its TLS configuration from the PEM files itself; the gateway
 //! side (rumqttc 0.25) shares the crate's rustls 0.23.
 
-pub mod backoff;
 pub mod broker;
 pub mod certs;
 pub mod client;

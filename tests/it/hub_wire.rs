@@ -56,7 +56,7 @@ fn start_hub(config: &Path) -> HubProcess {
     let cfg = HubConfig::load(config).unwrap();
     HubProcess::start_with(&cfg, |mut o| {
         o.keep_alive = Duration::from_secs(5);
-        o.backoff = citygate::uplink::backoff::BackoffPolicy {
+        o.backoff = citygate::backoff::BackoffPolicy {
             initial: Duration::from_millis(50),
             max: Duration::from_millis(500),
         };

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use citygate::uplink::backoff::BackoffPolicy;
+use citygate::backoff::BackoffPolicy;
 use citygate::uplink::{
     tls, BrokerError, BrokerOptions, CertAuthority, CertKeyFiles, EmbeddedBroker, LinkEvent,
     LinkFailure, LinkOptions, LinkTls, MqttLink, QoS, TlsClientFiles, TlsError,

@@ -174,7 +174,7 @@ pub fn test_link_options(
     let mut o = citygate::uplink::LinkOptions::new(format!("localhost:{port}"), id, tls);
     o.keep_alive = Duration::from_secs(5);
     o.connect_timeout = Duration::from_secs(5);
-    o.backoff = citygate::uplink::backoff::BackoffPolicy {
+    o.backoff = citygate::backoff::BackoffPolicy {
         initial: Duration::from_millis(50),
         max: Duration::from_millis(500),
     };
