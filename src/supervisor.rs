@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{DeviceConfig, GatewayConfig, KeyPaths, Transport};
+use crate::config::{DeviceConfig, DeviceKind, GatewayConfig, KeyPaths, Transport};
 use crate::pipeline::{
     Batcher, CommittedMarks, Committer, SAMPLES_CHANNEL_CAPACITY, SEALED_CHANNEL_CAPACITY,
 };
@@ -145,14 +145,13 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
     let mut endpoints: BTreeMap<Transport, Vec<DeviceConfig>> = BTreeMap::new();
     let mut mqtt_devices: BTreeMap<&str, Vec<DeviceConfig>> = BTreeMap::new();
     for d in &cfg.devices {
-        if let Transport::Mqtt { source, .. } = &d.transport {
-            mqtt_devices.entry(source).or_default().push(d.clone());
-            continue;
+        match &d.kind {
+            DeviceKind::Mqtt(t) => mqtt_devices.entry(&t.source).or_default().push(d.clone()),
+            DeviceKind::Modbus(m) => endpoints
+                .entry(m.transport.clone())
+                .or_default()
+                .push(d.clone()),
         }
-        endpoints
-            .entry(d.transport.clone())
-            .or_default()
-            .push(d.clone());
     }
     let mut rtu_groups = Vec::new();
     for (transport, devices) in endpoints {
@@ -171,8 +170,6 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
             t @ (Transport::Serial { .. } | Transport::RtuTcp { .. } | Transport::Dtu { .. }) => {
                 rtu_groups.push((t, devices))
             }
-            // One task per broker connection, not per device: started below.
-            Transport::Mqtt { .. } => {}
         }
     }
     for task in

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use citygate::config::{DeviceConfig, ModbusConfig, Transport};
+use citygate::config::{DeviceConfig, DeviceKind, ModbusConfig, ModbusDevice, Transport};
 use citygate::profile::{LineSettings, Parity, Profile};
 use citygate::reading::{DeviceId, UnitId};
 use citygate::sim::{Chaos, RtuSim, SimMeters};
@@ -45,10 +45,12 @@ fn devices(
         .map(|u| DeviceConfig {
             id: DeviceId::new(format!("m{u}")).unwrap(),
             profile: profile(),
-            transport: transport.clone(),
-            unit: UnitId(u),
-            poll_interval: interval,
-            timeout,
+            kind: DeviceKind::Modbus(ModbusDevice {
+                transport: transport.clone(),
+                unit: UnitId(u),
+                poll_interval: interval,
+                timeout,
+            }),
             location: None,
             ratios: citygate::profile::Ratios::UNITY,
         })
@@ -209,7 +211,7 @@ async fn eight_meters_on_one_pty_bus_keep_their_intervals_and_a_silent_one_costs
     let mut cycles = 0;
     for d in &devs {
         let s = metrics.device(&d.id);
-        if d.unit == UnitId(5) {
+        if d.modbus().unwrap().unit == UnitId(5) {
             continue;
         }
         assert_eq!(s.timeouts, 0, "{}: {s:?}", d.id);

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{plan, ModbusError, ReadRequest};
-use crate::config::{DeviceConfig, ModbusConfig};
+use crate::config::{DeviceConfig, ModbusConfig, ModbusDevice};
 use crate::profile::FunctionCode;
 use crate::reading::now_ms;
 use crate::source::{RawSample, RegisterImage, SampleData};
@@ -25,6 +25,7 @@ use crate::telemetry::{Metrics, PollOutcome};
 #[derive(Debug)]
 pub struct PolledDevice {
     pub config: DeviceConfig,
+    modbus: ModbusDevice,
     plan: Vec<ReadRequest>,
     /// Per planned read: until when the device's "illegal data address" keeps it unsent,
     /// and whether that was reported.
@@ -34,15 +35,18 @@ pub struct PolledDevice {
 }
 
 impl PolledDevice {
-    pub fn new(config: DeviceConfig) -> Self {
+    /// `None` for a device that is not polled over Modbus.
+    pub fn new(config: DeviceConfig) -> Option<Self> {
+        let modbus = config.modbus()?.clone();
         let plan = plan(&config.profile);
-        Self {
+        Some(Self {
             config,
+            modbus,
             rejected: vec![(None, false); plan.len()],
             plan,
             next_due: Instant::now(),
             failures: 0,
-        }
+        })
     }
 
     pub fn plan(&self) -> &[ReadRequest] {
@@ -52,9 +56,9 @@ impl PolledDevice {
     /// Next poll after a successful one: keep the cadence, skip missed slots.
     fn schedule_ok(&mut self, now: Instant) {
         self.failures = 0;
-        self.next_due += self.config.poll_interval;
+        self.next_due += self.modbus.poll_interval;
         if self.next_due <= now {
-            self.next_due = now + self.config.poll_interval;
+            self.next_due = now + self.modbus.poll_interval;
         }
     }
 
@@ -63,10 +67,10 @@ impl PolledDevice {
         self.failures = self.failures.saturating_add(1);
         let factor = 1u32 << self.failures.saturating_sub(1).min(10);
         let delay = self
-            .config
+            .modbus
             .poll_interval
             .saturating_mul(factor)
-            .min(max.max(self.config.poll_interval));
+            .min(max.max(self.modbus.poll_interval));
         self.next_due = now + delay;
     }
 }
@@ -108,7 +112,7 @@ impl ModbusPoller {
     ) -> Self {
         Self {
             address,
-            devices: devices.into_iter().map(PolledDevice::new).collect(),
+            devices: devices.into_iter().filter_map(PolledDevice::new).collect(),
             cfg,
             samples_tx,
             metrics,
@@ -228,7 +232,8 @@ impl Lane {
     async fn poll_device(&mut self, ctx: &mut Context, idx: usize) -> PollResult {
         let dev = &mut self.devices[idx];
         let cfg = dev.config.clone();
-        ctx.set_slave(Slave(cfg.unit.0));
+        let modbus = dev.modbus.clone();
+        ctx.set_slave(Slave(modbus.unit.0));
         let at_ms = now_ms();
         let mut image = RegisterImage::new();
         let mut failure: Option<ModbusError> = None;
@@ -242,7 +247,7 @@ impl Lane {
                 ));
                 continue;
             }
-            match read(ctx, cfg.profile.function, *req, cfg.timeout).await {
+            match read(ctx, cfg.profile.function, *req, modbus.timeout).await {
                 Ok(words) => {
                     if until.take().is_some() {
                         info!(device = %cfg.id, start = %req.start, "read accepted again");
@@ -259,7 +264,7 @@ impl Lane {
                         *reported = true;
                         warn!(
                             device = %cfg.id,
-                            unit = %cfg.unit,
+                            unit = %modbus.unit,
                             start = %req.start,
                             count = req.count,
                             retry_in = ?super::ILLEGAL_ADDRESS_RETRY,
@@ -282,11 +287,11 @@ impl Lane {
         };
         self.metrics.record_poll(&cfg.id, at_ms, &outcome);
         if let Some(e) = &failure {
-            debug!(device = %cfg.id, unit = %cfg.unit, error = %e, "poll failed");
+            debug!(device = %cfg.id, unit = %modbus.unit, error = %e, "poll failed");
             dev.schedule_failure(now, self.cfg.backoff_max);
         } else {
             if let Some(e) = &exception {
-                debug!(device = %cfg.id, unit = %cfg.unit, error = %e, "poll answered with exception");
+                debug!(device = %cfg.id, unit = %modbus.unit, error = %e, "poll answered with exception");
             }
             dev.schedule_ok(now);
         }

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use super::link::{LinkStats, RtuError, Transactor};
 use super::timing::{BusBudget, LineTiming};
 use super::transport::{BoxedStream, Link};
-use crate::config::{DeviceConfig, ModbusConfig};
+use crate::config::{DeviceConfig, ModbusConfig, ModbusDevice};
 use crate::reading::now_ms;
 use crate::source::modbus::{plan, ReadRequest};
 use crate::source::{RawSample, RegisterImage, SampleData};
@@ -53,6 +53,7 @@ struct PlannedRead {
 #[derive(Debug)]
 pub struct RtuDevice {
     pub config: DeviceConfig,
+    modbus: ModbusDevice,
     reads: Vec<PlannedRead>,
     next_due: Instant,
     failures: u32,
@@ -60,7 +61,9 @@ pub struct RtuDevice {
 }
 
 impl RtuDevice {
-    pub fn new(config: DeviceConfig) -> Self {
+    /// `None` for a device that is not polled over Modbus.
+    pub fn new(config: DeviceConfig) -> Option<Self> {
+        let modbus = config.modbus()?.clone();
         let reads = plan(&config.profile)
             .into_iter()
             .map(|req| PlannedRead {
@@ -69,13 +72,14 @@ impl RtuDevice {
                 reported: false,
             })
             .collect();
-        Self {
+        Some(Self {
             config,
+            modbus,
             reads,
             next_due: Instant::now(),
             failures: 0,
             busy_streak: 0,
-        }
+        })
     }
 
     pub fn plan(&self) -> Vec<ReadRequest> {
@@ -121,7 +125,7 @@ impl RtuBus {
         Self {
             link,
             timing,
-            devices: devices.into_iter().map(RtuDevice::new).collect(),
+            devices: devices.into_iter().filter_map(RtuDevice::new).collect(),
             cfg,
             heartbeats,
             samples_tx,
@@ -136,7 +140,7 @@ impl RtuBus {
         let plans: Vec<(Vec<ReadRequest>, Duration)> = self
             .devices
             .iter()
-            .map(|d| (d.plan(), d.config.poll_interval))
+            .map(|d| (d.plan(), d.modbus.poll_interval))
             .collect();
         BusBudget::compute(&self.timing, plans.iter().map(|(p, i)| (p.as_slice(), *i)))
     }
@@ -248,6 +252,7 @@ impl RtuBus {
     ) -> bool {
         let dev = &mut self.devices[idx];
         let cfg = dev.config.clone();
+        let modbus = dev.modbus.clone();
         let at_ms = now_ms();
         let mut image = RegisterImage::new();
         let mut failure: Option<RtuError> = None;
@@ -261,7 +266,7 @@ impl RtuBus {
                 continue;
             }
             match tr
-                .read(cfg.unit, cfg.profile.function, read.req, cfg.timeout)
+                .read(modbus.unit, cfg.profile.function, read.req, modbus.timeout)
                 .await
             {
                 Ok(words) => {
@@ -277,7 +282,7 @@ impl RtuBus {
                         read.reported = true;
                         warn!(
                             device = %cfg.id,
-                            unit = %cfg.unit,
+                            unit = %modbus.unit,
                             start = %read.req.start,
                             count = read.req.count,
                             retry_in = ?ILLEGAL_ADDRESS_RETRY,
@@ -311,21 +316,21 @@ impl RtuBus {
             Some(RtuError::Timeout(_) | RtuError::BadFrame(_)) => {
                 dev.failures = dev.failures.saturating_add(1);
                 let factor = 1u32 << (dev.failures - 1).min(10);
-                let delay = cfg
+                let delay = modbus
                     .poll_interval
                     .saturating_mul(factor)
-                    .min(self.cfg.backoff_max.max(cfg.poll_interval))
+                    .min(self.cfg.backoff_max.max(modbus.poll_interval))
                     .max(budget.cycle)
-                    .max(cfg.timeout);
+                    .max(modbus.timeout);
                 if dev.failures == 1 {
-                    warn!(device = %cfg.id, unit = %cfg.unit, error = %failure.as_ref().map(ToString::to_string).unwrap_or_default(), "device stopped answering; probing it with backoff");
+                    warn!(device = %cfg.id, unit = %modbus.unit, error = %failure.as_ref().map(ToString::to_string).unwrap_or_default(), "device stopped answering; probing it with backoff");
                 }
                 debug!(device = %cfg.id, retry_in = ?delay, "rtu poll failed");
                 dev.next_due = now + delay;
             }
             _ if busy && dev.busy_streak < BUSY_RETRIES => {
                 dev.busy_streak += 1;
-                dev.next_due = now + BUSY_DELAY.min(cfg.poll_interval / 4);
+                dev.next_due = now + BUSY_DELAY.min(modbus.poll_interval / 4);
             }
             _ => {
                 if dev.failures > 0 && failure.is_none() {
@@ -335,9 +340,9 @@ impl RtuBus {
                     dev.failures = 0;
                 }
                 dev.busy_streak = 0;
-                dev.next_due += cfg.poll_interval;
+                dev.next_due += modbus.poll_interval;
                 if dev.next_due <= now {
-                    dev.next_due = now + cfg.poll_interval;
+                    dev.next_due = now + modbus.poll_interval;
                 }
             }
         }

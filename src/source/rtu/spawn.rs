@@ -85,7 +85,7 @@ pub fn tasks(
                     .push((transport, devices));
                 continue;
             }
-            _ => continue,
+            Transport::Tcp { .. } => continue,
         };
         let bus = bus_for(
             &transport,
@@ -137,8 +137,10 @@ pub fn tasks(
 pub fn bus_report(devices: &[DeviceConfig]) -> String {
     use std::fmt::Write as _;
     let mut groups: BTreeMap<&Transport, Vec<&DeviceConfig>> = BTreeMap::new();
-    for d in devices.iter().filter(|d| d.transport.is_rtu()) {
-        groups.entry(&d.transport).or_default().push(d);
+    for d in devices {
+        if let Some(m) = d.modbus().filter(|m| m.transport.is_rtu()) {
+            groups.entry(&m.transport).or_default().push(d);
+        }
     }
     let mut out = String::new();
     for (transport, devs) in groups {
@@ -147,7 +149,12 @@ pub fn bus_report(devices: &[DeviceConfig]) -> String {
         let timing = LineTiming::new(&line);
         let plans: Vec<(Vec<crate::source::modbus::ReadRequest>, std::time::Duration)> = owned
             .iter()
-            .map(|d| (crate::source::modbus::plan(&d.profile), d.poll_interval))
+            .filter_map(|d| {
+                Some((
+                    crate::source::modbus::plan(&d.profile),
+                    d.modbus()?.poll_interval,
+                ))
+            })
             .collect();
         let budget =
             super::BusBudget::compute(&timing, plans.iter().map(|(p, i)| (p.as_slice(), *i)));
