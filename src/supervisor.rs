@@ -29,6 +29,7 @@ use crate::seal::Sealer;
 use crate::seal::{HubPublicKey, KeyError};
 use crate::source::modbus::ModbusPoller;
 use crate::source::mqtt::MqttSubscriber;
+use crate::source::SourceContext;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::transform::minimise::{Policy, PseudonymKey};
@@ -153,18 +154,14 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
                 .push(d.clone()),
         }
     }
+    // Every source gets the same sender and metrics and a token of its own under
+    // `shutdown`; the last sender drops with `sources` once every source has stopped.
+    let sources = SourceContext::new(samples_tx, metrics.clone(), &shutdown, cfg.modbus);
     let mut rtu_groups = Vec::new();
     for (transport, devices) in endpoints {
         match transport {
             Transport::Tcp { address } => {
-                let poller = ModbusPoller::new(
-                    address,
-                    devices,
-                    cfg.modbus,
-                    samples_tx.clone(),
-                    metrics.clone(),
-                    shutdown.clone(),
-                );
+                let poller = ModbusPoller::new(address, devices, sources.child());
                 tracker.spawn(poller.run());
             }
             t @ (Transport::Serial { .. } | Transport::RtuTcp { .. } | Transport::Dtu { .. }) => {
@@ -172,9 +169,7 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
             }
         }
     }
-    for task in
-        crate::source::rtu::spawn::tasks(rtu_groups, cfg.modbus, &samples_tx, &metrics, &shutdown)
-    {
+    for task in crate::source::rtu::spawn::tasks(rtu_groups, &sources) {
         tracker.spawn(task);
     }
     for source in &cfg.mqtt_sources {
@@ -182,16 +177,10 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, store: Arc<dyn Store>) -> R
             warn!(source = %source.name, "mqtt source has no devices; not connecting");
             continue;
         };
-        let subscriber = MqttSubscriber::new(
-            source.clone(),
-            devices,
-            samples_tx.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
+        let subscriber = MqttSubscriber::new(source.clone(), devices, sources.child());
         tracker.spawn(subscriber.run());
     }
-    drop(samples_tx);
+    drop(sources);
     info!(gateway = %cfg.gateway_id, devices = cfg.devices.len(), "gateway started");
     Running {
         metrics,

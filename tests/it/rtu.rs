@@ -11,7 +11,7 @@ use citygate::reading::{DeviceId, UnitId};
 use citygate::sim::{Chaos, RtuSim, SimMeters};
 use citygate::source::rtu::transport::{DtuListener, Link};
 use citygate::source::rtu::{LineOverride, LineTiming, RtuBus};
-use citygate::source::RawSample;
+use citygate::source::{RawSample, SourceContext};
 use citygate::telemetry::Metrics;
 use citygate::transform::normalise::normalise;
 use tokio::sync::mpsc;
@@ -127,11 +127,8 @@ fn start_bus(
         link,
         LineTiming::new(line),
         devices,
-        modbus(),
         heartbeats,
-        samples_tx,
-        metrics.clone(),
-        token.clone(),
+        SourceContext::new(samples_tx, metrics.clone(), &token, modbus()),
     );
     let status = bus.status();
     let task = tokio::spawn(bus.run());
@@ -475,11 +472,13 @@ async fn measure_cycle_time() {
             },
             LineTiming::new(&l),
             devs.clone(),
-            modbus(),
             Vec::new(),
-            mpsc::channel(100_000).0,
-            Arc::new(Metrics::default()),
-            CancellationToken::new(),
+            SourceContext::new(
+                mpsc::channel(100_000).0,
+                Arc::new(Metrics::default()),
+                &CancellationToken::new(),
+                modbus(),
+            ),
         );
         let computed = bus.budget();
         let b = start_bus(

@@ -18,7 +18,7 @@ use super::{plan, ModbusError, ReadRequest};
 use crate::config::{DeviceConfig, ModbusConfig, ModbusDevice};
 use crate::profile::FunctionCode;
 use crate::reading::now_ms;
-use crate::source::{RawSample, RegisterImage, SampleData};
+use crate::source::{RawSample, RegisterImage, SampleData, SourceContext};
 use crate::telemetry::{Metrics, PollOutcome};
 
 /// A device with its read plan and schedule.
@@ -95,28 +95,15 @@ enum LaneKind {
 pub struct ModbusPoller {
     address: String,
     devices: Vec<PolledDevice>,
-    cfg: ModbusConfig,
-    samples_tx: mpsc::Sender<RawSample>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
+    cx: SourceContext,
 }
 
 impl ModbusPoller {
-    pub fn new(
-        address: String,
-        devices: Vec<DeviceConfig>,
-        cfg: ModbusConfig,
-        samples_tx: mpsc::Sender<RawSample>,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-    ) -> Self {
+    pub fn new(address: String, devices: Vec<DeviceConfig>, cx: SourceContext) -> Self {
         Self {
             address,
             devices: devices.into_iter().filter_map(PolledDevice::new).collect(),
-            cfg,
-            samples_tx,
-            metrics,
-            shutdown,
+            cx,
         }
     }
 
@@ -129,10 +116,10 @@ impl ModbusPoller {
             kind,
             address: self.address.clone(),
             devices,
-            cfg: self.cfg,
-            samples_tx: self.samples_tx.clone(),
-            metrics: self.metrics.clone(),
-            shutdown: self.shutdown.clone(),
+            cfg: self.cx.modbus,
+            samples_tx: self.cx.samples_tx.clone(),
+            metrics: self.cx.metrics.clone(),
+            shutdown: self.cx.shutdown.clone(),
         };
         let healthy = lane(LaneKind::Healthy, self.devices);
         let probation = lane(LaneKind::Probation, Vec::new());

@@ -32,7 +32,7 @@ use super::transport::{BoxedStream, Link};
 use crate::config::{DeviceConfig, ModbusConfig, ModbusDevice};
 use crate::reading::now_ms;
 use crate::source::modbus::{plan, ReadRequest};
-use crate::source::{RawSample, RegisterImage, SampleData};
+use crate::source::{RawSample, RegisterImage, SampleData, SourceContext};
 use crate::telemetry::{Metrics, PollOutcome};
 
 pub use crate::source::modbus::ILLEGAL_ADDRESS_RETRY;
@@ -110,27 +110,23 @@ pub struct RtuBus {
 }
 
 impl RtuBus {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         link: Link,
         timing: LineTiming,
         devices: Vec<DeviceConfig>,
-        cfg: ModbusConfig,
         heartbeats: Vec<Vec<u8>>,
-        samples_tx: mpsc::Sender<RawSample>,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
+        cx: SourceContext,
     ) -> Self {
         let (status_tx, _) = watch::channel(BusStatus::default());
         Self {
             link,
             timing,
             devices: devices.into_iter().filter_map(RtuDevice::new).collect(),
-            cfg,
+            cfg: cx.modbus,
             heartbeats,
-            samples_tx,
-            metrics,
-            shutdown,
+            samples_tx: cx.samples_tx,
+            metrics: cx.metrics,
+            shutdown: cx.shutdown,
             status_tx,
         }
     }

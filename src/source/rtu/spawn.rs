@@ -4,18 +4,13 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::timing::LineTiming;
 use super::transport::{DtuListener, Link};
 use super::RtuBus;
-use crate::config::{DeviceConfig, ModbusConfig, Transport};
+use crate::config::{DeviceConfig, Transport};
 use crate::profile::LineSettings;
-use crate::source::RawSample;
-use crate::telemetry::Metrics;
+use crate::source::SourceContext;
 
 /// A task to spawn.
 pub type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -32,10 +27,7 @@ pub fn bus_for(
     transport: &Transport,
     devices: Vec<DeviceConfig>,
     link: Link,
-    cfg: ModbusConfig,
-    samples_tx: mpsc::Sender<RawSample>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
+    cx: SourceContext,
 ) -> RtuBus {
     let line = bus_line(transport, &devices);
     let heartbeats = match transport {
@@ -48,26 +40,11 @@ pub fn bus_for(
         }
         _ => Vec::new(),
     };
-    RtuBus::new(
-        link,
-        LineTiming::new(&line),
-        devices,
-        cfg,
-        heartbeats,
-        samples_tx,
-        metrics,
-        shutdown,
-    )
+    RtuBus::new(link, LineTiming::new(&line), devices, heartbeats, cx)
 }
 
 /// Every RTU task for `groups` (devices grouped by transport; TCP groups are ignored).
-pub fn tasks(
-    groups: Vec<(Transport, Vec<DeviceConfig>)>,
-    cfg: ModbusConfig,
-    samples_tx: &mpsc::Sender<RawSample>,
-    metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
-) -> Vec<Task> {
+pub fn tasks(groups: Vec<(Transport, Vec<DeviceConfig>)>, cx: &SourceContext) -> Vec<Task> {
     let mut out: Vec<Task> = Vec::new();
     let mut dtus: BTreeMap<String, Vec<(Transport, Vec<DeviceConfig>)>> = BTreeMap::new();
     for (transport, devices) in groups {
@@ -87,15 +64,7 @@ pub fn tasks(
             }
             Transport::Tcp { .. } => continue,
         };
-        let bus = bus_for(
-            &transport,
-            devices,
-            link,
-            cfg,
-            samples_tx.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
+        let bus = bus_for(&transport, devices, link, cx.child());
         out.push(Box::pin(bus.run()));
     }
     for (listen, buses) in dtus {
@@ -103,7 +72,7 @@ pub fn tasks(
             Transport::Dtu { id, .. } => Some(id.clone()),
             _ => None,
         });
-        let (listener, mut receivers) = DtuListener::new(listen, ids, shutdown.clone());
+        let (listener, mut receivers) = DtuListener::new(listen, ids, cx.shutdown.child_token());
         out.push(Box::pin(listener.run()));
         for (transport, devices) in buses {
             let Transport::Dtu { id, .. } = &transport else {
@@ -116,15 +85,7 @@ pub fn tasks(
                 id: id.clone(),
                 sessions_rx,
             };
-            let bus = bus_for(
-                &transport,
-                devices,
-                link,
-                cfg,
-                samples_tx.clone(),
-                metrics.clone(),
-                shutdown.clone(),
-            );
+            let bus = bus_for(&transport, devices, link, cx.child());
             out.push(Box::pin(bus.run()));
         }
     }
