@@ -11,6 +11,7 @@
 mod context;
 pub mod modbus;
 pub mod mqtt;
+pub mod poll;
 pub mod rtu;
 
 pub use context::SourceContext;
