@@ -1,9 +1,11 @@
-//! Reconnect delays: capped exponential backoff with jitter.
+//! Reconnect delays: capped exponential backoff with jitter, for every connection the
+//! gateway keeps open (the MQTT links, Modbus TCP endpoints, RTU buses).
 //!
 //! The n-th consecutive failure waits a random duration in `[d/2, d]` where
-//! `d = min(initial * 2^n, max)` ("equal jitter"): never zero, so a broken broker is never
-//! hammered in a busy loop, and spread out so a fleet of gateways that lost the same broker
-//! does not reconnect in lock-step. [`Backoff::reset`] after a successful CONNACK.
+//! `d = min(initial * 2^n, max)` ("equal jitter"): never zero, so a broken broker or meter
+//! endpoint is never hammered in a busy loop, and spread out so a fleet of gateways that
+//! lost the same peer does not reconnect in lock-step. [`Backoff::reset`] after a
+//! successful connection (CONNACK, TCP connect, serial open).
 
 use std::time::Duration;
 

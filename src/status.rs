@@ -37,9 +37,14 @@ const UPLINK_DOWN_GRACE_MS: i64 = 60_000;
 pub struct DeviceStatus {
     pub name: String,
     pub profile: String,
+    /// The transport, or an MQTT device's source and topic.
     pub endpoint: String,
-    pub unit: u8,
-    pub poll_interval_ms: u64,
+    /// Modbus unit id; absent for MQTT devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<u8>,
+    /// Absent for MQTT devices, which publish on their own schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval_ms: Option<u64>,
     #[serde(flatten)]
     pub polls: DeviceStats,
     /// No good poll within three intervals (plus slack) of now; never for devices
@@ -82,8 +87,8 @@ struct DeviceInfo {
     name: crate::reading::DeviceId,
     profile: String,
     endpoint: String,
-    unit: u8,
-    interval: Duration,
+    /// Unit id and poll interval of a polled (Modbus) device.
+    schedule: Option<(u8, Duration)>,
 }
 
 /// The live sources of the status document.
@@ -108,9 +113,8 @@ impl StatusSource {
             .map(|d| DeviceInfo {
                 name: d.id.clone(),
                 profile: d.profile.name.clone(),
-                endpoint: d.transport.to_string(),
-                unit: d.unit.0,
-                interval: d.poll_interval,
+                endpoint: d.kind.to_string(),
+                schedule: d.modbus().map(|m| (m.unit.0, m.poll_interval)),
             })
             .collect();
         Self {
@@ -135,19 +139,23 @@ impl StatusSource {
             .iter()
             .map(|d| {
                 let s = polls.get(&d.name).cloned().unwrap_or_default();
-                let limit = i64::try_from(d.interval.as_millis())
-                    .unwrap_or(i64::MAX / 4)
-                    .saturating_mul(3)
-                    .saturating_add(10_000);
                 // Devices without a schedule (MQTT meters publish when they like) are
                 // never called stale.
-                let stale = !d.interval.is_zero() && now - s.last_ok_ms.unwrap_or(started) > limit;
+                let stale = d.schedule.is_some_and(|(_, interval)| {
+                    let limit = i64::try_from(interval.as_millis())
+                        .unwrap_or(i64::MAX / 4)
+                        .saturating_mul(3)
+                        .saturating_add(10_000);
+                    now - s.last_ok_ms.unwrap_or(started) > limit
+                });
                 DeviceStatus {
                     name: d.name.to_string(),
                     profile: d.profile.clone(),
                     endpoint: d.endpoint.clone(),
-                    unit: d.unit,
-                    poll_interval_ms: u64::try_from(d.interval.as_millis()).unwrap_or(u64::MAX),
+                    unit: d.schedule.map(|(unit, _)| unit),
+                    poll_interval_ms: d
+                        .schedule
+                        .map(|(_, i)| u64::try_from(i.as_millis()).unwrap_or(u64::MAX)),
                     polls: s,
                     stale,
                 }
@@ -171,7 +179,10 @@ impl StatusSource {
                 reasons.push(format!("uplink down for {} s", (now - since) / 1000));
             }
         }
-        let mut polled = devices.iter().filter(|d| d.poll_interval_ms > 0).peekable();
+        let mut polled = devices
+            .iter()
+            .filter(|d| d.poll_interval_ms.is_some())
+            .peekable();
         if polled.peek().is_some() && polled.all(|d| d.stale) {
             reasons.push("no device has answered recently".into());
         }
@@ -464,12 +475,13 @@ pub fn render(st: &GatewayStatus) -> String {
     for d in &st.devices {
         let _ = writeln!(
             o,
-            "{:<24} {:<16} {:<28} {:>4} {:>7}s {:>8} {:>6} {:>6} {:<10} {}{}",
+            "{:<24} {:<16} {:<28} {:>4} {:>8} {:>8} {:>6} {:>6} {:<10} {}{}",
             d.name,
             d.profile,
             d.endpoint,
-            d.unit,
-            d.poll_interval_ms as f64 / 1000.0,
+            d.unit.map_or_else(|| "-".to_string(), |u| u.to_string()),
+            d.poll_interval_ms
+                .map_or_else(|| "-".to_string(), |ms| format!("{}s", ms as f64 / 1000.0)),
             d.polls.polls_ok,
             d.polls.timeouts,
             d.polls.exceptions + d.polls.transport_errors + d.polls.payload_errors,
@@ -489,17 +501,22 @@ mod tests {
     use crate::telemetry::PollOutcome;
 
     fn source(store_stats: watch::Receiver<StoreStats>) -> StatusSource {
-        let devices = ["a", "b"]
+        let mut devices: Vec<DeviceInfo> = ["a", "b"]
             .iter()
             .enumerate()
             .map(|(i, n)| DeviceInfo {
                 name: DeviceId::new(*n).unwrap(),
                 profile: "p".into(),
                 endpoint: "tcp://127.0.0.1:502".into(),
-                unit: u8::try_from(i + 1).unwrap(),
-                interval: Duration::from_secs(1),
+                schedule: Some((u8::try_from(i + 1).unwrap(), Duration::from_secs(1))),
             })
             .collect();
+        devices.push(DeviceInfo {
+            name: DeviceId::new("w").unwrap(),
+            profile: "water".into(),
+            endpoint: "mqtt source meters topic water/w/up".into(),
+            schedule: None,
+        });
         StatusSource {
             gateway: "gw".into(),
             devices,
@@ -524,7 +541,8 @@ mod tests {
         assert_eq!(st.health.status, "ok");
         assert_eq!(
             st.devices.iter().map(|d| d.stale).collect::<Vec<_>>(),
-            [false, true]
+            [false, true, false],
+            "an MQTT device is never stale"
         );
         // Nobody answered for longer than 3 intervals + slack: degraded.
         let st = s.snapshot_at(t0 + 40_000);
@@ -564,6 +582,28 @@ mod tests {
         assert!(text.contains("\ncitygate_uplink_connected 0\n"), "{text}");
         let table = render(&st);
         assert!(table.contains("uplink  ? DOWN"), "{table}");
+    }
+
+    #[tokio::test]
+    async fn mqtt_devices_show_their_topic_and_no_unit_or_interval() {
+        let s = source(Outbox::new(Arc::new(MemStore::new(1 << 20))).stats_rx());
+        let st = s.snapshot_at(s.metrics.started.0 + 1000);
+        let json = serde_json::to_value(&st).unwrap();
+        let w = &json["devices"][2];
+        assert_eq!(w["endpoint"], "mqtt source meters topic water/w/up");
+        assert!(
+            w.get("unit").is_none() && w.get("poll_interval_ms").is_none(),
+            "{w}"
+        );
+        assert_eq!(json["devices"][0]["unit"], 1);
+        assert_eq!(json["devices"][0]["poll_interval_ms"], 1000);
+        let back: GatewayStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, st);
+        let table = render(&st);
+        let row = table.lines().find(|l| l.starts_with("w ")).unwrap();
+        assert!(row.contains("water/w/up") && !row.contains("0s"), "{row}");
+        let row = table.lines().find(|l| l.starts_with("a ")).unwrap();
+        assert!(row.contains(" 1s "), "{row}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{DeviceConfig, GatewayConfig, KeyPaths, Transport};
+use crate::config::{DeviceConfig, DeviceKind, GatewayConfig, KeyPaths, Transport};
 use crate::mqtt::{LinkError, LinkOptions, MqttLink};
 use crate::pipeline::{
     Batcher, CommittedMarks, Committer, SAMPLES_CHANNEL_CAPACITY, SEALED_CHANNEL_CAPACITY,
@@ -30,6 +30,7 @@ use crate::seal::Sealer;
 use crate::seal::{HubPublicKey, KeyError};
 use crate::source::modbus::ModbusPoller;
 use crate::source::mqtt::MqttSubscriber;
+use crate::source::SourceContext;
 use crate::store::{Outbox, StoreStats};
 use crate::telemetry::Metrics;
 use crate::transform::minimise::{Policy, PseudonymKey};
@@ -149,39 +150,30 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
     let mut endpoints: BTreeMap<Transport, Vec<DeviceConfig>> = BTreeMap::new();
     let mut mqtt_devices: BTreeMap<&str, Vec<DeviceConfig>> = BTreeMap::new();
     for d in &cfg.devices {
-        if let Transport::Mqtt { source, .. } = &d.transport {
-            mqtt_devices.entry(source).or_default().push(d.clone());
-            continue;
+        match &d.kind {
+            DeviceKind::Mqtt(t) => mqtt_devices.entry(&t.source).or_default().push(d.clone()),
+            DeviceKind::Modbus(m) => endpoints
+                .entry(m.transport.clone())
+                .or_default()
+                .push(d.clone()),
         }
-        endpoints
-            .entry(d.transport.clone())
-            .or_default()
-            .push(d.clone());
     }
+    // Every source gets the same sender and metrics and a token of its own under
+    // `shutdown`; the last sender drops with `sources` once every source has stopped.
+    let sources = SourceContext::new(samples_tx, metrics.clone(), &shutdown, cfg.modbus);
     let mut rtu_groups = Vec::new();
     for (transport, devices) in endpoints {
         match transport {
             Transport::Tcp { address } => {
-                let poller = ModbusPoller::new(
-                    address,
-                    devices,
-                    cfg.modbus,
-                    samples_tx.clone(),
-                    metrics.clone(),
-                    shutdown.clone(),
-                );
+                let poller = ModbusPoller::new(address, devices, sources.child());
                 tracker.spawn(poller.run());
             }
             t @ (Transport::Serial { .. } | Transport::RtuTcp { .. } | Transport::Dtu { .. }) => {
                 rtu_groups.push((t, devices))
             }
-            // One task per broker connection, not per device: started below.
-            Transport::Mqtt { .. } => {}
         }
     }
-    for task in
-        crate::source::rtu::spawn::tasks(rtu_groups, cfg.modbus, &samples_tx, &metrics, &shutdown)
-    {
+    for task in crate::source::rtu::spawn::tasks(rtu_groups, &sources) {
         tracker.spawn(task);
     }
     for source in &cfg.mqtt_sources {
@@ -189,16 +181,10 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
             warn!(source = %source.name, "mqtt source has no devices; not connecting");
             continue;
         };
-        let subscriber = MqttSubscriber::new(
-            source.clone(),
-            devices,
-            samples_tx.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
+        let subscriber = MqttSubscriber::new(source.clone(), devices, sources.child());
         tracker.spawn(subscriber.run());
     }
-    drop(samples_tx);
+    drop(sources);
     info!(gateway = %cfg.gateway_id, devices = cfg.devices.len(), "gateway started");
     Running {
         metrics,

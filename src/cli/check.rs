@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::config::GatewayConfig;
+use crate::config::{DeviceKind, GatewayConfig};
 use crate::seal::keys;
 use crate::source::modbus::plan;
 use crate::supervisor;
@@ -137,9 +137,15 @@ pub fn report(cfg: &GatewayConfig) -> (String, bool) {
         );
     }
     for d in &cfg.devices {
-        match &d.profile.mqtt {
-            Some(spec) => mqtt_device_report(&mut out, d, spec, &policy),
-            None => device_report(&mut out, d, &policy, cfg.batch.alarm_state_every),
+        match (&d.kind, &d.profile.mqtt) {
+            (DeviceKind::Modbus(m), _) => {
+                device_report(&mut out, d, m, &policy, cfg.batch.alarm_state_every)
+            }
+            (DeviceKind::Mqtt(topic), Some(spec)) => {
+                mqtt_device_report(&mut out, d, topic, spec, &policy)
+            }
+            // Refused by config validation: an MQTT device needs an MQTT profile.
+            (DeviceKind::Mqtt(_), None) => {}
         }
     }
     (out, key_error)
@@ -148,6 +154,7 @@ pub fn report(cfg: &GatewayConfig) -> (String, bool) {
 fn device_report(
     out: &mut String,
     d: &crate::config::DeviceConfig,
+    m: &crate::config::ModbusDevice,
     policy: &Policy,
     alarm_every: std::time::Duration,
 ) {
@@ -161,10 +168,10 @@ fn device_report(
         p.vendor,
         p.model,
         p.version,
-        d.transport,
-        d.unit,
-        d.poll_interval,
-        d.timeout,
+        m.transport,
+        m.unit,
+        m.poll_interval,
+        m.timeout,
         d.location
             .as_deref()
             .map(|l| format!("  location {l:?} (stays on the box)"))
@@ -261,6 +268,7 @@ fn field_columns(f: &crate::profile::Field, policy: &Policy) -> (String, String,
 fn mqtt_device_report(
     out: &mut String,
     d: &crate::config::DeviceConfig,
+    topic: &crate::config::MqttTopic,
     spec: &crate::profile::mqtt::MqttSpec,
     policy: &Policy,
 ) {
@@ -273,7 +281,7 @@ fn mqtt_device_report(
         p.vendor,
         p.model,
         p.version,
-        d.transport,
+        topic,
         d.location
             .as_deref()
             .map(|l| format!("  location {l:?} (stays on the box)"))

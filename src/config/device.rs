@@ -10,7 +10,7 @@ use toml::Spanned;
 
 use super::duration::HumanDuration;
 use super::mqtt::DeviceRoutes;
-use super::{DeviceConfig, ModbusConfig, Transport};
+use super::{DeviceConfig, DeviceKind, ModbusConfig, ModbusDevice, MqttTopic, Transport};
 use crate::diag::{Diagnostic, SourceFile};
 use crate::profile::{Profile, ProfileSet, Ratio, Ratios};
 use crate::reading::{DeviceId, UnitId};
@@ -110,7 +110,9 @@ fn rtu_conflict(devices: &[DeviceConfig], t: &Transport) -> Option<DeviceId> {
     let k = key(t)?;
     devices
         .iter()
-        .find(|d| key(&d.transport).as_ref() == Some(&k) && &d.transport != t)
+        .filter_map(|d| Some((d, &d.modbus()?.transport)))
+        .find(|(_, other)| key(other).as_ref() == Some(&k) && *other != t)
+        .map(|(d, _)| d)
         .map(|d| d.id.clone())
 }
 
@@ -171,32 +173,45 @@ pub(super) fn devices(
             (d.ct_ratio.as_ref(), d.pt_ratio.as_ref()),
             profile.as_deref(),
         );
-        if let Some(line) = transport.line() {
-            for (k, msg) in line.problems() {
-                errors.push(src.at(transport_span.clone(), format!("{key}.transport.{k}"), msg));
+        if let Via::Modbus(transport) = &transport {
+            if let Some(line) = transport.line() {
+                for (k, msg) in line.problems() {
+                    errors.push(src.at(
+                        transport_span.clone(),
+                        format!("{key}.transport.{k}"),
+                        msg,
+                    ));
+                }
+            }
+            if let Some(other) = rtu_conflict(&devices, transport) {
+                errors.push(src.at(
+                    transport_span.clone(),
+                    format!("{key}.transport"),
+                    format!("conflicts with device `{other}` on the same port or DTU: one bus needs one set of line settings (and a DTU id one listen address)"),
+                ));
             }
         }
-        if let Some(other) = rtu_conflict(&devices, &transport) {
-            errors.push(src.at(
-                transport_span.clone(),
-                format!("{key}.transport"),
-                format!("conflicts with device `{other}` on the same port or DTU: one bus needs one set of line settings (and a DTU id one listen address)"),
-            ));
-        }
-        if let Some(Err(m)) = profile
-            .as_ref()
-            .map(|p| super::mqtt::profile_fits(&transport, p))
-        {
+        let mqtt = match &transport {
+            Via::Mqtt(t) => Some(t),
+            Via::Modbus(_) => None,
+        };
+        if let Some(Err(m)) = profile.as_ref().map(|p| super::mqtt::profile_fits(mqtt, p)) {
             errors.push(src.at(d.profile.span(), format!("{key}.profile"), m));
         }
         if let (Some(id), Some(profile)) = (id, profile) {
+            let kind = match transport {
+                Via::Modbus(transport) => DeviceKind::Modbus(ModbusDevice {
+                    transport,
+                    unit: UnitId(unit),
+                    poll_interval: interval,
+                    timeout: d.timeout.map_or(cx.modbus.timeout, |t| t.0),
+                }),
+                Via::Mqtt(topic) => DeviceKind::Mqtt(topic),
+            };
             devices.push(DeviceConfig {
                 id,
                 profile,
-                transport,
-                unit: UnitId(unit),
-                poll_interval: interval,
-                timeout: d.timeout.map_or(cx.modbus.timeout, |t| t.0),
+                kind,
                 location: d.location,
                 ratios,
             });
@@ -273,6 +288,12 @@ fn schedule(
     (unit, interval)
 }
 
+/// A validated transport: a Modbus one, or an MQTT topic.
+enum Via {
+    Modbus(Transport),
+    Mqtt(MqttTopic),
+}
+
 /// The transport as written → validated; problems are reported at `span`.
 fn transport(
     raw: RawTransport,
@@ -282,8 +303,8 @@ fn transport(
     src: &SourceFile<'_>,
     mqtt_routes: &mut DeviceRoutes,
     errors: &mut Vec<Diagnostic>,
-) -> Transport {
-    match raw {
+) -> Via {
+    let modbus = match raw {
         RawTransport::Tcp { address } => {
             if !super::is_host_port(&address) {
                 errors.push(src.at(
@@ -366,17 +387,22 @@ fn transport(
             source,
             topic,
             key: k,
-        } => mqtt_routes
-            .transport(name, source, topic.clone(), k)
-            .unwrap_or_else(|m| {
-                errors.push(src.at(span.clone(), format!("{key}.transport"), m));
-                Transport::Mqtt {
-                    source: String::new(),
-                    topic,
-                    key: None,
-                }
-            }),
-    }
+        } => {
+            return Via::Mqtt(
+                mqtt_routes
+                    .topic(name, source, topic.clone(), k)
+                    .unwrap_or_else(|m| {
+                        errors.push(src.at(span.clone(), format!("{key}.transport"), m));
+                        MqttTopic {
+                            source: String::new(),
+                            topic,
+                            key: None,
+                        }
+                    }),
+            )
+        }
+    };
+    Via::Modbus(modbus)
 }
 
 /// A device's `ct_ratio`/`pt_ratio`: finite and > 0, and only where its profile has a

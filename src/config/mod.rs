@@ -49,7 +49,7 @@ impl From<Vec<Diagnostic>> for ConfigError {
     }
 }
 
-/// How a device is reached.
+/// How a Modbus device is reached.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Transport {
     /// Modbus TCP (also serial servers and DTUs in Modbus TCP mode): `host:port`.
@@ -65,13 +65,6 @@ pub enum Transport {
         /// Heartbeat packet the DTU sends between frames (filtered out); default `id`.
         heartbeat: Option<String>,
         line: LineOverride,
-    },
-    /// A meter publishing to the broker of `[[mqtt_source]]` `source` on `topic`; with a
-    /// `+` level in `topic`, `key` is the value of that level that names this device.
-    Mqtt {
-        source: String,
-        topic: String,
-        key: Option<String>,
     },
 }
 
@@ -90,7 +83,7 @@ impl Transport {
             Transport::Serial { line, .. }
             | Transport::RtuTcp { line, .. }
             | Transport::Dtu { line, .. } => Some(*line),
-            _ => None,
+            Transport::Tcp { .. } => None,
         }
     }
 }
@@ -102,29 +95,84 @@ impl fmt::Display for Transport {
             Transport::Serial { port, .. } => write!(f, "serial://{port}"),
             Transport::RtuTcp { address, .. } => write!(f, "rtu+tcp://{address}"),
             Transport::Dtu { id, listen, .. } => write!(f, "dtu://{id}@{listen}"),
-            Transport::Mqtt { source, topic, key } => {
-                write!(f, "mqtt source {source} topic {topic}")?;
-                key.as_ref().map_or(Ok(()), |k| write!(f, " (+ = {k})"))
-            }
         }
     }
 }
 
-/// One meter to poll.
+/// Where an MQTT meter publishes: the broker of `[[mqtt_source]]` `source`, on `topic`;
+/// with a `+` level in `topic`, `key` is the value of that level that names this device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MqttTopic {
+    pub source: String,
+    pub topic: String,
+    pub key: Option<String>,
+}
+
+impl fmt::Display for MqttTopic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "mqtt source {} topic {}", self.source, self.topic)?;
+        self.key
+            .as_ref()
+            .map_or(Ok(()), |k| write!(f, " (+ = {k})"))
+    }
+}
+
+/// A meter the gateway polls over Modbus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModbusDevice {
+    pub transport: Transport,
+    pub unit: UnitId,
+    pub poll_interval: Duration,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// How a device is reached and scheduled, per transport kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// Polled over Modbus TCP or RTU.
+    Modbus(ModbusDevice),
+    /// Publishes to a broker on its own schedule: no unit id, no poll interval.
+    Mqtt(MqttTopic),
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceKind::Modbus(m) => m.transport.fmt(f),
+            DeviceKind::Mqtt(t) => t.fmt(f),
+        }
+    }
+}
+
+/// One meter.
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
     pub id: DeviceId,
     pub profile: Arc<Profile>,
-    pub transport: Transport,
-    /// Modbus unit id (0 for MQTT devices, which have none).
-    pub unit: UnitId,
-    /// Modbus poll interval (zero for MQTT devices, which publish on their own schedule).
-    pub poll_interval: Duration,
-    pub timeout: Duration,
+    pub kind: DeviceKind,
     pub location: Option<String>,
     /// Transformer ratios of a secondary-side meter (`ct_ratio`, `pt_ratio`; 1 and 1
     /// when not set).
     pub ratios: Ratios,
+}
+
+impl DeviceConfig {
+    /// The Modbus part of a polled device.
+    pub fn modbus(&self) -> Option<&ModbusDevice> {
+        match &self.kind {
+            DeviceKind::Modbus(m) => Some(m),
+            DeviceKind::Mqtt(_) => None,
+        }
+    }
+
+    /// The topic of an MQTT device.
+    pub fn mqtt(&self) -> Option<&MqttTopic> {
+        match &self.kind {
+            DeviceKind::Mqtt(t) => Some(t),
+            DeviceKind::Modbus(_) => None,
+        }
+    }
 }
 
 /// The declared purpose of the outbound flow.

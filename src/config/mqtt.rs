@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{TlsFiles, Transport};
+use super::{MqttTopic, TlsFiles};
 use crate::profile::mqtt::PayloadShape;
 use crate::profile::Profile;
 
@@ -143,13 +143,13 @@ impl DeviceRoutes {
     }
 
     /// The transport of an MQTT device, or why it is not valid.
-    pub(super) fn transport(
+    pub(super) fn topic(
         &mut self,
         device: &str,
         source: String,
         topic: String,
         key: Option<String>,
-    ) -> Result<Transport, String> {
+    ) -> Result<MqttTopic, String> {
         if !self.sources.contains(&source) {
             return Err(format!(
                 "no [[mqtt_source]] named {source:?}; valid: {}",
@@ -188,7 +188,7 @@ impl DeviceRoutes {
                     .unwrap_or_default()
             ));
         }
-        Ok(Transport::Mqtt { source, topic, key })
+        Ok(MqttTopic { source, topic, key })
     }
 }
 
@@ -207,16 +207,16 @@ pub fn check_topic(topic: &str) -> Result<bool, String> {
 }
 
 /// Whether a device's profile fits its transport.
-pub(super) fn profile_fits(transport: &Transport, profile: &Profile) -> Result<(), String> {
-    match (transport, &profile.mqtt) {
-        (Transport::Mqtt { .. }, None) => Err(format!(
+pub(super) fn profile_fits(mqtt: Option<&MqttTopic>, profile: &Profile) -> Result<(), String> {
+    match (mqtt, &profile.mqtt) {
+        (Some(_), None) => Err(format!(
             "profile {:?} describes registers; an MQTT device needs a profile with protocol = \"mqtt\"",
             profile.name
         )),
         (
-            Transport::Mqtt {
+            Some(MqttTopic {
                 topic, key: Some(_), ..
-            },
+            }),
             Some(spec),
         ) if !topic.contains('+') && spec.shape != PayloadShape::ThingsBoard => Err(format!(
             "a `key` on a topic without `+` selects a device in ThingsBoard gateway-API \
@@ -225,12 +225,12 @@ pub(super) fn profile_fits(transport: &Transport, profile: &Profile) -> Result<(
             profile.name,
             spec.shape.as_str()
         )),
-        (Transport::Mqtt { .. }, Some(_)) => Ok(()),
-        (_, Some(_)) => Err(format!(
+        (Some(_), Some(_)) => Ok(()),
+        (None, Some(_)) => Err(format!(
             "profile {:?} describes MQTT payloads; use transport = {{ type = \"mqtt\", … }}",
             profile.name
         )),
-        (_, None) => Ok(()),
+        (None, None) => Ok(()),
     }
 }
 
@@ -239,7 +239,7 @@ mod tests {
     use std::path::Path;
 
     use super::check_topic;
-    use crate::config::{Diagnostic, GatewayConfig, Transport};
+    use crate::config::{DeviceKind, Diagnostic, GatewayConfig, MqttTopic};
     use crate::profile::{Profile, ProfileSet};
 
     const MQTT_PROFILE: &str = r#"
@@ -325,15 +325,15 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
             Path::new("/etc/citygate/tls/ca.pem")
         );
         assert_eq!(
-            c.devices[1].transport,
-            Transport::Mqtt {
+            c.devices[1].kind,
+            DeviceKind::Mqtt(MqttTopic {
                 source: "meters".into(),
                 topic: "water/+/up".into(),
                 key: Some("w2".into()),
-            },
+            }),
             "the key defaults to the device name"
         );
-        assert_eq!(c.devices[0].poll_interval, std::time::Duration::ZERO);
+        assert!(c.devices[0].modbus().is_none());
     }
 
     #[test]

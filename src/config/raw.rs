@@ -404,7 +404,10 @@ poll_interval = "1s"
         assert_eq!(c.store.path, Path::new("/etc/citygate/store"));
         assert_eq!(c.batch.max_age, Duration::from_secs(1));
         assert_eq!(c.devices.len(), 1);
-        assert_eq!(c.devices[0].timeout, Duration::from_secs(1));
+        assert_eq!(
+            c.devices[0].modbus().unwrap().timeout,
+            Duration::from_secs(1)
+        );
         assert_eq!(c.store.cache_capacity_bytes, 4 * 1024 * 1024);
     }
 
@@ -492,7 +495,7 @@ poll_interval = "1s"
             "{ type = \"serial\", port = \"/dev/ttyUSB0\", baud = 19200, parity = \"even\" }",
         );
         let c = parse_str(&serial).unwrap();
-        let line = c.devices[0].transport.line().unwrap();
+        let line = c.devices[0].modbus().unwrap().transport.line().unwrap();
         assert_eq!(
             (line.baud, line.parity),
             (Some(19200), Some(crate::profile::Parity::Even))
@@ -501,7 +504,11 @@ poll_interval = "1s"
             "{ type = \"tcp\", address = \"127.0.0.1:502\" }",
             "{ type = \"dtu\", id = \"865000111\", listen = \"0.0.0.0:9000\" }",
         );
-        assert!(parse_str(&dtu).unwrap().devices[0].transport.is_rtu());
+        assert!(parse_str(&dtu).unwrap().devices[0]
+            .modbus()
+            .unwrap()
+            .transport
+            .is_rtu());
         let e = errors(&serial.replace("19200", "9601"));
         assert_eq!(e[0].key, "device[0].transport.baud", "{}", e[0]);
         assert_eq!(e[0].line, 19);

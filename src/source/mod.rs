@@ -8,9 +8,13 @@
 //! in canonical units is `transform::normalise`'s job, so every protocol shares one
 //! set of unit, scale and sentinel rules.
 
+mod context;
 pub mod modbus;
 pub mod mqtt;
+pub mod poll;
 pub mod rtu;
+
+pub use context::SourceContext;
 
 use std::sync::Arc;
 

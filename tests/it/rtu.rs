@@ -5,13 +5,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use citygate::config::{DeviceConfig, ModbusConfig, Transport};
+use citygate::config::{DeviceConfig, DeviceKind, ModbusConfig, ModbusDevice, Transport};
 use citygate::profile::{LineSettings, Parity, Profile};
 use citygate::reading::{DeviceId, UnitId};
 use citygate::sim::{Chaos, RtuSim, SimMeters};
 use citygate::source::rtu::transport::{DtuListener, Link};
 use citygate::source::rtu::{LineOverride, LineTiming, RtuBus};
-use citygate::source::RawSample;
+use citygate::source::{RawSample, SourceContext};
 use citygate::telemetry::Metrics;
 use citygate::transform::normalise::normalise;
 use tokio::sync::mpsc;
@@ -45,10 +45,12 @@ fn devices(
         .map(|u| DeviceConfig {
             id: DeviceId::new(format!("m{u}")).unwrap(),
             profile: profile(),
-            transport: transport.clone(),
-            unit: UnitId(u),
-            poll_interval: interval,
-            timeout,
+            kind: DeviceKind::Modbus(ModbusDevice {
+                transport: transport.clone(),
+                unit: UnitId(u),
+                poll_interval: interval,
+                timeout,
+            }),
             location: None,
             ratios: citygate::profile::Ratios::UNITY,
         })
@@ -125,11 +127,8 @@ fn start_bus(
         link,
         LineTiming::new(line),
         devices,
-        modbus(),
         heartbeats,
-        samples_tx,
-        metrics.clone(),
-        token.clone(),
+        SourceContext::new(samples_tx, metrics.clone(), &token, modbus()),
     );
     let status = bus.status();
     let task = tokio::spawn(bus.run());
@@ -212,7 +211,7 @@ async fn eight_meters_on_one_pty_bus_are_each_polled_every_cycle_and_a_silent_on
     // Fifteen cycles of the seven answering meters, however long the machine takes.
     let answering: Vec<DeviceId> = devs
         .iter()
-        .filter(|d| d.unit != UnitId(5))
+        .filter(|d| d.modbus().unwrap().unit != UnitId(5))
         .map(|d| d.id.clone())
         .collect();
     until_polled(&bus.metrics, &answering, 15).await;
@@ -487,11 +486,13 @@ async fn measure_cycle_time() {
             },
             LineTiming::new(&l),
             devs.clone(),
-            modbus(),
             Vec::new(),
-            mpsc::channel(100_000).0,
-            Arc::new(Metrics::default()),
-            CancellationToken::new(),
+            SourceContext::new(
+                mpsc::channel(100_000).0,
+                Arc::new(Metrics::default()),
+                &CancellationToken::new(),
+                modbus(),
+            ),
         );
         let computed = bus.budget();
         let b = start_bus(

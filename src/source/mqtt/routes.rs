@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{DeviceConfig, Transport};
+use crate::config::{DeviceConfig, MqttTopic};
 
 #[derive(Debug)]
 struct Pattern {
@@ -35,7 +35,7 @@ impl Routes {
         let mut patterns: Vec<Pattern> = Vec::new();
         let mut gateways: HashMap<String, HashMap<String, usize>> = HashMap::new();
         for (i, d) in devices.iter().enumerate() {
-            let Transport::Mqtt { topic, key, .. } = &d.transport else {
+            let Some(MqttTopic { topic, key, .. }) = d.mqtt() else {
                 continue;
             };
             let levels: Vec<String> = topic.split('/').map(str::to_owned).collect();
@@ -125,11 +125,10 @@ impl Routes {
 pub(crate) mod tests {
     use std::path::Path;
     use std::sync::Arc;
-    use std::time::Duration;
 
     use super::*;
     use crate::profile::Profile;
-    use crate::reading::{DeviceId, UnitId};
+    use crate::reading::DeviceId;
 
     pub(crate) fn device(name: &str, topic: &str, key: Option<&str>) -> DeviceConfig {
         let profile = Profile::parse(
@@ -141,14 +140,11 @@ pub(crate) mod tests {
         DeviceConfig {
             id: DeviceId::new(name).unwrap(),
             profile: Arc::new(profile),
-            transport: Transport::Mqtt {
+            kind: crate::config::DeviceKind::Mqtt(MqttTopic {
                 source: "s".into(),
                 topic: topic.into(),
                 key: key.map(str::to_owned),
-            },
-            unit: UnitId(0),
-            poll_interval: Duration::ZERO,
-            timeout: Duration::ZERO,
+            }),
             location: None,
             ratios: crate::profile::Ratios::UNITY,
         }

@@ -25,12 +25,9 @@
 //! broker sends can make this task panic or stop; it stops on cancellation.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::decode::{decode, Decoded};
@@ -38,8 +35,8 @@ use super::routes::Routes;
 use crate::config::{DeviceConfig, MqttSourceConfig};
 use crate::mqtt::{LinkEvent, LinkOptions, MqttLink, QoS};
 use crate::reading::{now_ms, DeviceId, FieldName, TimestampMs};
-use crate::source::{RawSample, SampleData, TimeSource};
-use crate::telemetry::{Metrics, PollOutcome};
+use crate::source::{RawSample, SampleData, SourceContext, TimeSource};
+use crate::telemetry::PollOutcome;
 
 /// Warnings about bad messages allowed per [`LOG_WINDOW`].
 pub const LOG_BURST: u32 = 10;
@@ -91,28 +88,18 @@ impl LogLimiter {
 pub struct MqttSubscriber {
     cfg: MqttSourceConfig,
     routes: Routes,
-    samples_tx: mpsc::Sender<RawSample>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
+    cx: SourceContext,
     /// Per device and field: the latest meter timestamp used.
     last: HashMap<DeviceId, HashMap<FieldName, TimestampMs>>,
     log: LogLimiter,
 }
 
 impl MqttSubscriber {
-    pub fn new(
-        cfg: MqttSourceConfig,
-        devices: Vec<DeviceConfig>,
-        samples_tx: mpsc::Sender<RawSample>,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-    ) -> Self {
+    pub fn new(cfg: MqttSourceConfig, devices: Vec<DeviceConfig>, cx: SourceContext) -> Self {
         Self {
             cfg,
             routes: Routes::new(devices),
-            samples_tx,
-            metrics,
-            shutdown,
+            cx,
             last: HashMap::new(),
             log: LogLimiter::new(),
         }
@@ -131,7 +118,8 @@ impl MqttSubscriber {
                 error!(source = %self.cfg.name, broker = %self.cfg.broker, error = %e, "mqtt source cannot start");
                 let at = now_ms();
                 for d in self.routes.devices() {
-                    self.metrics
+                    self.cx
+                        .metrics
                         .record_poll(&d.id, at, &PollOutcome::Transport(e.to_string()));
                 }
                 return;
@@ -150,7 +138,7 @@ impl MqttSubscriber {
         info!(source = %self.cfg.name, broker = %self.cfg.broker, devices = self.routes.devices().len(), "mqtt source started");
         loop {
             tokio::select! {
-                _ = self.shutdown.cancelled() => break,
+                _ = self.cx.shutdown.cancelled() => break,
                 event = events.recv() => match event {
                     Some(LinkEvent::Publish { topic, payload }) => {
                         self.on_message(&topic, &payload, now_ms());
@@ -175,12 +163,12 @@ impl MqttSubscriber {
 
     /// Handles one message; public for tests that drive the task without a broker.
     pub fn on_message(&mut self, topic: &str, payload: &[u8], received_ms: TimestampMs) {
-        self.metrics.mqtt_messages.inc();
+        self.cx.metrics.mqtt_messages.inc();
         if self.routes.is_gateway(topic) {
             return self.on_gateway_message(topic, payload, received_ms);
         }
         let Some(device) = self.routes.device(topic).cloned() else {
-            self.metrics.mqtt_unknown_topic.inc();
+            self.cx.metrics.mqtt_unknown_topic.inc();
             if self.log.allow(&self.cfg.name) {
                 warn!(source = %self.cfg.name, topic, "mqtt message on a topic no device listens on");
             }
@@ -205,7 +193,7 @@ impl MqttSubscriber {
                         detail: "expected an object of device names".into(),
                     },
                 };
-                self.metrics.mqtt_payload_errors.inc();
+                self.cx.metrics.mqtt_payload_errors.inc();
                 if self.log.allow(&self.cfg.name) {
                     warn!(source = %self.cfg.name, topic, bytes = payload.len(), error = %e, "mqtt payload rejected");
                 }
@@ -214,7 +202,7 @@ impl MqttSubscriber {
         };
         for (key, telemetry) in &root {
             let Some(device) = self.routes.gateway_device(topic, key).cloned() else {
-                self.metrics.mqtt_unknown_topic.inc();
+                self.cx.metrics.mqtt_unknown_topic.inc();
                 if self.log.allow(&self.cfg.name) {
                     warn!(source = %self.cfg.name, topic, key, "gateway-api message for a device not configured");
                 }
@@ -240,8 +228,8 @@ impl MqttSubscriber {
         let decoded = match decoded {
             Ok(d) => d,
             Err(e) => {
-                self.metrics.mqtt_payload_errors.inc();
-                self.metrics.record_poll(
+                self.cx.metrics.mqtt_payload_errors.inc();
+                self.cx.metrics.record_poll(
                     &device.id,
                     received_ms,
                     &PollOutcome::PayloadError(e.to_string()),
@@ -254,8 +242,8 @@ impl MqttSubscriber {
         };
         let Decoded { values, errors } = decoded;
         if let Some(first) = errors.first() {
-            self.metrics.mqtt_field_errors.add(errors.len() as u64);
-            self.metrics.record_poll(
+            self.cx.metrics.mqtt_field_errors.add(errors.len() as u64);
+            self.cx.metrics.record_poll(
                 &device.id,
                 received_ms,
                 &PollOutcome::PayloadError(first.to_string()),
@@ -264,7 +252,8 @@ impl MqttSubscriber {
                 warn!(source = %self.cfg.name, topic, device = %device.id, errors = errors.len(), first = %first, "mqtt payload fields unusable");
             }
         } else {
-            self.metrics
+            self.cx
+                .metrics
                 .record_poll(&device.id, received_ms, &PollOutcome::Ok);
         }
         let last = self.last.entry(device.id.clone()).or_default();
@@ -286,30 +275,31 @@ impl MqttSubscriber {
             .collect();
         let stale = before - values.len();
         if stale > 0 {
-            self.metrics.mqtt_stale_values.add(stale as u64);
+            self.cx.metrics.mqtt_stale_values.add(stale as u64);
             debug!(source = %self.cfg.name, topic, device = %device.id, stale, "stale or duplicate mqtt values dropped");
         }
         if values.is_empty() {
             return;
         }
-        self.metrics.samples_polled.inc();
-        let sample = RawSample {
+        self.cx.send(RawSample {
             device: device.id.clone(),
             profile: device.profile.clone(),
             at_ms: received_ms,
             data: SampleData::Values(values),
             ratios: device.ratios,
-        };
-        if self.samples_tx.try_send(sample).is_err() {
-            self.metrics.samples_dropped.inc();
-        }
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::mpsc;
+
     use super::*;
     use crate::source::mqtt::routes::tests::device;
+    use crate::telemetry::Metrics;
 
     fn subscriber() -> (MqttSubscriber, mpsc::Receiver<RawSample>, Arc<Metrics>) {
         let (tx, rx) = mpsc::channel(4);
@@ -324,9 +314,7 @@ mod tests {
         let s = MqttSubscriber::new(
             cfg,
             vec![device("w1", "w/+/up", Some("W1"))],
-            tx,
-            metrics.clone(),
-            CancellationToken::new(),
+            SourceContext::for_test(tx, metrics.clone()),
         );
         (s, rx, metrics)
     }
@@ -379,7 +367,7 @@ mod tests {
             tls: None,
             qos: 1,
         };
-        let mut s = MqttSubscriber::new(cfg, vec![a, b], tx, m.clone(), CancellationToken::new());
+        let mut s = MqttSubscriber::new(cfg, vec![a, b], SourceContext::for_test(tx, m.clone()));
         let now = 1_763_906_400_000;
         let payload = format!(
             r#"{{"Meter A":[{{"ts":{},"values":{{"flow":1.5}}}},{{"ts":{},"values":{{"flow":1.6}}}}],

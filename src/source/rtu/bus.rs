@@ -1,87 +1,30 @@
-//! The task that owns one RTU bus: [`RtuBus`].
+//! The task that owns one RTU bus: [`RtuBus`], a thin transport under the shared
+//! polling core (`source::poll`).
 //!
-//! One transaction at a time, devices polled in order of their due time. Each device's
-//! reads come from the shared read planner, and each poll produces the same
-//! [`RawSample`] the Modbus TCP poller produces (a partial image when some reads
-//! failed; the missing fields are reported as missing downstream).
-//!
-//! Fault isolation:
-//! - A timeout (or a reply that never forms a valid frame) ends the device's poll; the
-//!   device is retried with exponential backoff from its poll interval, and never
-//!   sooner than one bus cycle, so a dead meter costs at most one timeout per cycle
-//!   and the others keep their schedule. Backoff also keeps the device from being
-//!   addressed again while a late reply of it may still be on the line.
-//! - `0x05` acknowledge / `0x06` busy: the device is alive; the poll is retried
-//!   shortly (up to [`BUSY_RETRIES`] times) before it waits for its next slot.
-//! - `0x02` illegal data address: that read is disabled (its fields are missing),
-//!   reported once at WARN, and retried only every [`ILLEGAL_ADDRESS_RETRY`].
-//! - Other exceptions: counted; the poll goes on with the next read.
-//! - A transport error closes the stream; the bus reopens it with backoff.
+//! One transaction at a time, devices polled in order of their due time, each poll
+//! producing the same [`RawSample`](crate::source::RawSample) as Modbus TCP. What is
+//! RTU's own: opening the serial port, RTU-over-TCP stream or DTU session (a DTU that
+//! dials in again replaces the stream before the next poll), the [`Transactor`]
+//! (framing, draining late replies, so a timeout does not close the stream), the bus
+//! budget, and the pacing rule that a failing device is retried never sooner than one
+//! bus cycle (nor its own timeout), so a dead meter costs at most one timeout per cycle
+//! and its late reply is never on the line when it is addressed again.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
-use tokio::time::{sleep_until, Instant};
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tracing::{info, warn};
 
 use super::link::{LinkStats, RtuError, Transactor};
 use super::timing::{BusBudget, LineTiming};
 use super::transport::{BoxedStream, Link};
-use crate::config::{DeviceConfig, ModbusConfig};
-use crate::reading::now_ms;
-use crate::source::modbus::{plan, ReadRequest};
-use crate::source::{RawSample, RegisterImage, SampleData};
-use crate::telemetry::{Metrics, PollOutcome};
+use crate::config::DeviceConfig;
+use crate::source::modbus::ReadRequest;
+use crate::source::poll::{Connector, Pacing, PollError, PolledDevice, Read, Scheduler, Transact};
+use crate::source::SourceContext;
 
-pub use crate::source::modbus::ILLEGAL_ADDRESS_RETRY;
-/// Quick retries of a poll answered "busy" before waiting for the next slot.
-pub const BUSY_RETRIES: u32 = 3;
-/// Delay before retrying a busy device.
-const BUSY_DELAY: Duration = Duration::from_millis(200);
-
-/// One planned read of a device and whether the device accepts it.
-#[derive(Debug, Clone)]
-struct PlannedRead {
-    req: ReadRequest,
-    disabled_until: Option<Instant>,
-    reported: bool,
-}
-
-/// A device on the bus with its plan and schedule.
-#[derive(Debug)]
-pub struct RtuDevice {
-    pub config: DeviceConfig,
-    reads: Vec<PlannedRead>,
-    next_due: Instant,
-    failures: u32,
-    busy_streak: u32,
-}
-
-impl RtuDevice {
-    pub fn new(config: DeviceConfig) -> Self {
-        let reads = plan(&config.profile)
-            .into_iter()
-            .map(|req| PlannedRead {
-                req,
-                disabled_until: None,
-                reported: false,
-            })
-            .collect();
-        Self {
-            config,
-            reads,
-            next_due: Instant::now(),
-            failures: 0,
-            busy_streak: 0,
-        }
-    }
-
-    pub fn plan(&self) -> Vec<ReadRequest> {
-        self.reads.iter().map(|r| r.req).collect()
-    }
-}
+pub use crate::source::poll::{BUSY_RETRIES, ILLEGAL_ADDRESS_RETRY};
 
 /// What the bus reports to tests and `check` about itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -96,37 +39,27 @@ pub struct BusStatus {
 pub struct RtuBus {
     link: Link,
     timing: LineTiming,
-    devices: Vec<RtuDevice>,
-    cfg: ModbusConfig,
+    devices: Vec<PolledDevice>,
     heartbeats: Vec<Vec<u8>>,
-    samples_tx: mpsc::Sender<RawSample>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
+    cx: SourceContext,
     status_tx: watch::Sender<BusStatus>,
 }
 
 impl RtuBus {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         link: Link,
         timing: LineTiming,
         devices: Vec<DeviceConfig>,
-        cfg: ModbusConfig,
         heartbeats: Vec<Vec<u8>>,
-        samples_tx: mpsc::Sender<RawSample>,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
+        cx: SourceContext,
     ) -> Self {
         let (status_tx, _) = watch::channel(BusStatus::default());
         Self {
             link,
             timing,
-            devices: devices.into_iter().map(RtuDevice::new).collect(),
-            cfg,
+            devices: devices.into_iter().filter_map(PolledDevice::new).collect(),
             heartbeats,
-            samples_tx,
-            metrics,
-            shutdown,
+            cx,
             status_tx,
         }
     }
@@ -136,7 +69,7 @@ impl RtuBus {
         let plans: Vec<(Vec<ReadRequest>, Duration)> = self
             .devices
             .iter()
-            .map(|d| (d.plan(), d.config.poll_interval))
+            .map(|d| (d.plan(), d.poll_interval()))
             .collect();
         BusBudget::compute(&self.timing, plans.iter().map(|(p, i)| (p.as_slice(), *i)))
     }
@@ -146,10 +79,11 @@ impl RtuBus {
         self.status_tx.subscribe()
     }
 
-    pub async fn run(mut self) {
+    pub async fn run(self) {
         let budget = self.budget();
+        let name = self.link.to_string();
         info!(
-            bus = %self.link,
+            bus = %name,
             devices = self.devices.len(),
             cycle = ?budget.cycle,
             load = budget.load,
@@ -157,215 +91,91 @@ impl RtuBus {
         );
         if budget.overloaded() {
             warn!(
-                bus = %self.link,
+                bus = %name,
                 cycle = ?budget.cycle,
                 load = budget.load,
                 "poll intervals ask for more than the baud rate carries; polls will run late"
             );
         }
-        let mut open_failures: u32 = 0;
-        let mut stats = LinkStats::default();
-        'outer: loop {
-            let stream = tokio::select! {
-                () = self.shutdown.cancelled() => break,
-                r = self.link.open(self.cfg.connect_timeout) => r,
-            };
-            let stream = match stream {
-                Ok(s) => {
-                    open_failures = 0;
-                    info!(bus = %self.link, "rtu bus link open");
-                    s
-                }
-                Err(e) => {
-                    open_failures = open_failures.saturating_add(1);
-                    let delay = reopen_backoff(open_failures, self.cfg.backoff_max);
-                    warn!(bus = %self.link, error = %e, retry_in = ?delay, "rtu bus link failed");
-                    for d in &self.devices {
-                        self.metrics.record_poll(
-                            &d.config.id,
-                            now_ms(),
-                            &PollOutcome::Transport(e.to_string()),
-                        );
-                    }
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => break,
-                        () = tokio::time::sleep(delay) => continue,
-                    }
-                }
-            };
-            let mut tr = Transactor::new(stream, self.timing, self.heartbeats.clone());
-            self.status_tx.send_replace(BusStatus {
-                link: stats,
-                connected: true,
-            });
-            loop {
-                let due = self.devices.iter().map(|d| d.next_due).min();
-                let Some(due) = due else {
-                    self.shutdown.cancelled().await;
-                    break 'outer;
-                };
-                tokio::select! {
-                    () = self.shutdown.cancelled() => break 'outer,
-                    () = sleep_until(due) => {}
-                }
-                if let Some(newer) = self.link.newer_session() {
-                    info!(bus = %self.link, "dtu reconnected; using the new connection");
-                    tr = Transactor::new(newer, self.timing, self.heartbeats.clone());
-                }
-                let Some(idx) = (0..self.devices.len()).min_by_key(|&i| self.devices[i].next_due)
-                else {
-                    continue;
-                };
-                let token = self.shutdown.clone();
-                let broken = tokio::select! {
-                    () = token.cancelled() => break 'outer,
-                    broken = self.poll_device(&mut tr, idx, &budget) => broken,
-                };
-                stats = add(stats, tr.stats);
-                tr.stats = LinkStats::default();
-                self.status_tx.send_replace(BusStatus {
-                    link: stats,
-                    connected: !broken,
-                });
-                if broken {
-                    break;
-                }
-            }
-            self.status_tx.send_replace(BusStatus {
-                link: stats,
-                connected: false,
-            });
-        }
-        info!(bus = %self.link, "rtu bus stopped");
-    }
-
-    /// Polls one device and reschedules it. Returns true when the link broke.
-    async fn poll_device(
-        &mut self,
-        tr: &mut Transactor<BoxedStream>,
-        idx: usize,
-        budget: &BusBudget,
-    ) -> bool {
-        let dev = &mut self.devices[idx];
-        let cfg = dev.config.clone();
-        let at_ms = now_ms();
-        let mut image = RegisterImage::new();
-        let mut failure: Option<RtuError> = None;
-        let mut exception: Option<u8> = None;
-        let mut busy = false;
-        let now = Instant::now();
-        for read in &mut dev.reads {
-            if read.disabled_until.is_some_and(|t| t > now) {
-                // Still rejected: its fields stay missing and the poll says why.
-                exception = Some(2);
-                continue;
-            }
-            match tr
-                .read(cfg.unit, cfg.profile.function, read.req, cfg.timeout)
-                .await
-            {
-                Ok(words) => {
-                    if read.disabled_until.take().is_some() {
-                        info!(device = %cfg.id, start = %read.req.start, "read accepted again");
-                    }
-                    image.insert(read.req.start, words);
-                }
-                Err(RtuError::Exception(2)) => {
-                    exception = Some(2);
-                    read.disabled_until = Some(Instant::now() + ILLEGAL_ADDRESS_RETRY);
-                    if !read.reported {
-                        read.reported = true;
-                        warn!(
-                            device = %cfg.id,
-                            unit = %cfg.unit,
-                            start = %read.req.start,
-                            count = read.req.count,
-                            retry_in = ?ILLEGAL_ADDRESS_RETRY,
-                            "device rejects these registers (illegal data address); their fields are missing"
-                        );
-                    }
-                }
-                Err(RtuError::Exception(code @ (5 | 6))) => {
-                    exception = Some(code);
-                    busy = true;
-                    break;
-                }
-                Err(RtuError::Exception(code)) => exception = Some(code),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        let now = Instant::now();
-        let outcome = match &failure {
-            Some(RtuError::Timeout(_)) => PollOutcome::Timeout,
-            Some(e) => PollOutcome::Transport(e.to_string()),
-            None => match exception {
-                Some(code) => PollOutcome::Exception(format!("device exception 0x{code:02X}")),
-                None => PollOutcome::Ok,
-            },
+        let pacing = Pacing {
+            min_failure_backoff: budget.cycle,
+            backoff_covers_timeout: true,
         };
-        self.metrics.record_poll(&cfg.id, at_ms, &outcome);
-        match &failure {
-            Some(RtuError::Timeout(_) | RtuError::BadFrame(_)) => {
-                dev.failures = dev.failures.saturating_add(1);
-                let factor = 1u32 << (dev.failures - 1).min(10);
-                let delay = cfg
-                    .poll_interval
-                    .saturating_mul(factor)
-                    .min(self.cfg.backoff_max.max(cfg.poll_interval))
-                    .max(budget.cycle)
-                    .max(cfg.timeout);
-                if dev.failures == 1 {
-                    warn!(device = %cfg.id, unit = %cfg.unit, error = %failure.as_ref().map(ToString::to_string).unwrap_or_default(), "device stopped answering; probing it with backoff");
-                }
-                debug!(device = %cfg.id, retry_in = ?delay, "rtu poll failed");
-                dev.next_due = now + delay;
-            }
-            _ if busy && dev.busy_streak < BUSY_RETRIES => {
-                dev.busy_streak += 1;
-                dev.next_due = now + BUSY_DELAY.min(cfg.poll_interval / 4);
-            }
-            _ => {
-                if dev.failures > 0 && failure.is_none() {
-                    info!(device = %cfg.id, "device answers again");
-                }
-                if failure.is_none() {
-                    dev.failures = 0;
-                }
-                dev.busy_streak = 0;
-                dev.next_due += cfg.poll_interval;
-                if dev.next_due <= now {
-                    dev.next_due = now + cfg.poll_interval;
-                }
-            }
-        }
-        if !image.is_empty() {
-            self.metrics.samples_polled.inc();
-            let sample = RawSample {
-                device: cfg.id.clone(),
-                profile: cfg.profile.clone(),
-                at_ms,
-                data: SampleData::Registers(image),
-                ratios: cfg.ratios,
-            };
-            // Same policy as the TCP poller: drop the newest sample when downstream is full.
-            if self.samples_tx.try_send(sample).is_err() {
-                self.metrics.samples_dropped.inc();
-            }
-        }
-        failure.as_ref().is_some_and(RtuError::breaks_link)
+        let connector = BusLink {
+            link: self.link,
+            timing: self.timing,
+            heartbeats: self.heartbeats,
+            stats: LinkStats::default(),
+            status_tx: self.status_tx,
+        };
+        Scheduler::new(name.clone(), connector, self.devices, self.cx, pacing)
+            .run()
+            .await;
+        info!(bus = %name, "rtu bus stopped");
     }
 }
 
-/// Delay before reopening a link: exponential from 250 ms, jittered, capped.
-fn reopen_backoff(failures: u32, max: Duration) -> Duration {
-    use rand::Rng;
-    let base = Duration::from_millis(250)
-        .saturating_mul(1u32 << failures.min(12))
-        .min(max);
-    base.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+/// Opens the bus's stream and publishes its counters.
+#[derive(Debug)]
+struct BusLink {
+    link: Link,
+    timing: LineTiming,
+    heartbeats: Vec<Vec<u8>>,
+    /// Counters of the streams before the current one's last poll.
+    stats: LinkStats,
+    status_tx: watch::Sender<BusStatus>,
+}
+
+impl BusLink {
+    fn transactor(&self, stream: BoxedStream) -> Transactor<BoxedStream> {
+        Transactor::new(stream, self.timing, self.heartbeats.clone())
+    }
+}
+
+impl Connector for BusLink {
+    type Conn = Transactor<BoxedStream>;
+
+    async fn connect(&mut self, limit: Duration) -> Result<Self::Conn, PollError> {
+        let stream = self.link.open(limit).await?;
+        info!(bus = %self.link, "rtu bus link open");
+        Ok(self.transactor(stream))
+    }
+
+    fn replacement(&mut self) -> Option<Self::Conn> {
+        let newer = self.link.newer_session()?;
+        Some(self.transactor(newer))
+    }
+
+    fn observe(&mut self, conn: &mut Self::Conn, up: bool) {
+        self.stats = add(self.stats, std::mem::take(&mut conn.stats));
+        self.status_tx.send_replace(BusStatus {
+            link: self.stats,
+            connected: up,
+        });
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transact for Transactor<S> {
+    /// The transactor drains the line after a timeout or bad frame.
+    const DISCARDS_LATE_REPLIES: bool = true;
+
+    async fn read(&mut self, r: Read) -> Result<Vec<u16>, PollError> {
+        Transactor::read(self, r.unit, r.function, r.req, r.limit)
+            .await
+            .map_err(PollError::from)
+    }
+}
+
+impl From<RtuError> for PollError {
+    fn from(e: RtuError) -> Self {
+        match e {
+            RtuError::Exception(code) => PollError::Exception(code.into()),
+            RtuError::Timeout(limit) => PollError::Timeout(limit),
+            // A noisy line is the bus's problem, not the connection's: keep the stream.
+            e @ (RtuError::BadFrame(_) | RtuError::Noisy(_)) => PollError::BadFrame(e.to_string()),
+            RtuError::Io(e) => PollError::Transport(e),
+        }
+    }
 }
 
 fn add(a: LinkStats, b: LinkStats) -> LinkStats {

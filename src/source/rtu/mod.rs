@@ -14,7 +14,7 @@ pub mod spawn;
 pub mod timing;
 pub mod transport;
 
-pub use bus::{RtuBus, RtuDevice};
+pub use bus::RtuBus;
 pub use link::{LinkStats, RtuError, RtuStream, Transactor};
 pub use timing::{BusBudget, LineOverride, LineTiming, DEFAULT_LINE};
 pub use transport::{DtuListener, Link};

@@ -4,18 +4,13 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::timing::LineTiming;
 use super::transport::{DtuListener, Link};
 use super::RtuBus;
-use crate::config::{DeviceConfig, ModbusConfig, Transport};
+use crate::config::{DeviceConfig, Transport};
 use crate::profile::LineSettings;
-use crate::source::RawSample;
-use crate::telemetry::Metrics;
+use crate::source::SourceContext;
 
 /// A task to spawn.
 pub type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -32,10 +27,7 @@ pub fn bus_for(
     transport: &Transport,
     devices: Vec<DeviceConfig>,
     link: Link,
-    cfg: ModbusConfig,
-    samples_tx: mpsc::Sender<RawSample>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
+    cx: SourceContext,
 ) -> RtuBus {
     let line = bus_line(transport, &devices);
     let heartbeats = match transport {
@@ -48,26 +40,11 @@ pub fn bus_for(
         }
         _ => Vec::new(),
     };
-    RtuBus::new(
-        link,
-        LineTiming::new(&line),
-        devices,
-        cfg,
-        heartbeats,
-        samples_tx,
-        metrics,
-        shutdown,
-    )
+    RtuBus::new(link, LineTiming::new(&line), devices, heartbeats, cx)
 }
 
 /// Every RTU task for `groups` (devices grouped by transport; TCP groups are ignored).
-pub fn tasks(
-    groups: Vec<(Transport, Vec<DeviceConfig>)>,
-    cfg: ModbusConfig,
-    samples_tx: &mpsc::Sender<RawSample>,
-    metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
-) -> Vec<Task> {
+pub fn tasks(groups: Vec<(Transport, Vec<DeviceConfig>)>, cx: &SourceContext) -> Vec<Task> {
     let mut out: Vec<Task> = Vec::new();
     let mut dtus: BTreeMap<String, Vec<(Transport, Vec<DeviceConfig>)>> = BTreeMap::new();
     for (transport, devices) in groups {
@@ -85,17 +62,9 @@ pub fn tasks(
                     .push((transport, devices));
                 continue;
             }
-            _ => continue,
+            Transport::Tcp { .. } => continue,
         };
-        let bus = bus_for(
-            &transport,
-            devices,
-            link,
-            cfg,
-            samples_tx.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
+        let bus = bus_for(&transport, devices, link, cx.child());
         out.push(Box::pin(bus.run()));
     }
     for (listen, buses) in dtus {
@@ -103,7 +72,7 @@ pub fn tasks(
             Transport::Dtu { id, .. } => Some(id.clone()),
             _ => None,
         });
-        let (listener, mut receivers) = DtuListener::new(listen, ids, shutdown.clone());
+        let (listener, mut receivers) = DtuListener::new(listen, ids, cx.shutdown.child_token());
         out.push(Box::pin(listener.run()));
         for (transport, devices) in buses {
             let Transport::Dtu { id, .. } = &transport else {
@@ -116,15 +85,7 @@ pub fn tasks(
                 id: id.clone(),
                 sessions_rx,
             };
-            let bus = bus_for(
-                &transport,
-                devices,
-                link,
-                cfg,
-                samples_tx.clone(),
-                metrics.clone(),
-                shutdown.clone(),
-            );
+            let bus = bus_for(&transport, devices, link, cx.child());
             out.push(Box::pin(bus.run()));
         }
     }
@@ -137,8 +98,10 @@ pub fn tasks(
 pub fn bus_report(devices: &[DeviceConfig]) -> String {
     use std::fmt::Write as _;
     let mut groups: BTreeMap<&Transport, Vec<&DeviceConfig>> = BTreeMap::new();
-    for d in devices.iter().filter(|d| d.transport.is_rtu()) {
-        groups.entry(&d.transport).or_default().push(d);
+    for d in devices {
+        if let Some(m) = d.modbus().filter(|m| m.transport.is_rtu()) {
+            groups.entry(&m.transport).or_default().push(d);
+        }
     }
     let mut out = String::new();
     for (transport, devs) in groups {
@@ -147,7 +110,12 @@ pub fn bus_report(devices: &[DeviceConfig]) -> String {
         let timing = LineTiming::new(&line);
         let plans: Vec<(Vec<crate::source::modbus::ReadRequest>, std::time::Duration)> = owned
             .iter()
-            .map(|d| (crate::source::modbus::plan(&d.profile), d.poll_interval))
+            .filter_map(|d| {
+                Some((
+                    crate::source::modbus::plan(&d.profile),
+                    d.modbus()?.poll_interval,
+                ))
+            })
             .collect();
         let budget =
             super::BusBudget::compute(&timing, plans.iter().map(|(p, i)| (p.as_slice(), *i)));

@@ -1,0 +1,110 @@
+//! What every source task receives from the supervisor: [`SourceContext`].
+//!
+//! One struct instead of a list of positional arguments: the sample sender, the metrics,
+//! a cancellation token of the source's own (a child of the gateway's, so the gateway
+//! stops every source at once, and a source can be stopped alone) and the Modbus
+//! defaults. [`SourceContext::send`] is the one place that states what happens when
+//! the transforms fall behind.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::RawSample;
+use crate::config::ModbusConfig;
+use crate::telemetry::Metrics;
+
+/// The sample sender, metrics, cancellation and settings a source runs with.
+#[derive(Debug, Clone)]
+pub struct SourceContext {
+    pub samples_tx: mpsc::Sender<RawSample>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the source must stop.
+    pub shutdown: CancellationToken,
+    /// Timeouts and backoff cap for Modbus sources.
+    pub modbus: ModbusConfig,
+}
+
+impl SourceContext {
+    /// A context whose token is a child of `shutdown`.
+    pub fn new(
+        samples_tx: mpsc::Sender<RawSample>,
+        metrics: Arc<Metrics>,
+        shutdown: &CancellationToken,
+        modbus: ModbusConfig,
+    ) -> Self {
+        Self {
+            samples_tx,
+            metrics,
+            shutdown: shutdown.child_token(),
+            modbus,
+        }
+    }
+
+    /// The context for one more source: the same sender, metrics and settings, and a
+    /// cancellation token of its own under this one.
+    pub fn child(&self) -> Self {
+        Self {
+            shutdown: self.shutdown.child_token(),
+            ..self.clone()
+        }
+    }
+
+    /// A context under a fresh token with 1 s timeouts, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(samples_tx: mpsc::Sender<RawSample>, metrics: Arc<Metrics>) -> Self {
+        let second = std::time::Duration::from_secs(1);
+        let modbus = ModbusConfig {
+            timeout: second,
+            connect_timeout: second,
+            backoff_max: second,
+        };
+        Self::new(samples_tx, metrics, &CancellationToken::new(), modbus)
+    }
+
+    /// Hands a sample to the transforms and counts it. Policy when they fall behind:
+    /// drop the newest sample and count the drop; a source never blocks on downstream
+    /// back-pressure. Returns whether the sample was queued.
+    pub fn send(&self, sample: RawSample) -> bool {
+        self.metrics.samples_polled.inc();
+        if self.samples_tx.try_send(sample).is_err() {
+            self.metrics.samples_dropped.inc();
+            return false;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{RegisterImage, SampleData};
+
+    fn sample() -> RawSample {
+        let d = crate::source::mqtt::routes::tests::device("d", "t", None);
+        RawSample {
+            device: d.id,
+            profile: d.profile,
+            at_ms: 0,
+            data: SampleData::Registers(RegisterImage::new()),
+            ratios: crate::profile::Ratios::UNITY,
+        }
+    }
+
+    #[test]
+    fn a_full_channel_drops_the_newest_and_counts_it() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let root = CancellationToken::new();
+        let cx = SourceContext::for_test(tx, Arc::new(Metrics::default()));
+        let cx = SourceContext::new(cx.samples_tx, cx.metrics, &root, cx.modbus);
+        assert!(cx.send(sample()));
+        assert!(!cx.send(sample()));
+        assert_eq!(cx.metrics.samples_polled.get(), 2);
+        assert_eq!(cx.metrics.samples_dropped.get(), 1);
+        assert!(rx.try_recv().is_ok());
+        let child = cx.child();
+        root.cancel();
+        assert!(cx.shutdown.is_cancelled() && child.shutdown.is_cancelled());
+    }
+}
