@@ -10,7 +10,10 @@ use toml::Spanned;
 
 use super::duration::HumanDuration;
 use super::mqtt::DeviceRoutes;
-use super::{DeviceConfig, DeviceKind, ModbusConfig, ModbusDevice, MqttTopic, Transport};
+use super::{
+    DeviceConfig, DeviceKind, ModbusConfig, ModbusDevice, MqttTopic, Transport,
+    MAX_DTU_REGISTRATION,
+};
 use crate::diag::{Diagnostic, SourceFile};
 use crate::profile::{Profile, ProfileSet, Ratio, Ratios};
 use crate::reading::{DeviceId, UnitId};
@@ -89,8 +92,8 @@ fn line_override(
     parity: Option<crate::profile::Parity>,
     data_bits: Option<u8>,
     stop_bits: Option<u8>,
-) -> crate::source::rtu::LineOverride {
-    crate::source::rtu::LineOverride {
+) -> crate::profile::line::LineOverride {
+    crate::profile::line::LineOverride {
         baud,
         data_bits,
         parity,
@@ -362,7 +365,7 @@ fn transport(
             data_bits,
             stop_bits,
         } => {
-            if id.trim().is_empty() || id.len() > crate::source::rtu::transport::MAX_REGISTRATION {
+            if id.trim().is_empty() || id.len() > MAX_DTU_REGISTRATION {
                 errors.push(src.at(
                     span.clone(),
                     format!("{key}.transport.id"),

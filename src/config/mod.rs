@@ -21,9 +21,9 @@ use std::time::Duration;
 pub use diag::Diagnostic;
 pub use mqtt::MqttSourceConfig;
 
+use crate::profile::line::LineOverride;
 use crate::profile::{Profile, ProfileSet, Ratios};
 use crate::reading::{DeviceId, FieldName, GatewayId, UnitId};
-use crate::source::rtu::LineOverride;
 
 /// Every problem found in a config and the profiles it uses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -293,6 +293,9 @@ pub struct StatusConfig {
 
 /// Where the status endpoint listens unless the config says otherwise.
 pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:9187";
+
+/// Longest DTU registration id a `dtu` transport may name, in bytes.
+pub const MAX_DTU_REGISTRATION: usize = 128;
 
 /// The `[status]` section as written.
 #[derive(Debug, serde::Deserialize)]

@@ -14,6 +14,7 @@
 //! The file format is documented in README.md ("Device profiles").
 
 pub mod decode;
+pub mod line;
 pub mod mqtt;
 mod raw;
 pub mod units;

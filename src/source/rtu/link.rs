@@ -229,8 +229,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transactor<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::line::DEFAULT_LINE;
     use crate::reading::RegisterAddress;
-    use crate::source::rtu::timing::DEFAULT_LINE;
     use tokio::io::duplex;
 
     fn req() -> ReadRequest {

@@ -14,7 +14,8 @@ pub mod spawn;
 pub mod timing;
 pub mod transport;
 
+pub use crate::profile::line::{LineOverride, DEFAULT_LINE};
 pub use bus::RtuBus;
 pub use link::{LinkStats, RtuError, RtuStream, Transactor};
-pub use timing::{BusBudget, LineOverride, LineTiming, DEFAULT_LINE};
+pub use timing::{BusBudget, LineTiming};
 pub use transport::{DtuListener, Link};

@@ -122,7 +122,7 @@ pub fn bus_report(devices: &[DeviceConfig]) -> String {
         let _ = writeln!(
             out,
             "  {transport}  {}  {} device(s), {} request(s)/cycle, cycle ≥ {:.1} ms on the wire, load {:.0}% of the line{}",
-            super::timing::describe(&line),
+            crate::profile::line::describe(&line),
             owned.len(),
             budget.requests,
             budget.cycle.as_secs_f64() * 1e3,

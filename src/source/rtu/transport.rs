@@ -31,8 +31,8 @@ pub type BoxedStream = Box<dyn RtuStream>;
 
 /// How long a DTU has to send its registration packet after connecting.
 pub const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest registration packet accepted.
-pub const MAX_REGISTRATION: usize = 128;
+/// Longest registration packet accepted (the config refuses longer ids).
+pub use crate::config::MAX_DTU_REGISTRATION as MAX_REGISTRATION;
 /// Pending DTU connections per identifier.
 const DTU_SESSIONS_CAPACITY: usize = 2;
 
