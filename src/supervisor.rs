@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::config::{DeviceConfig, DeviceKind, GatewayConfig, KeyPaths, Transport};
 use crate::mqtt::{LinkError, LinkOptions, MqttLink};
@@ -144,8 +144,13 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
         move |s| first_seq(seq_outbox.next_seq_at_open(s)),
         metrics.clone(),
     );
-    tracker.spawn(batcher.run());
-    tracker.spawn(Committer::new(sealed_rx, outbox.clone(), metrics.clone(), committed_tx).run());
+    // Each task runs in a span naming it, so its log lines carry their context.
+    tracker.spawn(batcher.run().instrument(info_span!("batcher")));
+    tracker.spawn(
+        Committer::new(sealed_rx, outbox.clone(), metrics.clone(), committed_tx)
+            .run()
+            .instrument(info_span!("committer")),
+    );
 
     let mut endpoints: BTreeMap<Transport, Vec<DeviceConfig>> = BTreeMap::new();
     let mut mqtt_devices: BTreeMap<&str, Vec<DeviceConfig>> = BTreeMap::new();
@@ -165,8 +170,9 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
     for (transport, devices) in endpoints {
         match transport {
             Transport::Tcp { address } => {
+                let span = info_span!("modbus_tcp", endpoint = %address);
                 let poller = ModbusPoller::new(address, devices, sources.child());
-                tracker.spawn(poller.run());
+                tracker.spawn(poller.run().instrument(span));
             }
             t @ (Transport::Serial { .. } | Transport::RtuTcp { .. } | Transport::Dtu { .. }) => {
                 rtu_groups.push((t, devices))
@@ -181,8 +187,9 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
             warn!(source = %source.name, "mqtt source has no devices; not connecting");
             continue;
         };
+        let span = info_span!("mqtt_source", source = %source.name);
         let subscriber = MqttSubscriber::new(source.clone(), devices, sources.child());
-        tracker.spawn(subscriber.run());
+        tracker.spawn(subscriber.run().instrument(span));
     }
     drop(sources);
     info!(gateway = %cfg.gateway_id, devices = cfg.devices.len(), "gateway started");
@@ -241,12 +248,7 @@ pub async fn start_uplink_with(
         warn!(broker = %u.broker, "uplink without TLS (danger_plaintext): batches are sealed, but the link is not authenticated");
     }
     let opts = adjust(LinkOptions::new(u.broker.clone(), u.client_id.clone(), tls));
-    // Reads the PEM files; the blocking thread can spawn the link's tasks.
-    let (link, events) = match tokio::task::spawn_blocking(move || MqttLink::start(opts)).await {
-        Ok(started) => started?,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => return Err(LinkError::Stopped),
-    };
+    let (link, events) = MqttLink::open(opts).await?;
     running.metrics.update_link(|l| {
         l.configured = true;
         l.broker = Some(u.broker.clone());
@@ -268,7 +270,11 @@ pub async fn start_uplink_with(
     info!(broker = %u.broker, "uplink started");
     Ok(Some(UplinkHandle {
         stop,
-        task: tokio::spawn(forwarder.run()),
+        task: tokio::spawn(
+            forwarder
+                .run()
+                .instrument(info_span!("uplink", broker = %u.broker)),
+        ),
         stats_rx: running.outbox.stats_rx(),
     }))
 }

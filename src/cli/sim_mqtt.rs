@@ -92,7 +92,8 @@ pub(super) fn sim_mqtt(args: &SimArgs, profile: Arc<Profile>) -> Result<(), CliE
     let rt = runtime()?;
     rt.block_on(async {
         let client_id = format!("citygate-sim-{}", std::process::id());
-        let (link, events) = MqttLink::start(LinkOptions::new(broker.clone(), client_id, tls))
+        let (link, events) = MqttLink::open(LinkOptions::new(broker.clone(), client_id, tls))
+            .await
             .map_err(|e| CliError::Runtime(format!("cannot connect to {broker}: {e}")))?;
         println!(
             "publishing {} x {} as {} to {broker} every {interval:?}",

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{info, info_span, warn, Instrument};
 
 use super::{service, Hub, HubConfig, HubError};
 use crate::mqtt::{BrokerError, BrokerOptions, EmbeddedBroker, LinkError, LinkOptions, MqttLink};
@@ -83,18 +83,21 @@ impl HubProcess {
             warn!(broker = %target, "hub connects without TLS (danger_plaintext)");
         }
         let opts = adjust(LinkOptions::new(target, cfg.mqtt.client_id.clone(), tls));
-        // Reads the PEM files; the blocking thread can spawn the link's tasks.
-        let (link, events) = blocking(move || Ok(MqttLink::start(opts)?)).await?;
+        let (link, events) = MqttLink::open(opts).await?;
         let stop = CancellationToken::new();
         let (subscribed_tx, subscribed_rx) = watch::channel(false);
-        let task = tokio::spawn(service::serve(
-            hub.clone(),
-            link,
-            events,
-            cfg.mqtt.share_group.clone(),
-            subscribed_tx,
-            stop.clone(),
-        ));
+        let span = info_span!("hub_service", hub = %cfg.id, group = %cfg.mqtt.share_group);
+        let task = tokio::spawn(
+            service::serve(
+                hub.clone(),
+                link,
+                events,
+                cfg.mqtt.share_group.clone(),
+                subscribed_tx,
+                stop.clone(),
+            )
+            .instrument(span),
+        );
         let status_addr = start_status(cfg, &hub, subscribed_rx.clone(), stop.clone());
         Ok(HubProcess {
             hub,

@@ -126,8 +126,21 @@ pub struct MqttLink {
 }
 
 impl MqttLink {
+    /// [`MqttLink::start`] for async callers: the TLS files are read on a blocking thread,
+    /// never on an async worker.
+    pub async fn open(
+        opts: LinkOptions,
+    ) -> Result<(MqttLink, mpsc::Receiver<LinkEvent>), LinkError> {
+        match tokio::task::spawn_blocking(move || MqttLink::start(opts)).await {
+            Ok(started) => started,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(LinkError::Stopped),
+        }
+    }
+
     /// Validates `opts`, loads TLS files and spawns the driver; must be called within a tokio
-    /// runtime. Returns the link and the receiving end of its events.
+    /// runtime (a blocking thread of it is fine). Returns the link and the receiving end of its
+    /// events. Async code calls [`MqttLink::open`].
     pub fn start(opts: LinkOptions) -> Result<(MqttLink, mpsc::Receiver<LinkEvent>), LinkError> {
         let mqtt_options = mqtt_options(&opts)?;
         let (client, eventloop) = AsyncClient::new(mqtt_options, REQUEST_CHANNEL_CAPACITY);

@@ -40,7 +40,7 @@ impl ModbusPoller {
     }
 
     pub async fn run(self) {
-        info!(endpoint = %self.address, devices = self.devices.len(), "modbus poller started");
+        info!(devices = self.devices.len(), "modbus poller started");
         let (to_probation, to_healthy) = HandOff::pair(self.devices.len());
         let lane = |devices| {
             Scheduler::new(
@@ -56,7 +56,7 @@ impl ModbusPoller {
         let healthy = lane(self.devices).with_hand_off(to_probation);
         let probation = lane(Vec::new()).with_hand_off(to_healthy);
         tokio::join!(healthy.run(), probation.run());
-        info!(endpoint = %self.address, "modbus poller stopped");
+        info!("modbus poller stopped");
     }
 }
 

@@ -109,13 +109,13 @@ impl MqttSubscriber {
     pub async fn run(mut self) {
         let tls = crate::config::TlsFiles::link_tls(self.cfg.tls.as_ref());
         if self.cfg.tls.is_none() {
-            warn!(source = %self.cfg.name, broker = %self.cfg.broker, "mqtt source without TLS (danger_plaintext): meter data and the broker are not authenticated");
+            warn!(broker = %self.cfg.broker, "mqtt source without TLS (danger_plaintext): meter data and the broker are not authenticated");
         }
         let opts = LinkOptions::new(self.cfg.broker.clone(), self.cfg.client_id.clone(), tls);
-        let (link, mut events) = match MqttLink::start(opts) {
+        let (link, mut events) = match MqttLink::open(opts).await {
             Ok(l) => l,
             Err(e) => {
-                error!(source = %self.cfg.name, broker = %self.cfg.broker, error = %e, "mqtt source cannot start");
+                error!(broker = %self.cfg.broker, error = %e, "mqtt source cannot start");
                 let at = now_ms();
                 for d in self.routes.devices() {
                     self.cx
@@ -132,10 +132,10 @@ impl MqttSubscriber {
         };
         for filter in self.routes.filters() {
             if let Err(e) = link.subscribe(&filter, qos).await {
-                error!(source = %self.cfg.name, %filter, error = %e, "mqtt subscribe failed");
+                error!(%filter, error = %e, "mqtt subscribe failed");
             }
         }
-        info!(source = %self.cfg.name, broker = %self.cfg.broker, devices = self.routes.devices().len(), "mqtt source started");
+        info!(broker = %self.cfg.broker, devices = self.routes.devices().len(), "mqtt source started");
         loop {
             tokio::select! {
                 _ = self.cx.shutdown.cancelled() => break,
@@ -144,13 +144,13 @@ impl MqttSubscriber {
                         self.on_message(&topic, &payload, now_ms());
                     }
                     Some(LinkEvent::Connected { session_present }) => {
-                        info!(source = %self.cfg.name, session_present, "mqtt source connected");
+                        info!(session_present, "mqtt source connected");
                     }
                     Some(LinkEvent::Disconnected { error, retry_in }) => {
-                        warn!(source = %self.cfg.name, %error, ?retry_in, "mqtt source disconnected");
+                        warn!(%error, ?retry_in, "mqtt source disconnected");
                     }
                     Some(LinkEvent::SubAck { granted: false, .. }) => {
-                        error!(source = %self.cfg.name, "broker refused a subscription");
+                        error!("broker refused a subscription");
                     }
                     Some(_) => {}
                     None => break,
@@ -158,7 +158,7 @@ impl MqttSubscriber {
             }
         }
         link.shutdown().await;
-        info!(source = %self.cfg.name, "mqtt source stopped");
+        info!("mqtt source stopped");
     }
 
     /// Handles one message; public for tests that drive the task without a broker.
@@ -170,7 +170,7 @@ impl MqttSubscriber {
         let Some(device) = self.routes.device(topic).cloned() else {
             self.cx.metrics.mqtt_unknown_topic.inc();
             if self.log.allow(&self.cfg.name) {
-                warn!(source = %self.cfg.name, topic, "mqtt message on a topic no device listens on");
+                warn!(topic, "mqtt message on a topic no device listens on");
             }
             return;
         };
@@ -195,7 +195,7 @@ impl MqttSubscriber {
                 };
                 self.cx.metrics.mqtt_payload_errors.inc();
                 if self.log.allow(&self.cfg.name) {
-                    warn!(source = %self.cfg.name, topic, bytes = payload.len(), error = %e, "mqtt payload rejected");
+                    warn!(topic, bytes = payload.len(), error = %e, "mqtt payload rejected");
                 }
                 return;
             }
@@ -204,7 +204,10 @@ impl MqttSubscriber {
             let Some(device) = self.routes.gateway_device(topic, key).cloned() else {
                 self.cx.metrics.mqtt_unknown_topic.inc();
                 if self.log.allow(&self.cfg.name) {
-                    warn!(source = %self.cfg.name, topic, key, "gateway-api message for a device not configured");
+                    warn!(
+                        topic,
+                        key, "gateway-api message for a device not configured"
+                    );
                 }
                 continue;
             };
@@ -235,7 +238,7 @@ impl MqttSubscriber {
                     &PollOutcome::PayloadError(e.to_string()),
                 );
                 if self.log.allow(&self.cfg.name) {
-                    warn!(source = %self.cfg.name, topic, device = %device.id, bytes, error = %e, "mqtt payload rejected");
+                    warn!(topic, device = %device.id, bytes, error = %e, "mqtt payload rejected");
                 }
                 return;
             }
@@ -249,7 +252,7 @@ impl MqttSubscriber {
                 &PollOutcome::PayloadError(first.to_string()),
             );
             if self.log.allow(&self.cfg.name) {
-                warn!(source = %self.cfg.name, topic, device = %device.id, errors = errors.len(), first = %first, "mqtt payload fields unusable");
+                warn!(topic, device = %device.id, errors = errors.len(), first = %first, "mqtt payload fields unusable");
             }
         } else {
             self.cx
@@ -276,7 +279,7 @@ impl MqttSubscriber {
         let stale = before - values.len();
         if stale > 0 {
             self.cx.metrics.mqtt_stale_values.add(stale as u64);
-            debug!(source = %self.cfg.name, topic, device = %device.id, stale, "stale or duplicate mqtt values dropped");
+            debug!(topic, device = %device.id, stale, "stale or duplicate mqtt values dropped");
         }
         if values.is_empty() {
             return;

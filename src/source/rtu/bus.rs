@@ -111,7 +111,7 @@ impl RtuBus {
         Scheduler::new(name.clone(), connector, self.devices, self.cx, pacing)
             .run()
             .await;
-        info!(bus = %name, "rtu bus stopped");
+        info!("rtu bus stopped");
     }
 }
 
@@ -137,7 +137,7 @@ impl Connector for BusLink {
 
     async fn connect(&mut self, limit: Duration) -> Result<Self::Conn, PollError> {
         let stream = self.link.open(limit).await?;
-        info!(bus = %self.link, "rtu bus link open");
+        info!("rtu bus link open");
         Ok(self.transactor(stream))
     }
 

@@ -5,9 +5,12 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
+use tracing::{info_span, Instrument};
+
 use super::timing::LineTiming;
 use super::transport::{DtuListener, Link};
 use super::RtuBus;
+
 use crate::config::{DeviceConfig, Transport};
 use crate::profile::LineSettings;
 use crate::source::SourceContext;
@@ -64,16 +67,18 @@ pub fn tasks(groups: Vec<(Transport, Vec<DeviceConfig>)>, cx: &SourceContext) ->
             }
             Transport::Tcp { .. } => continue,
         };
+        let span = info_span!("rtu_bus", bus = %link);
         let bus = bus_for(&transport, devices, link, cx.child());
-        out.push(Box::pin(bus.run()));
+        out.push(Box::pin(bus.run().instrument(span)));
     }
     for (listen, buses) in dtus {
         let ids = buses.iter().filter_map(|(t, _)| match t {
             Transport::Dtu { id, .. } => Some(id.clone()),
             _ => None,
         });
+        let span = info_span!("dtu_listener", listen = %listen);
         let (listener, mut receivers) = DtuListener::new(listen, ids, cx.shutdown.child_token());
-        out.push(Box::pin(listener.run()));
+        out.push(Box::pin(listener.run().instrument(span)));
         for (transport, devices) in buses {
             let Transport::Dtu { id, .. } = &transport else {
                 continue;
@@ -85,8 +90,9 @@ pub fn tasks(groups: Vec<(Transport, Vec<DeviceConfig>)>, cx: &SourceContext) ->
                 id: id.clone(),
                 sessions_rx,
             };
+            let span = info_span!("rtu_bus", bus = %link);
             let bus = bus_for(&transport, devices, link, cx.child());
-            out.push(Box::pin(bus.run()));
+            out.push(Box::pin(bus.run().instrument(span)));
         }
     }
     out
