@@ -7,19 +7,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use citygate::hub::{Hub, HubConfig};
 use citygate::mqtt::{BrokerOptions, CertAuthority, EmbeddedBroker};
 use citygate::store::{SledStore, Store, StoreOptions};
 use citygate::supervisor::{self, KeyMaterial};
-use citygate::uplink::ForwarderOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
-
-fn hub_config(dep: &Deployment, port: u16) -> HubConfig {
-    let path = HubToml::plaintext(port).write(dep.path());
-    HubConfig::load(&path).unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn sink_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
@@ -42,9 +35,7 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
     let port = broker.tls_addr().port();
 
     // Hub.
-    let hub_cfg = hub_config(&dep, port);
-    let hub = Arc::new(Hub::open(&hub_cfg).unwrap());
-    let hub_task = start_hub_service(&hub, &ca, port, &token);
+    let hub = start_hub(dep.path(), &ca, port).await;
 
     // Gateway.
     let devices: String = (1..=3u8)
@@ -55,21 +46,12 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
         Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
     let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
     let metrics = running.metrics.clone();
-    let (uplink_task, uplink_stop) = start_forwarder(
-        &cfg,
-        &running,
-        &ca,
-        port,
-        ForwarderOptions {
-            window: 8,
-            ack_timeout: Duration::from_secs(3),
-        },
-    );
+    let uplink = start_uplink(&cfg, &running, &ca, port, 8, Duration::from_secs(3)).await;
 
     assert!(
         wait_for(Duration::from_secs(20), || metrics.batches_acked.get() >= 3).await,
         "no acks before the outage: {:?}",
-        hub.stats()
+        hub.hub().stats()
     );
     // Outage: the broker goes away, batches pile up in the store, then it comes back.
     broker.shutdown();
@@ -102,10 +84,10 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
         "store did not drain: {:?}",
         store.stats()
     );
-    uplink_stop.cancel();
+    uplink.finish(Duration::ZERO).await;
     token.cancel();
-    let _ = uplink_task.await;
-    let _ = hub_task.await;
+    let stats = hub.hub().stats();
+    hub.shutdown().await;
     broker.shutdown();
 
     let lines = sink_lines(&dep.path().join("records.jsonl"));
@@ -127,7 +109,6 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
         assert_eq!(l["gateway"], "gw-test");
         assert!(l["field"] == "active_power" || l["field"] == "energy_import");
     }
-    let stats = hub.stats();
     assert_eq!(stats.records_written, metrics.records_sealed.get());
     assert!(stats.rejected.values().all(|n| *n == 0), "{stats:?}");
 }
@@ -144,8 +125,7 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
     let server = ca.issue_localhost_server().unwrap();
     let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
     let port = broker.tls_addr().port();
-    let hub = Arc::new(Hub::open(&hub_config(&dep, port)).unwrap());
-    let hub_task = start_hub_service(&hub, &ca, port, &token);
+    let hub = start_hub(dep.path(), &ca, port).await;
 
     let devices: String = (1..=3u8)
         .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "200ms"))
@@ -163,25 +143,31 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
 
     let mut first = spawn_run(&config);
     assert!(
-        wait_for(Duration::from_secs(20), || hub.stats().accepted_batches
+        wait_for(Duration::from_secs(20), || hub
+            .hub()
+            .stats()
+            .accepted_batches
             >= 3)
         .await,
         "{:?}",
-        hub.stats()
+        hub.hub().stats()
     );
     signal(&first, "-KILL");
     assert!(!wait_exit(&mut first, Duration::from_secs(10))
         .await
         .success());
-    let after_kill = hub.stats().accepted_batches;
+    let after_kill = hub.hub().stats().accepted_batches;
 
     let mut second = spawn_run(&config);
     assert!(
-        wait_for(Duration::from_secs(20), || hub.stats().accepted_batches
+        wait_for(Duration::from_secs(20), || hub
+            .hub()
+            .stats()
+            .accepted_batches
             >= after_kill + 3)
         .await,
         "{:?}",
-        hub.stats()
+        hub.hub().stats()
     );
     // The operator sees the link up and acks arriving on the status endpoint.
     let addr = citygate::status::read_address_file(&dep.path().join("store")).unwrap();
@@ -206,7 +192,8 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
     let status = wait_exit(&mut second, Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
     token.cancel();
-    let _ = hub_task.await;
+    let hub_stats = hub.hub().stats();
+    hub.shutdown().await;
     broker.shutdown();
 
     // Everything the gateway committed was acknowledged (the store is empty) ...
@@ -239,8 +226,8 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
         seqs.last().unwrap() + 1
     );
     assert!(
-        hub.stats().rejected.values().all(|n| *n == 0),
+        hub_stats.rejected.values().all(|n| *n == 0),
         "{:?}",
-        hub.stats()
+        hub_stats
     );
 }

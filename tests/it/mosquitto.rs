@@ -7,11 +7,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use citygate::hub::{Hub, HubConfig};
 use citygate::mqtt::CertAuthority;
 use citygate::store::{SledStore, Store, StoreOptions};
 use citygate::supervisor::{self, KeyMaterial};
-use citygate::uplink::ForwarderOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -103,10 +101,7 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
     let profiles = shipped_profiles();
     let sim = start_sim(&profiles, "eastron-sdm120", 2, 21, &token).await;
 
-    // The hub's [mqtt] section is not used: `start_hub_service` connects it to mosquitto.
-    let hub_path = HubToml::plaintext(1).write(dep.path());
-    let hub = Arc::new(Hub::open(&HubConfig::load(&hub_path).unwrap()).unwrap());
-    let hub_task = start_hub_service(&hub, &ca, port, &token);
+    let hub = start_hub(dep.path(), &ca, port).await;
 
     let devices: String = (1..=2u8)
         .map(|u| device_toml(&format!("m{u}"), "eastron-sdm120", &sim.address, u, "200ms"))
@@ -120,20 +115,11 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
         Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
     let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
     let metrics = running.metrics.clone();
-    let (uplink, stop) = start_forwarder(
-        &cfg,
-        &running,
-        &ca,
-        port,
-        ForwarderOptions {
-            window: 8,
-            ack_timeout: Duration::from_secs(2),
-        },
-    );
+    let uplink = start_uplink(&cfg, &running, &ca, port, 8, Duration::from_secs(2)).await;
     assert!(
         wait_for(Duration::from_secs(20), || metrics.batches_acked.get() >= 5).await,
         "hub {:?}",
-        hub.stats()
+        hub.hub().stats()
     );
     assert!(running.shutdown(Duration::from_secs(10)).await);
     assert!(
@@ -141,11 +127,10 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
             == 0)
         .await
     );
-    stop.cancel();
+    uplink.finish(Duration::ZERO).await;
     token.cancel();
-    let _ = uplink.await;
-    let _ = hub_task.await;
-    let stats = hub.stats();
+    let stats = hub.hub().stats();
+    hub.shutdown().await;
     assert_eq!(stats.records_written, metrics.records_sealed.get());
     assert!(stats.rejected.values().all(|n| *n == 0), "{stats:?}");
 }

@@ -220,6 +220,14 @@ impl HubToml {
         }
     }
 
+    /// Connects to the broker on loopback `port` with mutual TLS as `client`.
+    pub fn client(port: u16, client: &TlsFiles) -> Self {
+        Self {
+            mqtt: format!("broker = \"localhost:{port}\"\n{}", client.keys()),
+            status: false,
+        }
+    }
+
     /// Runs its own broker on `listen` (mutual TLS as `server`, clients verified against
     /// the server's CA) and connects to it as `client`.
     pub fn embedded_broker(listen: &str, client: &TlsFiles, server: &TlsFiles) -> Self {

@@ -178,13 +178,9 @@ pub async fn wait_exit(
     }
 }
 
-/// MQTT link options for loopback tests: short timeouts and backoff.
-pub fn test_link_options(
-    port: u16,
-    id: &str,
-    tls: citygate::mqtt::LinkTls,
-) -> citygate::mqtt::LinkOptions {
-    let mut o = citygate::mqtt::LinkOptions::new(format!("localhost:{port}"), id, tls);
+/// Shortens an MQTT link's keep-alive, connect timeout and reconnect backoff for loopback
+/// tests.
+pub fn fast_link(mut o: citygate::mqtt::LinkOptions) -> citygate::mqtt::LinkOptions {
     o.keep_alive = Duration::from_secs(5);
     o.connect_timeout = Duration::from_secs(5);
     o.backoff = citygate::backoff::BackoffPolicy {
@@ -194,50 +190,67 @@ pub fn test_link_options(
     o
 }
 
-/// Connects a hub to the broker on `port` with a client certificate from `ca` and
-/// serves it in a task until `token` is cancelled.
-pub fn start_hub_service(
-    hub: &Arc<citygate::hub::Hub>,
-    ca: &citygate::mqtt::CertAuthority,
+/// MQTT link options for loopback tests: short timeouts and backoff.
+pub fn test_link_options(
     port: u16,
-    token: &CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    use citygate::mqtt::{LinkTls, MqttLink};
-    let tls = LinkTls::Files(ca.client_files(&ca.issue_client("hub-1").unwrap()));
-    let (link, events) = MqttLink::start(test_link_options(port, "hub-1", tls)).unwrap();
-    tokio::spawn(citygate::hub::service::serve(
-        hub.clone(),
-        link,
-        events,
-        "hubs".to_string(),
-        tokio::sync::watch::channel(false).0,
-        token.clone(),
+    id: &str,
+    tls: citygate::mqtt::LinkTls,
+) -> citygate::mqtt::LinkOptions {
+    fast_link(citygate::mqtt::LinkOptions::new(
+        format!("localhost:{port}"),
+        id,
+        tls,
     ))
 }
 
-/// Forwards `running`'s committed batches to the broker on `port` as gateway `gw-test`;
-/// cancel the returned token to stop it.
-pub fn start_forwarder(
+/// Starts a hub the way `citygate hub` does ([`citygate::hub::HubProcess`]), as `hub-1` with
+/// a client certificate from `ca`, connected to the broker on loopback `port`; its config is
+/// written into `dir`. Returns once the broker has granted the hub's subscriptions.
+pub async fn start_hub(
+    dir: &std::path::Path,
+    ca: &citygate::mqtt::CertAuthority,
+    port: u16,
+) -> citygate::hub::HubProcess {
+    let path = HubToml::client(port, &TlsFiles::client(ca, "hub-1"))
+        .status()
+        .write(dir);
+    let cfg = citygate::hub::HubConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let hub = citygate::hub::HubProcess::start_with(&cfg, fast_link)
+        .await
+        .unwrap();
+    let mut subscribed = hub.subscribed();
+    tokio::time::timeout(Duration::from_secs(20), subscribed.wait_for(|s| *s))
+        .await
+        .expect("hub subscribed within 20 s")
+        .expect("hub service running");
+    hub
+}
+
+/// Starts `running`'s uplink the way `citygate run` does ([`citygate::supervisor::start_uplink_with`]),
+/// as gateway `gw-test` with a client certificate from `ca`, to the broker on loopback `port`.
+pub async fn start_uplink(
     cfg: &citygate::config::GatewayConfig,
     running: &citygate::supervisor::Running,
     ca: &citygate::mqtt::CertAuthority,
     port: u16,
-    opts: citygate::uplink::ForwarderOptions,
-) -> (tokio::task::JoinHandle<()>, CancellationToken) {
-    use citygate::mqtt::{LinkTls, MqttLink};
-    use citygate::uplink::Forwarder;
-    let tls = LinkTls::Files(ca.client_files(&ca.issue_client("gw-test").unwrap()));
-    let (link, events) = MqttLink::start(test_link_options(port, "gw-test", tls)).unwrap();
-    let stop = CancellationToken::new();
-    let forwarder = Forwarder::new(
-        cfg.gateway_id.clone(),
-        running.outbox.clone(),
-        link,
-        events,
-        running.committed_rx.clone(),
-        opts,
-        running.metrics.clone(),
-        stop.clone(),
-    );
-    (tokio::spawn(forwarder.run()), stop)
+    window: usize,
+    ack_timeout: Duration,
+) -> citygate::supervisor::UplinkHandle {
+    let files = TlsFiles::client(ca, "gw-test");
+    let mut cfg = cfg.clone();
+    cfg.uplink = Some(citygate::config::UplinkConfig {
+        broker: format!("localhost:{port}"),
+        client_id: "gw-test".to_string(),
+        tls: Some(citygate::config::TlsFiles {
+            ca_file: files.ca,
+            cert_file: files.cert,
+            key_file: files.key,
+        }),
+        window,
+        ack_timeout,
+    });
+    citygate::supervisor::start_uplink_with(&cfg, running, fast_link)
+        .await
+        .unwrap()
+        .expect("the config has an uplink")
 }
