@@ -26,6 +26,8 @@ pub mod status;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;
+#[cfg(test)]
+mod test_fixtures;
 pub mod transform;
 pub mod uplink;
 pub mod wire;

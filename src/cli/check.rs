@@ -336,19 +336,8 @@ mod tests {
 
     #[test]
     fn report_shows_ratios_fractions_and_alarm_streams() {
-        let text = r#"[gateway]
-id = "gw-1"
-[purpose]
-name = "ops"
-fields = ["current_l1", "volume_forward", "signal_weak"]
-[batch]
+        let devices = r#"[batch]
 alarm_state_every = "10m"
-[store]
-path = "store"
-[keys]
-signing_key = "keys/gateway.sign.key"
-hub_public_key = "keys/hub.hpke.pub"
-pseudonym_key = "keys/pseudonym.key"
 [[device]]
 name = "feeder"
 profile = "acrel-adl400"
@@ -363,6 +352,8 @@ transport = { type = "tcp", address = "127.0.0.1:502" }
 unit = 2
 poll_interval = "10s"
 "#;
+        let fields = r#""current_l1", "volume_forward", "signal_weak""#;
+        let text = &crate::test_fixtures::gateway_config("ops", fields, devices);
         let cfg = GatewayConfig::parse(Path::new("/nonexistent/gw.toml"), text, Some(shipped()))
             .expect("config parses");
         let (out, key_error) = super::report(&cfg);

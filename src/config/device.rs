@@ -462,6 +462,7 @@ mod ratio_tests {
     use super::super::raw::parse;
     use super::*;
     use crate::config::{ConfigError, GatewayConfig};
+    use crate::test_fixtures::{gateway_config, profile_set, tcp_device};
 
     const RATIO_PROFILE: &str = r#"
 [meter]
@@ -489,38 +490,16 @@ category = "measurement"
 grade = "L3"
 "#;
 
-    const CONFIG: &str = r#"[gateway]
-id = "gw-1"
-
-[purpose]
-name = "grid"
-fields = ["voltage_l1"]
-
-[store]
-path = "store"
-
-[keys]
-signing_key = "keys/gateway.sign.key"
-hub_public_key = "keys/hub.hpke.pub"
-pseudonym_key = "keys/pseudonym.key"
-
-[[device]]
-name = "m1"
-profile = "test-r"
-transport = { type = "tcp", address = "127.0.0.1:502" }
-unit = 1
-poll_interval = "1s"
-"#;
+    fn config() -> String {
+        gateway_config("grid", "\"voltage_l1\"", &tcp_device("m1", "test-r"))
+    }
 
     /// test-r (fields with ratios) and test-m (none).
     fn ratio_profiles() -> ProfileSet {
-        let mut set = ProfileSet::default();
-        set.insert(Profile::parse(Path::new("test-r.toml"), RATIO_PROFILE).unwrap());
         let plain = RATIO_PROFILE
             .replace("ratio = \"pt\"\n", "")
             .replace("ratio = \"ct_pt\"\n", "");
-        set.insert(Profile::parse(Path::new("test-m.toml"), &plain).unwrap());
-        set
+        profile_set(&[("test-r", RATIO_PROFILE), ("test-m", &plain)])
     }
 
     fn parse_ratio(text: &str) -> Result<GatewayConfig, ConfigError> {
@@ -533,7 +512,7 @@ poll_interval = "1s"
 
     #[test]
     fn device_ratios_load_and_default_to_one() {
-        let text = CONFIG.replace(
+        let text = config().replace(
             "poll_interval = \"1s\"",
             "poll_interval = \"1s\"\nct_ratio = 40\npt_ratio = 100.0",
         );
@@ -547,7 +526,7 @@ poll_interval = "1s"
         );
         assert_eq!(c.devices[0].ratios.multiplier(Some(Ratio::CtPt)), 4000.0);
         assert_eq!(
-            parse_ratio(CONFIG).unwrap().devices[0].ratios,
+            parse_ratio(&config()).unwrap().devices[0].ratios,
             Ratios::UNITY
         );
         assert_eq!(c.batch.alarm_state_every, Duration::from_secs(15 * 60));
@@ -555,7 +534,7 @@ poll_interval = "1s"
 
     #[test]
     fn bad_ratios_are_located() {
-        let base = CONFIG;
+        let base = config();
         for bad in ["ct_ratio = 0", "ct_ratio = -5.0", "pt_ratio = nan"] {
             let text = base.replace(
                 "poll_interval = \"1s\"",
@@ -573,7 +552,7 @@ poll_interval = "1s"
     #[test]
     fn a_ratio_no_field_uses_is_rejected() {
         // test-m has no field with a ratio: a CT ratio there would silently do nothing.
-        let text = CONFIG
+        let text = config()
             .replace("profile = \"test-r\"", "profile = \"test-m\"")
             .replace(
                 "poll_interval = \"1s\"",

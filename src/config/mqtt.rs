@@ -241,6 +241,7 @@ mod tests {
     use super::check_topic;
     use crate::config::{DeviceKind, Diagnostic, GatewayConfig, MqttTopic};
     use crate::profile::{Profile, ProfileSet};
+    use crate::test_fixtures::{gateway_config, VOLTAGE_PROFILE};
 
     const MQTT_PROFILE: &str = r#"
 [meter]
@@ -257,38 +258,8 @@ category = "measurement"
 grade = "L2"
 "#;
 
-    const MODBUS_PROFILE: &str = r#"
-[meter]
-vendor = "T"
-model = "M"
-protocol = "modbus"
-[modbus]
-function = 4
-[[field]]
-name = "voltage_l1"
-register = 0
-type = "f32"
-unit = "V"
-category = "measurement"
-grade = "L2"
-"#;
-
-    const CONFIG: &str = r#"[gateway]
-id = "gw-1"
-
-[purpose]
-name = "water"
-fields = ["flow_rate"]
-
-[store]
-path = "store"
-
-[keys]
-signing_key = "k/s"
-hub_public_key = "k/h"
-pseudonym_key = "k/p"
-
-[[mqtt_source]]
+    /// Source `meters` and two water meters on it.
+    const SOURCE_AND_DEVICES: &str = r#"[[mqtt_source]]
 name = "meters"
 broker = "broker.lan:8883"
 ca_file = "tls/ca.pem"
@@ -306,17 +277,21 @@ profile = "test-w"
 transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
 "#;
 
+    fn config() -> String {
+        gateway_config("water", "\"flow_rate\"", SOURCE_AND_DEVICES)
+    }
+
     fn parse(text: &str) -> Result<GatewayConfig, Vec<Diagnostic>> {
         let mut set = ProfileSet::default();
         set.insert(Profile::parse(Path::new("test-w.toml"), MQTT_PROFILE).unwrap());
-        set.insert(Profile::parse(Path::new("test-m.toml"), MODBUS_PROFILE).unwrap());
+        set.insert(Profile::parse(Path::new("test-m.toml"), VOLTAGE_PROFILE).unwrap());
         GatewayConfig::parse(Path::new("/etc/citygate/gw.toml"), text, Some(set))
             .map_err(|e| e.diagnostics)
     }
 
     #[test]
     fn mqtt_sources_and_devices_load_with_defaults() {
-        let c = parse(CONFIG).unwrap();
+        let c = parse(&config()).unwrap();
         let s = &c.mqtt_sources[0];
         assert_eq!(s.client_id, "gw-1-meters");
         assert_eq!(s.qos, 1);
@@ -338,12 +313,12 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
 
     #[test]
     fn plaintext_needs_saying_so() {
-        let text = CONFIG.replace("ca_file = \"tls/ca.pem\"\n", "");
+        let text = config().replace("ca_file = \"tls/ca.pem\"\n", "");
         let e = parse(&text).unwrap_err();
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!(e[0].key, "mqtt_source[0]");
         assert!(e[0].message.contains("missing: ca_file"), "{}", e[0]);
-        let text = CONFIG
+        let text = config()
             .replace("ca_file = \"tls/ca.pem\"\n", "")
             .replace("cert_file = \"tls/gw.pem\"\n", "")
             .replace("key_file = \"tls/gw.key\"\n", "danger_plaintext = true\n");
@@ -359,14 +334,14 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
             ("topic = \"water/+/up\" }", "topic = \"water/+/up\", key = \"w1\" }\n[[device]]\nname = \"w3\"\nprofile = \"test-w\"\ntransport = { type = \"mqtt\", source = \"meters\", topic = \"water/+/up\", key = \"w1\" }", "already listens"),
         ];
         for (from, to, want) in cases {
-            let e = parse(&CONFIG.replacen(from, to, 1)).unwrap_err();
+            let e = parse(&config().replacen(from, to, 1)).unwrap_err();
             assert!(
                 e.iter()
                     .any(|d| d.key.ends_with(".transport") && d.message.contains(want)),
                 "{to}: {e:?}"
             );
         }
-        let e = parse(&CONFIG.replace("broker.lan:8883", "broker.lan")).unwrap_err();
+        let e = parse(&config().replace("broker.lan:8883", "broker.lan")).unwrap_err();
         assert_eq!(
             (e[0].key.as_str(), e[0].line),
             ("mqtt_source[0].broker", 18)
@@ -375,21 +350,21 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
 
     #[test]
     fn profiles_must_fit_the_transport() {
-        let e =
-            parse(&CONFIG.replacen("profile = \"test-w\"", "profile = \"test-m\"", 1)).unwrap_err();
+        let e = parse(&config().replacen("profile = \"test-w\"", "profile = \"test-m\"", 1))
+            .unwrap_err();
         assert!(
             e.iter()
                 .any(|d| d.key == "device[0].profile" && d.message.contains("protocol = \"mqtt\"")),
             "{e:?}"
         );
         let modbus = "[[device]]\nname = \"m1\"\nprofile = \"test-w\"\ntransport = { type = \"tcp\", address = \"10.0.0.1:502\" }\nunit = 1\npoll_interval = \"1s\"\n";
-        let e = parse(&format!("{CONFIG}{modbus}")).unwrap_err();
+        let e = parse(&format!("{}{modbus}", config())).unwrap_err();
         assert!(
             e.iter()
                 .any(|d| d.key == "device[2].profile" && d.message.contains("type = \"mqtt\"")),
             "{e:?}"
         );
-        let e = parse(&CONFIG.replacen(
+        let e = parse(&config().replacen(
             "topic = \"water/w1/up\" }",
             "topic = \"water/w1/up\" }\nunit = 3\npoll_interval = \"1s\"",
             1,
@@ -398,7 +373,7 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
         let keys: Vec<&str> = e.iter().map(|d| d.key.as_str()).collect();
         assert_eq!(keys, ["device[0].unit", "device[0].poll_interval"], "{e:?}");
         let gw = "[[device]]\nname = \"g1\"\nprofile = \"test-w\"\ntransport = { type = \"mqtt\", source = \"meters\", topic = \"v1/gateway/telemetry\", key = \"Meter A\" }\n";
-        let e = parse(&format!("{CONFIG}{gw}")).unwrap_err();
+        let e = parse(&format!("{}{gw}", config())).unwrap_err();
         assert!(
             e.iter()
                 .any(|d| d.key == "device[2].profile" && d.message.contains("gateway-API")),
@@ -407,7 +382,7 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
         let no_unit = modbus
             .replace("profile = \"test-w\"", "profile = \"test-m\"")
             .replace("unit = 1\n", "");
-        let e = parse(&format!("{CONFIG}{no_unit}")).unwrap_err();
+        let e = parse(&format!("{}{no_unit}", config())).unwrap_err();
         assert!(e.iter().any(|d| d.key == "device[2].unit"), "{e:?}");
     }
 

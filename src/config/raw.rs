@@ -346,51 +346,14 @@ pub(super) fn parse(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::Profile;
+    use crate::test_fixtures::{gateway_config, profile_set, tcp_device, VOLTAGE_PROFILE};
 
-    const PROFILE: &str = r#"
-[meter]
-vendor = "T"
-model = "M"
-protocol = "modbus"
-[modbus]
-function = 4
-[[field]]
-name = "voltage_l1"
-register = 0
-type = "f32"
-unit = "V"
-category = "measurement"
-grade = "L2"
-"#;
-
-    const CONFIG: &str = r#"[gateway]
-id = "gw-1"
-
-[purpose]
-name = "grid"
-fields = ["voltage_l1"]
-
-[store]
-path = "store"
-
-[keys]
-signing_key = "keys/gateway.sign.key"
-hub_public_key = "keys/hub.hpke.pub"
-pseudonym_key = "keys/pseudonym.key"
-
-[[device]]
-name = "m1"
-profile = "test-m"
-transport = { type = "tcp", address = "127.0.0.1:502" }
-unit = 1
-poll_interval = "1s"
-"#;
+    fn config() -> String {
+        gateway_config("grid", "\"voltage_l1\"", &tcp_device("m1", "test-m"))
+    }
 
     fn profiles() -> ProfileSet {
-        let mut set = ProfileSet::default();
-        set.insert(Profile::parse(Path::new("test-m.toml"), PROFILE).unwrap());
-        set
+        profile_set(&[("test-m", VOLTAGE_PROFILE)])
     }
 
     fn parse_str(text: &str) -> Result<GatewayConfig, ConfigError> {
@@ -399,7 +362,7 @@ poll_interval = "1s"
 
     #[test]
     fn minimal_config_loads_with_defaults() {
-        let c = parse_str(CONFIG).unwrap();
+        let c = parse_str(&config()).unwrap();
         assert_eq!(c.gateway_id.as_str(), "gw-1");
         assert_eq!(c.store.path, Path::new("/etc/citygate/store"));
         assert_eq!(c.batch.max_age, Duration::from_secs(1));
@@ -417,7 +380,7 @@ poll_interval = "1s"
 
     #[test]
     fn unknown_key_names_file_line_and_key() {
-        let e = errors(&CONFIG.replace("unit = 1", "unit = 1\nbaud = 9600"));
+        let e = errors(&config().replace("unit = 1", "unit = 1\nbaud = 9600"));
         assert_eq!(e.len(), 1);
         assert_eq!(
             (e[0].line, e[0].key.as_str()),
@@ -430,7 +393,7 @@ poll_interval = "1s"
 
     #[test]
     fn semantic_errors_are_all_reported() {
-        let text = CONFIG
+        let text = config()
             .replace("profile = \"test-m\"", "profile = \"nope\"")
             .replace("unit = 1", "unit = 0")
             .replace("poll_interval = \"1s\"", "poll_interval = \"10ms\"")
@@ -450,26 +413,26 @@ poll_interval = "1s"
 
     #[test]
     fn bad_duration_and_transport_are_explained() {
-        let e = errors(&CONFIG.replace("poll_interval = \"1s\"", "poll_interval = \"soon\""));
+        let e = errors(&config().replace("poll_interval = \"1s\"", "poll_interval = \"soon\""));
         assert!(e[0].message.contains("e.g."), "{}", e[0]);
         assert_eq!(e[0].key, "device.poll_interval");
-        let e = errors(&CONFIG.replace("type = \"tcp\"", "type = \"carrier-pigeon\""));
+        let e = errors(&config().replace("type = \"tcp\"", "type = \"carrier-pigeon\""));
         assert!(e[0].message.contains("tcp"), "{}", e[0]);
-        let e = errors(&CONFIG.replace("127.0.0.1:502", "127.0.0.1"));
+        let e = errors(&config().replace("127.0.0.1:502", "127.0.0.1"));
         assert_eq!(e[0].key, "device[0].transport.address");
     }
 
     #[test]
     fn purpose_field_typos_are_caught() {
-        let e = errors(&CONFIG.replace("[\"voltage_l1\"]", "[\"voltage_l9\"]"));
+        let e = errors(&config().replace("[\"voltage_l1\"]", "[\"voltage_l9\"]"));
         assert_eq!(e[0].key, "purpose.fields");
         assert!(e[0].message.contains("valid: voltage_l1"));
     }
 
     #[test]
     fn status_endpoint_is_loopback_unless_opted_out() {
-        let with = |section: &str| CONFIG.replace("[store]", &format!("{section}\n\n[store]"));
-        let default = parse_str(CONFIG).unwrap().status.listen;
+        let with = |section: &str| config().replace("[store]", &format!("{section}\n\n[store]"));
+        let default = parse_str(&config()).unwrap().status.listen;
         assert_eq!(default, Some("127.0.0.1:9187".parse().unwrap()));
         let off = parse_str(&with("[status]\nlisten = \"off\"")).unwrap();
         assert_eq!(off.status.listen, None);
@@ -490,7 +453,7 @@ poll_interval = "1s"
 
     #[test]
     fn rtu_transports_parse_and_bad_values_are_located() {
-        let serial = CONFIG.replace(
+        let serial = config().replace(
             "{ type = \"tcp\", address = \"127.0.0.1:502\" }",
             "{ type = \"serial\", port = \"/dev/ttyUSB0\", baud = 19200, parity = \"even\" }",
         );
@@ -500,7 +463,7 @@ poll_interval = "1s"
             (line.baud, line.parity),
             (Some(19200), Some(crate::profile::Parity::Even))
         );
-        let dtu = CONFIG.replace(
+        let dtu = config().replace(
             "{ type = \"tcp\", address = \"127.0.0.1:502\" }",
             "{ type = \"dtu\", id = \"865000111\", listen = \"0.0.0.0:9000\" }",
         );
@@ -517,7 +480,7 @@ poll_interval = "1s"
         assert!(e[0].message.contains("even"), "{}", e[0]);
         let e = errors(&serial.replace("baud = 19200", "speed = 19200"));
         assert!(e[0].message.contains("speed"), "{}", e[0]);
-        let e = errors(&CONFIG.replace(
+        let e = errors(&config().replace(
             "{ type = \"tcp\", address = \"127.0.0.1:502\" }",
             "{ type = \"rtu_tcp\", address = \"10.0.0.5\" }",
         ));

@@ -15,23 +15,10 @@ use crate::profile::Profile;
 use crate::reading::DeviceId;
 use crate::source::{RawSample, SourceContext};
 use crate::telemetry::Metrics;
+use crate::test_fixtures::VOLTAGE_PROFILE;
 
-/// Two fields far apart: two reads per poll, at 0 and 1000.
-const PROFILE: &str = r#"
-[meter]
-vendor = "T"
-model = "M"
-protocol = "modbus"
-[modbus]
-function = 4
-[[field]]
-name = "voltage_l1"
-register = 0
-type = "f32"
-unit = "V"
-category = "measurement"
-grade = "L2"
-[[field]]
+/// A second voltage far from the first (`VOLTAGE_PROFILE`): two reads per poll, at 0 and 1000.
+const SECOND_FIELD: &str = r#"[[field]]
 name = "voltage_l2"
 register = 1000
 type = "f32"
@@ -141,7 +128,11 @@ impl Transact for Fake {
 }
 
 fn device(unit: u8, interval: Duration, timeout: Duration) -> PolledDevice {
-    let profile = Profile::parse(Path::new("t.toml"), PROFILE).unwrap();
+    let profile = Profile::parse(
+        Path::new("t.toml"),
+        &format!("{VOLTAGE_PROFILE}{SECOND_FIELD}"),
+    )
+    .unwrap();
     PolledDevice::new(DeviceConfig {
         id: DeviceId::new(format!("m{unit}")).unwrap(),
         profile: Arc::new(profile),
