@@ -3,7 +3,8 @@
 //!
 //! `cargo bench --bench pipeline`; criterion reports time per batch and, through
 //! `Throughput::Elements`, readings per second. Stages are also measured alone so a
-//! regression can be located.
+//! regression can be located. `batcher` runs the async batcher task (transforms, then sealing
+//! on a blocking thread) on a two-worker runtime, samples in, sealed batches out.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -11,10 +12,13 @@ use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
+use citygate::config::BatchConfig;
+use citygate::pipeline::{Batcher, SAMPLES_CHANNEL_CAPACITY, SEALED_CHANNEL_CAPACITY};
+use citygate::profile::Ratios;
 use citygate::profile::{decode, Profile, ProfileSet, RawValue};
 use citygate::reading::{DeviceId, FieldName, GatewayId, Quality, Record, Stream};
 use citygate::seal::Sealer;
-use citygate::source::RegisterImage;
+use citygate::source::{RawSample, RegisterImage, SampleData};
 use citygate::store::{SledStore, Store, StoreOptions};
 use citygate::transform::check::Checker;
 use citygate::transform::minimise::{minimise_as, Policy, PseudonymKey};
@@ -88,12 +92,15 @@ fn bench(c: &mut Criterion) {
         .collect();
     let mut checker = Checker::new();
     let (readings, recs) = records(&p, &img, &pol, &mut checker, &devices);
-    let sealer = Sealer::new(
-        GatewayId::new("bench-gw").unwrap(),
-        ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
-        citygate::seal::HubSecretKey::from_bytes(&[2; 32]).public_key(),
-        pol.hash(),
-    );
+    let new_sealer = || {
+        Sealer::new(
+            GatewayId::new("bench-gw").unwrap(),
+            ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
+            citygate::seal::HubSecretKey::from_bytes(&[2; 32]).public_key(),
+            pol.hash(),
+        )
+    };
+    let sealer = new_sealer();
     let _ = FieldName::new("x");
 
     let mut g = c.benchmark_group("pipeline");
@@ -130,6 +137,56 @@ fn bench(c: &mut Criterion) {
             },
             BatchSize::SmallInput,
         )
+    });
+
+    // Four full batches per round of samples, and the rest sealed when the input closes.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let metrics = Arc::new(citygate::telemetry::Metrics::default());
+    let cfg = BatchConfig {
+        max_age: std::time::Duration::from_secs(3600),
+        max_records: recs.len() / 4,
+        alarm_state_every: std::time::Duration::from_secs(3600),
+    };
+    g.bench_function("batcher", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let (samples_tx, samples_rx) = tokio::sync::mpsc::channel(SAMPLES_CHANNEL_CAPACITY);
+                let (sealed_tx, mut sealed_rx) =
+                    tokio::sync::mpsc::channel(SEALED_CHANNEL_CAPACITY);
+                let batcher = Batcher::new(
+                    samples_rx,
+                    sealed_tx,
+                    new_sealer(),
+                    pol.clone(),
+                    cfg,
+                    |_| 1,
+                    metrics.clone(),
+                );
+                let task = tokio::spawn(batcher.run());
+                for (i, d) in devices.iter().enumerate() {
+                    let sample = RawSample {
+                        device: d.clone(),
+                        profile: p.clone(),
+                        at_ms: 1_700_000_000_000 + i as i64,
+                        data: SampleData::Registers(img.clone()),
+                        ratios: Ratios::UNITY,
+                    };
+                    samples_tx.send(sample).await.unwrap();
+                }
+                drop(samples_tx);
+                let mut sealed = 0;
+                while let Some(batch) = sealed_rx.recv().await {
+                    sealed += 1;
+                    black_box(batch);
+                }
+                task.await.unwrap();
+                sealed
+            })
+        })
     });
     g.finish();
     println!(
