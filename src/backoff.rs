@@ -12,9 +12,9 @@ use std::time::Duration;
 use rand::Rng;
 
 /// Default first reconnect delay.
-pub const DEFAULT_INITIAL: Duration = Duration::from_millis(500);
+pub(crate) const DEFAULT_INITIAL: Duration = Duration::from_millis(500);
 /// Default cap on reconnect delays.
-pub const DEFAULT_MAX: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_MAX: Duration = Duration::from_secs(60);
 
 /// Backoff bounds; `initial` is raised to 1 ms and `max` to `initial` if smaller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,14 +34,14 @@ impl Default for BackoffPolicy {
 
 /// The state of one reconnect sequence.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     failures: u32,
 }
 
 impl Backoff {
-    pub fn new(policy: BackoffPolicy) -> Backoff {
+    pub(crate) fn new(policy: BackoffPolicy) -> Backoff {
         let initial = policy.initial.max(Duration::from_millis(1));
         Backoff {
             initial,
@@ -51,7 +51,7 @@ impl Backoff {
     }
 
     /// The delay before the next attempt; each call counts one more failure.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.failures = self.failures.saturating_add(1);
         let half = ceiling / 2;
@@ -60,12 +60,12 @@ impl Backoff {
     }
 
     /// Consecutive failures since the last reset.
-    pub fn failures(&self) -> u32 {
+    pub(crate) fn failures(&self) -> u32 {
         self.failures
     }
 
     /// Back to the initial delay (after a successful connection).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.failures = 0;
     }
 

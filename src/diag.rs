@@ -40,7 +40,7 @@ impl fmt::Display for Diagnostic {
 }
 
 /// 1-based (line, column) of a byte offset in `src`.
-pub fn line_col(src: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(src.len());
     let before = src.get(..offset).unwrap_or(src);
     let line = before.matches('\n').count() + 1;
@@ -50,18 +50,18 @@ pub fn line_col(src: &str, offset: usize) -> (usize, usize) {
 
 /// Builds diagnostics for one file whose text is in memory.
 #[derive(Debug, Clone, Copy)]
-pub struct SourceFile<'a> {
+pub(crate) struct SourceFile<'a> {
     pub path: &'a Path,
     pub text: &'a str,
 }
 
 impl<'a> SourceFile<'a> {
-    pub fn new(path: &'a Path, text: &'a str) -> Self {
+    pub(crate) fn new(path: &'a Path, text: &'a str) -> Self {
         Self { path, text }
     }
 
     /// A diagnostic at a byte span, about `key`.
-    pub fn at(
+    pub(crate) fn at(
         &self,
         span: Range<usize>,
         key: impl Into<String>,
@@ -78,7 +78,7 @@ impl<'a> SourceFile<'a> {
     }
 
     /// A diagnostic about the whole file.
-    pub fn whole(&self, key: impl Into<String>, message: impl Into<String>) -> Diagnostic {
+    pub(crate) fn whole(&self, key: impl Into<String>, message: impl Into<String>) -> Diagnostic {
         Diagnostic {
             file: self.path.to_path_buf(),
             line: 0,
@@ -90,7 +90,7 @@ impl<'a> SourceFile<'a> {
 
     /// Parses TOML into `T`, turning `toml`'s error into a located diagnostic that
     /// names the offending key.
-    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, Diagnostic> {
+    pub(crate) fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, Diagnostic> {
         toml::from_str(self.text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             let key = self.key_at(span.clone());

@@ -119,7 +119,7 @@ impl fmt::Display for RegisterAddress {
 }
 
 /// Milliseconds since the Unix epoch, UTC.
-pub type TimestampMs = i64;
+pub(crate) type TimestampMs = i64;
 
 /// Current wall-clock time in UTC milliseconds.
 pub fn now_ms() -> TimestampMs {
@@ -145,7 +145,7 @@ impl Stream {
     pub const ALL: [Stream; 3] = [Stream::Readings, Stream::Alarms, Stream::Audit];
 
     /// The stream's code in the envelope header and in store keys.
-    pub fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             Stream::Readings => 0,
             Stream::Alarms => 1,
@@ -153,11 +153,11 @@ impl Stream {
         }
     }
 
-    pub fn from_code(code: u8) -> Option<Self> {
+    pub(crate) fn from_code(code: u8) -> Option<Self> {
         Stream::ALL.into_iter().find(|s| s.code() == code)
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Stream::Readings => "readings",
             Stream::Alarms => "alarms",
@@ -195,7 +195,7 @@ pub enum Unit {
 }
 
 impl Unit {
-    pub const ALL: [Unit; 15] = [
+    pub(crate) const ALL: [Unit; 15] = [
         Unit::Watt,
         Unit::WattHour,
         Unit::Var,
@@ -234,7 +234,7 @@ impl Unit {
         }
     }
 
-    pub fn from_symbol(s: &str) -> Option<Self> {
+    pub(crate) fn from_symbol(s: &str) -> Option<Self> {
         Unit::ALL.into_iter().find(|u| u.symbol() == s)
     }
 }
@@ -311,7 +311,7 @@ pub enum QualityReason {
 }
 
 impl QualityReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             QualityReason::OutOfRange => "out_of_range",
             QualityReason::NotAvailable => "not_available",
@@ -342,7 +342,7 @@ impl Quality {
     }
 
     /// The worse of two qualities (the first wins a tie).
-    pub fn worst(self, other: Quality) -> Quality {
+    pub(crate) fn worst(self, other: Quality) -> Quality {
         if other.rank() > self.rank() {
             other
         } else {

@@ -93,7 +93,7 @@ struct DeviceInfo {
 
 /// The live sources of the status document.
 #[derive(Debug)]
-pub struct StatusSource {
+pub(crate) struct StatusSource {
     gateway: String,
     devices: Vec<DeviceInfo>,
     metrics: Arc<Metrics>,
@@ -102,7 +102,7 @@ pub struct StatusSource {
 }
 
 impl StatusSource {
-    pub fn new(
+    pub(crate) fn new(
         cfg: &GatewayConfig,
         metrics: Arc<Metrics>,
         store_stats: watch::Receiver<StoreStats>,
@@ -126,7 +126,7 @@ impl StatusSource {
     }
 
     /// The status as of now.
-    pub fn snapshot(&self) -> GatewayStatus {
+    pub(crate) fn snapshot(&self) -> GatewayStatus {
         self.snapshot_at(now_ms())
     }
 
@@ -219,7 +219,7 @@ impl StatusSource {
     }
 
     /// The Prometheus exposition of the live counters.
-    pub fn prometheus(&self) -> String {
+    pub(crate) fn prometheus(&self) -> String {
         let st = self.snapshot();
         let mut e = Exposition::new();
         e.family("citygate_info", Kind::Gauge, "Gateway identity; always 1.")
@@ -352,7 +352,7 @@ impl Routes for StatusSource {
 
 /// Where a running gateway records the address its status endpoint is bound to (so
 /// `citygate status` finds it when the config asks for port 0): next to the store.
-pub fn address_file(store_path: &Path) -> PathBuf {
+pub(crate) fn address_file(store_path: &Path) -> PathBuf {
     let mut name = store_path
         .file_name()
         .map(|n| n.to_os_string())
@@ -362,7 +362,7 @@ pub fn address_file(store_path: &Path) -> PathBuf {
 }
 
 /// Writes the bound address atomically.
-pub fn write_address_file(store_path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+pub(crate) fn write_address_file(store_path: &Path, addr: SocketAddr) -> std::io::Result<()> {
     let path = address_file(store_path);
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{addr}\n"))?;
@@ -382,7 +382,7 @@ pub fn read_address_file(store_path: &Path) -> Option<SocketAddr> {
 /// cancelled. A bind failure (port taken) degrades the gateway's observability, not the
 /// gateway: it is logged and `None` returned. The bound address is written next to the
 /// store for `citygate status`.
-pub fn start_endpoint(
+pub(crate) fn start_endpoint(
     cfg: &GatewayConfig,
     metrics: Arc<Metrics>,
     store_stats: watch::Receiver<StoreStats>,
@@ -411,7 +411,7 @@ fn ago(now: TimestampMs, t: Option<TimestampMs>) -> String {
 }
 
 /// The status as the operator reads it in a terminal.
-pub fn render(st: &GatewayStatus) -> String {
+pub(crate) fn render(st: &GatewayStatus) -> String {
     let mut o = String::new();
     let now = st.now_ms;
     let _ = writeln!(

@@ -75,7 +75,7 @@ pub fn policy(cfg: &GatewayConfig, key: PseudonymKey) -> Policy {
 /// A fresh stream therefore starts at `unix_seconds << 20`: later than any sequence
 /// number an earlier store of this gateway can have reached unless it sealed more than
 /// a million batches per second on average. A store that has history continues it.
-pub fn first_seq(store_next: u64) -> u64 {
+pub(crate) fn first_seq(store_next: u64) -> u64 {
     if store_next > 1 {
         return store_next;
     }
@@ -108,10 +108,6 @@ impl Running {
             warn!(?grace, "shutdown grace period ran out");
         }
         done
-    }
-
-    pub fn cancellation(&self) -> CancellationToken {
-        self.shutdown.clone()
     }
 }
 
@@ -226,7 +222,7 @@ impl UplinkHandle {
 
 /// Starts forwarding committed batches to the hub, if the config has an `[uplink]`. The TLS
 /// files are read on a blocking thread.
-pub async fn start_uplink(
+pub(crate) async fn start_uplink(
     cfg: &GatewayConfig,
     running: &Running,
 ) -> Result<Option<UplinkHandle>, LinkError> {

@@ -6,7 +6,7 @@
 //! Prometheus text format ([`prometheus`]).
 
 pub mod http;
-pub mod prometheus;
+pub(crate) mod prometheus;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,11 +19,11 @@ use crate::reading::{DeviceId, TimestampMs};
 pub struct Counter(AtomicU64);
 
 impl Counter {
-    pub fn inc(&self) {
+    pub(crate) fn inc(&self) {
         self.add(1);
     }
 
-    pub fn add(&self, n: u64) {
+    pub(crate) fn add(&self, n: u64) {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -111,7 +111,7 @@ pub struct LinkStatus {
 
 /// How one poll of one device ended.
 #[derive(Debug, Clone)]
-pub enum PollOutcome {
+pub(crate) enum PollOutcome {
     Ok,
     Timeout,
     Exception(String),
@@ -121,7 +121,7 @@ pub enum PollOutcome {
 }
 
 impl Metrics {
-    pub fn record_poll(&self, device: &DeviceId, at_ms: TimestampMs, outcome: &PollOutcome) {
+    pub(crate) fn record_poll(&self, device: &DeviceId, at_ms: TimestampMs, outcome: &PollOutcome) {
         let mut map = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         let s = map.entry(device.clone()).or_default();
         match outcome {
@@ -155,7 +155,7 @@ impl Metrics {
 
     /// Every pipeline counter with its exported name (without `citygate_`/`_total`) and
     /// help text, for the status endpoint.
-    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+    pub(crate) fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
         vec![
             (
                 "samples_polled",
@@ -266,15 +266,15 @@ impl Metrics {
     }
 
     /// Updates the uplink state under its lock.
-    pub fn update_link(&self, f: impl FnOnce(&mut LinkStatus)) {
+    pub(crate) fn update_link(&self, f: impl FnOnce(&mut LinkStatus)) {
         f(&mut self.link.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    pub fn link(&self) -> LinkStatus {
+    pub(crate) fn link(&self) -> LinkStatus {
         self.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn devices(&self) -> BTreeMap<DeviceId, DeviceStats> {
+    pub(crate) fn devices(&self) -> BTreeMap<DeviceId, DeviceStats> {
         self.devices
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -283,7 +283,7 @@ impl Metrics {
 }
 
 /// Installs the tracing subscriber (`RUST_LOG` overrides `default_filter`).
-pub fn init_logging(default_filter: &str) {
+pub(crate) fn init_logging(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let _ = tracing_subscriber::fmt()

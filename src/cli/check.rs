@@ -12,7 +12,7 @@ use crate::transform::minimise::{Disposition, Policy, PseudonymKey};
 
 /// A key file's state as `check` reports it.
 #[derive(Debug)]
-pub enum KeyStatus {
+pub(crate) enum KeyStatus {
     Ok,
     Missing,
     Invalid(String),
@@ -29,7 +29,7 @@ fn key_status<T>(path: &Path, load: impl Fn(&Path) -> Result<T, keys::KeyError>)
 }
 
 /// The report, and whether any key file is present but unusable (an error).
-pub fn report(cfg: &GatewayConfig) -> (String, bool) {
+pub(crate) fn report(cfg: &GatewayConfig) -> (String, bool) {
     let mut out = String::new();
     let mut key_error = false;
     let _ = writeln!(out, "config    {}", cfg.path.display());

@@ -56,7 +56,7 @@ const PURPOSE_FIELDS: &[&str] = &[
 
 /// What the demo measured, also written as JSON with `--summary-json`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Summary {
+pub(crate) struct Summary {
     pub duration_s: f64,
     pub meters: usize,
     pub readings_polled: u64,

@@ -1,10 +1,10 @@
 //! The commands behind `main.rs`, as library functions so tests can call them.
 
 mod check;
-pub mod demo;
+pub(crate) mod demo;
 pub mod probe;
 mod sim_mqtt;
-pub mod sim_rtu;
+pub(crate) mod sim_rtu;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use check::report as check_report;
+pub(crate) use check::report as check_report;
 
 use crate::config::{ConfigError, GatewayConfig};
 use crate::profile::ProfileSet;
@@ -25,9 +25,9 @@ use crate::supervisor::{self, KeyMaterial};
 use crate::telemetry::init_logging;
 
 /// How long `run` waits for open batches to be sealed and committed at shutdown.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long `run` lets the uplink deliver committed batches after the sources stopped.
-pub const UPLINK_LAST_CHANCE: Duration = Duration::from_secs(3);
+pub(crate) const UPLINK_LAST_CHANCE: Duration = Duration::from_secs(3);
 
 /// A command's failure, classified for the exit code.
 #[derive(Debug, thiserror::Error)]
@@ -244,7 +244,7 @@ pub fn hub(path: &Path) -> Result<(), CliError> {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

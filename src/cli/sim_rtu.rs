@@ -50,12 +50,12 @@ pub struct RtuSimArgs {
 }
 
 impl RtuSimArgs {
-    pub fn any(&self) -> bool {
+    pub(crate) fn any(&self) -> bool {
         self.rtu_listen.is_some() || self.pty || self.dtu.is_some()
     }
 
     /// Applies the exception codes to `meters` (they hold for TCP too).
-    pub fn apply_exceptions(&self, meters: &SimMeters) -> Result<(), CliError> {
+    pub(crate) fn apply_exceptions(&self, meters: &SimMeters) -> Result<(), CliError> {
         for s in &self.exception_code {
             let (u, c) = unit_pair(s, "--exception-code", "2=2")?;
             let code: u8 = c.parse().map_err(|_| {
@@ -96,7 +96,7 @@ impl RtuSimArgs {
     }
 
     /// Starts every RTU endpoint asked for; prints where each serves.
-    pub async fn start(
+    pub(crate) async fn start(
         &self,
         meters: SimMeters,
         token: &CancellationToken,

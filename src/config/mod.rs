@@ -9,7 +9,7 @@
 mod device;
 use crate::diag;
 pub mod duration;
-pub mod mqtt;
+pub(crate) mod mqtt;
 mod raw;
 
 use std::collections::BTreeSet;
@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use diag::Diagnostic;
-pub use mqtt::MqttSourceConfig;
+pub(crate) use diag::Diagnostic;
+pub(crate) use mqtt::MqttSourceConfig;
 
 use crate::profile::line::LineOverride;
 use crate::profile::{Profile, ProfileSet, Ratios};
@@ -70,7 +70,7 @@ pub enum Transport {
 
 impl Transport {
     /// Whether the transport speaks Modbus RTU (one bus task per transport).
-    pub fn is_rtu(&self) -> bool {
+    pub(crate) fn is_rtu(&self) -> bool {
         matches!(
             self,
             Transport::Serial { .. } | Transport::RtuTcp { .. } | Transport::Dtu { .. }
@@ -78,7 +78,7 @@ impl Transport {
     }
 
     /// Explicit serial settings of an RTU transport.
-    pub fn line(&self) -> Option<LineOverride> {
+    pub(crate) fn line(&self) -> Option<LineOverride> {
         match self {
             Transport::Serial { line, .. }
             | Transport::RtuTcp { line, .. }
@@ -167,7 +167,7 @@ impl DeviceConfig {
     }
 
     /// The topic of an MQTT device.
-    pub fn mqtt(&self) -> Option<&MqttTopic> {
+    pub(crate) fn mqtt(&self) -> Option<&MqttTopic> {
         match &self.kind {
             DeviceKind::Mqtt(t) => Some(t),
             DeviceKind::Modbus(_) => None,
@@ -226,7 +226,7 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// The link TLS of a validated config section: its files, or plaintext where the config
     /// said `danger_plaintext` (`None`). Callers log the plaintext case in their terms.
-    pub fn link_tls(files: Option<&TlsFiles>) -> crate::mqtt::LinkTls {
+    pub(crate) fn link_tls(files: Option<&TlsFiles>) -> crate::mqtt::LinkTls {
         match files {
             Some(t) => crate::mqtt::LinkTls::Files(crate::mqtt::TlsClientFiles {
                 ca: t.ca_file.clone(),
@@ -292,10 +292,10 @@ pub struct StatusConfig {
 }
 
 /// Where the status endpoint listens unless the config says otherwise.
-pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:9187";
+pub(crate) const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:9187";
 
 /// Longest DTU registration id a `dtu` transport may name, in bytes.
-pub const MAX_DTU_REGISTRATION: usize = 128;
+pub(crate) const MAX_DTU_REGISTRATION: usize = 128;
 
 /// The `[status]` section as written.
 #[derive(Debug, serde::Deserialize)]
@@ -417,7 +417,7 @@ impl GatewayConfig {
     }
 
     /// Profile names and versions in use, for the policy hash.
-    pub fn profile_versions(&self) -> Vec<String> {
+    pub(crate) fn profile_versions(&self) -> Vec<String> {
         let used: BTreeSet<String> = self
             .devices
             .iter()

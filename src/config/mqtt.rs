@@ -193,7 +193,7 @@ impl DeviceRoutes {
 }
 
 /// Validates a device topic; true if it has a `+` level.
-pub fn check_topic(topic: &str) -> Result<bool, String> {
+pub(crate) fn check_topic(topic: &str) -> Result<bool, String> {
     let help = "valid: a topic such as \"meters/w-0017/up\", or one with exactly one `+` level \
                 such as \"meters/+/up\" (no `#`)";
     if topic.is_empty() || topic.len() > 1024 || topic.contains(['#', '\0']) {

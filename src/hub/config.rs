@@ -40,7 +40,7 @@ use crate::reading::GatewayId;
 use crate::seal::{load_hub_secret_key, load_verifying_key, HubSecretKey, KeyError, Opener};
 
 /// The default MQTT shared-subscription group: hub processes in one group share the load.
-pub const DEFAULT_SHARE_GROUP: &str = "citygate-hub";
+pub(crate) const DEFAULT_SHARE_GROUP: &str = "citygate-hub";
 
 /// A validated hub configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +61,7 @@ pub struct HubConfig {
 }
 
 /// Where the hub's status endpoint listens unless the config says otherwise.
-pub const DEFAULT_HUB_STATUS_LISTEN: &str = "127.0.0.1:9188";
+pub(crate) const DEFAULT_HUB_STATUS_LISTEN: &str = "127.0.0.1:9188";
 
 /// Where accepted records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +89,7 @@ pub struct MqttConfig {
     pub embedded_broker: Option<EmbeddedBrokerConfig>,
 }
 
-pub use crate::config::TlsFiles;
+pub(crate) use crate::config::TlsFiles;
 
 /// A broker run inside the hub process (rumqttd), mutual TLS only.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,7 +184,7 @@ impl HubConfig {
     }
 
     /// Parses config text as if read from `path` (relative paths resolve against its directory).
-    pub fn parse(path: &Path, text: &str) -> Result<HubConfig, ConfigError> {
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<HubConfig, ConfigError> {
         let src = SourceFile::new(path, text);
         let raw: RawHubConfig = src.parse().map_err(|d| ConfigError::from(vec![d]))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -345,7 +345,7 @@ pub struct HubKeys {
 
 impl HubKeys {
     /// Loads every key file the config names; the first failure names its file.
-    pub fn load(cfg: &HubConfig) -> Result<HubKeys, KeyError> {
+    pub(crate) fn load(cfg: &HubConfig) -> Result<HubKeys, KeyError> {
         let hub_secret = load_hub_secret_key(&cfg.hpke_secret_key)?;
         let gateways = cfg
             .gateways
@@ -359,7 +359,7 @@ impl HubKeys {
     }
 
     /// An [`Opener`] for the hub key with every gateway registered.
-    pub fn into_opener(self) -> Opener {
+    pub(crate) fn into_opener(self) -> Opener {
         let mut opener = Opener::new(self.hub_secret);
         for (id, key) in self.gateways {
             opener.register(id, key);

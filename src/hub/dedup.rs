@@ -42,15 +42,15 @@ use std::sync::{Mutex, PoisonError};
 use crate::reading::{GatewayId, Stream};
 
 /// Most accepted seqs kept above the floor per (gateway, stream).
-pub const MAX_ABOVE_FLOOR: usize = 1024;
+pub(crate) const MAX_ABOVE_FLOOR: usize = 1024;
 /// sled page cache of the de-dup state.
-pub const CACHE_CAPACITY_BYTES: u64 = 8 * 1024 * 1024;
+pub(crate) const CACHE_CAPACITY_BYTES: u64 = 8 * 1024 * 1024;
 const BACKGROUND_FSYNC_MS: u64 = 1000;
 const TREE: &str = "dedup";
 
 /// Whether a batch was seen before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Seen {
+pub(crate) enum Seen {
     New,
     /// Accepted before.
     Duplicate,
@@ -72,7 +72,7 @@ pub enum DedupError {
 
 /// The accepted seqs of one (gateway, stream). See the module docs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SeqWindow {
+pub(crate) struct SeqWindow {
     pub floor: u64,
     pub above: BTreeSet<u64>,
     /// Whether a gap was ever given up: then a seq below `floor` may never have been accepted,
@@ -82,7 +82,7 @@ pub struct SeqWindow {
 
 impl SeqWindow {
     /// Whether `seq` was accepted (or lies below the floor).
-    pub fn check(&self, seq: u64) -> Seen {
+    pub(crate) fn check(&self, seq: u64) -> Seen {
         if self.above.contains(&seq) {
             Seen::Duplicate
         } else if seq < self.floor {
@@ -97,7 +97,7 @@ impl SeqWindow {
     }
 
     /// Records `seq` as accepted and compacts.
-    pub fn mark(&mut self, seq: u64) {
+    pub(crate) fn mark(&mut self, seq: u64) {
         if seq < self.floor {
             return;
         }
@@ -166,7 +166,7 @@ const LOCK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 
 /// The persisted de-dup state of every (gateway, stream).
 #[derive(Debug)]
-pub struct Dedup {
+pub(crate) struct Dedup {
     db: sled::Db,
     tree: sled::Tree,
     /// Serialises read-modify-write in [`Dedup::mark`].
@@ -188,7 +188,7 @@ impl Dedup {
     /// Blocks, for up to 3 s while a previous instance in this process lets go of the state
     /// (sled releases its lock only after its background writer ends): call it from a
     /// blocking thread.
-    pub fn open(path: &Path) -> Result<Dedup, DedupError> {
+    pub(crate) fn open(path: &Path) -> Result<Dedup, DedupError> {
         Self::open_waiting(path, |_| std::thread::sleep(LOCK_RETRY_INTERVAL))
     }
 
@@ -225,7 +225,7 @@ impl Dedup {
     }
 
     /// The window of one (gateway, stream); empty if never seen.
-    pub fn window(&self, gw: &GatewayId, stream: Stream) -> Result<SeqWindow, DedupError> {
+    pub(crate) fn window(&self, gw: &GatewayId, stream: Stream) -> Result<SeqWindow, DedupError> {
         match self.tree.get(key(gw, stream))? {
             None => Ok(SeqWindow::default()),
             Some(v) => SeqWindow::decode(&v).map_err(|reason| DedupError::Corrupt {
@@ -236,12 +236,17 @@ impl Dedup {
         }
     }
 
-    pub fn check(&self, gw: &GatewayId, stream: Stream, seq: u64) -> Result<Seen, DedupError> {
+    pub(crate) fn check(
+        &self,
+        gw: &GatewayId,
+        stream: Stream,
+        seq: u64,
+    ) -> Result<Seen, DedupError> {
         Ok(self.window(gw, stream)?.check(seq))
     }
 
     /// Records (gateway, stream, seq) as accepted. Durable at the next [`Dedup::flush`].
-    pub fn mark(&self, gw: &GatewayId, stream: Stream, seq: u64) -> Result<(), DedupError> {
+    pub(crate) fn mark(&self, gw: &GatewayId, stream: Stream, seq: u64) -> Result<(), DedupError> {
         let _guard = self.write.lock().unwrap_or_else(PoisonError::into_inner);
         let mut window = self.window(gw, stream)?;
         if window.check(seq) != Seen::New {
@@ -253,7 +258,7 @@ impl Dedup {
     }
 
     /// Makes every mark so far durable.
-    pub fn flush(&self) -> Result<(), DedupError> {
+    pub(crate) fn flush(&self) -> Result<(), DedupError> {
         self.db.flush()?;
         Ok(())
     }

@@ -31,10 +31,10 @@
 //! All calls block (file sync, sled flush): call them from `spawn_blocking` or a dedicated
 //! thread. [`service`] ingests in `spawn_blocking`; [`HubProcess`] opens the hub there.
 
-pub mod config;
-pub mod dedup;
-pub mod process;
-pub mod sink;
+pub(crate) mod config;
+pub(crate) mod dedup;
+pub(crate) mod process;
+pub(crate) mod sink;
 
 #[cfg(test)]
 mod tests;
@@ -43,12 +43,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-pub mod service;
+pub(crate) mod service;
 
 pub use config::{HubConfig, HubKeys, SinkConfig};
-pub use dedup::{Dedup, DedupError, Seen};
+pub(crate) use dedup::{Dedup, DedupError, Seen};
 pub use process::HubProcess;
-pub use sink::{BatchKey, JsonlSink, Sink, SinkError};
+pub(crate) use sink::{BatchKey, JsonlSink, Sink, SinkError};
 
 use crate::reading::GatewayId;
 use crate::seal::Opener;
@@ -56,7 +56,7 @@ use crate::wire::Ack;
 
 /// What became of one payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ingest {
+pub(crate) enum Ingest {
     /// Written to the sink and marked; publish the ack.
     Accepted { ack: Ack, records: usize },
     /// Seen before: nothing written; publish the ack again.
@@ -70,7 +70,7 @@ pub enum Ingest {
 
 impl Ingest {
     /// The ack to publish, if any.
-    pub fn ack(&self) -> Option<&Ack> {
+    pub(crate) fn ack(&self) -> Option<&Ack> {
         match self {
             Ingest::Accepted { ack, .. } | Ingest::Duplicate { ack } => Some(ack),
             Ingest::Rejected { .. } => None,
@@ -122,7 +122,7 @@ pub struct Hub {
 
 impl Hub {
     /// Builds a hub and marks the batches the sink holds but the de-dup state missed.
-    pub fn new(opener: Opener, dedup: Dedup, sink: Box<dyn Sink>) -> Result<Hub, HubError> {
+    pub(crate) fn new(opener: Opener, dedup: Dedup, sink: Box<dyn Sink>) -> Result<Hub, HubError> {
         let is_marked = |k: &BatchKey| {
             // An unreadable state counts as marked: recovery then cuts nothing it cannot judge.
             dedup
@@ -153,7 +153,7 @@ impl Hub {
     /// sink's recovery. Blocks (key files, sled, file reads and syncs, up to 3 s waiting for a
     /// previous instance's lock): async code calls it in `spawn_blocking`, as
     /// [`HubProcess::start`] does.
-    pub fn open(cfg: &HubConfig) -> Result<Hub, HubError> {
+    pub(crate) fn open(cfg: &HubConfig) -> Result<Hub, HubError> {
         let opener = HubKeys::load(cfg)?.into_opener();
         let dedup = Dedup::open(&cfg.state_path)?;
         let sink: Box<dyn Sink> = match &cfg.sink {
@@ -163,7 +163,7 @@ impl Hub {
     }
 
     /// Takes one payload received on the topic of `topic_gateway`. Never panics.
-    pub fn ingest(&self, topic_gateway: &GatewayId, payload: &[u8]) -> Ingest {
+    pub(crate) fn ingest(&self, topic_gateway: &GatewayId, payload: &[u8]) -> Ingest {
         let batch = match self.opener.open(payload) {
             Ok(b) => b,
             Err(e) => return self.reject(topic_gateway, e.reason(), e.to_string()),

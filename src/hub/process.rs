@@ -52,7 +52,7 @@ impl HubProcess {
     /// Opens the hub's state and sink, starts the embedded broker if configured, connects
     /// and serves. The blocking parts (state, sink, keys, broker, TLS files) run on blocking
     /// threads.
-    pub async fn start(cfg: &HubConfig) -> Result<HubProcess, StartError> {
+    pub(crate) async fn start(cfg: &HubConfig) -> Result<HubProcess, StartError> {
         Self::start_with(cfg, |o| o).await
     }
 

@@ -46,13 +46,13 @@ use serde::{Deserialize, Serialize};
 use crate::reading::{GatewayId, Quality, Record, Stream, Value};
 
 /// How much of the end of a JSON Lines file [`JsonlSink::recover`] reads.
-pub const TAIL_SCAN_BYTES: u64 = 4 * 1024 * 1024;
+pub(crate) const TAIL_SCAN_BYTES: u64 = 4 * 1024 * 1024;
 /// Last millisecond RFC 3339 can express with four-digit years (9999-12-31T23:59:59.999Z).
 const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
 
 /// The identity of a batch at the hub.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct BatchKey {
+pub(crate) struct BatchKey {
     pub gateway: GatewayId,
     pub stream: Stream,
     pub seq: u64,
@@ -69,7 +69,7 @@ pub enum SinkError {
 }
 
 /// A destination for accepted records.
-pub trait Sink: Send + Sync + std::fmt::Debug {
+pub(crate) trait Sink: Send + Sync + std::fmt::Debug {
     /// Writes one batch's records; they must survive a crash once this returns `Ok`.
     fn write_batch(&self, key: &BatchKey, records: &[Record]) -> Result<(), SinkError>;
 
@@ -80,7 +80,7 @@ pub trait Sink: Send + Sync + std::fmt::Debug {
 
 /// Appends JSON Lines to one file.
 #[derive(Debug)]
-pub struct JsonlSink {
+pub(crate) struct JsonlSink {
     path: PathBuf,
     file: Mutex<File>,
 }
@@ -112,7 +112,7 @@ fn json_value(v: &Value) -> serde_json::Value {
 }
 
 /// `at_ms` as RFC 3339 UTC with milliseconds, if representable.
-pub fn rfc3339_ms(at_ms: i64) -> Option<String> {
+pub(crate) fn rfc3339_ms(at_ms: i64) -> Option<String> {
     let ms = u64::try_from(at_ms)
         .ok()
         .filter(|_| at_ms <= MAX_RFC3339_MS)?;
@@ -121,7 +121,7 @@ pub fn rfc3339_ms(at_ms: i64) -> Option<String> {
 }
 
 /// `"good"`, `"uncertain:REASON"` or `"bad:REASON"`.
-pub fn quality_label(q: Quality) -> String {
+pub(crate) fn quality_label(q: Quality) -> String {
     match q {
         Quality::Good => "good".to_owned(),
         Quality::Uncertain(r) => format!("uncertain:{}", r.as_str()),
@@ -130,7 +130,7 @@ pub fn quality_label(q: Quality) -> String {
 }
 
 /// The JSON Lines bytes of one batch.
-pub fn encode_batch(key: &BatchKey, records: &[Record]) -> Vec<u8> {
+pub(crate) fn encode_batch(key: &BatchKey, records: &[Record]) -> Vec<u8> {
     let mut out = Vec::with_capacity(records.len() * 256);
     for r in records {
         let line = Line {
@@ -154,7 +154,7 @@ pub fn encode_batch(key: &BatchKey, records: &[Record]) -> Vec<u8> {
 
 impl JsonlSink {
     /// Opens (or creates) the file for appending; creates its directory if needed.
-    pub fn open(path: &Path) -> Result<JsonlSink, SinkError> {
+    pub(crate) fn open(path: &Path) -> Result<JsonlSink, SinkError> {
         let io_err = |source| SinkError::Io {
             path: path.to_owned(),
             source,
@@ -172,10 +172,6 @@ impl JsonlSink {
             path: path.to_owned(),
             file: Mutex::new(file),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn io_err(&self) -> impl FnOnce(io::Error) -> SinkError + '_ {

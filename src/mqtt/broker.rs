@@ -43,9 +43,9 @@ use super::tls::{self, TlsError, TlsServerFiles};
 
 /// The default for [`BrokerOptions::max_packet_bytes`]: 1 MiB of payload plus room for the
 /// topic and headers, so any packet a default [`LinkOptions`](super::LinkOptions) accepts fits.
-pub const DEFAULT_MAX_PACKET_BYTES: usize = 1024 * 1024 + 64 * 1024;
+pub(crate) const DEFAULT_MAX_PACKET_BYTES: usize = 1024 * 1024 + 64 * 1024;
 /// How many free ports are tried for port 0 before giving up.
-pub const PORT_ATTEMPTS: usize = 8;
+pub(crate) const PORT_ATTEMPTS: usize = 8;
 /// Time a client has from TCP accept to its CONNECT packet.
 const CONNECT_TIMEOUT_MS: u16 = 10_000;
 /// Unacknowledged QoS 1/2 packets per connection.

@@ -88,7 +88,7 @@ impl CertAuthority {
     }
 
     /// Issues a server certificate (`{file_stem}.pem`/`.key`) for the given names.
-    pub fn issue_server(
+    pub(crate) fn issue_server(
         &self,
         file_stem: &str,
         dns_names: &[&str],

@@ -38,13 +38,13 @@ use super::tls::{self, TlsClientFiles, TlsError};
 use crate::backoff::BackoffPolicy;
 
 /// Default largest MQTT packet, both directions (rumqttc's own default is 10 KiB).
-pub const DEFAULT_MAX_PACKET_BYTES: usize = 1024 * 1024;
+pub(crate) const DEFAULT_MAX_PACKET_BYTES: usize = 1024 * 1024;
 /// Default bound on un-acknowledged outgoing QoS 1 publishes.
-pub const DEFAULT_INFLIGHT: u16 = 32;
+pub(crate) const DEFAULT_INFLIGHT: u16 = 32;
 /// Capacity of the channel carrying [`LinkEvent`]s to the link's owner.
-pub const EVENT_CHANNEL_CAPACITY: usize = 64;
+pub(crate) const EVENT_CHANNEL_CAPACITY: usize = 64;
 /// Capacity of rumqttc's request channel (publish/subscribe calls waiting for the driver).
-pub const REQUEST_CHANNEL_CAPACITY: usize = 64;
+pub(crate) const REQUEST_CHANNEL_CAPACITY: usize = 64;
 /// How long [`MqttLink::shutdown`] waits for the DISCONNECT to be sent.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -119,7 +119,6 @@ pub enum LinkError {
 #[derive(Debug)]
 pub struct MqttLink {
     client: AsyncClient,
-    state_rx: watch::Receiver<LinkState>,
     subscriptions: Arc<Mutex<Vec<(String, QoS)>>>,
     driver: Option<JoinHandle<()>>,
     resubscriber: JoinHandle<()>,
@@ -128,7 +127,7 @@ pub struct MqttLink {
 impl MqttLink {
     /// [`MqttLink::start`] for async callers: the TLS files are read on a blocking thread,
     /// never on an async worker.
-    pub async fn open(
+    pub(crate) async fn open(
         opts: LinkOptions,
     ) -> Result<(MqttLink, mpsc::Receiver<LinkEvent>), LinkError> {
         match tokio::task::spawn_blocking(move || MqttLink::start(opts)).await {
@@ -159,11 +158,10 @@ impl MqttLink {
         let span = info_span!("mqtt_link", client_id = %opts.client_id, broker = %opts.broker);
         let driver = tokio::spawn(driver.run().instrument(span.clone()));
         let resubscriber = tokio::spawn(
-            resubscribe(client.clone(), state_rx.clone(), subscriptions.clone()).instrument(span),
+            resubscribe(client.clone(), state_rx, subscriptions.clone()).instrument(span),
         );
         let link = MqttLink {
             client,
-            state_rx,
             subscriptions,
             driver: Some(driver),
             resubscriber,
@@ -198,20 +196,15 @@ impl MqttLink {
     }
 
     /// Queues a publish without waiting; [`LinkError::QueueFull`] when the queue is full.
-    pub fn try_publish(&self, topic: &str, qos: QoS, payload: Bytes) -> Result<(), LinkError> {
+    pub(crate) fn try_publish(
+        &self,
+        topic: &str,
+        qos: QoS,
+        payload: Bytes,
+    ) -> Result<(), LinkError> {
         self.client
             .try_publish(topic, qos, false, payload)
             .map_err(|err| self.client_error(err))
-    }
-
-    /// The current connection state.
-    pub fn state(&self) -> LinkState {
-        self.state_rx.borrow().clone()
-    }
-
-    /// A receiver that sees every state change (latest value wins).
-    pub fn watch_state(&self) -> watch::Receiver<LinkState> {
-        self.state_rx.clone()
     }
 
     /// Sends DISCONNECT (if connected), waits up to two seconds for it to go out, then stops

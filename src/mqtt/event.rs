@@ -61,7 +61,7 @@ pub enum LinkFailure {
 
 impl LinkFailure {
     /// Classifies a rumqttc error.
-    pub fn classify(err: &ConnectionError) -> LinkFailure {
+    pub(crate) fn classify(err: &ConnectionError) -> LinkFailure {
         match err {
             ConnectionError::Tls(tls) => LinkFailure::Tls(tls.to_string()),
             ConnectionError::Io(io) => from_io(io),

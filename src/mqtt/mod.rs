@@ -29,11 +29,11 @@
 //! so the embedded broker builds its TLS configuration from the PEM files itself; the gateway
 //! side (rumqttc 0.25) shares the crate's rustls 0.23.
 
-pub mod broker;
-pub mod certs;
-pub mod client;
-pub mod driver;
-pub mod event;
+pub(crate) mod broker;
+pub(crate) mod certs;
+pub(crate) mod client;
+pub(crate) mod driver;
+pub(crate) mod event;
 pub mod tls;
 
 pub use broker::{BrokerError, BrokerOptions, EmbeddedBroker};

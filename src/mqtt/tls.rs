@@ -125,7 +125,7 @@ pub fn server_config(files: &TlsServerFiles) -> Result<Arc<ServerConfig>, TlsErr
 }
 
 /// Refuses key files that group or others may read, write or execute.
-pub fn check_key_permissions(path: &Path) -> Result<(), TlsError> {
+pub(crate) fn check_key_permissions(path: &Path) -> Result<(), TlsError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -160,7 +160,7 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 }
 
 /// Loads a PEM certificate chain; at least one certificate must be present.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = read(path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
@@ -181,7 +181,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Loads the first private key of a PEM file after checking the file's permissions. The error
 /// never includes key bytes.
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     check_key_permissions(path)?;
     let bytes = zeroize::Zeroizing::new(read(path)?);
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|err| TlsError::Pem {

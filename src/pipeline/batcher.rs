@@ -101,7 +101,7 @@ impl Batcher {
     /// to its profile field's stream; an alarm-stream reading only when the alarm gate
     /// passes it (changed, or due as standing state). The purpose must list a field
     /// for it to leave, alarms included.
-    pub async fn accept(&mut self, sample: RawSample) {
+    pub(crate) async fn accept(&mut self, sample: RawSample) {
         let normalised = match &sample.data {
             SampleData::Registers(image) => normalise_with(
                 &sample.profile,

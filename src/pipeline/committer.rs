@@ -13,17 +13,17 @@ use crate::store::{Outbox, StoreError, StoredBatch};
 use crate::telemetry::Metrics;
 
 /// Highest committed sequence number per stream, indexed by `Stream::code`.
-pub type CommittedMarks = [u64; 3];
+pub(crate) type CommittedMarks = [u64; 3];
 
 /// Most batches held in memory while the store refuses writes (disk full, I/O error).
 /// Beyond it the oldest is dropped and counted: the gateway degrades, it does not die.
-pub const PENDING_LIMIT: usize = 256;
+pub(crate) const PENDING_LIMIT: usize = 256;
 /// Most batches appended before one flush.
 const GROUP_MAX: usize = 64;
 
 /// Appends sealed batches and flushes them in groups.
 #[derive(Debug)]
-pub struct Committer {
+pub(crate) struct Committer {
     sealed_rx: mpsc::Receiver<SealedBatch>,
     outbox: Outbox,
     metrics: Arc<Metrics>,
@@ -34,7 +34,7 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn new(
+    pub(crate) fn new(
         sealed_rx: mpsc::Receiver<SealedBatch>,
         outbox: Outbox,
         metrics: Arc<Metrics>,
@@ -51,7 +51,7 @@ impl Committer {
 
     /// Runs until the sealed channel closes and everything received is committed (or
     /// the store keeps failing past a last retry).
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let mut closed = false;
         let mut retries_after_close = 0;
         loop {

@@ -11,7 +11,7 @@ mod batcher;
 mod committer;
 
 pub use batcher::Batcher;
-pub use committer::{CommittedMarks, Committer};
+pub(crate) use committer::{CommittedMarks, Committer};
 
 /// Raw samples waiting for the transforms. Full: the poller drops the newest and counts it.
 pub const SAMPLES_CHANNEL_CAPACITY: usize = 1024;

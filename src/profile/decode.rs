@@ -24,11 +24,11 @@ pub enum FieldType {
 }
 
 impl FieldType {
-    pub const NAMES: &'static str =
+    pub(crate) const NAMES: &'static str =
         "\"u16\", \"i16\", \"u32\", \"i32\", \"u64\", \"i64\", \"f32\", \"f64\", \"bit\"";
 
     /// Parses a type name; `bit` needs the bit index from its own key.
-    pub fn parse(name: &str, bit: Option<u8>) -> Option<Self> {
+    pub(crate) fn parse(name: &str, bit: Option<u8>) -> Option<Self> {
         Some(match name {
             "u16" => FieldType::U16,
             "i16" => FieldType::I16,
@@ -52,7 +52,7 @@ impl FieldType {
         }
     }
 
-    pub fn is_integer(self) -> bool {
+    pub(crate) fn is_integer(self) -> bool {
         !matches!(self, FieldType::F32 | FieldType::F64 | FieldType::Bit(_))
     }
 }
@@ -84,9 +84,9 @@ pub enum WordOrder {
 }
 
 impl WordOrder {
-    pub const NAMES: &'static str = "\"ABCD\", \"CDAB\", \"BADC\", \"DCBA\"";
+    pub(crate) const NAMES: &'static str = "\"ABCD\", \"CDAB\", \"BADC\", \"DCBA\"";
 
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "ABCD" => WordOrder::Abcd,
             "CDAB" => WordOrder::Cdab,

@@ -23,10 +23,11 @@ pub struct LineOverride {
 }
 
 /// Baud rates a transport may name.
-pub const BAUD_RATES: [u32; 9] = [1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200];
+pub(crate) const BAUD_RATES: [u32; 9] =
+    [1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200];
 
 impl LineOverride {
-    pub fn resolve(&self, profile_default: Option<LineSettings>) -> LineSettings {
+    pub(crate) fn resolve(&self, profile_default: Option<LineSettings>) -> LineSettings {
         let d = profile_default.unwrap_or(DEFAULT_LINE);
         LineSettings {
             baud: self.baud.unwrap_or(d.baud),
@@ -37,7 +38,7 @@ impl LineOverride {
     }
 
     /// Problems with explicit values, as (key, message) pairs.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
+    pub(crate) fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
         if let Some(b) = self.baud {
             if !BAUD_RATES.contains(&b) {
@@ -62,7 +63,7 @@ impl LineOverride {
 }
 
 /// `9600 8N1`-style summary.
-pub fn describe(line: &LineSettings) -> String {
+pub(crate) fn describe(line: &LineSettings) -> String {
     let p = match line.parity {
         Parity::None => 'N',
         Parity::Even => 'E',

@@ -14,10 +14,10 @@
 //! The file format is documented in README.md ("Device profiles").
 
 pub mod decode;
-pub mod line;
+pub(crate) mod line;
 pub mod mqtt;
 mod raw;
-pub mod units;
+pub(crate) mod units;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,12 +27,12 @@ use crate::diag::Diagnostic;
 use crate::reading::{Classification, FieldName, RegisterAddress, Stream, Unit};
 
 pub use decode::{FieldType, RawValue, WordOrder};
-pub use units::ProfileUnit;
+pub(crate) use units::ProfileUnit;
 
 /// Largest number of registers one FC03/FC04 request may carry (Modbus spec).
-pub const MAX_REGISTERS_PER_READ: u16 = 125;
+pub(crate) const MAX_REGISTERS_PER_READ: u16 = 125;
 /// Default largest run of unused registers the read planner fills to merge two reads.
-pub const DEFAULT_MAX_GAP_REGISTERS: u16 = 16;
+pub(crate) const DEFAULT_MAX_GAP_REGISTERS: u16 = 16;
 
 /// Modbus read function used for every field of a profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,7 +44,7 @@ pub enum FunctionCode {
 }
 
 impl FunctionCode {
-    pub fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             FunctionCode::ReadHolding => 3,
             FunctionCode::ReadInput => 4,
@@ -92,9 +92,9 @@ pub enum Ratio {
 }
 
 impl Ratio {
-    pub const NAMES: &'static str = "\"ct\", \"pt\", \"ct_pt\"";
+    pub(crate) const NAMES: &'static str = "\"ct\", \"pt\", \"ct_pt\"";
 
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "ct" => Ratio::Ct,
             "pt" => Ratio::Pt,
@@ -103,7 +103,7 @@ impl Ratio {
         })
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Ratio::Ct => "ct",
             Ratio::Pt => "pt",
@@ -113,7 +113,7 @@ impl Ratio {
 
     /// Whether values in canonical unit `unit` scale with this ratio: CT for amperes,
     /// PT for volts, CT × PT for power and energy.
-    pub fn applies_to(self, unit: Unit) -> bool {
+    pub(crate) fn applies_to(self, unit: Unit) -> bool {
         match self {
             Ratio::Ct => unit == Unit::Ampere,
             Ratio::Pt => unit == Unit::Volt,
@@ -125,7 +125,7 @@ impl Ratio {
     }
 
     /// The canonical units this ratio may apply to, for error messages.
-    pub fn valid_units(self) -> &'static str {
+    pub(crate) fn valid_units(self) -> &'static str {
         match self {
             Ratio::Ct => "A (currents)",
             Ratio::Pt => "V (voltages)",
@@ -224,12 +224,12 @@ impl Field {
 
     /// The smallest run of registers holding every part: what one read must cover so
     /// the parts of a combined total cannot tear.
-    pub fn span(&self) -> (RegisterAddress, u16) {
+    pub(crate) fn span(&self) -> (RegisterAddress, u16) {
         Self::span_of(self.parts())
     }
 
     /// The smallest run of registers holding every `(address, type)` part.
-    pub fn span_of(
+    pub(crate) fn span_of(
         parts: impl IntoIterator<Item = (RegisterAddress, FieldType)>,
     ) -> (RegisterAddress, u16) {
         let (mut start, mut end) = (u32::MAX, 0u32);
@@ -247,7 +247,7 @@ impl Field {
     }
 
     /// True when the decoded value is an integer that scaling leaves an integer.
-    pub fn keeps_integer(&self) -> bool {
+    pub(crate) fn keeps_integer(&self) -> bool {
         self.ty.is_integer()
             && self.fraction.is_none()
             && self.ratio.is_none()
@@ -363,7 +363,7 @@ impl ProfileSet {
         self.profiles.get(name)
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
         self.profiles.keys().map(String::as_str)
     }
 

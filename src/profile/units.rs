@@ -50,7 +50,7 @@ pub struct ProfileUnit {
 }
 
 impl ProfileUnit {
-    pub fn parse(symbol: &str) -> Option<Self> {
+    pub(crate) fn parse(symbol: &str) -> Option<Self> {
         TABLE
             .iter()
             .find(|(s, _, _)| *s == symbol)
@@ -62,7 +62,7 @@ impl ProfileUnit {
     }
 
     /// The symbols a profile may use, for error messages.
-    pub fn valid_symbols() -> String {
+    pub(crate) fn valid_symbols() -> String {
         TABLE
             .iter()
             .map(|(s, _, _)| format!("{s:?}"))

@@ -16,10 +16,10 @@ use crate::reading::Record;
 use super::error::{OpenError, SealError};
 
 /// zstd compression level used by the sealer (zstd's own default).
-pub const ZSTD_LEVEL: i32 = 3;
+pub(crate) const ZSTD_LEVEL: i32 = 3;
 
 /// Hard cap on the decompressed plaintext of one batch: 64 MiB.
-pub const MAX_PLAINTEXT_BYTES: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_PLAINTEXT_BYTES: usize = 64 * 1024 * 1024;
 
 /// Encodes and compresses records into the plaintext that gets encrypted.
 pub(crate) fn encode_records(records: &[Record]) -> Result<Vec<u8>, SealError> {

@@ -13,18 +13,18 @@ use crate::reading::{GatewayId, Stream};
 use super::error::OpenError;
 
 /// The first four bytes of every envelope.
-pub const MAGIC: [u8; 4] = *b"CGB1";
+pub(crate) const MAGIC: [u8; 4] = *b"CGB1";
 /// The envelope format version this code writes and reads.
-pub const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 1;
 /// Suite 1: HPKE base mode with DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305;
 /// Ed25519 signatures.
-pub const SUITE_X25519_CHACHA20POLY1305_ED25519: u8 = 1;
+pub(crate) const SUITE_X25519_CHACHA20POLY1305_ED25519: u8 = 1;
 /// The gateway id field holds 1..=64 bytes.
-pub const MAX_GATEWAY_LEN: usize = 64;
+pub(crate) const MAX_GATEWAY_LEN: usize = 64;
 /// Length of the trailing Ed25519 signature.
-pub const SIGNATURE_LEN: usize = 64;
+pub(crate) const SIGNATURE_LEN: usize = 64;
 /// Length of the HPKE encapsulated key (an X25519 public key).
-pub const ENCAPPED_KEY_LEN: usize = 32;
+pub(crate) const ENCAPPED_KEY_LEN: usize = 32;
 
 /// Bytes of the header besides the gateway id: magic, version, suite, gateway_len, stream, seq,
 /// created_at, record_count, policy_hash, both key ids, enc.
@@ -57,12 +57,12 @@ pub struct Header {
 
 impl Header {
     /// Length of this header on the wire.
-    pub fn encoded_len(&self) -> usize {
+    pub(crate) fn encoded_len(&self) -> usize {
         HEADER_FIXED_LEN + self.gateway.as_str().len()
     }
 
     /// Appends the header bytes (magic through enc) to `out`.
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
         let gateway = self.gateway.as_str().as_bytes();
         let gateway_len =
             u8::try_from(gateway.len()).expect("invariant: GatewayId is at most 64 bytes");
@@ -83,7 +83,7 @@ impl Header {
     }
 
     /// The header bytes (magic through enc).
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
         self.encode_into(&mut out);
         out
@@ -91,7 +91,7 @@ impl Header {
 
     /// Parses a header from the start of `bytes`; returns it and the number of bytes it used.
     /// Checks magic, version, suite, gateway id and stream code, in that order.
-    pub fn parse(bytes: &[u8]) -> Result<(Header, usize), OpenError> {
+    pub(crate) fn parse(bytes: &[u8]) -> Result<(Header, usize), OpenError> {
         let mut r = Cursor::new(bytes);
         if r.array::<4>()? != MAGIC {
             return Err(OpenError::BadMagic);
@@ -172,7 +172,8 @@ pub(crate) fn parse_frame(bytes: &[u8]) -> Result<Frame<'_>, OpenError> {
 
 /// Parses an envelope's header and checks its framing, without any key: for the store and the
 /// uplink, which handle envelopes they cannot (and must not) open.
-pub fn peek_header(bytes: &[u8]) -> Result<Header, OpenError> {
+#[cfg(test)]
+pub(crate) fn peek_header(bytes: &[u8]) -> Result<Header, OpenError> {
     parse_frame(bytes).map(|frame| frame.header)
 }
 

@@ -63,7 +63,7 @@ pub enum OpenError {
 
 impl OpenError {
     /// A constant snake_case label for counters and log fields.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             OpenError::Truncated => "truncated",
             OpenError::TrailingBytes { .. } => "trailing_bytes",
@@ -85,7 +85,8 @@ impl OpenError {
     }
 
     /// Whether the error was found by parsing alone, before any key was used.
-    pub fn is_parse_error(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_parse_error(&self) -> bool {
         matches!(
             self,
             OpenError::Truncated

@@ -31,14 +31,14 @@ pub fn key_id(public: &[u8; 32]) -> [u8; 8] {
 pub struct HubPublicKey(<HubKem as hpke::Kem>::PublicKey);
 
 impl HubPublicKey {
-    pub fn from_bytes(bytes: &[u8; 32]) -> Self {
+    pub(crate) fn from_bytes(bytes: &[u8; 32]) -> Self {
         HubPublicKey(
             <HubKem as hpke::Kem>::PublicKey::from_bytes(bytes)
                 .expect("invariant: any 32 bytes are an X25519 public key"),
         )
     }
 
-    pub fn to_bytes(&self) -> [u8; 32] {
+    pub(crate) fn to_bytes(&self) -> [u8; 32] {
         self.0.to_bytes().into()
     }
 
@@ -72,7 +72,7 @@ impl HubSecretKey {
         )
     }
 
-    pub fn generate(rng: &mut (impl CryptoRng + RngCore)) -> Self {
+    pub(crate) fn generate(rng: &mut (impl CryptoRng + RngCore)) -> Self {
         HubSecretKey(HubKem::gen_keypair(rng).0)
     }
 
@@ -111,13 +111,13 @@ impl PseudonymKey {
         PseudonymKey(bytes)
     }
 
-    pub fn generate(rng: &mut (impl CryptoRng + RngCore)) -> Self {
+    pub(crate) fn generate(rng: &mut (impl CryptoRng + RngCore)) -> Self {
         let mut bytes = [0u8; 32];
         rng.fill_bytes(&mut bytes);
         PseudonymKey(bytes)
     }
 
-    pub fn as_bytes(&self) -> &[u8; 32] {
+    pub(crate) fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
 

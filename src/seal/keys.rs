@@ -37,11 +37,11 @@ use zeroize::Zeroizing;
 use super::key_types::{key_id, HubPublicKey, HubSecretKey, PseudonymKey};
 
 /// File names written by [`generate`].
-pub const SIGNING_KEY_FILE: &str = "gateway.sign.key";
-pub const VERIFYING_KEY_FILE: &str = "gateway.sign.pub";
-pub const HUB_SECRET_KEY_FILE: &str = "hub.hpke.key";
-pub const HUB_PUBLIC_KEY_FILE: &str = "hub.hpke.pub";
-pub const PSEUDONYM_KEY_FILE: &str = "pseudonym.key";
+pub(crate) const SIGNING_KEY_FILE: &str = "gateway.sign.key";
+pub(crate) const VERIFYING_KEY_FILE: &str = "gateway.sign.pub";
+pub(crate) const HUB_SECRET_KEY_FILE: &str = "hub.hpke.key";
+pub(crate) const HUB_PUBLIC_KEY_FILE: &str = "hub.hpke.pub";
+pub(crate) const PSEUDONYM_KEY_FILE: &str = "pseudonym.key";
 
 /// Key files are tiny; anything longer is not a key file and is not read further.
 const MAX_KEY_FILE_BYTES: u64 = 4096;
@@ -69,7 +69,7 @@ impl KeyKind {
     ];
 
     /// The first line of a file of this kind.
-    pub fn tag_line(self) -> &'static str {
+    pub(crate) fn tag_line(self) -> &'static str {
         match self {
             KeyKind::GatewaySigning => "# citygate gateway-signing-key v1",
             KeyKind::GatewayVerifying => "# citygate gateway-verifying-key v1",
@@ -80,7 +80,7 @@ impl KeyKind {
     }
 
     /// Whether files of this kind hold secrets (mode 0600, permission-checked on load).
-    pub fn is_secret(self) -> bool {
+    pub(crate) fn is_secret(self) -> bool {
         matches!(
             self,
             KeyKind::GatewaySigning | KeyKind::HubHpkeSecret | KeyKind::Pseudonym
@@ -169,7 +169,7 @@ pub fn load_hub_secret_key(path: &Path) -> Result<HubSecretKey, KeyError> {
 }
 
 /// Loads the gateway's pseudonym key.
-pub fn load_pseudonym_key(path: &Path) -> Result<PseudonymKey, KeyError> {
+pub(crate) fn load_pseudonym_key(path: &Path) -> Result<PseudonymKey, KeyError> {
     let bytes = read_key_file(path, KeyKind::Pseudonym)?;
     Ok(PseudonymKey::from_bytes(*bytes))
 }

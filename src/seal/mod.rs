@@ -175,23 +175,24 @@ mod tests;
 #[cfg(test)]
 mod vector;
 
-pub use codec::{MAX_PLAINTEXT_BYTES, ZSTD_LEVEL};
-pub use envelope::{
-    peek_header, Header, SealedBatch, ENCAPPED_KEY_LEN, MAGIC, MAX_GATEWAY_LEN, SIGNATURE_LEN,
-    SUITE_X25519_CHACHA20POLY1305_ED25519, VERSION,
-};
-pub use error::{OpenError, SealError};
+pub(crate) use envelope::SealedBatch;
 pub use key_types::{key_id, HubPublicKey, HubSecretKey, PseudonymKey};
-pub use keys::{
-    generate, load_hub_public_key, load_hub_secret_key, load_pseudonym_key, load_signing_key,
-    load_verifying_key, GeneratedKeys, KeyError, KeyKind, HUB_PUBLIC_KEY_FILE, HUB_SECRET_KEY_FILE,
-    PSEUDONYM_KEY_FILE, SIGNING_KEY_FILE, VERIFYING_KEY_FILE,
-};
+pub(crate) use keys::{load_hub_secret_key, load_verifying_key, KeyError};
 pub use opener::{OpenedBatch, Opener};
 pub use sealer::Sealer;
 
+// What the unit tests of `seal` and `hub` reach through the module root.
+#[cfg(test)]
+pub(crate) use codec::{MAX_PLAINTEXT_BYTES, ZSTD_LEVEL};
+#[cfg(test)]
+pub(crate) use envelope::{peek_header, SIGNATURE_LEN};
+#[cfg(test)]
+pub(crate) use error::OpenError;
+#[cfg(test)]
+pub(crate) use keys::{generate, load_hub_public_key, load_signing_key, GeneratedKeys};
+
 /// The HPKE `info` string of suite 1.
-pub const HPKE_INFO: &[u8] = b"citygate/v1 batch";
+pub(crate) const HPKE_INFO: &[u8] = b"citygate/v1 batch";
 
 /// HPKE AEAD of suite 1: ChaCha20-Poly1305, RFC 9180 AEAD id 0x0003.
 type HpkeAead = hpke::aead::ChaCha20Poly1305;

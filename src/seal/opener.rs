@@ -61,11 +61,6 @@ impl Opener {
             .insert(gateway, RegisteredGateway { key, key_id });
     }
 
-    /// Key id of the hub public key this opener accepts batches for.
-    pub fn hub_key_id(&self) -> [u8; 8] {
-        self.hub_key_id
-    }
-
     /// Verifies, decrypts and decodes one envelope.
     pub fn open(&self, bytes: &[u8]) -> Result<OpenedBatch, OpenError> {
         let frame = parse_frame(bytes)?;

@@ -53,18 +53,10 @@ impl Sealer {
         }
     }
 
-    pub fn gateway(&self) -> &GatewayId {
-        &self.gateway
-    }
-
     /// The policy hash written into every header.
-    pub fn policy_hash(&self) -> [u8; 32] {
+    #[cfg(test)]
+    pub(crate) fn policy_hash(&self) -> [u8; 32] {
         self.policy_hash
-    }
-
-    /// Key id of the gateway's verifying key, as written into headers.
-    pub fn signer_key_id(&self) -> [u8; 8] {
-        self.signer_key_id
     }
 
     /// Seals `records` as batch `seq` of `stream`, with HPKE randomness from the OS.
@@ -79,7 +71,7 @@ impl Sealer {
     }
 
     /// Like [`Sealer::seal`] with a caller-supplied RNG; a seeded RNG gives reproducible bytes.
-    pub fn seal_with_rng(
+    pub(crate) fn seal_with_rng(
         &self,
         stream: Stream,
         seq: u64,

@@ -128,7 +128,7 @@ impl SimMeters {
     }
 
     /// A unit's fault; unit ids that are not simulated are `Silent`.
-    pub fn fault(&self, unit: UnitId) -> Fault {
+    pub(crate) fn fault(&self, unit: UnitId) -> Fault {
         self.state(unit).map_or(Fault::Silent, |s| s.fault)
     }
 

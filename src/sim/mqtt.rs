@@ -54,7 +54,7 @@ pub enum Malformed {
 }
 
 impl Malformed {
-    pub const ALL: [Malformed; 5] = [
+    pub(crate) const ALL: [Malformed; 5] = [
         Malformed::Garbage,
         Malformed::WrongShape,
         Malformed::MissingField,
@@ -80,7 +80,7 @@ pub struct MqttSimOptions {
 
 impl MqttSimOptions {
     /// A topic template fitting `shape`.
-    pub fn default_topic(shape: PayloadShape) -> &'static str {
+    pub(crate) fn default_topic(shape: PayloadShape) -> &'static str {
         match shape {
             PayloadShape::Json => "meters/{key}/up",
             PayloadShape::ThingsBoard => "tb/{key}/telemetry",
@@ -190,12 +190,12 @@ impl MqttSim {
         })
     }
 
-    pub fn shape(&self) -> PayloadShape {
+    pub(crate) fn shape(&self) -> PayloadShape {
         self.shape
     }
 
     /// The meters' (key, topic) pairs.
-    pub fn topics(&self) -> Vec<(String, String)> {
+    pub(crate) fn topics(&self) -> Vec<(String, String)> {
         self.meters
             .iter()
             .map(|m| (m.key.clone(), m.topic.clone()))
@@ -495,7 +495,7 @@ fn remove_at(payload: &mut Json, shape: PayloadShape, loc: &Locator) {
 }
 
 /// `at_ms` as RFC 3339 UTC with milliseconds.
-pub fn iso8601(at_ms: TimestampMs) -> String {
+pub(crate) fn iso8601(at_ms: TimestampMs) -> String {
     let secs = at_ms.div_euclid(1000);
     let ms = at_ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);
@@ -522,7 +522,7 @@ pub fn iso8601(at_ms: TimestampMs) -> String {
 /// returns how many messages were queued. A publish waits while rumqttc's request queue
 /// is full (so nothing is dropped silently); a late snapshot is sent late, not skipped.
 /// The link's events are drained in a task of their own, as [`MqttLink`] requires.
-pub async fn publish(
+pub(crate) async fn publish(
     mut sim: MqttSim,
     link: MqttLink,
     mut events: tokio::sync::mpsc::Receiver<LinkEvent>,

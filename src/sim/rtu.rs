@@ -111,11 +111,7 @@ impl RtuSim {
         self
     }
 
-    pub fn meters(&self) -> &SimMeters {
-        &self.meters
-    }
-
-    pub fn set_line_fault(&self, unit: UnitId, fault: LineFault) {
+    pub(crate) fn set_line_fault(&self, unit: UnitId, fault: LineFault) {
         self.shared
             .line_faults
             .lock()

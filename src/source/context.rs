@@ -44,7 +44,7 @@ impl SourceContext {
 
     /// The context for one more source: the same sender, metrics and settings, and a
     /// cancellation token of its own under this one.
-    pub fn child(&self) -> Self {
+    pub(crate) fn child(&self) -> Self {
         Self {
             shutdown: self.shutdown.child_token(),
             ..self.clone()
@@ -66,7 +66,7 @@ impl SourceContext {
     /// Hands a sample to the transforms and counts it. Policy when they fall behind:
     /// drop the newest sample and count the drop; a source never blocks on downstream
     /// back-pressure. Returns whether the sample was queued.
-    pub fn send(&self, sample: RawSample) -> bool {
+    pub(crate) fn send(&self, sample: RawSample) -> bool {
         self.metrics.samples_polled.inc();
         if self.samples_tx.try_send(sample).is_err() {
             self.metrics.samples_dropped.inc();

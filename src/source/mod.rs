@@ -11,7 +11,7 @@
 mod context;
 pub mod modbus;
 pub mod mqtt;
-pub mod poll;
+pub(crate) mod poll;
 pub mod rtu;
 
 pub use context::SourceContext;
@@ -38,19 +38,20 @@ impl RegisterImage {
     }
 
     /// The `n` registers starting at `addr`, if one block holds all of them.
-    pub fn get(&self, addr: RegisterAddress, n: u16) -> Option<&[u16]> {
+    pub(crate) fn get(&self, addr: RegisterAddress, n: u16) -> Option<&[u16]> {
         self.blocks.iter().find_map(|(start, words)| {
             let off = usize::from(addr.0.checked_sub(start.0)?);
             words.get(off..off + usize::from(n))
         })
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.blocks.is_empty()
     }
 
     /// Total registers held.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.blocks.iter().map(|(_, w)| w.len()).sum()
     }
 }

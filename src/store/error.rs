@@ -46,7 +46,7 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the disk (or the store's quota on it) is full: `ENOSPC` from sled or from our
     /// own file operations.
-    pub fn is_disk_full(&self) -> bool {
+    pub(crate) fn is_disk_full(&self) -> bool {
         match self {
             StoreError::Sled(sled::Error::Io(e)) | StoreError::Io { source: e, .. } => {
                 io_is_disk_full(e)

@@ -24,7 +24,7 @@ pub struct MemStore {
 }
 
 impl MemStore {
-    pub fn new(max_bytes: u64) -> Self {
+    pub(crate) fn new(max_bytes: u64) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 batches: BTreeMap::new(),

@@ -90,9 +90,9 @@ mod sled_store;
 #[cfg(test)]
 mod tests;
 
-pub use error::StoreError;
+pub(crate) use error::StoreError;
 pub use mem_store::MemStore;
-pub use outbox::{CommitOutcome, Outbox};
+pub(crate) use outbox::Outbox;
 pub use sled_store::SledStore;
 
 use crate::reading::Stream;
@@ -169,7 +169,7 @@ pub struct StoreStats {
 }
 
 impl StoreStats {
-    pub fn get(&self, stream: Stream) -> &StreamStats {
+    pub(crate) fn get(&self, stream: Stream) -> &StreamStats {
         match stream {
             Stream::Readings => &self.readings,
             Stream::Alarms => &self.alarms,
@@ -189,7 +189,7 @@ impl StoreStats {
         Stream::ALL.iter().map(|s| self.get(*s).batches).sum()
     }
 
-    pub fn total_bytes(&self) -> u64 {
+    pub(crate) fn total_bytes(&self) -> u64 {
         Stream::ALL.iter().map(|s| self.get(*s).bytes).sum()
     }
 }

@@ -29,7 +29,9 @@ use tokio::sync::watch;
 
 use crate::reading::Stream;
 
-use super::{AppendOutcome, Store, StoreError, StoreStats, StoredBatch};
+#[cfg(test)]
+use super::AppendOutcome;
+use super::{Store, StoreError, StoreStats, StoredBatch};
 
 /// A cheap-to-clone async handle on a [`Store`]. See the module docs.
 #[derive(Debug, Clone)]
@@ -65,7 +67,7 @@ impl Inner {
 
 /// What a group commit ([`Outbox::commit`]) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CommitOutcome {
+pub(crate) struct CommitOutcome {
     /// Batches dropped by the quota to make room, oldest first: (stream, seq, bytes).
     pub evicted: Vec<(Stream, u64, u64)>,
 }
@@ -73,7 +75,7 @@ pub struct CommitOutcome {
 impl Outbox {
     /// Wraps `store`. Reads its counters and sequence numbers once, here, on the calling
     /// thread (an uncontended lock, no I/O): make the handle before writers start.
-    pub fn new(store: Arc<dyn Store>) -> Outbox {
+    pub(crate) fn new(store: Arc<dyn Store>) -> Outbox {
         let next_seq_at_open = Stream::ALL.map(|s| store.next_seq(s));
         let (stats_tx, _) = watch::channel(store.stats());
         Outbox {
@@ -105,7 +107,8 @@ impl Outbox {
     }
 
     /// [`Store::append`], off the async workers.
-    pub async fn append(
+    #[cfg(test)]
+    pub(crate) async fn append(
         &self,
         stream: Stream,
         seq: u64,
@@ -119,7 +122,10 @@ impl Outbox {
     /// refuses with [`StoreError::SeqRegression`] was stored by an earlier attempt whose flush
     /// failed, and is skipped. Any other error stops the group; batches appended before it
     /// stay staged (a retry skips them as above) and nothing is committed.
-    pub async fn commit(&self, batches: Vec<StoredBatch>) -> Result<CommitOutcome, StoreError> {
+    pub(crate) async fn commit(
+        &self,
+        batches: Vec<StoredBatch>,
+    ) -> Result<CommitOutcome, StoreError> {
         self.call(true, move |s| {
             let mut evicted = Vec::new();
             for b in &batches {
@@ -135,13 +141,8 @@ impl Outbox {
         .await
     }
 
-    /// [`Store::flush`], off the async workers.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.call(true, |s| s.flush()).await
-    }
-
     /// [`Store::peek`], off the async workers.
-    pub async fn peek(
+    pub(crate) async fn peek(
         &self,
         stream: Stream,
         from_seq: u64,
@@ -152,23 +153,23 @@ impl Outbox {
     }
 
     /// [`Store::ack`], off the async workers.
-    pub async fn ack(&self, stream: Stream, seq: u64) -> Result<bool, StoreError> {
+    pub(crate) async fn ack(&self, stream: Stream, seq: u64) -> Result<bool, StoreError> {
         self.call(true, move |s| s.ack(stream, seq)).await
     }
 
     /// [`Store::next_seq`] as it was when the handle was made: where the batcher continues
     /// and the committed marks start.
-    pub fn next_seq_at_open(&self, stream: Stream) -> u64 {
+    pub(crate) fn next_seq_at_open(&self, stream: Stream) -> u64 {
         self.inner.next_seq_at_open[usize::from(stream.code())]
     }
 
     /// The last published counters. Never waits for the store.
-    pub fn stats(&self) -> StoreStats {
+    pub(crate) fn stats(&self) -> StoreStats {
         self.inner.stats_tx.borrow().clone()
     }
 
     /// A receiver of the published counters, to read them or wait for a change.
-    pub fn stats_rx(&self) -> watch::Receiver<StoreStats> {
+    pub(crate) fn stats_rx(&self) -> watch::Receiver<StoreStats> {
         self.inner.stats_tx.subscribe()
     }
 }

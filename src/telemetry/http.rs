@@ -34,7 +34,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    pub fn ok(content_type: &'static str, body: String) -> Reply {
+    pub(crate) fn ok(content_type: &'static str, body: String) -> Reply {
         Reply {
             status: 200,
             content_type,
@@ -42,7 +42,7 @@ impl Reply {
         }
     }
 
-    pub fn json(status: u16, value: &impl serde::Serialize) -> Reply {
+    pub(crate) fn json(status: u16, value: &impl serde::Serialize) -> Reply {
         let body = serde_json::to_string_pretty(value)
             .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
         Reply {
@@ -107,7 +107,7 @@ pub async fn serve(listener: TcpListener, routes: Arc<dyn Routes>, token: Cancel
 /// Binds `listen` and serves `routes` on it in a task until `token` is cancelled; must
 /// run inside a tokio runtime. A bind failure (port taken) costs observability, not the
 /// process: it is logged and `None` returned. Returns the bound address.
-pub fn spawn_endpoint(
+pub(crate) fn spawn_endpoint(
     listen: SocketAddr,
     routes: Arc<dyn Routes>,
     token: CancellationToken,

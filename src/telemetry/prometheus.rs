@@ -10,28 +10,28 @@
 use std::fmt::Write as _;
 
 /// The content type Prometheus expects for this format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Metric family kinds used here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Counter,
     Gauge,
 }
 
 /// Builds one exposition document.
 #[derive(Debug, Default)]
-pub struct Exposition {
+pub(crate) struct Exposition {
     out: String,
 }
 
 impl Exposition {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Starts a family; the samples that follow must use the same `name`.
-    pub fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Self {
+    pub(crate) fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Self {
         let kind = match kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
@@ -42,12 +42,12 @@ impl Exposition {
     }
 
     /// One sample without labels.
-    pub fn sample(&mut self, name: &str, value: impl Into<f64>) -> &mut Self {
+    pub(crate) fn sample(&mut self, name: &str, value: impl Into<f64>) -> &mut Self {
         self.labelled(name, &[], value)
     }
 
     /// One sample with labels (`(name, value)` pairs; values are escaped).
-    pub fn labelled(
+    pub(crate) fn labelled(
         &mut self,
         name: &str,
         labels: &[(&str, &str)],
@@ -70,7 +70,7 @@ impl Exposition {
     }
 
     /// A family with a single unlabelled sample.
-    pub fn single(
+    pub(crate) fn single(
         &mut self,
         name: &str,
         kind: Kind,
@@ -80,7 +80,7 @@ impl Exposition {
         self.family(name, kind, help).sample(name, value)
     }
 
-    pub fn finish(self) -> String {
+    pub(crate) fn finish(self) -> String {
         self.out
     }
 }
@@ -116,7 +116,7 @@ fn format_value(v: f64) -> String {
 
 /// Converts a counter that may exceed 2^53 without panicking (precision loss is accepted
 /// by the format).
-pub fn count(n: u64) -> f64 {
+pub(crate) fn count(n: u64) -> f64 {
     n as f64
 }
 

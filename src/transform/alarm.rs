@@ -23,13 +23,13 @@ struct Sent {
 
 /// Remembers the last alarm reading sent per (device, field).
 #[derive(Debug)]
-pub struct AlarmGate {
+pub(crate) struct AlarmGate {
     state_every_ms: i64,
     last: HashMap<(DeviceId, FieldName), Sent>,
 }
 
 impl AlarmGate {
-    pub fn new(state_every: Duration) -> Self {
+    pub(crate) fn new(state_every: Duration) -> Self {
         Self {
             state_every_ms: i64::try_from(state_every.as_millis()).unwrap_or(i64::MAX),
             last: HashMap::new(),
@@ -38,7 +38,7 @@ impl AlarmGate {
 
     /// Whether `reading` goes out: first seen, changed, or due as standing state.
     /// Remembers it when it does.
-    pub fn pass(&mut self, reading: &Reading) -> bool {
+    pub(crate) fn pass(&mut self, reading: &Reading) -> bool {
         let key = (reading.device.clone(), reading.field.clone());
         let due = match self.last.get(&key) {
             None => true,

@@ -68,7 +68,7 @@ impl Checker {
     }
 
     /// [`Checker::check`] for a reading multiplied by a transformer ratio.
-    pub fn check_scaled(
+    pub(crate) fn check_scaled(
         &mut self,
         field: &Field,
         reading: &mut Reading,

@@ -37,7 +37,7 @@ fn mac(key: &PseudonymKey, context: &[u8], parts: &[&[u8]]) -> String {
 
 /// What happens to a field at the edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
+pub(crate) enum Disposition {
     /// Leaves the box with its value.
     AsIs,
     /// Leaves the box as a keyed pseudonym of its value.
@@ -59,7 +59,6 @@ impl fmt::Display for Disposition {
 /// A declared purpose with its key; hashed into every batch header.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    purpose: String,
     fields: BTreeSet<FieldName>,
     key: PseudonymKey,
     hash: [u8; 32],
@@ -90,18 +89,13 @@ impl Policy {
         h.update(b"\0key:");
         h.update(key.key_id());
         Self {
-            purpose: purpose.to_string(),
             fields,
             key,
             hash: h.finalize().into(),
         }
     }
 
-    pub fn purpose(&self) -> &str {
-        &self.purpose
-    }
-
-    pub fn fields(&self) -> &BTreeSet<FieldName> {
+    pub(crate) fn fields(&self) -> &BTreeSet<FieldName> {
         &self.fields
     }
 
@@ -110,7 +104,7 @@ impl Policy {
         self.hash
     }
 
-    pub fn disposition(&self, field: &FieldName, class: &Classification) -> Disposition {
+    pub(crate) fn disposition(&self, field: &FieldName, class: &Classification) -> Disposition {
         if !self.fields.contains(field) {
             Disposition::Dropped
         } else if class.is_identifying() {
@@ -136,7 +130,8 @@ impl Policy {
 }
 
 /// The record that leaves the box for `reading`, or `None` if the purpose drops it.
-pub fn minimise(policy: &Policy, reading: &Reading) -> Option<Record> {
+#[cfg(test)]
+pub(crate) fn minimise(policy: &Policy, reading: &Reading) -> Option<Record> {
     minimise_as(policy, reading, &policy.subject(&reading.device))
 }
 

@@ -7,7 +7,7 @@
 //! does not need and pseudonymising identifiers with a keyed HMAC; `alarm` decides
 //! which alarm-stream readings go out (on change, and periodically as standing state).
 
-pub mod alarm;
+pub(crate) mod alarm;
 pub mod check;
 pub mod minimise;
 pub mod normalise;

@@ -99,7 +99,7 @@ fn width_mask(field: &Field) -> u64 {
 }
 
 /// Decodes one field from exactly its registers (no fraction part, no ratio).
-pub fn normalise_field(
+pub(crate) fn normalise_field(
     field: &Field,
     device: &DeviceId,
     at_ms: TimestampMs,
@@ -110,7 +110,7 @@ pub fn normalise_field(
 
 /// Decodes one field from its registers and, for a combined total, its fraction's
 /// registers; `multiplier` is the device's transformer ratio for the field (1 without).
-pub fn normalise_parts(
+pub(crate) fn normalise_parts(
     field: &Field,
     device: &DeviceId,
     at_ms: TimestampMs,
@@ -171,13 +171,13 @@ pub(crate) fn to_value(field: &Field, raw: RawValue, multiplier: f64) -> (Value,
 }
 
 /// The engineering value (profile unit) of a canonical reading value, for range checks.
-pub fn engineering(field: &Field, value: &Value) -> Option<f64> {
+pub(crate) fn engineering(field: &Field, value: &Value) -> Option<f64> {
     value.as_f64().map(|v| v / field.unit.factor)
 }
 
 /// The meter-side engineering value (profile unit, secondary side) of a canonical value
 /// that was multiplied by a transformer ratio `multiplier`.
-pub fn engineering_secondary(field: &Field, value: &Value, multiplier: f64) -> Option<f64> {
+pub(crate) fn engineering_secondary(field: &Field, value: &Value, multiplier: f64) -> Option<f64> {
     engineering(field, value).map(|v| v / multiplier)
 }
 

@@ -43,7 +43,7 @@ pub fn normalise_values(
 }
 
 /// One named value as a reading of `field`.
-pub fn normalise_value(
+pub(crate) fn normalise_value(
     field: &Field,
     device: &DeviceId,
     v: &NamedValue,

@@ -31,7 +31,7 @@ const PRIORITY: [Stream; 3] = [Stream::Alarms, Stream::Audit, Stream::Readings];
 
 /// Flow control of the uplink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ForwarderOptions {
+pub(crate) struct ForwarderOptions {
     /// Most batches published and not yet acknowledged by the hub.
     pub window: usize,
     /// After this long without the oldest ack, everything unacked is sent again.
@@ -49,7 +49,7 @@ impl Default for ForwarderOptions {
 
 /// Publishes committed batches and deletes them on the hub's ack.
 #[derive(Debug)]
-pub struct Forwarder {
+pub(crate) struct Forwarder {
     gateway: GatewayId,
     outbox: Outbox,
     link: MqttLink,
@@ -66,7 +66,7 @@ pub struct Forwarder {
 
 impl Forwarder {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         gateway: GatewayId,
         outbox: Outbox,
         link: MqttLink,
@@ -91,7 +91,7 @@ impl Forwarder {
         }
     }
 
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let acks = ack_topic(&self.gateway);
         if let Err(e) = self.link.subscribe(&acks, QoS::AtLeastOnce).await {
             warn!(error = %e, "cannot subscribe to acks");

@@ -4,4 +4,4 @@
 
 mod forwarder;
 
-pub use forwarder::{Forwarder, ForwarderOptions};
+pub(crate) use forwarder::{Forwarder, ForwarderOptions};

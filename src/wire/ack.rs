@@ -61,7 +61,7 @@ struct WireAck {
 
 impl Ack {
     /// The JSON payload described in the module docs.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let wire = WireAck {
             v: u64::from(ACK_VERSION),
             gateway: self.gateway.clone(),

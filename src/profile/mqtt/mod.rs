@@ -34,7 +34,7 @@ pub enum PayloadShape {
 }
 
 impl PayloadShape {
-    pub const NAMES: &'static str = "\"json\", \"thingsboard\", \"alink\"";
+    pub(crate) const NAMES: &'static str = "\"json\", \"thingsboard\", \"alink\"";
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -44,7 +44,7 @@ impl PayloadShape {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "json" => Some(PayloadShape::Json),
             "thingsboard" => Some(PayloadShape::ThingsBoard),
@@ -66,7 +66,7 @@ pub enum TimeFormat {
 }
 
 impl TimeFormat {
-    pub const NAMES: &'static str = "\"ms\", \"s\", \"iso8601\"";
+    pub(crate) const NAMES: &'static str = "\"ms\", \"s\", \"iso8601\"";
 }
 
 /// The JSON kind a field's value has in the payload.
@@ -86,10 +86,10 @@ pub enum ValueKind {
 }
 
 impl ValueKind {
-    pub const NAMES: &'static str = "\"number\", \"integer\", \"bool\", \"bit\", \"text\"";
+    pub(crate) const NAMES: &'static str = "\"number\", \"integer\", \"bool\", \"bit\", \"text\"";
 
     /// The register type that gives this kind the same normalisation rules.
-    pub fn field_type(self) -> FieldType {
+    pub(crate) fn field_type(self) -> FieldType {
         match self {
             ValueKind::Number => FieldType::F64,
             ValueKind::Integer | ValueKind::Text => FieldType::I64,
@@ -151,7 +151,7 @@ pub(super) fn declares_mqtt(text: &str) -> bool {
 }
 
 /// Whether `p` is a well-formed RFC 6901 JSON pointer (`""` or `/a/b`, `~` only as `~0`/`~1`).
-pub fn is_json_pointer(p: &str) -> bool {
+pub(crate) fn is_json_pointer(p: &str) -> bool {
     if p.is_empty() {
         return true;
     }

@@ -42,19 +42,19 @@ pub(in crate::profile) struct Check<'a> {
 }
 
 impl<'a> Check<'a> {
-    pub fn new(src: SourceFile<'a>) -> Self {
+    pub(crate) fn new(src: SourceFile<'a>) -> Self {
         Check {
             src,
             errors: Vec::new(),
         }
     }
 
-    pub fn err(&mut self, span: Range<usize>, key: String, message: String) {
+    pub(crate) fn err(&mut self, span: Range<usize>, key: String, message: String) {
         self.errors.push(self.src.at(span, key, message));
     }
 
     /// The profile's errors, adding one if it has no field and no other error.
-    pub fn finish(mut self, no_fields: bool) -> Result<(), Vec<Diagnostic>> {
+    pub(crate) fn finish(mut self, no_fields: bool) -> Result<(), Vec<Diagnostic>> {
         if no_fields && self.errors.is_empty() {
             self.errors.push(
                 self.src

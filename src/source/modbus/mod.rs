@@ -15,6 +15,4 @@ pub mod plan;
 mod poller;
 
 pub use plan::{plan, ReadRequest};
-pub use poller::ModbusPoller;
-
-pub use crate::source::poll::ILLEGAL_ADDRESS_RETRY;
+pub(crate) use poller::ModbusPoller;

@@ -35,7 +35,7 @@ pub fn plan(profile: &Profile) -> Vec<ReadRequest> {
 }
 
 /// Plans reads covering `(start, width)` ranges.
-pub fn plan_ranges(
+pub(crate) fn plan_ranges(
     ranges: impl IntoIterator<Item = (RegisterAddress, u16)>,
     max_gap: u16,
     max_count: u16,

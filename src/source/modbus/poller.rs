@@ -24,14 +24,14 @@ use crate::source::SourceContext;
 /// times out moves to the probation lane and comes back after its first good poll. A
 /// dead meter therefore costs the healthy ones at most the one timeout that revealed it.
 #[derive(Debug)]
-pub struct ModbusPoller {
+pub(crate) struct ModbusPoller {
     address: String,
     devices: Vec<PolledDevice>,
     cx: SourceContext,
 }
 
 impl ModbusPoller {
-    pub fn new(address: String, devices: Vec<DeviceConfig>, cx: SourceContext) -> Self {
+    pub(crate) fn new(address: String, devices: Vec<DeviceConfig>, cx: SourceContext) -> Self {
         Self {
             address,
             devices: devices.into_iter().filter_map(PolledDevice::new).collect(),
@@ -39,7 +39,7 @@ impl ModbusPoller {
         }
     }
 
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         info!(devices = self.devices.len(), "modbus poller started");
         let (to_probation, to_healthy) = HandOff::pair(self.devices.len());
         let lane = |devices| {

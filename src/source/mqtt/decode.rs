@@ -23,7 +23,7 @@ use crate::source::{NamedValue, SourceValue, TimeSource};
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 
 /// The Alink method a property post carries.
-pub const ALINK_PROPERTY_POST: &str = "thing.event.property.post";
+pub(crate) const ALINK_PROPERTY_POST: &str = "thing.event.property.post";
 
 /// Why a whole payload was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,7 +76,7 @@ pub fn decode(
 }
 
 /// Checks the size and parses JSON.
-pub fn parse(payload: &[u8]) -> Result<Json, PayloadError> {
+pub(crate) fn parse(payload: &[u8]) -> Result<Json, PayloadError> {
     if payload.len() > MAX_PAYLOAD_BYTES {
         return Err(PayloadError::TooLarge(payload.len()));
     }
@@ -85,7 +85,7 @@ pub fn parse(payload: &[u8]) -> Result<Json, PayloadError> {
 
 /// Decodes one already parsed document (a whole payload, or one device's entry of a
 /// ThingsBoard gateway-API message).
-pub fn decode_value(
+pub(crate) fn decode_value(
     spec: &MqttSpec,
     root: &Json,
     received_ms: TimestampMs,
@@ -288,7 +288,7 @@ fn push(
 }
 
 /// A JSON value as the field's kind, if it is one.
-pub fn typed(kind: ValueKind, v: &Json) -> Option<SourceValue> {
+pub(crate) fn typed(kind: ValueKind, v: &Json) -> Option<SourceValue> {
     let integer = |v: &Json| -> Option<RawValue> {
         if let Some(i) = v.as_i64() {
             return Some(RawValue::Signed(i));

@@ -10,10 +10,9 @@
 //! `transform::normalise_values` applies the profile, exactly as for registers.
 
 pub mod decode;
-pub mod routes;
-pub mod subscriber;
-pub mod time;
+pub(crate) mod routes;
+pub(crate) mod subscriber;
+pub(crate) mod time;
 
 pub use decode::{decode, Decoded, FieldError, PayloadError, MAX_PAYLOAD_BYTES};
-pub use routes::Routes;
-pub use subscriber::MqttSubscriber;
+pub(crate) use subscriber::MqttSubscriber;

@@ -20,7 +20,7 @@ struct Pattern {
 
 /// The devices of one MQTT source, by topic.
 #[derive(Debug)]
-pub struct Routes {
+pub(crate) struct Routes {
     devices: Vec<DeviceConfig>,
     exact: HashMap<String, usize>,
     patterns: Vec<Pattern>,
@@ -30,7 +30,7 @@ pub struct Routes {
 
 impl Routes {
     /// Builds the table; devices with another transport are ignored.
-    pub fn new(devices: Vec<DeviceConfig>) -> Self {
+    pub(crate) fn new(devices: Vec<DeviceConfig>) -> Self {
         let mut exact = HashMap::new();
         let mut patterns: Vec<Pattern> = Vec::new();
         let mut gateways: HashMap<String, HashMap<String, usize>> = HashMap::new();
@@ -73,7 +73,7 @@ impl Routes {
     }
 
     /// Every topic and filter to subscribe to.
-    pub fn filters(&self) -> Vec<String> {
+    pub(crate) fn filters(&self) -> Vec<String> {
         let mut f: Vec<String> = self.exact.keys().cloned().collect();
         f.extend(self.patterns.iter().map(|p| p.filter.clone()));
         f.extend(self.gateways.keys().cloned());
@@ -82,7 +82,7 @@ impl Routes {
     }
 
     /// The device a message on `topic` is from.
-    pub fn device(&self, topic: &str) -> Option<&DeviceConfig> {
+    pub(crate) fn device(&self, topic: &str) -> Option<&DeviceConfig> {
         if let Some(i) = self.exact.get(topic) {
             return self.devices.get(*i);
         }
@@ -106,17 +106,17 @@ impl Routes {
     }
 
     /// Whether messages on `topic` are ThingsBoard gateway-API messages.
-    pub fn is_gateway(&self, topic: &str) -> bool {
+    pub(crate) fn is_gateway(&self, topic: &str) -> bool {
         self.gateways.contains_key(topic)
     }
 
     /// The device under `key` in a gateway-API message on `topic`.
-    pub fn gateway_device(&self, topic: &str, key: &str) -> Option<&DeviceConfig> {
+    pub(crate) fn gateway_device(&self, topic: &str, key: &str) -> Option<&DeviceConfig> {
         let i = self.gateways.get(topic)?.get(key)?;
         self.devices.get(*i)
     }
 
-    pub fn devices(&self) -> &[DeviceConfig] {
+    pub(crate) fn devices(&self) -> &[DeviceConfig] {
         &self.devices
     }
 }

@@ -39,8 +39,8 @@ use crate::source::{RawSample, SampleData, SourceContext, TimeSource};
 use crate::telemetry::PollOutcome;
 
 /// Warnings about bad messages allowed per [`LOG_WINDOW`].
-pub const LOG_BURST: u32 = 10;
-pub const LOG_WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const LOG_BURST: u32 = 10;
+pub(crate) const LOG_WINDOW: Duration = Duration::from_secs(60);
 
 /// Allows a burst of log lines per window and counts the rest.
 #[derive(Debug)]
@@ -85,7 +85,7 @@ impl LogLimiter {
 
 /// The source task of one broker connection; see the module docs.
 #[derive(Debug)]
-pub struct MqttSubscriber {
+pub(crate) struct MqttSubscriber {
     cfg: MqttSourceConfig,
     routes: Routes,
     cx: SourceContext,
@@ -95,7 +95,11 @@ pub struct MqttSubscriber {
 }
 
 impl MqttSubscriber {
-    pub fn new(cfg: MqttSourceConfig, devices: Vec<DeviceConfig>, cx: SourceContext) -> Self {
+    pub(crate) fn new(
+        cfg: MqttSourceConfig,
+        devices: Vec<DeviceConfig>,
+        cx: SourceContext,
+    ) -> Self {
         Self {
             cfg,
             routes: Routes::new(devices),
@@ -106,7 +110,7 @@ impl MqttSubscriber {
     }
 
     /// Runs until cancelled.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let tls = crate::config::TlsFiles::link_tls(self.cfg.tls.as_ref());
         if self.cfg.tls.is_none() {
             warn!(broker = %self.cfg.broker, "mqtt source without TLS (danger_plaintext): meter data and the broker are not authenticated");
@@ -162,7 +166,7 @@ impl MqttSubscriber {
     }
 
     /// Handles one message; public for tests that drive the task without a broker.
-    pub fn on_message(&mut self, topic: &str, payload: &[u8], received_ms: TimestampMs) {
+    pub(crate) fn on_message(&mut self, topic: &str, payload: &[u8], received_ms: TimestampMs) {
         self.cx.metrics.mqtt_messages.inc();
         if self.routes.is_gateway(topic) {
             return self.on_gateway_message(topic, payload, received_ms);

@@ -15,12 +15,12 @@ const EARLIEST_MS: TimestampMs = 946_684_800_000;
 const MAX_AHEAD_MS: TimestampMs = 24 * 3600 * 1000;
 
 /// Whether a meter timestamp can be trusted, given when the message arrived.
-pub fn plausible(at_ms: TimestampMs, received_ms: TimestampMs) -> bool {
+pub(crate) fn plausible(at_ms: TimestampMs, received_ms: TimestampMs) -> bool {
     at_ms >= EARLIEST_MS && at_ms <= received_ms.saturating_add(MAX_AHEAD_MS)
 }
 
 /// Epoch seconds or milliseconds (any JSON number) as milliseconds.
-pub fn from_number(n: f64, seconds: bool) -> Option<TimestampMs> {
+pub(crate) fn from_number(n: f64, seconds: bool) -> Option<TimestampMs> {
     let ms = if seconds { n * 1000.0 } else { n };
     (ms.is_finite() && ms.abs() < 1e16).then(|| ms.round() as TimestampMs)
 }
@@ -43,7 +43,7 @@ fn digits(s: &str) -> Option<i64> {
 }
 
 /// An ISO 8601 date-time with a zone, as epoch milliseconds.
-pub fn parse_iso8601(s: &str) -> Option<TimestampMs> {
+pub(crate) fn parse_iso8601(s: &str) -> Option<TimestampMs> {
     let s = s.trim();
     if !s.is_ascii() {
         return None;

@@ -24,22 +24,22 @@ mod tests;
 use std::future::Future;
 use std::time::Duration;
 
-pub use scheduler::{HandOff, MoveWhen, Pacing, PolledDevice, Scheduler};
+pub(crate) use scheduler::{HandOff, Pacing, PolledDevice, Scheduler};
 
 use crate::profile::FunctionCode;
 use crate::reading::UnitId;
 use crate::source::modbus::ReadRequest;
 
 /// How often a read the device rejected as an illegal data address is tried again.
-pub const ILLEGAL_ADDRESS_RETRY: Duration = Duration::from_secs(600);
+pub(crate) const ILLEGAL_ADDRESS_RETRY: Duration = Duration::from_secs(600);
 /// Quick retries of a poll answered "busy" before waiting for the next slot.
-pub const BUSY_RETRIES: u32 = 3;
+pub(crate) const BUSY_RETRIES: u32 = 3;
 /// Delay before retrying a busy device (at most a quarter of its poll interval).
-pub const BUSY_DELAY: Duration = Duration::from_millis(200);
+pub(crate) const BUSY_DELAY: Duration = Duration::from_millis(200);
 
 /// A Modbus exception code from the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExceptionCode {
+pub(crate) enum ExceptionCode {
     IllegalFunction,
     IllegalDataAddress,
     IllegalDataValue,
@@ -53,7 +53,7 @@ pub enum ExceptionCode {
 
 impl ExceptionCode {
     /// Whether the device asks to be asked again shortly (acknowledge, busy).
-    pub fn is_busy(self) -> bool {
+    pub(crate) fn is_busy(self) -> bool {
         matches!(self, ExceptionCode::Acknowledge | ExceptionCode::ServerBusy)
     }
 }
@@ -104,7 +104,7 @@ impl std::fmt::Display for ExceptionCode {
 
 /// How one transaction (or connecting) failed.
 #[derive(Debug, thiserror::Error)]
-pub enum PollError {
+pub(crate) enum PollError {
     /// The device answered with a Modbus exception: it is alive.
     #[error("device exception: {0}")]
     Exception(ExceptionCode),
@@ -121,7 +121,7 @@ pub enum PollError {
 
 /// What a failure means for the schedule and the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
+pub(crate) enum ErrorClass {
     /// The device answered with an exception: no backoff, the connection stays.
     Exception(ExceptionCode),
     /// No answer: the device backs off.
@@ -133,7 +133,7 @@ pub enum ErrorClass {
 }
 
 impl PollError {
-    pub fn class(&self) -> ErrorClass {
+    pub(crate) fn class(&self) -> ErrorClass {
         match self {
             PollError::Exception(code) => ErrorClass::Exception(*code),
             PollError::Timeout(_) => ErrorClass::Timeout,
@@ -144,7 +144,7 @@ impl PollError {
 
     /// Whether the connection must be dropped before the next transaction on a
     /// transport that does (`discards_late_replies`) or does not discard late replies.
-    pub fn breaks_connection(&self, discards_late_replies: bool) -> bool {
+    pub(crate) fn breaks_connection(&self, discards_late_replies: bool) -> bool {
         match self.class() {
             ErrorClass::Exception(_) => false,
             ErrorClass::Timeout | ErrorClass::BadFrame => !discards_late_replies,
@@ -156,7 +156,7 @@ impl PollError {
 /// One register read: from which unit, with which function, which registers, and how
 /// long to wait for the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Read {
+pub(crate) struct Read {
     pub unit: UnitId,
     pub function: FunctionCode,
     pub req: ReadRequest,
@@ -164,7 +164,7 @@ pub struct Read {
 }
 
 /// One Modbus read at a time over an open connection.
-pub trait Transact: Send {
+pub(crate) trait Transact: Send {
     /// Whether the connection throws away a reply that arrives after its timeout (RTU
     /// drains the line). If not, a timeout or bad reply drops the connection, so a late
     /// reply can never be taken for the next answer.
@@ -175,7 +175,7 @@ pub trait Transact: Send {
 }
 
 /// Opens connections to one endpoint or bus.
-pub trait Connector: Send {
+pub(crate) trait Connector: Send {
     type Conn: Transact;
 
     /// Opens a connection (or, for a DTU, waits for one); `limit` bounds a connect.

@@ -32,7 +32,7 @@ struct PlannedRead {
 
 /// A device with its read plan and schedule.
 #[derive(Debug)]
-pub struct PolledDevice {
+pub(crate) struct PolledDevice {
     pub config: DeviceConfig,
     modbus: ModbusDevice,
     reads: Vec<PlannedRead>,
@@ -43,7 +43,7 @@ pub struct PolledDevice {
 
 impl PolledDevice {
     /// `None` for a device that is not polled over Modbus.
-    pub fn new(config: DeviceConfig) -> Option<Self> {
+    pub(crate) fn new(config: DeviceConfig) -> Option<Self> {
         let modbus = config.modbus()?.clone();
         let reads = plan(&config.profile)
             .into_iter()
@@ -67,7 +67,7 @@ impl PolledDevice {
         self.reads.iter().map(|r| r.req).collect()
     }
 
-    pub fn poll_interval(&self) -> Duration {
+    pub(crate) fn poll_interval(&self) -> Duration {
         self.modbus.poll_interval
     }
 
@@ -108,7 +108,7 @@ impl PolledDevice {
 
 /// Transport-specific limits on the schedule.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Pacing {
+pub(crate) struct Pacing {
     /// Shortest failure backoff. RTU: one bus cycle, so a dead meter costs at most one
     /// timeout per cycle. TCP: zero (its dead meters leave for the probation lane).
     pub min_failure_backoff: Duration,
@@ -119,7 +119,7 @@ pub struct Pacing {
 
 /// When a device leaves a scheduler for the other one of a pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MoveWhen {
+pub(crate) enum MoveWhen {
     /// After a poll that timed out (the healthy lane of a TCP endpoint).
     TimedOut,
     /// After a poll without failure (the probation lane).
@@ -129,7 +129,7 @@ pub enum MoveWhen {
 /// Links two schedulers so devices can move between them (TCP healthy/probation lanes,
 /// each with a connection of its own).
 #[derive(Debug)]
-pub struct HandOff {
+pub(crate) struct HandOff {
     pub when: MoveWhen,
     pub out_tx: mpsc::Sender<PolledDevice>,
     pub in_rx: mpsc::Receiver<PolledDevice>,
@@ -138,7 +138,7 @@ pub struct HandOff {
 impl HandOff {
     /// Two linked ends: the first moves devices that time out, the second devices that
     /// answer. `capacity` must hold every device.
-    pub fn pair(capacity: usize) -> (HandOff, HandOff) {
+    pub(crate) fn pair(capacity: usize) -> (HandOff, HandOff) {
         let (a_tx, a_rx) = mpsc::channel(capacity.max(1));
         let (b_tx, b_rx) = mpsc::channel(capacity.max(1));
         (
@@ -166,7 +166,7 @@ struct PollResult {
 
 /// Polls the devices behind one connection; see the module docs.
 #[derive(Debug)]
-pub struct Scheduler<C> {
+pub(crate) struct Scheduler<C> {
     name: String,
     connector: C,
     devices: Vec<PolledDevice>,
@@ -177,7 +177,7 @@ pub struct Scheduler<C> {
 
 impl<C: Connector> Scheduler<C> {
     /// A scheduler named `name` in logs (the endpoint or bus).
-    pub fn new(
+    pub(crate) fn new(
         name: String,
         connector: C,
         devices: Vec<PolledDevice>,
@@ -195,13 +195,13 @@ impl<C: Connector> Scheduler<C> {
     }
 
     /// Moves devices to and from another scheduler.
-    pub fn with_hand_off(mut self, hand_off: HandOff) -> Self {
+    pub(crate) fn with_hand_off(mut self, hand_off: HandOff) -> Self {
         self.hand_off = Some(hand_off);
         self
     }
 
     /// Polls until cancelled.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let shutdown = self.cx.shutdown.clone();
         let mut reconnect = Backoff::new(BackoffPolicy {
             initial: RECONNECT_INITIAL,

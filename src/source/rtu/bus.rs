@@ -24,8 +24,6 @@ use crate::source::modbus::ReadRequest;
 use crate::source::poll::{Connector, Pacing, PollError, PolledDevice, Read, Scheduler, Transact};
 use crate::source::SourceContext;
 
-pub use crate::source::poll::{BUSY_RETRIES, ILLEGAL_ADDRESS_RETRY};
-
 /// What the bus reports to tests and `check` about itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct BusStatus {

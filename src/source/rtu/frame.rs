@@ -19,12 +19,12 @@ use crate::reading::UnitId;
 use crate::source::modbus::ReadRequest;
 
 /// Largest RTU frame (Modbus spec: 256 bytes).
-pub const MAX_FRAME: usize = 256;
+pub(crate) const MAX_FRAME: usize = 256;
 /// Bytes of an FC03/FC04 request frame.
-pub const REQUEST_LEN: usize = 8;
+pub(crate) const REQUEST_LEN: usize = 8;
 
 /// CRC-16/Modbus (poly 0xA001 reflected, init 0xFFFF). Sent low byte first.
-pub fn crc16(data: &[u8]) -> u16 {
+pub(crate) fn crc16(data: &[u8]) -> u16 {
     let mut crc: u16 = 0xFFFF;
     for &b in data {
         crc ^= u16::from(b);
@@ -53,14 +53,14 @@ fn crc_ok(frame: &[u8]) -> bool {
 
 /// What a reply must match: the request it answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Expect {
+pub(crate) struct Expect {
     pub unit: UnitId,
     pub function: u8,
     pub count: u16,
 }
 
 impl Expect {
-    pub fn new(unit: UnitId, function: FunctionCode, req: ReadRequest) -> Self {
+    pub(crate) fn new(unit: UnitId, function: FunctionCode, req: ReadRequest) -> Self {
         Self {
             unit,
             function: function.code(),
@@ -69,13 +69,13 @@ impl Expect {
     }
 
     /// Length of a data reply to this request.
-    pub fn reply_len(&self) -> usize {
+    pub(crate) fn reply_len(&self) -> usize {
         5 + 2 * usize::from(self.count)
     }
 }
 
 /// Encodes an FC03/FC04 read request.
-pub fn encode_request(unit: UnitId, function: FunctionCode, req: ReadRequest) -> Vec<u8> {
+pub(crate) fn encode_request(unit: UnitId, function: FunctionCode, req: ReadRequest) -> Vec<u8> {
     encode_raw_request(unit.0, function.code(), req.start.0, req.count)
 }
 
@@ -91,7 +91,7 @@ fn encode_raw_request(unit: u8, function: u8, a: u16, b: u16) -> Vec<u8> {
 
 /// A reply that fits the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
+pub(crate) enum Reply {
     Registers(Vec<u16>),
     /// The device's exception code (`0x02` illegal data address, `0x06` busy, …).
     Exception(u8),
@@ -99,7 +99,7 @@ pub enum Reply {
 
 /// The outcome of scanning received bytes for the reply to one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scan {
+pub(crate) enum Scan {
     /// The reply was found; `skipped` bytes before it were not part of it.
     Found {
         reply: Reply,
@@ -116,7 +116,7 @@ pub enum Scan {
 /// it is accepted only with a valid CRC and, for data, the exact byte count. A
 /// candidate that fails is skipped and the scan goes on, so noise before a reply does
 /// not hide it. `Incomplete` means some candidate is still too short to judge.
-pub fn find_reply(buf: &[u8], expect: &Expect) -> Scan {
+pub(crate) fn find_reply(buf: &[u8], expect: &Expect) -> Scan {
     let exc = expect.function | 0x80;
     for i in 0..buf.len() {
         if buf[i] != expect.unit.0 {
@@ -160,7 +160,7 @@ pub fn find_reply(buf: &[u8], expect: &Expect) -> Scan {
 
 /// A request as the simulated server sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerRequest {
+pub(crate) struct ServerRequest {
     pub unit: u8,
     pub function: u8,
     pub start: u16,
@@ -170,7 +170,7 @@ pub struct ServerRequest {
 /// Server side: scans `buf` for an 8-byte request frame with a valid CRC (functions
 /// 1..=6 all have this shape). Returns the request and the bytes consumed, or the
 /// number of leading bytes that can be discarded as noise when no request is found.
-pub fn parse_request(buf: &[u8]) -> Result<(ServerRequest, usize), usize> {
+pub(crate) fn parse_request(buf: &[u8]) -> Result<(ServerRequest, usize), usize> {
     for i in 0..buf.len() {
         let Some(f) = buf.get(i..i + REQUEST_LEN) else {
             return Err(i);
@@ -191,7 +191,7 @@ pub fn parse_request(buf: &[u8]) -> Result<(ServerRequest, usize), usize> {
 }
 
 /// Server side: a data reply for FC03/FC04.
-pub fn encode_reply(unit: u8, function: u8, words: &[u16]) -> Vec<u8> {
+pub(crate) fn encode_reply(unit: u8, function: u8, words: &[u16]) -> Vec<u8> {
     let mut f = Vec::with_capacity(5 + 2 * words.len());
     f.push(unit);
     f.push(function);
@@ -204,14 +204,15 @@ pub fn encode_reply(unit: u8, function: u8, words: &[u16]) -> Vec<u8> {
 }
 
 /// Server side: an exception reply.
-pub fn encode_exception(unit: u8, function: u8, code: u8) -> Vec<u8> {
+pub(crate) fn encode_exception(unit: u8, function: u8, code: u8) -> Vec<u8> {
     let mut f = vec![unit, function | 0x80, code];
     push_crc(&mut f);
     f
 }
 
-/// Encodes any 8-byte request (for `scan` and tests).
-pub fn encode_any_request(unit: u8, function: u8, start: u16, count: u16) -> Vec<u8> {
+/// Encodes any 8-byte request (for tests).
+#[cfg(test)]
+pub(crate) fn encode_any_request(unit: u8, function: u8, start: u16, count: u16) -> Vec<u8> {
     encode_raw_request(unit, function, start, count)
 }
 

@@ -31,7 +31,7 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 /// How one RTU transaction failed.
 #[derive(Debug, thiserror::Error)]
-pub enum RtuError {
+pub(crate) enum RtuError {
     /// The device answered with a Modbus exception.
     #[error("device exception 0x{0:02X}")]
     Exception(u8),
@@ -49,13 +49,6 @@ pub enum RtuError {
     Io(#[from] std::io::Error),
 }
 
-impl RtuError {
-    /// Whether the stream must be reopened.
-    pub fn breaks_link(&self) -> bool {
-        matches!(self, RtuError::Io(_))
-    }
-}
-
 /// Byte counts a link has seen, for tests and diagnostics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinkStats {
@@ -70,7 +63,7 @@ pub trait RtuStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> RtuStream for T {}
 
 /// Runs transactions over one stream.
-pub struct Transactor<S> {
+pub(crate) struct Transactor<S> {
     stream: S,
     timing: LineTiming,
     /// Packets a DTU interleaves (heartbeats); removed from the input before parsing.
@@ -90,7 +83,7 @@ impl<S> std::fmt::Debug for Transactor<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Transactor<S> {
-    pub fn new(stream: S, timing: LineTiming, filters: Vec<Vec<u8>>) -> Self {
+    pub(crate) fn new(stream: S, timing: LineTiming, filters: Vec<Vec<u8>>) -> Self {
         Self {
             stream,
             timing,
@@ -101,12 +94,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transactor<S> {
         }
     }
 
-    pub fn timing(&self) -> LineTiming {
-        self.timing
-    }
-
     /// One FC03/FC04 read of `req` from `unit`.
-    pub async fn read(
+    pub(crate) async fn read(
         &mut self,
         unit: UnitId,
         function: FunctionCode,
@@ -123,7 +112,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transactor<S> {
 
     /// Sends `request` after the inter-frame silence and waits for the reply `expect`
     /// describes.
-    pub async fn transact(
+    pub(crate) async fn transact(
         &mut self,
         request: &[u8],
         expect: &Expect,
@@ -188,7 +177,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transactor<S> {
     }
 
     /// Reads and discards until the line has been silent for the inter-frame time.
-    pub async fn drain(&mut self) -> Result<(), RtuError> {
+    pub(crate) async fn drain(&mut self) -> Result<(), RtuError> {
         let quiet = self.timing.silence.max(Duration::from_millis(5));
         self.last_rx = Instant::now();
         self.wait_silence(quiet).await

@@ -8,14 +8,13 @@
 //! - `transport`: opening serial ports and TCP streams; the [`DtuListener`].
 
 pub mod bus;
-pub mod frame;
-pub mod link;
-pub mod spawn;
-pub mod timing;
+pub(crate) mod frame;
+pub(crate) mod link;
+pub(crate) mod spawn;
+pub(crate) mod timing;
 pub mod transport;
 
 pub use crate::profile::line::{LineOverride, DEFAULT_LINE};
 pub use bus::RtuBus;
-pub use link::{LinkStats, RtuError, RtuStream, Transactor};
+pub(crate) use link::{RtuError, Transactor};
 pub use timing::{BusBudget, LineTiming};
-pub use transport::{DtuListener, Link};

@@ -16,17 +16,17 @@ use crate::profile::LineSettings;
 use crate::source::SourceContext;
 
 /// A task to spawn.
-pub type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(crate) type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The line settings a bus runs with: the transport's explicit settings over the
 /// first device's profile defaults.
-pub fn bus_line(transport: &Transport, devices: &[DeviceConfig]) -> LineSettings {
+pub(crate) fn bus_line(transport: &Transport, devices: &[DeviceConfig]) -> LineSettings {
     let profile_line = devices.first().and_then(|d| d.profile.line);
     transport.line().unwrap_or_default().resolve(profile_line)
 }
 
 /// The bus task of one RTU transport (its stream not yet open), without DTU routing.
-pub fn bus_for(
+pub(crate) fn bus_for(
     transport: &Transport,
     devices: Vec<DeviceConfig>,
     link: Link,
@@ -47,7 +47,7 @@ pub fn bus_for(
 }
 
 /// Every RTU task for `groups` (devices grouped by transport; TCP groups are ignored).
-pub fn tasks(groups: Vec<(Transport, Vec<DeviceConfig>)>, cx: &SourceContext) -> Vec<Task> {
+pub(crate) fn tasks(groups: Vec<(Transport, Vec<DeviceConfig>)>, cx: &SourceContext) -> Vec<Task> {
     let mut out: Vec<Task> = Vec::new();
     let mut dtus: BTreeMap<String, Vec<(Transport, Vec<DeviceConfig>)>> = BTreeMap::new();
     for (transport, devices) in groups {
@@ -101,7 +101,7 @@ pub fn tasks(groups: Vec<(Transport, Vec<DeviceConfig>)>, cx: &SourceContext) ->
 /// One line per RTU bus of `devices`: line settings, requests per cycle, the computed
 /// wire-time cycle and load, and a warning when the intervals exceed what the baud
 /// rate carries. Empty when no device uses RTU.
-pub fn bus_report(devices: &[DeviceConfig]) -> String {
+pub(crate) fn bus_report(devices: &[DeviceConfig]) -> String {
     use std::fmt::Write as _;
     let mut groups: BTreeMap<&Transport, Vec<&DeviceConfig>> = BTreeMap::new();
     for d in devices {

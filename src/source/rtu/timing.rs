@@ -36,13 +36,13 @@ impl LineTiming {
     }
 
     /// Wire time of `n` characters.
-    pub fn bytes(&self, n: usize) -> Duration {
+    pub(crate) fn bytes(&self, n: usize) -> Duration {
         self.char_time
             .saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     /// Silence + 8-byte request + reply of `count` registers.
-    pub fn transaction(&self, req: &ReadRequest) -> Duration {
+    pub(crate) fn transaction(&self, req: &ReadRequest) -> Duration {
         self.silence
             + self.bytes(super::frame::REQUEST_LEN)
             + self.bytes(5 + 2 * usize::from(req.count))
@@ -64,7 +64,7 @@ pub struct BusBudget {
 
 impl BusBudget {
     /// `devices`: each device's planned reads and poll interval.
-    pub fn compute<'a>(
+    pub(crate) fn compute<'a>(
         timing: &LineTiming,
         devices: impl IntoIterator<Item = (&'a [ReadRequest], Duration)>,
     ) -> Self {
@@ -92,7 +92,7 @@ impl BusBudget {
     }
 
     /// Whether the intervals ask for more than the line can carry.
-    pub fn overloaded(&self) -> bool {
+    pub(crate) fn overloaded(&self) -> bool {
         self.load > 1.0
     }
 }

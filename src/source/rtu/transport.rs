@@ -27,12 +27,12 @@ use super::link::RtuStream;
 use crate::profile::{LineSettings, Parity};
 
 /// A boxed stream, so serial ports, TCP and DTU connections share one bus task.
-pub type BoxedStream = Box<dyn RtuStream>;
+pub(crate) type BoxedStream = Box<dyn RtuStream>;
 
 /// How long a DTU has to send its registration packet after connecting.
-pub const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest registration packet accepted (the config refuses longer ids).
-pub use crate::config::MAX_DTU_REGISTRATION as MAX_REGISTRATION;
+pub(crate) use crate::config::MAX_DTU_REGISTRATION as MAX_REGISTRATION;
 /// Pending DTU connections per identifier.
 const DTU_SESSIONS_CAPACITY: usize = 2;
 
@@ -70,7 +70,7 @@ impl fmt::Display for Link {
 
 impl Link {
     /// Opens (or, for a DTU, waits for) the stream.
-    pub async fn open(&mut self, connect_timeout: Duration) -> io::Result<BoxedStream> {
+    pub(crate) async fn open(&mut self, connect_timeout: Duration) -> io::Result<BoxedStream> {
         match self {
             Link::Serial { port, line } => open_serial(port, line).map(|s| Box::new(s) as _),
             Link::Tcp { address } => {
@@ -88,7 +88,7 @@ impl Link {
     }
 
     /// A newer DTU connection, if one arrived (DTU links only).
-    pub fn newer_session(&mut self) -> Option<BoxedStream> {
+    pub(crate) fn newer_session(&mut self) -> Option<BoxedStream> {
         match self {
             Link::Dtu { sessions_rx, .. } => sessions_rx.try_recv().ok(),
             _ => None,
@@ -165,7 +165,7 @@ impl DtuListener {
     }
 
     /// Binds the configured address and serves until shutdown.
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         match TcpListener::bind(&self.listen).await {
             Ok(l) => self.serve(l).await,
             Err(e) => {
@@ -265,7 +265,7 @@ fn longest_prefix<'a, T>(routes: &'a HashMap<Vec<u8>, T>, buf: &[u8]) -> Option<
 }
 
 /// A registration or heartbeat packet without trailing CR, LF or NUL.
-pub fn trim_packet(p: &[u8]) -> &[u8] {
+pub(crate) fn trim_packet(p: &[u8]) -> &[u8] {
     let end = p
         .iter()
         .rposition(|b| !matches!(b, b'\r' | b'\n' | 0))
