@@ -22,6 +22,8 @@ def module_files(src):
             rel = os.path.relpath(path, src)[:-3].split(os.sep)
             if rel[-1] == "mod" or rel == ["lib"] or rel == ["main"]:
                 rel = rel[:-1]
+            if "tests" in rel or "test_fixtures" in rel:
+                continue  # test-only modules may reach anywhere
             mods.setdefault(tuple(rel), []).append(path)
     return mods
 
@@ -36,18 +38,6 @@ def code_without_tests(text):
     # Tests may reach anywhere; the layering is about the product code.
     i = text.find("#[cfg(test)]")
     return text if i < 0 else text[:i]
-
-def resolve(cur, is_dir_mod, head, segs, mods):
-    base = list(cur) if head != "crate" else []
-    if head == "super":
-        base = base[:-1] if not is_dir_mod or True else base
-    path = base + segs
-    best = None
-    for n in range(len(path), -1, -1):
-        if tuple(path[:n]) in mods:
-            best = tuple(path[:n])
-            break
-    return best
 
 def edges(src):
     mods = module_files(src)
