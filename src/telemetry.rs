@@ -45,39 +45,55 @@ pub struct DeviceStats {
     pub last_error: Option<String>,
 }
 
-/// Pipeline counters, one set per gateway process.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    pub samples_polled: Counter,
-    pub samples_dropped: Counter,
-    pub readings_normalised: Counter,
-    pub readings_flagged: Counter,
-    pub records_minimised: Counter,
-    /// Alarm-stream readings held back because they repeat the last state sent.
-    pub alarm_repeats_held: Counter,
-    pub records_sealed: Counter,
-    pub batches_sealed: Counter,
-    pub batches_committed: Counter,
-    pub seal_errors: Counter,
-    pub store_errors: Counter,
-    pub batches_evicted: Counter,
-    pub batches_sent: Counter,
-    pub batches_acked: Counter,
-    pub resend_rounds: Counter,
-    pub acks_rejected: Counter,
-    /// MQTT meter messages received, on any topic.
-    pub mqtt_messages: Counter,
-    /// Messages on a topic no device listens on.
-    pub mqtt_unknown_topic: Counter,
-    /// Messages rejected as a whole (too large, not JSON, wrong shape, no field).
-    pub mqtt_payload_errors: Counter,
-    /// Fields missing from, or of the wrong type in, otherwise usable messages.
-    pub mqtt_field_errors: Counter,
-    /// Values dropped because the device already sent one as new or newer.
-    pub mqtt_stale_values: Counter,
-    devices: Mutex<BTreeMap<DeviceId, DeviceStats>>,
-    link: Mutex<LinkStatus>,
-    pub started: StartTime,
+/// Declares [`Metrics`] with one `Counter` field per pipeline counter and
+/// [`Metrics::counters`] listing them, so a counter's name, help text and field are written
+/// once (the status endpoint exports each as `citygate_<name>_total`).
+macro_rules! metrics {
+    ($($name:ident: $help:literal,)*) => {
+        /// Pipeline counters, one set per gateway process.
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $(
+                #[doc = $help]
+                pub $name: Counter,
+            )*
+            devices: Mutex<BTreeMap<DeviceId, DeviceStats>>,
+            link: Mutex<LinkStatus>,
+            pub started: StartTime,
+        }
+
+        impl Metrics {
+            /// Every pipeline counter with its exported name (without `citygate_`/`_total`)
+            /// and help text, for the status endpoint.
+            pub(crate) fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), $help, self.$name.get()),)*]
+            }
+        }
+    };
+}
+
+metrics! {
+    samples_polled: "Polls that returned a register image.",
+    samples_dropped: "Samples dropped because the pipeline was full.",
+    readings_normalised: "Readings decoded from samples.",
+    readings_flagged: "Readings flagged uncertain or bad by the checks.",
+    records_minimised: "Records left after purpose minimisation.",
+    records_sealed: "Records sealed into batches.",
+    batches_sealed: "Batches sealed.",
+    batches_committed: "Batches durably committed to the store.",
+    seal_errors: "Batches that could not be sealed.",
+    store_errors: "Store writes that failed.",
+    batches_evicted: "Batches dropped by the store quota.",
+    batches_sent: "Batch publications to the broker (re-sends included).",
+    batches_acked: "Batches acknowledged by the hub and deleted.",
+    resend_rounds: "Times unacknowledged batches were sent again.",
+    acks_rejected: "Malformed or foreign acknowledgements ignored.",
+    alarm_repeats_held: "Unchanged alarm readings held back between periodic states.",
+    mqtt_messages: "MQTT meter messages received.",
+    mqtt_unknown_topic: "MQTT meter messages on a topic no device listens on.",
+    mqtt_payload_errors: "MQTT meter messages rejected as a whole.",
+    mqtt_field_errors: "Fields missing or mistyped in otherwise usable MQTT messages.",
+    mqtt_stale_values: "MQTT values dropped as not newer than the last one used.",
 }
 
 /// When a set of counters started: the process start, in practice.
@@ -151,118 +167,6 @@ impl Metrics {
     pub fn device(&self, device: &DeviceId) -> DeviceStats {
         let map = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         map.get(device).cloned().unwrap_or_default()
-    }
-
-    /// Every pipeline counter with its exported name (without `citygate_`/`_total`) and
-    /// help text, for the status endpoint.
-    pub(crate) fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
-        vec![
-            (
-                "samples_polled",
-                "Polls that returned a register image.",
-                self.samples_polled.get(),
-            ),
-            (
-                "samples_dropped",
-                "Samples dropped because the pipeline was full.",
-                self.samples_dropped.get(),
-            ),
-            (
-                "readings_normalised",
-                "Readings decoded from samples.",
-                self.readings_normalised.get(),
-            ),
-            (
-                "readings_flagged",
-                "Readings flagged uncertain or bad by the checks.",
-                self.readings_flagged.get(),
-            ),
-            (
-                "records_minimised",
-                "Records left after purpose minimisation.",
-                self.records_minimised.get(),
-            ),
-            (
-                "records_sealed",
-                "Records sealed into batches.",
-                self.records_sealed.get(),
-            ),
-            (
-                "batches_sealed",
-                "Batches sealed.",
-                self.batches_sealed.get(),
-            ),
-            (
-                "batches_committed",
-                "Batches durably committed to the store.",
-                self.batches_committed.get(),
-            ),
-            (
-                "seal_errors",
-                "Batches that could not be sealed.",
-                self.seal_errors.get(),
-            ),
-            (
-                "store_errors",
-                "Store writes that failed.",
-                self.store_errors.get(),
-            ),
-            (
-                "batches_evicted",
-                "Batches dropped by the store quota.",
-                self.batches_evicted.get(),
-            ),
-            (
-                "batches_sent",
-                "Batch publications to the broker (re-sends included).",
-                self.batches_sent.get(),
-            ),
-            (
-                "batches_acked",
-                "Batches acknowledged by the hub and deleted.",
-                self.batches_acked.get(),
-            ),
-            (
-                "resend_rounds",
-                "Times unacknowledged batches were sent again.",
-                self.resend_rounds.get(),
-            ),
-            (
-                "acks_rejected",
-                "Malformed or foreign acknowledgements ignored.",
-                self.acks_rejected.get(),
-            ),
-            (
-                "alarm_repeats_held",
-                "Unchanged alarm readings held back between periodic states.",
-                self.alarm_repeats_held.get(),
-            ),
-            (
-                "mqtt_messages",
-                "MQTT meter messages received.",
-                self.mqtt_messages.get(),
-            ),
-            (
-                "mqtt_unknown_topic",
-                "MQTT meter messages on a topic no device listens on.",
-                self.mqtt_unknown_topic.get(),
-            ),
-            (
-                "mqtt_payload_errors",
-                "MQTT meter messages rejected as a whole.",
-                self.mqtt_payload_errors.get(),
-            ),
-            (
-                "mqtt_field_errors",
-                "Fields missing or mistyped in otherwise usable MQTT messages.",
-                self.mqtt_field_errors.get(),
-            ),
-            (
-                "mqtt_stale_values",
-                "MQTT values dropped as not newer than the last one used.",
-                self.mqtt_stale_values.get(),
-            ),
-        ]
     }
 
     /// Updates the uplink state under its lock.
