@@ -3,6 +3,7 @@
 mod check;
 pub(crate) mod demo;
 pub mod probe;
+mod signals;
 mod sim_mqtt;
 pub(crate) mod sim_rtu;
 
@@ -15,6 +16,7 @@ use tracing::info;
 
 pub(crate) use check::report as check_report;
 
+use self::signals::{SignalEvent, Signals};
 use crate::config::{ConfigError, GatewayConfig};
 use crate::profile::ProfileSet;
 use crate::reading::UnitId;
@@ -99,6 +101,8 @@ pub fn run(path: &Path) -> Result<(), CliError> {
     let outbox = Outbox::new(Arc::new(store));
     let rt = runtime()?;
     rt.block_on(async {
+        let mut signals = Signals::install()
+            .map_err(|e| CliError::Runtime(format!("cannot install signal handlers: {e}")))?;
         let running = supervisor::start(&cfg, keys, outbox.clone());
         let metrics = running.metrics.clone();
         let status_stop = CancellationToken::new();
@@ -118,7 +122,11 @@ pub fn run(path: &Path) -> Result<(), CliError> {
         ticker.tick().await;
         loop {
             tokio::select! {
-                _ = shutdown_signal() => break,
+                event = signals.next() => match event {
+                    SignalEvent::Stop => break,
+                    // Logs go to stderr (journald); the store is not a file to rotate.
+                    SignalEvent::Reopen => info!("sighup: nothing to reopen; running on"),
+                },
                 _ = ticker.tick() => {
                     let s = outbox.stats();
                     info!(
@@ -225,10 +233,12 @@ pub fn hub(path: &Path) -> Result<(), CliError> {
     let cfg = HubConfig::load(path)?;
     let rt = runtime()?;
     rt.block_on(async {
+        let mut signals = Signals::install()
+            .map_err(|e| CliError::Runtime(format!("cannot install signal handlers: {e}")))?;
         let process = HubProcess::start(&cfg)
             .await
             .map_err(|e| CliError::Usage(e.to_string()))?;
-        shutdown_signal().await;
+        signals.until_stop(|| process.reopen_sink()).await;
         let hub = process.hub().clone();
         process.shutdown().await;
         let s = hub.stats();
@@ -243,26 +253,13 @@ pub fn hub(path: &Path) -> Result<(), CliError> {
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on SIGINT or SIGTERM; SIGHUP is ignored (for commands that write no files).
 pub(crate) async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    match Signals::install() {
+        Ok(mut signals) => signals.until_stop(|| async {}).await,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

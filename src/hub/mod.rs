@@ -220,6 +220,11 @@ impl Hub {
         Ingest::Accepted { ack, records }
     }
 
+    /// Reopens the sink's files after log rotation moved them (SIGHUP). Blocks (file I/O).
+    pub(crate) fn reopen_sink(&self) -> Result<(), SinkError> {
+        self.sink.reopen()
+    }
+
     pub fn stats(&self) -> HubStats {
         HubStats {
             accepted_batches: self.accepted_batches.load(Ordering::Relaxed),

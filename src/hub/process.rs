@@ -130,6 +130,19 @@ impl HubProcess {
     }
 
     /// Stops the service (the link disconnects), then the embedded broker.
+    /// Reopens the sink's files (SIGHUP after log rotation), on a blocking thread. A failure
+    /// is logged; the hub keeps writing to the file it had.
+    pub(crate) async fn reopen_sink(&self) {
+        let hub = self.hub.clone();
+        match tokio::task::spawn_blocking(move || hub.reopen_sink()).await {
+            Ok(Ok(())) => info!("sighup: sink reopened"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "sighup: sink not reopened; writing on to the old file")
+            }
+            Err(e) => warn!(error = %e, "sighup: sink reopen task failed"),
+        }
+    }
+
     pub async fn shutdown(self) {
         self.stop.cancel();
         let _ = self.task.await;

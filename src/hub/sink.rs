@@ -76,6 +76,12 @@ pub(crate) trait Sink: Send + Sync + std::fmt::Debug {
     /// At start-up: batches the sink holds durably that `is_marked` does not know (see the
     /// module docs). Sinks that cannot tell return an empty list.
     fn recover(&self, is_marked: &dyn Fn(&BatchKey) -> bool) -> Result<Vec<BatchKey>, SinkError>;
+
+    /// Reopens the files the sink writes, after log rotation moved them (SIGHUP). Sinks
+    /// without files do nothing.
+    fn reopen(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// Appends JSON Lines to one file.
@@ -155,22 +161,9 @@ pub(crate) fn encode_batch(key: &BatchKey, records: &[Record]) -> Vec<u8> {
 impl JsonlSink {
     /// Opens (or creates) the file for appending; creates its directory if needed.
     pub(crate) fn open(path: &Path) -> Result<JsonlSink, SinkError> {
-        let io_err = |source| SinkError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io_err)?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(path)
-            .map_err(io_err)?;
         Ok(JsonlSink {
             path: path.to_owned(),
-            file: Mutex::new(file),
+            file: Mutex::new(open_append(path)?),
         })
     }
 
@@ -180,6 +173,23 @@ impl JsonlSink {
             source,
         }
     }
+}
+
+/// Opens (or creates) `path` for appending, creating its directory if needed.
+fn open_append(path: &Path) -> Result<File, SinkError> {
+    let io_err = |source| SinkError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
+        .map_err(io_err)
 }
 
 /// A line's batch key, ignoring the other members.
@@ -202,6 +212,16 @@ impl Sink for JsonlSink {
             }
             return Err(self.io_err()(e));
         }
+        Ok(())
+    }
+
+    fn reopen(&self) -> Result<(), SinkError> {
+        // Opened before taking the lock, swapped under it: a write in progress finishes on
+        // the old file; every later write goes to the file now at `path`.
+        let fresh = open_append(&self.path)?;
+        let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        file.sync_all().map_err(self.io_err())?;
+        *file = fresh;
         Ok(())
     }
 

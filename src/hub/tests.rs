@@ -391,3 +391,35 @@ proptest! {
         prop_assert!(f.lines().is_empty());
     }
 }
+
+#[test]
+fn after_rotation_a_reopened_sink_writes_to_a_new_file_and_loses_nothing() {
+    let f = Fixture::new();
+    let hub = f.hub();
+    assert!(matches!(
+        hub.ingest(&gw(), &f.seal(Stream::Readings, 1)),
+        Ingest::Accepted { .. }
+    ));
+    // logrotate: move the file aside, then SIGHUP.
+    let rotated = f.sink_path().with_extension("jsonl.1");
+    std::fs::rename(f.sink_path(), &rotated).unwrap();
+    hub.reopen_sink().unwrap();
+    assert!(matches!(
+        hub.ingest(&gw(), &f.seal(Stream::Readings, 2)),
+        Ingest::Accepted { .. }
+    ));
+    let seqs = |text: &str| -> Vec<u64> {
+        text.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let old = seqs(&std::fs::read_to_string(&rotated).unwrap());
+    let new = seqs(&std::fs::read_to_string(f.sink_path()).unwrap());
+    assert!(!old.is_empty() && old.iter().all(|s| *s == 1), "{old:?}");
+    assert!(!new.is_empty() && new.iter().all(|s| *s == 2), "{new:?}");
+    // Without the reopen, batch 2 would have gone to the rotated file.
+}

@@ -335,6 +335,27 @@ async fn citygate_hub_runs_its_embedded_broker_from_keys_tls_output() {
         panic!("the hub never subscribed: {subscribed:?}\n{log}");
     }
     assert!(child.try_wait().unwrap().is_none(), "the hub exited early");
+    // logrotate's `postrotate kill -HUP`: the hub reopens its sink and keeps running.
+    signal(&child, "-HUP");
+    let reopened = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(line) = line_rx.recv().await {
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("sighup: sink reopened") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if reopened != Ok(true) {
+        let _ = child.kill();
+        panic!("the hub did not reopen its sink on SIGHUP: {reopened:?}\n{log}");
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the hub\n{log}"
+    );
     signal(&child, "-TERM");
     let status = wait_exit(&mut child, Duration::from_secs(15)).await;
     // The child has exited: the reader ends at the end of its log.

@@ -69,6 +69,48 @@ async fn sigterm_seals_and_commits_the_open_batch_then_exits_zero() {
         .all(|r| r.field == "active_power" || r.field == "energy_import"));
 }
 
+/// logrotate's `postrotate kill -HUP` must not stop the gateway: SIGHUP is logged and
+/// ignored, and a SIGTERM after it still seals and commits the open batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_is_harmless_and_a_later_sigterm_still_seals_the_open_batch() {
+    let profiles = shipped_profiles();
+    let token = CancellationToken::new();
+    let sim = start_sim(&profiles, "chint-ddsu666", 2, 6, &token).await;
+    let dep = Deployment::new();
+    let config = write_config(&dep, &sim.address, "60s");
+    let (mut child, mut log) =
+        spawn_logged(&["run".as_ref(), "--config".as_ref(), config.as_ref()]);
+    assert!(
+        log.wait_for("gateway started", Duration::from_secs(15))
+            .await,
+        "{}",
+        log.text
+    );
+    polled(&sim, 4).await;
+    signal(&child, "-HUP");
+    let survived = log.wait_for("sighup", Duration::from_secs(15)).await;
+    if !survived {
+        let status = wait_exit(&mut child, Duration::from_secs(5)).await;
+        panic!(
+            "SIGHUP ended the gateway ({status})\n{}",
+            log.finish().await
+        );
+    }
+    assert!(child.try_wait().unwrap().is_none(), "{}", log.text);
+    // Still polling after the signal.
+    polled(&sim, 4).await;
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(20)).await;
+    token.cancel();
+    let text = log.finish().await;
+    assert!(status.success(), "{status}\n{text}");
+    assert!(text.contains("clean=true"), "{text}");
+
+    let store = SledStore::open(&dep.store_path(), StoreOptions::default()).unwrap();
+    let batches = store.peek(Stream::Readings, 0, 100).unwrap();
+    assert_eq!(batches.len(), 1, "the open batch, sealed at SIGTERM");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_sigkill_the_gateway_restarts_and_continues_its_sequence() {
     let profiles = shipped_profiles();

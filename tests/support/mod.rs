@@ -151,6 +151,67 @@ pub fn spawn_run(config: &Path) -> std::process::Child {
         .unwrap()
 }
 
+/// Starts `citygate ARGS…` as a child process whose log (stderr) the test reads as it is
+/// written.
+pub fn spawn_logged(args: &[&std::ffi::OsStr]) -> (std::process::Child, LogLines) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (
+        child,
+        LogLines {
+            rx,
+            text: String::new(),
+        },
+    )
+}
+
+/// A child's log lines, in the order written; `text` keeps every line read so far.
+#[derive(Debug)]
+pub struct LogLines {
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    pub text: String,
+}
+
+impl LogLines {
+    /// Waits (bounded) for a line containing `needle`; false at the deadline or when the
+    /// log ends (the child exited).
+    pub async fn wait_for(&mut self, needle: &str, limit: Duration) -> bool {
+        let found = tokio::time::timeout(limit, async {
+            while let Some(line) = self.rx.recv().await {
+                let hit = line.contains(needle);
+                self.text.push_str(&line);
+                self.text.push('\n');
+                if hit {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        found == Ok(true)
+    }
+
+    /// Reads the rest of the log; call after the child exited.
+    pub async fn finish(&mut self) -> &str {
+        while let Some(line) = self.rx.recv().await {
+            self.text.push_str(&line);
+            self.text.push('\n');
+        }
+        &self.text
+    }
+}
+
 /// Sends `sig` (e.g. "-TERM", "-KILL") to a child this test started.
 pub fn signal(child: &std::process::Child, sig: &str) {
     let status = std::process::Command::new("kill")
