@@ -25,7 +25,7 @@ grade = "L2"
 
 /// A gateway config: gateway `gw-1`, purpose `purpose` with `fields` (a TOML array's inside,
 /// e.g. `"\"voltage_l1\""`), a store, the usual key paths, then `rest` (devices, sources).
-/// The `[gateway]` header is line 1; `rest` starts at line 17.
+/// The `[gateway]` header is line 1; `rest` starts at line 16.
 pub(crate) fn gateway_config(purpose: &str, fields: &str, rest: &str) -> String {
     format!(
         r#"[gateway]

@@ -101,21 +101,40 @@ fn line_override(
     }
 }
 
+/// The bus a transport reaches: one Modbus TCP endpoint, serial port, serial server or DTU.
+fn bus_key(t: &Transport) -> String {
+    match t {
+        Transport::Tcp { address } => format!("tcp {address}"),
+        Transport::Serial { port, .. } => format!("serial {port}"),
+        Transport::RtuTcp { address, .. } => format!("rtu_tcp {address}"),
+        Transport::Dtu { id, .. } => format!("dtu {id}"),
+    }
+}
+
 /// A device already configured whose RTU transport names the same port, server or
 /// DTU id as `t` with different settings.
 fn rtu_conflict(devices: &[DeviceConfig], t: &Transport) -> Option<DeviceId> {
-    let key = |t: &Transport| match t {
-        Transport::Serial { port, .. } => Some(format!("serial {port}")),
-        Transport::RtuTcp { address, .. } => Some(format!("rtu_tcp {address}")),
-        Transport::Dtu { id, .. } => Some(format!("dtu {id}")),
-        _ => None,
-    };
-    let k = key(t)?;
+    if matches!(t, Transport::Tcp { .. }) {
+        return None;
+    }
+    let k = bus_key(t);
     devices
         .iter()
         .filter_map(|d| Some((d, &d.modbus()?.transport)))
-        .find(|(_, other)| key(other).as_ref() == Some(&k) && *other != t)
-        .map(|(d, _)| d)
+        .find(|(_, other)| bus_key(other) == k && *other != t)
+        .map(|(d, _)| d.id.clone())
+}
+
+/// A device already configured on the same bus as `t` with the same unit id: both would
+/// read the same meter, and its readings would leave the box twice under two names.
+fn unit_taken(devices: &[DeviceConfig], t: &Transport, unit: UnitId) -> Option<DeviceId> {
+    let k = bus_key(t);
+    devices
+        .iter()
+        .find(|d| {
+            d.modbus()
+                .is_some_and(|m| m.unit == unit && bus_key(&m.transport) == k)
+        })
         .map(|d| d.id.clone())
 }
 
@@ -185,6 +204,14 @@ pub(super) fn devices(
                         msg,
                     ));
                 }
+            }
+            if let Some(other) = unit_taken(&devices, transport, UnitId(unit)) {
+                let span = d.unit.as_ref().map_or(transport_span.clone(), |u| u.span());
+                errors.push(src.at(
+                    span,
+                    format!("{key}.unit"),
+                    format!("device `{other}` already polls unit {unit} on this bus ({}); give each meter its own unit id", bus_key(transport)),
+                ));
             }
             if let Some(other) = rtu_conflict(&devices, transport) {
                 errors.push(src.at(
@@ -561,5 +588,38 @@ grade = "L3"
         let e = parse_ratio(&text).unwrap_err().diagnostics;
         assert_eq!(e[0].key, "device[0].ct_ratio");
         assert!(e[0].message.contains("no field with ratio"), "{}", e[0]);
+    }
+
+    #[test]
+    fn two_devices_polling_the_same_unit_on_one_bus_are_refused() {
+        let twice = format!("{}\n{}", config(), tcp_device("m2", "test-r"));
+        let e = parse_ratio(&twice).unwrap_err().diagnostics;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key, "device[1].unit", "{}", e[0]);
+        assert_eq!(e[0].line, 27, "{}", e[0]);
+        assert!(
+            e[0].message.contains("device `m1` already polls unit 1"),
+            "{}",
+            e[0]
+        );
+        // Another unit on the same endpoint, or the same unit on another endpoint, is fine.
+        let other_unit = {
+            let at = twice.rfind("unit = 1").unwrap();
+            format!(
+                "{}unit = 2{}",
+                &twice[..at],
+                &twice[at + "unit = 1".len()..]
+            )
+        };
+        assert!(parse_ratio(&other_unit).is_ok());
+        let other_endpoint = {
+            let at = twice.rfind("127.0.0.1:502").unwrap();
+            format!(
+                "{}127.0.0.1:503{}",
+                &twice[..at],
+                &twice[at + "127.0.0.1:502".len()..]
+            )
+        };
+        assert!(parse_ratio(&other_endpoint).is_ok());
     }
 }
