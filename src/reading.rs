@@ -308,6 +308,9 @@ pub enum QualityReason {
     NotFinite,
     /// The meter sent no usable timestamp: the time is the gateway's receive time.
     ReceiveTime,
+    /// The meter's timestamp is ahead of the gateway's clock by more than allowed; it is
+    /// kept as sent.
+    ClockSkew,
 }
 
 impl QualityReason {
@@ -319,6 +322,7 @@ impl QualityReason {
             QualityReason::CounterRollover => "counter_rollover",
             QualityReason::NotFinite => "not_finite",
             QualityReason::ReceiveTime => "receive_time",
+            QualityReason::ClockSkew => "clock_skew",
         }
     }
 }

@@ -94,6 +94,7 @@ metrics! {
     mqtt_payload_errors: "MQTT meter messages rejected as a whole.",
     mqtt_field_errors: "Fields missing or mistyped in otherwise usable MQTT messages.",
     mqtt_stale_values: "MQTT values dropped as not newer than the last one used.",
+    mqtt_clock_skewed: "MQTT values whose meter clock is ahead of the gateway's by more than max_clock_skew.",
 }
 
 /// When a set of counters started: the process start, in practice.

@@ -28,10 +28,12 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::duration::HumanDuration;
 use super::{MqttTopic, TlsFiles};
 use crate::profile::mqtt::PayloadShape;
 use crate::profile::Profile;
@@ -47,7 +49,13 @@ pub struct MqttSourceConfig {
     pub tls: Option<TlsFiles>,
     /// Subscription QoS: 0 or 1.
     pub qos: u8,
+    /// How far ahead of the gateway's clock a meter's timestamp may be before its values
+    /// are `uncertain(clock_skew)` and no longer advance the per-field staleness gate.
+    pub max_clock_skew: Duration,
 }
+
+/// Default `max_clock_skew`.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +69,7 @@ pub(super) struct RawMqttSource {
     #[serde(default)]
     danger_plaintext: bool,
     qos: Option<Spanned<u8>>,
+    max_clock_skew: Option<HumanDuration>,
 }
 
 /// A located problem: the span, the key below the section, the message.
@@ -122,6 +131,7 @@ pub(super) fn sources(
             broker: s.broker.into_inner(),
             tls,
             qos,
+            max_clock_skew: s.max_clock_skew.map_or(DEFAULT_MAX_CLOCK_SKEW, |d| d.0),
         });
     }
     out
@@ -238,7 +248,7 @@ pub(super) fn profile_fits(mqtt: Option<&MqttTopic>, profile: &Profile) -> Resul
 mod tests {
     use std::path::Path;
 
-    use super::check_topic;
+    use super::{check_topic, DEFAULT_MAX_CLOCK_SKEW};
     use crate::config::{DeviceKind, Diagnostic, GatewayConfig, MqttTopic};
     use crate::profile::{Profile, ProfileSet};
     use crate::test_fixtures::{gateway_config, VOLTAGE_PROFILE};
@@ -295,6 +305,15 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
         let s = &c.mqtt_sources[0];
         assert_eq!(s.client_id, "gw-1-meters");
         assert_eq!(s.qos, 1);
+        assert_eq!(s.max_clock_skew, DEFAULT_MAX_CLOCK_SKEW);
+        let tight = config().replace(
+            "key_file = \"tls/gw.key\"",
+            "key_file = \"tls/gw.key\"\nmax_clock_skew = \"30s\"",
+        );
+        assert_eq!(
+            parse(&tight).unwrap().mqtt_sources[0].max_clock_skew,
+            std::time::Duration::from_secs(30)
+        );
         assert_eq!(
             s.tls.as_ref().unwrap().ca_file,
             Path::new("/etc/citygate/tls/ca.pem")

@@ -271,6 +271,7 @@ fn arb_reason() -> impl Strategy<Value = QualityReason> {
         Just(QualityReason::CounterRollover),
         Just(QualityReason::NotFinite),
         Just(QualityReason::ReceiveTime),
+        Just(QualityReason::ClockSkew),
     ]
 }
 

@@ -72,6 +72,9 @@ pub enum TimeSource {
     Device,
     /// The gateway's receive time: the payload had none, or an implausible one.
     Received,
+    /// The meter's own timestamp, kept, but ahead of the gateway's clock by more than the
+    /// source's `max_clock_skew`: the meter's clock is wrong.
+    Skewed,
 }
 
 /// One named value of a sample.

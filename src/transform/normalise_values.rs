@@ -8,7 +8,8 @@
 //! compared with sentinels). Text values (identifiers) pass through unchanged.
 //!
 //! A value whose timestamp is the gateway's receive time rather than the meter's
-//! ([`TimeSource::Received`]) is marked `uncertain(receive_time)`, unless something
+//! ([`TimeSource::Received`]) is marked `uncertain(receive_time)`, and one whose meter
+//! clock runs ahead ([`TimeSource::Skewed`]) `uncertain(clock_skew)`, unless something
 //! worse applies. A value naming a field the profile lacks (a source bug, not a payload
 //! problem) is reported in `missing` instead of becoming a reading.
 
@@ -61,8 +62,12 @@ pub(crate) fn normalise_value(
         }
         SourceValue::Text(s) => (Value::Text(s.clone()), Quality::Good),
     };
-    if v.time == TimeSource::Received {
-        quality = quality.worst(Quality::Uncertain(QualityReason::ReceiveTime));
+    match v.time {
+        TimeSource::Device => {}
+        TimeSource::Received => {
+            quality = quality.worst(Quality::Uncertain(QualityReason::ReceiveTime));
+        }
+        TimeSource::Skewed => quality = quality.worst(Quality::Uncertain(QualityReason::ClockSkew)),
     }
     Reading {
         device: device.clone(),
@@ -245,6 +250,10 @@ grade = "L3"
         assert_eq!(
             q("flow_rate", RawValue::Float(1.0), TimeSource::Received),
             Quality::Uncertain(QualityReason::ReceiveTime)
+        );
+        assert_eq!(
+            q("flow_rate", RawValue::Float(1.0), TimeSource::Skewed),
+            Quality::Uncertain(QualityReason::ClockSkew)
         );
     }
 }

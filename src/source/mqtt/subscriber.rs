@@ -263,12 +263,23 @@ impl MqttSubscriber {
                 .metrics
                 .record_poll(&device.id, received_ms, &PollOutcome::Ok);
         }
+        // A meter clock running ahead keeps its timestamp but is marked, and must not move
+        // the staleness gate: one value from the future would drop every later real one.
+        let skew_ms =
+            TimestampMs::try_from(self.cfg.max_clock_skew.as_millis()).unwrap_or(TimestampMs::MAX);
+        let mut values = values;
+        for v in &mut values {
+            if v.time == TimeSource::Device && v.at_ms > received_ms.saturating_add(skew_ms) {
+                v.time = TimeSource::Skewed;
+                self.cx.metrics.mqtt_clock_skewed.inc();
+            }
+        }
         let last = self.last.entry(device.id.clone()).or_default();
         let before = values.len();
         let values: Vec<_> = values
             .into_iter()
             .filter(|v| {
-                if v.time == TimeSource::Received {
+                if v.time != TimeSource::Device {
                     return true;
                 }
                 match last.get(&v.field) {
@@ -317,6 +328,7 @@ mod tests {
             client_id: "c".into(),
             tls: None,
             qos: 1,
+            max_clock_skew: crate::config::mqtt::DEFAULT_MAX_CLOCK_SKEW,
         };
         let s = MqttSubscriber::new(
             cfg,
@@ -373,6 +385,7 @@ mod tests {
             client_id: "c".into(),
             tls: None,
             qos: 1,
+            max_clock_skew: crate::config::mqtt::DEFAULT_MAX_CLOCK_SKEW,
         };
         let mut s = MqttSubscriber::new(cfg, vec![a, b], SourceContext::for_test(tx, m.clone()));
         let now = 1_763_906_400_000;
@@ -416,5 +429,69 @@ mod tests {
         let allowed = (0..LOG_BURST * 3).filter(|_| l.allow("s")).count();
         assert_eq!(allowed, LOG_BURST as usize);
         assert_eq!(l.suppressed, u64::from(LOG_BURST) * 2);
+    }
+
+    /// One message from a meter whose clock is 12 h ahead must not blind the device: it is
+    /// kept as `Skewed` (its raw time), counted, and the next real messages still pass.
+    #[test]
+    fn a_future_timestamp_is_marked_and_does_not_hold_back_later_values() {
+        use crate::profile::Profile;
+        use std::path::Path;
+        let tb = Arc::new(
+            Profile::parse(
+                Path::new("tb.toml"),
+                "[meter]\nvendor = \"T\"\nmodel = \"T\"\nprotocol = \"mqtt\"\n[mqtt]\nshape = \"thingsboard\"\n\
+                 [[field]]\nname = \"flow_rate\"\nkey = \"flow\"\nunit = \"m3/h\"\ncategory = \"measurement\"\ngrade = \"L2\"\n",
+            )
+            .unwrap(),
+        );
+        let mut a = device("a", "v1/gateway/telemetry", Some("Meter A"));
+        a.profile = tb;
+        let (tx, mut rx) = mpsc::channel(8);
+        let m = Arc::new(Metrics::default());
+        let cfg = MqttSourceConfig {
+            name: "tb".into(),
+            broker: "localhost:1".into(),
+            client_id: "c".into(),
+            tls: None,
+            qos: 1,
+            max_clock_skew: crate::config::mqtt::DEFAULT_MAX_CLOCK_SKEW,
+        };
+        let mut s = MqttSubscriber::new(cfg, vec![a], SourceContext::for_test(tx, m.clone()));
+        let now = 1_763_906_400_000;
+        let msg = |ts: i64| format!(r#"{{"Meter A":[{{"ts":{ts},"values":{{"flow":1.5}}}}]}}"#);
+        let ahead = now + 12 * 3_600_000;
+        s.on_message("v1/gateway/telemetry", msg(ahead).as_bytes(), now);
+        let SampleData::Values(v) = rx.try_recv().unwrap().data else {
+            panic!("values expected")
+        };
+        assert_eq!((v[0].at_ms, v[0].time), (ahead, TimeSource::Skewed));
+        assert_eq!(m.mqtt_clock_skewed.get(), 1);
+        // The meter's next real readings arrive and are used.
+        for k in 1..=3 {
+            s.on_message(
+                "v1/gateway/telemetry",
+                msg(now + k * 1000).as_bytes(),
+                now + k * 1000,
+            );
+            let SampleData::Values(v) = rx.try_recv().unwrap().data else {
+                panic!("values expected")
+            };
+            assert_eq!(
+                (v[0].at_ms, v[0].time),
+                (now + k * 1000, TimeSource::Device)
+            );
+        }
+        assert_eq!(m.mqtt_stale_values.get(), 0);
+        // A skew within the allowance is the meter's time, as before.
+        s.on_message(
+            "v1/gateway/telemetry",
+            msg(now + 60_000).as_bytes(),
+            now + 4000,
+        );
+        let SampleData::Values(v) = rx.try_recv().unwrap().data else {
+            panic!("values expected")
+        };
+        assert_eq!(v[0].time, TimeSource::Device);
     }
 }
