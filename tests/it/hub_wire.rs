@@ -303,66 +303,37 @@ async fn citygate_hub_runs_its_embedded_broker_from_keys_tls_output() {
     )
     .status()
     .write(dep.path());
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
-        .args(["hub", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Read the log as it is written: the hub says when its subscriptions are granted.
-    let stderr = child.stderr.take().unwrap();
-    let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            let _ = line_tx.send(line);
-        }
-    });
-    let mut log = String::new();
-    let subscribed = tokio::time::timeout(Duration::from_secs(15), async {
-        while let Some(line) = line_rx.recv().await {
-            log.push_str(&line);
-            log.push('\n');
-            if line.contains("hub subscribed") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    if subscribed != Ok(true) {
+    let (mut child, mut log) =
+        spawn_logged(&["hub".as_ref(), "--config".as_ref(), config.as_ref()]);
+    // The hub says in its log when its subscriptions are granted.
+    if !log
+        .wait_for("hub subscribed", Duration::from_secs(15))
+        .await
+    {
         let _ = child.kill();
-        panic!("the hub never subscribed: {subscribed:?}\n{log}");
+        panic!("the hub never subscribed\n{}", log.finish().await);
     }
     assert!(child.try_wait().unwrap().is_none(), "the hub exited early");
     // logrotate's `postrotate kill -HUP`: the hub reopens its sink and keeps running.
     signal(&child, "-HUP");
-    let reopened = tokio::time::timeout(Duration::from_secs(15), async {
-        while let Some(line) = line_rx.recv().await {
-            log.push_str(&line);
-            log.push('\n');
-            if line.contains("sighup: sink reopened") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    if reopened != Ok(true) {
+    if !log
+        .wait_for("sighup: sink reopened", Duration::from_secs(15))
+        .await
+    {
         let _ = child.kill();
-        panic!("the hub did not reopen its sink on SIGHUP: {reopened:?}\n{log}");
+        panic!(
+            "the hub did not reopen its sink on SIGHUP\n{}",
+            log.finish().await
+        );
     }
     assert!(
         child.try_wait().unwrap().is_none(),
-        "SIGHUP ended the hub\n{log}"
+        "SIGHUP ended the hub\n{}",
+        log.text
     );
     signal(&child, "-TERM");
     let status = wait_exit(&mut child, Duration::from_secs(15)).await;
-    // The child has exited: the reader ends at the end of its log.
-    while let Some(line) = line_rx.recv().await {
-        log.push_str(&line);
-        log.push('\n');
-    }
+    let log = log.finish().await;
     assert!(status.success(), "{status}\n{log}");
     assert!(log.contains("embedded broker listening"), "{log}");
     assert!(log.contains("hub serving"), "{log}");

@@ -338,6 +338,44 @@ mod tests {
         (s, rx, metrics)
     }
 
+    /// A ThingsBoard gateway-API source with one flow meter per name: `Meter A` is device
+    /// `a`, `Meter B` device `b`.
+    fn thingsboard_subscriber(
+        names: &[&str],
+    ) -> (MqttSubscriber, mpsc::Receiver<RawSample>, Arc<Metrics>) {
+        use crate::profile::Profile;
+        use std::path::Path;
+        let tb = Arc::new(
+            Profile::parse(
+                Path::new("tb.toml"),
+                "[meter]\nvendor = \"T\"\nmodel = \"T\"\nprotocol = \"mqtt\"\n[mqtt]\nshape = \"thingsboard\"\n\
+                 [[field]]\nname = \"flow_rate\"\nkey = \"flow\"\nunit = \"m3/h\"\ncategory = \"measurement\"\ngrade = \"L2\"\n",
+            )
+            .unwrap(),
+        );
+        let devices = names
+            .iter()
+            .map(|name| {
+                let id = name.trim_start_matches("Meter ").to_lowercase();
+                let mut d = device(&id, "v1/gateway/telemetry", Some(name));
+                d.profile = tb.clone();
+                d
+            })
+            .collect();
+        let (tx, rx) = mpsc::channel(8);
+        let m = Arc::new(Metrics::default());
+        let cfg = MqttSourceConfig {
+            name: "tb".into(),
+            broker: "localhost:1".into(),
+            client_id: "c".into(),
+            tls: None,
+            qos: 1,
+            max_clock_skew: crate::config::mqtt::DEFAULT_MAX_CLOCK_SKEW,
+        };
+        let s = MqttSubscriber::new(cfg, devices, SourceContext::for_test(tx, m.clone()));
+        (s, rx, m)
+    }
+
     #[test]
     fn messages_become_samples_and_bad_ones_counters() {
         let (mut s, mut rx, m) = subscriber();
@@ -363,31 +401,7 @@ mod tests {
 
     #[test]
     fn thingsboard_gateway_messages_fan_out_by_device_name() {
-        use crate::profile::Profile;
-        use std::path::Path;
-        let tb = Arc::new(
-            Profile::parse(
-                Path::new("tb.toml"),
-                "[meter]\nvendor = \"T\"\nmodel = \"T\"\nprotocol = \"mqtt\"\n[mqtt]\nshape = \"thingsboard\"\n\
-                 [[field]]\nname = \"flow_rate\"\nkey = \"flow\"\nunit = \"m3/h\"\ncategory = \"measurement\"\ngrade = \"L2\"\n",
-            )
-            .unwrap(),
-        );
-        let mut a = device("a", "v1/gateway/telemetry", Some("Meter A"));
-        let mut b = device("b", "v1/gateway/telemetry", Some("Meter B"));
-        a.profile = tb.clone();
-        b.profile = tb;
-        let (tx, mut rx) = mpsc::channel(8);
-        let m = Arc::new(Metrics::default());
-        let cfg = MqttSourceConfig {
-            name: "tb".into(),
-            broker: "localhost:1".into(),
-            client_id: "c".into(),
-            tls: None,
-            qos: 1,
-            max_clock_skew: crate::config::mqtt::DEFAULT_MAX_CLOCK_SKEW,
-        };
-        let mut s = MqttSubscriber::new(cfg, vec![a, b], SourceContext::for_test(tx, m.clone()));
+        let (mut s, mut rx, m) = thingsboard_subscriber(&["Meter A", "Meter B"]);
         let now = 1_763_906_400_000;
         let payload = format!(
             r#"{{"Meter A":[{{"ts":{},"values":{{"flow":1.5}}}},{{"ts":{},"values":{{"flow":1.6}}}}],
@@ -435,29 +449,7 @@ mod tests {
     /// kept as `Skewed` (its raw time), counted, and the next real messages still pass.
     #[test]
     fn a_future_timestamp_is_marked_and_does_not_hold_back_later_values() {
-        use crate::profile::Profile;
-        use std::path::Path;
-        let tb = Arc::new(
-            Profile::parse(
-                Path::new("tb.toml"),
-                "[meter]\nvendor = \"T\"\nmodel = \"T\"\nprotocol = \"mqtt\"\n[mqtt]\nshape = \"thingsboard\"\n\
-                 [[field]]\nname = \"flow_rate\"\nkey = \"flow\"\nunit = \"m3/h\"\ncategory = \"measurement\"\ngrade = \"L2\"\n",
-            )
-            .unwrap(),
-        );
-        let mut a = device("a", "v1/gateway/telemetry", Some("Meter A"));
-        a.profile = tb;
-        let (tx, mut rx) = mpsc::channel(8);
-        let m = Arc::new(Metrics::default());
-        let cfg = MqttSourceConfig {
-            name: "tb".into(),
-            broker: "localhost:1".into(),
-            client_id: "c".into(),
-            tls: None,
-            qos: 1,
-            max_clock_skew: crate::config::mqtt::DEFAULT_MAX_CLOCK_SKEW,
-        };
-        let mut s = MqttSubscriber::new(cfg, vec![a], SourceContext::for_test(tx, m.clone()));
+        let (mut s, mut rx, m) = thingsboard_subscriber(&["Meter A"]);
         let now = 1_763_906_400_000;
         let msg = |ts: i64| format!(r#"{{"Meter A":[{{"ts":{ts},"values":{{"flow":1.5}}}}]}}"#);
         let ahead = now + 12 * 3_600_000;
