@@ -186,6 +186,7 @@ impl StatusSource {
         if polled.peek().is_some() && polled.all(|d| d.stale) {
             reasons.push("no device has answered recently".into());
         }
+        reasons.extend(self.metrics.faults());
         GatewayStatus {
             gateway: self.gateway.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -582,6 +583,22 @@ mod tests {
         assert!(text.contains("\ncitygate_uplink_connected 0\n"), "{text}");
         let table = render(&st);
         assert!(table.contains("uplink  ? DOWN"), "{table}");
+    }
+
+    #[test]
+    fn a_raised_fault_degrades_health_until_it_is_cleared() {
+        let s = source(Outbox::new(Arc::new(MemStore::new(1 << 20))).stats_rx());
+        let t0 = s.metrics.started.0;
+        s.metrics
+            .raise_fault("store", "store: commits failing (No space left on device)");
+        let st = s.snapshot_at(t0 + 1000);
+        assert_eq!(st.health.status, "degraded");
+        assert_eq!(
+            st.health.reasons,
+            ["store: commits failing (No space left on device)"]
+        );
+        s.metrics.clear_fault("store");
+        assert_eq!(s.snapshot_at(t0 + 2000).health.status, "ok");
     }
 
     #[tokio::test]

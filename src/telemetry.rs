@@ -59,6 +59,7 @@ macro_rules! metrics {
             )*
             devices: Mutex<BTreeMap<DeviceId, DeviceStats>>,
             link: Mutex<LinkStatus>,
+            faults: Mutex<BTreeMap<String, String>>,
             pub started: StartTime,
         }
 
@@ -184,6 +185,28 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Marks a fault as active: until [`Metrics::clear_fault`] with the same key, `/health` is
+    /// `degraded` and lists `reason`. A component uses one key per fault it can have (e.g.
+    /// `store`, `mqtt_source:plant`), so raising again replaces the reason.
+    #[allow(dead_code)] // the store and MQTT sources raise faults once they report them
+    pub(crate) fn raise_fault(&self, key: &str, reason: impl Into<String>) {
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.insert(key.to_owned(), reason.into());
+    }
+
+    /// Ends the fault `key` (no-op if it is not active).
+    #[allow(dead_code)]
+    pub(crate) fn clear_fault(&self, key: &str) {
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.remove(key);
+    }
+
+    /// The active faults' reasons, ordered by key.
+    pub(crate) fn faults(&self) -> Vec<String> {
+        let faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.values().cloned().collect()
     }
 }
 
