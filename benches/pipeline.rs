@@ -98,6 +98,7 @@ fn bench(c: &mut Criterion) {
             ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
             citygate::seal::HubSecretKey::from_bytes(&[2; 32]).public_key(),
             pol.hash(),
+            0x5eed,
         )
     };
     let sealer = new_sealer();

@@ -76,7 +76,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum KeysCommand {
-    /// Generate the gateway signing key pair, a hub HPKE key pair and a pseudonym key.
+    /// Generate the gateway signing key pair, a hub HPKE key pair, a pseudonym key and a hub
+    /// ack-signing key pair.
     Gen {
         /// Directory to write the key files into (created with mode 0700).
         #[arg(long)]

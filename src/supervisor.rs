@@ -35,6 +35,7 @@ use crate::store::{Outbox, StoreStats};
 use crate::telemetry::Metrics;
 use crate::transform::minimise::{Policy, PseudonymKey};
 use crate::uplink::{Forwarder, ForwarderOptions};
+use crate::wire::AckVerifier;
 
 /// The secrets and public keys a gateway runs with.
 #[derive(Debug, Clone)]
@@ -42,6 +43,8 @@ pub struct KeyMaterial {
     pub signing: ed25519_dalek::SigningKey,
     pub hub: HubPublicKey,
     pub pseudonym: PseudonymKey,
+    /// Verifies the hub's acks before anything is deleted.
+    pub hub_ack: ed25519_dalek::VerifyingKey,
 }
 
 impl KeyMaterial {
@@ -53,6 +56,7 @@ impl KeyMaterial {
             pseudonym: PseudonymKey::from_bytes(
                 *keys::load_pseudonym_key(&paths.pseudonym_key)?.as_bytes(),
             ),
+            hub_ack: keys::load_hub_ack_verifying_key(&paths.hub_ack_key)?,
         })
     }
 }
@@ -69,18 +73,13 @@ pub fn policy(cfg: &GatewayConfig, key: PseudonymKey) -> Policy {
 
 /// The first sequence number to use on a stream whose store says `store_next`.
 ///
-/// A store that has never held a batch of the stream (a new box, or a store that was
-/// moved aside after corruption) would start again at 1, and the hub, which
-/// de-duplicates on (gateway, stream, seq), would take the new batches for replays.
-/// A fresh stream therefore starts at `unix_seconds << 20`: later than any sequence
-/// number an earlier store of this gateway can have reached unless it sealed more than
-/// a million batches per second on average. A store that has history continues it.
+/// Sequence numbers count within the store's incarnation (a random id made with the store and
+/// carried in every envelope header); the hub de-duplicates on (gateway, stream, incarnation,
+/// seq). A new store (a new box, or one moved aside after corruption) is a new incarnation, so
+/// its streams start again at 1 without colliding with anything an earlier store sent, and no
+/// wall clock is involved: a clock that is wrong when a store is created costs nothing.
 pub(crate) fn first_seq(store_next: u64) -> u64 {
-    if store_next > 1 {
-        return store_next;
-    }
-    let secs = u64::try_from(crate::reading::now_ms() / 1000).unwrap_or(0);
-    (secs << 20).max(1)
+    store_next.max(1)
 }
 
 /// A started gateway.
@@ -91,6 +90,8 @@ pub struct Running {
     pub outbox: Outbox,
     /// Highest committed sequence number per stream; changes after every flush.
     pub committed_rx: watch::Receiver<CommittedMarks>,
+    /// Checks the hub's signature on acks (from [`KeyMaterial::hub_ack`]).
+    ack_verifier: AckVerifier,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -129,7 +130,9 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
         keys.signing,
         keys.hub,
         policy.hash(),
+        outbox.incarnation(),
     );
+    let ack_verifier = AckVerifier::new(keys.hub_ack);
     let seq_outbox = outbox.clone();
     let batcher = Batcher::new(
         samples_rx,
@@ -193,6 +196,7 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
         metrics,
         outbox,
         committed_rx,
+        ack_verifier,
         shutdown,
         tracker,
     }
@@ -253,6 +257,7 @@ pub async fn start_uplink_with(
     let forwarder = Forwarder::new(
         cfg.gateway_id.clone(),
         running.outbox.clone(),
+        running.ack_verifier.clone(),
         link,
         events,
         running.committed_rx.clone(),
@@ -300,11 +305,12 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
+    /// Issue 9 item 4: sequences no longer come from the wall clock; a fresh stream starts
+    /// at 1 (its store's new incarnation keeps it apart from earlier stores).
     #[test]
-    fn fresh_streams_start_past_any_earlier_store() {
+    fn fresh_streams_start_at_one_and_continue_their_store() {
         assert_eq!(first_seq(42), 42);
-        let fresh = first_seq(1);
-        assert!(fresh > 1 << 50, "{fresh}");
-        assert!(first_seq(1) >= fresh);
+        assert_eq!(first_seq(1), 1);
+        assert_eq!(first_seq(0), 1);
     }
 }

@@ -89,6 +89,7 @@ metrics! {
     batches_acked: "Batches acknowledged by the hub and deleted.",
     resend_rounds: "Times unacknowledged batches were sent again.",
     acks_rejected: "Malformed or foreign acknowledgements ignored.",
+    acks_unauthenticated: "Acknowledgements ignored because no valid hub signature was on them (forged, unsigned or another key).",
     alarm_repeats_held: "Unchanged alarm readings held back between periodic states.",
     mqtt_messages: "MQTT meter messages received.",
     mqtt_unknown_topic: "MQTT meter messages on a topic no device listens on.",

@@ -30,7 +30,6 @@ pub(crate) fn gateway_config(purpose: &str, fields: &str, rest: &str) -> String 
     format!(
         r#"[gateway]
 id = "gw-1"
-
 [purpose]
 name = "{purpose}"
 fields = [{fields}]
@@ -42,6 +41,7 @@ path = "store"
 signing_key = "keys/gateway.sign.key"
 hub_public_key = "keys/hub.hpke.pub"
 pseudonym_key = "keys/pseudonym.key"
+hub_ack_key = "keys/hub.ack.pub"
 
 {rest}"#
     )

@@ -74,6 +74,13 @@ pub(crate) fn report(cfg: &GatewayConfig) -> (String, bool) {
                 keys::load_pseudonym_key(p).map(|_| ())
             }),
         ),
+        (
+            "hub_ack_key",
+            &cfg.keys.hub_ack_key,
+            key_status(&cfg.keys.hub_ack_key, |p| {
+                keys::load_hub_ack_verifying_key(p).map(|_| ())
+            }),
+        ),
     ];
     for (name, path, status) in &statuses {
         let s = match status {

@@ -164,7 +164,7 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     // The hub.
     let hub_files = ca.client_files(&hub_cert);
     let hub_text = format!(
-        "[hub]\nid = \"demo-hub\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nstate_path = \"hub-state\"\n\n\
+        "[hub]\nid = \"demo-hub\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nack_signing_key = \"keys/hub.ack.key\"\nstate_path = \"hub-state\"\n\n\
          [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n[mqtt]\nbroker = \"localhost:{port}\"\n\
          ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\n[status]\nlisten = \"off\"\n\n\
          [[gateway]]\nid = \"demo-gateway\"\n\
@@ -190,7 +190,7 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     let config_text = format!(
         "[gateway]\nid = \"demo-gateway\"\n\n[purpose]\nname = \"demo-grid-and-water-planning\"\nfields = {known:?}\n\n\
          [batch]\nmax_age = \"1s\"\n\n[store]\npath = \"store\"\n\n[keys]\nsigning_key = \"keys/gateway.sign.key\"\n\
-         hub_public_key = \"keys/hub.hpke.pub\"\npseudonym_key = \"keys/pseudonym.key\"\n\n\
+         hub_public_key = \"keys/hub.hpke.pub\"\npseudonym_key = \"keys/pseudonym.key\"\nhub_ack_key = \"keys/hub.ack.pub\"\n\n\
          [uplink]\nbroker = \"localhost:{port}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\
          # A batch published while the hub is still re-subscribing after the outage is lost\n\
          # by the broker; a short ack timeout re-sends it quickly.\nack_timeout = \"3s\"\n\n\

@@ -395,6 +395,15 @@ pub fn keys_gen(dir: &Path, force: bool) -> Result<(), CliError> {
         g.pseudonym_key.display(),
         hex::encode(g.pseudonym_key_id)
     );
+    println!(
+        "hub ack-signing key   {} (secret, 0600: belongs on the hub, not the gateway)",
+        g.hub_ack_signing_key.display()
+    );
+    println!(
+        "hub ack-verifying key {} (every gateway: only acks it verifies delete batches; key id {})",
+        g.hub_ack_verifying_key.display(),
+        hex::encode(g.hub_ack_key_id)
+    );
     Ok(())
 }
 

@@ -205,6 +205,8 @@ pub struct KeyPaths {
     pub signing_key: PathBuf,
     pub hub_public_key: PathBuf,
     pub pseudonym_key: PathBuf,
+    /// The hub's ack-verifying key: only acks it signed delete batches.
+    pub hub_ack_key: PathBuf,
 }
 
 /// Defaults for Modbus polling.

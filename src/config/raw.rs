@@ -104,6 +104,7 @@ struct RawKeys {
     signing_key: PathBuf,
     hub_public_key: PathBuf,
     pseudonym_key: PathBuf,
+    hub_ack_key: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,11 +209,14 @@ pub(super) fn parse(
             "must be between 1ms and 60s",
         ));
     }
-    if batch.max_records == 0 {
+    let ceiling = crate::seal::MAX_RECORDS_PER_BATCH as usize;
+    if batch.max_records == 0 || batch.max_records > ceiling {
         errors.push(src.at(
             raw.batch.max_records.span(),
             "batch.max_records",
-            "must be at least 1",
+            format!(
+                "must be between 1 and {ceiling} (the most records a hub accepts in one batch)"
+            ),
         ));
     }
     if *raw.store.cache_capacity_bytes.get_ref() > 64 * 1024 * 1024 {
@@ -334,6 +338,7 @@ pub(super) fn parse(
             signing_key: resolve(&raw.keys.signing_key),
             hub_public_key: resolve(&raw.keys.hub_public_key),
             pseudonym_key: resolve(&raw.keys.pseudonym_key),
+            hub_ack_key: resolve(&raw.keys.hub_ack_key),
         },
         modbus,
         devices,
@@ -409,6 +414,17 @@ mod tests {
             "{profile_err}"
         );
         assert_eq!(profile_err.line, 18);
+    }
+
+    /// Issue 9 item 15: a gateway may not plan batches the hub would refuse.
+    #[test]
+    fn max_records_above_the_hub_ceiling_is_refused() {
+        let text = config().replace("[store]", "[batch]\nmax_records = 60000\n\n[store]");
+        let e = errors(&text);
+        assert_eq!(e[0].key, "batch.max_records", "{e:?}");
+        assert!(e[0].message.contains("50000"), "{}", e[0]);
+        let ok = config().replace("[store]", "[batch]\nmax_records = 50000\n\n[store]");
+        assert!(parse_str(&ok).is_ok());
     }
 
     #[test]

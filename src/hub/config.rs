@@ -4,6 +4,7 @@
 //! [hub]
 //! id = "city-hub-1"
 //! hpke_secret_key = "keys/hub.hpke.key"
+//! ack_signing_key = "keys/hub.ack.key"   # signs every ack; gateways hold hub.ack.pub
 //! state_path = "state"            # sled directory for de-duplication state
 //! [sink]
 //! type = "jsonl"
@@ -38,6 +39,7 @@ use crate::config::{is_host_port, read_config_text, resolve_path, ConfigError};
 use crate::diag::{Diagnostic, SourceFile};
 use crate::reading::GatewayId;
 use crate::seal::{load_hub_secret_key, load_verifying_key, HubSecretKey, KeyError, Opener};
+use crate::wire::AckSigner;
 
 /// The default MQTT shared-subscription group: hub processes in one group share the load.
 pub(crate) const DEFAULT_SHARE_GROUP: &str = "citygate-hub";
@@ -50,6 +52,8 @@ pub struct HubConfig {
     /// The hub's name (same characters as a gateway id); logged, and the default MQTT client id.
     pub id: String,
     pub hpke_secret_key: PathBuf,
+    /// Ed25519 key that signs every ack (gateways verify with its public half).
+    pub ack_signing_key: PathBuf,
     /// sled directory of the de-duplication state.
     pub state_path: PathBuf,
     pub sink: SinkConfig,
@@ -124,6 +128,7 @@ struct RawHubConfig {
 struct RawHub {
     id: Spanned<String>,
     hpke_secret_key: PathBuf,
+    ack_signing_key: PathBuf,
     state_path: PathBuf,
 }
 
@@ -316,6 +321,7 @@ impl HubConfig {
             path: path.to_path_buf(),
             id,
             hpke_secret_key: resolve(&raw.hub.hpke_secret_key),
+            ack_signing_key: resolve(&raw.hub.ack_signing_key),
             state_path: resolve(&raw.hub.state_path),
             sink: match raw.sink {
                 RawSink::Jsonl { path } => SinkConfig::Jsonl {
@@ -337,9 +343,11 @@ impl HubConfig {
     }
 }
 
-/// The keys a hub needs: its HPKE secret key and each registered gateway's verifying key.
+/// The keys a hub needs: its HPKE secret key, its ack-signing key and each registered
+/// gateway's verifying key.
 pub struct HubKeys {
     pub hub_secret: HubSecretKey,
+    pub ack_signing: ed25519_dalek::SigningKey,
     pub gateways: Vec<(GatewayId, VerifyingKey)>,
 }
 
@@ -347,6 +355,7 @@ impl HubKeys {
     /// Loads every key file the config names; the first failure names its file.
     pub(crate) fn load(cfg: &HubConfig) -> Result<HubKeys, KeyError> {
         let hub_secret = load_hub_secret_key(&cfg.hpke_secret_key)?;
+        let ack_signing = crate::seal::load_hub_ack_signing_key(&cfg.ack_signing_key)?;
         let gateways = cfg
             .gateways
             .iter()
@@ -354,17 +363,18 @@ impl HubKeys {
             .collect::<Result<_, KeyError>>()?;
         Ok(HubKeys {
             hub_secret,
+            ack_signing,
             gateways,
         })
     }
 
-    /// An [`Opener`] for the hub key with every gateway registered.
-    pub(crate) fn into_opener(self) -> Opener {
+    /// An [`Opener`] for the hub key with every gateway registered, and the ack signer.
+    pub(crate) fn into_parts(self) -> (Opener, AckSigner) {
         let mut opener = Opener::new(self.hub_secret);
         for (id, key) in self.gateways {
             opener.register(id, key);
         }
-        opener
+        (opener, AckSigner::new(self.ack_signing))
     }
 }
 
@@ -373,6 +383,12 @@ impl std::fmt::Debug for HubKeys {
         let ids: Vec<&str> = self.gateways.iter().map(|(g, _)| g.as_str()).collect();
         f.debug_struct("HubKeys")
             .field("hub_key_id", &hex::encode(self.hub_secret.key_id()))
+            .field(
+                "ack_key_id",
+                &hex::encode(crate::seal::key_id(
+                    self.ack_signing.verifying_key().as_bytes(),
+                )),
+            )
             .field("gateways", &ids)
             .finish()
     }
@@ -385,6 +401,7 @@ mod tests {
     const CONFIG: &str = r#"[hub]
 id = "hub-1"
 hpke_secret_key = "keys/hub.hpke.key"
+ack_signing_key = "keys/hub.ack.key"
 state_path = "state"
 
 [sink]
@@ -446,18 +463,18 @@ verifying_key = "/abs/gw-2.pub"
         let e = errors(&CONFIG.replace("state_path", "stat_path"));
         assert_eq!(
             (e[0].line, e[0].key.as_str()),
-            (4, "hub.stat_path"),
+            (5, "hub.stat_path"),
             "{}",
             e[0]
         );
-        assert!(e[0].to_string().starts_with("/etc/citygate/hub.toml:4:"));
+        assert!(e[0].to_string().starts_with("/etc/citygate/hub.toml:5:"));
     }
 
     #[test]
     fn duplicate_gateway_is_an_error_at_its_line() {
         let e = errors(&CONFIG.replace("id = \"gw-2\"", "id = \"gw-1\""));
         assert_eq!(e.len(), 1, "{e:?}");
-        assert_eq!((e[0].line, e[0].key.as_str()), (21, "gateway[1].id"));
+        assert_eq!((e[0].line, e[0].key.as_str()), (22, "gateway[1].id"));
         assert!(e[0].message.contains("twice"));
     }
 

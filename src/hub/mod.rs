@@ -1,15 +1,15 @@
 //! The hub's transport-independent core: sealed batches in, records to the sink, acks out.
 //!
 //! The MQTT layer (`service`) receives a payload on `citygate/v1/{gateway_id}/{stream}`, calls
-//! [`Hub::ingest`] with the topic's gateway id, and publishes the returned [`Ack`] (encoded by
-//! [`Ack::encode`], see `wire` for the format) on `citygate/v1/{gateway_id}/ack`. For each
-//! payload, in this order:
+//! [`Hub::ingest`] with the topic's gateway id, and publishes the returned [`Ack`], signed with
+//! the hub's ack key ([`Hub::ack_payload`], see `wire` for the format), on
+//! `citygate/v1/{gateway_id}/ack`. For each payload, in this order:
 //!
 //! 1. open the envelope ([`Opener`]: parse, registered gateway and key, strict signature, HPKE,
 //!    decode) — a failure is rejected with [`OpenError::reason`](crate::seal::OpenError::reason);
 //! 2. the header's gateway must equal the topic's (`topic_mismatch`): a registered gateway may
 //!    not publish on another's topic;
-//! 3. de-duplicate on (gateway, stream, seq) ([`Dedup`]): a batch seen before is acknowledged
+//! 3. de-duplicate on (gateway, stream, incarnation, seq) ([`Dedup`]): a batch seen before is acknowledged
 //!    again and written nothing ([`Ingest::Duplicate`]);
 //! 4. write the records to the [`Sink`] durably;
 //! 5. mark the batch seen and flush the de-dup state;
@@ -52,7 +52,7 @@ pub(crate) use sink::{BatchKey, JsonlSink, Sink, SinkError};
 
 use crate::reading::GatewayId;
 use crate::seal::Opener;
-use crate::wire::Ack;
+use crate::wire::{Ack, AckSigner};
 
 /// What became of one payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +108,7 @@ pub enum HubError {
 #[derive(Debug)]
 pub struct Hub {
     opener: Opener,
+    ack_signer: AckSigner,
     dedup: Dedup,
     sink: Box<dyn Sink>,
     /// Serialises check → write → mark.
@@ -122,21 +123,25 @@ pub struct Hub {
 
 impl Hub {
     /// Builds a hub and marks the batches the sink holds but the de-dup state missed.
-    pub(crate) fn new(opener: Opener, dedup: Dedup, sink: Box<dyn Sink>) -> Result<Hub, HubError> {
+    pub(crate) fn new(
+        opener: Opener,
+        ack_signer: AckSigner,
+        dedup: Dedup,
+        sink: Box<dyn Sink>,
+    ) -> Result<Hub, HubError> {
         let is_marked = |k: &BatchKey| {
             // An unreadable state counts as marked: recovery then cuts nothing it cannot judge.
-            dedup
-                .check(&k.gateway, k.stream, k.seq)
-                .map_or(true, |s| s != Seen::New)
+            dedup.check(k).map_or(true, |s| s != Seen::New)
         };
         let recovered = sink.recover(&is_marked)?;
         for k in &recovered {
-            tracing::warn!(gateway = %k.gateway, stream = %k.stream, seq = k.seq, "marking a batch the sink holds but de-dup missed");
-            dedup.mark(&k.gateway, k.stream, k.seq)?;
+            tracing::warn!(gateway = %k.gateway, stream = %k.stream, incarnation = format_args!("{:016x}", k.incarnation), seq = k.seq, "marking a batch the sink holds but de-dup missed");
+            dedup.mark(k)?;
         }
         dedup.flush()?;
         Ok(Hub {
             opener,
+            ack_signer,
             dedup,
             sink,
             commit: Mutex::new(()),
@@ -154,12 +159,12 @@ impl Hub {
     /// previous instance's lock): async code calls it in `spawn_blocking`, as
     /// [`HubProcess::start`] does.
     pub(crate) fn open(cfg: &HubConfig) -> Result<Hub, HubError> {
-        let opener = HubKeys::load(cfg)?.into_opener();
+        let (opener, ack_signer) = HubKeys::load(cfg)?.into_parts();
         let dedup = Dedup::open(&cfg.state_path)?;
         let sink: Box<dyn Sink> = match &cfg.sink {
             SinkConfig::Jsonl { path } => Box::new(JsonlSink::open(path)?),
         };
-        Hub::new(opener, dedup, sink)
+        Hub::new(opener, ack_signer, dedup, sink)
     }
 
     /// Takes one payload received on the topic of `topic_gateway`. Never panics.
@@ -179,22 +184,24 @@ impl Hub {
         let ack = Ack {
             gateway: h.gateway.clone(),
             stream: h.stream,
+            incarnation: h.incarnation,
             seq: h.seq,
         };
         let key = BatchKey {
             gateway: h.gateway.clone(),
             stream: h.stream,
+            incarnation: h.incarnation,
             seq: h.seq,
         };
 
         let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
-        match self.dedup.check(&key.gateway, key.stream, key.seq) {
+        match self.dedup.check(&key) {
             Ok(Seen::New) => {}
             Ok(seen) => {
                 self.duplicates.fetch_add(1, Ordering::Relaxed);
                 if seen == Seen::BelowWindow {
                     self.below_window.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, "batch below the de-dup window acknowledged without writing");
+                    tracing::warn!(gateway = %key.gateway, stream = %key.stream, incarnation = format_args!("{:016x}", key.incarnation), seq = key.seq, "batch below the de-dup window acknowledged without writing");
                 } else {
                     tracing::debug!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, "duplicate batch");
                 }
@@ -205,10 +212,7 @@ impl Hub {
         if let Err(e) = self.sink.write_batch(&key, &batch.records) {
             return self.fail(topic_gateway, "sink_failed", e.to_string());
         }
-        let marked = self
-            .dedup
-            .mark(&key.gateway, key.stream, key.seq)
-            .and_then(|()| self.dedup.flush());
+        let marked = self.dedup.mark(&key).and_then(|()| self.dedup.flush());
         if let Err(e) = marked {
             return self.fail(topic_gateway, "dedup_failed", e.to_string());
         }
@@ -218,6 +222,11 @@ impl Hub {
             .fetch_add(records as u64, Ordering::Relaxed);
         tracing::debug!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, records, "batch accepted");
         Ingest::Accepted { ack, records }
+    }
+
+    /// The signed payload of `ack` (see `wire` for the format).
+    pub(crate) fn ack_payload(&self, ack: &Ack) -> Vec<u8> {
+        self.ack_signer.encode(ack)
     }
 
     /// Reopens the sink's files after log rotation moved them (SIGHUP). Blocks (file I/O).

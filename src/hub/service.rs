@@ -89,7 +89,7 @@ pub async fn serve(
             continue; // logged and counted by the hub
         }
         if let Some(ack) = outcome.ack() {
-            let payload = Bytes::from(ack.encode());
+            let payload = Bytes::from(hub.ack_payload(ack));
             if let Err(e) = link
                 .publish(&ack_topic(&gateway), QoS::AtLeastOnce, payload)
                 .await

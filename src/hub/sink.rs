@@ -5,11 +5,15 @@
 //! One object per record, one record per line (`\n`-terminated), members in this order:
 //!
 //! ```text
-//! {"gateway":"gw-1","stream":"readings","seq":42,"subject":"p-0123…","field":"voltage_l1",
+//! {"gateway":"gw-1","stream":"readings","incarnation":"5eed0000000000ff","seq":42,
+//!  "subject":"p-0123…","field":"voltage_l1",
 //!  "value":230.5,"unit":"V","at_ms":1700000000000,"timestamp":"2023-11-14T22:13:20.000Z",
 //!  "quality":"uncertain:out_of_range","tags":["emergency"]}
 //! ```
 //!
+//! - `incarnation`: the gateway store's incarnation (envelope header), 16 lowercase hex digits;
+//!   with `gateway`, `stream` and `seq` it names the batch. Lines written before incarnations
+//!   existed have no `incarnation` and count as incarnation 0.
 //! - `value`: a JSON integer (`Int`), number (`Float`; `null` if not finite), `true`/`false`
 //!   (`Bool`) or string (`Text`).
 //! - `unit`: the canonical unit symbol (`W`, `Wh`, `V`, `m3`, …).
@@ -55,7 +59,29 @@ const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
 pub(crate) struct BatchKey {
     pub gateway: GatewayId,
     pub stream: Stream,
+    /// The gateway store's incarnation; 0 for envelopes of version 1.
+    #[serde(default, with = "hex_u64")]
+    pub incarnation: u64,
     pub seq: u64,
+}
+
+/// A u64 as 16 lowercase hex digits (JSON numbers above 2^53 do not survive every reader).
+mod hex_u64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:016x}"))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = <&str>::deserialize(d)?;
+        if text.len() != 16 {
+            return Err(serde::de::Error::custom(
+                "incarnation must be 16 hex digits",
+            ));
+        }
+        u64::from_str_radix(text, 16).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +121,7 @@ pub(crate) struct JsonlSink {
 struct Line<'a> {
     gateway: &'a str,
     stream: &'static str,
+    incarnation: String,
     seq: u64,
     subject: &'a str,
     field: &'a str,
@@ -142,6 +169,7 @@ pub(crate) fn encode_batch(key: &BatchKey, records: &[Record]) -> Vec<u8> {
         let line = Line {
             gateway: key.gateway.as_str(),
             stream: key.stream.as_str(),
+            incarnation: format!("{:016x}", key.incarnation),
             seq: key.seq,
             subject: &r.subject,
             field: &r.field,

@@ -14,6 +14,9 @@ fn gw() -> GatewayId {
     GatewayId::new("gw-1").unwrap()
 }
 
+/// The store incarnation the fixture's gateway seals under.
+const INC: u64 = 0x5eed_0000_0000_0001;
+
 struct Fixture {
     dir: TempDir,
     keys: seal::GeneratedKeys,
@@ -29,6 +32,7 @@ impl Fixture {
             seal::load_signing_key(&keys.signing_key).unwrap(),
             seal::load_hub_public_key(&keys.hub_public_key).unwrap(),
             [7; 32],
+            INC,
         );
         Fixture { dir, keys, sealer }
     }
@@ -49,7 +53,10 @@ impl Fixture {
     fn hub(&self) -> Hub {
         let dedup = Dedup::open(&self.dir.path().join("state")).unwrap();
         let sink = JsonlSink::open(&self.sink_path()).unwrap();
-        Hub::new(self.opener(), dedup, Box::new(sink)).unwrap()
+        let signer = crate::wire::AckSigner::new(
+            seal::load_hub_ack_signing_key(&self.keys.hub_ack_signing_key).unwrap(),
+        );
+        Hub::new(self.opener(), signer, dedup, Box::new(sink)).unwrap()
     }
 
     fn seal(&self, stream: Stream, seq: u64) -> Vec<u8> {
@@ -114,6 +121,7 @@ fn ack(stream: Stream, seq: u64) -> Ack {
     Ack {
         gateway: gw(),
         stream,
+        incarnation: INC,
         seq,
     }
 }
@@ -142,7 +150,8 @@ fn accepted_batch_is_written_once_with_every_field() {
     assert_eq!(
         lines[0],
         serde_json::json!({
-            "gateway": "gw-1", "stream": "readings", "seq": 42,
+            "gateway": "gw-1", "stream": "readings",
+            "incarnation": "5eed000000000001", "seq": 42,
             "subject": "p-0123456789abcdef0123456789abcdef", "field": "energy_import",
             "value": 123_456_789, "unit": "Wh", "at_ms": 1_700_000_000_000_i64,
             "timestamp": "2023-11-14T22:13:20.000Z", "quality": "good", "tags": []
@@ -156,7 +165,9 @@ fn accepted_batch_is_written_once_with_every_field() {
     assert_eq!(lines[3]["value"], "p-ab");
     let raw = std::fs::read_to_string(f.sink_path()).unwrap();
     assert!(
-        raw.starts_with(r#"{"gateway":"gw-1","stream":"readings","seq":42,"subject""#),
+        raw.starts_with(
+            r#"{"gateway":"gw-1","stream":"readings","incarnation":"5eed000000000001","seq":42,"subject""#
+        ),
         "{raw}"
     );
 
@@ -257,6 +268,7 @@ fn unregistered_gateway_and_unregistered_key_are_rejected() {
         ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
         hub_pub.clone(),
         [0; 32],
+        INC,
     );
     let env = stranger
         .seal(Stream::Readings, 1, 0, &records())
@@ -272,6 +284,7 @@ fn unregistered_gateway_and_unregistered_key_are_rejected() {
         ed25519_dalek::SigningKey::from_bytes(&[4; 32]),
         hub_pub,
         [0; 32],
+        INC,
     );
     let env = impostor
         .seal(Stream::Readings, 1, 0, &records())
@@ -291,6 +304,7 @@ fn a_batch_in_the_sink_but_not_marked_is_marked_at_restart() {
         let key = BatchKey {
             gateway: gw(),
             stream: Stream::Readings,
+            incarnation: INC,
             seq: 11,
         };
         sink.write_batch(&key, &records()).unwrap();
@@ -318,6 +332,7 @@ fn a_torn_unacknowledged_batch_is_cut_and_rewritten_whole() {
     let key = BatchKey {
         gateway: gw(),
         stream: Stream::Readings,
+        incarnation: INC,
         seq: 2,
     };
     let bytes = sink::encode_batch(&key, &records());
@@ -350,6 +365,7 @@ fn non_finite_floats_and_out_of_range_times_are_null_not_panics() {
     let key = BatchKey {
         gateway: gw(),
         stream: Stream::Readings,
+        incarnation: INC,
         seq: 1,
     };
     let mut r = records().remove(1);
@@ -422,4 +438,52 @@ fn after_rotation_a_reopened_sink_writes_to_a_new_file_and_loses_nothing() {
     assert!(!old.is_empty() && old.iter().all(|s| *s == 1), "{old:?}");
     assert!(!new.is_empty() && new.iter().all(|s| *s == 2), "{new:?}");
     // Without the reopen, batch 2 would have gone to the rotated file.
+}
+
+/// Issue 9 item 4: two stores of one gateway (the second replacing a lost first) use the same
+/// seqs under different incarnations; the hub writes both, and re-sends of each stay duplicates.
+#[test]
+fn the_same_seq_from_two_store_incarnations_is_two_batches() {
+    let f = Fixture::new();
+    let hub = f.hub();
+    let replacement = Sealer::new(
+        gw(),
+        seal::load_signing_key(&f.keys.signing_key).unwrap(),
+        seal::load_hub_public_key(&f.keys.hub_public_key).unwrap(),
+        [7; 32],
+        INC + 1,
+    );
+    let second = |seq| {
+        replacement
+            .seal(Stream::Readings, seq, 1_700_000_000_000, &records())
+            .unwrap()
+            .bytes
+    };
+    for seq in 1..=3 {
+        assert!(matches!(
+            hub.ingest(&gw(), &f.seal(Stream::Readings, seq)),
+            Ingest::Accepted { .. }
+        ));
+        assert!(matches!(
+            hub.ingest(&gw(), &second(seq)),
+            Ingest::Accepted { .. }
+        ));
+    }
+    assert!(matches!(
+        hub.ingest(&gw(), &second(2)),
+        Ingest::Duplicate { .. }
+    ));
+    assert!(matches!(
+        hub.ingest(&gw(), &f.seal(Stream::Readings, 2)),
+        Ingest::Duplicate { .. }
+    ));
+    let lines = f.lines();
+    assert_eq!(lines.len(), 6 * 4);
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["incarnation"] == "5eed000000000002")
+            .count(),
+        12
+    );
 }

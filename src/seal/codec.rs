@@ -33,10 +33,20 @@ pub(crate) fn encode_records(records: &[Record]) -> Result<Vec<u8>, SealError> {
     zstd::bulk::compress(&encoded, ZSTD_LEVEL).map_err(SealError::Compress)
 }
 
-/// Decompresses (capped) and decodes a decrypted plaintext.
-pub(crate) fn decode_records(compressed: &[u8]) -> Result<Vec<Record>, OpenError> {
+/// Decompresses (capped) and decodes a decrypted plaintext that must hold `expected` records.
+/// The count prefix is checked against `expected` before any record is decoded, so a small
+/// plaintext announcing millions of records allocates nothing for them.
+pub(crate) fn decode_records(compressed: &[u8], expected: u32) -> Result<Vec<Record>, OpenError> {
     let plain = decompress_capped(compressed)?;
     let config = bincode::config::standard().with_limit::<MAX_PLAINTEXT_BYTES>();
+    let (count, _): (u64, usize) =
+        bincode::decode_from_slice(&plain, config).map_err(|e| OpenError::Decode(e.to_string()))?;
+    if count != u64::from(expected) {
+        return Err(OpenError::CountMismatch {
+            header: expected,
+            actual: usize::try_from(count).unwrap_or(usize::MAX),
+        });
+    }
     let (records, used): (Vec<Record>, usize) = bincode::serde::decode_from_slice(&plain, config)
         .map_err(|e| OpenError::Decode(e.to_string()))?;
     if used != plain.len() {
@@ -77,7 +87,7 @@ mod tests {
         let bomb = zstd::bulk::compress(&vec![0u8; MAX_PLAINTEXT_BYTES + (1 << 20)], 1).unwrap();
         assert!(bomb.len() < 64 * 1024);
         assert_eq!(
-            decode_records(&bomb),
+            decode_records(&bomb, 0),
             Err(OpenError::DecompressedTooLarge {
                 limit: MAX_PLAINTEXT_BYTES
             })
@@ -86,18 +96,48 @@ mod tests {
 
     #[test]
     fn garbage_and_trailing_bytes_are_rejected() {
-        assert_eq!(decode_records(b"not zstd"), Err(OpenError::Decompress));
+        assert_eq!(decode_records(b"not zstd", 0), Err(OpenError::Decompress));
         let mut plain =
             bincode::serde::encode_to_vec(Vec::<Record>::new(), bincode::config::standard())
                 .unwrap();
         plain.push(0);
         let compressed = zstd::bulk::compress(&plain, ZSTD_LEVEL).unwrap();
         assert!(matches!(
-            decode_records(&compressed),
+            decode_records(&compressed, 0),
             Err(OpenError::Decode(_))
         ));
         // A length prefix claiming 2^40 records fails on the limit, not on allocation.
         let huge = zstd::bulk::compress(&[253, 0, 0, 0, 0, 0, 1, 0, 0], ZSTD_LEVEL).unwrap();
-        assert!(matches!(decode_records(&huge), Err(OpenError::Decode(_))));
+        assert!(matches!(
+            decode_records(&huge, 1),
+            Err(OpenError::CountMismatch { header: 1, .. })
+        ));
+    }
+
+    /// Issue 9 item 15: a few hundred bytes announcing 600,000 records are refused on the count
+    /// prefix, before a single record is decoded.
+    #[test]
+    fn a_count_prefix_other_than_the_header_count_is_refused_before_decoding() {
+        let empty = Record {
+            subject: String::new(),
+            field: String::new(),
+            value: crate::reading::Value::Bool(false),
+            unit: crate::reading::Unit::One,
+            at_ms: 0,
+            quality: crate::reading::Quality::Good,
+            tags: Vec::new(),
+        };
+        let plain =
+            bincode::serde::encode_to_vec(vec![empty; 600_000], bincode::config::standard())
+                .unwrap();
+        let compressed = zstd::bulk::compress(&plain, ZSTD_LEVEL).unwrap();
+        assert!(compressed.len() < 2_000, "{}", compressed.len());
+        assert_eq!(
+            decode_records(&compressed, 4),
+            Err(OpenError::CountMismatch {
+                header: 4,
+                actual: 600_000
+            })
+        );
     }
 }

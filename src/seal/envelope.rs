@@ -14,8 +14,13 @@ use super::error::OpenError;
 
 /// The first four bytes of every envelope.
 pub(crate) const MAGIC: [u8; 4] = *b"CGB1";
-/// The envelope format version this code writes and reads.
-pub(crate) const VERSION: u8 = 1;
+/// The envelope format version this code writes.
+pub(crate) const VERSION: u8 = 2;
+/// The version before the store incarnation was carried; still read (as incarnation 0).
+pub(crate) const VERSION_1: u8 = 1;
+/// Most records one envelope may carry: openers reject a larger `record_count` before
+/// decrypting, and the gateway's `batch.max_records` may not exceed it.
+pub const MAX_RECORDS_PER_BATCH: u32 = 50_000;
 /// Suite 1: HPKE base mode with DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305;
 /// Ed25519 signatures.
 pub(crate) const SUITE_X25519_CHACHA20POLY1305_ED25519: u8 = 1;
@@ -26,9 +31,11 @@ pub(crate) const SIGNATURE_LEN: usize = 64;
 /// Length of the HPKE encapsulated key (an X25519 public key).
 pub(crate) const ENCAPPED_KEY_LEN: usize = 32;
 
-/// Bytes of the header besides the gateway id: magic, version, suite, gateway_len, stream, seq,
-/// created_at, record_count, policy_hash, both key ids, enc.
-const HEADER_FIXED_LEN: usize = 4 + 1 + 1 + 1 + 1 + 8 + 8 + 4 + 32 + 8 + 8 + ENCAPPED_KEY_LEN;
+/// Bytes of a version 2 header besides the gateway id: magic, version, suite, gateway_len,
+/// stream, incarnation, seq, created_at, record_count, policy_hash, both key ids, enc.
+const HEADER_FIXED_LEN: usize = 4 + 1 + 1 + 1 + 1 + 8 + 8 + 8 + 4 + 32 + 8 + 8 + ENCAPPED_KEY_LEN;
+/// Version 1 headers have no incarnation.
+const HEADER_FIXED_LEN_V1: usize = HEADER_FIXED_LEN - 8;
 
 /// The envelope header: everything from magic through the encapsulated key. Its exact bytes are
 /// the AEAD associated data, so every field is authenticated by the AEAD and by the signature.
@@ -40,7 +47,10 @@ pub struct Header {
     pub suite: u8,
     pub gateway: GatewayId,
     pub stream: Stream,
-    /// Per-stream sequence number at the gateway.
+    /// The gateway store's incarnation: sequence numbers count within it. 0 in version 1
+    /// envelopes, which did not carry it.
+    pub incarnation: u64,
+    /// Per-stream sequence number at the gateway, within the incarnation.
     pub seq: u64,
     /// When the batch was sealed, ms since the Unix epoch, UTC.
     pub created_at_ms: i64,
@@ -58,10 +68,16 @@ pub struct Header {
 impl Header {
     /// Length of this header on the wire.
     pub(crate) fn encoded_len(&self) -> usize {
-        HEADER_FIXED_LEN + self.gateway.as_str().len()
+        let fixed = if self.version == VERSION_1 {
+            HEADER_FIXED_LEN_V1
+        } else {
+            HEADER_FIXED_LEN
+        };
+        fixed + self.gateway.as_str().len()
     }
 
-    /// Appends the header bytes (magic through enc) to `out`.
+    /// Appends the header bytes (magic through enc) to `out`, in the layout of `self.version`
+    /// (a version 1 header has no incarnation).
     pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
         let gateway = self.gateway.as_str().as_bytes();
         let gateway_len =
@@ -73,6 +89,9 @@ impl Header {
         out.push(gateway_len);
         out.extend_from_slice(gateway);
         out.push(self.stream.code());
+        if self.version != VERSION_1 {
+            out.extend_from_slice(&self.incarnation.to_be_bytes());
+        }
         out.extend_from_slice(&self.seq.to_be_bytes());
         out.extend_from_slice(&self.created_at_ms.to_be_bytes());
         out.extend_from_slice(&self.record_count.to_be_bytes());
@@ -90,14 +109,14 @@ impl Header {
     }
 
     /// Parses a header from the start of `bytes`; returns it and the number of bytes it used.
-    /// Checks magic, version, suite, gateway id and stream code, in that order.
+    /// Checks magic, version, suite, gateway id, stream code and record count, in that order.
     pub(crate) fn parse(bytes: &[u8]) -> Result<(Header, usize), OpenError> {
         let mut r = Cursor::new(bytes);
         if r.array::<4>()? != MAGIC {
             return Err(OpenError::BadMagic);
         }
         let version = r.u8()?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_1 {
             return Err(OpenError::UnknownVersion(version));
         }
         let suite = r.u8()?;
@@ -116,11 +135,17 @@ impl Header {
             GatewayId::new(gateway).map_err(|e| OpenError::BadGatewayId(e.to_string()))?;
         let stream_code = r.u8()?;
         let stream = Stream::from_code(stream_code).ok_or(OpenError::UnknownStream(stream_code))?;
+        let incarnation = if version == VERSION_1 {
+            0
+        } else {
+            u64::from_be_bytes(r.array()?)
+        };
         let header = Header {
             version,
             suite,
             gateway,
             stream,
+            incarnation,
             seq: u64::from_be_bytes(r.array()?),
             created_at_ms: i64::from_be_bytes(r.array()?),
             record_count: u32::from_be_bytes(r.array()?),
@@ -129,6 +154,12 @@ impl Header {
             recipient_key_id: r.array()?,
             encapped_key: r.array()?,
         };
+        if header.record_count > MAX_RECORDS_PER_BATCH {
+            return Err(OpenError::TooManyRecords {
+                count: header.record_count,
+                limit: MAX_RECORDS_PER_BATCH,
+            });
+        }
         Ok((header, r.pos))
     }
 }
@@ -226,6 +257,7 @@ mod tests {
             suite: SUITE_X25519_CHACHA20POLY1305_ED25519,
             gateway: GatewayId::new("gw-1").unwrap(),
             stream: Stream::Alarms,
+            incarnation: 0x1112_1314_1516_1718,
             seq: 0x0102_0304_0506_0708,
             created_at_ms: -2,
             record_count: 7,
@@ -241,21 +273,61 @@ mod tests {
         let h = header();
         let bytes = h.encode();
         assert_eq!(bytes.len(), h.encoded_len());
-        assert_eq!(bytes.len(), 108 + 4);
-        assert_eq!(&bytes[..8], b"CGB1\x01\x01\x04g");
+        assert_eq!(bytes.len(), 116 + 4);
+        assert_eq!(&bytes[..8], b"CGB1\x02\x01\x04g");
         assert_eq!(&bytes[7..11], b"gw-1");
         assert_eq!(bytes[11], 1, "stream code of alarms");
         assert_eq!(
             &bytes[12..20],
+            &[0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18],
+            "incarnation is big-endian"
+        );
+        assert_eq!(
+            &bytes[20..28],
             &[1, 2, 3, 4, 5, 6, 7, 8],
             "seq is big-endian"
         );
         assert_eq!(
-            &bytes[20..28],
+            &bytes[28..36],
             &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe]
         );
-        assert_eq!(&bytes[28..32], &[0, 0, 0, 7]);
+        assert_eq!(&bytes[36..40], &[0, 0, 0, 7]);
         assert_eq!(Header::parse(&bytes), Ok((h, bytes.len())));
+    }
+
+    #[test]
+    fn a_version_1_header_has_no_incarnation_and_reads_as_incarnation_0() {
+        let h = Header {
+            version: VERSION_1,
+            incarnation: 0,
+            ..header()
+        };
+        let bytes = h.encode();
+        assert_eq!(bytes.len(), 108 + 4);
+        assert_eq!(&bytes[..8], b"CGB1\x01\x01\x04g");
+        assert_eq!(
+            &bytes[12..20],
+            &[1, 2, 3, 4, 5, 6, 7, 8],
+            "seq follows the stream"
+        );
+        assert_eq!(Header::parse(&bytes), Ok((h, bytes.len())));
+    }
+
+    /// Issue 9 item 15: a header announcing more records than any gateway may send is refused
+    /// while parsing, before a key is used.
+    #[test]
+    fn a_record_count_above_the_ceiling_is_refused_while_parsing() {
+        let mut h = header();
+        h.record_count = MAX_RECORDS_PER_BATCH;
+        assert!(Header::parse(&h.encode()).is_ok());
+        h.record_count = 600_000;
+        assert_eq!(
+            Header::parse(&h.encode()),
+            Err(OpenError::TooManyRecords {
+                count: 600_000,
+                limit: MAX_RECORDS_PER_BATCH
+            })
+        );
     }
 
     #[test]
@@ -267,7 +339,8 @@ mod tests {
             Header::parse(&v).map(|_| ())
         };
         assert_eq!(with(0, b'X'), Err(OpenError::BadMagic));
-        assert_eq!(with(4, 2), Err(OpenError::UnknownVersion(2)));
+        assert_eq!(with(4, 3), Err(OpenError::UnknownVersion(3)));
+        assert_eq!(with(4, 0), Err(OpenError::UnknownVersion(0)));
         assert_eq!(with(5, 9), Err(OpenError::UnknownSuite(9)));
         assert!(matches!(with(6, 0), Err(OpenError::BadGatewayId(_))));
         assert!(matches!(with(6, 65), Err(OpenError::BadGatewayId(_))));

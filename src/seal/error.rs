@@ -32,6 +32,9 @@ pub enum OpenError {
     BadGatewayId(String),
     #[error("unknown stream code {0}")]
     UnknownStream(u8),
+    /// The header announces more records than any gateway may put in one batch.
+    #[error("header announces {count} records; at most {limit} are accepted per batch")]
+    TooManyRecords { count: u32, limit: u32 },
     /// No verifying key is registered for this gateway.
     #[error("gateway {0} is not registered")]
     UnknownGateway(GatewayId),
@@ -72,6 +75,7 @@ impl OpenError {
             OpenError::UnknownSuite(_) => "unknown_suite",
             OpenError::BadGatewayId(_) => "bad_gateway_id",
             OpenError::UnknownStream(_) => "unknown_stream",
+            OpenError::TooManyRecords { .. } => "too_many_records",
             OpenError::UnknownGateway(_) => "unknown_gateway",
             OpenError::UnknownSignerKey { .. } => "unknown_signer_key",
             OpenError::BadSignature => "bad_signature",
@@ -96,6 +100,7 @@ impl OpenError {
                 | OpenError::UnknownSuite(_)
                 | OpenError::BadGatewayId(_)
                 | OpenError::UnknownStream(_)
+                | OpenError::TooManyRecords { .. }
         )
     }
 }
@@ -103,8 +108,8 @@ impl OpenError {
 /// Why a batch could not be sealed. None of these is retryable with the same input.
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
-    /// More records than the header's `u32` count can carry.
-    #[error("batch has {0} records; at most {max} fit in one envelope", max = u32::MAX)]
+    /// More records than one envelope may carry ([`MAX_RECORDS_PER_BATCH`]).
+    #[error("batch has {0} records; at most {max} fit in one envelope", max = super::MAX_RECORDS_PER_BATCH)]
     TooManyRecords(usize),
     /// The encoded records exceed what an opener will decompress.
     #[error("batch encodes to {size} bytes; the limit is {limit} bytes")]

@@ -15,6 +15,8 @@
 //! | `hub.hpke.key`     | `hub-hpke-secret-key v1`        | X25519 secret key (RFC 7748)    | 0600 |
 //! | `hub.hpke.pub`     | `hub-hpke-public-key v1`        | X25519 public key               | 0644 |
 //! | `pseudonym.key`    | `pseudonym-key v1`              | 32 random bytes (HMAC key)      | 0600 |
+//! | `hub.ack.key`      | `hub-ack-signing-key v1`        | Ed25519 secret seed: signs acks | 0600 |
+//! | `hub.ack.pub`      | `hub-ack-verifying-key v1`      | Ed25519 public key              | 0644 |
 //!
 //! Loading checks the kind tag, so a hub key configured where the signing key belongs fails
 //! with an error naming the file, the kind expected and the kind found. On unix, secret files
@@ -42,6 +44,8 @@ pub(crate) const VERIFYING_KEY_FILE: &str = "gateway.sign.pub";
 pub(crate) const HUB_SECRET_KEY_FILE: &str = "hub.hpke.key";
 pub(crate) const HUB_PUBLIC_KEY_FILE: &str = "hub.hpke.pub";
 pub(crate) const PSEUDONYM_KEY_FILE: &str = "pseudonym.key";
+pub(crate) const HUB_ACK_SECRET_FILE: &str = "hub.ack.key";
+pub(crate) const HUB_ACK_PUBLIC_FILE: &str = "hub.ack.pub";
 
 /// Key files are tiny; anything longer is not a key file and is not read further.
 const MAX_KEY_FILE_BYTES: u64 = 4096;
@@ -57,15 +61,19 @@ pub enum KeyKind {
     HubHpkeSecret,
     HubHpkePublic,
     Pseudonym,
+    HubAckSigning,
+    HubAckVerifying,
 }
 
 impl KeyKind {
-    const ALL: [KeyKind; 5] = [
+    const ALL: [KeyKind; 7] = [
         KeyKind::GatewaySigning,
         KeyKind::GatewayVerifying,
         KeyKind::HubHpkeSecret,
         KeyKind::HubHpkePublic,
         KeyKind::Pseudonym,
+        KeyKind::HubAckSigning,
+        KeyKind::HubAckVerifying,
     ];
 
     /// The first line of a file of this kind.
@@ -76,6 +84,8 @@ impl KeyKind {
             KeyKind::HubHpkeSecret => "# citygate hub-hpke-secret-key v1",
             KeyKind::HubHpkePublic => "# citygate hub-hpke-public-key v1",
             KeyKind::Pseudonym => "# citygate pseudonym-key v1",
+            KeyKind::HubAckSigning => "# citygate hub-ack-signing-key v1",
+            KeyKind::HubAckVerifying => "# citygate hub-ack-verifying-key v1",
         }
     }
 
@@ -83,7 +93,10 @@ impl KeyKind {
     pub(crate) fn is_secret(self) -> bool {
         matches!(
             self,
-            KeyKind::GatewaySigning | KeyKind::HubHpkeSecret | KeyKind::Pseudonym
+            KeyKind::GatewaySigning
+                | KeyKind::HubHpkeSecret
+                | KeyKind::Pseudonym
+                | KeyKind::HubAckSigning
         )
     }
 }
@@ -96,6 +109,8 @@ impl fmt::Display for KeyKind {
             KeyKind::HubHpkeSecret => "hub HPKE secret key",
             KeyKind::HubHpkePublic => "hub HPKE public key",
             KeyKind::Pseudonym => "pseudonym key",
+            KeyKind::HubAckSigning => "hub ack-signing key",
+            KeyKind::HubAckVerifying => "hub ack-verifying key",
         })
     }
 }
@@ -166,6 +181,22 @@ pub fn load_hub_public_key(path: &Path) -> Result<HubPublicKey, KeyError> {
 pub fn load_hub_secret_key(path: &Path) -> Result<HubSecretKey, KeyError> {
     let bytes = read_key_file(path, KeyKind::HubHpkeSecret)?;
     Ok(HubSecretKey::from_bytes(&bytes))
+}
+
+/// Loads the hub's Ed25519 ack-signing key (at the hub).
+pub fn load_hub_ack_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
+    let bytes = read_key_file(path, KeyKind::HubAckSigning)?;
+    Ok(SigningKey::from_bytes(&bytes))
+}
+
+/// Loads the hub's Ed25519 ack-verifying key (at the gateway).
+pub fn load_hub_ack_verifying_key(path: &Path) -> Result<VerifyingKey, KeyError> {
+    let bytes = read_key_file(path, KeyKind::HubAckVerifying)?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| KeyError::InvalidKey {
+        path: path.to_owned(),
+        kind: KeyKind::HubAckVerifying,
+        reason: e.to_string(),
+    })
 }
 
 /// Loads the gateway's pseudonym key.
@@ -249,18 +280,23 @@ pub struct GeneratedKeys {
     pub hub_secret_key: PathBuf,
     pub hub_public_key: PathBuf,
     pub pseudonym_key: PathBuf,
+    pub hub_ack_signing_key: PathBuf,
+    pub hub_ack_verifying_key: PathBuf,
     /// Key id of the gateway verifying key (the envelope's `signer_key_id`).
     pub signer_key_id: [u8; 8],
     /// Key id of the hub public key (the envelope's `recipient_key_id`).
     pub hub_key_id: [u8; 8],
     /// Fingerprint of the pseudonym key.
     pub pseudonym_key_id: [u8; 8],
+    /// Key id of the hub ack-verifying key (an ack's `key`).
+    pub hub_ack_key_id: [u8; 8],
 }
 
-/// Generates a fresh gateway signing key pair, hub HPKE key pair and pseudonym key into `dir`.
+/// Generates a fresh gateway signing key pair, hub HPKE key pair, pseudonym key and hub
+/// ack-signing key pair into `dir`.
 ///
 /// Creates `dir` (mode 0700) if needed. Unless `overwrite`, fails with [`KeyError::Exists`]
-/// before writing anything if any of the five files exists. With `overwrite`, each file is
+/// before writing anything if any of the seven files exists. With `overwrite`, each file is
 /// replaced atomically (written to a temporary file in `dir`, then renamed).
 pub fn generate(dir: &Path, overwrite: bool) -> Result<GeneratedKeys, KeyError> {
     create_key_dir(dir)?;
@@ -271,9 +307,12 @@ pub fn generate(dir: &Path, overwrite: bool) -> Result<GeneratedKeys, KeyError> 
         hub_secret_key: path(HUB_SECRET_KEY_FILE),
         hub_public_key: path(HUB_PUBLIC_KEY_FILE),
         pseudonym_key: path(PSEUDONYM_KEY_FILE),
+        hub_ack_signing_key: path(HUB_ACK_SECRET_FILE),
+        hub_ack_verifying_key: path(HUB_ACK_PUBLIC_FILE),
         signer_key_id: [0; 8],
         hub_key_id: [0; 8],
         pseudonym_key_id: [0; 8],
+        hub_ack_key_id: [0; 8],
     };
     if !overwrite {
         for p in [
@@ -282,6 +321,8 @@ pub fn generate(dir: &Path, overwrite: bool) -> Result<GeneratedKeys, KeyError> 
             &keys.hub_secret_key,
             &keys.hub_public_key,
             &keys.pseudonym_key,
+            &keys.hub_ack_signing_key,
+            &keys.hub_ack_verifying_key,
         ] {
             if fs::symlink_metadata(p).is_ok() {
                 return Err(KeyError::Exists { path: p.clone() });
@@ -294,6 +335,8 @@ pub fn generate(dir: &Path, overwrite: bool) -> Result<GeneratedKeys, KeyError> 
     let hub_secret = HubSecretKey::generate(&mut OsRng);
     let hub_public = hub_secret.public_key();
     let pseudonym = PseudonymKey::generate(&mut OsRng);
+    let ack_signing = SigningKey::generate(&mut OsRng);
+    let ack_verifying = ack_signing.verifying_key();
 
     let signing_bytes = Zeroizing::new(signing.to_bytes());
     write_key_file(
@@ -326,12 +369,26 @@ pub fn generate(dir: &Path, overwrite: bool) -> Result<GeneratedKeys, KeyError> 
         pseudonym.as_bytes(),
         overwrite,
     )?;
+    let ack_signing_bytes = Zeroizing::new(ack_signing.to_bytes());
+    write_key_file(
+        &keys.hub_ack_signing_key,
+        KeyKind::HubAckSigning,
+        &ack_signing_bytes,
+        overwrite,
+    )?;
+    write_key_file(
+        &keys.hub_ack_verifying_key,
+        KeyKind::HubAckVerifying,
+        ack_verifying.as_bytes(),
+        overwrite,
+    )?;
     sync_dir(dir)?;
 
     Ok(GeneratedKeys {
         signer_key_id: key_id(verifying.as_bytes()),
         hub_key_id: hub_public.key_id(),
         pseudonym_key_id: pseudonym.key_id(),
+        hub_ack_key_id: key_id(ack_verifying.as_bytes()),
         ..keys
     })
 }
@@ -447,11 +504,16 @@ mod tests {
         assert_eq!(g.signer_key_id, key_id(verifying.as_bytes()));
         assert_eq!(g.hub_key_id, hub_public.key_id());
         assert_eq!(g.pseudonym_key_id, pseudonym.key_id());
+        let ack_signing = load_hub_ack_signing_key(&g.hub_ack_signing_key).unwrap();
+        let ack_verifying = load_hub_ack_verifying_key(&g.hub_ack_verifying_key).unwrap();
+        assert_eq!(ack_signing.verifying_key(), ack_verifying);
+        assert_eq!(g.hub_ack_key_id, key_id(ack_verifying.as_bytes()));
+        assert_eq!(mode(&g.hub_ack_signing_key), 0o600);
 
         // The loaded keys work together.
         let gateway = crate::reading::GatewayId::new("gw-keys").unwrap();
         let sealer =
-            super::super::Sealer::new(gateway.clone(), signing, hub_public.clone(), [0; 32]);
+            super::super::Sealer::new(gateway.clone(), signing, hub_public.clone(), [0; 32], 1);
         let mut opener = super::super::Opener::new(hub_secret);
         opener.register(gateway, verifying);
         let batch = sealer

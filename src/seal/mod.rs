@@ -13,7 +13,7 @@
 //! bincode + zstd under hard limits), `key_types.rs` (hub keys, pseudonym key, key ids),
 //! `keys.rs` (key files), `error.rs`.
 //!
-//! # Envelope, version 1
+//! # Envelope, version 2
 //!
 //! All integers in the envelope are **big-endian**. `G` is the gateway id length, `N` the
 //! ciphertext length.
@@ -21,30 +21,41 @@
 //! ```text
 //! offset   size  field             value
 //! 0        4     magic             "CGB1" = 43 47 42 31
-//! 4        1     version           1
+//! 4        1     version           2
 //! 5        1     suite             1 (X25519-HKDF-SHA256 / ChaCha20-Poly1305 / Ed25519)
 //! 6        1     gateway_len       G, 1..=64
 //! 7        G     gateway           gateway id, UTF-8; only ASCII letters, digits, '-', '_', '.'
 //! 7+G      1     stream            0 readings, 1 alarms, 2 audit
-//! 8+G      8     seq               u64, per-stream sequence number at the gateway
-//! 16+G     8     created_at        i64, ms since the Unix epoch, UTC
-//! 24+G     4     record_count      u32, number of records in the plaintext
-//! 28+G     32    policy_hash       hash of the minimisation policy the records obey
-//! 60+G     8     signer_key_id     key id of the gateway's Ed25519 public key
-//! 68+G     8     recipient_key_id  key id of the hub's X25519 public key
-//! 76+G     32    enc               HPKE encapsulated key (sender's ephemeral X25519 public key)
-//!          ----  header ends here: H = 108 + G bytes
+//! 8+G      8     incarnation       u64, random id of the gateway store the batch was sealed for
+//! 16+G     8     seq               u64, per-stream sequence number within the incarnation
+//! 24+G     8     created_at        i64, ms since the Unix epoch, UTC
+//! 32+G     4     record_count      u32, number of records in the plaintext, at most 50,000
+//! 36+G     32    policy_hash       hash of the minimisation policy the records obey
+//! 68+G     8     signer_key_id     key id of the gateway's Ed25519 public key
+//! 76+G     8     recipient_key_id  key id of the hub's X25519 public key
+//! 84+G     32    enc               HPKE encapsulated key (sender's ephemeral X25519 public key)
+//!          ----  header ends here: H = 116 + G bytes
 //! H        4     ct_len            u32, N
 //! H+4      N     ciphertext        HPKE/AEAD ciphertext, 16-byte Poly1305 tag included (N >= 16)
 //! H+4+N    64    signature         Ed25519 signature over bytes [0, H+4+N)
-//!          ----  total length 176 + G + N; nothing may follow the signature
+//!          ----  total length 184 + G + N; nothing may follow the signature
 //! ```
 //!
 //! The **header** is every byte from `magic` through `enc` inclusive (offsets `0..H`). Those exact
 //! bytes, as received, are the AEAD associated data; the signature covers header ‖ `ct_len` ‖
 //! ciphertext. Unknown versions, suites or stream codes are rejected, as are a gateway id that is
-//! empty, longer than 64 bytes or has other characters, an envelope shorter than `ct_len` says,
-//! and bytes after the signature.
+//! empty, longer than 64 bytes or has other characters, a `record_count` above 50,000
+//! ([`MAX_RECORDS_PER_BATCH`], checked before any key is used), an envelope shorter than
+//! `ct_len` says, and bytes after the signature.
+//!
+//! A batch is identified by (gateway, stream, incarnation, seq). The **incarnation** is made at
+//! random when the gateway's store is created and never changes for that store; a store that is
+//! lost or replaced starts a new incarnation and counts its seqs from 1 again. Sequence numbers
+//! therefore never depend on the gateway's clock, and a new store can never collide with what an
+//! old one sent.
+//!
+//! **Version 1** (still read; no longer written) is the same layout without `incarnation`: `seq`
+//! at 8+G, every later field 8 bytes earlier, H = 108 + G. Openers treat it as incarnation 0.
 //!
 //! A **key id** is the first 8 bytes of SHA-256 over the raw 32-byte public key: the RFC 8032
 //! encoding of the gateway's Ed25519 key for `signer_key_id`, the RFC 7748 encoding of the hub's
@@ -134,19 +145,20 @@
 //!
 //! [`Opener::open`] checks, in order, stopping at the first failure ([`OpenError::reason`] in
 //! parentheses): parse: magic (`bad_magic`), version (`unknown_version`), suite (`unknown_suite`),
-//! gateway id (`bad_gateway_id`), stream (`unknown_stream`), lengths (`truncated`,
-//! `trailing_bytes`) → the gateway is registered (`unknown_gateway`) → `signer_key_id` is its
+//! gateway id (`bad_gateway_id`), stream (`unknown_stream`), record count ceiling
+//! (`too_many_records`), lengths (`truncated`, `trailing_bytes`) → the gateway is registered (`unknown_gateway`) → `signer_key_id` is its
 //! registered key's (`unknown_signer_key`) → Ed25519 strict verification (`bad_signature`) →
 //! `recipient_key_id` is the hub's (`wrong_recipient`) → HPKE open (`undecryptable`) → capped
-//! zstd (`decompress`, `decompressed_too_large`) → bincode (`decode`) → record count
-//! (`count_mismatch`). Opening does not de-duplicate; the hub does, on (gateway, stream, seq).
+//! zstd (`decompress`, `decompressed_too_large`) → the plaintext's count prefix equals
+//! `record_count` (`count_mismatch`, checked before any record is decoded) → bincode (`decode`).
+//! Opening does not de-duplicate; the hub does, on (gateway, stream, incarnation, seq).
 //! [`peek_header`] runs only the parse step, for the store and the uplink, which hold no keys.
 //!
 //! # Test vector
 //!
-//! `src/seal/testdata/vector-v1.txt` holds one envelope with everything needed to open it:
+//! `src/seal/testdata/vector-v2.txt` holds one envelope with everything needed to open it:
 //! Ed25519 seed `00 01 … 1f`, hub X25519 secret `20 21 … 3f`, gateway `gw-test-01`, stream
-//! readings, seq 42, created_at 1700000000000, policy hash SHA-256("citygate test policy v1"),
+//! readings, incarnation `5eedc17e9a7e0001`, seq 42, created_at 1700000000000, policy hash SHA-256("citygate test policy v1"),
 //! and four records covering every `Value` variant (Int, Float, Bool, Text) and Good, Uncertain
 //! and Bad quality (one tagged `emergency`), each as JSON; the bincode plaintext; and the
 //! envelope, as hex wrapped at 64 characters. HPKE's ephemeral key comes from
@@ -155,6 +167,8 @@
 //! exactly those records and header and that re-sealing reproduces it byte for byte. After an
 //! intended format change, regenerate it with
 //! `CITYGATE_REGEN_VECTORS=1 cargo test --lib seal::vector` (and bump the version).
+//! `vector-v1.txt` is the same batch as version 1 (no incarnation), kept so that version 1
+//! stays readable.
 //!
 //! # Versioning
 //!
@@ -176,8 +190,11 @@ mod tests;
 mod vector;
 
 pub(crate) use envelope::SealedBatch;
+pub use envelope::MAX_RECORDS_PER_BATCH;
 pub use key_types::{key_id, HubPublicKey, HubSecretKey, PseudonymKey};
-pub(crate) use keys::{load_hub_secret_key, load_verifying_key, KeyError};
+pub(crate) use keys::{
+    load_hub_ack_signing_key, load_hub_secret_key, load_verifying_key, KeyError,
+};
 pub use opener::{OpenedBatch, Opener};
 pub use sealer::Sealer;
 

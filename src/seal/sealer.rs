@@ -21,7 +21,8 @@ use rand::{CryptoRng, RngCore};
 use crate::reading::{GatewayId, Record, Stream};
 
 use super::envelope::{
-    Header, SealedBatch, SIGNATURE_LEN, SUITE_X25519_CHACHA20POLY1305_ED25519, VERSION,
+    Header, SealedBatch, MAX_RECORDS_PER_BATCH, SIGNATURE_LEN,
+    SUITE_X25519_CHACHA20POLY1305_ED25519, VERSION,
 };
 use super::error::SealError;
 use super::key_types::{key_id, HubKem, HubPublicKey};
@@ -34,6 +35,7 @@ pub struct Sealer {
     signer_key_id: [u8; 8],
     hub: HubPublicKey,
     policy_hash: [u8; 32],
+    incarnation: u64,
 }
 
 impl Sealer {
@@ -42,6 +44,7 @@ impl Sealer {
         signing: SigningKey,
         hub: HubPublicKey,
         policy_hash: [u8; 32],
+        incarnation: u64,
     ) -> Sealer {
         let signer_key_id = key_id(signing.verifying_key().as_bytes());
         Sealer {
@@ -50,6 +53,7 @@ impl Sealer {
             signer_key_id,
             hub,
             policy_hash,
+            incarnation,
         }
     }
 
@@ -79,8 +83,10 @@ impl Sealer {
         records: &[Record],
         rng: &mut (impl CryptoRng + RngCore),
     ) -> Result<SealedBatch, SealError> {
-        let record_count =
-            u32::try_from(records.len()).map_err(|_| SealError::TooManyRecords(records.len()))?;
+        let record_count = u32::try_from(records.len())
+            .ok()
+            .filter(|&n| n <= MAX_RECORDS_PER_BATCH)
+            .ok_or(SealError::TooManyRecords(records.len()))?;
         let plaintext = codec::encode_records(records)?;
         self.seal_plaintext(stream, seq, created_at_ms, record_count, &plaintext, rng)
     }
@@ -109,6 +115,7 @@ impl Sealer {
             suite: SUITE_X25519_CHACHA20POLY1305_ED25519,
             gateway: self.gateway.clone(),
             stream,
+            incarnation: self.incarnation,
             seq,
             created_at_ms,
             record_count,

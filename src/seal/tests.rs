@@ -8,7 +8,9 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::reading::{GatewayId, Quality, QualityReason, Record, Stream, Unit, Value};
 
-use super::vector::{gateway, hub_secret, opener, policy_hash, records, sealer, signing_key};
+use super::vector::{
+    gateway, hub_secret, opener, policy_hash, records, sealer, signing_key, INCARNATION,
+};
 use super::*;
 
 fn rng() -> ChaCha20Rng {
@@ -69,7 +71,8 @@ fn every_single_byte_flip_is_rejected_with_a_sensible_reason() {
     let env = small_envelope();
     let gw_end = 7 + GATEWAY_LEN;
     let stream_at = gw_end;
-    let signer_id = gw_end + 1 + 8 + 8 + 4 + 32;
+    let record_count_at = gw_end + 1 + 8 + 8 + 8;
+    let signer_id = record_count_at + 4 + 32;
     let header_len = signer_id + 8 + 8 + 32;
     let ct_len_at = header_len;
     for i in 0..env.len() {
@@ -87,6 +90,9 @@ fn every_single_byte_flip_is_rejected_with_a_sensible_reason() {
                 6 => err.is_parse_error(),
                 i if i < gw_end => r == "bad_gateway_id" || r == "unknown_gateway",
                 i if i == stream_at => r == "unknown_stream" || r == "bad_signature",
+                i if (record_count_at..record_count_at + 4).contains(&i) => {
+                    r == "too_many_records" || r == "bad_signature"
+                }
                 i if (signer_id..signer_id + 8).contains(&i) => r == "unknown_signer_key",
                 i if (ct_len_at..ct_len_at + 4).contains(&i) => err.is_parse_error(),
                 _ => r == "bad_signature",
@@ -127,6 +133,7 @@ fn unknown_gateway_is_reported() {
         signing_key(),
         hub_secret().public_key(),
         policy_hash(),
+        INCARNATION,
     );
     let env = s.seal(Stream::Readings, 1, 0, &one_record()).unwrap().bytes;
     let err = opener().open(&env).unwrap_err();
@@ -142,6 +149,7 @@ fn batch_signed_by_an_unregistered_key_is_rejected() {
         intruder.clone(),
         hub_secret().public_key(),
         policy_hash(),
+        INCARNATION,
     );
     let env = s.seal(Stream::Readings, 1, 0, &one_record()).unwrap().bytes;
     assert_eq!(reason(opener().open(&env)), "unknown_signer_key");
@@ -160,6 +168,7 @@ fn wrong_recipient_is_reported() {
         signing_key(),
         other_hub.public_key(),
         policy_hash(),
+        INCARNATION,
     );
     let env = s.seal(Stream::Readings, 1, 0, &one_record()).unwrap().bytes;
     let err = opener().open(&env).unwrap_err();
@@ -173,7 +182,7 @@ fn wrong_recipient_is_reported() {
 
     // Sealed to another key but claiming ours, correctly signed: decryption fails.
     let mut lying = env;
-    let at = 7 + GATEWAY_LEN + 1 + 8 + 8 + 4 + 32 + 8;
+    let at = 7 + GATEWAY_LEN + 1 + 8 + 8 + 8 + 4 + 32 + 8;
     lying[at..at + 8].copy_from_slice(&hub_secret().key_id());
     resign(&mut lying, &signing_key());
     assert_eq!(reason(opener().open(&lying)), "undecryptable");
@@ -182,12 +191,12 @@ fn wrong_recipient_is_reported() {
 #[test]
 fn unknown_version_is_reported_even_when_signed() {
     let mut env = small_envelope();
-    env[4] = 2;
+    env[4] = 3;
     resign(&mut env, &signing_key());
     let err = opener().open(&env).unwrap_err();
-    assert_eq!(err, OpenError::UnknownVersion(2));
+    assert_eq!(err, OpenError::UnknownVersion(3));
     assert_eq!(err.reason(), "unknown_version");
-    assert_eq!(peek_header(&env).unwrap_err(), OpenError::UnknownVersion(2));
+    assert_eq!(peek_header(&env).unwrap_err(), OpenError::UnknownVersion(3));
 }
 
 #[test]
@@ -350,4 +359,37 @@ proptest! {
         prop_assert!(opener().open(&env).is_err());
         let _ = peek_header(&env);
     }
+}
+
+/// Issue 9 item 15: a registered gateway's validly signed batch announcing 600,000 records is
+/// refused before anything is decrypted or allocated for them.
+#[test]
+fn a_signed_batch_announcing_too_many_records_is_refused_before_decrypting() {
+    let empty = Record {
+        subject: String::new(),
+        field: String::new(),
+        value: crate::reading::Value::Bool(false),
+        unit: crate::reading::Unit::One,
+        at_ms: 0,
+        quality: crate::reading::Quality::Good,
+        tags: Vec::new(),
+    };
+    let plain =
+        bincode::serde::encode_to_vec(vec![empty; 600_000], bincode::config::standard()).unwrap();
+    let compressed = zstd::bulk::compress(&plain, ZSTD_LEVEL).unwrap();
+    let seal_raw = |count: u32| {
+        sealer()
+            .seal_plaintext(Stream::Readings, 1, 0, count, &compressed, &mut rng())
+            .unwrap()
+            .bytes
+    };
+    let honest = seal_raw(600_000);
+    assert!(honest.len() < 4_096, "{} bytes", honest.len());
+    assert_eq!(reason(opener().open(&honest)), "too_many_records");
+    assert_eq!(reason(opener().open(&seal_raw(4))), "count_mismatch");
+    let too_many = vec![one_record()[0].clone(); MAX_RECORDS_PER_BATCH as usize + 1];
+    assert!(matches!(
+        sealer().seal(Stream::Readings, 1, 0, &too_many),
+        Err(super::error::SealError::TooManyRecords(_))
+    ));
 }

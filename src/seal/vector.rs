@@ -1,5 +1,8 @@
-//! The committed test vector `testdata/vector-v1.txt`, and the fixed keys and records the other
-//! tests reuse.
+//! The committed test vectors, and the fixed keys and records the other tests reuse.
+//!
+//! `testdata/vector-v2.txt` is what this code writes (envelope version 2). `testdata/vector-v1.txt`
+//! is frozen: version 1 envelopes (no incarnation) are still read, and the test
+//! `vector_v1_still_opens_as_incarnation_0` keeps them readable.
 //!
 //! The vector is rendered from the fixed inputs below; the test `vector_file_is_current` fails
 //! when the committed file differs. To regenerate it after an intended format change:
@@ -24,6 +27,7 @@ use super::*;
 pub(super) const GATEWAY: &str = "gw-test-01";
 pub(super) const STREAM: Stream = Stream::Readings;
 pub(super) const SEQ: u64 = 42;
+pub(super) const INCARNATION: u64 = 0x5eed_c17e_9a7e_0001;
 pub(super) const CREATED_AT_MS: i64 = 1_700_000_000_000;
 /// Seed of the ChaCha20 RNG that supplies HPKE's ephemeral key material.
 pub(super) const HPKE_RNG_SEED: u64 = 20_240_601;
@@ -54,6 +58,7 @@ pub(super) fn sealer() -> Sealer {
         signing_key(),
         hub_secret().public_key(),
         policy_hash(),
+        INCARNATION,
     )
 }
 
@@ -149,7 +154,7 @@ fn render() -> String {
     let mut line = |k: &str, v: String| s.push_str(&format!("{k}: {v}\n"));
     line(
         "format",
-        "citygate sealed batch, envelope version 1, suite 1".to_owned(),
+        "citygate sealed batch, envelope version 2, suite 1".to_owned(),
     );
     line("gateway", GATEWAY.to_owned());
     line("gateway_signing_seed", hex::encode(signing.to_bytes()));
@@ -174,6 +179,10 @@ fn render() -> String {
     );
     line("hpke_ephemeral_ikm", hex::encode(hpke_ephemeral_ikm()));
     line("stream", format!("{STREAM} (code {})", STREAM.code()));
+    line(
+        "incarnation",
+        format!("{INCARNATION} (0x{INCARNATION:016x})"),
+    );
     line("seq", SEQ.to_string());
     line("created_at_ms", CREATED_AT_MS.to_string());
     line(
@@ -193,7 +202,7 @@ fn render() -> String {
     line("plaintext_bincode_len", plaintext.len().to_string());
     line("envelope_len", batch.bytes.len().to_string());
     let mut out = String::from(
-        "# citygate sealed-batch test vector v1\n\
+        "# citygate sealed-batch test vector v2\n\
          #\n\
          # Inputs: the keys, header fields and records below (records as serde JSON, one per\n\
          # line). HPKE's ephemeral key is DeriveKeyPair(hpke_ephemeral_ikm) (RFC 9180 7.1.3),\n\
@@ -213,8 +222,14 @@ fn render() -> String {
     out
 }
 
+fn testdata(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/seal/testdata")
+        .join(name)
+}
+
 fn vector_path() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/seal/testdata/vector-v1.txt")
+    testdata("vector-v2.txt")
 }
 
 /// The hex block following a `name:` line, up to the next blank line.
@@ -229,7 +244,7 @@ fn hex_block(text: &str, name: &str) -> Vec<u8> {
 }
 
 fn committed() -> String {
-    std::fs::read_to_string(vector_path()).expect("testdata/vector-v1.txt is committed")
+    std::fs::read_to_string(vector_path()).expect("testdata/vector-v2.txt is committed")
 }
 
 #[test]
@@ -241,7 +256,7 @@ fn vector_file_is_current() {
     }
     assert!(
         committed() == rendered,
-        "src/seal/testdata/vector-v1.txt is stale; if the format change is intended, run \
+        "src/seal/testdata/vector-v2.txt is stale; if the format change is intended, run \
          {REGEN_ENV}=1 cargo test --lib seal::vector and bump the envelope version"
     );
 }
@@ -252,8 +267,9 @@ fn vector_envelope_opens_to_expected_batch() {
     let opened = opener().open(&envelope).unwrap();
     assert_eq!(opened.records, records());
     let h = &opened.header;
-    assert_eq!((h.version, h.suite), (1, 1));
+    assert_eq!((h.version, h.suite), (2, 1));
     assert_eq!(h.gateway, gateway());
+    assert_eq!(h.incarnation, INCARNATION);
     assert_eq!(
         (h.stream, h.seq, h.created_at_ms),
         (STREAM, SEQ, CREATED_AT_MS)
@@ -266,6 +282,18 @@ fn vector_envelope_opens_to_expected_batch() {
     );
     assert_eq!(h.recipient_key_id, hub_secret().key_id());
     assert_eq!(peek_header(&envelope).unwrap(), *h);
+}
+
+/// Version 1 envelopes (sealed before incarnations existed) still open, as incarnation 0.
+#[test]
+fn vector_v1_still_opens_as_incarnation_0() {
+    let text = std::fs::read_to_string(testdata("vector-v1.txt")).expect("committed");
+    let envelope = hex_block(&text, "envelope");
+    let opened = opener().open(&envelope).unwrap();
+    assert_eq!(opened.records, records());
+    let h = &opened.header;
+    assert_eq!((h.version, h.incarnation, h.seq), (1, 0, SEQ));
+    assert_eq!(h.stream, STREAM);
 }
 
 #[test]

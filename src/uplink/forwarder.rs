@@ -24,7 +24,7 @@ use crate::pipeline::CommittedMarks;
 use crate::reading::{now_ms, GatewayId, Stream};
 use crate::store::{Outbox, StoredBatch};
 use crate::telemetry::Metrics;
-use crate::wire::{ack_topic, stream_topic, Ack};
+use crate::wire::{ack_topic, stream_topic, Ack, AckVerifier};
 
 /// Sending order: priority streams first.
 const PRIORITY: [Stream; 3] = [Stream::Alarms, Stream::Audit, Stream::Readings];
@@ -52,6 +52,8 @@ impl Default for ForwarderOptions {
 pub(crate) struct Forwarder {
     gateway: GatewayId,
     outbox: Outbox,
+    /// Only acks the hub signed delete anything.
+    verifier: AckVerifier,
     link: MqttLink,
     events_rx: mpsc::Receiver<LinkEvent>,
     committed_rx: watch::Receiver<CommittedMarks>,
@@ -69,6 +71,7 @@ impl Forwarder {
     pub(crate) fn new(
         gateway: GatewayId,
         outbox: Outbox,
+        verifier: AckVerifier,
         link: MqttLink,
         events_rx: mpsc::Receiver<LinkEvent>,
         committed_rx: watch::Receiver<CommittedMarks>,
@@ -79,6 +82,7 @@ impl Forwarder {
         Self {
             gateway,
             outbox,
+            verifier,
             link,
             events_rx,
             committed_rx,
@@ -152,17 +156,28 @@ impl Forwarder {
                 });
                 self.connected = false;
             }
-            LinkEvent::Publish { topic, payload } if topic == acks => match Ack::decode(&payload) {
-                Ok(ack) if ack.gateway == self.gateway => self.on_ack(ack).await,
-                Ok(ack) => {
-                    self.metrics.acks_rejected.inc();
-                    warn!(gateway = %ack.gateway, "ack for another gateway ignored");
+            LinkEvent::Publish { topic, payload } if topic == acks => {
+                match self.verifier.verify(&payload) {
+                    Ok(ack)
+                        if ack.gateway == self.gateway
+                            && ack.incarnation == self.outbox.incarnation() =>
+                    {
+                        self.on_ack(ack).await
+                    }
+                    Ok(ack) => {
+                        self.metrics.acks_rejected.inc();
+                        warn!(gateway = %ack.gateway, incarnation = format_args!("{:016x}", ack.incarnation), "signed ack for another gateway or store incarnation ignored");
+                    }
+                    Err(e) if e.is_unauthenticated() => {
+                        self.metrics.acks_unauthenticated.inc();
+                        warn!(error = %e, "ack without a valid hub signature ignored; nothing deleted");
+                    }
+                    Err(e) => {
+                        self.metrics.acks_rejected.inc();
+                        warn!(error = %e, "malformed ack ignored");
+                    }
                 }
-                Err(e) => {
-                    self.metrics.acks_rejected.inc();
-                    warn!(error = %e, "malformed ack ignored");
-                }
-            },
+            }
             _ => {}
         }
     }

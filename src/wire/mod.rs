@@ -5,5 +5,5 @@
 mod ack;
 mod topic;
 
-pub use ack::{Ack, AckError, ACK_VERSION, MAX_ACK_BYTES};
+pub use ack::{Ack, AckError, AckSigner, AckVerifier, ACK_VERSION, MAX_ACK_BYTES};
 pub use topic::{ack_topic, hub_filters, parse_stream_topic, stream_topic};

@@ -70,10 +70,15 @@ async fn until_subscribed(hub: &HubProcess) {
 struct Publisher {
     link: MqttLink,
     events: mpsc::Receiver<LinkEvent>,
+    /// The hub's ack key, as the gateway would hold it: every ack must verify.
+    verifier: citygate::wire::AckVerifier,
 }
 
 impl Publisher {
-    async fn connect(ca: &CertAuthority, port: u16) -> Publisher {
+    async fn connect(ca: &CertAuthority, port: u16, dep: &Deployment) -> Publisher {
+        let verifier = citygate::wire::AckVerifier::new(
+            keys::load_hub_ack_verifying_key(&dep.path().join("keys/hub.ack.pub")).unwrap(),
+        );
         let tls = LinkTls::Files(ca.client_files(&ca.issue_client("gw-test").unwrap()));
         let (link, mut events) = MqttLink::start(test_link_options(port, "gw-test", tls)).unwrap();
         let connected = tokio::time::timeout(Duration::from_secs(10), async {
@@ -100,7 +105,11 @@ impl Publisher {
         })
         .await;
         assert_eq!(granted.ok(), Some(true), "the ack subscription was refused");
-        Publisher { link, events }
+        Publisher {
+            link,
+            events,
+            verifier,
+        }
     }
 
     async fn publish(&self, stream: Stream, payload: Vec<u8>) {
@@ -124,7 +133,7 @@ impl Publisher {
             while seqs.len() < n {
                 match self.events.recv().await {
                     Some(LinkEvent::Publish { payload, .. }) => {
-                        seqs.push(citygate::wire::Ack::decode(&payload).unwrap().seq);
+                        seqs.push(self.verifier.verify(&payload).unwrap().seq);
                     }
                     Some(_) => {}
                     None => break,
@@ -156,7 +165,7 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
     let config = write_hub_config(&dep, &ca, "127.0.0.1:0");
     let hub = start_hub(&config).await;
     let port = hub.broker_addr().unwrap().port();
-    let mut gw = Publisher::connect(&ca, port).await;
+    let mut gw = Publisher::connect(&ca, port, &dep).await;
     until_subscribed(&hub).await;
     let (code, body) = citygate::telemetry::http::get(
         hub.status_addr().unwrap(),
@@ -172,7 +181,7 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
     let gateway = GatewayId::new("gw-test").unwrap();
     let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
     let signing = keys::load_signing_key(&dep.path().join("keys/gateway.sign.key")).unwrap();
-    let sealer = Sealer::new(gateway.clone(), signing, hub_pub.clone(), [7; 32]);
+    let sealer = Sealer::new(gateway.clone(), signing, hub_pub.clone(), [7; 32], 0x77);
     let seal = |seq: u64, n: usize| {
         sealer
             .seal(Stream::Readings, seq, 1, &records(n))
@@ -196,6 +205,7 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
         ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
         hub_pub.clone(),
         [7; 32],
+        0x77,
     );
     let forged = rogue
         .seal(Stream::Readings, 102, 1, &records(3))
@@ -206,6 +216,7 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
         ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
         hub_pub.clone(),
         [7; 32],
+        0x77,
     )
     .seal(Stream::Readings, 103, 1, &records(3))
     .unwrap()
@@ -248,7 +259,7 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
     hub.shutdown().await;
     let config = write_hub_config(&dep, &ca, &format!("127.0.0.1:{port}"));
     let hub = start_hub(&config).await;
-    let mut gw = Publisher::connect(&ca, port).await;
+    let mut gw = Publisher::connect(&ca, port, &dep).await;
     until_subscribed(&hub).await;
     gw.publish(Stream::Readings, good).await;
     gw.publish(Stream::Readings, seal(101, 2)).await;

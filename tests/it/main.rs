@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod acks;
 mod cli;
 mod config_files;
 mod e2e;

@@ -135,7 +135,7 @@ impl GatewayToml {
              [batch]\n{batch}\n\
              [store]\npath = \"store\"\n\n\
              [keys]\nsigning_key = \"keys/gateway.sign.key\"\nhub_public_key = \"keys/hub.hpke.pub\"\n\
-             pseudonym_key = \"keys/pseudonym.key\"\n\n\
+             pseudonym_key = \"keys/pseudonym.key\"\nhub_ack_key = \"keys/hub.ack.pub\"\n\n\
              {sections}{devices}",
             id = self.id,
             fields = self.fields,
@@ -256,7 +256,7 @@ impl HubToml {
             ""
         };
         format!(
-            "[hub]\nid = \"hub-1\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nstate_path = \"hub-state\"\n\n\
+            "[hub]\nid = \"hub-1\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nack_signing_key = \"keys/hub.ack.key\"\nstate_path = \"hub-state\"\n\n\
              [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n\
              [mqtt]\n{mqtt}\n{status}\
              [[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n",
