@@ -90,6 +90,7 @@ metrics! {
     resend_rounds: "Times unacknowledged batches were sent again.",
     acks_rejected: "Malformed or foreign acknowledgements ignored.",
     alarm_repeats_held: "Unchanged alarm readings held back between periodic states.",
+    modbus_stale_replies: "Modbus TCP replies discarded because they carry an earlier transaction's id (repeated or late replies).",
     mqtt_messages: "MQTT meter messages received.",
     mqtt_unknown_topic: "MQTT meter messages on a topic no device listens on.",
     mqtt_payload_errors: "MQTT meter messages rejected as a whole.",

@@ -656,3 +656,116 @@ async fn dtu_dial_in_through_the_gateway_into_sealed_batches() {
     token.cancel();
     assert!(checked >= 8, "{checked}");
 }
+
+/// A TCP proxy to `upstream` that writes every chunk the server sends twice (a serial
+/// server or DTU that repeats replies). Returns its address.
+async fn duplicating_proxy(upstream: String, token: CancellationToken) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = tokio::select! {
+                () = token.cancelled() => return,
+                r = listener.accept() => r.unwrap(),
+            };
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = sr.read(&mut buf).await {
+                    if n == 0
+                        || cw.write_all(&buf[..n]).await.is_err()
+                        || cw.write_all(&buf[..n]).await.is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// Issue 9 item 12: a Modbus TCP endpoint whose every reply arrives twice. The stale
+/// copies are discarded, every poll counts as answered, and the records reach the
+/// batches with the values the meters served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_modbus_tcp_replies_are_discarded_and_polls_count_ok() {
+    let meters = SimMeters::new(profile(), 2, 19);
+    let token = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap().to_string();
+    tokio::spawn(citygate::sim::serve(
+        listener,
+        meters.clone(),
+        token.clone(),
+    ));
+    let address = duplicating_proxy(upstream, token.clone()).await;
+    let devices: String = (1..=2u8)
+        .map(|u| {
+            crate::support::transport_device(
+                &format!("t{u}"),
+                PROFILE,
+                &format!("type = \"tcp\", address = \"{address}\""),
+                u,
+                "200ms",
+            )
+        })
+        .collect();
+    let (checked, metrics) =
+        gateway_records_match_the_meters(&meters, &devices, "t", 1..=2, 3).await;
+    token.cancel();
+    assert!(checked >= 8, "{checked}");
+    for u in 1..=2u8 {
+        let s = metrics.device(&DeviceId::new(format!("t{u}")).unwrap());
+        assert!(
+            s.polls_ok >= 2 && s.transport_errors == 0 && s.timeouts == 0,
+            "t{u}: {s:?}"
+        );
+    }
+    assert!(metrics.modbus_stale_replies.get() >= 4);
+}
+
+/// Issue 9 item 12 over RTU: a serial server that repeats every reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_rtu_replies_are_discarded_and_polls_count_ok() {
+    let meters = SimMeters::new(profile(), 2, 20);
+    let token = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap().to_string();
+    tokio::spawn(citygate::sim::serve_rtu_tcp(
+        listener,
+        RtuSim::new(meters.clone()),
+        token.clone(),
+    ));
+    let address = duplicating_proxy(upstream, token.clone()).await;
+    let devices: String = (1..=2u8)
+        .map(|u| {
+            crate::support::transport_device(
+                &format!("r{u}"),
+                PROFILE,
+                &format!("type = \"rtu_tcp\", address = \"{address}\", baud = 19200"),
+                u,
+                "200ms",
+            )
+        })
+        .collect();
+    let (checked, metrics) =
+        gateway_records_match_the_meters(&meters, &devices, "r", 1..=2, 3).await;
+    token.cancel();
+    assert!(checked >= 8, "{checked}");
+    for u in 1..=2u8 {
+        let s = metrics.device(&DeviceId::new(format!("r{u}")).unwrap());
+        assert!(
+            s.polls_ok >= 2 && s.transport_errors == 0 && s.timeouts == 0,
+            "r{u}: {s:?}"
+        );
+    }
+}
