@@ -87,17 +87,31 @@ enum KeysCommand {
         force: bool,
     },
     /// Generate a small TLS PKI for a one-box or pilot deployment: a CA, a broker
-    /// certificate and client certificates (gateways, hubs).
+    /// certificate, client certificates per role, and mosquitto's access rules for them
+    /// (mosquitto-acl.conf, mosquitto.conf).
     Tls {
-        /// Directory to write ca.pem, broker.pem/.key and client-ID.pem/.key into.
+        /// Directory to write ca.pem, broker.pem/.key, client-ID.pem/.key and the
+        /// mosquitto files into.
         #[arg(long)]
         dir: PathBuf,
         /// DNS name or IP address the broker is reached by (repeatable).
         #[arg(long = "server", required = true)]
         servers: Vec<String>,
-        /// Client id (gateway id or hub id) to issue a certificate for (repeatable).
-        #[arg(long = "client", required = true)]
+        /// Gateway id: may publish only its own batches and read only its own acks (repeatable).
+        #[arg(long = "gateway", num_args = 1..)]
+        gateways: Vec<String>,
+        /// Hub name: reads every gateway's batches and publishes acks (repeatable).
+        #[arg(long = "hub", num_args = 1..)]
+        hubs: Vec<String>,
+        /// Other client (meter, simulator): anything outside citygate/# (repeatable).
+        #[arg(long = "client", num_args = 1..)]
         clients: Vec<String>,
+        /// Topic filter of MQTT meters that gateways may read on this broker (repeatable).
+        #[arg(long = "meter-topic")]
+        meter_topics: Vec<String>,
+        /// Port of the listener in the generated mosquitto.conf.
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
         /// Replace an existing ca.pem in DIR.
         #[arg(long)]
         force: bool,
@@ -137,10 +151,23 @@ fn main() -> ExitCode {
                 KeysCommand::Tls {
                     dir,
                     servers,
+                    gateways,
+                    hubs,
                     clients,
+                    meter_topics,
+                    port,
                     force,
                 },
-        } => cli::keys_tls(&dir, &servers, &clients, force),
+        } => cli::keys_tls(&cli::TlsIssue {
+            dir,
+            servers,
+            gateways,
+            hubs,
+            clients,
+            meter_topics,
+            port,
+            force,
+        }),
         Command::Demo {
             duration,
             meters,

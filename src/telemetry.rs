@@ -91,12 +91,16 @@ metrics! {
     acks_rejected: "Malformed or foreign acknowledgements ignored.",
     acks_unauthenticated: "Acknowledgements ignored because no valid hub signature was on them (forged, unsigned or another key).",
     alarm_repeats_held: "Unchanged alarm readings held back between periodic states.",
+    modbus_stale_replies: "Modbus TCP replies discarded because they carry an earlier transaction's id (repeated or late replies).",
     mqtt_messages: "MQTT meter messages received.",
     mqtt_unknown_topic: "MQTT meter messages on a topic no device listens on.",
     mqtt_payload_errors: "MQTT meter messages rejected as a whole.",
     mqtt_field_errors: "Fields missing or mistyped in otherwise usable MQTT messages.",
     mqtt_stale_values: "MQTT values dropped as not newer than the last one used.",
     mqtt_clock_skewed: "MQTT values whose meter clock is ahead of the gateway's by more than max_clock_skew.",
+    dtu_registrations_refused: "DTU registrations refused because the id is live on another connection.",
+    dtu_peer_changed: "DTU registrations accepted from another IP address than the id's last one.",
+    dtu_peers_refused: "Connections to a DTU listener closed because the peer is outside its allow list.",
 }
 
 /// When a set of counters started: the process start, in practice.

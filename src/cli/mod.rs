@@ -407,22 +407,65 @@ pub fn keys_gen(dir: &Path, force: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `citygate keys tls --dir DIR --server NAME… --client ID…`
-pub fn keys_tls(
-    dir: &Path,
-    servers: &[String],
-    clients: &[String],
-    force: bool,
-) -> Result<(), CliError> {
+/// What `citygate keys tls` issues.
+#[derive(Debug, Clone, Default)]
+pub struct TlsIssue {
+    pub dir: std::path::PathBuf,
+    /// DNS names or IP addresses of the broker.
+    pub servers: Vec<String>,
+    pub gateways: Vec<String>,
+    pub hubs: Vec<String>,
+    /// Meters, simulators and other clients.
+    pub clients: Vec<String>,
+    /// Topic filters gateways may read (MQTT meters on this broker).
+    pub meter_topics: Vec<String>,
+    /// Listener port in the mosquitto.conf snippet.
+    pub port: u16,
+    pub force: bool,
+}
+
+/// `citygate keys tls --dir DIR --server NAME… [--gateway ID…] [--hub NAME…] [--client ID…]`:
+/// the CA, broker and client certificates, and mosquitto's access rules for them.
+pub fn keys_tls(issue: &TlsIssue) -> Result<(), CliError> {
+    use crate::mqtt::acl::{self, BrokerRoles};
     use crate::mqtt::CertAuthority;
-    if dir.join("ca.pem").exists() && !force {
+    let dir = issue.dir.as_path();
+    if dir.join("ca.pem").exists() && !issue.force {
         return Err(CliError::Usage(format!(
             "{} already exists; certificates issued by it would stop verifying. Use --force to replace it",
             dir.join("ca.pem").display()
         )));
     }
+    if issue.gateways.is_empty() && issue.hubs.is_empty() && issue.clients.is_empty() {
+        return Err(CliError::Usage(
+            "name at least one --gateway, --hub or --client to issue a certificate for".into(),
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for name in issue
+        .gateways
+        .iter()
+        .chain(&issue.hubs)
+        .chain(&issue.clients)
+    {
+        if !seen.insert(name) {
+            return Err(CliError::Usage(format!(
+                "{name} is named twice; one certificate (one CN, one broker identity) per name"
+            )));
+        }
+    }
+    let mut gateways = Vec::new();
+    for g in &issue.gateways {
+        gateways.push(
+            crate::reading::GatewayId::new(g.as_str())
+                .map_err(|e| CliError::Usage(format!("--gateway {g}: {e}")))?,
+        );
+    }
+    for t in &issue.meter_topics {
+        acl::check_meter_topic(t).map_err(CliError::Usage)?;
+    }
     let (mut names, mut ips) = (Vec::new(), Vec::new());
-    for s in servers {
+    for s in &issue.servers {
         match s.parse::<std::net::IpAddr>() {
             Ok(ip) => ips.push(ip),
             Err(_) => names.push(s.as_str()),
@@ -439,16 +482,43 @@ pub fn keys_tls(
         "broker certificate    {} + {} (0600) for {}",
         server.cert.display(),
         server.key.display(),
-        servers.join(", ")
+        issue.servers.join(", ")
     );
-    for c in clients {
-        let files = ca.issue_client(c).map_err(usage)?;
-        println!(
-            "client certificate    {} + {} (0600) for {c}",
-            files.cert.display(),
-            files.key.display()
-        );
+    let roles = [
+        ("gateway", &issue.gateways),
+        ("hub", &issue.hubs),
+        ("client", &issue.clients),
+    ];
+    for (role, names) in roles {
+        for c in names {
+            let files = ca.issue_client(c).map_err(usage)?;
+            println!(
+                "{role:<8}certificate {} + {} (0600) for {c}",
+                files.cert.display(),
+                files.key.display()
+            );
+        }
     }
+    let roles = BrokerRoles {
+        gateways,
+        hubs: issue.hubs.clone(),
+        clients: issue.clients.clone(),
+        meter_topics: issue.meter_topics.clone(),
+    };
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text)
+            .map_err(|e| CliError::Usage(format!("cannot write {}: {e}", path.display())))?;
+        Ok::<_, CliError>(path)
+    };
+    let acl_path = write("mosquitto-acl.conf", acl::mosquitto_acl(&roles))?;
+    let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
+    let conf_path = write("mosquitto.conf", acl::mosquitto_conf(&abs, issue.port))?;
+    println!(
+        "mosquitto            {} (access rules per certificate) and {} (listener)",
+        acl_path.display(),
+        conf_path.display()
+    );
     println!(
         "The CA's private key was not written: issue further certificates by running this again \
          (a new CA) or with your own PKI."

@@ -74,6 +74,8 @@ enum RawTransport {
         id: String,
         listen: String,
         heartbeat: Option<String>,
+        /// Networks DTUs may connect from, e.g. `["10.0.0.0/8"]`; unset: any.
+        allow: Option<Vec<String>>,
         baud: Option<u32>,
         parity: Option<crate::profile::Parity>,
         data_bits: Option<u8>,
@@ -123,6 +125,22 @@ fn rtu_conflict(devices: &[DeviceConfig], t: &Transport) -> Option<DeviceId> {
         .filter_map(|d| Some((d, &d.modbus()?.transport)))
         .find(|(_, other)| bus_key(other) == k && *other != t)
         .map(|(d, _)| d.id.clone())
+}
+
+/// A device already configured whose DTU transport listens on the same address as `t`
+/// with a different `allow` list (one listener, one list: it applies before the id is read).
+fn allow_conflict(devices: &[DeviceConfig], t: &Transport) -> Option<DeviceId> {
+    let Transport::Dtu { listen, allow, .. } = t else {
+        return None;
+    };
+    devices
+        .iter()
+        .find(|d| {
+            d.modbus().is_some_and(|m| {
+                matches!(&m.transport, Transport::Dtu { listen: l, allow: a, .. } if l == listen && a != allow)
+            })
+        })
+        .map(|d| d.id.clone())
 }
 
 /// A device already configured on the same bus as `t` with the same unit id: both would
@@ -218,6 +236,12 @@ pub(super) fn devices(
                     transport_span.clone(),
                     format!("{key}.transport"),
                     format!("conflicts with device `{other}` on the same port or DTU: one bus needs one set of line settings (and a DTU id one listen address)"),
+                ));
+            } else if let Some(other) = allow_conflict(&devices, transport) {
+                errors.push(src.at(
+                    transport_span.clone(),
+                    format!("{key}.transport.allow"),
+                    format!("device `{other}` has a DTU on the same listen address with a different allow list; give every DTU of one listener the same list"),
                 ));
             }
         }
@@ -387,6 +411,7 @@ fn transport(
             id,
             listen,
             heartbeat,
+            allow,
             baud,
             parity,
             data_bits,
@@ -406,11 +431,28 @@ fn transport(
                     format!("{listen:?} is not host:port, e.g. \"0.0.0.0:9000\""),
                 ));
             }
+            if allow.as_ref().is_some_and(Vec::is_empty) {
+                errors.push(src.at(
+                    span.clone(),
+                    format!("{key}.transport.allow"),
+                    "an empty list would refuse every DTU; remove the key to accept any peer, or list networks, e.g. [\"10.0.0.0/8\"]",
+                ));
+            }
+            let mut nets = Vec::new();
+            for (j, net) in allow.unwrap_or_default().iter().enumerate() {
+                match net.parse() {
+                    Ok(n) => nets.push(n),
+                    Err(m) => {
+                        errors.push(src.at(span.clone(), format!("{key}.transport.allow[{j}]"), m))
+                    }
+                }
+            }
             Transport::Dtu {
                 id,
                 listen,
                 heartbeat,
                 line: line_override(baud, parity, data_bits, stop_bits),
+                allow: nets,
             }
         }
         RawTransport::Mqtt {
@@ -588,6 +630,64 @@ grade = "L3"
         let e = parse_ratio(&text).unwrap_err().diagnostics;
         assert_eq!(e[0].key, "device[0].ct_ratio");
         assert!(e[0].message.contains("no field with ratio"), "{}", e[0]);
+    }
+
+    /// Issue 9 item 10: a DTU listener's `allow` list is parsed and located.
+    #[test]
+    fn dtu_allow_lists_are_parsed_and_located() {
+        let dtu = |name: &str, id: &str, allow: &str| {
+            tcp_device(name, "test-r").replace(
+                "{ type = \"tcp\", address = \"127.0.0.1:502\" }",
+                &format!("{{ type = \"dtu\", id = \"{id}\", listen = \"0.0.0.0:9000\"{allow} }}"),
+            )
+        };
+        let good = format!(
+            "{}\n{}",
+            config(),
+            dtu(
+                "d1",
+                "8650001",
+                ", allow = [\"10.0.0.0/8\", \"192.168.1.7\"]"
+            )
+        );
+        let c = parse_ratio(&good).unwrap();
+        let Transport::Dtu { allow, .. } = &c.devices[1].modbus().unwrap().transport else {
+            panic!("not a dtu");
+        };
+        let shown: Vec<String> = allow.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "192.168.1.7/32"]);
+
+        let cases = [
+            (
+                ", allow = [\"10.0.0.0/8\", \"10.0.0.1/8\"]",
+                "device[1].transport.allow[1]",
+                "host bits",
+            ),
+            (
+                ", allow = [\"ten\"]",
+                "device[1].transport.allow[0]",
+                "not an IP network",
+            ),
+            (", allow = []", "device[1].transport.allow", "empty list"),
+        ];
+        for (allow, key, msg) in cases {
+            let text = format!("{}\n{}", config(), dtu("d1", "8650001", allow));
+            let e = parse_ratio(&text).unwrap_err().diagnostics;
+            assert_eq!(e.len(), 1, "{allow}: {e:?}");
+            assert_eq!((e[0].key.as_str(), e[0].line), (key, 26), "{}", e[0]);
+            assert!(e[0].message.contains(msg), "{}", e[0]);
+        }
+        // Two DTUs on one listener with different lists.
+        let text = format!(
+            "{}\n{}\n{}",
+            config(),
+            dtu("d1", "8650001", ", allow = [\"10.0.0.0/8\"]"),
+            dtu("d2", "8650002", "")
+        );
+        let e = parse_ratio(&text).unwrap_err().diagnostics;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key, "device[2].transport.allow", "{}", e[0]);
+        assert!(e[0].message.contains("`d1`"), "{}", e[0]);
     }
 
     #[test]

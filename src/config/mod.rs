@@ -10,6 +10,7 @@ mod device;
 use crate::diag;
 pub mod duration;
 pub(crate) mod mqtt;
+mod peer_net;
 mod raw;
 
 use std::collections::BTreeSet;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 pub(crate) use diag::Diagnostic;
 pub(crate) use mqtt::MqttSourceConfig;
+pub use peer_net::PeerNet;
 
 use crate::profile::line::LineOverride;
 use crate::profile::{Profile, ProfileSet, Ratios};
@@ -65,6 +67,8 @@ pub enum Transport {
         /// Heartbeat packet the DTU sends between frames (filtered out); default `id`.
         heartbeat: Option<String>,
         line: LineOverride,
+        /// Networks the listener accepts connections from; empty: any.
+        allow: Vec<PeerNet>,
     },
 }
 

@@ -9,6 +9,8 @@
 //! - [`certs`]: a small certificate authority for tests, the demo and one-box pilots (rcgen): a
 //!   CA, server certificates and one client certificate per gateway, as PEM files with private
 //!   keys at mode 0600.
+//! - [`acl`]: mosquitto's access rules for the certificates `certs` issued, by role
+//!   (gateway, hub, other client), and the listener snippet that enforces them.
 //! - [`tls`]: loads those files into rustls configurations: TLS 1.3 only, the `ring`
 //!   provider passed explicitly (never the process-wide default), ChaCha20-Poly1305 first,
 //!   client certificates required on the server side; key files with group/other permission
@@ -29,6 +31,7 @@
 //! so the embedded broker builds its TLS configuration from the PEM files itself; the gateway
 //! side (rumqttc 0.25) shares the crate's rustls 0.23.
 
+pub mod acl;
 pub(crate) mod broker;
 pub(crate) mod certs;
 pub(crate) mod client;

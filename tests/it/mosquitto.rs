@@ -72,8 +72,47 @@ async fn start_mosquitto(bin: &str, dir: &Path, conf: impl Fn(u16) -> String) ->
     panic!("mosquitto found no free port in 5 attempts");
 }
 
+/// Events of `link` until `limit` passes or `until` returns true for one.
+async fn collect(
+    events: &mut tokio::sync::mpsc::Receiver<citygate::mqtt::LinkEvent>,
+    limit: Duration,
+    mut until: impl FnMut(&citygate::mqtt::LinkEvent) -> bool,
+) -> Vec<citygate::mqtt::LinkEvent> {
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        while let Some(e) = events.recv().await {
+            let stop = until(&e);
+            seen.push(e);
+            if stop {
+                break;
+            }
+        }
+    })
+    .await;
+    seen
+}
+
+fn published(events: &[citygate::mqtt::LinkEvent]) -> Vec<&str> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            citygate::mqtt::LinkEvent::Publish { topic, .. } => Some(topic.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Meters to hub through mosquitto with mutual TLS and the access rules and listener that
+/// `citygate keys tls` writes. Issue 9 item 1 (broker layer): (a) an ack another
+/// certificate publishes on a gateway's ack topic never reaches the gateway's
+/// certificate; (b) a client connecting with the gateway's client id does not take the
+/// gateway's session; (c) the gateway's batches and the hub's acks flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
+    use bytes::Bytes;
+    use citygate::mqtt::acl::{mosquitto_acl, mosquitto_conf, BrokerRoles};
+    use citygate::mqtt::{LinkEvent, LinkTls, MqttLink, QoS};
+
     let Some(bin) = mosquitto_binary() else {
         assert!(
             std::env::var("CITYGATE_REQUIRE_MOSQUITTO").is_err(),
@@ -83,19 +122,70 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
         return;
     };
     let dep = Deployment::new();
-    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let pki = dep.path().join("pki");
+    let ca = CertAuthority::generate(&pki, "citygate test ca").unwrap();
     let server = ca.issue_localhost_server().unwrap();
+    // The names `citygate keys tls` gives the broker's files.
+    std::fs::copy(&server.cert, pki.join("broker.pem")).unwrap();
+    std::fs::copy(&server.key, pki.join("broker.key")).unwrap();
+    let roles = BrokerRoles {
+        gateways: vec![citygate::reading::GatewayId::new("gw-test").unwrap()],
+        hubs: vec!["hub-1".into()],
+        clients: vec!["meter1".into()],
+        meter_topics: vec!["meters/#".into()],
+    };
+    std::fs::write(pki.join("mosquitto-acl.conf"), mosquitto_acl(&roles)).unwrap();
     let (_broker, port) = start_mosquitto(bin, dep.path(), |port| {
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\n\
-             require_certificate true\nuse_identity_as_username true\ntls_version tlsv1.3\n\
-             max_packet_size 1100000\npersistence false\nuser root\n",
-            ca.ca_file().display(),
-            server.cert.display(),
-            server.key.display()
+        // The generated listener on a test port, loopback only; the test runs as root,
+        // which mosquitto would otherwise leave for user `mosquitto`.
+        mosquitto_conf(&pki, 8883).replace(
+            "\nlistener 8883\n",
+            &format!("\nlistener {port} 127.0.0.1\npersistence false\nuser root\n"),
         )
     })
     .await;
+    let link = |name: &str, id: &str| {
+        let tls = LinkTls::Files(ca.client_files(&ca.issue_client(name).unwrap()));
+        MqttLink::start(test_link_options(port, id, tls)).unwrap()
+    };
+    let connected = |e: &LinkEvent| matches!(e, LinkEvent::Connected { .. });
+    let suback = |e: &LinkEvent| matches!(e, LinkEvent::SubAck { .. });
+
+    // (a) The gateway's certificate does not receive an ack the meter's certificate
+    // forges, though it does receive the meter topics it may read.
+    let (watch, mut watch_events) = link("gw-test", "gw-test");
+    collect(&mut watch_events, Duration::from_secs(10), connected).await;
+    watch
+        .subscribe("citygate/v1/gw-test/ack", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    watch.subscribe("meters/#", QoS::AtLeastOnce).await.unwrap();
+    collect(&mut watch_events, Duration::from_secs(10), suback).await;
+    collect(&mut watch_events, Duration::from_secs(10), suback).await;
+    let (meter, mut meter_events) = link("meter1", "meter1");
+    collect(&mut meter_events, Duration::from_secs(10), connected).await;
+    let forged = r#"{"v":1,"gateway":"gw-test","stream":"readings","seq":1}"#;
+    meter
+        .publish(
+            "citygate/v1/gw-test/ack",
+            QoS::AtLeastOnce,
+            Bytes::from(forged),
+        )
+        .await
+        .unwrap();
+    meter
+        .publish("meters/m1", QoS::AtLeastOnce, Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    let seen = collect(
+        &mut watch_events,
+        Duration::from_secs(10),
+        |e| matches!(e, LinkEvent::Publish { topic, .. } if topic == "meters/m1"),
+    )
+    .await;
+    assert_eq!(published(&seen), ["meters/m1"], "{seen:?}");
+    watch.shutdown().await;
+    meter.shutdown().await;
 
     let token = CancellationToken::new();
     let profiles = shipped_profiles();
@@ -117,10 +207,39 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
     let metrics = running.metrics.clone();
     let uplink = start_uplink(&cfg, &running, &ca, port, 8, Duration::from_secs(2)).await;
     assert!(
-        wait_for(Duration::from_secs(20), || metrics.batches_acked.get() >= 5).await,
+        wait_for(Duration::from_secs(20), || metrics.batches_acked.get() >= 1).await,
         "hub {:?}",
         hub.hub().stats()
     );
+
+    // (b) Another certificate asking for the gateway's client id gets its own (its CN):
+    // it neither takes the gateway's session (which would then take it back, ping-pong)
+    // nor reads any batch.
+    let (impostor, mut impostor_events) = link("meter1", "gw-test");
+    collect(&mut impostor_events, Duration::from_secs(10), connected).await;
+    impostor
+        .subscribe("citygate/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let acked = metrics.batches_acked.get();
+    assert!(
+        wait_for(Duration::from_secs(20), || metrics.batches_acked.get()
+            >= acked + 4)
+        .await,
+        "hub {:?}",
+        hub.hub().stats()
+    );
+    let seen = collect(&mut impostor_events, Duration::from_millis(200), |_| false).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, LinkEvent::Disconnected { .. })),
+        "the impostor's session was taken back: {seen:?}"
+    );
+    assert!(published(&seen).is_empty(), "{seen:?}");
+    impostor.shutdown().await;
+
+    // (c) Everything sealed reaches the hub, and every batch is acknowledged.
     assert!(running.shutdown(Duration::from_secs(10)).await);
     assert!(
         wait_for(Duration::from_secs(20), || store.stats().total_batches()
@@ -133,4 +252,63 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
     hub.shutdown().await;
     assert_eq!(stats.records_written, metrics.records_sealed.get());
     assert!(stats.rejected.values().all(|n| *n == 0), "{stats:?}");
+}
+
+/// `citygate keys tls` with roles writes the access rules and the listener next to the
+/// certificates, and refuses a meter topic that reaches into citygate/# (exit 64).
+#[test]
+fn keys_tls_writes_the_mosquitto_access_rules_per_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("tls");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+            .args(["keys", "tls", "--force", "--dir"])
+            .arg(&pki)
+            .args(["--server", "broker.example", "--port", "8884"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "--gateway",
+        "gw1",
+        "gw2",
+        "--hub",
+        "hub-1",
+        "--client",
+        "meter1",
+        "--meter-topic",
+        "meters/#",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    for f in [
+        "client-gw1.pem",
+        "client-gw2.key",
+        "client-hub-1.pem",
+        "client-meter1.pem",
+    ] {
+        assert!(pki.join(f).exists(), "{f}");
+    }
+    let acl = std::fs::read_to_string(pki.join("mosquitto-acl.conf")).unwrap();
+    assert!(
+        acl.contains("user gw2\ntopic write citygate/v1/gw2/readings\n"),
+        "{acl}"
+    );
+    assert!(
+        acl.contains("user hub-1\ntopic read citygate/v1/+/readings\n"),
+        "{acl}"
+    );
+    assert!(
+        acl.contains("user meter1\ntopic deny citygate/#\n"),
+        "{acl}"
+    );
+    let conf = std::fs::read_to_string(pki.join("mosquitto.conf")).unwrap();
+    assert!(conf.contains("\nlistener 8884\n"), "{conf}");
+    let acl_line = format!("\nacl_file {}\n", pki.join("mosquitto-acl.conf").display());
+    assert!(conf.contains(&acl_line), "{conf}");
+
+    let out = run(&["--gateway", "gw1", "--meter-topic", "#"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let out = run(&["--gateway", "gw1", "--client", "gw1"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
 }

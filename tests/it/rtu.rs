@@ -423,6 +423,7 @@ async fn dtu_dials_in_registers_and_its_heartbeats_are_filtered() {
         listen: address,
         heartbeat: None,
         line: LineOverride::default(),
+        allow: Vec::new(),
     };
     let devs = devices(
         3,
@@ -433,7 +434,7 @@ async fn dtu_dials_in_registers_and_its_heartbeats_are_filtered() {
     let l = line(9600);
     let link = Link::Dtu {
         id: id.clone(),
-        sessions_rx: sessions.remove(&id).unwrap(),
+        sessions: sessions.remove(&id).unwrap(),
     };
     let mut bus = start_bus(link, &l, devs, vec![id.as_bytes().to_vec()]);
     let mut got = Vec::new();
@@ -655,4 +656,249 @@ async fn dtu_dial_in_through_the_gateway_into_sealed_batches() {
     let (checked, _) = gateway_records_match_the_meters(&meters, &devices, "d", 1..=2, 3).await;
     token.cancel();
     assert!(checked >= 8, "{checked}");
+}
+
+/// A TCP proxy to `upstream` that writes every chunk the server sends twice (a serial
+/// server or DTU that repeats replies). Returns its address.
+async fn duplicating_proxy(upstream: String, token: CancellationToken) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = tokio::select! {
+                () = token.cancelled() => return,
+                r = listener.accept() => r.unwrap(),
+            };
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = sr.read(&mut buf).await {
+                    if n == 0
+                        || cw.write_all(&buf[..n]).await.is_err()
+                        || cw.write_all(&buf[..n]).await.is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// Issue 9 item 12: a Modbus TCP endpoint whose every reply arrives twice. The stale
+/// copies are discarded, every poll counts as answered, and the records reach the
+/// batches with the values the meters served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_modbus_tcp_replies_are_discarded_and_polls_count_ok() {
+    let meters = SimMeters::new(profile(), 2, 19);
+    let token = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap().to_string();
+    tokio::spawn(citygate::sim::serve(
+        listener,
+        meters.clone(),
+        token.clone(),
+    ));
+    let address = duplicating_proxy(upstream, token.clone()).await;
+    let devices: String = (1..=2u8)
+        .map(|u| {
+            crate::support::transport_device(
+                &format!("t{u}"),
+                PROFILE,
+                &format!("type = \"tcp\", address = \"{address}\""),
+                u,
+                "200ms",
+            )
+        })
+        .collect();
+    let (checked, metrics) =
+        gateway_records_match_the_meters(&meters, &devices, "t", 1..=2, 3).await;
+    token.cancel();
+    assert!(checked >= 8, "{checked}");
+    for u in 1..=2u8 {
+        let s = metrics.device(&DeviceId::new(format!("t{u}")).unwrap());
+        assert!(
+            s.polls_ok >= 2 && s.transport_errors == 0 && s.timeouts == 0,
+            "t{u}: {s:?}"
+        );
+    }
+    assert!(metrics.modbus_stale_replies.get() >= 4);
+}
+
+/// Issue 9 item 12 over RTU: a serial server that repeats every reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_rtu_replies_are_discarded_and_polls_count_ok() {
+    let meters = SimMeters::new(profile(), 2, 20);
+    let token = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap().to_string();
+    tokio::spawn(citygate::sim::serve_rtu_tcp(
+        listener,
+        RtuSim::new(meters.clone()),
+        token.clone(),
+    ));
+    let address = duplicating_proxy(upstream, token.clone()).await;
+    let devices: String = (1..=2u8)
+        .map(|u| {
+            crate::support::transport_device(
+                &format!("r{u}"),
+                PROFILE,
+                &format!("type = \"rtu_tcp\", address = \"{address}\", baud = 19200"),
+                u,
+                "200ms",
+            )
+        })
+        .collect();
+    let (checked, metrics) =
+        gateway_records_match_the_meters(&meters, &devices, "r", 1..=2, 3).await;
+    token.cancel();
+    assert!(checked >= 8, "{checked}");
+    for u in 1..=2u8 {
+        let s = metrics.device(&DeviceId::new(format!("r{u}")).unwrap());
+        assert!(
+            s.polls_ok >= 2 && s.transport_errors == 0 && s.timeouts == 0,
+            "r{u}: {s:?}"
+        );
+    }
+}
+
+/// A DTU listener on a fresh loopback port for `id`, counting into its own metrics;
+/// returns the address, the bus's link, and the metrics.
+async fn dtu_listener(
+    id: &str,
+    allow: Vec<citygate::config::PeerNet>,
+    token: &CancellationToken,
+) -> (String, Link, Arc<Metrics>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let metrics = Arc::new(Metrics::default());
+    let (dtu, mut sessions) = DtuListener::new(address.clone(), [id.to_string()], token.clone());
+    let dtu = dtu.with_allow(allow).with_metrics(metrics.clone());
+    tokio::spawn(dtu.serve(listener));
+    let link = Link::Dtu {
+        id: id.to_string(),
+        sessions: sessions.remove(id).unwrap(),
+    };
+    (address, link, metrics)
+}
+
+fn dtu_transport(id: &str, listen: &str) -> Transport {
+    Transport::Dtu {
+        id: id.to_string(),
+        listen: listen.to_string(),
+        heartbeat: None,
+        line: LineOverride::default(),
+        allow: Vec::new(),
+    }
+}
+
+/// Issue 9 item 10: an impostor that registers a live DTU's id is refused and closed;
+/// the real DTU keeps its connection and only its meter's values arrive. Once the real
+/// DTU hangs up, the next registration of the id is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_dtu_keeps_its_connection_when_an_impostor_registers_its_id() {
+    let id = "865000444555666";
+    let token = CancellationToken::new();
+    let (address, link, listener_metrics) = dtu_listener(id, Vec::new(), &token).await;
+    let real = SimMeters::new(profile(), 1, 21);
+    let real_token = CancellationToken::new();
+    tokio::spawn(citygate::sim::dial_dtu(
+        address.clone(),
+        id.to_string(),
+        Duration::from_millis(30),
+        RtuSim::new(real.clone()),
+        real_token.clone(),
+    ));
+    let devs = devices(
+        1,
+        &dtu_transport(id, &address),
+        Duration::from_millis(100),
+        Duration::from_millis(300),
+    );
+    let mut bus = start_bus(link, &line(9600), devs, vec![id.as_bytes().to_vec()]);
+    let m1 = DeviceId::new("m1").unwrap();
+    until_polled(&bus.metrics, std::slice::from_ref(&m1), 3).await;
+
+    // The impostor dials the same id (and retries every second when closed).
+    let impostor = SimMeters::new(profile(), 1, 22);
+    let impostor_token = CancellationToken::new();
+    tokio::spawn(citygate::sim::dial_dtu(
+        address.clone(),
+        id.to_string(),
+        Duration::from_millis(30),
+        RtuSim::new(impostor.clone()),
+        impostor_token.clone(),
+    ));
+    let refused = crate::support::wait_for(Duration::from_secs(20), || {
+        listener_metrics.dtu_registrations_refused.get() >= 2
+    })
+    .await;
+    assert!(refused, "the impostor was not refused twice");
+    let polled = bus.metrics.device(&m1).polls_ok;
+    until_polled(&bus.metrics, std::slice::from_ref(&m1), polled + 3).await;
+    assert!(
+        impostor.history(UnitId(1)).is_empty(),
+        "the impostor's meter was polled"
+    );
+    let mut before = Vec::new();
+    while let Ok(s) = bus.samples_rx.try_recv() {
+        before.push(s);
+    }
+    let served = Served::of(&real, 1);
+    assert!(before.len() >= 6, "{}", before.len());
+    assert!(before.iter().all(|s| served.matches(s, 1)));
+
+    // The real DTU hangs up: the id's next registration (the retrying dialler) is taken.
+    real_token.cancel();
+    let taken = crate::support::wait_for(Duration::from_secs(20), || {
+        !impostor.history(UnitId(1)).is_empty()
+    })
+    .await;
+    assert!(taken, "no registration accepted after the live DTU hung up");
+    assert_eq!(listener_metrics.dtu_peer_changed.get(), 0);
+    impostor_token.cancel();
+    bus.stop().await;
+    token.cancel();
+}
+
+/// Issue 9 item 10: a DTU listener with an allow list closes connections from other
+/// networks before reading the registration, and counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtu_allow_list_refuses_peers_from_other_networks() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let id = "865000777888999";
+    let token = CancellationToken::new();
+    let elsewhere = vec!["10.0.0.0/8".parse().unwrap()];
+    let (address, link, metrics) = dtu_listener(id, elsewhere, &token).await;
+    let Link::Dtu { mut sessions, .. } = link else {
+        unreachable!()
+    };
+    let mut s = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let _ = s.write_all(id.as_bytes()).await;
+    let mut b = [0u8; 8];
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    assert_eq!(metrics.dtu_peers_refused.get(), 1);
+    assert!(sessions.newer().is_none());
+
+    let loopback = vec!["127.0.0.0/8".parse().unwrap()];
+    let (address, link, metrics) = dtu_listener(id, loopback, &token).await;
+    let Link::Dtu { mut sessions, .. } = link else {
+        unreachable!()
+    };
+    let mut s = tokio::net::TcpStream::connect(&address).await.unwrap();
+    s.write_all(id.as_bytes()).await.unwrap();
+    let accepted = tokio::time::timeout(Duration::from_secs(5), sessions.next()).await;
+    assert!(matches!(accepted, Ok(Ok(_))), "not accepted");
+    assert_eq!(metrics.dtu_peers_refused.get(), 0);
+    token.cancel();
 }

@@ -1,21 +1,20 @@
 //! The Modbus TCP transport: connecting an endpoint and one read over tokio-modbus.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_modbus::client::{Client, Context};
-use tokio_modbus::slave::{Slave, SlaveContext};
-use tokio_modbus::{Request, Response};
 use tracing::info;
 
+use super::mbap::MbapClient;
 use crate::config::DeviceConfig;
-use crate::profile::FunctionCode;
 use crate::source::poll::{
     Connector, HandOff, Pacing, PollError, PolledDevice, Read, Scheduler, Transact,
 };
 use crate::source::SourceContext;
+use crate::telemetry::Metrics;
 
 /// Polls every device behind one Modbus TCP endpoint.
 ///
@@ -47,6 +46,7 @@ impl ModbusPoller {
                 format!("tcp://{}", self.address),
                 TcpEndpoint {
                     address: self.address.clone(),
+                    metrics: self.cx.metrics.clone(),
                 },
                 devices,
                 self.cx.clone(),
@@ -64,6 +64,7 @@ impl ModbusPoller {
 #[derive(Debug)]
 struct TcpEndpoint {
     address: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Connector for TcpEndpoint {
@@ -83,24 +84,17 @@ impl Connector for TcpEndpoint {
             .await
             .map_err(|_| PollError::Timeout(limit))??;
         let _ = stream.set_nodelay(true);
-        Ok(TcpConnection(tokio_modbus::client::tcp::attach_slave(
-            stream,
-            Slave(1),
-        )))
+        Ok(TcpConnection(MbapClient::new(stream, self.metrics.clone())))
     }
 }
 
-/// A tokio-modbus client context on one TCP connection.
-struct TcpConnection(Context);
-
-impl std::fmt::Debug for TcpConnection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TcpConnection")
-    }
-}
+/// One Modbus TCP connection.
+#[derive(Debug)]
+struct TcpConnection(MbapClient<TcpStream>);
 
 impl Transact for TcpConnection {
-    /// A late reply would sit in the socket: drop the connection instead.
+    /// A late reply would sit in the socket: drop the connection instead. (A stale copy
+    /// of an earlier reply is read past by its transaction id.)
     const DISCARDS_LATE_REPLIES: bool = false;
 
     async fn read(&mut self, read: Read) -> Result<Vec<u16>, PollError> {
@@ -110,38 +104,6 @@ impl Transact for TcpConnection {
             req,
             limit,
         } = read;
-        self.0.set_slave(Slave(unit.0));
-        let request = match function {
-            FunctionCode::ReadHolding => Request::ReadHoldingRegisters(req.start.0, req.count),
-            FunctionCode::ReadInput => Request::ReadInputRegisters(req.start.0, req.count),
-        };
-        let reply = timeout(limit, self.0.call(request))
-            .await
-            .map_err(|_| PollError::Timeout(limit))?;
-        let response = match reply {
-            Ok(Ok(r)) => r,
-            Ok(Err(code)) => return Err(PollError::Exception(u8::from(code).into())),
-            Err(tokio_modbus::Error::Transport(e)) => return Err(PollError::Transport(e)),
-            Err(tokio_modbus::Error::Protocol(e)) => {
-                return Err(PollError::BadFrame(e.to_string()))
-            }
-        };
-        let words = match response {
-            Response::ReadHoldingRegisters(w) | Response::ReadInputRegisters(w) => w,
-            other => {
-                return Err(PollError::BadFrame(format!(
-                    "unexpected response {other:?}"
-                )))
-            }
-        };
-        if words.len() != usize::from(req.count) {
-            return Err(PollError::BadFrame(format!(
-                "asked for {} registers at {}, got {}",
-                req.count,
-                req.start,
-                words.len()
-            )));
-        }
-        Ok(words)
+        self.0.read(unit, function, req, limit).await
     }
 }

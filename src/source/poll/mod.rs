@@ -172,6 +172,13 @@ pub(crate) trait Transact: Send {
 
     /// Sends `read` and returns the registers; the reply is checked against the request.
     fn read(&mut self, read: Read) -> impl Future<Output = Result<Vec<u16>, PollError>> + Send;
+
+    /// Completes when the idle connection closes or fails (awaited between polls and
+    /// dropped when the next poll is due); pending forever if the transport cannot
+    /// tell without a transaction.
+    fn closed(&mut self) -> impl Future<Output = PollError> + Send {
+        std::future::pending()
+    }
 }
 
 /// Opens connections to one endpoint or bus.

@@ -71,6 +71,10 @@ impl PolledDevice {
         self.modbus.poll_interval
     }
 
+    pub(crate) fn timeout(&self) -> Duration {
+        self.modbus.timeout
+    }
+
     /// Next poll after an answered one: keep the cadence, skip missed slots.
     fn schedule_ok(&mut self, now: Instant) {
         if self.failures > 0 {
@@ -216,6 +220,13 @@ impl<C: Connector> Scheduler<C> {
                     self.devices.push(d);
                     continue;
                 }
+                e = closed(&mut conn) => {
+                    warn!(source = %self.name, error = %e, "connection closed between polls");
+                    if let Some(mut c) = conn.take() {
+                        self.connector.observe(&mut c, false);
+                    }
+                    continue;
+                }
                 () = sleep_until(due.unwrap_or_else(far_future)), if due.is_some() => {}
             }
             let Some(idx) = (0..self.devices.len()).min_by_key(|&i| self.devices[i].next_due)
@@ -284,6 +295,14 @@ impl<C: Connector> Scheduler<C> {
         if h.out_tx.try_send(dev).is_err() {
             warn!(device = %id, "lane closed; device no longer polled");
         }
+    }
+}
+
+/// Why the open connection closed while idle; pending without one.
+async fn closed<T: Transact>(conn: &mut Option<T>) -> PollError {
+    match conn {
+        Some(c) => c.closed().await,
+        None => std::future::pending().await,
     }
 }
 

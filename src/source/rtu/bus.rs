@@ -4,7 +4,8 @@
 //! One transaction at a time, devices polled in order of their due time, each poll
 //! producing the same [`RawSample`](crate::source::RawSample) as Modbus TCP. What is
 //! RTU's own: opening the serial port, RTU-over-TCP stream or DTU session (a DTU that
-//! dials in again replaces the stream before the next poll), the [`Transactor`]
+//! whose session went silent is replaced by its next registration before the next poll;
+//! the stream is read between polls too, so a closed one is noticed at once), the [`Transactor`]
 //! (framing, draining late replies, so a timeout does not close the stream), the bus
 //! budget, and the pacing rule that a failing device is retried never sooner than one
 //! bus cycle (nor its own timeout), so a dead meter costs at most one timeout per cycle
@@ -23,6 +24,9 @@ use crate::config::DeviceConfig;
 use crate::source::modbus::ReadRequest;
 use crate::source::poll::{Connector, Pacing, PollError, PolledDevice, Read, Scheduler, Transact};
 use crate::source::SourceContext;
+
+/// Poll cycles a DTU session may be silent before a new registration may replace it.
+const DTU_SILENT_CYCLES: u32 = 3;
 
 /// What the bus reports to tests and `check` about itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -99,6 +103,16 @@ impl RtuBus {
             min_failure_backoff: budget.cycle,
             backoff_covers_timeout: true,
         };
+        // A DTU session that hears nothing (no reply, no heartbeat) for a few poll
+        // cycles may be replaced by a new registration.
+        let longest = self
+            .devices
+            .iter()
+            .map(|d| d.poll_interval() + d.timeout())
+            .max()
+            .unwrap_or_default();
+        self.link
+            .set_silence_limit(DTU_SILENT_CYCLES * (longest + budget.cycle));
         let connector = BusLink {
             link: self.link,
             timing: self.timing,
@@ -145,6 +159,11 @@ impl Connector for BusLink {
     }
 
     fn observe(&mut self, conn: &mut Self::Conn, up: bool) {
+        if up {
+            self.link.touch(conn.last_heard());
+        } else {
+            self.link.closed();
+        }
         self.stats = add(self.stats, std::mem::take(&mut conn.stats));
         self.status_tx.send_replace(BusStatus {
             link: self.stats,
@@ -161,6 +180,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transact for Transactor<S> {
         Transactor::read(self, r.unit, r.function, r.req, r.limit)
             .await
             .map_err(PollError::from)
+    }
+
+    async fn closed(&mut self) -> PollError {
+        Transactor::closed(self).await.into()
     }
 }
 

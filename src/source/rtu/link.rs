@@ -69,7 +69,10 @@ pub(crate) struct Transactor<S> {
     /// Packets a DTU interleaves (heartbeats); removed from the input before parsing.
     filters: Vec<Vec<u8>>,
     buf: Vec<u8>,
+    /// Reference point of the inter-frame silence (reset when draining starts).
     last_rx: Instant,
+    /// When bytes last arrived (replies, heartbeats, noise): the stream is alive.
+    last_heard: Instant,
     pub stats: LinkStats,
 }
 
@@ -90,6 +93,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transactor<S> {
             filters: filters.into_iter().filter(|f| !f.is_empty()).collect(),
             buf: Vec::with_capacity(2 * frame::MAX_FRAME),
             last_rx: Instant::now(),
+            last_heard: Instant::now(),
             stats: LinkStats::default(),
         }
     }
@@ -138,7 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transactor<S> {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => return Err(RtuError::Io(e)),
             };
-            self.last_rx = Instant::now();
+            self.heard();
             self.buf.extend_from_slice(&chunk[..n]);
             self.strip_filters();
             if let Scan::Found {
@@ -194,7 +198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transactor<S> {
                 Ok(Ok(0)) => return Err(RtuError::Io(std::io::ErrorKind::UnexpectedEof.into())),
                 Ok(Ok(n)) => {
                     self.stats.discarded_bytes += n as u64;
-                    self.last_rx = Instant::now();
+                    self.heard();
                     if started.elapsed() > DRAIN_LIMIT {
                         return Err(RtuError::Noisy(quiet));
                     }
@@ -202,6 +206,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transactor<S> {
                 Ok(Err(e)) => return Err(RtuError::Io(e)),
             }
         }
+    }
+
+    /// When bytes last arrived on the stream (the stream's opening counts).
+    pub(crate) fn last_heard(&self) -> Instant {
+        self.last_heard
+    }
+
+    /// Reads and discards between transactions until the stream closes or fails
+    /// (late replies, heartbeats, noise would be drained before the next request
+    /// anyway). Returns why it ended; cancel-safe.
+    pub(crate) async fn closed(&mut self) -> RtuError {
+        let mut chunk = [0u8; 512];
+        loop {
+            match self.stream.read(&mut chunk).await {
+                Ok(0) => return RtuError::Io(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    self.stats.discarded_bytes += n as u64;
+                    self.heard();
+                }
+                Err(e) => return RtuError::Io(e),
+            }
+        }
+    }
+
+    fn heard(&mut self) {
+        let now = Instant::now();
+        self.last_rx = now;
+        self.last_heard = now;
     }
 
     /// Removes every occurrence of a filtered packet (DTU heartbeat) from the buffer.

@@ -76,19 +76,28 @@ pub(crate) fn tasks(groups: Vec<(Transport, Vec<DeviceConfig>)>, cx: &SourceCont
             Transport::Dtu { id, .. } => Some(id.clone()),
             _ => None,
         });
+        // The config gives every DTU of one listener the same allow list.
+        let allow = buses
+            .iter()
+            .find_map(|(t, _)| match t {
+                Transport::Dtu { allow, .. } => Some(allow.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
         let span = info_span!("dtu_listener", listen = %listen);
         let (listener, mut receivers) = DtuListener::new(listen, ids, cx.shutdown.child_token());
+        let listener = listener.with_allow(allow).with_metrics(cx.metrics.clone());
         out.push(Box::pin(listener.run().instrument(span)));
         for (transport, devices) in buses {
             let Transport::Dtu { id, .. } = &transport else {
                 continue;
             };
-            let Some(sessions_rx) = receivers.remove(id) else {
+            let Some(sessions) = receivers.remove(id) else {
                 continue;
             };
             let link = Link::Dtu {
                 id: id.clone(),
-                sessions_rx,
+                sessions,
             };
             let span = info_span!("rtu_bus", bus = %link);
             let bus = bus_for(&transport, devices, link, cx.child());

@@ -1,0 +1,193 @@
+//! Broker access rules for mosquitto, as `citygate keys tls` writes them next to the
+//! certificates: `mosquitto-acl.conf` and a `mosquitto.conf` listener snippet.
+//!
+//! Identity is the client certificate's CN (`require_certificate`,
+//! `use_identity_as_username`, and `use_username_as_clientid` so nobody can take
+//! another's client id and disconnect it). Roles:
+//! - gateway `G`: publish only `citygate/v1/G/{readings,alarms,audit}`, subscribe only
+//!   `citygate/v1/G/ack`, and read the meter topics given with `--meter-topic`;
+//! - hub: read `citygate/v1/+/{readings,alarms,audit}` (also through `$share/…`),
+//!   publish `citygate/v1/+/ack`, nothing else;
+//! - other clients (meters, simulators): publish and subscribe anywhere outside
+//!   `citygate/#`.
+//!
+//! A gateway's meter topics are listed rather than granted as "everything outside
+//! `citygate/#`": mosquitto's `deny` applies to every access of a user before any grant,
+//! so a gateway denied `citygate/#` could not publish its own batches either (checked
+//! against mosquitto 2.0). Topic names come from [`crate::wire`].
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::reading::{GatewayId, Stream};
+use crate::wire::{ack_topic, hub_filters, stream_topic};
+
+/// Who gets which certificate, by common name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerRoles {
+    pub gateways: Vec<GatewayId>,
+    pub hubs: Vec<String>,
+    /// Meters, simulators and other clients.
+    pub clients: Vec<String>,
+    /// Topic filters gateways may read (their MQTT meter sources on this broker).
+    pub meter_topics: Vec<String>,
+}
+
+/// Why a meter topic filter cannot be granted.
+pub fn check_meter_topic(filter: &str) -> Result<(), String> {
+    let first = filter.split('/').next().unwrap_or_default();
+    if filter.is_empty() || filter.starts_with('$') {
+        return Err(format!(
+            "meter topic {filter:?} must be a plain topic filter"
+        ));
+    }
+    if matches!(first, "#" | "+") || first == citygate_root() {
+        return Err(format!(
+            "meter topic {filter:?} would reach into {}/#; name the meters' own topics, e.g. \"meters/#\"",
+            citygate_root()
+        ));
+    }
+    Ok(())
+}
+
+/// The first level of every citygate topic (`citygate`).
+fn citygate_root() -> String {
+    // Taken from `wire` so the two cannot drift.
+    let sample = hub_filters("g");
+    let topic = sample
+        .first()
+        .and_then(|f| f.strip_prefix("$share/g/"))
+        .expect("invariant: hub filters are $share/{group}/…");
+    topic.split('/').next().unwrap_or_default().to_owned()
+}
+
+/// The hub's filters without the shared-subscription prefix: `citygate/v1/+/{stream}`.
+fn hub_topics() -> Vec<String> {
+    hub_filters("g")
+        .into_iter()
+        .map(|f| {
+            f.strip_prefix("$share/g/")
+                .expect("invariant: hub filters are $share/{group}/…")
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The ack topic with `+` for the gateway level.
+fn any_ack_topic() -> String {
+    let probe = GatewayId::new("probe").expect("invariant: a valid gateway id");
+    ack_topic(&probe).replace("/probe/", "/+/")
+}
+
+/// The ACL file for `roles`.
+pub fn mosquitto_acl(roles: &BrokerRoles) -> String {
+    let mut out = String::from(
+        "# citygate broker access rules (written by `citygate keys tls`).\n\
+         # The user is the client certificate's CN. Clients without a user (none, with\n\
+         # require_certificate) get nothing: there are no rules before the first `user`.\n",
+    );
+    for g in &roles.gateways {
+        let _ = writeln!(out, "\n# gateway {g}\nuser {g}");
+        for s in Stream::ALL {
+            let _ = writeln!(out, "topic write {}", stream_topic(g, s));
+        }
+        let _ = writeln!(out, "topic read {}", ack_topic(g));
+        for t in &roles.meter_topics {
+            let _ = writeln!(out, "topic read {t}");
+        }
+    }
+    for h in &roles.hubs {
+        let _ = writeln!(out, "\n# hub {h}\nuser {h}");
+        for t in hub_topics() {
+            let _ = writeln!(out, "topic read {t}");
+        }
+        let _ = writeln!(out, "topic write {}", any_ack_topic());
+    }
+    for c in &roles.clients {
+        let _ = writeln!(
+            out,
+            "\n# client {c}: anything outside {root}/#\nuser {c}\ntopic deny {root}/#\ntopic readwrite #",
+            root = citygate_root()
+        );
+    }
+    out
+}
+
+/// A mosquitto listener for citygate on `port` with the files in `dir`.
+pub fn mosquitto_conf(dir: &Path, port: u16) -> String {
+    let f = |name: &str| dir.join(name).display().to_string();
+    format!(
+        "# citygate broker listener (written by `citygate keys tls`); include it from\n\
+         # /etc/mosquitto/conf.d/ or paste it into mosquitto.conf. mosquitto must be able to\n\
+         # read broker.key: install -o mosquitto -m 0600 broker.key /etc/mosquitto/certs/\n\
+         # and point keyfile there.\n\
+         listener {port}\n\
+         cafile {ca}\n\
+         certfile {cert}\n\
+         keyfile {key}\n\
+         tls_version tlsv1.3\n\
+         require_certificate true\n\
+         use_identity_as_username true\n\
+         use_username_as_clientid true\n\
+         allow_anonymous false\n\
+         acl_file {acl}\n\
+         max_packet_size 1100000\n",
+        ca = f("ca.pem"),
+        cert = f("broker.pem"),
+        key = f("broker.key"),
+        acl = f("mosquitto-acl.conf"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_name_the_wire_topics() {
+        let roles = BrokerRoles {
+            gateways: vec![GatewayId::new("gw1").unwrap()],
+            hubs: vec!["hub".into()],
+            clients: vec!["meter1".into()],
+            meter_topics: vec!["meters/#".into()],
+        };
+        let acl = mosquitto_acl(&roles);
+        let gw = "user gw1\ntopic write citygate/v1/gw1/readings\ntopic write citygate/v1/gw1/alarms\n\
+                  topic write citygate/v1/gw1/audit\ntopic read citygate/v1/gw1/ack\ntopic read meters/#\n";
+        assert!(acl.contains(gw), "{acl}");
+        let hub = "user hub\ntopic read citygate/v1/+/readings\ntopic read citygate/v1/+/alarms\n\
+                   topic read citygate/v1/+/audit\ntopic write citygate/v1/+/ack\n";
+        assert!(acl.contains(hub), "{acl}");
+        assert!(
+            acl.contains("user meter1\ntopic deny citygate/#\ntopic readwrite #\n"),
+            "{acl}"
+        );
+        // Nothing granted before the first user (anonymous clients).
+        let before = acl.split("\nuser ").next().unwrap();
+        assert!(!before.contains("\ntopic"), "{before}");
+    }
+
+    #[test]
+    fn meter_topics_stay_outside_citygate() {
+        assert!(check_meter_topic("meters/#").is_ok());
+        assert!(check_meter_topic("v1/devices/me/telemetry").is_ok());
+        for bad in ["#", "+/x", "citygate/v1/gw1/ack", "$share/g/x", ""] {
+            assert!(check_meter_topic(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listener_snippet_has_the_identity_settings() {
+        let conf = mosquitto_conf(Path::new("/etc/citygate/tls"), 8883);
+        for line in [
+            "listener 8883",
+            "tls_version tlsv1.3",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "use_username_as_clientid true",
+            "acl_file /etc/citygate/tls/mosquitto-acl.conf",
+        ] {
+            assert!(conf.contains(&format!("\n{line}\n")), "{line}: {conf}");
+        }
+    }
+}
