@@ -96,6 +96,8 @@ metrics! {
     mqtt_field_errors: "Fields missing or mistyped in otherwise usable MQTT messages.",
     mqtt_stale_values: "MQTT values dropped as not newer than the last one used.",
     mqtt_clock_skewed: "MQTT values whose meter clock is ahead of the gateway's by more than max_clock_skew.",
+    mqtt_oversized: "MQTT meter messages dropped as too large (above 64 KiB, or above max_packet_bytes, which costs the connection).",
+    mqtt_source_connects: "Connections of MQTT meter sources to their brokers.",
 }
 
 /// When a set of counters started: the process start, in practice.
@@ -203,8 +205,14 @@ impl Metrics {
         faults.remove(key);
     }
 
+    /// Whether the fault `key` is active.
+    pub(crate) fn has_fault(&self, key: &str) -> bool {
+        let faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.contains_key(key)
+    }
+
     /// The active faults' reasons, ordered by key.
-    pub(crate) fn faults(&self) -> Vec<String> {
+    pub fn faults(&self) -> Vec<String> {
         let faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
         faults.values().cloned().collect()
     }
