@@ -45,10 +45,14 @@ pub struct DeviceStatus {
     /// Absent for MQTT devices, which publish on their own schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_interval_ms: Option<u64>,
+    /// An MQTT device's `expect_every`: it publishes at least this often.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_every_ms: Option<u64>,
     #[serde(flatten)]
     pub polls: DeviceStats,
-    /// No good poll within three intervals (plus slack) of now; never for devices
-    /// without a poll interval (MQTT meters).
+    /// A polled device: no good poll within three intervals (plus slack) of now. An MQTT
+    /// device: its source is down or reconnect-looping (fault `mqtt_source:<name>`), or no
+    /// usable message within its `expect_every`.
     pub stale: bool,
 }
 
@@ -89,6 +93,8 @@ struct DeviceInfo {
     endpoint: String,
     /// Unit id and poll interval of a polled (Modbus) device.
     schedule: Option<(u8, Duration)>,
+    /// An MQTT device's source fault key and `expect_every`.
+    mqtt: Option<(String, Option<Duration>)>,
 }
 
 /// The live sources of the status document.
@@ -115,6 +121,9 @@ impl StatusSource {
                 profile: d.profile.name.clone(),
                 endpoint: d.kind.to_string(),
                 schedule: d.modbus().map(|m| (m.unit.0, m.poll_interval)),
+                mqtt: d
+                    .mqtt()
+                    .map(|t| (format!("mqtt_source:{}", t.source), t.expect_every)),
             })
             .collect();
         Self {
@@ -139,15 +148,19 @@ impl StatusSource {
             .iter()
             .map(|d| {
                 let s = polls.get(&d.name).cloned().unwrap_or_default();
-                // Devices without a schedule (MQTT meters publish when they like) are
-                // never called stale.
-                let stale = d.schedule.is_some_and(|(_, interval)| {
-                    let limit = i64::try_from(interval.as_millis())
-                        .unwrap_or(i64::MAX / 4)
-                        .saturating_mul(3)
-                        .saturating_add(10_000);
-                    now - s.last_ok_ms.unwrap_or(started) > limit
-                });
+                let silent_for = |limit: i64| now - s.last_ok_ms.unwrap_or(started) > limit;
+                let stale = match (&d.schedule, &d.mqtt) {
+                    (Some((_, interval)), _) => {
+                        silent_for(millis(*interval).saturating_mul(3).saturating_add(10_000))
+                    }
+                    // An MQTT meter publishes when it likes: stale when its source cannot
+                    // deliver, or when it promised a message every so often.
+                    (None, Some((source, expect))) => {
+                        self.metrics.has_fault(source)
+                            || expect.is_some_and(|e| silent_for(millis(e)))
+                    }
+                    (None, None) => false,
+                };
                 DeviceStatus {
                     name: d.name.to_string(),
                     profile: d.profile.clone(),
@@ -156,6 +169,11 @@ impl StatusSource {
                     poll_interval_ms: d
                         .schedule
                         .map(|(_, i)| u64::try_from(i.as_millis()).unwrap_or(u64::MAX)),
+                    expect_every_ms: d
+                        .mqtt
+                        .as_ref()
+                        .and_then(|(_, e)| *e)
+                        .map(|e| u64::try_from(e.as_millis()).unwrap_or(u64::MAX)),
                     polls: s,
                     stale,
                 }
@@ -185,6 +203,13 @@ impl StatusSource {
             .peekable();
         if polled.peek().is_some() && polled.all(|d| d.stale) {
             reasons.push("no device has answered recently".into());
+        }
+        let mut expected = devices
+            .iter()
+            .filter(|d| d.expect_every_ms.is_some())
+            .peekable();
+        if expected.peek().is_some() && expected.all(|d| d.stale) {
+            reasons.push("no mqtt meter has published within its expect_every".into());
         }
         reasons.extend(self.metrics.faults());
         GatewayStatus {
@@ -397,6 +422,10 @@ pub(crate) fn start_endpoint(
     Some(addr)
 }
 
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
 fn ago(now: TimestampMs, t: Option<TimestampMs>) -> String {
     match t {
         None => "never".into(),
@@ -482,6 +511,7 @@ pub(crate) fn render(st: &GatewayStatus) -> String {
             d.endpoint,
             d.unit.map_or_else(|| "-".to_string(), |u| u.to_string()),
             d.poll_interval_ms
+                .or(d.expect_every_ms)
                 .map_or_else(|| "-".to_string(), |ms| format!("{}s", ms as f64 / 1000.0)),
             d.polls.polls_ok,
             d.polls.timeouts,
@@ -510,6 +540,7 @@ mod tests {
                 profile: "p".into(),
                 endpoint: "tcp://127.0.0.1:502".into(),
                 schedule: Some((u8::try_from(i + 1).unwrap(), Duration::from_secs(1))),
+                mqtt: None,
             })
             .collect();
         devices.push(DeviceInfo {
@@ -517,6 +548,7 @@ mod tests {
             profile: "water".into(),
             endpoint: "mqtt source meters topic water/w/up".into(),
             schedule: None,
+            mqtt: Some(("mqtt_source:meters".into(), None)),
         });
         StatusSource {
             gateway: "gw".into(),
@@ -543,7 +575,7 @@ mod tests {
         assert_eq!(
             st.devices.iter().map(|d| d.stale).collect::<Vec<_>>(),
             [false, true, false],
-            "an MQTT device is never stale"
+            "an MQTT device without expect_every is stale only when its source is"
         );
         // Nobody answered for longer than 3 intervals + slack: degraded.
         let st = s.snapshot_at(t0 + 40_000);
@@ -621,6 +653,58 @@ mod tests {
         assert!(row.contains("water/w/up") && !row.contains("0s"), "{row}");
         let row = table.lines().find(|l| l.starts_with("a ")).unwrap();
         assert!(row.contains(" 1s "), "{row}");
+    }
+
+    /// issue 9 item 8: an MQTT meter goes stale when its source is down or looping, or
+    /// when it stays silent longer than its `expect_every`.
+    #[test]
+    fn mqtt_devices_go_stale_with_their_source_or_their_silence() {
+        let mut s = source(Outbox::new(Arc::new(MemStore::new(1 << 20))).stats_rx());
+        s.devices.push(DeviceInfo {
+            name: DeviceId::new("x").unwrap(),
+            profile: "water".into(),
+            endpoint: "mqtt source other topic x/up".into(),
+            schedule: None,
+            mqtt: Some(("mqtt_source:other".into(), Some(Duration::from_secs(600)))),
+        });
+        let t0 = s.metrics.started.0;
+        let (w, x) = (DeviceId::new("w").unwrap(), DeviceId::new("x").unwrap());
+        for d in ["a", "b"] {
+            s.metrics
+                .record_poll(&DeviceId::new(d).unwrap(), t0 + 999_000, &PollOutcome::Ok);
+        }
+        let stale =
+            |st: &GatewayStatus| -> Vec<bool> { st.devices.iter().map(|d| d.stale).collect() };
+        s.metrics.record_poll(&w, t0 + 1000, &PollOutcome::Ok);
+        s.metrics.record_poll(&x, t0 + 1000, &PollOutcome::Ok);
+        let st = s.snapshot_at(t0 + 600_000);
+        assert_eq!(stale(&st), [false, false, false, false]);
+        assert_eq!(st.health.status, "ok");
+        assert_eq!(st.devices[3].expect_every_ms, Some(600_000));
+        // x has been silent beyond expect_every; w has no promise to keep.
+        let st = s.snapshot_at(t0 + 1_000_000);
+        assert_eq!(stale(&st), [false, false, false, true]);
+        assert_eq!(
+            st.health.reasons,
+            ["no mqtt meter has published within its expect_every"]
+        );
+        assert!(render(&st).contains("600s"), "{}", render(&st));
+        // w's source is down: w is stale, and the source's fault is the reason.
+        s.metrics.record_poll(&x, t0 + 1_000_000, &PollOutcome::Ok);
+        s.metrics.raise_fault(
+            "mqtt_source:meters",
+            "mqtt source meters down for more than 1m",
+        );
+        let st = s.snapshot_at(t0 + 1_000_500);
+        assert_eq!(stale(&st), [false, false, true, false]);
+        assert_eq!(
+            st.health.reasons,
+            ["mqtt source meters down for more than 1m"]
+        );
+        s.metrics.clear_fault("mqtt_source:meters");
+        let st = s.snapshot_at(t0 + 1_001_000);
+        assert_eq!(stale(&st), [false, false, false, false]);
+        assert_eq!(st.health.status, "ok");
     }
 
     #[test]

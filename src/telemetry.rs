@@ -101,6 +101,8 @@ metrics! {
     dtu_registrations_refused: "DTU registrations refused because the id is live on another connection.",
     dtu_peer_changed: "DTU registrations accepted from another IP address than the id's last one.",
     dtu_peers_refused: "Connections to a DTU listener closed because the peer is outside its allow list.",
+    mqtt_oversized: "MQTT meter messages dropped as too large (above 64 KiB, or above max_packet_bytes, which costs the connection).",
+    mqtt_source_connects: "Connections of MQTT meter sources to their brokers.",
 }
 
 /// When a set of counters started: the process start, in practice.
@@ -195,21 +197,25 @@ impl Metrics {
     /// Marks a fault as active: until [`Metrics::clear_fault`] with the same key, `/health` is
     /// `degraded` and lists `reason`. A component uses one key per fault it can have (e.g.
     /// `store`, `mqtt_source:plant`), so raising again replaces the reason.
-    #[allow(dead_code)] // the store and MQTT sources raise faults once they report them
     pub(crate) fn raise_fault(&self, key: &str, reason: impl Into<String>) {
         let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
         faults.insert(key.to_owned(), reason.into());
     }
 
     /// Ends the fault `key` (no-op if it is not active).
-    #[allow(dead_code)]
     pub(crate) fn clear_fault(&self, key: &str) {
         let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
         faults.remove(key);
     }
 
+    /// Whether the fault `key` is active.
+    pub(crate) fn has_fault(&self, key: &str) -> bool {
+        let faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.contains_key(key)
+    }
+
     /// The active faults' reasons, ordered by key.
-    pub(crate) fn faults(&self) -> Vec<String> {
+    pub fn faults(&self) -> Vec<String> {
         let faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
         faults.values().cloned().collect()
     }

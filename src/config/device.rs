@@ -85,6 +85,8 @@ enum RawTransport {
         source: String,
         topic: String,
         key: Option<String>,
+        /// No usable message for this long: the device is stale.
+        expect_every: Option<HumanDuration>,
     },
 }
 
@@ -459,19 +461,31 @@ fn transport(
             source,
             topic,
             key: k,
+            expect_every,
         } => {
-            return Via::Mqtt(
-                mqtt_routes
-                    .topic(name, source, topic.clone(), k)
-                    .unwrap_or_else(|m| {
-                        errors.push(src.at(span.clone(), format!("{key}.transport"), m));
-                        MqttTopic {
-                            source: String::new(),
-                            topic,
-                            key: None,
-                        }
-                    }),
-            )
+            let expect_every = expect_every.map(|d| d.0);
+            if expect_every.is_some_and(|d| d < Duration::from_secs(1)) {
+                errors.push(src.at(
+                    span.clone(),
+                    format!("{key}.transport.expect_every"),
+                    "valid: at least 1s, e.g. \"15m\"",
+                ));
+            }
+            let topic = mqtt_routes
+                .topic(name, source, topic.clone(), k)
+                .unwrap_or_else(|m| {
+                    errors.push(src.at(span.clone(), format!("{key}.transport"), m));
+                    MqttTopic {
+                        source: String::new(),
+                        topic,
+                        key: None,
+                        expect_every: None,
+                    }
+                });
+            return Via::Mqtt(MqttTopic {
+                expect_every,
+                ..topic
+            });
         }
     };
     Via::Modbus(modbus)

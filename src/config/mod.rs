@@ -110,6 +110,8 @@ pub struct MqttTopic {
     pub source: String,
     pub topic: String,
     pub key: Option<String>,
+    /// The meter is stale when no usable message arrived for this long (`expect_every`).
+    pub expect_every: Option<Duration>,
 }
 
 impl fmt::Display for MqttTopic {

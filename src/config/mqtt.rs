@@ -9,6 +9,9 @@
 //! cert_file = "tls/gw.pem"         # or danger_plaintext = true and none of the three
 //! key_file = "tls/gw.key"
 //! qos = 1                          # 0 or 1
+//! max_clock_skew = "5m"            # meter timestamps further ahead are uncertain(clock_skew)
+//! max_packet_bytes = 16777216      # largest packet read from the broker (see below)
+//! down_grace = "60s"               # down (or reconnect-looping) longer: /health degraded
 //!
 //! [[device]]
 //! name = "w-0017"
@@ -17,7 +20,15 @@
 //! # or one wildcard level that names the device: topic = "meters/+/up", key = "W0017"
 //! # (key defaults to the device name); or a ThingsBoard gateway-API topic, where the
 //! # key is the device's name in the payload: topic = "v1/gateway/telemetry", key = "Meter A"
+//! # expect_every = "15m" in the transport: no usable message for that long = stale
 //! ```
+//!
+//! Messages above the decoder's 64 KiB limit are dropped and counted (`mqtt_oversized`); the
+//! connection stays up for any packet up to `max_packet_bytes`. A larger packet breaks the
+//! connection (rumqttc reads no further), and a retained one would come back on every
+//! reconnect: the source then backs off to the capped delay and raises the fault
+//! `mqtt_source:<name>`. Set the broker's own limit (mosquitto `message_size_limit`) below
+//! `max_packet_bytes` so such messages never reach the gateway.
 //!
 //! A topic is a concrete topic name, or a filter with exactly one `+` level whose value
 //! selects the device by `key`; `#` is not allowed (a device is one topic). A `key` on a
@@ -52,10 +63,23 @@ pub struct MqttSourceConfig {
     /// How far ahead of the gateway's clock a meter's timestamp may be before its values
     /// are `uncertain(clock_skew)` and no longer advance the per-field staleness gate.
     pub max_clock_skew: Duration,
+    /// Largest packet read from the broker; a larger one breaks the connection.
+    pub max_packet_bytes: usize,
+    /// How long the source may be disconnected, or a connection must stay up to end a
+    /// reconnect loop, before `/health` is degraded and its devices are stale.
+    pub down_grace: Duration,
 }
 
 /// Default `max_clock_skew`.
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+/// Default `max_packet_bytes`: far above any meter message, so an oversized one is read,
+/// counted and dropped instead of breaking the connection.
+pub const DEFAULT_SOURCE_MAX_PACKET_BYTES: usize = 16 << 20;
+/// Bounds of `max_packet_bytes`: room for a message at the decoder's limit plus its topic;
+/// MQTT's own maximum.
+const SOURCE_PACKET_BYTES: std::ops::RangeInclusive<usize> = (128 << 10)..=268_435_455;
+/// Default `down_grace`.
+pub const DEFAULT_DOWN_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +94,8 @@ pub(super) struct RawMqttSource {
     danger_plaintext: bool,
     qos: Option<Spanned<u8>>,
     max_clock_skew: Option<HumanDuration>,
+    max_packet_bytes: Option<Spanned<usize>>,
+    down_grace: Option<Spanned<HumanDuration>>,
 }
 
 /// A located problem: the span, the key below the section, the message.
@@ -109,6 +135,34 @@ pub(super) fn sources(
             let span = s.qos.as_ref().map_or(s.name.span(), Spanned::span);
             problems.push((span, format!("{key}.qos"), "valid: 0 or 1".into()));
         }
+        let max_packet_bytes = match &s.max_packet_bytes {
+            Some(m) if !SOURCE_PACKET_BYTES.contains(m.get_ref()) => {
+                problems.push((
+                    m.span(),
+                    format!("{key}.max_packet_bytes"),
+                    format!(
+                        "valid: {} to {} bytes",
+                        SOURCE_PACKET_BYTES.start(),
+                        SOURCE_PACKET_BYTES.end()
+                    ),
+                ));
+                DEFAULT_SOURCE_MAX_PACKET_BYTES
+            }
+            Some(m) => *m.get_ref(),
+            None => DEFAULT_SOURCE_MAX_PACKET_BYTES,
+        };
+        let down_grace = match &s.down_grace {
+            Some(g) if g.get_ref().0 < Duration::from_secs(1) => {
+                problems.push((
+                    g.span(),
+                    format!("{key}.down_grace"),
+                    "valid: at least 1s, e.g. \"60s\"".into(),
+                ));
+                DEFAULT_DOWN_GRACE
+            }
+            Some(g) => g.get_ref().0,
+            None => DEFAULT_DOWN_GRACE,
+        };
         let tls = match super::tls_files(
             s.ca_file,
             s.cert_file,
@@ -132,6 +186,8 @@ pub(super) fn sources(
             tls,
             qos,
             max_clock_skew: s.max_clock_skew.map_or(DEFAULT_MAX_CLOCK_SKEW, |d| d.0),
+            max_packet_bytes,
+            down_grace,
         });
     }
     out
@@ -198,7 +254,12 @@ impl DeviceRoutes {
                     .unwrap_or_default()
             ));
         }
-        Ok(MqttTopic { source, topic, key })
+        Ok(MqttTopic {
+            source,
+            topic,
+            key,
+            expect_every: None,
+        })
     }
 }
 
@@ -247,6 +308,7 @@ pub(super) fn profile_fits(mqtt: Option<&MqttTopic>, profile: &Profile) -> Resul
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::time::Duration;
 
     use super::{check_topic, DEFAULT_MAX_CLOCK_SKEW};
     use crate::config::{DeviceKind, Diagnostic, GatewayConfig, MqttTopic};
@@ -314,6 +376,8 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
             parse(&tight).unwrap().mqtt_sources[0].max_clock_skew,
             std::time::Duration::from_secs(30)
         );
+        assert_eq!(s.max_packet_bytes, super::DEFAULT_SOURCE_MAX_PACKET_BYTES);
+        assert_eq!(s.down_grace, super::DEFAULT_DOWN_GRACE);
         assert_eq!(
             s.tls.as_ref().unwrap().ca_file,
             Path::new("/etc/citygate/tls/ca.pem")
@@ -324,6 +388,7 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
                 source: "meters".into(),
                 topic: "water/+/up".into(),
                 key: Some("w2".into()),
+                expect_every: None,
             }),
             "the key defaults to the device name"
         );
@@ -403,6 +468,51 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
             .replace("unit = 1\n", "");
         let e = parse(&format!("{}{no_unit}", config())).unwrap_err();
         assert!(e.iter().any(|d| d.key == "device[2].unit"), "{e:?}");
+    }
+
+    #[test]
+    fn packet_limit_down_grace_and_expect_every_are_checked() {
+        let with = |extra: &str, transport_extra: &str| {
+            parse(
+                &config()
+                    .replace(
+                        "key_file = \"tls/gw.key\"",
+                        &format!("key_file = \"tls/gw.key\"\n{extra}"),
+                    )
+                    .replace(
+                        "topic = \"water/w1/up\" }",
+                        &format!("topic = \"water/w1/up\"{transport_extra} }}"),
+                    ),
+            )
+        };
+        let c = with(
+            "max_packet_bytes = 131072\ndown_grace = \"5s\"",
+            ", expect_every = \"15m\"",
+        )
+        .unwrap();
+        assert_eq!(c.mqtt_sources[0].max_packet_bytes, 131_072);
+        assert_eq!(c.mqtt_sources[0].down_grace, Duration::from_secs(5));
+        assert_eq!(
+            c.devices[0].mqtt().unwrap().expect_every,
+            Some(Duration::from_secs(900))
+        );
+        assert_eq!(c.devices[1].mqtt().unwrap().expect_every, None);
+        let e = with(
+            "max_packet_bytes = 1000\ndown_grace = \"10ms\"",
+            ", expect_every = \"0s\"",
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = e.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "device[0].transport.expect_every",
+                "mqtt_source[0].max_packet_bytes",
+                "mqtt_source[0].down_grace",
+            ],
+            "{e:?}"
+        );
+        assert!(e[1].message.contains("131072"), "{}", e[1]);
     }
 
     #[test]

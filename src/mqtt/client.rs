@@ -77,11 +77,16 @@ pub struct LinkOptions {
     /// Time allowed for TCP connect + TLS handshake + CONNACK (rounded up to whole seconds).
     pub connect_timeout: Duration,
     pub backoff: BackoffPolicy,
+    /// How long a connection must stay up before the reconnect backoff starts again from
+    /// `backoff.initial`. Zero: from every CONNACK. A source whose broker drops it right after
+    /// each CONNACK (a retained packet above `max_packet_bytes`) then backs off to
+    /// `backoff.max` instead of reconnecting in a loop.
+    pub stable_after: Duration,
 }
 
 impl LinkOptions {
     /// Defaults: 30 s keep-alive, 1 MiB packets, 32 in flight, clean session, 10 s connect
-    /// timeout, default backoff.
+    /// timeout, default backoff restarting from every CONNACK.
     pub fn new(broker: impl Into<String>, client_id: impl Into<String>, tls: LinkTls) -> Self {
         LinkOptions {
             broker: broker.into(),
@@ -93,6 +98,7 @@ impl LinkOptions {
             clean_session: true,
             connect_timeout: Duration::from_secs(10),
             backoff: BackoffPolicy::default(),
+            stable_after: Duration::ZERO,
         }
     }
 }
@@ -153,6 +159,7 @@ impl MqttLink {
             state_tx,
             opts.backoff,
             opts.connect_timeout,
+            opts.stable_after,
         );
         // Every line the link's tasks log carries which link it is.
         let span = info_span!("mqtt_link", client_id = %opts.client_id, broker = %opts.broker);
@@ -191,6 +198,20 @@ impl MqttLink {
     pub async fn publish(&self, topic: &str, qos: QoS, payload: Bytes) -> Result<(), LinkError> {
         self.client
             .publish_bytes(topic, qos, false, payload)
+            .await
+            .map_err(|err| self.client_error(err))
+    }
+
+    /// [`MqttLink::publish`] with the retain flag: the broker keeps the message for every
+    /// later subscriber (an empty payload deletes it). Simulators and tests only.
+    pub async fn publish_retained(
+        &self,
+        topic: &str,
+        qos: QoS,
+        payload: Bytes,
+    ) -> Result<(), LinkError> {
+        self.client
+            .publish_bytes(topic, qos, true, payload)
             .await
             .map_err(|err| self.client_error(err))
     }

@@ -5,7 +5,10 @@
 //! deadlocks once the request channel is full), no storage, no decoding. It turns events into
 //! [`LinkEvent`]s on a bounded channel and a [`LinkState`] on a watch channel, and after an
 //! error it sleeps a jittered, capped exponential delay before polling again (rumqttc itself
-//! would retry immediately, in a busy loop).
+//! would retry immediately, in a busy loop). The delay starts again from the initial one only
+//! after a connection stayed up for `stable_after`, so a broker that accepts the connection
+//! and then breaks it each time (an incoming packet above the limit, which rumqttc treats as
+//! fatal: rumqtt#614) is retried at the capped delay, not in a loop.
 //!
 //! It ends when the link sends DISCONNECT or when every `AsyncClient` is gone.
 
@@ -13,6 +16,7 @@ use std::time::Duration;
 
 use rumqttc::{ConnectionError, Event, EventLoop, Outgoing, Packet};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::event::{LinkEvent, LinkFailure, LinkState};
@@ -24,6 +28,9 @@ pub(crate) struct Driver {
     events_tx: mpsc::Sender<LinkEvent>,
     state_tx: watch::Sender<LinkState>,
     backoff: Backoff,
+    stable_after: Duration,
+    /// When the current connection's CONNACK arrived.
+    connected_at: Option<Instant>,
     epoch: u64,
 }
 
@@ -42,6 +49,7 @@ impl Driver {
         state_tx: watch::Sender<LinkState>,
         backoff: BackoffPolicy,
         connect_timeout: Duration,
+        stable_after: Duration,
     ) -> Driver {
         let mut network = eventloop.network_options();
         // rumqttc counts whole seconds; round up so a sub-second timeout is not zero.
@@ -53,6 +61,8 @@ impl Driver {
             events_tx,
             state_tx,
             backoff: Backoff::new(backoff),
+            stable_after,
+            connected_at: None,
             epoch: 0,
         }
     }
@@ -72,6 +82,13 @@ impl Driver {
                     break;
                 }
                 Err(err) => {
+                    if self
+                        .connected_at
+                        .take()
+                        .is_some_and(|t| t.elapsed() >= self.stable_after)
+                    {
+                        self.backoff.reset();
+                    }
                     let error = LinkFailure::classify(&err);
                     let retry_in = self.backoff.next_delay();
                     warn!(
@@ -94,7 +111,10 @@ impl Driver {
     async fn incoming(&mut self, packet: Packet) {
         match packet {
             Packet::ConnAck(ack) => {
-                self.backoff.reset();
+                if self.stable_after.is_zero() {
+                    self.backoff.reset();
+                }
+                self.connected_at = Some(Instant::now());
                 self.epoch += 1;
                 info!(
                     session_present = ack.session_present,
@@ -138,5 +158,96 @@ impl Driver {
         if self.events_tx.send(event).await.is_err() {
             debug!("link event receiver gone; event discarded");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::mqtt::{LinkOptions, LinkTls, MqttLink};
+
+    /// A broker that accepts every connection and then announces a 5 MB PUBLISH, as a
+    /// broker re-sending a retained oversized message after each subscription does.
+    async fn oversized_broker() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut connect = [0u8; 256];
+                    if socket.read(&mut connect).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    // CONNACK, then a PUBLISH header with remaining length 5_000_000.
+                    let mut bytes = vec![0x20, 0x02, 0x00, 0x00, 0x30];
+                    let mut len = 5_000_000u32;
+                    loop {
+                        let b = (len % 128) as u8;
+                        len /= 128;
+                        bytes.push(if len > 0 { b | 0x80 } else { b });
+                        if len == 0 {
+                            break;
+                        }
+                    }
+                    let _ = socket.write_all(&bytes).await;
+                    let _ = socket.read(&mut connect).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// The retry delays of the first `n` disconnects of a link to `addr`.
+    async fn retry_delays(
+        addr: std::net::SocketAddr,
+        stable_after: Duration,
+        n: usize,
+    ) -> Vec<(LinkFailure, Duration)> {
+        let mut opts = LinkOptions::new(addr.to_string(), "t", LinkTls::DangerPlaintext);
+        opts.backoff = BackoffPolicy {
+            initial: Duration::from_millis(10),
+            max: Duration::from_secs(10),
+        };
+        opts.stable_after = stable_after;
+        let (link, mut events) = MqttLink::start(opts).unwrap();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+                .await
+                .expect("link events within 20 s")
+                .expect("link running");
+            if let LinkEvent::Disconnected { error, retry_in } = event {
+                out.push((error, retry_in));
+            }
+        }
+        drop(link);
+        out
+    }
+
+    /// issue 9 item 8: a broker that drops the link right after each CONNACK (a packet
+    /// above the limit) no longer gets a reconnect every `initial` delay: the backoff keeps
+    /// growing unless a connection lasted `stable_after`. With `stable_after` zero (the
+    /// uplink's setting) every CONNACK still restarts it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_broken_after_connack_back_off_unless_stable() {
+        let addr = oversized_broker().await;
+        let delays = retry_delays(addr, Duration::from_secs(60), 5).await;
+        for (i, (error, retry_in)) in delays.iter().enumerate() {
+            assert_eq!(*error, LinkFailure::TooLarge(5_000_000));
+            // Equal jitter: the i-th failure waits at least half of 10 ms * 2^i.
+            let floor = Duration::from_millis(5) * (1 << i);
+            assert!(
+                *retry_in >= floor,
+                "disconnect {i}: {retry_in:?} < {floor:?}"
+            );
+        }
+        let delays = retry_delays(addr, Duration::ZERO, 4).await;
+        assert!(
+            delays.iter().all(|(_, d)| *d <= Duration::from_millis(10)),
+            "{delays:?}"
+        );
     }
 }

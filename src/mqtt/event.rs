@@ -55,7 +55,10 @@ pub enum LinkFailure {
     Network(String),
     /// Connect, handshake or flush took too long.
     Timeout,
-    /// The broker broke the MQTT protocol or sent a packet we cannot accept (e.g. too big).
+    /// The broker sent a packet of this many bytes (after the fixed header), above the
+    /// link's `max_packet_bytes`; rumqttc drops the connection before reading it.
+    TooLarge(usize),
+    /// The broker broke the MQTT protocol or sent a packet we cannot accept.
     Protocol(String),
 }
 
@@ -70,6 +73,9 @@ impl LinkFailure {
             ConnectionError::MqttState(StateError::Deserialization(
                 rumqttc::mqttbytes::Error::Io(io),
             )) => from_io(io),
+            ConnectionError::MqttState(StateError::Deserialization(
+                rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(bytes),
+            )) => LinkFailure::TooLarge(*bytes),
             ConnectionError::MqttState(state) => LinkFailure::Protocol(state.to_string()),
             ConnectionError::NetworkTimeout | ConnectionError::FlushTimeout => LinkFailure::Timeout,
             ConnectionError::ConnectionRefused(code) => LinkFailure::Refused(format!("{code:?}")),
@@ -93,6 +99,12 @@ impl std::fmt::Display for LinkFailure {
             LinkFailure::Refused(d) => write!(f, "refused by broker: {d}"),
             LinkFailure::Network(d) => write!(f, "network: {d}"),
             LinkFailure::Timeout => f.write_str("timeout"),
+            LinkFailure::TooLarge(n) => {
+                write!(
+                    f,
+                    "protocol: incoming packet of {n} bytes above max_packet_bytes"
+                )
+            }
             LinkFailure::Protocol(d) => write!(f, "protocol: {d}"),
         }
     }
@@ -135,6 +147,13 @@ mod tests {
         assert_eq!(
             LinkFailure::classify(&ConnectionError::NetworkTimeout),
             LinkFailure::Timeout
+        );
+        let big = StateError::Deserialization(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(
+            5 << 20,
+        ));
+        assert_eq!(
+            LinkFailure::classify(&ConnectionError::MqttState(big)),
+            LinkFailure::TooLarge(5 << 20)
         );
     }
 }

@@ -14,14 +14,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
-fn mosquitto_binary() -> Option<&'static str> {
+pub(crate) fn mosquitto_binary() -> Option<&'static str> {
     ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .into_iter()
         .find(|p| Path::new(p).exists())
 }
 
 /// Kills the broker this test started, by its id, when the test ends.
-struct Broker(std::process::Child);
+pub(crate) struct Broker(std::process::Child);
 
 impl Drop for Broker {
     fn drop(&mut self) {
@@ -34,7 +34,11 @@ impl Drop for Broker {
 /// Mosquitto cannot listen on port 0 and report the port, so a free port is picked; if
 /// another process takes it first, mosquitto exits with "Address already in use" and a
 /// fresh port is tried. Ready once mosquitto logs that it is running.
-async fn start_mosquitto(bin: &str, dir: &Path, conf: impl Fn(u16) -> String) -> (Broker, u16) {
+pub(crate) async fn start_mosquitto(
+    bin: &str,
+    dir: &Path,
+    conf: impl Fn(u16) -> String,
+) -> (Broker, u16) {
     for attempt in 0..5 {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

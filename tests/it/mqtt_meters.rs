@@ -682,3 +682,280 @@ async fn an_mqtt_source_resubscribes_after_a_broker_restart() {
     broker.shutdown();
     assert_eq!(metrics.mqtt_payload_errors.get(), 0);
 }
+
+/// Mosquitto with mutual TLS and no packet limit of its own (its default: 256 MB), or
+/// `None` (with a note) where it is not installed.
+async fn mosquitto_with_tls(
+    dir: &std::path::Path,
+    ca: &CertAuthority,
+) -> Option<(crate::mosquitto::Broker, u16)> {
+    let Some(bin) = crate::mosquitto::mosquitto_binary() else {
+        assert!(
+            std::env::var("CITYGATE_REQUIRE_MOSQUITTO").is_err(),
+            "CITYGATE_REQUIRE_MOSQUITTO is set but mosquitto is not installed"
+        );
+        eprintln!("note: mosquitto not installed; skipping");
+        return None;
+    };
+    let server = ca.issue_localhost_server().unwrap();
+    Some(
+        crate::mosquitto::start_mosquitto(bin, dir, |port| {
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\n\
+                 keyfile {}\nrequire_certificate true\nuse_identity_as_username true\n\
+                 tls_version tlsv1.3\npersistence false\nuser root\n",
+                ca.ca_file().display(),
+                server.cert.display(),
+                server.key.display()
+            )
+        })
+        .await,
+    )
+}
+
+/// A meter's connection that can publish 5 MB, once the broker has acknowledged its
+/// retained `payload` on `topic`.
+async fn retain(ca: &CertAuthority, port: u16, topic: &str, payload: Vec<u8>) -> MqttLink {
+    let files = ca.client_files(&ca.issue_client("meter").unwrap());
+    let mut opts = test_link_options(port, "meter", LinkTls::Files(files));
+    opts.max_packet_bytes = 8 << 20;
+    let (link, mut events) = MqttLink::start(opts).unwrap();
+    link.publish_retained(topic, QoS::AtLeastOnce, Bytes::from(payload))
+        .await
+        .unwrap();
+    let acked = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(e) = events.recv().await {
+            if matches!(e, LinkEvent::PubAck { .. }) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(acked, Ok(true), "retained message not acknowledged");
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    link
+}
+
+/// Publishes the simulator's good snapshots on `link` until `samples_polled` reaches
+/// `target`; false if 100 messages were not enough.
+async fn feed(
+    link: &MqttLink,
+    sim: &mut MqttSim,
+    at: &mut i64,
+    metrics: &citygate::telemetry::Metrics,
+    target: u64,
+) -> bool {
+    for _ in 0..100 {
+        *at += 1000;
+        for m in sim
+            .next_messages(*at)
+            .into_iter()
+            .filter(|m| m.truth.is_some())
+        {
+            publish(link, &m.topic, m.payload).await;
+        }
+        if wait_for(Duration::from_millis(100), || {
+            metrics.samples_polled.get() >= target
+        })
+        .await
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// issue 9 item 8: a retained 5 MB message on a meter topic (mosquitto) is dropped and
+/// counted; the source keeps its one connection and the meter's normal messages arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_oversized_message_is_counted_and_does_not_break_the_source() {
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let Some((_broker, port)) = mosquitto_with_tls(dep.path(), &ca).await else {
+        return;
+    };
+    let huge = format!("{{\"pad\":\"{}\"}}", "x".repeat(5 << 20)).into_bytes();
+    let link = retain(&ca, port, "w/1", huge).await;
+
+    let gw = TlsFiles::client(&ca, "gw-test");
+    let devices =
+        mqtt_source_toml("m", port, &gw, "") + &mqtt_device_toml("w1", SHIPPED, "m", "w/1", None);
+    let cfg = dep.config(&["flow_rate"], &devices, shipped_profiles());
+    let keys = KeyMaterial::load(&cfg.keys).unwrap();
+    let running = supervisor::start(&cfg, keys, Arc::new(MemStore::default()));
+    let metrics = running.metrics.clone();
+    assert!(
+        wait_for(Duration::from_secs(20), || metrics.mqtt_oversized.get()
+            >= 1)
+        .await,
+        "the retained message never arrived (connects {})",
+        metrics.mqtt_source_connects.get()
+    );
+    let shipped = shipped_profiles().get(SHIPPED).unwrap().clone();
+    let mut sim = sim(&shipped, PayloadShape::Json, "w/1", "W", 1);
+    let mut at = now_ms() - 600_000;
+    assert!(
+        feed(&link, &mut sim, &mut at, &metrics, 3).await,
+        "no samples after the oversized message"
+    );
+    // The broker sends a retained message for every SUBSCRIBE, and the first connection
+    // may carry two (the source's own and the link's re-subscription for a new session).
+    let oversized = metrics.mqtt_oversized.get();
+    assert!((1..=2).contains(&oversized), "{oversized}");
+    assert_eq!(
+        metrics.mqtt_source_connects.get(),
+        1,
+        "the source reconnected"
+    );
+    let w1 = metrics.device(&DeviceId::new("w1").unwrap());
+    assert!(w1.payload_errors == oversized && w1.polls_ok >= 3, "{w1:?}");
+    assert!(metrics.faults().is_empty(), "{:?}", metrics.faults());
+    assert!(running.shutdown(Duration::from_secs(10)).await);
+    link.shutdown().await;
+}
+
+/// issue 9 item 8: a retained packet above the source's `max_packet_bytes` costs the
+/// connection each time; the source backs off instead of looping, raises the fault
+/// `mqtt_source:m` ("reconnect loop"), and clears it once the message is gone and a
+/// connection has lasted `down_grace`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_above_max_packet_bytes_raises_a_reconnect_loop_fault_until_it_is_gone() {
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let Some((_broker, port)) = mosquitto_with_tls(dep.path(), &ca).await else {
+        return;
+    };
+    let link = retain(&ca, port, "w/1", vec![b'x'; 1 << 20]).await;
+    let gw = TlsFiles::client(&ca, "gw-test");
+    let devices = mqtt_source_toml(
+        "m",
+        port,
+        &gw,
+        "max_packet_bytes = 131072\ndown_grace = \"2s\"",
+    ) + &mqtt_device_toml("w1", SHIPPED, "m", "w/1", None);
+    let cfg = dep.config(&["flow_rate"], &devices, shipped_profiles());
+    let keys = KeyMaterial::load(&cfg.keys).unwrap();
+    let running = supervisor::start(&cfg, keys, Arc::new(MemStore::default()));
+    let metrics = running.metrics.clone();
+    let looping = |m: &citygate::telemetry::Metrics| {
+        m.faults()
+            .iter()
+            .any(|f| f.starts_with("mqtt source m reconnect loop"))
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || looping(&metrics)).await,
+        "no loop fault: {:?}, connects {}",
+        metrics.faults(),
+        metrics.mqtt_source_connects.get()
+    );
+    let connects = metrics.mqtt_source_connects.get();
+    assert!(metrics.mqtt_oversized.get() >= 3);
+    // The broker forgets the message; the next connection lasts and ends the fault.
+    link.publish_retained("w/1", QoS::AtLeastOnce, Bytes::new())
+        .await
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(40), || metrics.faults().is_empty()).await,
+        "{:?}",
+        metrics.faults()
+    );
+    // Backing off: 3 drops plus the lasting connection need few attempts, not ~3 a second.
+    let total = metrics.mqtt_source_connects.get();
+    assert!(
+        total >= connects && total <= connects + 4,
+        "{connects} then {total} connections"
+    );
+    let shipped = shipped_profiles().get(SHIPPED).unwrap().clone();
+    let mut sim = sim(&shipped, PayloadShape::Json, "w/1", "W", 1);
+    let mut at = now_ms() - 600_000;
+    assert!(feed(&link, &mut sim, &mut at, &metrics, 1).await);
+    assert!(running.shutdown(Duration::from_secs(10)).await);
+    link.shutdown().await;
+}
+
+/// `/health` and `/status` of a `citygate run` as a probe reads them.
+async fn health_and_stale(addr: std::net::SocketAddr, device: &str) -> (String, bool) {
+    use citygate::telemetry::http;
+    let (_, health) = http::get(addr, "/health", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (_, body) = http::get(addr, "/status", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let st: citygate::status::GatewayStatus = serde_json::from_str(&body).unwrap();
+    let stale = st.devices.iter().find(|d| d.name == device).unwrap().stale;
+    (health, stale)
+}
+
+/// issue 9 item 8: while its source's broker is down (beyond `down_grace`), an MQTT
+/// meter is stale and `/health` is degraded naming the source; once the source is
+/// connected again both recover, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_mqtt_source_makes_its_meters_stale_and_health_degraded_until_it_is_back() {
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let server = ca.issue_localhost_server().unwrap();
+    let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
+    let addr = broker.tls_addr();
+    let gw = TlsFiles::client(&ca, "gw-test");
+    let devices = mqtt_source_toml("plant", addr.port(), &gw, "down_grace = \"1s\"")
+        + &mqtt_device_toml("w1", SHIPPED, "plant", "w/1", None);
+    let config = GatewayToml::new("gw-test", &["flow_rate"])
+        .shipped_profiles()
+        .status()
+        .devices(&devices)
+        .write(dep.path());
+    let mut child = spawn_run(&config);
+    let store = dep.store_path();
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            citygate::status::read_address_file(&store).is_some()
+        })
+        .await
+    );
+    let status = citygate::status::read_address_file(&store).unwrap();
+    let mut last = (String::new(), true);
+    for _ in 0..200 {
+        last = health_and_stale(status, "w1").await;
+        if last == ("ok\n".to_string(), false) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last, ("ok\n".to_string(), false), "never healthy");
+
+    broker.shutdown();
+    for _ in 0..200 {
+        last = health_and_stale(status, "w1").await;
+        if last.1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(last.1, "w1 never stale: {last:?}");
+    assert!(
+        last.0
+            .starts_with("degraded: mqtt source plant down for more than 1s"),
+        "{last:?}"
+    );
+
+    let mut opts = BrokerOptions::localhost(ca.server_files(&server));
+    opts.listen = addr;
+    let broker = EmbeddedBroker::start(opts).unwrap();
+    for _ in 0..300 {
+        last = health_and_stale(status, "w1").await;
+        if !last.1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        last,
+        ("ok\n".to_string(), false),
+        "not healthy after the broker came back"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    broker.shutdown();
+}

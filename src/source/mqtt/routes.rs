@@ -144,6 +144,7 @@ pub(crate) mod tests {
                 source: "s".into(),
                 topic: topic.into(),
                 key: key.map(str::to_owned),
+                expect_every: None,
             }),
             location: None,
             ratios: crate::profile::Ratios::UNITY,

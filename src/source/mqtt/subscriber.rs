@@ -20,6 +20,14 @@
 //!    sample is dropped and counted (`samples_dropped`), as for polled meters, so a slow
 //!    pipeline never stalls the subscription.
 //!
+//! A message above the decoder's limit ([`MAX_PAYLOAD_BYTES`]) is dropped before decoding and
+//! counted (`mqtt_oversized`, and as a payload error); the link reads packets up to the
+//! source's `max_packet_bytes` (16 MiB by default), so such a message, even retained, never
+//! breaks the connection. A packet above that limit does (rumqttc stops reading): it is
+//! counted too, the link backs off to its capped delay unless a connection lasts
+//! `down_grace`, and [`SourceHealth`] raises the fault `mqtt_source:<name>` (its devices are
+//! stale, `/health` degraded) while the source is down or reconnect-looping.
+//!
 //! Warnings about bad messages are rate-limited ([`LOG_BURST`] per [`LOG_WINDOW`], then a
 //! count of what was suppressed); every bad message is counted regardless. Nothing a
 //! broker sends can make this task panic or stop; it stops on cancellation.
@@ -30,10 +38,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::decode::{decode, Decoded};
+use super::decode::{decode, Decoded, MAX_PAYLOAD_BYTES};
+use super::health::SourceHealth;
 use super::routes::Routes;
 use crate::config::{DeviceConfig, MqttSourceConfig};
-use crate::mqtt::{LinkEvent, LinkOptions, MqttLink, QoS};
+use crate::mqtt::{LinkEvent, LinkFailure, LinkOptions, MqttLink, QoS};
 use crate::reading::{now_ms, DeviceId, FieldName, TimestampMs};
 use crate::source::{RawSample, SampleData, SourceContext, TimeSource};
 use crate::telemetry::PollOutcome;
@@ -92,6 +101,9 @@ pub(crate) struct MqttSubscriber {
     /// Per device and field: the latest meter timestamp used.
     last: HashMap<DeviceId, HashMap<FieldName, TimestampMs>>,
     log: LogLimiter,
+    health: SourceHealth,
+    /// The fault reason currently raised, if any.
+    fault: Option<String>,
 }
 
 impl MqttSubscriber {
@@ -101,6 +113,8 @@ impl MqttSubscriber {
         cx: SourceContext,
     ) -> Self {
         Self {
+            health: SourceHealth::new(&cfg.name, cfg.down_grace, Instant::now()),
+            fault: None,
             cfg,
             routes: Routes::new(devices),
             cx,
@@ -115,11 +129,17 @@ impl MqttSubscriber {
         if self.cfg.tls.is_none() {
             warn!(broker = %self.cfg.broker, "mqtt source without TLS (danger_plaintext): meter data and the broker are not authenticated");
         }
-        let opts = LinkOptions::new(self.cfg.broker.clone(), self.cfg.client_id.clone(), tls);
+        let mut opts = LinkOptions::new(self.cfg.broker.clone(), self.cfg.client_id.clone(), tls);
+        opts.max_packet_bytes = self.cfg.max_packet_bytes;
+        opts.stable_after = self.cfg.down_grace;
         let (link, mut events) = match MqttLink::open(opts).await {
             Ok(l) => l,
             Err(e) => {
                 error!(broker = %self.cfg.broker, error = %e, "mqtt source cannot start");
+                self.cx.metrics.raise_fault(
+                    &self.health.key(),
+                    format!("mqtt source {} cannot start: {e}", self.cfg.name),
+                );
                 let at = now_ms();
                 for d in self.routes.devices() {
                     self.cx
@@ -141,17 +161,26 @@ impl MqttSubscriber {
         }
         info!(broker = %self.cfg.broker, devices = self.routes.devices().len(), "mqtt source started");
         loop {
+            let check = self.health.next_change();
             tokio::select! {
                 _ = self.cx.shutdown.cancelled() => break,
+                () = sleep_until_some(check) => {}
                 event = events.recv() => match event {
                     Some(LinkEvent::Publish { topic, payload }) => {
                         self.on_message(&topic, &payload, now_ms());
                     }
                     Some(LinkEvent::Connected { session_present }) => {
+                        self.cx.metrics.mqtt_source_connects.inc();
+                        self.health.connected(Instant::now());
                         info!(session_present, "mqtt source connected");
                     }
                     Some(LinkEvent::Disconnected { error, retry_in }) => {
+                        if let LinkFailure::TooLarge(bytes) = error {
+                            self.cx.metrics.mqtt_oversized.inc();
+                            error!(bytes, max_packet_bytes = self.cfg.max_packet_bytes, "broker sent a packet above max_packet_bytes; the connection is lost with it");
+                        }
                         warn!(%error, ?retry_in, "mqtt source disconnected");
+                        self.health.disconnected(Instant::now(), error.to_string());
                     }
                     Some(LinkEvent::SubAck { granted: false, .. }) => {
                         error!("broker refused a subscription");
@@ -160,14 +189,40 @@ impl MqttSubscriber {
                     None => break,
                 },
             }
+            self.update_fault();
         }
         link.shutdown().await;
+        self.cx.metrics.clear_fault(&self.health.key());
         info!("mqtt source stopped");
+    }
+
+    /// Raises, replaces or clears this source's fault as [`SourceHealth`] says now.
+    fn update_fault(&mut self) {
+        let fault = self.health.fault(Instant::now());
+        if fault == self.fault {
+            return;
+        }
+        match &fault {
+            Some(reason) => {
+                error!(reason = %reason, "mqtt source faulty; its devices are stale");
+                self.cx
+                    .metrics
+                    .raise_fault(&self.health.key(), reason.clone());
+            }
+            None => {
+                info!("mqtt source healthy again");
+                self.cx.metrics.clear_fault(&self.health.key());
+            }
+        }
+        self.fault = fault;
     }
 
     /// Handles one message; public for tests that drive the task without a broker.
     pub(crate) fn on_message(&mut self, topic: &str, payload: &[u8], received_ms: TimestampMs) {
         self.cx.metrics.mqtt_messages.inc();
+        if payload.len() > MAX_PAYLOAD_BYTES {
+            return self.on_oversized(topic, payload.len(), received_ms);
+        }
         if self.routes.is_gateway(topic) {
             return self.on_gateway_message(topic, payload, received_ms);
         }
@@ -183,6 +238,28 @@ impl MqttSubscriber {
         };
         let decoded = decode(spec, payload, received_ms);
         self.accept(topic, &device, decoded, received_ms, payload.len());
+    }
+
+    /// Drops a message too large to decode; counted, and a payload error of its device.
+    fn on_oversized(&mut self, topic: &str, bytes: usize, received_ms: TimestampMs) {
+        self.cx.metrics.mqtt_oversized.inc();
+        self.cx.metrics.mqtt_payload_errors.inc();
+        let device = self.routes.device(topic).map(|d| d.id.clone());
+        if let Some(id) = &device {
+            let e = super::PayloadError::TooLarge(bytes);
+            self.cx
+                .metrics
+                .record_poll(id, received_ms, &PollOutcome::PayloadError(e.to_string()));
+        }
+        if self.log.allow(&self.cfg.name) {
+            warn!(
+                topic,
+                device = device.as_ref().map(tracing::field::display),
+                bytes,
+                limit = MAX_PAYLOAD_BYTES,
+                "oversized mqtt message dropped"
+            );
+        }
     }
 
     /// A ThingsBoard gateway-API message: `{"Device A": [telemetry…], "Device B": …}`.
@@ -309,6 +386,14 @@ impl MqttSubscriber {
     }
 }
 
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -329,6 +414,8 @@ mod tests {
             tls: None,
             qos: 1,
             max_clock_skew: crate::config::mqtt::DEFAULT_MAX_CLOCK_SKEW,
+            max_packet_bytes: crate::config::mqtt::DEFAULT_SOURCE_MAX_PACKET_BYTES,
+            down_grace: crate::config::mqtt::DEFAULT_DOWN_GRACE,
         };
         let s = MqttSubscriber::new(
             cfg,
@@ -371,9 +458,32 @@ mod tests {
             tls: None,
             qos: 1,
             max_clock_skew: crate::config::mqtt::DEFAULT_MAX_CLOCK_SKEW,
+            max_packet_bytes: crate::config::mqtt::DEFAULT_SOURCE_MAX_PACKET_BYTES,
+            down_grace: crate::config::mqtt::DEFAULT_DOWN_GRACE,
         };
         let s = MqttSubscriber::new(cfg, devices, SourceContext::for_test(tx, m.clone()));
         (s, rx, m)
+    }
+
+    /// issue 9 item 8: a message above the decoder's limit is dropped before decoding and
+    /// counted, for its device too; the next normal message is used.
+    #[test]
+    fn an_oversized_message_is_dropped_and_counted() {
+        let (mut s, mut rx, m) = subscriber();
+        let mut huge = b"{\"f\":1.5,\"pad\":\"".to_vec();
+        huge.resize(MAX_PAYLOAD_BYTES + 1, b'x');
+        s.on_message("w/W1/up", &huge, 1_000);
+        s.on_message("other/topic", &huge, 1_000);
+        assert_eq!(m.mqtt_oversized.get(), 2);
+        assert_eq!(m.mqtt_payload_errors.get(), 2);
+        assert_eq!(m.mqtt_unknown_topic.get(), 0, "not even routed");
+        let w1 = m.device(&DeviceId::new("w1").unwrap());
+        assert_eq!(w1.payload_errors, 1);
+        assert!(w1.last_error.unwrap().contains("exceeds"));
+        assert!(rx.try_recv().is_err());
+        s.on_message("w/W1/up", br#"{"f":1.5}"#, 2_000);
+        assert!(rx.try_recv().is_ok());
+        assert_eq!(m.mqtt_oversized.get(), 2);
     }
 
     #[test]
