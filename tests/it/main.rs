@@ -5,6 +5,7 @@
 mod support;
 
 mod acks;
+mod chaos;
 mod cli;
 mod config_files;
 mod e2e;
