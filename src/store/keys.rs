@@ -39,7 +39,20 @@ impl MetaField {
 pub(crate) enum Key {
     Batch(Stream, u64),
     Meta(MetaField, Stream),
+    /// The store's incarnation id (one per store, not per stream).
+    Incarnation,
     Malformed,
+}
+
+/// The name of the incarnation id's metadata key, after [`META_PREFIX`].
+const INCARNATION: &[u8] = b"incarnation";
+
+/// `0xFF ‖ "incarnation"`: the key of the store's incarnation id.
+pub(crate) fn incarnation_key() -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + INCARNATION.len());
+    k.push(META_PREFIX);
+    k.extend_from_slice(INCARNATION);
+    k
 }
 
 pub(crate) fn batch_key(stream: Stream, seq: u64) -> [u8; BATCH_KEY_LEN] {
@@ -78,6 +91,9 @@ pub(crate) fn decode_key(raw: &[u8]) -> Key {
 }
 
 fn decode_meta(rest: &[u8]) -> Key {
+    if rest == INCARNATION {
+        return Key::Incarnation;
+    }
     let Some((field, stream)) = std::str::from_utf8(rest)
         .ok()
         .and_then(|s| s.split_once('/'))
@@ -115,6 +131,8 @@ mod tests {
                 assert_eq!(decode_key(&meta_key(f, s)), Key::Meta(f, s));
             }
         }
+        assert_eq!(decode_key(&incarnation_key()), Key::Incarnation);
+        assert_eq!(decode_key(b"\xFFincarnation/readings"), Key::Malformed);
     }
 
     #[test]

@@ -21,6 +21,7 @@ struct Inner {
 #[derive(Debug)]
 pub struct MemStore {
     inner: Mutex<Inner>,
+    incarnation: u64,
 }
 
 impl MemStore {
@@ -30,6 +31,7 @@ impl MemStore {
                 batches: BTreeMap::new(),
                 ledger: Ledger::new(max_bytes),
             }),
+            incarnation: super::new_incarnation(),
         }
     }
 
@@ -111,5 +113,9 @@ impl Store for MemStore {
 
     fn stats(&self) -> StoreStats {
         self.inner().ledger.stats().clone()
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 }

@@ -17,6 +17,7 @@
 //! | `0xFF ‖ "next_seq/<stream>"` | u64 big-endian: first sequence number not yet used |
 //! | `0xFF ‖ "evicted_batches/<stream>"` | u64 big-endian: batches dropped by the quota, ever |
 //! | `0xFF ‖ "evicted_bytes/<stream>"` | u64 big-endian: bytes dropped by the quota, ever |
+//! | `0xFF ‖ "incarnation"` | u64 big-endian, never 0: this store's [incarnation id](Store::incarnation) |
 //!
 //! Stream codes are [`Stream::code`] (0 readings, 1 alarms, 2 audit), so iteration order is
 //! stream, then sequence number, and the metadata sorts after every batch. Anything else in
@@ -128,6 +129,22 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn next_seq(&self, stream: Stream) -> u64;
 
     fn stats(&self) -> StoreStats;
+
+    /// This store's incarnation id: a random non-zero number drawn when the store was
+    /// created and kept with it for its whole life (persisted; stable across reopen). A store
+    /// moved aside and replaced by a fresh one, or lost and recreated, has a new one, so
+    /// `(incarnation, stream, seq)` names a batch even when sequence numbers start again.
+    fn incarnation(&self) -> u64;
+}
+
+/// A random non-zero incarnation id.
+pub(crate) fn new_incarnation() -> u64 {
+    loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            return id;
+        }
+    }
 }
 
 /// One stored batch, as [`Store::peek`] returns it.

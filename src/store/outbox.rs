@@ -47,6 +47,8 @@ struct Inner {
     publish: Mutex<()>,
     /// `Store::next_seq` per stream (by code) when the handle was made.
     next_seq_at_open: [u64; 3],
+    /// `Store::incarnation`, read once (it never changes).
+    incarnation: u64,
 }
 
 impl Inner {
@@ -77,6 +79,7 @@ impl Outbox {
     /// thread (an uncontended lock, no I/O): make the handle before writers start.
     pub(crate) fn new(store: Arc<dyn Store>) -> Outbox {
         let next_seq_at_open = Stream::ALL.map(|s| store.next_seq(s));
+        let incarnation = store.incarnation();
         let (stats_tx, _) = watch::channel(store.stats());
         Outbox {
             inner: Arc::new(Inner {
@@ -84,6 +87,7 @@ impl Outbox {
                 stats_tx,
                 publish: Mutex::new(()),
                 next_seq_at_open,
+                incarnation,
             }),
         }
     }
@@ -163,6 +167,11 @@ impl Outbox {
         self.inner.next_seq_at_open[usize::from(stream.code())]
     }
 
+    /// The store's incarnation id ([`Store::incarnation`]). Never waits for the store.
+    pub fn incarnation(&self) -> u64 {
+        self.inner.incarnation
+    }
+
     /// The last published counters. Never waits for the store.
     pub(crate) fn stats(&self) -> StoreStats {
         self.inner.stats_tx.borrow().clone()
@@ -232,6 +241,9 @@ mod tests {
             let _held = self.lock.lock().unwrap();
             self.inner.stats()
         }
+        fn incarnation(&self) -> u64 {
+            self.inner.incarnation()
+        }
     }
 
     #[tokio::test]
@@ -279,6 +291,7 @@ mod tests {
         let store = Arc::new(MemStore::new(25));
         let outbox = Outbox::new(store.clone());
         assert_eq!(outbox.next_seq_at_open(Stream::Alarms), 1);
+        assert_eq!(outbox.incarnation(), store.incarnation());
         let batch = |stream, seq| StoredBatch {
             stream,
             seq,

@@ -27,6 +27,7 @@ pub struct SledStore {
     ledger: Mutex<Ledger>,
     recovered_from: Option<PathBuf>,
     malformed_keys: u64,
+    incarnation: u64,
 }
 
 fn len_u64(bytes: &[u8]) -> u64 {
@@ -41,6 +42,7 @@ impl SledStore {
         let tree = db.open_tree(TREE)?;
         let mut ledger = Ledger::new(opts.max_bytes);
         let mut malformed_keys = 0u64;
+        let mut incarnation = None;
         for item in tree.iter() {
             let (k, v) = item?;
             match keys::decode_key(&k) {
@@ -53,6 +55,15 @@ impl SledStore {
                         ))
                     })?;
                     ledger.restore_meta(field, stream, value);
+                }
+                Key::Incarnation => {
+                    let value = keys::decode_u64(&v).filter(|&i| i != 0).ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "the incarnation id is {} bytes or zero, expected 8 non-zero bytes",
+                            v.len()
+                        ))
+                    })?;
+                    incarnation = Some(value);
                 }
                 Key::Malformed => {
                     malformed_keys += 1;
@@ -67,12 +78,24 @@ impl SledStore {
                 "store holds malformed keys; they are skipped"
             );
         }
+        let incarnation = match incarnation {
+            Some(i) => i,
+            // A new store, or one written before incarnation ids: it gets one now, durably,
+            // before anything is appended.
+            None => {
+                let i = super::new_incarnation();
+                tree.insert(keys::incarnation_key(), &keys::encode_u64(i)[..])?;
+                db.flush()?;
+                i
+            }
+        };
         let stats = ledger.stats();
         tracing::info!(
             path = %path.display(),
             batches = stats.total_batches(),
             bytes = stats.total_bytes(),
             max_bytes = stats.max_bytes,
+            incarnation = %format_args!("{incarnation:016x}"),
             "store opened"
         );
         Ok(SledStore {
@@ -81,6 +104,7 @@ impl SledStore {
             ledger: Mutex::new(ledger),
             recovered_from,
             malformed_keys,
+            incarnation,
         })
     }
 
@@ -206,5 +230,9 @@ impl Store for SledStore {
 
     fn stats(&self) -> StoreStats {
         self.ledger().stats().clone()
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 }

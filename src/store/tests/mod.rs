@@ -513,3 +513,62 @@ fn snapshot_with_a_bad_checksum_is_moved_aside() {
     assert!(moved.join("db").is_file());
     assert_eq!(store.stats().total_batches(), 0);
 }
+
+#[test]
+fn incarnation_is_random_non_zero_and_stable_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox");
+    let first = {
+        let store = open(&path, 1000);
+        store.append(Stream::Readings, 1, b"r").unwrap();
+        store.flush().unwrap();
+        store.incarnation()
+    };
+    assert_ne!(first, 0);
+    assert_eq!(
+        open(&path, 1000).incarnation(),
+        first,
+        "stable across reopen"
+    );
+
+    // A store moved aside and replaced by a fresh one is a new incarnation.
+    std::fs::rename(&path, dir.path().join("aside")).unwrap();
+    let fresh = open(&path, 1000).incarnation();
+    assert_ne!(fresh, 0);
+    assert_ne!(fresh, first);
+
+    let (a, b) = (MemStore::new(10), MemStore::new(10));
+    assert_ne!(a.incarnation(), 0);
+    assert_ne!(a.incarnation(), b.incarnation());
+}
+
+#[test]
+fn a_store_written_before_incarnation_ids_gets_one_at_open_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox");
+    {
+        // The older layout: batches and metadata, no incarnation key.
+        let db = recovery::config(&path, &StoreOptions::default())
+            .open()
+            .unwrap();
+        let tree = db.open_tree(TREE).unwrap();
+        tree.insert(keys::batch_key(Stream::Alarms, 5), &b"old"[..])
+            .unwrap();
+        tree.insert(
+            keys::meta_key(MetaField::NextSeq, Stream::Alarms),
+            &keys::encode_u64(6)[..],
+        )
+        .unwrap();
+        db.flush().unwrap();
+    }
+    let id = {
+        let store = open(&path, 1000);
+        assert_eq!(seqs(&store, Stream::Alarms), vec![5]);
+        assert_eq!(store.malformed_keys(), 0);
+        store.incarnation()
+    };
+    assert_ne!(id, 0);
+    let store = open(&path, 1000);
+    assert_eq!(store.incarnation(), id, "persisted at the first open");
+    assert_eq!(store.malformed_keys(), 0);
+}
