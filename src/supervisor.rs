@@ -97,7 +97,9 @@ pub struct Running {
 
 impl Running {
     /// Stops the sources and waits for the open batches to be sealed and committed.
-    /// Returns false if the grace period ran out first.
+    /// Returns whether the gateway stopped clean: false if the grace period ran out first, or
+    /// if any sealed batch was lost before it was committed (`batches_lost`: the store failed
+    /// or refused it), during the run or at its end.
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.shutdown.cancel();
         self.tracker.close();
@@ -107,7 +109,11 @@ impl Running {
         if !done {
             warn!(?grace, "shutdown grace period ran out");
         }
-        done
+        let lost = self.metrics.batches_lost.get();
+        if lost > 0 {
+            warn!(lost, "sealed batches were lost before they were committed");
+        }
+        done && lost == 0
     }
 }
 

@@ -84,6 +84,8 @@ metrics! {
     batches_committed: "Batches durably committed to the store.",
     seal_errors: "Batches that could not be sealed.",
     store_errors: "Store writes that failed.",
+    store_reopens: "Times the store was reopened in place after failing writes.",
+    batches_lost: "Sealed batches lost before they were committed (held past the bound while the store failed, refused by the store, or still uncommitted at shutdown).",
     batches_evicted: "Batches dropped by the store quota.",
     batches_sent: "Batch publications to the broker (re-sends included).",
     batches_acked: "Batches acknowledged by the hub and deleted.",
@@ -190,14 +192,12 @@ impl Metrics {
     /// Marks a fault as active: until [`Metrics::clear_fault`] with the same key, `/health` is
     /// `degraded` and lists `reason`. A component uses one key per fault it can have (e.g.
     /// `store`, `mqtt_source:plant`), so raising again replaces the reason.
-    #[allow(dead_code)] // the store and MQTT sources raise faults once they report them
     pub(crate) fn raise_fault(&self, key: &str, reason: impl Into<String>) {
         let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
         faults.insert(key.to_owned(), reason.into());
     }
 
     /// Ends the fault `key` (no-op if it is not active).
-    #[allow(dead_code)]
     pub(crate) fn clear_fault(&self, key: &str) {
         let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
         faults.remove(key);

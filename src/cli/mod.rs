@@ -152,6 +152,7 @@ pub fn run(path: &Path) -> Result<(), CliError> {
         info!(
             clean,
             committed = metrics.batches_committed.get(),
+            lost = metrics.batches_lost.get(),
             store_batches = s.total_batches(),
             "gateway stopped"
         );
@@ -164,6 +165,12 @@ pub fn run(path: &Path) -> Result<(), CliError> {
                 stale_values = metrics.mqtt_stale_values.get(),
                 "mqtt sources"
             );
+        }
+        if !clean {
+            return Err(CliError::Runtime(format!(
+                "stopped without committing everything it sealed ({} batches lost; see the log)",
+                metrics.batches_lost.get()
+            )));
         }
         Ok(())
     })

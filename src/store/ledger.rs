@@ -141,25 +141,47 @@ impl Ledger {
         Ok(evicted)
     }
 
-    /// Records an append and the evictions it caused.
+    /// Records an append and the evictions it caused. A counter that would overflow means
+    /// the persisted state is absurd ([`StoreError::Corrupt`]); nothing is changed then.
     pub(crate) fn record_append(
         &mut self,
         stream: Stream,
         seq: u64,
         len: u64,
         evicted: &[Eviction],
-    ) {
+    ) -> Result<(), StoreError> {
+        let overflow = |what: &str, s: Stream| {
+            StoreError::Corrupt(format!("{what} of stream {s} would overflow"))
+        };
+        let mut next = self.clone();
         for &(s, _, bytes) in evicted {
-            let st = self.stats.get_mut(s);
+            let st = next.stats.get_mut(s);
             st.batches = st.batches.saturating_sub(1);
             st.bytes = st.bytes.saturating_sub(bytes);
-            st.evicted_batches += 1;
-            st.evicted_bytes += bytes;
+            st.evicted_batches = st
+                .evicted_batches
+                .checked_add(1)
+                .ok_or_else(|| overflow("evicted_batches", s))?;
+            st.evicted_bytes = st
+                .evicted_bytes
+                .checked_add(bytes)
+                .ok_or_else(|| overflow("evicted_bytes", s))?;
         }
-        let st = self.stats.get_mut(stream);
-        st.batches += 1;
-        st.bytes += len;
-        self.raise_next_seq(stream, seq.saturating_add(1));
+        let st = next.stats.get_mut(stream);
+        st.batches = st
+            .batches
+            .checked_add(1)
+            .ok_or_else(|| overflow("batches", stream))?;
+        st.bytes = st
+            .bytes
+            .checked_add(len)
+            .ok_or_else(|| overflow("bytes", stream))?;
+        let after = seq
+            .checked_add(1)
+            .ok_or(StoreError::SeqExhausted { stream })?;
+        next.raise_next_seq(stream, after);
+        *self = next;
+        Ok(())
     }
 
     /// Records the deletion of an acknowledged batch.
@@ -197,7 +219,8 @@ mod tests {
                 max_bytes: 100
             })
         ));
-        l.record_append(Stream::Audit, u64::MAX - 1, 1, &[]);
+        l.record_append(Stream::Audit, u64::MAX - 1, 1, &[])
+            .unwrap();
         assert_eq!(l.next_seq(Stream::Audit), u64::MAX);
         assert!(matches!(
             l.check_append(Stream::Audit, u64::MAX, 1),
@@ -208,9 +231,9 @@ mod tests {
     #[test]
     fn evicts_readings_then_alarms_then_audit_only_as_much_as_needed() {
         let mut l = Ledger::new(100);
-        l.record_append(Stream::Readings, 1, 30, &[]);
-        l.record_append(Stream::Alarms, 1, 30, &[]);
-        l.record_append(Stream::Audit, 1, 30, &[]);
+        l.record_append(Stream::Readings, 1, 30, &[]).unwrap();
+        l.record_append(Stream::Alarms, 1, 30, &[]).unwrap();
+        l.record_append(Stream::Audit, 1, 30, &[]).unwrap();
         let plan = l
             .plan_evictions(50, |s| match s {
                 Stream::Readings => ok(&[(1, 30)]),
@@ -222,7 +245,7 @@ mod tests {
             plan,
             vec![(Stream::Readings, 1, 30), (Stream::Alarms, 1, 30)]
         );
-        l.record_append(Stream::Readings, 2, 50, &plan);
+        l.record_append(Stream::Readings, 2, 50, &plan).unwrap();
         assert_eq!(l.stats().total_bytes(), 80);
         assert_eq!(l.stream(Stream::Alarms).evicted_bytes, 30);
         assert_eq!(l.stream(Stream::Readings).evicted_batches, 1);
@@ -232,7 +255,7 @@ mod tests {
     #[test]
     fn accounting_that_disagrees_with_storage_is_an_error_not_a_panic() {
         let mut l = Ledger::new(10);
-        l.record_append(Stream::Readings, 1, 10, &[]);
+        l.record_append(Stream::Readings, 1, 10, &[]).unwrap();
         let err = l.plan_evictions(5, |_| ok(&[])).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)));
     }

@@ -66,11 +66,11 @@ impl Store for MemStore {
         let evicted = ledger.plan_evictions(len, |s| {
             stream_range(batches, s, 0).map(|(seq, v)| Ok((seq, v.len() as u64)))
         })?;
+        ledger.record_append(stream, seq, len, &evicted)?;
         for &(s, q, _) in &evicted {
             batches.remove(&(s, q));
         }
         batches.insert((stream, seq), bytes.to_vec());
-        ledger.record_append(stream, seq, len, &evicted);
         Ok(AppendOutcome { evicted })
     }
 

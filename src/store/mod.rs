@@ -74,7 +74,10 @@
 //!   [`StoreError::Corrupt`]: guessing a sequence number could repeat one the hub has already
 //!   seen, so an operator decides.
 //! - A full disk surfaces as a sled I/O error; [`StoreError::is_disk_full`] recognises it so
-//!   the caller can degrade (drop and count) instead of exiting.
+//!   the caller can degrade (hold, drop and count) instead of exiting. sled keeps a failed
+//!   write as a global error and fails every later one, even after space returns:
+//!   [`Store::reopen`] drops its handles and opens the same path again in place (see
+//!   `sled_store.rs`); the committer calls it when commits keep failing.
 //! - All calls block (sled I/O, `flush` can take hundreds of milliseconds at p99). Async code
 //!   never holds a [`Store`]: it holds an [`Outbox`], which makes every call on a blocking
 //!   thread and publishes [`StoreStats`] through a `watch` so readers never take the ledger
@@ -93,7 +96,7 @@ mod tests;
 
 pub(crate) use error::StoreError;
 pub use mem_store::MemStore;
-pub(crate) use outbox::Outbox;
+pub(crate) use outbox::{CommitOutcome, Outbox};
 pub use sled_store::SledStore;
 
 use crate::reading::Stream;
@@ -135,6 +138,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// moved aside and replaced by a fresh one, or lost and recreated, has a new one, so
     /// `(incarnation, stream, seq)` names a batch even when sequence numbers start again.
     fn incarnation(&self) -> u64;
+
+    /// Drops the storage engine's handles and opens the same store again in place, for an
+    /// engine that keeps failing after the cause of an I/O error is gone (sled after ENOSPC).
+    /// Committed batches survive it; staged ones may not (append them again). Stores that
+    /// cannot be poisoned do nothing.
+    fn reopen(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A random non-zero incarnation id.

@@ -4,10 +4,23 @@
 //! Invariant: under the `ledger` lock, the ledger describes exactly the batches in the tree
 //! (malformed keys excepted). Every mutation computes the new ledger on a copy, writes the
 //! tree, and replaces the ledger only when the write succeeded. `flush` and `peek` do not take
-//! the lock.
+//! the ledger lock.
+//!
+//! # Reopening in place
+//!
+//! Once sled's log fails a write (a full disk, EFBIG, EIO) sled keeps the error as a global
+//! error and fails every later write with it, even after the cause is gone.
+//! [`Store::reopen`] drops the sled handles and opens the same path again behind the same
+//! `SledStore`, rebuilding the ledger from what sled recovers from disk: committed batches
+//! are all there; batches appended after the last successful flush may or may not be, which
+//! is why the committer re-appends what it holds (a batch found again is skipped). The
+//! sequence high-water mark never goes down across a reopen. While a reopen has failed (sled
+//! would not open yet), the store is *closed*: every call returns [`StoreError::Closed`]
+//! until a later reopen succeeds.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use crate::reading::Stream;
 
@@ -18,20 +31,90 @@ use super::{AppendOutcome, Store, StoreError, StoreOptions, StoreStats, StoredBa
 
 /// The sled tree holding batches and metadata.
 pub(crate) const TREE: &str = "outbox";
+/// How long a reopen waits for the dropped handles' file lock (sled's I/O threads let go of
+/// the file shortly after the `Db` is dropped).
+const REOPEN_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// The open sled handles.
+#[derive(Debug)]
+struct Engine {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+/// What a scan of the tree at open found.
+struct Scan {
+    ledger: Ledger,
+    malformed_keys: u64,
+    incarnation: Option<u64>,
+}
 
 /// The durable outbox on sled. See the `store` module docs.
 #[derive(Debug)]
 pub struct SledStore {
-    db: sled::Db,
-    tree: sled::Tree,
+    path: PathBuf,
+    opts: StoreOptions,
+    /// `None` while closed (a reopen failed).
+    engine: RwLock<Option<Engine>>,
     ledger: Mutex<Ledger>,
     recovered_from: Option<PathBuf>,
     malformed_keys: u64,
     incarnation: u64,
+    /// Test hook: make every write fail as a poisoned sled does, until the next reopen.
+    #[cfg(test)]
+    poisoned: std::sync::atomic::AtomicBool,
 }
 
 fn len_u64(bytes: &[u8]) -> u64 {
     bytes.len() as u64
+}
+
+fn scan(tree: &sled::Tree, max_bytes: u64) -> Result<Scan, StoreError> {
+    let mut ledger = Ledger::new(max_bytes);
+    let mut malformed_keys = 0u64;
+    let mut incarnation = None;
+    for item in tree.iter() {
+        let (k, v) = item?;
+        match keys::decode_key(&k) {
+            Key::Batch(stream, seq) => ledger.count_stored(stream, seq, len_u64(&v)),
+            Key::Meta(field, stream) => {
+                let value = keys::decode_u64(&v).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "metadata {field:?} of stream {stream} is {} bytes, expected 8",
+                        v.len()
+                    ))
+                })?;
+                ledger.restore_meta(field, stream, value);
+            }
+            Key::Incarnation => {
+                let value = keys::decode_u64(&v).filter(|&i| i != 0).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "the incarnation id is {} bytes or zero, expected 8 non-zero bytes",
+                        v.len()
+                    ))
+                })?;
+                incarnation = Some(value);
+            }
+            Key::Malformed => {
+                malformed_keys += 1;
+                tracing::debug!(key = ?k.as_ref(), "skipping malformed store key");
+            }
+        }
+    }
+    Ok(Scan {
+        ledger,
+        malformed_keys,
+        incarnation,
+    })
+}
+
+/// Persists `id` as the store's incarnation id, durably.
+fn write_incarnation(engine: &Engine, id: u64) -> Result<(), StoreError> {
+    engine
+        .tree
+        .insert(keys::incarnation_key(), &keys::encode_u64(id)[..])?;
+    engine.db.flush()?;
+    Ok(())
 }
 
 impl SledStore {
@@ -40,37 +123,12 @@ impl SledStore {
     pub fn open(path: &Path, opts: StoreOptions) -> Result<SledStore, StoreError> {
         let (db, recovered_from) = recovery::open_or_recover(path, &opts)?;
         let tree = db.open_tree(TREE)?;
-        let mut ledger = Ledger::new(opts.max_bytes);
-        let mut malformed_keys = 0u64;
-        let mut incarnation = None;
-        for item in tree.iter() {
-            let (k, v) = item?;
-            match keys::decode_key(&k) {
-                Key::Batch(stream, seq) => ledger.count_stored(stream, seq, len_u64(&v)),
-                Key::Meta(field, stream) => {
-                    let value = keys::decode_u64(&v).ok_or_else(|| {
-                        StoreError::Corrupt(format!(
-                            "metadata {field:?} of stream {stream} is {} bytes, expected 8",
-                            v.len()
-                        ))
-                    })?;
-                    ledger.restore_meta(field, stream, value);
-                }
-                Key::Incarnation => {
-                    let value = keys::decode_u64(&v).filter(|&i| i != 0).ok_or_else(|| {
-                        StoreError::Corrupt(format!(
-                            "the incarnation id is {} bytes or zero, expected 8 non-zero bytes",
-                            v.len()
-                        ))
-                    })?;
-                    incarnation = Some(value);
-                }
-                Key::Malformed => {
-                    malformed_keys += 1;
-                    tracing::debug!(key = ?k.as_ref(), "skipping malformed store key");
-                }
-            }
-        }
+        let engine = Engine { db, tree };
+        let Scan {
+            ledger,
+            malformed_keys,
+            incarnation,
+        } = scan(&engine.tree, opts.max_bytes)?;
         if malformed_keys > 0 {
             tracing::warn!(
                 path = %path.display(),
@@ -84,8 +142,7 @@ impl SledStore {
             // before anything is appended.
             None => {
                 let i = super::new_incarnation();
-                tree.insert(keys::incarnation_key(), &keys::encode_u64(i)[..])?;
-                db.flush()?;
+                write_incarnation(&engine, i)?;
                 i
             }
         };
@@ -99,12 +156,15 @@ impl SledStore {
             "store opened"
         );
         Ok(SledStore {
-            db,
-            tree,
+            path: path.to_path_buf(),
+            opts,
+            engine: RwLock::new(Some(engine)),
             ledger: Mutex::new(ledger),
             recovered_from,
             malformed_keys,
             incarnation,
+            #[cfg(test)]
+            poisoned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -118,22 +178,48 @@ impl SledStore {
         self.malformed_keys
     }
 
+    /// Test hook: every later write fails like a poisoned sled until [`Store::reopen`].
+    #[cfg(test)]
+    pub(crate) fn poison_for_test(&self) {
+        self.poisoned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    #[cfg(test)]
+    fn check_poisoned(&self) -> Result<(), StoreError> {
+        if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
+                "injected: sled keeps a global error",
+            ))));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    fn check_poisoned(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
         // Nothing under the lock can leave the ledger half-updated (it is replaced whole), so
         // a panic elsewhere while holding it does not make it wrong.
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn engine(&self) -> RwLockReadGuard<'_, Option<Engine>> {
+        // The engine is replaced whole under the write lock; a panic cannot leave it half set.
+        self.engine.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// `(seq, bytes)` of `stream`'s batches with seq >= `from_seq`, ascending, values included.
     fn range(
-        &self,
+        tree: &sled::Tree,
         stream: Stream,
         from_seq: u64,
     ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> {
         let lo = keys::batch_key(stream, from_seq);
         let hi = keys::stream_end(stream);
-        self.tree
-            .range::<&[u8], _>(&lo[..]..&hi[..])
+        tree.range::<&[u8], _>(&lo[..]..&hi[..])
             .filter_map(|item| match item {
                 Err(e) => Some(Err(StoreError::from(e))),
                 Ok((k, v)) => match keys::decode_key(&k) {
@@ -145,6 +231,27 @@ impl SledStore {
                 },
             })
     }
+
+    /// Opens sled at the store's path, waiting a bounded time for the lock that the dropped
+    /// handles still hold.
+    fn open_engine(&self) -> Result<Engine, StoreError> {
+        let deadline = Instant::now() + REOPEN_LOCK_WAIT;
+        loop {
+            match recovery::config(&self.path, &self.opts).open() {
+                Ok(db) => {
+                    let tree = db.open_tree(TREE)?;
+                    return Ok(Engine { db, tree });
+                }
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    if Instant::now() >= deadline {
+                        return Err(e.into());
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
 }
 
 impl Store for SledStore {
@@ -152,12 +259,14 @@ impl Store for SledStore {
         let len = len_u64(bytes);
         let mut ledger = self.ledger();
         ledger.check_append(stream, seq, len)?;
+        let engine = self.engine();
+        let Engine { tree, .. } = engine.as_ref().ok_or(StoreError::Closed)?;
+        self.check_poisoned()?;
         let evicted = ledger.plan_evictions(len, |s| {
-            self.range(s, 0)
-                .map(|item| item.map(|(seq, v)| (seq, len_u64(&v))))
+            Self::range(tree, s, 0).map(|item| item.map(|(seq, v)| (seq, len_u64(&v))))
         })?;
         let mut next = ledger.clone();
-        next.record_append(stream, seq, len, &evicted);
+        next.record_append(stream, seq, len, &evicted)?;
 
         let mut batch = sled::Batch::default();
         for &(s, q, _) in &evicted {
@@ -179,7 +288,8 @@ impl Store for SledStore {
                 );
             }
         }
-        self.tree.apply_batch(batch)?;
+        tree.apply_batch(batch)?;
+        drop(engine);
         *ledger = next;
         drop(ledger);
 
@@ -191,7 +301,10 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        let engine = self.engine();
+        let Engine { db, .. } = engine.as_ref().ok_or(StoreError::Closed)?;
+        self.check_poisoned()?;
+        db.flush()?;
         Ok(())
     }
 
@@ -201,7 +314,9 @@ impl Store for SledStore {
         from_seq: u64,
         max: usize,
     ) -> Result<Vec<StoredBatch>, StoreError> {
-        self.range(stream, from_seq)
+        let engine = self.engine();
+        let Engine { tree, .. } = engine.as_ref().ok_or(StoreError::Closed)?;
+        Self::range(tree, stream, from_seq)
             .take(max)
             .map(|item| {
                 item.map(|(seq, v)| StoredBatch {
@@ -215,7 +330,10 @@ impl Store for SledStore {
 
     fn ack(&self, stream: Stream, seq: u64) -> Result<bool, StoreError> {
         let mut ledger = self.ledger();
-        match self.tree.remove(keys::batch_key(stream, seq))? {
+        let engine = self.engine();
+        let Engine { tree, .. } = engine.as_ref().ok_or(StoreError::Closed)?;
+        self.check_poisoned()?;
+        match tree.remove(keys::batch_key(stream, seq))? {
             Some(v) => {
                 ledger.record_ack(stream, len_u64(&v));
                 Ok(true)
@@ -234,5 +352,44 @@ impl Store for SledStore {
 
     fn incarnation(&self) -> u64 {
         self.incarnation
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut ledger = self.ledger();
+        let mut engine = self.engine.write().unwrap_or_else(PoisonError::into_inner);
+        // Drop the old handles first: sled holds a lock on its files.
+        drop(engine.take());
+        let fresh = self.open_engine()?;
+        let found = scan(&fresh.tree, self.opts.max_bytes)?;
+        match found.incarnation {
+            Some(i) if i != self.incarnation => {
+                return Err(StoreError::Corrupt(format!(
+                    "the store at {} was replaced while open (incarnation {i:016x}, expected \
+                     {:016x})",
+                    self.path.display(),
+                    self.incarnation
+                )));
+            }
+            Some(_) => {}
+            None => write_incarnation(&fresh, self.incarnation)?,
+        }
+        let mut rebuilt = found.ledger;
+        for s in Stream::ALL {
+            // Sequence numbers used before the failure are never handed out again.
+            rebuilt.restore_meta(MetaField::NextSeq, s, ledger.next_seq(s));
+        }
+        #[cfg(test)]
+        self.poisoned
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let stats = rebuilt.stats();
+        tracing::warn!(
+            path = %self.path.display(),
+            batches = stats.total_batches(),
+            bytes = stats.total_bytes(),
+            "store reopened"
+        );
+        *ledger = rebuilt;
+        *engine = Some(fresh);
+        Ok(())
     }
 }

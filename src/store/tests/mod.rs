@@ -572,3 +572,56 @@ fn a_store_written_before_incarnation_ids_gets_one_at_open_and_keeps_it() {
     assert_eq!(store.incarnation(), id, "persisted at the first open");
     assert_eq!(store.malformed_keys(), 0);
 }
+
+/// issue 9 item 2: a store whose engine keeps failing writes is reopened in place: committed
+/// batches, counters, sequence numbers and incarnation come back, and writes work again.
+#[test]
+fn a_poisoned_store_reopens_in_place_and_writes_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox");
+    let store = open(&path, 1 << 20);
+    let id = store.incarnation();
+    store.append(Stream::Readings, 1, b"one").unwrap();
+    store.append(Stream::Alarms, 7, b"alarm").unwrap();
+    store.flush().unwrap();
+
+    store.poison_for_test();
+    assert!(store.append(Stream::Readings, 2, b"two").is_err());
+    assert!(store.flush().is_err());
+    assert!(store.ack(Stream::Readings, 1).is_err());
+    assert!(
+        store.append(Stream::Readings, 2, b"two").is_err(),
+        "stays failed"
+    );
+
+    store.reopen().unwrap();
+    assert_eq!(store.incarnation(), id);
+    assert_eq!(seqs(&store, Stream::Readings), vec![1]);
+    assert_eq!(seqs(&store, Stream::Alarms), vec![7]);
+    assert_eq!(store.stats().total_batches(), 2);
+    assert_eq!(store.next_seq(Stream::Alarms), 8);
+    store.append(Stream::Readings, 2, b"two").unwrap();
+    assert!(store.ack(Stream::Readings, 1).unwrap());
+    store.flush().unwrap();
+    drop(store);
+
+    let store = open(&path, 1 << 20);
+    assert_eq!(seqs(&store, Stream::Readings), vec![2]);
+    assert_eq!(store.incarnation(), id);
+}
+
+/// A reopen never hands out a sequence number again, even one whose batch did not survive.
+#[test]
+fn reopen_keeps_the_sequence_high_water_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("outbox"), 1 << 20);
+    store
+        .append(Stream::Audit, 5, b"staged, never flushed")
+        .unwrap();
+    store.reopen().unwrap();
+    assert!(store.next_seq(Stream::Audit) >= 6);
+    assert!(matches!(
+        store.append(Stream::Audit, 5, b"again"),
+        Err(StoreError::SeqRegression { .. })
+    ));
+}
