@@ -137,7 +137,7 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
         policy.hash(),
     );
     let seq_outbox = outbox.clone();
-    let batcher = Batcher::new(
+    let mut batcher = Batcher::new(
         samples_rx,
         sealed_tx,
         sealer,
@@ -146,6 +146,23 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
         move |s| first_seq(seq_outbox.next_seq_at_open(s)),
         metrics.clone(),
     );
+    if let Some(recovery) = outbox.recovery() {
+        // The store was damaged and replaced at open: say so where the hub sees it.
+        metrics.store_recoveries.inc();
+        metrics
+            .batches_lost_to_corruption
+            .add(recovery.batches_lost);
+        tracing::error!(
+            moved_to = %recovery.moved_to.display(),
+            batches_lost = recovery.batches_lost,
+            reason = %recovery.reason,
+            "store was damaged and replaced; alarm raised"
+        );
+        batcher.push_gateway_record(
+            Stream::Alarms,
+            crate::pipeline::store_recovery_alarm(&cfg.gateway_id, recovery),
+        );
+    }
     // Each task runs in a span naming it, so its log lines carry their context.
     tracker.spawn(batcher.run().instrument(info_span!("batcher")));
     tracker.spawn(

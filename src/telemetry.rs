@@ -85,6 +85,8 @@ metrics! {
     seal_errors: "Batches that could not be sealed.",
     store_errors: "Store writes that failed.",
     store_reopens: "Times the store was reopened in place after failing writes.",
+    store_recoveries: "Damaged stores moved aside at open and replaced by a fresh one.",
+    batches_lost_to_corruption: "Batches a damaged store held when it was moved aside (not delivered).",
     batches_lost: "Sealed batches lost before they were committed (held past the bound while the store failed, refused by the store, or still uncommitted at shutdown).",
     batches_evicted: "Batches dropped by the store quota.",
     batches_sent: "Batch publications to the broker (re-sends included).",

@@ -98,6 +98,17 @@ impl Batcher {
         }
     }
 
+    /// Puts a record the gateway itself raised (not from a meter, so not minimised) into
+    /// the open batch of its stream; it leaves with that batch.
+    pub(crate) fn push_gateway_record(&mut self, stream: Stream, record: Record) {
+        let batch = &mut self.open[usize::from(stream.code())];
+        if batch.records.is_empty() {
+            batch.deadline = Some(Instant::now() + self.cfg.max_age);
+        }
+        batch.bytes_bound += record_bytes_bound(&record);
+        batch.records.push(record);
+    }
+
     /// Runs until the sample channel closes, then seals what is open.
     pub async fn run(mut self) {
         loop {
@@ -243,6 +254,28 @@ impl Batcher {
                 error!(%stream, seq, records = n, error = %e, "sealing failed; records lost");
             }
         }
+    }
+}
+
+/// The alarm record a store recovery raises on the alarms stream: subject `gateway:<id>`,
+/// field `store_recovered`, value the batches lost, tagged `store_corruption`.
+pub(crate) fn store_recovery_alarm(
+    gateway: &crate::reading::GatewayId,
+    recovery: &crate::store::Recovery,
+) -> Record {
+    let moved = recovery
+        .moved_to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Record {
+        subject: format!("gateway:{}", gateway.as_str()),
+        field: "store_recovered".into(),
+        value: crate::reading::Value::Int(i64::try_from(recovery.batches_lost).unwrap_or(i64::MAX)),
+        unit: crate::reading::Unit::One,
+        at_ms: now_ms(),
+        quality: crate::reading::Quality::Good,
+        tags: vec!["store_corruption".into(), format!("moved_to={moved}")],
     }
 }
 

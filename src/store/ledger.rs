@@ -22,7 +22,13 @@ const EVICTION_ORDER: [Stream; 3] = [Stream::Readings, Stream::Alarms, Stream::A
 pub(crate) struct Ledger {
     stats: StoreStats,
     next_seq: [u64; 3],
+    /// Batches deleted on acknowledgement, ever (persisted; see `manifest.rs`).
+    acked: [u64; 3],
 }
+
+/// Sequence numbers and counters at or above this are absurd (2^62: more than a million
+/// batches a second for 100,000 years): a store holding them is treated as corrupt.
+pub(crate) const SANE_LIMIT: u64 = 1 << 62;
 
 fn idx(stream: Stream) -> usize {
     usize::from(stream.code())
@@ -36,7 +42,31 @@ impl Ledger {
                 ..StoreStats::default()
             },
             next_seq: [1; 3],
+            acked: [0; 3],
         }
+    }
+
+    /// Batches stored, acknowledged or evicted, ever: never goes down (see `manifest.rs`).
+    pub(crate) fn accounted(&self, stream: Stream) -> u64 {
+        let st = self.stream(stream);
+        st.batches
+            .saturating_add(st.evicted_batches)
+            .saturating_add(self.acked[idx(stream)])
+    }
+
+    /// The first persisted value that is absurd, if any: (what, stream, value).
+    pub(crate) fn absurd(&self) -> Option<(&'static str, Stream, u64)> {
+        Stream::ALL.into_iter().find_map(|s| {
+            [
+                ("next_seq", self.next_seq(s)),
+                ("evicted_batches", self.stream(s).evicted_batches),
+                ("evicted_bytes", self.stream(s).evicted_bytes),
+                ("acked_batches", self.acked[idx(s)]),
+            ]
+            .into_iter()
+            .find(|(_, v)| *v >= SANE_LIMIT)
+            .map(|(what, v)| (what, s, v))
+        })
     }
 
     pub(crate) fn stats(&self) -> &StoreStats {
@@ -70,6 +100,7 @@ impl Ledger {
             MetaField::NextSeq => self.next_seq(stream),
             MetaField::EvictedBatches => self.stream(stream).evicted_batches,
             MetaField::EvictedBytes => self.stream(stream).evicted_bytes,
+            MetaField::AckedBatches => self.acked[idx(stream)],
         }
     }
 
@@ -80,6 +111,7 @@ impl Ledger {
             MetaField::NextSeq => self.raise_next_seq(stream, value),
             MetaField::EvictedBatches => self.stats.get_mut(stream).evicted_batches = value,
             MetaField::EvictedBytes => self.stats.get_mut(stream).evicted_bytes = value,
+            MetaField::AckedBatches => self.acked[idx(stream)] = value,
         }
     }
 
@@ -189,6 +221,8 @@ impl Ledger {
         let st = self.stats.get_mut(stream);
         st.batches = st.batches.saturating_sub(1);
         st.bytes = st.bytes.saturating_sub(len);
+        let acked = &mut self.acked[idx(stream)];
+        *acked = acked.saturating_add(1);
     }
 }
 

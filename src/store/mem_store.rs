@@ -12,9 +12,9 @@ use super::ledger::Ledger;
 use super::{AppendOutcome, Store, StoreError, StoreOptions, StoreStats, StoredBatch};
 
 #[derive(Debug)]
-struct Inner {
+pub(super) struct Inner {
     batches: BTreeMap<(Stream, u64), Vec<u8>>,
-    ledger: Ledger,
+    pub(super) ledger: Ledger,
 }
 
 /// An in-memory [`Store`].
@@ -33,6 +33,11 @@ impl MemStore {
             }),
             incarnation: super::new_incarnation(),
         }
+    }
+
+    #[cfg(test)]
+    pub(super) fn inner_for_test(&self) -> MutexGuard<'_, Inner> {
+        self.inner()
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {

@@ -17,6 +17,7 @@
 //! | `0xFF ‖ "next_seq/<stream>"` | u64 big-endian: first sequence number not yet used |
 //! | `0xFF ‖ "evicted_batches/<stream>"` | u64 big-endian: batches dropped by the quota, ever |
 //! | `0xFF ‖ "evicted_bytes/<stream>"` | u64 big-endian: bytes dropped by the quota, ever |
+//! | `0xFF ‖ "acked_batches/<stream>"` | u64 big-endian: batches deleted on acknowledgement, ever (in the same `sled::Batch` as the delete) |
 //! | `0xFF ‖ "incarnation"` | u64 big-endian, never 0: this store's [incarnation id](Store::incarnation) |
 //!
 //! Stream codes are [`Stream::code`] (0 readings, 1 alarms, 2 audit), so iteration order is
@@ -67,6 +68,16 @@
 //!   fresh store is opened in its place, an ERROR is logged and [`SledStore::recovered_from`]
 //!   returns the moved path so the gateway raises an alarm. The moved data is kept for
 //!   forensics, not deleted. The fresh store's sequence numbers start again at 1.
+//! - sled can also open a damaged store *successfully* with entries missing (bytes flipped in
+//!   `db`, a zero-length, random or missing `db`). After every successful flush the store
+//!   writes a checksummed manifest beside sled's files (`<path>/manifest`, see
+//!   `manifest.rs`): per stream the sequence high-water mark and the batches accounted for
+//!   (stored + acknowledged + evicted, which never goes down). An open that finds less than
+//!   the manifest recorded, or absurd sequence state (any sequence number or counter at or
+//!   above 2^62, e.g. a key or `next_seq` at `u64::MAX`), moves the directory aside the same
+//!   way. [`Store::recovery`] then says where it went, why, and how many batches it held;
+//!   the gateway counts it (`store_recoveries`, `batches_lost_to_corruption`) and sends a
+//!   `store_recovered` alarm record on the alarms stream.
 //! - Plain I/O errors at open (permission denied, the path is a file, the lock is held by a
 //!   running instance, disk full) are returned as they are: moving a healthy store aside
 //!   because of them would lose data.
@@ -86,6 +97,7 @@
 mod error;
 mod keys;
 mod ledger;
+mod manifest;
 mod mem_store;
 mod outbox;
 mod recovery;
@@ -146,6 +158,23 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn reopen(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Whether this store replaced a damaged one at open (see [`Recovery`]).
+    fn recovery(&self) -> Option<Recovery> {
+        None
+    }
+}
+
+/// A damaged store found at open and moved aside: the gateway raises an alarm with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Where the damaged store is kept (`<path>.corrupt-<unix-seconds>`); never deleted.
+    pub moved_to: std::path::PathBuf,
+    /// Batches that will not be delivered: what the damaged store held (at least), from its
+    /// manifest where it had one.
+    pub batches_lost: u64,
+    /// What was wrong.
+    pub reason: String,
 }
 
 /// A random non-zero incarnation id.

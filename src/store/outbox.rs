@@ -49,6 +49,8 @@ struct Inner {
     next_seq_at_open: [u64; 3],
     /// `Store::incarnation`, read once (it never changes).
     incarnation: u64,
+    /// `Store::recovery`, read once.
+    recovery: Option<super::Recovery>,
 }
 
 impl Inner {
@@ -84,6 +86,7 @@ impl Outbox {
     pub(crate) fn new(store: Arc<dyn Store>) -> Outbox {
         let next_seq_at_open = Stream::ALL.map(|s| store.next_seq(s));
         let incarnation = store.incarnation();
+        let recovery = store.recovery();
         let (stats_tx, _) = watch::channel(store.stats());
         Outbox {
             inner: Arc::new(Inner {
@@ -92,6 +95,7 @@ impl Outbox {
                 publish: Mutex::new(()),
                 next_seq_at_open,
                 incarnation,
+                recovery,
             }),
         }
     }
@@ -185,6 +189,11 @@ impl Outbox {
     /// The store's incarnation id ([`Store::incarnation`]). Never waits for the store.
     pub fn incarnation(&self) -> u64 {
         self.inner.incarnation
+    }
+
+    /// The damaged store this one replaced at open, if it did ([`Store::recovery`]).
+    pub(crate) fn recovery(&self) -> Option<&super::Recovery> {
+        self.inner.recovery.as_ref()
     }
 
     /// The last published counters. Never waits for the store.

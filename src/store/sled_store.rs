@@ -26,8 +26,9 @@ use crate::reading::Stream;
 
 use super::keys::{self, Key, MetaField};
 use super::ledger::Ledger;
+use super::manifest::{self, Manifest, StreamMark};
 use super::recovery;
-use super::{AppendOutcome, Store, StoreError, StoreOptions, StoreStats, StoredBatch};
+use super::{AppendOutcome, Recovery, Store, StoreError, StoreOptions, StoreStats, StoredBatch};
 
 /// The sled tree holding batches and metadata.
 pub(crate) const TREE: &str = "outbox";
@@ -57,7 +58,7 @@ pub struct SledStore {
     /// `None` while closed (a reopen failed).
     engine: RwLock<Option<Engine>>,
     ledger: Mutex<Ledger>,
-    recovered_from: Option<PathBuf>,
+    recovery: Option<Recovery>,
     malformed_keys: u64,
     incarnation: u64,
     /// Test hook: make every write fail as a poisoned sled does, until the next reopen.
@@ -108,6 +109,62 @@ fn scan(tree: &sled::Tree, max_bytes: u64) -> Result<Scan, StoreError> {
     })
 }
 
+/// Whether the store just scanned lost entries or holds absurd state: why, and how many
+/// batches are lost with it (see `manifest.rs`).
+fn damage(path: &Path, found: &Scan) -> Option<(String, u64)> {
+    let stored = found.ledger.stats().total_batches();
+    if let Some((what, stream, value)) = found.ledger.absurd() {
+        return Some((
+            format!("absurd sequence state: {what} of stream {stream} is {value}"),
+            stored,
+        ));
+    }
+    let m = match manifest::read(path) {
+        Ok(Some(m)) => m,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "store manifest unreadable; not checked");
+            return None;
+        }
+    };
+    let mut why = Vec::new();
+    let mut lost = 0u64;
+    for s in Stream::ALL {
+        let want = m.streams[usize::from(s.code())];
+        let next_seq = found.ledger.next_seq(s);
+        let accounted = found.ledger.accounted(s);
+        if next_seq < want.next_seq || accounted < want.accounted {
+            why.push(format!(
+                "{s}: next_seq {next_seq} (manifest {}), batches accounted {accounted} \
+                 (manifest {})",
+                want.next_seq, want.accounted
+            ));
+            lost += want
+                .batches
+                .min(want.accounted.saturating_sub(accounted))
+                .max(1);
+        }
+    }
+    if why.is_empty() {
+        return None;
+    }
+    Some((
+        format!(
+            "entries lost since the last flush's manifest: {}",
+            why.join("; ")
+        ),
+        lost.max(stored),
+    ))
+}
+
+/// Batches the manifest of a store moved aside says it held (0 without one).
+fn manifest_batches(moved: &Path) -> u64 {
+    match manifest::read(moved) {
+        Ok(Some(m)) => m.streams.iter().map(|s| s.batches).sum(),
+        _ => 0,
+    }
+}
+
 /// Persists `id` as the store's incarnation id, durably.
 fn write_incarnation(engine: &Engine, id: u64) -> Result<(), StoreError> {
     engine
@@ -121,14 +178,40 @@ impl SledStore {
     /// Opens (or creates) the store at `path`, moving a corrupt one aside (see
     /// [`SledStore::recovered_from`]), and scans it once to rebuild the counters.
     pub fn open(path: &Path, opts: StoreOptions) -> Result<SledStore, StoreError> {
-        let (db, recovered_from) = recovery::open_or_recover(path, &opts)?;
+        let (db, moved) = recovery::open_or_recover(path, &opts)?;
         let tree = db.open_tree(TREE)?;
-        let engine = Engine { db, tree };
+        let mut engine = Engine { db, tree };
+        let mut found = scan(&engine.tree, opts.max_bytes)?;
+        let mut recovery = moved.map(|moved_to| Recovery {
+            batches_lost: manifest_batches(&moved_to),
+            reason: "sled could not open it".into(),
+            moved_to,
+        });
+        if recovery.is_none() {
+            if let Some((reason, batches_lost)) = damage(path, &found) {
+                drop(engine);
+                let moved_to = recovery::move_aside(path)?;
+                tracing::error!(
+                    path = %path.display(),
+                    moved_to = %moved_to.display(),
+                    reason = %reason,
+                    batches_lost,
+                    "store damaged: entries were lost; moved aside and started empty"
+                );
+                engine = open_engine(path, &opts)?;
+                found = scan(&engine.tree, opts.max_bytes)?;
+                recovery = Some(Recovery {
+                    moved_to,
+                    batches_lost,
+                    reason,
+                });
+            }
+        }
         let Scan {
             ledger,
             malformed_keys,
             incarnation,
-        } = scan(&engine.tree, opts.max_bytes)?;
+        } = found;
         if malformed_keys > 0 {
             tracing::warn!(
                 path = %path.display(),
@@ -160,7 +243,7 @@ impl SledStore {
             opts,
             engine: RwLock::new(Some(engine)),
             ledger: Mutex::new(ledger),
-            recovered_from,
+            recovery,
             malformed_keys,
             incarnation,
             #[cfg(test)]
@@ -170,7 +253,7 @@ impl SledStore {
 
     /// Where a corrupt store was moved at open (`<path>.corrupt-<unix-seconds>`), if it was.
     pub fn recovered_from(&self) -> Option<&Path> {
-        self.recovered_from.as_deref()
+        self.recovery.as_ref().map(|r| r.moved_to.as_path())
     }
 
     /// Keys found at open that are neither a batch nor known metadata; they are ignored.
@@ -232,24 +315,37 @@ impl SledStore {
             })
     }
 
-    /// Opens sled at the store's path, waiting a bounded time for the lock that the dropped
-    /// handles still hold.
-    fn open_engine(&self) -> Result<Engine, StoreError> {
-        let deadline = Instant::now() + REOPEN_LOCK_WAIT;
-        loop {
-            match recovery::config(&self.path, &self.opts).open() {
-                Ok(db) => {
-                    let tree = db.open_tree(TREE)?;
-                    return Ok(Engine { db, tree });
-                }
-                Err(e) if e.to_string().contains("could not acquire lock") => {
-                    if Instant::now() >= deadline {
-                        return Err(e.into());
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(e.into()),
+    /// The counters to record in the manifest, as they are now.
+    fn manifest_now(&self) -> Manifest {
+        let ledger = self.ledger();
+        Manifest {
+            incarnation: self.incarnation,
+            streams: Stream::ALL.map(|s| StreamMark {
+                next_seq: ledger.next_seq(s),
+                batches: ledger.stream(s).batches,
+                accounted: ledger.accounted(s),
+            }),
+        }
+    }
+}
+
+/// Opens sled at `path`, waiting a bounded time for the lock that just-dropped handles of
+/// this process still hold.
+fn open_engine(path: &Path, opts: &StoreOptions) -> Result<Engine, StoreError> {
+    let deadline = Instant::now() + REOPEN_LOCK_WAIT;
+    loop {
+        match recovery::config(path, opts).open() {
+            Ok(db) => {
+                let tree = db.open_tree(TREE)?;
+                return Ok(Engine { db, tree });
             }
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                if Instant::now() >= deadline {
+                    return Err(e.into());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -301,10 +397,18 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        // Taken before the flush: everything it counts was written before the flush began, so
+        // it is durable once the flush returns (see `manifest.rs`).
+        let marks = self.manifest_now();
         let engine = self.engine();
         let Engine { db, .. } = engine.as_ref().ok_or(StoreError::Closed)?;
         self.check_poisoned()?;
         db.flush()?;
+        drop(engine);
+        manifest::write(&self.path, &marks).map_err(|source| StoreError::Io {
+            path: manifest::path(&self.path),
+            source,
+        })?;
         Ok(())
     }
 
@@ -333,13 +437,23 @@ impl Store for SledStore {
         let engine = self.engine();
         let Engine { tree, .. } = engine.as_ref().ok_or(StoreError::Closed)?;
         self.check_poisoned()?;
-        match tree.remove(keys::batch_key(stream, seq))? {
-            Some(v) => {
-                ledger.record_ack(stream, len_u64(&v));
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        let key = keys::batch_key(stream, seq);
+        let Some(v) = tree.get(key)? else {
+            return Ok(false);
+        };
+        let mut next = ledger.clone();
+        next.record_ack(stream, len_u64(&v));
+        // The delete and the acknowledged count change together, so the batches accounted
+        // for (manifest.rs) never drop.
+        let mut batch = sled::Batch::default();
+        batch.remove(&key[..]);
+        batch.insert(
+            keys::meta_key(MetaField::AckedBatches, stream),
+            &keys::encode_u64(next.meta(MetaField::AckedBatches, stream))[..],
+        );
+        tree.apply_batch(batch)?;
+        *ledger = next;
+        Ok(true)
     }
 
     fn next_seq(&self, stream: Stream) -> u64 {
@@ -354,12 +468,16 @@ impl Store for SledStore {
         self.incarnation
     }
 
+    fn recovery(&self) -> Option<Recovery> {
+        self.recovery.clone()
+    }
+
     fn reopen(&self) -> Result<(), StoreError> {
         let mut ledger = self.ledger();
         let mut engine = self.engine.write().unwrap_or_else(PoisonError::into_inner);
         // Drop the old handles first: sled holds a lock on its files.
         drop(engine.take());
-        let fresh = self.open_engine()?;
+        let fresh = open_engine(&self.path, &self.opts)?;
         let found = scan(&fresh.tree, self.opts.max_bytes)?;
         match found.incarnation {
             Some(i) if i != self.incarnation => {
@@ -375,8 +493,16 @@ impl Store for SledStore {
         }
         let mut rebuilt = found.ledger;
         for s in Stream::ALL {
-            // Sequence numbers used before the failure are never handed out again.
-            rebuilt.restore_meta(MetaField::NextSeq, s, ledger.next_seq(s));
+            // Sequence numbers used before the failure are never handed out again: persisted
+            // now, so the next flush makes the mark durable before a manifest records it.
+            let before = ledger.next_seq(s);
+            if before > rebuilt.next_seq(s) {
+                fresh.tree.insert(
+                    keys::meta_key(MetaField::NextSeq, s),
+                    &keys::encode_u64(before)[..],
+                )?;
+                rebuilt.restore_meta(MetaField::NextSeq, s, before);
+            }
         }
         #[cfg(test)]
         self.poisoned

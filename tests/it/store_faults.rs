@@ -192,3 +192,52 @@ async fn a_store_that_cannot_grow_degrades_then_recovers_and_delivers_everything
         "{hub_stats:?}"
     );
 }
+
+/// issue 9 item 3: a store that lost entries while stopped is detected at start, moved
+/// aside, counted, and the loss goes out as an alarm record on the alarms stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_is_replaced_counted_and_alarmed() {
+    use citygate::supervisor::{self, KeyMaterial};
+    use std::sync::Arc;
+
+    let profiles = shipped_profiles();
+    let token = CancellationToken::new();
+    let sim = start_sim(&profiles, "chint-ddsu666", 1, 41, &token).await;
+    let dep = Deployment::new();
+    let cfg = dep.config(
+        &["active_power"],
+        &device_toml("m1", "chint-ddsu666", &sim.address, 1, "200ms"),
+        profiles,
+    );
+    {
+        let store = SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap();
+        for seq in 1..=6 {
+            store.append(Stream::Readings, seq, &[7; 300]).unwrap();
+        }
+        store.flush().unwrap();
+    }
+    std::fs::write(cfg.store.path.join("db"), b"").unwrap();
+
+    let store = Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
+    let moved = store.recovered_from().unwrap().to_path_buf();
+    assert!(moved.join("db").exists(), "the damaged store is kept");
+    let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
+    let metrics = running.metrics.clone();
+    assert_eq!(metrics.store_recoveries.get(), 1);
+    assert_eq!(metrics.batches_lost_to_corruption.get(), 6);
+    assert!(running.shutdown(Duration::from_secs(10)).await);
+    token.cancel();
+
+    let opener = dep.opener(&cfg.gateway_id);
+    let alarms = store.peek(Stream::Alarms, 0, usize::MAX).unwrap();
+    assert_eq!(alarms.len(), 1, "one alarm batch");
+    let opened = opener.open(&alarms[0].bytes).unwrap();
+    let alarm = &opened.records[0];
+    assert_eq!(alarm.field, "store_recovered");
+    assert_eq!(alarm.subject, "gateway:gw-test");
+    assert_eq!(alarm.value, citygate::reading::Value::Int(6));
+    assert!(
+        alarm.tags.iter().any(|t| t == "store_corruption"),
+        "{alarm:?}"
+    );
+}
