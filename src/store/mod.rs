@@ -94,6 +94,7 @@
 //!   thread and publishes [`StoreStats`] through a `watch` so readers never take the ledger
 //!   lock (see `outbox.rs`).
 
+mod check;
 mod error;
 mod keys;
 mod ledger;
@@ -106,6 +107,7 @@ mod sled_store;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use check::check as check_offline;
 pub(crate) use error::StoreError;
 pub use mem_store::MemStore;
 pub(crate) use outbox::{CommitOutcome, Outbox};

@@ -241,3 +241,61 @@ async fn a_damaged_store_is_replaced_counted_and_alarmed() {
         "{alarm:?}"
     );
 }
+
+/// issue 9 item 3: `citygate store check` verifies a stopped store offline: 0 when sound,
+/// 2 when entries were lost, and it changes nothing.
+#[test]
+fn store_check_tells_a_sound_store_from_a_damaged_one_without_touching_it() {
+    let dep = Deployment::new();
+    let config = GatewayToml::new("gw-test", &["active_power"])
+        .shipped_profiles()
+        .devices(&device_toml("m1", "chint-ddsu666", "127.0.0.1:1", 1, "1s"))
+        .write(dep.path());
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_citygate"))
+            .args(["store", "check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    {
+        let store = SledStore::open(&dep.store_path(), StoreOptions::default()).unwrap();
+        for seq in 1..=6 {
+            store.append(Stream::Audit, seq, &[3; 100]).unwrap();
+        }
+        store.flush().unwrap();
+    }
+    let out = check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("audit     6 batches"), "{stdout}");
+    assert!(stdout.contains("store ok"), "{stdout}");
+
+    std::fs::write(dep.store_path().join("db"), b"").unwrap();
+    let out = check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(stdout.contains("entries lost"), "{stdout}");
+    assert!(stdout.contains("store DAMAGED"), "{stdout}");
+    assert_eq!(
+        std::fs::metadata(dep.store_path().join("db"))
+            .unwrap()
+            .len(),
+        0,
+        "the check left the store as it was"
+    );
+    assert_eq!(
+        std::fs::read_dir(dep.path())
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("corrupt"))
+            .count(),
+        0,
+        "nothing moved aside"
+    );
+}
