@@ -51,6 +51,8 @@ pub(crate) const RETRY: BackoffPolicy = BackoffPolicy {
 pub(crate) const REOPEN_AFTER: u32 = 2;
 /// Attempts after the input closed (shutdown) before what is held is given up.
 const SHUTDOWN_RETRIES: u32 = 3;
+/// The longest wait between those attempts.
+const SHUTDOWN_RETRY_DELAY: Duration = Duration::from_millis(500);
 /// The fault key the committer raises while the store fails.
 pub(crate) const STORE_FAULT: &str = "store";
 
@@ -139,7 +141,14 @@ impl Committer {
                             return;
                         }
                     }
-                    self.wait_taking_batches(backoff.next_delay()).await;
+                    let delay = backoff.next_delay();
+                    // Shutting down: a few quick tries within the grace period, not long waits.
+                    let delay = if self.closed {
+                        delay.min(SHUTDOWN_RETRY_DELAY)
+                    } else {
+                        delay
+                    };
+                    self.wait_taking_batches(delay).await;
                 }
             }
         }

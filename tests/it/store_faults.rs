@@ -299,3 +299,53 @@ fn store_check_tells_a_sound_store_from_a_damaged_one_without_touching_it() {
         "nothing moved aside"
     );
 }
+
+/// issue 9 items 2 and 6: a gateway stopped while its store cannot take the open batches
+/// loses them, and says so: `gateway stopped clean=false` with the count, exit 1 (it used
+/// to log `clean=true` and exit 0 after losing data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_loses_sealed_batches_is_not_clean_and_exits_non_zero() {
+    let profiles = shipped_profiles();
+    let token = CancellationToken::new();
+    let sim = start_sim(&profiles, "chint-ddsu666", 2, 43, &token).await;
+    let dep = Deployment::new();
+    let devices: String = (1..=2u8)
+        .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "200ms"))
+        .collect();
+    let config = GatewayToml::new("gw-test", &["active_power", "energy_import"])
+        .shipped_profiles()
+        .devices(&devices)
+        .write(dep.path());
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("trap '' XFSZ; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_citygate"))
+        .args(["run", "--config"])
+        .arg(&config);
+    let (mut child, mut log) = spawn_logged_command(cmd);
+    assert!(
+        log.wait_for("gateway started", Duration::from_secs(20))
+            .await,
+        "{}",
+        log.text
+    );
+    let db = dep.store_path().join("db");
+    set_fsize(
+        child.id(),
+        &std::fs::metadata(&db).unwrap().len().to_string(),
+    );
+    assert!(
+        log.wait_for("store commit failed", Duration::from_secs(20))
+            .await,
+        "{}",
+        log.text
+    );
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(30)).await;
+    let text = log.finish().await.to_owned();
+    token.cancel();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("gateway stopped clean=false"), "{text}");
+    assert!(!text.contains("lost=0"), "{text}");
+    assert!(text.contains("giving up on uncommitted batches"), "{text}");
+}
