@@ -81,9 +81,9 @@
 //! - Plain I/O errors at open (permission denied, the path is a file, the lock is held by a
 //!   running instance, disk full) are returned as they are: moving a healthy store aside
 //!   because of them would lose data.
-//! - A metadata value that is not 8 bytes makes [`SledStore::open`] fail with
-//!   [`StoreError::Corrupt`]: guessing a sequence number could repeat one the hub has already
-//!   seen, so an operator decides.
+//! - A metadata value that is not 8 bytes is never guessed: the store is treated as damaged
+//!   and moved aside like the cases above (the fresh store is a new incarnation, so nothing
+//!   it sends can be taken for a replay of the old one's sequence numbers).
 //! - A full disk surfaces as a sled I/O error; [`StoreError::is_disk_full`] recognises it so
 //!   the caller can degrade (hold, drop and count) instead of exiting. sled keeps a failed
 //!   write as a global error and fails every later one, even after space returns:

@@ -181,14 +181,24 @@ impl SledStore {
         let (db, moved) = recovery::open_or_recover(path, &opts)?;
         let tree = db.open_tree(TREE)?;
         let mut engine = Engine { db, tree };
-        let mut found = scan(&engine.tree, opts.max_bytes)?;
+        let scanned = scan(&engine.tree, opts.max_bytes);
         let mut recovery = moved.map(|moved_to| Recovery {
             batches_lost: manifest_batches(&moved_to),
             reason: "sled could not open it".into(),
             moved_to,
         });
-        if recovery.is_none() {
-            if let Some((reason, batches_lost)) = damage(path, &found) {
+        let damaged = match &scanned {
+            _ if recovery.is_some() => None,
+            Ok(found) => damage(path, found),
+            // Metadata that cannot be read: nothing of it can be trusted.
+            Err(StoreError::Corrupt(msg)) => {
+                Some((format!("unreadable: {msg}"), manifest_batches(path).max(1)))
+            }
+            Err(_) => None,
+        };
+        let found = match damaged {
+            None => scanned?,
+            Some((reason, batches_lost)) => {
                 drop(engine);
                 let moved_to = recovery::move_aside(path)?;
                 tracing::error!(
@@ -199,14 +209,14 @@ impl SledStore {
                     "store damaged: entries were lost; moved aside and started empty"
                 );
                 engine = open_engine(path, &opts)?;
-                found = scan(&engine.tree, opts.max_bytes)?;
                 recovery = Some(Recovery {
                     moved_to,
                     batches_lost,
                     reason,
                 });
+                scan(&engine.tree, opts.max_bytes)?
             }
-        }
+        };
         let Scan {
             ledger,
             malformed_keys,
