@@ -14,7 +14,8 @@
 //! `SledStore`, rebuilding the ledger from what sled recovers from disk: committed batches
 //! are all there; batches appended after the last successful flush may or may not be, which
 //! is why the committer re-appends what it holds (a batch found again is skipped). The
-//! sequence high-water mark never goes down across a reopen. While a reopen has failed (sled
+//! ledger is rebuilt from disk alone, so a staged batch that did not survive can be appended
+//! again under its own sequence number. While a reopen has failed (sled
 //! would not open yet), the store is *closed*: every call returns [`StoreError::Closed`]
 //! until a later reopen succeeds.
 
@@ -501,19 +502,11 @@ impl Store for SledStore {
             Some(_) => {}
             None => write_incarnation(&fresh, self.incarnation)?,
         }
-        let mut rebuilt = found.ledger;
-        for s in Stream::ALL {
-            // Sequence numbers used before the failure are never handed out again: persisted
-            // now, so the next flush makes the mark durable before a manifest records it.
-            let before = ledger.next_seq(s);
-            if before > rebuilt.next_seq(s) {
-                fresh.tree.insert(
-                    keys::meta_key(MetaField::NextSeq, s),
-                    &keys::encode_u64(before)[..],
-                )?;
-                rebuilt.restore_meta(MetaField::NextSeq, s, before);
-            }
-        }
+        // The ledger is what is on disk, nothing more: a batch staged before the failure that
+        // did not survive must be appended again, so its sequence number may not count as
+        // used (the committer takes `SeqRegression` for "already stored"). Uncommitted
+        // batches were never sent, so no sequence number the hub has seen is handed out again.
+        let rebuilt = found.ledger;
         #[cfg(test)]
         self.poisoned
             .store(false, std::sync::atomic::Ordering::SeqCst);
