@@ -60,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Store maintenance.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Simulated meters, the gateway and a hub-side check in one process.
     Demo {
         /// How long to run, e.g. "20s".
@@ -71,6 +76,16 @@ enum Command {
         /// Write the summary as JSON to this file.
         #[arg(long)]
         summary_json: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Verify the config's store offline (stop the gateway first): keys, values, sequence
+    /// sanity and the manifest. Exits 0 if sound, 2 if damaged, 1 if it cannot be checked.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -143,6 +158,9 @@ fn main() -> ExitCode {
         Command::Sim(args) => cli::sim(*args),
         Command::Probe(args) => cli::probe::probe(&args).map(|out| print!("{out}")),
         Command::Scan(args) => cli::probe::scan(&args).map(|out| print!("{out}")),
+        Command::Store {
+            command: StoreCommand::Check { config },
+        } => cli::store_check(&config),
         Command::Keys {
             command: KeysCommand::Gen { dir, force },
         } => cli::keys_gen(&dir, force),

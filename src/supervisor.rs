@@ -98,7 +98,9 @@ pub struct Running {
 
 impl Running {
     /// Stops the sources and waits for the open batches to be sealed and committed.
-    /// Returns false if the grace period ran out first.
+    /// Returns whether the gateway stopped clean: false if the grace period ran out first, or
+    /// if any sealed batch was lost before it was committed (`batches_lost`: the store failed
+    /// or refused it), during the run or at its end.
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.shutdown.cancel();
         self.tracker.close();
@@ -108,7 +110,11 @@ impl Running {
         if !done {
             warn!(?grace, "shutdown grace period ran out");
         }
-        done
+        let lost = self.metrics.batches_lost.get();
+        if lost > 0 {
+            warn!(lost, "sealed batches were lost before they were committed");
+        }
+        done && lost == 0
     }
 }
 
@@ -134,7 +140,7 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
     );
     let ack_verifier = AckVerifier::new(keys.hub_ack);
     let seq_outbox = outbox.clone();
-    let batcher = Batcher::new(
+    let mut batcher = Batcher::new(
         samples_rx,
         sealed_tx,
         sealer,
@@ -143,6 +149,23 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
         move |s| first_seq(seq_outbox.next_seq_at_open(s)),
         metrics.clone(),
     );
+    if let Some(recovery) = outbox.recovery() {
+        // The store was damaged and replaced at open: say so where the hub sees it.
+        metrics.store_recoveries.inc();
+        metrics
+            .batches_lost_to_corruption
+            .add(recovery.batches_lost);
+        tracing::error!(
+            moved_to = %recovery.moved_to.display(),
+            batches_lost = recovery.batches_lost,
+            reason = %recovery.reason,
+            "store was damaged and replaced; alarm raised"
+        );
+        batcher.push_gateway_record(
+            Stream::Alarms,
+            crate::pipeline::store_recovery_alarm(&cfg.gateway_id, recovery),
+        );
+    }
     // Each task runs in a span naming it, so its log lines carry their context.
     tracker.spawn(batcher.run().instrument(info_span!("batcher")));
     tracker.spawn(

@@ -40,6 +40,9 @@ pub enum CliError {
     Usage(String),
     #[error("{0}")]
     Runtime(String),
+    /// `store check` found the store damaged.
+    #[error("{0}")]
+    Damaged(String),
 }
 
 impl CliError {
@@ -47,6 +50,7 @@ impl CliError {
         match self {
             CliError::Config(_) | CliError::Usage(_) => 64,
             CliError::Runtime(_) => 1,
+            CliError::Damaged(_) => 2,
         }
     }
 }
@@ -76,6 +80,26 @@ pub fn check(path: &Path) -> Result<(), CliError> {
         return Err(CliError::Usage(
             "a key file is present but unusable (see above)".into(),
         ));
+    }
+    Ok(())
+}
+
+/// `citygate store check --config FILE`: verifies the (stopped) store of the config on a
+/// copy. Exits 0 if it is sound, 2 if it is damaged, 1 if it could not be checked.
+pub fn store_check(path: &Path) -> Result<(), CliError> {
+    let cfg = GatewayConfig::load(path)?;
+    let report = crate::store::check_offline(&cfg.store.path).map_err(CliError::Runtime)?;
+    emit(&format!(
+        "store     {}\n{}",
+        cfg.store.path.display(),
+        report.text
+    ));
+    if !report.problems.is_empty() {
+        return Err(CliError::Damaged(format!(
+            "store {} is damaged ({} problems)",
+            cfg.store.path.display(),
+            report.problems.len()
+        )));
     }
     Ok(())
 }
@@ -152,6 +176,7 @@ pub fn run(path: &Path) -> Result<(), CliError> {
         info!(
             clean,
             committed = metrics.batches_committed.get(),
+            lost = metrics.batches_lost.get(),
             store_batches = s.total_batches(),
             "gateway stopped"
         );
@@ -164,6 +189,12 @@ pub fn run(path: &Path) -> Result<(), CliError> {
                 stale_values = metrics.mqtt_stale_values.get(),
                 "mqtt sources"
             );
+        }
+        if !clean {
+            return Err(CliError::Runtime(format!(
+                "stopped without committing everything it sealed ({} batches lost; see the log)",
+                metrics.batches_lost.get()
+            )));
         }
         Ok(())
     })

@@ -189,6 +189,11 @@ pub struct PurposeConfig {
     pub fields: BTreeSet<FieldName>,
 }
 
+/// The largest sealed batch the gateway makes, in bytes: the batcher seals a batch early
+/// rather than let its estimated sealed size pass this (whatever `max_records` says), and
+/// `store.max_bytes` may not be smaller. Half the MQTT link's 1 MiB packet limit.
+pub const MAX_BATCH_BYTES: usize = 512 * 1024;
+
 /// When an open batch is sealed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchConfig {

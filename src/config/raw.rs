@@ -86,13 +86,13 @@ impl Default for RawBatch {
 struct RawStore {
     path: PathBuf,
     #[serde(default = "default_store_max_bytes")]
-    max_bytes: u64,
+    max_bytes: Spanned<u64>,
     #[serde(default = "default_cache_bytes")]
     cache_capacity_bytes: Spanned<u64>,
 }
 
-fn default_store_max_bytes() -> u64 {
-    256 * 1024 * 1024
+fn default_store_max_bytes() -> Spanned<u64> {
+    Spanned::new(0..0, 256 * 1024 * 1024)
 }
 fn default_cache_bytes() -> Spanned<u64> {
     Spanned::new(0..0, 4 * 1024 * 1024)
@@ -219,6 +219,17 @@ pub(super) fn parse(
             ),
         ));
     }
+    if *raw.store.max_bytes.get_ref() < super::MAX_BATCH_BYTES as u64 {
+        errors.push(src.at(
+            raw.store.max_bytes.span(),
+            "store.max_bytes",
+            format!(
+                "the quota is smaller than the largest batch the gateway seals, so such a \
+                 batch could never be stored; valid: at least {} (512 KiB)",
+                super::MAX_BATCH_BYTES
+            ),
+        ));
+    }
     if *raw.store.cache_capacity_bytes.get_ref() > 64 * 1024 * 1024 {
         errors.push(src.at(
             raw.store.cache_capacity_bytes.span(),
@@ -331,7 +342,7 @@ pub(super) fn parse(
         batch,
         store: StoreConfig {
             path: resolve(&raw.store.path),
-            max_bytes: raw.store.max_bytes,
+            max_bytes: raw.store.max_bytes.into_inner(),
             cache_capacity_bytes: raw.store.cache_capacity_bytes.into_inner(),
         },
         keys: KeyPaths {
@@ -436,6 +447,20 @@ mod tests {
         assert!(e[0].message.contains("tcp"), "{}", e[0]);
         let e = errors(&config().replace("127.0.0.1:502", "127.0.0.1"));
         assert_eq!(e[0].key, "device[0].transport.address");
+    }
+
+    /// issue 9 item 6: a quota smaller than the largest batch is refused, located, with the
+    /// minimum.
+    #[test]
+    fn a_store_quota_smaller_than_a_batch_is_refused_with_the_minimum() {
+        let with = |max: &str| config().replace("[store]", &format!("[store]\nmax_bytes = {max}"));
+        let e = errors(&with("1"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key, "store.max_bytes");
+        assert!(e[0].line > 0);
+        assert!(e[0].message.contains("at least 524288"), "{}", e[0]);
+        let min = parse_str(&with("524288")).unwrap();
+        assert_eq!(min.store.max_bytes, super::super::MAX_BATCH_BYTES as u64);
     }
 
     #[test]

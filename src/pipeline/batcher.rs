@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tracing::{error, info};
 
-use crate::config::BatchConfig;
+use crate::config::{BatchConfig, MAX_BATCH_BYTES};
 use crate::reading::{now_ms, DeviceId, Record, Stream};
 use crate::seal::{SealedBatch, Sealer};
 use crate::source::{RawSample, SampleData};
@@ -26,7 +26,31 @@ use crate::transform::normalise_values::normalise_values;
 #[derive(Debug, Default)]
 struct OpenBatch {
     records: Vec<Record>,
+    /// Sum of [`record_bytes_bound`] over `records`.
+    bytes_bound: usize,
     deadline: Option<Instant>,
+}
+
+/// An upper bound of everything in a sealed envelope but the records: header (gateway id,
+/// stream, seq, times, policy hash, key ids), HPKE encapsulated key, AEAD tag, signature and
+/// the codec's and zstd's framing.
+const ENVELOPE_OVERHEAD_BOUND: usize = 1024;
+
+/// An upper bound of one record's encoded size (strings with their length prefixes, the
+/// fixed-size fields with room to spare).
+fn record_bytes_bound(r: &Record) -> usize {
+    let text = match &r.value {
+        crate::reading::Value::Text(t) => t.len(),
+        _ => 0,
+    };
+    let tags: usize = r.tags.iter().map(|t| t.len() + 10).sum();
+    r.subject.len() + r.field.len() + text + tags + 64
+}
+
+/// The sealed size `records_bound` bytes of records can reach at most: zstd may expand
+/// incompressible input by a little (well under 1/128).
+fn sealed_bytes_bound(records_bound: usize) -> usize {
+    ENVELOPE_OVERHEAD_BOUND + records_bound + records_bound / 128
 }
 
 /// Turns raw samples into sealed batches, one open batch per stream.
@@ -72,6 +96,17 @@ impl Batcher {
             next_seq: Stream::ALL.map(next_seq),
             metrics,
         }
+    }
+
+    /// Puts a record the gateway itself raised (not from a meter, so not minimised) into
+    /// the open batch of its stream; it leaves with that batch.
+    pub(crate) fn push_gateway_record(&mut self, stream: Stream, record: Record) {
+        let batch = &mut self.open[usize::from(stream.code())];
+        if batch.records.is_empty() {
+            batch.deadline = Some(Instant::now() + self.cfg.max_age);
+        }
+        batch.bytes_bound += record_bytes_bound(&record);
+        batch.records.push(record);
     }
 
     /// Runs until the sample channel closes, then seals what is open.
@@ -145,10 +180,19 @@ impl Batcher {
                 continue;
             };
             self.metrics.records_minimised.inc();
-            let batch = &mut self.open[usize::from(stream.code())];
+            let size = record_bytes_bound(&record);
+            let i = usize::from(stream.code());
+            if !self.open[i].records.is_empty()
+                && sealed_bytes_bound(self.open[i].bytes_bound + size) > MAX_BATCH_BYTES
+            {
+                // Full by size before it is full by count: the quota and the link take it.
+                self.seal(stream).await;
+            }
+            let batch = &mut self.open[i];
             if batch.records.is_empty() {
                 batch.deadline = Some(Instant::now() + self.cfg.max_age);
             }
+            batch.bytes_bound += size;
             batch.records.push(record);
             if batch.records.len() >= self.cfg.max_records {
                 self.seal(stream).await;
@@ -172,11 +216,19 @@ impl Batcher {
         let i = usize::from(stream.code());
         let records = std::mem::take(&mut self.open[i].records);
         self.open[i].deadline = None;
+        self.open[i].bytes_bound = 0;
         if records.is_empty() {
             return;
         }
         let seq = self.next_seq[i];
         let n = records.len();
+        let Some(after) = seq.checked_add(1) else {
+            // Only a store whose sequence state was absurd gets here (the store treats such
+            // state as corruption at open); never wrap around to sequence numbers in use.
+            self.metrics.seal_errors.inc();
+            error!(%stream, seq, records = n, "sequence numbers exhausted; records lost");
+            return;
+        };
         let sealer = self.sealer.clone();
         let sealed =
             tokio::task::spawn_blocking(move || sealer.seal(stream, seq, now_ms(), &records)).await;
@@ -190,7 +242,7 @@ impl Batcher {
         };
         match sealed {
             Ok(batch) => {
-                self.next_seq[i] += 1;
+                self.next_seq[i] = after;
                 self.metrics.batches_sealed.inc();
                 self.metrics.records_sealed.add(n as u64);
                 if self.sealed_tx.send(batch).await.is_err() {
@@ -205,6 +257,185 @@ impl Batcher {
     }
 }
 
+/// The alarm record a store recovery raises on the alarms stream: subject `gateway:<id>`,
+/// field `store_recovered`, value the batches lost, tagged `store_corruption`.
+pub(crate) fn store_recovery_alarm(
+    gateway: &crate::reading::GatewayId,
+    recovery: &crate::store::Recovery,
+) -> Record {
+    let moved = recovery
+        .moved_to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Record {
+        subject: format!("gateway:{}", gateway.as_str()),
+        field: "store_recovered".into(),
+        value: crate::reading::Value::Int(i64::try_from(recovery.batches_lost).unwrap_or(i64::MAX)),
+        unit: crate::reading::Unit::One,
+        at_ms: now_ms(),
+        quality: crate::reading::Quality::Good,
+        tags: vec!["store_corruption".into(), format!("moved_to={moved}")],
+    }
+}
+
 fn far_future() -> Instant {
     Instant::now() + std::time::Duration::from_secs(86_400)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::profile::{decode, Profile, ProfileSet, Ratios, RawValue};
+    use crate::reading::{GatewayId, Value};
+    use crate::seal::HubSecretKey;
+    use crate::source::RegisterImage;
+    use crate::transform::minimise::PseudonymKey;
+
+    fn profile() -> Arc<Profile> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
+        ProfileSet::load_dir(&dir)
+            .unwrap()
+            .get("chint-dtsu666")
+            .unwrap()
+            .clone()
+    }
+
+    fn image(p: &Profile) -> RegisterImage {
+        let mut img = RegisterImage::new();
+        for f in &p.fields {
+            let eng = f.range.map_or(1.0, |(lo, hi)| (lo + hi) / 2.0);
+            img.insert(
+                f.address,
+                decode::encode(f.ty, f.order, RawValue::Float((eng - f.offset) / f.scale)),
+            );
+        }
+        img
+    }
+
+    fn sealer(policy: &Policy) -> Sealer {
+        Sealer::new(
+            GatewayId::new("gw-batcher").unwrap(),
+            ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
+            HubSecretKey::from_bytes(&[2; 32]).public_key(),
+            policy.hash(),
+            1,
+        )
+    }
+
+    /// Runs a batcher starting at `first_seq` over `samples` samples of distinct devices and
+    /// returns the sealed batches and the metrics.
+    async fn run(first_seq: u64, samples: usize) -> (Vec<SealedBatch>, Arc<Metrics>) {
+        let p = profile();
+        let fields = p.fields.iter().map(|f| f.name.clone()).collect();
+        let policy = Policy::new("test", fields, PseudonymKey::from_bytes([7; 32]), &[]);
+        let metrics = Arc::new(Metrics::default());
+        let (samples_tx, samples_rx) = mpsc::channel(16);
+        let (sealed_tx, mut sealed_rx) = mpsc::channel(1024);
+        let cfg = BatchConfig {
+            max_age: Duration::from_secs(3600),
+            max_records: usize::MAX,
+            alarm_state_every: Duration::from_secs(3600),
+        };
+        let batcher = Batcher::new(
+            samples_rx,
+            sealed_tx,
+            sealer(&policy),
+            policy,
+            cfg,
+            move |_| first_seq,
+            metrics.clone(),
+        );
+        let task = tokio::spawn(batcher.run());
+        let img = image(&p);
+        for i in 0..samples {
+            let sample = RawSample {
+                device: DeviceId::new(format!("meter-{i}")).unwrap(),
+                profile: p.clone(),
+                at_ms: 1_700_000_000_000 + i as i64,
+                data: SampleData::Registers(img.clone()),
+                ratios: Ratios::UNITY,
+            };
+            samples_tx.send(sample).await.unwrap();
+        }
+        drop(samples_tx);
+        let mut sealed = Vec::new();
+        while let Some(b) = sealed_rx.recv().await {
+            sealed.push(b);
+        }
+        task.await.unwrap();
+        (sealed, metrics)
+    }
+
+    /// issue 9 item 6: a batch is sealed early once its sealed size could pass
+    /// `MAX_BATCH_BYTES`, whatever `max_records` allows, so the smallest allowed quota holds
+    /// every batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_are_sealed_before_they_outgrow_the_byte_cap() {
+        let (sealed, metrics) = run(1, 1500).await;
+        assert!(
+            sealed.len() >= 2,
+            "one batch of {} records",
+            metrics.records_sealed.get()
+        );
+        for b in &sealed {
+            assert!(b.bytes.len() <= MAX_BATCH_BYTES, "{} bytes", b.bytes.len());
+        }
+        let seqs: Vec<u64> = sealed.iter().map(|b| b.seq).collect();
+        assert_eq!(seqs, (1..=sealed.len() as u64).collect::<Vec<_>>());
+        assert_eq!(
+            metrics.records_sealed.get(),
+            metrics.records_minimised.get()
+        );
+    }
+
+    /// The size bound holds for incompressible records too (random text, long tags).
+    #[test]
+    fn the_sealed_size_bound_holds_for_incompressible_records() {
+        use rand::Rng;
+        let policy = Policy::new(
+            "t",
+            Default::default(),
+            PseudonymKey::from_bytes([7; 32]),
+            &[],
+        );
+        let sealer = sealer(&policy);
+        let mut rng = rand::thread_rng();
+        let records: Vec<Record> = (0..300)
+            .map(|i| {
+                let text: String = (0..rng.gen_range(0..400))
+                    .map(|_| rng.gen_range(b'!'..=b'~') as char)
+                    .collect();
+                Record {
+                    subject: format!("p-{:032x}", rng.gen::<u128>()),
+                    field: format!("field_{i}"),
+                    value: Value::Text(text.clone()),
+                    unit: crate::reading::Unit::One,
+                    at_ms: rng.gen(),
+                    quality: crate::reading::Quality::Good,
+                    tags: vec![text],
+                }
+            })
+            .collect();
+        let bound: usize = records.iter().map(record_bytes_bound).sum();
+        let sealed = sealer.seal(Stream::Readings, 1, 0, &records).unwrap();
+        assert!(
+            sealed.bytes.len() <= sealed_bytes_bound(bound),
+            "{} > {}",
+            sealed.bytes.len(),
+            sealed_bytes_bound(bound)
+        );
+    }
+
+    /// issue 9 item 14: a sequence state at the end of the range loses the batch loudly
+    /// instead of overflowing (a panic in debug, a wrap to 0 in release).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sealing_at_the_last_sequence_number_does_not_overflow() {
+        let (sealed, metrics) = run(u64::MAX, 2).await;
+        assert!(sealed.is_empty());
+        assert_eq!(metrics.seal_errors.get(), 1);
+    }
 }

@@ -10,6 +10,7 @@
 mod batcher;
 mod committer;
 
+pub(crate) use batcher::store_recovery_alarm;
 pub use batcher::Batcher;
 pub(crate) use committer::{CommittedMarks, Committer};
 

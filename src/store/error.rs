@@ -7,6 +7,8 @@
 //!   ([`StoreError::is_disk_full`]) is a state to degrade in (keep polling, drop and count),
 //!   never a reason to exit.
 //! - [`StoreError::Corrupt`] means the on-disk state cannot be trusted; an operator decides.
+//! - [`StoreError::Closed`]: a reopen after an I/O error failed; retry (reopen again) as for
+//!   a disk error.
 //! - [`StoreError::Task`]: the blocking thread of an [`Outbox`](super::Outbox) call panicked or
 //!   was cancelled; whether anything was written is unknown, so retry as for a disk error.
 
@@ -37,6 +39,11 @@ pub enum StoreError {
 
     #[error("store corrupt: {0}")]
     Corrupt(String),
+
+    /// A reopen ([`Store::reopen`](super::Store::reopen)) failed and the store has no engine
+    /// until a later one succeeds.
+    #[error("store closed: reopening it after an i/o error failed")]
+    Closed,
 
     /// The blocking thread running a store call panicked or was cancelled.
     #[error("store call failed on its blocking thread: {0}")]

@@ -16,13 +16,15 @@ pub(crate) enum MetaField {
     NextSeq,
     EvictedBatches,
     EvictedBytes,
+    AckedBatches,
 }
 
 impl MetaField {
-    pub(crate) const ALL: [MetaField; 3] = [
+    pub(crate) const ALL: [MetaField; 4] = [
         MetaField::NextSeq,
         MetaField::EvictedBatches,
         MetaField::EvictedBytes,
+        MetaField::AckedBatches,
     ];
 
     fn name(self) -> &'static str {
@@ -30,6 +32,7 @@ impl MetaField {
             MetaField::NextSeq => "next_seq",
             MetaField::EvictedBatches => "evicted_batches",
             MetaField::EvictedBytes => "evicted_bytes",
+            MetaField::AckedBatches => "acked_batches",
         }
     }
 }

@@ -22,7 +22,13 @@ const EVICTION_ORDER: [Stream; 3] = [Stream::Readings, Stream::Alarms, Stream::A
 pub(crate) struct Ledger {
     stats: StoreStats,
     next_seq: [u64; 3],
+    /// Batches deleted on acknowledgement, ever (persisted; see `manifest.rs`).
+    acked: [u64; 3],
 }
+
+/// Sequence numbers and counters at or above this are absurd (2^62: more than a million
+/// batches a second for 100,000 years): a store holding them is treated as corrupt.
+pub(crate) const SANE_LIMIT: u64 = 1 << 62;
 
 fn idx(stream: Stream) -> usize {
     usize::from(stream.code())
@@ -36,7 +42,31 @@ impl Ledger {
                 ..StoreStats::default()
             },
             next_seq: [1; 3],
+            acked: [0; 3],
         }
+    }
+
+    /// Batches stored, acknowledged or evicted, ever: never goes down (see `manifest.rs`).
+    pub(crate) fn accounted(&self, stream: Stream) -> u64 {
+        let st = self.stream(stream);
+        st.batches
+            .saturating_add(st.evicted_batches)
+            .saturating_add(self.acked[idx(stream)])
+    }
+
+    /// The first persisted value that is absurd, if any: (what, stream, value).
+    pub(crate) fn absurd(&self) -> Option<(&'static str, Stream, u64)> {
+        Stream::ALL.into_iter().find_map(|s| {
+            [
+                ("next_seq", self.next_seq(s)),
+                ("evicted_batches", self.stream(s).evicted_batches),
+                ("evicted_bytes", self.stream(s).evicted_bytes),
+                ("acked_batches", self.acked[idx(s)]),
+            ]
+            .into_iter()
+            .find(|(_, v)| *v >= SANE_LIMIT)
+            .map(|(what, v)| (what, s, v))
+        })
     }
 
     pub(crate) fn stats(&self) -> &StoreStats {
@@ -70,6 +100,7 @@ impl Ledger {
             MetaField::NextSeq => self.next_seq(stream),
             MetaField::EvictedBatches => self.stream(stream).evicted_batches,
             MetaField::EvictedBytes => self.stream(stream).evicted_bytes,
+            MetaField::AckedBatches => self.acked[idx(stream)],
         }
     }
 
@@ -80,6 +111,7 @@ impl Ledger {
             MetaField::NextSeq => self.raise_next_seq(stream, value),
             MetaField::EvictedBatches => self.stats.get_mut(stream).evicted_batches = value,
             MetaField::EvictedBytes => self.stats.get_mut(stream).evicted_bytes = value,
+            MetaField::AckedBatches => self.acked[idx(stream)] = value,
         }
     }
 
@@ -141,25 +173,47 @@ impl Ledger {
         Ok(evicted)
     }
 
-    /// Records an append and the evictions it caused.
+    /// Records an append and the evictions it caused. A counter that would overflow means
+    /// the persisted state is absurd ([`StoreError::Corrupt`]); nothing is changed then.
     pub(crate) fn record_append(
         &mut self,
         stream: Stream,
         seq: u64,
         len: u64,
         evicted: &[Eviction],
-    ) {
+    ) -> Result<(), StoreError> {
+        let overflow = |what: &str, s: Stream| {
+            StoreError::Corrupt(format!("{what} of stream {s} would overflow"))
+        };
+        let mut next = self.clone();
         for &(s, _, bytes) in evicted {
-            let st = self.stats.get_mut(s);
+            let st = next.stats.get_mut(s);
             st.batches = st.batches.saturating_sub(1);
             st.bytes = st.bytes.saturating_sub(bytes);
-            st.evicted_batches += 1;
-            st.evicted_bytes += bytes;
+            st.evicted_batches = st
+                .evicted_batches
+                .checked_add(1)
+                .ok_or_else(|| overflow("evicted_batches", s))?;
+            st.evicted_bytes = st
+                .evicted_bytes
+                .checked_add(bytes)
+                .ok_or_else(|| overflow("evicted_bytes", s))?;
         }
-        let st = self.stats.get_mut(stream);
-        st.batches += 1;
-        st.bytes += len;
-        self.raise_next_seq(stream, seq.saturating_add(1));
+        let st = next.stats.get_mut(stream);
+        st.batches = st
+            .batches
+            .checked_add(1)
+            .ok_or_else(|| overflow("batches", stream))?;
+        st.bytes = st
+            .bytes
+            .checked_add(len)
+            .ok_or_else(|| overflow("bytes", stream))?;
+        let after = seq
+            .checked_add(1)
+            .ok_or(StoreError::SeqExhausted { stream })?;
+        next.raise_next_seq(stream, after);
+        *self = next;
+        Ok(())
     }
 
     /// Records the deletion of an acknowledged batch.
@@ -167,6 +221,8 @@ impl Ledger {
         let st = self.stats.get_mut(stream);
         st.batches = st.batches.saturating_sub(1);
         st.bytes = st.bytes.saturating_sub(len);
+        let acked = &mut self.acked[idx(stream)];
+        *acked = acked.saturating_add(1);
     }
 }
 
@@ -197,7 +253,8 @@ mod tests {
                 max_bytes: 100
             })
         ));
-        l.record_append(Stream::Audit, u64::MAX - 1, 1, &[]);
+        l.record_append(Stream::Audit, u64::MAX - 1, 1, &[])
+            .unwrap();
         assert_eq!(l.next_seq(Stream::Audit), u64::MAX);
         assert!(matches!(
             l.check_append(Stream::Audit, u64::MAX, 1),
@@ -208,9 +265,9 @@ mod tests {
     #[test]
     fn evicts_readings_then_alarms_then_audit_only_as_much_as_needed() {
         let mut l = Ledger::new(100);
-        l.record_append(Stream::Readings, 1, 30, &[]);
-        l.record_append(Stream::Alarms, 1, 30, &[]);
-        l.record_append(Stream::Audit, 1, 30, &[]);
+        l.record_append(Stream::Readings, 1, 30, &[]).unwrap();
+        l.record_append(Stream::Alarms, 1, 30, &[]).unwrap();
+        l.record_append(Stream::Audit, 1, 30, &[]).unwrap();
         let plan = l
             .plan_evictions(50, |s| match s {
                 Stream::Readings => ok(&[(1, 30)]),
@@ -222,7 +279,7 @@ mod tests {
             plan,
             vec![(Stream::Readings, 1, 30), (Stream::Alarms, 1, 30)]
         );
-        l.record_append(Stream::Readings, 2, 50, &plan);
+        l.record_append(Stream::Readings, 2, 50, &plan).unwrap();
         assert_eq!(l.stats().total_bytes(), 80);
         assert_eq!(l.stream(Stream::Alarms).evicted_bytes, 30);
         assert_eq!(l.stream(Stream::Readings).evicted_batches, 1);
@@ -232,7 +289,7 @@ mod tests {
     #[test]
     fn accounting_that_disagrees_with_storage_is_an_error_not_a_panic() {
         let mut l = Ledger::new(10);
-        l.record_append(Stream::Readings, 1, 10, &[]);
+        l.record_append(Stream::Readings, 1, 10, &[]).unwrap();
         let err = l.plan_evictions(5, |_| ok(&[])).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)));
     }

@@ -12,9 +12,9 @@ use super::ledger::Ledger;
 use super::{AppendOutcome, Store, StoreError, StoreOptions, StoreStats, StoredBatch};
 
 #[derive(Debug)]
-struct Inner {
+pub(super) struct Inner {
     batches: BTreeMap<(Stream, u64), Vec<u8>>,
-    ledger: Ledger,
+    pub(super) ledger: Ledger,
 }
 
 /// An in-memory [`Store`].
@@ -33,6 +33,11 @@ impl MemStore {
             }),
             incarnation: super::new_incarnation(),
         }
+    }
+
+    #[cfg(test)]
+    pub(super) fn inner_for_test(&self) -> MutexGuard<'_, Inner> {
+        self.inner()
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
@@ -66,11 +71,11 @@ impl Store for MemStore {
         let evicted = ledger.plan_evictions(len, |s| {
             stream_range(batches, s, 0).map(|(seq, v)| Ok((seq, v.len() as u64)))
         })?;
+        ledger.record_append(stream, seq, len, &evicted)?;
         for &(s, q, _) in &evicted {
             batches.remove(&(s, q));
         }
         batches.insert((stream, seq), bytes.to_vec());
-        ledger.record_append(stream, seq, len, &evicted);
         Ok(AppendOutcome { evicted })
     }
 

@@ -17,6 +17,7 @@
 //! | `0xFF ‖ "next_seq/<stream>"` | u64 big-endian: first sequence number not yet used |
 //! | `0xFF ‖ "evicted_batches/<stream>"` | u64 big-endian: batches dropped by the quota, ever |
 //! | `0xFF ‖ "evicted_bytes/<stream>"` | u64 big-endian: bytes dropped by the quota, ever |
+//! | `0xFF ‖ "acked_batches/<stream>"` | u64 big-endian: batches deleted on acknowledgement, ever (in the same `sled::Batch` as the delete) |
 //! | `0xFF ‖ "incarnation"` | u64 big-endian, never 0: this store's [incarnation id](Store::incarnation) |
 //!
 //! Stream codes are [`Stream::code`] (0 readings, 1 alarms, 2 audit), so iteration order is
@@ -67,22 +68,37 @@
 //!   fresh store is opened in its place, an ERROR is logged and [`SledStore::recovered_from`]
 //!   returns the moved path so the gateway raises an alarm. The moved data is kept for
 //!   forensics, not deleted. The fresh store's sequence numbers start again at 1.
+//! - sled can also open a damaged store *successfully* with entries missing (bytes flipped in
+//!   `db`, a zero-length, random or missing `db`). After every successful flush the store
+//!   writes a checksummed manifest beside sled's files (`<path>/manifest`, see
+//!   `manifest.rs`): per stream the sequence high-water mark and the batches accounted for
+//!   (stored + acknowledged + evicted, which never goes down). An open that finds less than
+//!   the manifest recorded, or absurd sequence state (any sequence number or counter at or
+//!   above 2^62, e.g. a key or `next_seq` at `u64::MAX`), moves the directory aside the same
+//!   way. [`Store::recovery`] then says where it went, why, and how many batches it held;
+//!   the gateway counts it (`store_recoveries`, `batches_lost_to_corruption`) and sends a
+//!   `store_recovered` alarm record on the alarms stream.
 //! - Plain I/O errors at open (permission denied, the path is a file, the lock is held by a
 //!   running instance, disk full) are returned as they are: moving a healthy store aside
 //!   because of them would lose data.
-//! - A metadata value that is not 8 bytes makes [`SledStore::open`] fail with
-//!   [`StoreError::Corrupt`]: guessing a sequence number could repeat one the hub has already
-//!   seen, so an operator decides.
+//! - A metadata value that is not 8 bytes is never guessed: the store is treated as damaged
+//!   and moved aside like the cases above (the fresh store is a new incarnation, so nothing
+//!   it sends can be taken for a replay of the old one's sequence numbers).
 //! - A full disk surfaces as a sled I/O error; [`StoreError::is_disk_full`] recognises it so
-//!   the caller can degrade (drop and count) instead of exiting.
+//!   the caller can degrade (hold, drop and count) instead of exiting. sled keeps a failed
+//!   write as a global error and fails every later one, even after space returns:
+//!   [`Store::reopen`] drops its handles and opens the same path again in place (see
+//!   `sled_store.rs`); the committer calls it when commits keep failing.
 //! - All calls block (sled I/O, `flush` can take hundreds of milliseconds at p99). Async code
 //!   never holds a [`Store`]: it holds an [`Outbox`], which makes every call on a blocking
 //!   thread and publishes [`StoreStats`] through a `watch` so readers never take the ledger
 //!   lock (see `outbox.rs`).
 
+mod check;
 mod error;
 mod keys;
 mod ledger;
+mod manifest;
 mod mem_store;
 mod outbox;
 mod recovery;
@@ -91,9 +107,10 @@ mod sled_store;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use check::check as check_offline;
 pub(crate) use error::StoreError;
 pub use mem_store::MemStore;
-pub(crate) use outbox::Outbox;
+pub(crate) use outbox::{CommitOutcome, Outbox};
 pub use sled_store::SledStore;
 
 use crate::reading::Stream;
@@ -135,6 +152,31 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// moved aside and replaced by a fresh one, or lost and recreated, has a new one, so
     /// `(incarnation, stream, seq)` names a batch even when sequence numbers start again.
     fn incarnation(&self) -> u64;
+
+    /// Drops the storage engine's handles and opens the same store again in place, for an
+    /// engine that keeps failing after the cause of an I/O error is gone (sled after ENOSPC).
+    /// Committed batches survive it; staged ones may not (append them again). Stores that
+    /// cannot be poisoned do nothing.
+    fn reopen(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Whether this store replaced a damaged one at open (see [`Recovery`]).
+    fn recovery(&self) -> Option<Recovery> {
+        None
+    }
+}
+
+/// A damaged store found at open and moved aside: the gateway raises an alarm with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Where the damaged store is kept (`<path>.corrupt-<unix-seconds>`); never deleted.
+    pub moved_to: std::path::PathBuf,
+    /// Batches that will not be delivered: what the damaged store held (at least), from its
+    /// manifest where it had one.
+    pub batches_lost: u64,
+    /// What was wrong.
+    pub reason: String,
 }
 
 /// A random non-zero incarnation id.

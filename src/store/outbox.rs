@@ -49,6 +49,8 @@ struct Inner {
     next_seq_at_open: [u64; 3],
     /// `Store::incarnation`, read once (it never changes).
     incarnation: u64,
+    /// `Store::recovery`, read once.
+    recovery: Option<super::Recovery>,
 }
 
 impl Inner {
@@ -72,6 +74,10 @@ impl Inner {
 pub(crate) struct CommitOutcome {
     /// Batches dropped by the quota to make room, oldest first: (stream, seq, bytes).
     pub evicted: Vec<(Stream, u64, u64)>,
+    /// Batches the store refused for good ([`StoreError::TooLarge`],
+    /// [`StoreError::SeqExhausted`]): (stream, seq, why). They are not stored; retrying
+    /// cannot help.
+    pub refused: Vec<(Stream, u64, String)>,
 }
 
 impl Outbox {
@@ -80,6 +86,7 @@ impl Outbox {
     pub(crate) fn new(store: Arc<dyn Store>) -> Outbox {
         let next_seq_at_open = Stream::ALL.map(|s| store.next_seq(s));
         let incarnation = store.incarnation();
+        let recovery = store.recovery();
         let (stats_tx, _) = watch::channel(store.stats());
         Outbox {
             inner: Arc::new(Inner {
@@ -88,6 +95,7 @@ impl Outbox {
                 publish: Mutex::new(()),
                 next_seq_at_open,
                 incarnation,
+                recovery,
             }),
         }
     }
@@ -124,25 +132,36 @@ impl Outbox {
 
     /// Group commit: appends every batch in order, then flushes once. A batch the store
     /// refuses with [`StoreError::SeqRegression`] was stored by an earlier attempt whose flush
-    /// failed, and is skipped. Any other error stops the group; batches appended before it
-    /// stay staged (a retry skips them as above) and nothing is committed.
+    /// failed, and is skipped. A batch refused for good (too large for the quota, sequence
+    /// exhausted) is reported in [`CommitOutcome::refused`] and the group goes on. Any other
+    /// error stops the group; batches appended before it stay staged (a retry skips them as
+    /// above) and nothing is committed.
     pub(crate) async fn commit(
         &self,
         batches: Vec<StoredBatch>,
     ) -> Result<CommitOutcome, StoreError> {
         self.call(true, move |s| {
-            let mut evicted = Vec::new();
+            let mut out = CommitOutcome::default();
             for b in &batches {
                 match s.append(b.stream, b.seq, &b.bytes) {
-                    Ok(outcome) => evicted.extend(outcome.evicted),
+                    Ok(outcome) => out.evicted.extend(outcome.evicted),
                     Err(StoreError::SeqRegression { .. }) => {}
+                    Err(e @ (StoreError::TooLarge { .. } | StoreError::SeqExhausted { .. })) => {
+                        out.refused.push((b.stream, b.seq, e.to_string()));
+                    }
                     Err(e) => return Err(e),
                 }
             }
             s.flush()?;
-            Ok(CommitOutcome { evicted })
+            Ok(out)
         })
         .await
+    }
+
+    /// [`Store::reopen`], off the async workers: after a write failed, so an engine that
+    /// keeps its error (sled after ENOSPC) works again once the cause is gone.
+    pub(crate) async fn reopen(&self) -> Result<(), StoreError> {
+        self.call(true, |s| s.reopen()).await
     }
 
     /// [`Store::peek`], off the async workers.
@@ -168,8 +187,13 @@ impl Outbox {
     }
 
     /// The store's incarnation id ([`Store::incarnation`]). Never waits for the store.
-    pub(crate) fn incarnation(&self) -> u64 {
+    pub fn incarnation(&self) -> u64 {
         self.inner.incarnation
+    }
+
+    /// The damaged store this one replaced at open, if it did ([`Store::recovery`]).
+    pub(crate) fn recovery(&self) -> Option<&super::Recovery> {
+        self.inner.recovery.as_ref()
     }
 
     /// The last published counters. Never waits for the store.

@@ -106,7 +106,7 @@ pub(crate) fn open_or_recover(
 }
 
 /// Renames `path` to a free `<path>.corrupt-<unix-seconds>[-n]` next to it.
-fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
+pub(crate) fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
     let io_err = |source| StoreError::Io {
         path: path.to_path_buf(),
         source,

@@ -18,4 +18,5 @@ mod profiles;
 mod rtu;
 mod run;
 mod status;
+mod store_faults;
 mod uplink;

@@ -154,8 +154,15 @@ pub fn spawn_run(config: &Path) -> std::process::Child {
 /// Starts `citygate ARGS…` as a child process whose log (stderr) the test reads as it is
 /// written.
 pub fn spawn_logged(args: &[&std::ffi::OsStr]) -> (std::process::Child, LogLines) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
-        .args(args)
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"));
+    cmd.args(args);
+    spawn_logged_command(cmd)
+}
+
+/// Starts `cmd` (which runs citygate, e.g. through a wrapper that sets limits) as a child
+/// process whose log (stderr) the test reads as it is written.
+pub fn spawn_logged_command(mut cmd: std::process::Command) -> (std::process::Child, LogLines) {
+    let mut child = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -405,11 +405,18 @@ fn malformed_keys_are_skipped_at_open_and_in_peek() {
     );
 }
 
+/// A metadata value of the wrong length is not guessed: the store is damaged, moved aside
+/// and replaced (a fresh incarnation, so nothing it sends can be taken for a replay).
 #[test]
 fn metadata_value_of_the_wrong_length_is_corrupt_not_guessed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outbox");
-    drop(open(&path, 1000));
+    let id = {
+        let store = open(&path, 1000);
+        store.append(Stream::Alarms, 1, b"a").unwrap();
+        store.flush().unwrap();
+        store.incarnation()
+    };
     poke_raw(
         &path,
         &[(
@@ -417,12 +424,14 @@ fn metadata_value_of_the_wrong_length_is_corrupt_not_guessed() {
             b"\x01\x02",
         )],
     );
-    let err = retry_while_locked(|| match SledStore::open(&path, opts(1000)) {
-        Ok(_) => Ok(None),
-        Err(e) if matches!(e, StoreError::Corrupt(_)) => Ok(Some(e)),
-        Err(e) => Err(e),
-    });
-    assert!(err.is_some(), "a short metadata value must not open");
+    let store = open(&path, 1000);
+    let r = store
+        .recovery()
+        .expect("a short metadata value must not open");
+    assert!(r.reason.contains("unreadable"), "{r:?}");
+    assert!(r.batches_lost >= 1, "{r:?}");
+    assert_ne!(store.incarnation(), id);
+    assert_eq!(store.stats().total_batches(), 0);
 }
 
 #[test]
@@ -571,4 +580,220 @@ fn a_store_written_before_incarnation_ids_gets_one_at_open_and_keeps_it() {
     let store = open(&path, 1000);
     assert_eq!(store.incarnation(), id, "persisted at the first open");
     assert_eq!(store.malformed_keys(), 0);
+}
+
+/// issue 9 item 2: a store whose engine keeps failing writes is reopened in place: committed
+/// batches, counters, sequence numbers and incarnation come back, and writes work again.
+#[test]
+fn a_poisoned_store_reopens_in_place_and_writes_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox");
+    let store = open(&path, 1 << 20);
+    let id = store.incarnation();
+    store.append(Stream::Readings, 1, b"one").unwrap();
+    store.append(Stream::Alarms, 7, b"alarm").unwrap();
+    store.flush().unwrap();
+
+    store.poison_for_test();
+    assert!(store.append(Stream::Readings, 2, b"two").is_err());
+    assert!(store.flush().is_err());
+    assert!(store.ack(Stream::Readings, 1).is_err());
+    assert!(
+        store.append(Stream::Readings, 2, b"two").is_err(),
+        "stays failed"
+    );
+
+    store.reopen().unwrap();
+    assert_eq!(store.incarnation(), id);
+    assert_eq!(seqs(&store, Stream::Readings), vec![1]);
+    assert_eq!(seqs(&store, Stream::Alarms), vec![7]);
+    assert_eq!(store.stats().total_batches(), 2);
+    assert_eq!(store.next_seq(Stream::Alarms), 8);
+    store.append(Stream::Readings, 2, b"two").unwrap();
+    assert!(store.ack(Stream::Readings, 1).unwrap());
+    store.flush().unwrap();
+    drop(store);
+
+    let store = open(&path, 1 << 20);
+    assert_eq!(seqs(&store, Stream::Readings), vec![2]);
+    assert_eq!(store.incarnation(), id);
+}
+
+/// After a reopen the ledger is what is on disk: a batch staged before the failure is
+/// either there (appending it again is a `SeqRegression`, "already stored") or can be
+/// appended again under its own sequence number; it is never skipped and lost.
+#[test]
+fn a_batch_staged_before_a_reopen_is_stored_once_afterwards() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("outbox"), 1 << 20);
+    store.append(Stream::Audit, 5, b"staged").unwrap();
+    store.poison_for_test();
+    assert!(store.flush().is_err());
+    store.reopen().unwrap();
+    match store.append(Stream::Audit, 5, b"staged") {
+        Ok(_) => {}
+        Err(StoreError::SeqRegression { .. }) => {}
+        Err(e) => panic!("{e}"),
+    }
+    store.flush().unwrap();
+    assert_eq!(seqs(&store, Stream::Audit), vec![5]);
+    assert_eq!(store.next_seq(Stream::Audit), 6);
+}
+
+/// A stopped store with 6 batches (2 per stream, one of them acknowledged and deleted).
+fn stopped_store_with_six_batches(path: &Path) -> u64 {
+    let store = open(path, 1 << 20);
+    for s in Stream::ALL {
+        for seq in 1..=2 {
+            store.append(s, seq, &payload(s, seq, 300)).unwrap();
+        }
+    }
+    store.append(Stream::Readings, 3, b"acked").unwrap();
+    store.flush().unwrap();
+    assert!(store.ack(Stream::Readings, 3).unwrap());
+    store.flush().unwrap();
+    assert_eq!(store.stats().total_batches(), 6);
+    store.incarnation()
+}
+
+/// Opens a damaged store and checks it was detected, kept and replaced by a fresh one.
+fn assert_damage_detected(path: &Path, old_incarnation: u64, case: &str) {
+    let store = open(path, 1 << 20);
+    let recovery = store
+        .recovery()
+        .unwrap_or_else(|| panic!("{case}: opened silently with {:?}", store.stats()));
+    assert!(recovery.batches_lost >= 1, "{case}: {recovery:?}");
+    assert!(recovery.moved_to.is_dir(), "{case}: kept for forensics");
+    assert!(
+        recovery
+            .moved_to
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("outbox.corrupt-"),
+        "{case}: {recovery:?}"
+    );
+    assert_eq!(store.stats().total_batches(), 0, "{case}");
+    assert_ne!(store.incarnation(), old_incarnation, "{case}");
+    store.append(Stream::Alarms, 1, b"fresh").unwrap();
+    store.flush().unwrap();
+    drop(store);
+    // The fresh store is healthy: it opens without another recovery.
+    assert!(open(path, 1 << 20).recovery().is_none(), "{case}");
+}
+
+/// issue 9 item 3: the four damage cases of the issue are each detected on open, the store
+/// is moved aside and a fresh one started (no silent `batches=1` or `batches=0`).
+#[test]
+fn a_damaged_store_never_opens_silently_emptier() {
+    use rand::{Rng, SeedableRng};
+    type Damage = fn(&Path, &mut rand_chacha::ChaCha8Rng);
+    let damages: [(&str, Damage); 4] = [
+        ("50 flipped bytes", |db, rng| {
+            let mut bytes = std::fs::read(db).unwrap();
+            for _ in 0..50 {
+                let i = rng.gen_range(0..bytes.len());
+                bytes[i] ^= rng.gen_range(1..=255u8);
+            }
+            std::fs::write(db, bytes).unwrap();
+        }),
+        ("zero-length db", |db, _| {
+            std::fs::write(db, b"").unwrap();
+        }),
+        ("random db", |db, rng| {
+            let len = std::fs::metadata(db).unwrap().len() as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            std::fs::write(db, bytes).unwrap();
+        }),
+        ("missing db", |db, _| {
+            std::fs::remove_file(db).unwrap();
+        }),
+    ];
+    for (case, damage) in damages {
+        for seed in 0..3u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("outbox");
+            let id = stopped_store_with_six_batches(&path);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            damage(&path.join("db"), &mut rng);
+            assert_damage_detected(&path, id, &format!("{case} (seed {seed})"));
+        }
+    }
+}
+
+/// A stopped store that is intact opens without a recovery, acknowledgements included.
+#[test]
+fn an_intact_store_with_acks_and_evictions_is_not_mistaken_for_a_damaged_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox");
+    stopped_store_with_six_batches(&path);
+    {
+        let store = open(&path, 2000);
+        // Evicts the oldest readings.
+        let out = store.append(Stream::Readings, 4, &[0; 600]).unwrap();
+        assert_eq!(out.evicted.len(), 2);
+        assert!(store.ack(Stream::Alarms, 1).unwrap());
+        store.flush().unwrap();
+        // Changes after the last flush may or may not be durable; either is fine.
+        assert!(store.ack(Stream::Alarms, 2).unwrap());
+    }
+    let store = open(&path, 2000);
+    assert!(store.recovery().is_none(), "{:?}", store.recovery());
+}
+
+/// issue 9 item 14: absurd sequence state (a batch key or `next_seq` at `u64::MAX`, an
+/// eviction counter at `u64::MAX`) is corruption: moved aside, not a wedged store.
+#[test]
+fn absurd_sequence_state_is_moved_aside_at_open() {
+    let cases: [(&str, Vec<u8>, Vec<u8>); 3] = [
+        (
+            "batch key",
+            keys::batch_key(Stream::Readings, u64::MAX).to_vec(),
+            b"x".to_vec(),
+        ),
+        (
+            "next_seq",
+            keys::meta_key(MetaField::NextSeq, Stream::Alarms),
+            keys::encode_u64(u64::MAX).to_vec(),
+        ),
+        (
+            "eviction counter",
+            keys::meta_key(MetaField::EvictedBatches, Stream::Readings),
+            keys::encode_u64(u64::MAX).to_vec(),
+        ),
+    ];
+    for (case, k, v) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox");
+        let id = {
+            let store = open(&path, 1000);
+            store.append(Stream::Readings, 1, b"r").unwrap();
+            store.flush().unwrap();
+            store.incarnation()
+        };
+        poke_raw(&path, &[(&k, &v)]);
+        let store = open(&path, 1000);
+        let r = store
+            .recovery()
+            .unwrap_or_else(|| panic!("{case}: opened with absurd state"));
+        assert!(r.reason.contains("absurd"), "{case}: {r:?}");
+        assert_ne!(store.incarnation(), id);
+        store.append(Stream::Readings, 1, b"fresh").unwrap();
+    }
+}
+
+/// issue 9 item 14: eviction counters that would overflow fail the append; nothing wraps.
+#[test]
+fn an_eviction_counter_at_the_limit_fails_the_append_instead_of_overflowing() {
+    let store = MemStore::new(10);
+    store.append(Stream::Readings, 1, &[0; 10]).unwrap();
+    {
+        let mut inner = store.inner_for_test();
+        inner
+            .ledger
+            .restore_meta(MetaField::EvictedBatches, Stream::Readings, u64::MAX);
+    }
+    let err = store.append(Stream::Readings, 2, &[0; 10]).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert_eq!(seqs(&store, Stream::Readings), vec![1], "nothing changed");
 }
