@@ -9,7 +9,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::{service, Hub, HubConfig, HubError};
-use crate::mqtt::{BrokerError, BrokerOptions, EmbeddedBroker, LinkError, LinkOptions, MqttLink};
+use crate::mqtt::{
+    BrokerAccess, BrokerError, BrokerOptions, EmbeddedBroker, LinkError, LinkOptions, MqttLink,
+};
 use crate::reading::now_ms;
 use crate::telemetry::http::{Reply, Routes};
 use crate::telemetry::prometheus::{count, Exposition, Kind, CONTENT_TYPE};
@@ -68,6 +70,11 @@ impl HubProcess {
             Some(e) => {
                 let mut opts = BrokerOptions::localhost(e.tls.clone());
                 opts.listen = e.listen;
+                // The hub's own client is the hub; registered gateways are gateways.
+                opts.access = Some(BrokerAccess {
+                    hubs: [cfg.mqtt.client_id.clone()].into(),
+                    gateways: cfg.gateways.iter().map(|g| g.id.to_string()).collect(),
+                });
                 let b = blocking(move || Ok(EmbeddedBroker::start(opts)?)).await?;
                 info!(addr = %b.tls_addr(), "embedded broker listening (mutual TLS)");
                 Some(b)

@@ -338,3 +338,42 @@ async fn citygate_hub_runs_its_embedded_broker_from_keys_tls_output() {
     assert!(log.contains("embedded broker listening"), "{log}");
     assert!(log.contains("hub serving"), "{log}");
 }
+
+/// issue 9 item 9: on the embedded broker, the hub's shared subscriptions deliver every
+/// stream. rumqttd 0.20 keeps one read cursor per share *group*, not per filter, so the
+/// hub's three `$share/{group}/…` filters used to share one cursor and alarms batches
+/// (published after readings) were skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_and_alarms_both_reach_the_sink_through_the_embedded_broker() {
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let config = write_hub_config(&dep, &ca, "127.0.0.1:0");
+    let hub = start_hub(&config).await;
+    let port = hub.broker_addr().unwrap().port();
+    let mut gw = Publisher::connect(&ca, port).await;
+    until_subscribed(&hub).await;
+
+    let gateway = GatewayId::new("gw-test").unwrap();
+    let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
+    let signing = keys::load_signing_key(&dep.path().join("keys/gateway.sign.key")).unwrap();
+    let sealer = Sealer::new(gateway, signing, hub_pub, [7; 32]);
+    let seal = |stream: Stream, seq: u64| sealer.seal(stream, seq, 1, &records(2)).unwrap().bytes;
+    for (stream, seq) in [
+        (Stream::Readings, 100),
+        (Stream::Readings, 101),
+        (Stream::Alarms, 200),
+        (Stream::Readings, 102),
+        (Stream::Alarms, 201),
+        (Stream::Audit, 300),
+    ] {
+        gw.publish(stream, seal(stream, seq)).await;
+    }
+    let mut acks = gw.next_acks(6).await;
+    acks.sort_unstable();
+    assert_eq!(acks, [100, 101, 102, 200, 201, 300]);
+    let mut written = sink_seqs(&dep);
+    written.sort_unstable();
+    written.dedup();
+    assert_eq!(written, [100, 101, 102, 200, 201, 300]);
+    hub.shutdown().await;
+}

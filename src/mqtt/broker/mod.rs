@@ -1,52 +1,75 @@
-//! An embedded MQTT broker (rumqttd 0.20) for one-box setups, the demo and tests.
+//! An embedded MQTT broker for one-box setups, the demo and tests: rumqttd 0.20's router
+//! behind a front end of our own.
 //!
 //! [`EmbeddedBroker::start`] serves MQTT 3.1.1 with mutual TLS on one listener (client
-//! certificates required, verified against the configured CA) and, only if
-//! `danger_plaintext_listen` is set, on a second plaintext listener. It returns once every
-//! listener is bound, with the bound addresses.
+//! certificates required, verified against the configured CA, TLS 1.3 only, the crate's
+//! rustls 0.23) and, only if `danger_plaintext_listen` is set, on a second plaintext
+//! listener. It returns once every listener is bound, with the bound addresses.
 //!
-//! How it is built, and why not `rumqttd::Broker`:
-//! - `Broker::start()` blocks forever and cannot be stopped, and rumqttd cannot report the
-//!   port it bound for port 0. So this module uses rumqttd's public pieces directly: one
-//!   `Router` (a std thread of its own) and one `Server` per listener, each polled on a
-//!   dedicated std thread with a current-thread tokio runtime.
-//! - Port 0: a free port is chosen by binding a std `TcpListener` to `127.0.0.1:0`, reading
-//!   the port and dropping it; if rumqttd then fails to bind it (another process won the race)
-//!   the next free port is tried, up to [`PORT_ATTEMPTS`] times. `Server::start` binds before
-//!   its first await point, so the first poll of it tells bound from failed without probing.
+//! Layout, and why:
+//! - [`front`] accepts TCP itself and does each TLS handshake in the connection's own task
+//!   with a deadline. rumqttd 0.20 did handshakes one at a time in its accept loop without a
+//!   timeout, so one idle socket locked every new client out; rumqttd cannot take an
+//!   established stream (its connection code is private), so the front end relays the
+//!   decrypted MQTT stream to a rumqttd listener on an internal loopback port.
+//! - That internal listener is plaintext on 127.0.0.1, so other local processes could reach
+//!   it: it accepts only CONNECTs carrying a random secret made at start and known only to
+//!   this process (rumqttd checks it in constant time). The front end replaces every
+//!   client's login with it after its own checks, so TLS and the access rules cannot be
+//!   bypassed from outside the process.
+//! - The front end binds each session to the certificate CN (a client asking for another id
+//!   gets a session of its own, `{CN}~{id}`, so no certificate can take over another's) and
+//!   enforces [`access`] rules (the same as the mosquitto ACL): see
+//!   [`BrokerOptions::access`].
+//! - rumqttd 0.20 keeps one read cursor per shared-subscription *group*, not per filter:
+//!   the hub's three `$share/{group}/citygate/v1/+/{stream}` filters shared one cursor and
+//!   alarms and audit batches were never delivered while readings were. The front end
+//!   rewrites each shared filter to a group of its own ([`front::group_per_filter`]).
+//! - `Broker::start()` blocks forever and cannot be stopped, so this module uses rumqttd's
+//!   public pieces: one `Router` (a std thread of its own) and one `Server` for the
+//!   internal listener, polled on a std thread with a current-thread tokio runtime; each
+//!   front listener runs on its own such thread. Port 0 for the internal listener: a free
+//!   port is found by binding a std listener and dropping it; if rumqttd then fails to
+//!   bind it the next is tried, up to [`PORT_ATTEMPTS`] times (`Server::start` binds before
+//!   its first await point, so the first poll tells bound from failed).
 //! - [`EmbeddedBroker::shutdown`] (or drop) stops the listener threads: their runtimes are
-//!   dropped, which closes the listening sockets and every client connection, so the same
-//!   port can be bound again at once. rumqttd has no way to stop its router: each stopped
-//!   broker leaves one idle router thread (blocked on its channel) until the process exits.
-//!   Retained messages and sessions live in that router and are lost with the broker.
+//!   dropped, which closes the listening sockets and every connection, so the same port can
+//!   be bound again at once. rumqttd cannot stop its router: each stopped broker leaves one
+//!   idle router thread until the process exits. Retained messages and sessions live in
+//!   that router and are lost with the broker.
 //!
-//! Limits to know:
-//! - rumqttd performs TLS handshakes one at a time in its accept loop, without a timeout: one
-//!   TCP connection that never completes its handshake keeps every other client out until it
-//!   closes (pinned by an ignored test in `tests/it/uplink.rs`). Acceptable for tests and the
-//!   demo on loopback; not for a broker exposed to untrusted networks.
-//! - It re-reads the PEM files for every connection, with its own rustls 0.22 (ring), which
-//!   also accepts TLS 1.2; citygate's clients only offer TLS 1.3.
-//! - Shared subscriptions (`$share/{group}/{filter}`) are supported (round robin).
+//! Limits: every packet from a client is decoded and re-encoded once by the front end (a
+//! copy per publish); the TLS files are read once at start (restart to rotate them).
+
+mod access;
+mod front;
+
+pub use access::BrokerAccess;
+pub use front::BrokerStats;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener as StdTcpListener};
-use std::path::Path;
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use rumqttd::protocol::v4::V4;
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 use tracing::{error, info, warn};
 
 use super::tls::{self, TlsError, TlsServerFiles};
+use front::{Counters, Front, FRONT_USER};
 
 /// The default for [`BrokerOptions::max_packet_bytes`]: 1 MiB of payload plus room for the
 /// topic and headers, so any packet a default [`LinkOptions`](super::LinkOptions) accepts fits.
 pub(crate) const DEFAULT_MAX_PACKET_BYTES: usize = 1024 * 1024 + 64 * 1024;
-/// How many free ports are tried for port 0 before giving up.
+/// How many free ports are tried for the internal listener before giving up.
 pub(crate) const PORT_ATTEMPTS: usize = 8;
-/// Time a client has from TCP accept to its CONNECT packet.
+/// The default for [`BrokerOptions::connect_timeout`].
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time rumqttd gives the front end from TCP accept to the CONNECT packet (it is written
+/// at once).
 const CONNECT_TIMEOUT_MS: u16 = 10_000;
 /// Unacknowledged QoS 1/2 packets per connection.
 const MAX_INFLIGHT_PER_CONNECTION: usize = 100;
@@ -64,16 +87,22 @@ pub struct BrokerOptions {
     pub listen: SocketAddr,
     /// Broker certificate and key, and the CA client certificates must chain to.
     pub tls: TlsServerFiles,
-    /// An additional listener without TLS or client authentication. For development only.
+    /// An additional listener without TLS or client authentication, and without access
+    /// rules. For development only.
     pub danger_plaintext_listen: Option<SocketAddr>,
     /// Largest MQTT packet accepted from a client (at least 1 MiB is sensible for batches).
     pub max_packet_bytes: usize,
-    /// Concurrent client connections.
+    /// Concurrent client connections (per listener, counting ones still in their handshake).
     pub max_connections: usize,
+    /// Time a client has from TCP accept to a complete TLS handshake and CONNECT packet.
+    pub connect_timeout: Duration,
+    /// Roles for TLS clients (hub, gateways, others) and the topic rules that follow from
+    /// them. `None`: sessions are still bound to certificate names, topics are open.
+    pub access: Option<BrokerAccess>,
 }
 
 impl BrokerOptions {
-    /// Mutual TLS on `127.0.0.1:0`, no plaintext listener, default limits.
+    /// Mutual TLS on `127.0.0.1:0`, no plaintext listener, default limits, no topic rules.
     pub fn localhost(tls: TlsServerFiles) -> BrokerOptions {
         BrokerOptions {
             listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)),
@@ -81,6 +110,8 @@ impl BrokerOptions {
             danger_plaintext_listen: None,
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
             max_connections: 1024,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            access: None,
         }
     }
 }
@@ -94,8 +125,6 @@ pub enum BrokerError {
     Bind { addr: SocketAddr, detail: String },
     #[error("cannot start a broker thread: {0}")]
     Thread(#[source] std::io::Error),
-    #[error("path {0} is not valid UTF-8, which rumqttd requires")]
-    NonUtf8Path(std::path::PathBuf),
 }
 
 /// A running broker; stopped by [`shutdown`](EmbeddedBroker::shutdown) or on drop.
@@ -103,7 +132,9 @@ pub enum BrokerError {
 pub struct EmbeddedBroker {
     tls_addr: SocketAddr,
     plaintext_addr: Option<SocketAddr>,
+    /// Front listeners first, the internal rumqttd listener last.
     listeners: Vec<Listener>,
+    counters: Arc<Counters>,
 }
 
 #[derive(Debug)]
@@ -113,22 +144,16 @@ struct Listener {
 }
 
 impl EmbeddedBroker {
-    /// Checks the TLS files, starts the router and the listeners, and returns once they are
-    /// bound. Blocks the calling thread briefly (thread spawn and bind): call it from
-    /// `spawn_blocking` or before entering async code if that matters.
+    /// Loads the TLS files, starts the router, the internal listener and the front
+    /// listeners, and returns once they are bound. Blocks the calling thread briefly
+    /// (file reads, thread spawn and bind): call it from `spawn_blocking` or before
+    /// entering async code if that matters.
     pub fn start(opts: BrokerOptions) -> Result<EmbeddedBroker, BrokerError> {
-        // Fail here with a clear error instead of in rumqttd's accept loop, per connection.
-        tls::server_config(&opts.tls)?;
-        let tls_config = rumqttd::TlsConfig::Rustls {
-            capath: Some(utf8(&opts.tls.client_ca)?),
-            certpath: utf8(&opts.tls.cert)?,
-            keypath: utf8(&opts.tls.key)?,
-        };
-
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&opts.tls)?);
         let router = Router::new(
             0,
             RouterConfig {
-                max_connections: opts.max_connections,
+                max_connections: opts.max_connections.saturating_mul(2),
                 max_outgoing_packet_count: MAX_OUTGOING_PACKETS_PER_CONNECTION,
                 max_segment_size: SEGMENT_BYTES.max(opts.max_packet_bytes),
                 max_segment_count: SEGMENT_COUNT,
@@ -136,43 +161,54 @@ impl EmbeddedBroker {
             },
         );
         let router_tx = router.spawn();
-        // rumqttd does not export the router channel's type: keep it inside a closure.
-        let new_server = move |settings| Server::new(settings, router_tx.clone(), V4);
+        let secret = hex::encode(rand::random::<[u8; 32]>());
         let connections = ConnectionSettings {
             connection_timeout_ms: CONNECT_TIMEOUT_MS,
             max_payload_size: opts.max_packet_bytes,
             max_inflight_count: MAX_INFLIGHT_PER_CONNECTION,
-            auth: None,
+            auth: Some([(FRONT_USER.to_owned(), secret.clone())].into()),
             external_auth: None,
             dynamic_filters: true,
         };
+        let internal = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        let (upstream, internal_listener) = bind_listener(internal, |listen| {
+            let settings = ServerSettings {
+                name: "citygate-internal".to_owned(),
+                listen,
+                tls: None,
+                next_connection_delay_ms: 0,
+                connections: connections.clone(),
+            };
+            Server::new(settings, router_tx.clone(), V4)
+        })?;
 
+        let counters = Arc::new(Counters::default());
+        let front = |tls| Front {
+            tls,
+            access: opts.access.clone(),
+            upstream,
+            secret: secret.clone(),
+            max_packet_bytes: opts.max_packet_bytes,
+            connect_timeout: opts.connect_timeout,
+            slots: Arc::new(Semaphore::new(opts.max_connections)),
+            counters: counters.clone(),
+        };
         let mut broker = EmbeddedBroker {
             tls_addr: opts.listen,
             plaintext_addr: None,
-            listeners: Vec::new(),
+            listeners: vec![internal_listener],
+            counters: counters.clone(),
         };
-        let settings = |name: &str, listen, tls| ServerSettings {
-            name: name.to_owned(),
-            listen,
-            tls,
-            next_connection_delay_ms: 0,
-            connections: connections.clone(),
-        };
-        let (addr, listener) = bind_listener(opts.listen, |listen| {
-            new_server(settings("citygate-mqtts", listen, Some(tls_config.clone())))
-        })?;
+        let (addr, listener) = spawn_front(opts.listen, front(Some(acceptor)))?;
         broker.tls_addr = addr;
-        broker.listeners.push(listener);
+        broker.listeners.insert(0, listener);
         if let Some(plain) = opts.danger_plaintext_listen {
             warn!(addr = %plain, "embedded broker serves plaintext mqtt (danger_plaintext_listen)");
-            let (addr, listener) = bind_listener(plain, |listen| {
-                new_server(settings("citygate-mqtt-plain", listen, None))
-            })?;
+            let (addr, listener) = spawn_front(plain, front(None))?;
             broker.plaintext_addr = Some(addr);
-            broker.listeners.push(listener);
+            broker.listeners.insert(0, listener);
         }
-        info!(tls_addr = %broker.tls_addr, "embedded broker started");
+        info!(tls_addr = %broker.tls_addr, access_rules = opts.access.is_some(), "embedded broker started");
         Ok(broker)
     }
 
@@ -184,6 +220,11 @@ impl EmbeddedBroker {
     /// The bound plaintext address, if `danger_plaintext_listen` was set.
     pub fn danger_plaintext_addr(&self) -> Option<SocketAddr> {
         self.plaintext_addr
+    }
+
+    /// What the front end refused so far.
+    pub fn stats(&self) -> BrokerStats {
+        self.counters.snapshot()
     }
 
     /// Stops the listeners, closes every client connection and waits for the listener threads.
@@ -215,6 +256,59 @@ impl Drop for EmbeddedBroker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Binds a front listener on `listen` and serves it on a thread of its own.
+fn spawn_front(listen: SocketAddr, front: Front) -> Result<(SocketAddr, Listener), BrokerError> {
+    let bind_err = |err: std::io::Error| BrokerError::Bind {
+        addr: listen,
+        detail: err.to_string(),
+    };
+    let std_listener = StdTcpListener::bind(listen).map_err(bind_err)?;
+    std_listener.set_nonblocking(true).map_err(bind_err)?;
+    let addr = std_listener.local_addr().map_err(bind_err)?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let front = Arc::new(front);
+    let thread = thread::Builder::new()
+        .name(format!("citygate-broker-{}", addr.port()))
+        .spawn(move || {
+            let runtime = match current_thread_runtime() {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    error!(%addr, error = %err, "embedded broker listener has no runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                    Ok(listener) => listener,
+                    Err(err) => {
+                        error!(%addr, error = %err, "embedded broker listener failed");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    () = front::run(listener, front) => {}
+                    _ = stop_rx => {}
+                }
+            });
+            // Dropping the runtime drops the listener and every connection task.
+            drop(runtime);
+        })
+        .map_err(BrokerError::Thread)?;
+    Ok((
+        addr,
+        Listener {
+            stop_tx: Some(stop_tx),
+            thread: Some(thread),
+        },
+    ))
+}
+
+fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 /// Binds one listener, retrying other free ports when `listen` has port 0.
@@ -289,10 +383,7 @@ fn serve(
     ready_tx: std_mpsc::SyncSender<Result<(), String>>,
     stop_rx: oneshot::Receiver<()>,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match current_thread_runtime() {
         Ok(runtime) => runtime,
         Err(err) => {
             let _ = ready_tx.send(Err(format!("cannot build runtime: {err}")));
@@ -328,10 +419,4 @@ fn serve(
     });
     // Dropping the runtime drops the listener and every connection task.
     drop(runtime);
-}
-
-fn utf8(path: &Path) -> Result<String, BrokerError> {
-    path.to_str()
-        .map(str::to_owned)
-        .ok_or_else(|| BrokerError::NonUtf8Path(path.to_owned()))
 }
