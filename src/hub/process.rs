@@ -10,7 +10,8 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::{service, Hub, HubConfig, HubError};
 use crate::mqtt::{
-    BrokerAccess, BrokerError, BrokerOptions, EmbeddedBroker, LinkError, LinkOptions, MqttLink,
+    BrokerAccess, BrokerError, BrokerOptions, BrokerStatsHandle, EmbeddedBroker, LinkError,
+    LinkOptions, MqttLink,
 };
 use crate::reading::now_ms;
 use crate::telemetry::http::{Reply, Routes};
@@ -105,7 +106,9 @@ impl HubProcess {
             )
             .instrument(span),
         );
-        let status_addr = start_status(cfg, &hub, subscribed_rx.clone(), stop.clone());
+        let broker_stats = broker.as_ref().map(EmbeddedBroker::stats_handle);
+        let status_addr =
+            start_status(cfg, &hub, subscribed_rx.clone(), broker_stats, stop.clone());
         Ok(HubProcess {
             hub,
             broker,
@@ -167,6 +170,8 @@ struct HubRoutes {
     hub: Arc<Hub>,
     subscribed_rx: watch::Receiver<bool>,
     started: StartTime,
+    /// The embedded broker's front-end counters, if the hub runs one.
+    broker: Option<BrokerStatsHandle>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -251,6 +256,26 @@ impl Routes for HubRoutes {
                         count(*n),
                     );
                 }
+                if let Some(broker) = &self.broker {
+                    let b = broker.get();
+                    e.family(
+                        "citygate_hub_broker_refused_total",
+                        Kind::Counter,
+                        "Embedded broker: connections dropped before CONNECT (handshake), \
+                         refused at CONNECT (connect), closed for a denied packet (packet).",
+                    );
+                    for (what, n) in [
+                        ("handshake", b.handshakes_failed),
+                        ("connect", b.connections_refused),
+                        ("packet", b.packets_denied),
+                    ] {
+                        e.labelled(
+                            "citygate_hub_broker_refused_total",
+                            &[("what", what)],
+                            count(n),
+                        );
+                    }
+                }
                 Some(Reply::ok(CONTENT_TYPE, e.finish()))
             }
             _ => None,
@@ -263,6 +288,7 @@ fn start_status(
     cfg: &HubConfig,
     hub: &Arc<Hub>,
     subscribed_rx: watch::Receiver<bool>,
+    broker: Option<BrokerStatsHandle>,
     stop: CancellationToken,
 ) -> Option<SocketAddr> {
     let routes = Arc::new(HubRoutes {
@@ -270,6 +296,7 @@ fn start_status(
         hub: hub.clone(),
         subscribed_rx,
         started: StartTime::default(),
+        broker,
     });
     crate::telemetry::http::spawn_endpoint(cfg.status.listen?, routes, stop)
 }

@@ -37,7 +37,9 @@ pub(crate) mod driver;
 pub(crate) mod event;
 pub mod tls;
 
-pub use broker::{BrokerAccess, BrokerError, BrokerOptions, BrokerStats, EmbeddedBroker};
+pub use broker::{
+    BrokerAccess, BrokerError, BrokerOptions, BrokerStats, BrokerStatsHandle, EmbeddedBroker,
+};
 pub use certs::{CertAuthority, CertKeyFiles};
 pub use client::{LinkError, LinkOptions, LinkTls, MqttLink, QoS};
 pub use event::{LinkEvent, LinkFailure, LinkState};

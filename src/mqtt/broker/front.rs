@@ -74,6 +74,16 @@ pub struct BrokerStats {
     pub packets_denied: u64,
 }
 
+/// A handle that reads a running broker's [`BrokerStats`] (for a metrics endpoint).
+#[derive(Debug, Clone)]
+pub struct BrokerStatsHandle(pub(crate) Arc<Counters>);
+
+impl BrokerStatsHandle {
+    pub fn get(&self) -> BrokerStats {
+        self.0.snapshot()
+    }
+}
+
 impl Counters {
     pub(crate) fn snapshot(&self) -> BrokerStats {
         BrokerStats {

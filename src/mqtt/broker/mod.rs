@@ -45,7 +45,7 @@ mod access;
 mod front;
 
 pub use access::BrokerAccess;
-pub use front::BrokerStats;
+pub use front::{BrokerStats, BrokerStatsHandle};
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener as StdTcpListener};
 use std::sync::mpsc as std_mpsc;
@@ -225,6 +225,11 @@ impl EmbeddedBroker {
     /// What the front end refused so far.
     pub fn stats(&self) -> BrokerStats {
         self.counters.snapshot()
+    }
+
+    /// A handle that keeps reading [`stats`](Self::stats) (0 after the broker stops).
+    pub fn stats_handle(&self) -> BrokerStatsHandle {
+        BrokerStatsHandle(self.counters.clone())
     }
 
     /// Stops the listeners, closes every client connection and waits for the listener threads.
