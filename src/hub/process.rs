@@ -10,8 +10,8 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::{service, Hub, HubConfig, HubError};
 use crate::mqtt::{
-    BrokerAccess, BrokerError, BrokerOptions, BrokerStatsHandle, EmbeddedBroker, LinkError,
-    LinkOptions, MqttLink,
+    certificate_name, BrokerAccess, BrokerError, BrokerOptions, BrokerStatsHandle, EmbeddedBroker,
+    LinkError, LinkOptions, MqttLink,
 };
 use crate::reading::now_ms;
 use crate::telemetry::http::{Reply, Routes};
@@ -71,12 +71,19 @@ impl HubProcess {
             Some(e) => {
                 let mut opts = BrokerOptions::localhost(e.tls.clone());
                 opts.listen = e.listen;
-                // The hub's own client is the hub; registered gateways are gateways.
-                opts.access = Some(BrokerAccess {
-                    hubs: [cfg.mqtt.client_id.clone()].into(),
-                    gateways: cfg.gateways.iter().map(|g| g.id.to_string()).collect(),
-                });
-                let b = blocking(move || Ok(EmbeddedBroker::start(opts)?)).await?;
+                let hub_cert = cfg.mqtt.tls.as_ref().map(|t| t.cert_file.clone());
+                let gateways = cfg.gateways.iter().map(|g| g.id.to_string()).collect();
+                let b = blocking(move || {
+                    // The hub's own client (its certificate's name) is the hub; registered
+                    // gateways are gateways.
+                    let hubs = match hub_cert {
+                        Some(path) => [certificate_name(&path)?].into(),
+                        None => Default::default(),
+                    };
+                    opts.access = Some(BrokerAccess { hubs, gateways });
+                    Ok(EmbeddedBroker::start(opts)?)
+                })
+                .await?;
                 info!(addr = %b.tls_addr(), "embedded broker listening (mutual TLS)");
                 Some(b)
             }

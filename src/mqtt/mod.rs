@@ -38,7 +38,8 @@ pub(crate) mod event;
 pub mod tls;
 
 pub use broker::{
-    BrokerAccess, BrokerError, BrokerOptions, BrokerStats, BrokerStatsHandle, EmbeddedBroker,
+    certificate_name, BrokerAccess, BrokerError, BrokerOptions, BrokerStats, BrokerStatsHandle,
+    EmbeddedBroker,
 };
 pub use certs::{CertAuthority, CertKeyFiles};
 pub use client::{LinkError, LinkOptions, LinkTls, MqttLink, QoS};

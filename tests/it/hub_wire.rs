@@ -381,12 +381,19 @@ async fn readings_and_alarms_both_reach_the_sink_through_the_embedded_broker() {
 /// issue 9 items 1 and 9: the hub's embedded broker applies the access rules — a
 /// certificate that is neither the hub's nor a registered gateway's cannot publish an ack
 /// for gw-test (its connection is closed, the gateway receives nothing and keeps its
-/// session), and the hub's `/metrics` counts it.
+/// session), and the hub's `/metrics` counts it. The hub's certificate name differs from
+/// its id: the broker knows its own hub by the certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hubs_embedded_broker_refuses_a_forged_ack_and_counts_it() {
     let dep = Deployment::new();
     let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
-    let config = write_hub_config(&dep, &ca, "127.0.0.1:0");
+    let config = HubToml::embedded_broker(
+        "127.0.0.1:0",
+        &TlsFiles::client(&ca, "county-hub-cert"),
+        &TlsFiles::localhost_server(&ca),
+    )
+    .status()
+    .write(dep.path());
     let hub = start_hub(&config).await;
     let port = hub.broker_addr().unwrap().port();
     let mut gw = Publisher::connect(&ca, port).await;

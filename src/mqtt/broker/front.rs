@@ -338,8 +338,12 @@ pub(crate) fn group_per_filter(filter: &str) -> String {
 
 /// The common name of the client certificate the handshake verified.
 fn peer_common_name(conn: &rustls::ServerConnection) -> Option<String> {
-    let der = conn.peer_certificates()?.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    common_name(conn.peer_certificates()?.first()?.as_ref())
+}
+
+/// The subject common name of a DER certificate.
+pub(crate) fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
 }

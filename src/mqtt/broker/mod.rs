@@ -125,6 +125,20 @@ pub enum BrokerError {
     Bind { addr: SocketAddr, detail: String },
     #[error("cannot start a broker thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error("certificate {path}: no readable common name")]
+    CertificateName { path: std::path::PathBuf },
+}
+
+/// The common name of the first certificate in PEM file `path` (the identity the broker's
+/// access rules see for a client presenting it).
+pub fn certificate_name(path: &std::path::Path) -> Result<String, BrokerError> {
+    let certs = tls::load_certs(path)?;
+    certs
+        .first()
+        .and_then(|der| front::common_name(der.as_ref()))
+        .ok_or_else(|| BrokerError::CertificateName {
+            path: path.to_owned(),
+        })
 }
 
 /// A running broker; stopped by [`shutdown`](EmbeddedBroker::shutdown) or on drop.
