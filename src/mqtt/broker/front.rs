@@ -410,4 +410,13 @@ mod tests {
             "citygate/v1/gw1/ack"
         );
     }
+
+    #[test]
+    fn sessions_are_bound_to_the_certificate_name() {
+        assert_eq!(session_name("gw1", "gw1"), "gw1");
+        assert_eq!(session_name("gw1", ""), "gw1");
+        assert_eq!(session_name("sim-1", "gw1"), "sim-1~gw1");
+        assert_eq!(session_name("gw1", "gw1-meters"), "gw1~gw1-meters");
+        assert_ne!(session_name("sim-1", "gw1"), session_name("gw1", ""));
+    }
 }

@@ -146,6 +146,8 @@ pub fn certificate_name(path: &std::path::Path) -> Result<String, BrokerError> {
 pub struct EmbeddedBroker {
     tls_addr: SocketAddr,
     plaintext_addr: Option<SocketAddr>,
+    /// rumqttd's internal listener (loopback, secret-protected).
+    internal_addr: SocketAddr,
     /// Front listeners first, the internal rumqttd listener last.
     listeners: Vec<Listener>,
     counters: Arc<Counters>,
@@ -210,6 +212,7 @@ impl EmbeddedBroker {
         let mut broker = EmbeddedBroker {
             tls_addr: opts.listen,
             plaintext_addr: None,
+            internal_addr: upstream,
             listeners: vec![internal_listener],
             counters: counters.clone(),
         };
@@ -265,7 +268,7 @@ impl EmbeddedBroker {
             }
         }
         if !self.listeners.is_empty() {
-            info!(tls_addr = %self.tls_addr, "embedded broker stopped");
+            info!(tls_addr = %self.tls_addr, internal_addr = %self.internal_addr, "embedded broker stopped");
         }
         self.listeners.clear();
     }
@@ -438,4 +441,38 @@ fn serve(
     });
     // Dropping the runtime drops the listener and every connection task.
     drop(runtime);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::{CertAuthority, LinkEvent, LinkOptions, LinkTls, MqttLink};
+
+    /// The internal listener is plaintext on loopback: a local process that connects to it
+    /// directly, without the per-start secret, is refused (it cannot bypass TLS or the
+    /// access rules).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_internal_listener_refuses_clients_without_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::generate(dir.path(), "test ca").unwrap();
+        let server = ca.issue_localhost_server().unwrap();
+        let broker =
+            EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
+        let addr = broker.internal_addr;
+        assert!(addr.ip().is_loopback());
+        let mut opts = LinkOptions::new(
+            format!("127.0.0.1:{}", addr.port()),
+            "local-intruder",
+            LinkTls::DangerPlaintext,
+        );
+        opts.connect_timeout = Duration::from_secs(5);
+        let (link, mut events) = MqttLink::start(opts).unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        // rumqttd closes the connection without a CONNACK.
+        assert!(matches!(first, LinkEvent::Disconnected { .. }), "{first:?}");
+        link.shutdown().await;
+    }
 }
