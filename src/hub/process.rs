@@ -9,7 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::{service, Hub, HubConfig, HubError};
-use crate::mqtt::{BrokerError, BrokerOptions, EmbeddedBroker, LinkError, LinkOptions, MqttLink};
+use crate::mqtt::{
+    certificate_name, BrokerAccess, BrokerError, BrokerOptions, BrokerStatsHandle, EmbeddedBroker,
+    LinkError, LinkOptions, MqttLink,
+};
 use crate::reading::now_ms;
 use crate::telemetry::http::{Reply, Routes};
 use crate::telemetry::prometheus::{count, Exposition, Kind, CONTENT_TYPE};
@@ -68,7 +71,19 @@ impl HubProcess {
             Some(e) => {
                 let mut opts = BrokerOptions::localhost(e.tls.clone());
                 opts.listen = e.listen;
-                let b = blocking(move || Ok(EmbeddedBroker::start(opts)?)).await?;
+                let hub_cert = cfg.mqtt.tls.as_ref().map(|t| t.cert_file.clone());
+                let gateways = cfg.gateways.iter().map(|g| g.id.to_string()).collect();
+                let b = blocking(move || {
+                    // The hub's own client (its certificate's name) is the hub; registered
+                    // gateways are gateways.
+                    let hubs = match hub_cert {
+                        Some(path) => [certificate_name(&path)?].into(),
+                        None => Default::default(),
+                    };
+                    opts.access = Some(BrokerAccess { hubs, gateways });
+                    Ok(EmbeddedBroker::start(opts)?)
+                })
+                .await?;
                 info!(addr = %b.tls_addr(), "embedded broker listening (mutual TLS)");
                 Some(b)
             }
@@ -98,7 +113,9 @@ impl HubProcess {
             )
             .instrument(span),
         );
-        let status_addr = start_status(cfg, &hub, subscribed_rx.clone(), stop.clone());
+        let broker_stats = broker.as_ref().map(EmbeddedBroker::stats_handle);
+        let status_addr =
+            start_status(cfg, &hub, subscribed_rx.clone(), broker_stats, stop.clone());
         Ok(HubProcess {
             hub,
             broker,
@@ -160,6 +177,8 @@ struct HubRoutes {
     hub: Arc<Hub>,
     subscribed_rx: watch::Receiver<bool>,
     started: StartTime,
+    /// The embedded broker's front-end counters, if the hub runs one.
+    broker: Option<BrokerStatsHandle>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -244,6 +263,26 @@ impl Routes for HubRoutes {
                         count(*n),
                     );
                 }
+                if let Some(broker) = &self.broker {
+                    let b = broker.get();
+                    e.family(
+                        "citygate_hub_broker_refused_total",
+                        Kind::Counter,
+                        "Embedded broker: connections dropped before CONNECT (handshake), \
+                         refused at CONNECT (connect), closed for a denied packet (packet).",
+                    );
+                    for (what, n) in [
+                        ("handshake", b.handshakes_failed),
+                        ("connect", b.connections_refused),
+                        ("packet", b.packets_denied),
+                    ] {
+                        e.labelled(
+                            "citygate_hub_broker_refused_total",
+                            &[("what", what)],
+                            count(n),
+                        );
+                    }
+                }
                 Some(Reply::ok(CONTENT_TYPE, e.finish()))
             }
             _ => None,
@@ -256,6 +295,7 @@ fn start_status(
     cfg: &HubConfig,
     hub: &Arc<Hub>,
     subscribed_rx: watch::Receiver<bool>,
+    broker: Option<BrokerStatsHandle>,
     stop: CancellationToken,
 ) -> Option<SocketAddr> {
     let routes = Arc::new(HubRoutes {
@@ -263,6 +303,7 @@ fn start_status(
         hub: hub.clone(),
         subscribed_rx,
         started: StartTime::default(),
+        broker,
     });
     crate::telemetry::http::spawn_endpoint(cfg.status.listen?, routes, stop)
 }

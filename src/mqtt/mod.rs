@@ -15,8 +15,10 @@
 //!   provider passed explicitly (never the process-wide default), ChaCha20-Poly1305 first,
 //!   client certificates required on the server side; key files with group/other permission
 //!   bits are refused.
-//! - [`broker`]: an embedded rumqttd broker for one-box setups and tests, mutual TLS on
-//!   127.0.0.1; a plaintext listener only under `danger_plaintext_listen`.
+//! - [`broker`]: an embedded broker for one-box setups and tests: rumqttd's router behind a
+//!   front end of ours that terminates mutual TLS per connection (one idle socket cannot
+//!   lock it), binds client ids to certificate names and enforces the broker access rules;
+//!   a plaintext listener only under `danger_plaintext_listen`.
 //! - [`client`]: [`MqttLink`], a rumqttc client handle; [`driver`] polls its event loop in its
 //!   own task (nothing else happens there) and reports [`event`]s — connection changes,
 //!   incoming publishes, PUBACKs — over a bounded channel; reconnects are spaced by
@@ -27,9 +29,8 @@
 //! Invariants: nothing here logs key material; nothing here panics on bytes from the broker or
 //! files; plaintext only exists behind options whose names start with `danger_`.
 //!
-//! Known limitation: rumqttd 0.20 (the newest release) terminates TLS with its own rustls 0.22,
-//! so the embedded broker builds its TLS configuration from the PEM files itself; the gateway
-//! side (rumqttc 0.25) shares the crate's rustls 0.23.
+//! Both sides use the crate's rustls 0.23: the embedded broker terminates TLS itself
+//! (tokio-rustls) and hands rumqttd 0.20 only the decrypted MQTT stream.
 
 pub mod acl;
 pub(crate) mod broker;
@@ -39,7 +40,10 @@ pub(crate) mod driver;
 pub(crate) mod event;
 pub mod tls;
 
-pub use broker::{BrokerError, BrokerOptions, EmbeddedBroker};
+pub use broker::{
+    certificate_name, BrokerAccess, BrokerError, BrokerOptions, BrokerStats, BrokerStatsHandle,
+    EmbeddedBroker,
+};
 pub use certs::{CertAuthority, CertKeyFiles};
 pub use client::{LinkError, LinkOptions, LinkTls, MqttLink, QoS};
 pub use event::{LinkEvent, LinkFailure, LinkState};

@@ -349,3 +349,125 @@ async fn citygate_hub_runs_its_embedded_broker_from_keys_tls_output() {
     assert!(log.contains("embedded broker listening"), "{log}");
     assert!(log.contains("hub serving"), "{log}");
 }
+
+/// issue 9 item 9: on the embedded broker, the hub's shared subscriptions deliver every
+/// stream. rumqttd 0.20 keeps one read cursor per share *group*, not per filter, so the
+/// hub's three `$share/{group}/…` filters used to share one cursor and alarms batches
+/// (published after readings) were skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_and_alarms_both_reach_the_sink_through_the_embedded_broker() {
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let config = write_hub_config(&dep, &ca, "127.0.0.1:0");
+    let hub = start_hub(&config).await;
+    let port = hub.broker_addr().unwrap().port();
+    let mut gw = Publisher::connect(&ca, port, &dep).await;
+    until_subscribed(&hub).await;
+
+    let gateway = GatewayId::new("gw-test").unwrap();
+    let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
+    let signing = keys::load_signing_key(&dep.path().join("keys/gateway.sign.key")).unwrap();
+    let sealer = Sealer::new(gateway, signing, hub_pub, [7; 32], 0x77);
+    let seal = |stream: Stream, seq: u64| sealer.seal(stream, seq, 1, &records(2)).unwrap().bytes;
+    for (stream, seq) in [
+        (Stream::Readings, 100),
+        (Stream::Readings, 101),
+        (Stream::Alarms, 200),
+        (Stream::Readings, 102),
+        (Stream::Alarms, 201),
+        (Stream::Audit, 300),
+    ] {
+        gw.publish(stream, seal(stream, seq)).await;
+    }
+    let mut acks = gw.next_acks(6).await;
+    acks.sort_unstable();
+    assert_eq!(acks, [100, 101, 102, 200, 201, 300]);
+    let mut written = sink_seqs(&dep);
+    written.sort_unstable();
+    written.dedup();
+    assert_eq!(written, [100, 101, 102, 200, 201, 300]);
+    hub.shutdown().await;
+}
+
+/// issue 9 items 1 and 9: the hub's embedded broker applies the access rules — a
+/// certificate that is neither the hub's nor a registered gateway's cannot publish an ack
+/// for gw-test (its connection is closed, the gateway receives nothing and keeps its
+/// session), and the hub's `/metrics` counts it. The hub's certificate name differs from
+/// its id: the broker knows its own hub by the certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hubs_embedded_broker_refuses_a_forged_ack_and_counts_it() {
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let config = HubToml::embedded_broker(
+        "127.0.0.1:0",
+        &TlsFiles::client(&ca, "county-hub-cert"),
+        &TlsFiles::localhost_server(&ca),
+    )
+    .status()
+    .write(dep.path());
+    let hub = start_hub(&config).await;
+    let port = hub.broker_addr().unwrap().port();
+    let mut gw = Publisher::connect(&ca, port, &dep).await;
+    until_subscribed(&hub).await;
+
+    let tls = LinkTls::Files(ca.client_files(&ca.issue_client("sim-1").unwrap()));
+    // It asks for gw-test's client id: it gets a session of its own.
+    let (rogue, mut rogue_rx) = MqttLink::start(test_link_options(port, "gw-test", tls)).unwrap();
+    let gateway = GatewayId::new("gw-test").unwrap();
+    let disconnected = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut published = false;
+        while let Some(e) = rogue_rx.recv().await {
+            match e {
+                LinkEvent::Connected { .. } if !published => {
+                    published = true;
+                    rogue
+                        .publish(
+                            &ack_topic(&gateway),
+                            QoS::AtMostOnce,
+                            Bytes::from_static(b"{}"),
+                        )
+                        .await
+                        .unwrap();
+                }
+                LinkEvent::Disconnected { .. } if published => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(disconnected.is_ok(), "the forger was not disconnected");
+    rogue.shutdown().await;
+
+    let metric = "citygate_hub_broker_refused_total{what=\"packet\"} 1";
+    let mut body = String::new();
+    for _ in 0..200 {
+        body = citygate::telemetry::http::get(
+            hub.status_addr().unwrap(),
+            "/metrics",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+        .1;
+        if body.contains(metric) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(body.contains(metric), "{body}");
+
+    // gw-test is still connected and got nothing but the hub's ack for a real batch.
+    let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
+    let signing = keys::load_signing_key(&dep.path().join("keys/gateway.sign.key")).unwrap();
+    let batch = Sealer::new(gateway, signing, hub_pub, [7; 32], 0x77)
+        .seal(Stream::Alarms, 7, 1, &records(1))
+        .unwrap()
+        .bytes;
+    gw.publish(Stream::Alarms, batch).await;
+    assert_eq!(
+        gw.next_acks(1).await,
+        [7],
+        "the forged ack reached the gateway"
+    );
+    hub.shutdown().await;
+}

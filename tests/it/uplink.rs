@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use citygate::backoff::BackoffPolicy;
 use citygate::mqtt::{
-    tls, BrokerError, BrokerOptions, CertAuthority, CertKeyFiles, EmbeddedBroker, LinkEvent,
-    LinkFailure, LinkOptions, LinkTls, MqttLink, QoS, TlsClientFiles, TlsError,
+    tls, BrokerAccess, BrokerError, BrokerOptions, CertAuthority, CertKeyFiles, EmbeddedBroker,
+    LinkEvent, LinkFailure, LinkOptions, LinkTls, MqttLink, QoS, TlsClientFiles, TlsError,
 };
 use tempfile::TempDir;
 use tokio::sync::mpsc;
@@ -446,22 +446,173 @@ async fn server_config_requires_client_certificates_and_prefers_chacha20() {
     assert!(results[1].is_err(), "anonymous client accepted");
 }
 
-/// Known limitation of rumqttd 0.20, pinned here so a fix upstream gets noticed: its accept
-/// loop performs TLS handshakes one at a time without a timeout, so one TCP connection that
-/// never sends a ClientHello keeps every other client out. Ignored because it takes the
-/// link's whole connect timeout.
+/// issue 9 item 9: an idle TCP connection, a half-sent ClientHello and a finished TLS
+/// handshake without CONNECT do not keep a new client out (rumqttd 0.20 did handshakes one at
+/// a time in its accept loop, without a timeout), and the broker closes them after its
+/// connect timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "documents a rumqttd limitation; takes 5 s"]
-async fn known_limitation_a_stalled_handshake_blocks_the_embedded_broker() {
+async fn idle_sockets_and_half_handshakes_do_not_block_the_embedded_broker() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     let pki = pki();
-    let broker = pki.broker();
-    let _stalled = tokio::net::TcpStream::connect(broker.tls_addr())
+    let mut opts = BrokerOptions::localhost(pki.ca.server_files(&pki.server));
+    opts.connect_timeout = Duration::from_secs(3);
+    let broker = EmbeddedBroker::start(opts).unwrap();
+    let addr = broker.tls_addr();
+    let idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // A TLS record header announcing a 512-byte ClientHello, then only its first bytes.
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
         .await
         .unwrap();
-    let (_gw, mut gw_rx) = link(
-        broker.tls_addr(),
-        "gw-0006",
-        LinkTls::Files(pki.client("gw-0006")),
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let client = tls::client_config(&pki.client("gw-0007")).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut silent = tokio_rustls::TlsConnector::from(client)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+
+    let (gw, mut gw_rx) = link(addr, "gw-0006", LinkTls::Files(pki.client("gw-0006")));
+    connected(&mut gw_rx).await;
+    // The client got in while all three were still open.
+    let mut probe = [0u8; 1];
+    assert!(
+        matches!(idle.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     );
-    assert_eq!(refused(&mut gw_rx).await, LinkFailure::Timeout);
+    assert!(
+        matches!(half.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    );
+    gw.shutdown().await;
+
+    // After the connect timeout the broker closes them.
+    let closed = |n: std::io::Result<usize>| matches!(n, Ok(0) | Err(_));
+    let mut idle = idle;
+    assert!(closed(timeout(WAIT, idle.read(&mut probe)).await.unwrap()));
+    assert!(closed(timeout(WAIT, half.read(&mut probe)).await.unwrap()));
+    assert!(closed(
+        timeout(WAIT, silent.read(&mut probe)).await.unwrap()
+    ));
+    // Counted just after the socket closes: poll, bounded.
+    let counted = timeout(WAIT, async {
+        while broker.stats().handshakes_failed < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(counted.is_ok(), "{:?}", broker.stats());
+}
+
+/// A broker with access rules: hub `hub-1`, gateways `gw1` and `gw2`.
+fn ruled_broker(pki: &Pki) -> EmbeddedBroker {
+    let mut opts = BrokerOptions::localhost(pki.ca.server_files(&pki.server));
+    opts.access = Some(BrokerAccess {
+        hubs: ["hub-1".to_owned()].into(),
+        gateways: ["gw1".to_owned(), "gw2".to_owned()].into(),
+    });
+    EmbeddedBroker::start(opts).unwrap()
+}
+
+/// issue 9 item 1 (the embedded broker's part): a certificate that is not the hub's cannot
+/// publish an ack for gw1 (its connection is closed, nothing reaches gw1), nor read gw1's
+/// batches; the hub's ack does reach gw1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_ack_through_the_embedded_broker_never_reaches_the_gateway() {
+    let pki = pki();
+    let broker = ruled_broker(&pki);
+    let addr = broker.tls_addr();
+    let ack = "citygate/v1/gw1/ack";
+    let (gw, mut gw_rx) = link(addr, "gw1", LinkTls::Files(pki.client("gw1")));
+    connected(&mut gw_rx).await;
+    gw.subscribe(ack, QoS::AtLeastOnce).await.unwrap();
+    subscribed(&mut gw_rx).await;
+
+    for forger in ["sim-1", "gw2"] {
+        let (rogue, mut rogue_rx) = link(addr, forger, LinkTls::Files(pki.client(forger)));
+        connected(&mut rogue_rx).await;
+        rogue
+            .publish(ack, QoS::AtMostOnce, Bytes::from_static(b"forged"))
+            .await
+            .unwrap();
+        wait_for(&mut rogue_rx, "the forger's disconnection", |e| {
+            matches!(e, LinkEvent::Disconnected { .. })
+        })
+        .await;
+        rogue.shutdown().await;
+    }
+    let (spy, mut spy_rx) = link(addr, "sim-2", LinkTls::Files(pki.client("sim-2")));
+    connected(&mut spy_rx).await;
+    spy.subscribe("citygate/v1/gw1/readings", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    wait_for(&mut spy_rx, "the spy's disconnection", |e| {
+        matches!(e, LinkEvent::Disconnected { .. })
+    })
+    .await;
+    spy.shutdown().await;
+    // (At least: a link may repeat its subscription when it reconnects.)
+    assert!(broker.stats().packets_denied >= 3, "{:?}", broker.stats());
+
+    let (hub, mut hub_rx) = link(addr, "hub-1", LinkTls::Files(pki.client("hub-1")));
+    connected(&mut hub_rx).await;
+    hub.publish(ack, QoS::AtLeastOnce, Bytes::from_static(b"genuine"))
+        .await
+        .unwrap();
+    let (topic, payload) = received(&mut gw_rx).await;
+    assert_eq!((topic.as_str(), &payload[..]), (ack, &b"genuine"[..]));
+    hub.shutdown().await;
+    gw.shutdown().await;
+}
+
+/// issue 9 item 1 (the embedded broker's part): a client whose certificate is not gw1's
+/// connecting as `gw1` gets a session of its own: the real gateway stays connected and
+/// subscribed, and the impostor cannot read gw1's acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_certificate_cannot_take_over_a_gateways_client_id() {
+    let pki = pki();
+    let broker = ruled_broker(&pki);
+    let addr = broker.tls_addr();
+    let (gw, mut gw_rx) = link(addr, "gw1", LinkTls::Files(pki.client("gw1")));
+    connected(&mut gw_rx).await;
+    gw.subscribe("citygate/v1/gw1/ack", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    subscribed(&mut gw_rx).await;
+
+    let (thief, mut thief_rx) = link(addr, "gw1", LinkTls::Files(pki.client("sim-1")));
+    connected(&mut thief_rx).await;
+    thief
+        .subscribe("citygate/v1/gw1/ack", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    wait_for(&mut thief_rx, "the impostor's disconnection", |e| {
+        matches!(e, LinkEvent::Disconnected { .. })
+    })
+    .await;
+    thief.shutdown().await;
+    assert!(broker.stats().packets_denied >= 1, "{:?}", broker.stats());
+
+    // The real gw1 is still connected and subscribed: the hub's ack reaches it.
+    let (hub, mut hub_rx) = link(addr, "hub-1", LinkTls::Files(pki.client("hub-1")));
+    connected(&mut hub_rx).await;
+    hub.publish(
+        "citygate/v1/gw1/ack",
+        QoS::AtLeastOnce,
+        Bytes::from_static(b"a"),
+    )
+    .await
+    .unwrap();
+    let event = wait_for(&mut gw_rx, "the ack or a disconnection", |e| {
+        matches!(
+            e,
+            LinkEvent::Publish { .. } | LinkEvent::Disconnected { .. }
+        )
+    })
+    .await;
+    assert!(
+        matches!(&event, LinkEvent::Publish { payload, .. } if &payload[..] == b"a"),
+        "gw1 lost its session: {event:?}"
+    );
+    hub.shutdown().await;
+    gw.shutdown().await;
 }
