@@ -9,7 +9,8 @@ use citygate::config::{DeviceConfig, DeviceKind, ModbusConfig, ModbusDevice, Tra
 use citygate::profile::{LineSettings, Parity, Profile};
 use citygate::reading::{DeviceId, UnitId};
 use citygate::sim::{Chaos, RtuSim, SimMeters};
-use citygate::source::rtu::transport::{DtuListener, Link};
+use citygate::source::rtu::dtu::DtuListener;
+use citygate::source::rtu::transport::Link;
 use citygate::source::rtu::{LineOverride, LineTiming, RtuBus};
 use citygate::source::{RawSample, SourceContext};
 use citygate::telemetry::Metrics;

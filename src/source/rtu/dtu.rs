@@ -32,7 +32,7 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::transport::{trim_packet, BoxedStream};
+use super::link::BoxedStream;
 use crate::config::PeerNet;
 use crate::telemetry::Metrics;
 
@@ -403,9 +403,24 @@ fn longest_prefix<'a, T>(routes: &'a HashMap<Vec<u8>, T>, buf: &[u8]) -> Option<
         .map(|(id, t)| (id.as_slice(), t))
 }
 
+/// A registration or heartbeat packet without trailing CR, LF or NUL.
+pub(crate) fn trim_packet(p: &[u8]) -> &[u8] {
+    let end = p
+        .iter()
+        .rposition(|b| !matches!(b, b'\r' | b'\n' | 0))
+        .map_or(0, |i| i + 1);
+    &p[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packets_are_trimmed() {
+        assert_eq!(trim_packet(b"865000111\r\n"), b"865000111");
+        assert_eq!(trim_packet(b"\r\n"), b"");
+    }
     use tokio::io::AsyncWriteExt;
 
     fn addr(s: &str) -> SocketAddr {

@@ -62,6 +62,9 @@ pub struct LinkStats {
 pub trait RtuStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> RtuStream for T {}
 
+/// A boxed stream, so serial ports, TCP and DTU connections share one bus task.
+pub(crate) type BoxedStream = Box<dyn RtuStream>;
+
 /// Runs transactions over one stream.
 pub(crate) struct Transactor<S> {
     stream: S,

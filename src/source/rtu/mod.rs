@@ -6,11 +6,11 @@
 //! - `link`: one transaction at a time over any byte stream, with draining.
 //! - `bus`: the [`RtuBus`] task that owns one bus and schedules its devices.
 //! - `transport`: opening serial ports and TCP streams.
-//! - `dtu`: the [`DtuListener`](transport::DtuListener) for DTUs that dial in, and who
+//! - `dtu`: the [`DtuListener`](dtu::DtuListener) for DTUs that dial in, and who
 //!   may take a registered DTU's place.
 
 pub mod bus;
-pub(crate) mod dtu;
+pub mod dtu;
 pub(crate) mod frame;
 pub(crate) mod link;
 pub(crate) mod spawn;

@@ -7,8 +7,9 @@ use std::pin::Pin;
 
 use tracing::{info_span, Instrument};
 
+use super::dtu::DtuListener;
 use super::timing::LineTiming;
-use super::transport::{DtuListener, Link};
+use super::transport::Link;
 use super::RtuBus;
 
 use crate::config::{DeviceConfig, Transport};

@@ -3,7 +3,7 @@
 //! - Serial: `tokio-serial` with the bus's line settings, opened exclusively.
 //! - RTU over TCP: a serial device server or a DTU in transparent mode; the bus
 //!   connects to it.
-//! - DTU dial-in: the gateway listens ([`DtuListener`], see `dtu` for who may take a
+//! - DTU dial-in: the gateway listens ([`DtuListener`](super::dtu::DtuListener), see `dtu` for who may take a
 //!   DTU's place); the bus waits for the connection the listener hands it.
 
 use std::fmt;
@@ -13,13 +13,9 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
-use super::link::RtuStream;
+use super::dtu::DtuSessions;
+pub(crate) use super::link::BoxedStream;
 use crate::profile::{LineSettings, Parity};
-
-pub use super::dtu::{DtuListener, DtuSessions};
-
-/// A boxed stream, so serial ports, TCP and DTU connections share one bus task.
-pub(crate) type BoxedStream = Box<dyn RtuStream>;
 
 /// Where a bus's stream comes from.
 pub enum Link {
@@ -134,24 +130,4 @@ pub fn open_serial(port: &str, line: &LineSettings) -> io::Result<tokio_serial::
         };
         io::Error::new(kind, format!("serial port {port}: {}", e.description))
     })
-}
-
-/// A registration or heartbeat packet without trailing CR, LF or NUL.
-pub(crate) fn trim_packet(p: &[u8]) -> &[u8] {
-    let end = p
-        .iter()
-        .rposition(|b| !matches!(b, b'\r' | b'\n' | 0))
-        .map_or(0, |i| i + 1);
-    &p[..end]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packets_are_trimmed() {
-        assert_eq!(trim_packet(b"865000111\r\n"), b"865000111");
-        assert_eq!(trim_packet(b"\r\n"), b"");
-    }
 }
