@@ -26,7 +26,7 @@ export "CARGO_TARGET_${env_triple}_RUNNER=$qemu -L $sysroot"
 export QEMU_LD_PREFIX=$sysroot
 
 cargo build --release --locked --target "$triple" --bin citygate
-ls -l "target/$triple/release/citygate"
+ls -l "${CARGO_TARGET_DIR:-target}/$triple/release/citygate"
 if [ "$mode" = "--test" ]; then
   skip=()
   if [ ! -e "/proc/sys/fs/binfmt_misc/$qemu" ]; then

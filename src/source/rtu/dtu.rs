@@ -415,16 +415,16 @@ pub(crate) fn trim_packet(p: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
 
     #[test]
     fn packets_are_trimmed() {
         assert_eq!(trim_packet(b"865000111\r\n"), b"865000111");
         assert_eq!(trim_packet(b"\r\n"), b"");
-    }
-    use tokio::io::AsyncWriteExt;
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().unwrap()
     }
 
     #[tokio::test]
