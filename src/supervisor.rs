@@ -30,7 +30,11 @@ use crate::seal::Sealer;
 use crate::seal::{HubPublicKey, KeyError};
 use crate::source::modbus::ModbusPoller;
 use crate::source::mqtt::MqttSubscriber;
-use crate::source::SourceContext;
+use crate::source::{GatewayAlarms, SourceContext};
+
+/// Gateway alarm records queued towards the batcher; more at once are dropped (their log
+/// lines and counters remain).
+const GATEWAY_ALARMS_CAPACITY: usize = 64;
 use crate::store::{Outbox, StoreStats};
 use crate::telemetry::Metrics;
 use crate::transform::minimise::{Policy, PseudonymKey};
@@ -149,6 +153,8 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
         move |s| first_seq(seq_outbox.next_seq_at_open(s)),
         metrics.clone(),
     );
+    let (alarms_tx, alarms_rx) = mpsc::channel(GATEWAY_ALARMS_CAPACITY);
+    batcher = batcher.with_gateway_alarms(alarms_rx);
     if let Some(recovery) = outbox.recovery() {
         // The store was damaged and replaced at open: say so where the hub sees it.
         metrics.store_recoveries.inc();
@@ -187,7 +193,8 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
     }
     // Every source gets the same sender and metrics and a token of its own under
     // `shutdown`; the last sender drops with `sources` once every source has stopped.
-    let sources = SourceContext::new(samples_tx, metrics.clone(), &shutdown, cfg.modbus);
+    let sources = SourceContext::new(samples_tx, metrics.clone(), &shutdown, cfg.modbus)
+        .with_alarms(GatewayAlarms::new(&cfg.gateway_id, alarms_tx));
     let mut rtu_groups = Vec::new();
     for (transport, devices) in endpoints {
         match transport {

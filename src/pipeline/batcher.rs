@@ -70,6 +70,10 @@ pub struct Batcher {
     open: [OpenBatch; 3],
     next_seq: [u64; 3],
     metrics: Arc<Metrics>,
+    /// Alarm records the gateway raises about itself while running ([`GatewayAlarms`]).
+    ///
+    /// [`GatewayAlarms`]: crate::source::GatewayAlarms
+    gateway_rx: Option<mpsc::Receiver<Record>>,
 }
 
 impl Batcher {
@@ -95,7 +99,15 @@ impl Batcher {
             open: Default::default(),
             next_seq: Stream::ALL.map(next_seq),
             metrics,
+            gateway_rx: None,
         }
+    }
+
+    /// Also takes the gateway's own alarm records from `rx` (the receiving end of
+    /// [`GatewayAlarms`](crate::source::GatewayAlarms)) into the alarms stream.
+    pub(crate) fn with_gateway_alarms(mut self, rx: mpsc::Receiver<Record>) -> Self {
+        self.gateway_rx = Some(rx);
+        self
     }
 
     /// Puts a record the gateway itself raised (not from a meter, so not minimised) into
@@ -118,9 +130,19 @@ impl Batcher {
                     Some(s) => self.accept(s).await,
                     None => break,
                 },
+                record = recv_some(&mut self.gateway_rx), if self.gateway_rx.is_some() => match record {
+                    Some(r) => self.push_gateway_record(Stream::Alarms, r),
+                    None => self.gateway_rx = None,
+                },
                 _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
                     self.seal_expired().await;
                 }
+            }
+        }
+        // Alarms raised before the sources stopped leave with the last batch.
+        if let Some(mut rx) = self.gateway_rx.take() {
+            while let Ok(r) = rx.try_recv() {
+                self.push_gateway_record(Stream::Alarms, r);
             }
         }
         for stream in Stream::ALL {
@@ -276,6 +298,14 @@ pub(crate) fn store_recovery_alarm(
         at_ms: now_ms(),
         quality: crate::reading::Quality::Good,
         tags: vec!["store_corruption".into(), format!("moved_to={moved}")],
+    }
+}
+
+/// The next record from `rx`, if it is open.
+async fn recv_some(rx: &mut Option<mpsc::Receiver<Record>>) -> Option<Record> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => None,
     }
 }
 
@@ -437,5 +467,73 @@ mod tests {
         let (sealed, metrics) = run(u64::MAX, 2).await;
         assert!(sealed.is_empty());
         assert_eq!(metrics.seal_errors.get(), 1);
+    }
+
+    /// A gateway alarm raised while the batcher runs leaves in an alarms batch, as raised
+    /// (not minimised: it names no meter).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gateway_alarms_raised_at_run_time_leave_on_the_alarms_stream() {
+        let p = profile();
+        let policy = Policy::new(
+            "t",
+            Default::default(),
+            PseudonymKey::from_bytes([7; 32]),
+            &[],
+        );
+        let (samples_tx, samples_rx) = mpsc::channel(16);
+        let (sealed_tx, mut sealed_rx) = mpsc::channel(16);
+        let (alarms_tx, alarms_rx) = mpsc::channel(4);
+        let cfg = BatchConfig {
+            max_age: Duration::from_secs(3600),
+            max_records: 100,
+            alarm_state_every: Duration::from_secs(3600),
+        };
+        let batcher = Batcher::new(
+            samples_rx,
+            sealed_tx,
+            sealer(&policy),
+            policy,
+            cfg,
+            |_| 1,
+            Arc::new(Metrics::default()),
+        )
+        .with_gateway_alarms(alarms_rx);
+        let task = tokio::spawn(batcher.run());
+        let alarms = crate::source::GatewayAlarms::new(&GatewayId::new("gw-1").unwrap(), alarms_tx);
+        assert!(alarms.raise("dtu_peer_changed", 1, vec!["listen=0.0.0.0:9000".into()]));
+        drop(alarms);
+        // The batcher keeps running on samples after the alarm sender is gone.
+        samples_tx
+            .send(RawSample {
+                device: DeviceId::new("m1").unwrap(),
+                profile: p.clone(),
+                at_ms: 1_700_000_000_000,
+                data: SampleData::Registers(image(&p)),
+                ratios: Ratios::UNITY,
+            })
+            .await
+            .unwrap();
+        drop(samples_tx);
+        let mut sealed = Vec::new();
+        while let Some(b) = sealed_rx.recv().await {
+            sealed.push(b);
+        }
+        task.await.unwrap();
+        let mut opener = crate::seal::Opener::new(HubSecretKey::from_bytes(&[2; 32]));
+        opener.register(
+            GatewayId::new("gw-batcher").unwrap(),
+            ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
+        );
+        let alarms: Vec<Record> = sealed
+            .iter()
+            .filter(|b| b.stream == Stream::Alarms)
+            .flat_map(|b| opener.open(&b.bytes).unwrap().records)
+            .collect();
+        assert_eq!(alarms.len(), 1, "{alarms:?}");
+        assert_eq!(
+            (alarms[0].subject.as_str(), alarms[0].field.as_str()),
+            ("gateway:gw-1", "dtu_peer_changed")
+        );
+        assert_eq!(alarms[0].value, Value::Int(1));
     }
 }

@@ -13,7 +13,45 @@ use tokio_util::sync::CancellationToken;
 
 use super::RawSample;
 use crate::config::ModbusConfig;
+use crate::reading::{now_ms, GatewayId, Quality, Record, Unit, Value};
 use crate::telemetry::Metrics;
+
+/// Records the gateway raises about itself while it runs (not meter readings): the batcher
+/// puts them on the alarms stream with subject `gateway:<id>`, outside the purpose policy
+/// (they name no meter). Without a sender (tests, tools) raising only logs.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayAlarms {
+    tx: Option<mpsc::Sender<Record>>,
+    subject: String,
+}
+
+impl GatewayAlarms {
+    pub fn new(gateway: &GatewayId, tx: mpsc::Sender<Record>) -> Self {
+        Self {
+            tx: Some(tx),
+            subject: format!("gateway:{}", gateway.as_str()),
+        }
+    }
+
+    /// Queues an alarm record `field` = `value` with `tags`; false if it could not be
+    /// queued (no sender, or the batcher is gone or far behind: the caller's log line and
+    /// counter remain).
+    pub(crate) fn raise(&self, field: &str, value: i64, tags: Vec<String>) -> bool {
+        let Some(tx) = &self.tx else {
+            return false;
+        };
+        let record = Record {
+            subject: self.subject.clone(),
+            field: field.to_owned(),
+            value: Value::Int(value),
+            unit: Unit::One,
+            at_ms: now_ms(),
+            quality: Quality::Good,
+            tags,
+        };
+        tx.try_send(record).is_ok()
+    }
+}
 
 /// The sample sender, metrics, cancellation and settings a source runs with.
 #[derive(Debug, Clone)]
@@ -24,6 +62,8 @@ pub struct SourceContext {
     pub shutdown: CancellationToken,
     /// Timeouts and backoff cap for Modbus sources.
     pub modbus: ModbusConfig,
+    /// Where a source raises alarms about the gateway itself (e.g. a DTU changing address).
+    pub alarms: GatewayAlarms,
 }
 
 impl SourceContext {
@@ -39,7 +79,14 @@ impl SourceContext {
             metrics,
             shutdown: shutdown.child_token(),
             modbus,
+            alarms: GatewayAlarms::default(),
         }
+    }
+
+    /// The same context, raising gateway alarms through `alarms`.
+    pub fn with_alarms(mut self, alarms: GatewayAlarms) -> Self {
+        self.alarms = alarms;
+        self
     }
 
     /// The context for one more source: the same sender, metrics and settings, and a

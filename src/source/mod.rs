@@ -14,7 +14,7 @@ pub mod mqtt;
 pub(crate) mod poll;
 pub mod rtu;
 
-pub use context::SourceContext;
+pub use context::{GatewayAlarms, SourceContext};
 
 use std::sync::Arc;
 

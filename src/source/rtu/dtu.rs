@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use super::link::BoxedStream;
 use crate::config::PeerNet;
+use crate::source::GatewayAlarms;
 use crate::telemetry::Metrics;
 
 /// How long a DTU has to send its registration packet after connecting.
@@ -216,6 +217,7 @@ pub struct DtuListener {
     routes: Arc<HashMap<Vec<u8>, Route>>,
     allow: Vec<PeerNet>,
     metrics: Arc<Metrics>,
+    alarms: GatewayAlarms,
     shutdown: CancellationToken,
 }
 
@@ -252,6 +254,7 @@ impl DtuListener {
             routes: Arc::new(routes),
             allow: Vec::new(),
             metrics: Arc::new(Metrics::default()),
+            alarms: GatewayAlarms::default(),
             shutdown,
         };
         (listener, sessions)
@@ -266,6 +269,12 @@ impl DtuListener {
     /// Counts refusals in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Raises an alarm record through `alarms` when a DTU registers from a new address.
+    pub fn with_alarms(mut self, alarms: GatewayAlarms) -> Self {
+        self.alarms = alarms;
         self
     }
 
@@ -301,11 +310,13 @@ impl DtuListener {
             }
             let routes = self.routes.clone();
             let metrics = self.metrics.clone();
+            let alarms = self.alarms.clone();
+            let listen = self.listen.clone();
             let shutdown = self.shutdown.clone();
             tokio::spawn(async move {
                 tokio::select! {
                     () = shutdown.cancelled() => {}
-                    () = register(stream, peer, routes, metrics) => {}
+                    () = register(stream, peer, routes, metrics, (alarms, listen)) => {}
                 }
             });
         }
@@ -320,6 +331,7 @@ async fn register(
     peer: SocketAddr,
     routes: Arc<HashMap<Vec<u8>, Route>>,
     metrics: Arc<Metrics>,
+    (alarms, listen): (GatewayAlarms, String),
 ) {
     let _ = stream.set_nodelay(true);
     let deadline = Instant::now() + REGISTRATION_TIMEOUT;
@@ -379,6 +391,13 @@ async fn register(
             if let Some(last) = moved_from {
                 metrics.dtu_peer_changed.inc();
                 warn!(peer = %peer, dtu = %dtu, last_ip = %last, "dtu registered from another address than last time");
+                // The record names the listener, not the DTU id (often the modem's IMEI)
+                // nor addresses: the operator finds both in this log line.
+                alarms.raise(
+                    "dtu_peer_changed",
+                    1,
+                    vec!["dtu_peer_changed".into(), format!("listen={listen}")],
+                );
             }
             let session = Session {
                 stream: Box::new(stream),
@@ -454,6 +473,57 @@ mod tests {
         let mut sink = [0u8; 4];
         let closed = timeout(Duration::from_secs(5), unknown.read(&mut sink)).await;
         assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+        token.cancel();
+    }
+
+    /// Issue 9 item 10: a DTU that registers again from another address raises an alarm
+    /// record (with the WARN and the counter); it names the listener, not the DTU id.
+    #[tokio::test]
+    async fn a_registration_from_another_address_raises_an_alarm_record() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = CancellationToken::new();
+        let (alarms_tx, mut alarms_rx) = mpsc::channel(4);
+        let gw = crate::reading::GatewayId::new("gw-1").unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let (dtu, mut rx) = DtuListener::new(addr.to_string(), ["A1".to_string()], token.clone());
+        let dtu = dtu
+            .with_metrics(metrics.clone())
+            .with_alarms(GatewayAlarms::new(&gw, alarms_tx));
+        tokio::spawn(dtu.serve(listener));
+        let sessions = rx.get_mut("A1").unwrap();
+
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        first.write_all(b"A1\r\n").await.unwrap();
+        let _stream = timeout(Duration::from_secs(5), sessions.next())
+            .await
+            .unwrap()
+            .unwrap();
+        // The bus saw the session fail; the DTU comes back from another address.
+        sessions.closed();
+        drop(first);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(self::addr("127.0.0.2:0")).unwrap();
+        let mut moved = socket.connect(addr).await.unwrap();
+        moved.write_all(b"A1\r\n").await.unwrap();
+        let _stream = timeout(Duration::from_secs(5), sessions.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let alarm = timeout(Duration::from_secs(5), alarms_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (alarm.subject.as_str(), alarm.field.as_str()),
+            ("gateway:gw-1", "dtu_peer_changed")
+        );
+        assert_eq!(
+            alarm.tags,
+            ["dtu_peer_changed".to_string(), format!("listen={addr}")]
+        );
+        assert_eq!(metrics.dtu_peer_changed.get(), 1);
+        assert!(alarms_rx.try_recv().is_err());
         token.cancel();
     }
 

@@ -87,7 +87,10 @@ pub(crate) fn tasks(groups: Vec<(Transport, Vec<DeviceConfig>)>, cx: &SourceCont
             .unwrap_or_default();
         let span = info_span!("dtu_listener", listen = %listen);
         let (listener, mut receivers) = DtuListener::new(listen, ids, cx.shutdown.child_token());
-        let listener = listener.with_allow(allow).with_metrics(cx.metrics.clone());
+        let listener = listener
+            .with_allow(allow)
+            .with_metrics(cx.metrics.clone())
+            .with_alarms(cx.alarms.clone());
         out.push(Box::pin(listener.run().instrument(span)));
         for (transport, devices) in buses {
             let Transport::Dtu { id, .. } = &transport else {
