@@ -365,18 +365,7 @@ proptest! {
 /// refused before anything is decrypted or allocated for them.
 #[test]
 fn a_signed_batch_announcing_too_many_records_is_refused_before_decrypting() {
-    let empty = Record {
-        subject: String::new(),
-        field: String::new(),
-        value: crate::reading::Value::Bool(false),
-        unit: crate::reading::Unit::One,
-        at_ms: 0,
-        quality: crate::reading::Quality::Good,
-        tags: Vec::new(),
-    };
-    let plain =
-        bincode::serde::encode_to_vec(vec![empty; 600_000], bincode::config::standard()).unwrap();
-    let compressed = zstd::bulk::compress(&plain, ZSTD_LEVEL).unwrap();
+    let compressed = super::codec::amplified_plaintext(600_000);
     let seal_raw = |count: u32| {
         sealer()
             .seal_plaintext(Stream::Readings, 1, 0, count, &compressed, &mut rng())
