@@ -149,6 +149,7 @@ fn bench(c: &mut Criterion) {
     let metrics = Arc::new(citygate::telemetry::Metrics::default());
     let cfg = BatchConfig {
         max_age: std::time::Duration::from_secs(3600),
+        min_interval: std::time::Duration::ZERO,
         max_records: recs.len() / 4,
         alarm_state_every: std::time::Duration::from_secs(3600),
     };

@@ -154,7 +154,11 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
         metrics.clone(),
     );
     let (alarms_tx, alarms_rx) = mpsc::channel(GATEWAY_ALARMS_CAPACITY);
-    batcher = batcher.with_gateway_alarms(alarms_rx);
+    // Pollers report their rounds here; the batcher seals when none is in progress.
+    let rounds = crate::source::Rounds::default();
+    batcher = batcher
+        .with_gateway_alarms(alarms_rx)
+        .with_rounds(rounds.clone());
     if let Some(recovery) = outbox.recovery() {
         // The store was damaged and replaced at open: say so where the hub sees it.
         metrics.store_recoveries.inc();
@@ -194,7 +198,8 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
     // Every source gets the same sender and metrics and a token of its own under
     // `shutdown`; the last sender drops with `sources` once every source has stopped.
     let sources = SourceContext::new(samples_tx, metrics.clone(), &shutdown, cfg.modbus)
-        .with_alarms(GatewayAlarms::new(&cfg.gateway_id, alarms_tx));
+        .with_alarms(GatewayAlarms::new(&cfg.gateway_id, alarms_tx))
+        .with_rounds(rounds);
     let mut rtu_groups = Vec::new();
     for (transport, devices) in endpoints {
         match transport {

@@ -81,6 +81,7 @@ metrics! {
     records_minimised: "Records left after purpose minimisation.",
     records_sealed: "Records sealed into batches.",
     batches_sealed: "Batches sealed.",
+    batches_sealed_idle: "Batches sealed because a poll round ended and nothing was queued (the rest by age or size).",
     batches_committed: "Batches durably committed to the store.",
     seal_errors: "Batches that could not be sealed.",
     store_errors: "Store writes that failed.",

@@ -198,6 +198,9 @@ pub const MAX_BATCH_BYTES: usize = 512 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchConfig {
     pub max_age: Duration,
+    /// Shortest time between two seals of a stream at the end of poll rounds
+    /// (see `crate::pipeline::Batcher`).
+    pub min_interval: Duration,
     pub max_records: usize,
     /// An alarm-stream field is sent when its value or quality changes, and otherwise
     /// at least this often (its standing state).

@@ -54,6 +54,8 @@ struct RawPurpose {
 struct RawBatch {
     #[serde(default = "default_max_age")]
     max_age: Spanned<HumanDuration>,
+    #[serde(default = "default_min_interval")]
+    min_interval: Spanned<HumanDuration>,
     #[serde(default = "default_max_records")]
     max_records: Spanned<usize>,
     #[serde(default = "default_alarm_state_every")]
@@ -64,8 +66,15 @@ fn default_alarm_state_every() -> Spanned<HumanDuration> {
     Spanned::new(0..0, HumanDuration(Duration::from_secs(15 * 60)))
 }
 
+/// Default shortest gap between two round-end seals of a stream: at most ten batches a
+/// second per stream however the pollers' rounds interleave.
+pub(crate) const DEFAULT_MIN_INTERVAL: Duration = Duration::from_millis(100);
+
 fn default_max_age() -> Spanned<HumanDuration> {
     Spanned::new(0..0, HumanDuration(Duration::from_secs(1)))
+}
+fn default_min_interval() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(DEFAULT_MIN_INTERVAL))
 }
 fn default_max_records() -> Spanned<usize> {
     Spanned::new(0..0, 5000)
@@ -75,6 +84,7 @@ impl Default for RawBatch {
     fn default() -> Self {
         Self {
             max_age: default_max_age(),
+            min_interval: default_min_interval(),
             max_records: default_max_records(),
             alarm_state_every: default_alarm_state_every(),
         }
@@ -192,6 +202,7 @@ pub(super) fn parse(
 
     let batch = BatchConfig {
         max_age: raw.batch.max_age.get_ref().0,
+        min_interval: raw.batch.min_interval.get_ref().0,
         max_records: *raw.batch.max_records.get_ref(),
         alarm_state_every: raw.batch.alarm_state_every.get_ref().0,
     };
@@ -207,6 +218,16 @@ pub(super) fn parse(
             raw.batch.max_age.span(),
             "batch.max_age",
             "must be between 1ms and 60s",
+        ));
+    }
+    if batch.min_interval > batch.max_age {
+        errors.push(src.at(
+            raw.batch.min_interval.span(),
+            "batch.min_interval",
+            format!(
+                "must not exceed batch.max_age ({}), e.g. \"100ms\"",
+                humantime::format_duration(batch.max_age)
+            ),
         ));
     }
     let ceiling = crate::seal::MAX_RECORDS_PER_BATCH as usize;

@@ -1,5 +1,22 @@
 //! Normalise → check → minimise → batch → seal.
 //!
+//! # When a batch leaves
+//!
+//! A stream's open batch is sealed at the first of:
+//! - **the end of a poll round** — no poller is in the middle of a round and no sample is
+//!   queued ([`Rounds`]), so every reading of the round is in: the batch leaves at once,
+//!   unless the stream sealed less than `batch.min_interval` ago (then at that point, if the
+//!   gateway is still idle). Under load, rounds are long and batches large; when idle, a
+//!   reading waits only for its round's last poll. MQTT-only gateways have no rounds: their
+//!   messages leave when the sample queue runs empty, at most once per `min_interval`.
+//!   `min_interval = max_age` turns this off (batches leave by age and size only).
+//! - **`batch.max_age`** after its first record — the bound when pollers overlap without
+//!   pause and the gateway is never idle;
+//! - **`batch.max_records`** records, or the largest envelope the hub takes.
+//!
+//! What a SIGKILL can cost is the open batches: at most one round's readings (and at most
+//! `max_age` of them).
+//!
 //! Sealing (zstd, HPKE, Ed25519 over a whole batch) is CPU work of up to milliseconds, so it
 //! runs on a blocking thread. The batcher waits for each seal before it continues, so batches
 //! leave in sealing order and sequence numbers stay gap-free per stream; samples meanwhile
@@ -15,7 +32,7 @@ use tracing::{error, info};
 use crate::config::{BatchConfig, MAX_BATCH_BYTES};
 use crate::reading::{now_ms, DeviceId, Record, Stream};
 use crate::seal::{SealedBatch, Sealer};
-use crate::source::{RawSample, SampleData};
+use crate::source::{RawSample, Rounds, SampleData};
 use crate::telemetry::Metrics;
 use crate::transform::alarm::AlarmGate;
 use crate::transform::check::Checker;
@@ -29,6 +46,18 @@ struct OpenBatch {
     /// Sum of [`record_bytes_bound`] over `records`.
     bytes_bound: usize,
     deadline: Option<Instant>,
+    /// When the gateway went idle too soon after the last seal: seal then, if still idle.
+    idle_at: Option<Instant>,
+}
+
+impl OpenBatch {
+    /// The earlier of the batch's two timers.
+    fn wake_at(&self) -> Option<Instant> {
+        match (self.deadline, self.idle_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// An upper bound of everything in a sealed envelope but the records: header (gateway id,
@@ -74,6 +103,11 @@ pub struct Batcher {
     ///
     /// [`GatewayAlarms`]: crate::source::GatewayAlarms
     gateway_rx: Option<mpsc::Receiver<Record>>,
+    /// The pollers' rounds; `None`: seal by age and size only.
+    rounds: Option<Rounds>,
+    /// When each stream last sealed (the batcher's start before its first seal, so
+    /// `min_interval = max_age` turns round-end sealing off).
+    last_seal: [Option<Instant>; 3],
 }
 
 impl Batcher {
@@ -100,7 +134,16 @@ impl Batcher {
             next_seq: Stream::ALL.map(next_seq),
             metrics,
             gateway_rx: None,
+            rounds: None,
+            last_seal: [Some(Instant::now()); 3],
         }
+    }
+
+    /// Seals at the end of the pollers' rounds (see the module docs), not only by age and
+    /// size.
+    pub(crate) fn with_rounds(mut self, rounds: Rounds) -> Self {
+        self.rounds = Some(rounds);
+        self
     }
 
     /// Also takes the gateway's own alarm records from `rx` (the receiving end of
@@ -124,7 +167,8 @@ impl Batcher {
     /// Runs until the sample channel closes, then seals what is open.
     pub async fn run(mut self) {
         loop {
-            let deadline = self.open.iter().filter_map(|b| b.deadline).min();
+            let deadline = self.open.iter().filter_map(OpenBatch::wake_at).min();
+            let rounds = self.rounds.clone();
             tokio::select! {
                 sample = self.samples_rx.recv() => match sample {
                     Some(s) => self.accept(s).await,
@@ -134,10 +178,12 @@ impl Batcher {
                     Some(r) => self.push_gateway_record(Stream::Alarms, r),
                     None => self.gateway_rx = None,
                 },
+                () = rounds_ended(rounds.as_ref()), if rounds.is_some() => {}
                 _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
                     self.seal_expired().await;
                 }
             }
+            self.seal_if_idle().await;
         }
         // Alarms raised before the sources stopped leave with the last batch.
         if let Some(mut rx) = self.gateway_rx.take() {
@@ -225,11 +271,40 @@ impl Batcher {
     async fn seal_expired(&mut self) {
         let now = Instant::now();
         for stream in Stream::ALL {
-            if self.open[usize::from(stream.code())]
-                .deadline
-                .is_some_and(|d| d <= now)
-            {
+            let batch = &mut self.open[usize::from(stream.code())];
+            if batch.idle_at.is_some_and(|t| t <= now) {
+                // Re-checked by `seal_if_idle` right after.
+                batch.idle_at = None;
+            }
+            if batch.deadline.is_some_and(|d| d <= now) {
                 self.seal(stream).await;
+            }
+        }
+    }
+
+    /// Seals the open batches if no poll round is in progress and no sample is queued: the
+    /// round's readings are all in. A stream that sealed less than `min_interval` ago waits
+    /// until then (and seals only if still idle).
+    async fn seal_if_idle(&mut self) {
+        let Some(rounds) = &self.rounds else { return };
+        if !rounds.is_idle() || !self.samples_rx.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for stream in Stream::ALL {
+            let i = usize::from(stream.code());
+            if self.open[i].records.is_empty() {
+                continue;
+            }
+            let earliest = self.last_seal[i].map(|t| t + self.cfg.min_interval);
+            match earliest {
+                Some(t) if t > now => {
+                    self.open[i].idle_at.get_or_insert(t);
+                }
+                _ => {
+                    self.metrics.batches_sealed_idle.inc();
+                    self.seal(stream).await;
+                }
             }
         }
     }
@@ -238,10 +313,12 @@ impl Batcher {
         let i = usize::from(stream.code());
         let records = std::mem::take(&mut self.open[i].records);
         self.open[i].deadline = None;
+        self.open[i].idle_at = None;
         self.open[i].bytes_bound = 0;
         if records.is_empty() {
             return;
         }
+        self.last_seal[i] = Some(Instant::now());
         let seq = self.next_seq[i];
         let n = records.len();
         let Some(after) = seq.checked_add(1) else {
@@ -298,6 +375,14 @@ pub(crate) fn store_recovery_alarm(
         at_ms: now_ms(),
         quality: crate::reading::Quality::Good,
         tags: vec!["store_corruption".into(), format!("moved_to={moved}")],
+    }
+}
+
+/// Resolves when the last poll round in progress ends; never without rounds.
+async fn rounds_ended(rounds: Option<&Rounds>) {
+    match rounds {
+        Some(r) => r.ended().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -367,6 +452,7 @@ mod tests {
         let (sealed_tx, mut sealed_rx) = mpsc::channel(1024);
         let cfg = BatchConfig {
             max_age: Duration::from_secs(3600),
+            min_interval: Duration::ZERO,
             max_records: usize::MAX,
             alarm_state_every: Duration::from_secs(3600),
         };
@@ -485,6 +571,7 @@ mod tests {
         let (alarms_tx, alarms_rx) = mpsc::channel(4);
         let cfg = BatchConfig {
             max_age: Duration::from_secs(3600),
+            min_interval: Duration::ZERO,
             max_records: 100,
             alarm_state_every: Duration::from_secs(3600),
         };
@@ -535,5 +622,126 @@ mod tests {
             ("gateway:gw-1", "dtu_peer_changed")
         );
         assert_eq!(alarms[0].value, Value::Int(1));
+    }
+
+    /// A batcher with rounds, `max_age` one hour, and a sample sender.
+    fn round_batcher(
+        min_interval: Duration,
+    ) -> (
+        mpsc::Sender<RawSample>,
+        mpsc::Receiver<SealedBatch>,
+        crate::source::Rounds,
+        Arc<Metrics>,
+    ) {
+        let p = profile();
+        let fields = p.fields.iter().map(|f| f.name.clone()).collect();
+        let policy = Policy::new("test", fields, PseudonymKey::from_bytes([7; 32]), &[]);
+        let (samples_tx, samples_rx) = mpsc::channel(64);
+        let (sealed_tx, sealed_rx) = mpsc::channel(64);
+        let rounds = crate::source::Rounds::default();
+        let metrics = Arc::new(Metrics::default());
+        let cfg = BatchConfig {
+            max_age: Duration::from_secs(3600),
+            min_interval,
+            max_records: usize::MAX,
+            alarm_state_every: Duration::from_secs(3600),
+        };
+        let batcher = Batcher::new(
+            samples_rx,
+            sealed_tx,
+            sealer(&policy),
+            policy,
+            cfg,
+            |_| 1,
+            metrics.clone(),
+        )
+        .with_rounds(rounds.clone());
+        tokio::spawn(batcher.run());
+        (samples_tx, sealed_rx, rounds, metrics)
+    }
+
+    fn sample_of(p: &Arc<Profile>, device: &str) -> RawSample {
+        RawSample {
+            device: DeviceId::new(device).unwrap(),
+            profile: p.clone(),
+            at_ms: 1_700_000_000_000,
+            data: SampleData::Registers(image(p)),
+            ratios: Ratios::UNITY,
+        }
+    }
+
+    /// issue 10 item 1: a batch is sealed when the poll round ends (all its samples in),
+    /// not when `max_age` (here an hour) runs out; samples of a round in progress wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_seals_at_the_end_of_a_poll_round_not_at_max_age() {
+        let p = profile();
+        let fields_per_sample = p.fields.len();
+        let (tx, mut sealed_rx, rounds, metrics) = round_batcher(Duration::from_millis(100));
+        // Past the first min_interval after start.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        let round = rounds.begin();
+        for d in ["m1", "m2", "m3"] {
+            tx.send(sample_of(&p, d)).await.unwrap();
+        }
+        let early = tokio::time::timeout(Duration::from_secs(60), sealed_rx.recv()).await;
+        assert!(early.is_err(), "sealed while the round was in progress");
+        assert_eq!(
+            metrics.records_minimised.get(),
+            3 * fields_per_sample as u64
+        );
+
+        drop(round);
+        let batch = tokio::time::timeout(Duration::from_secs(60), sealed_rx.recv())
+            .await
+            .expect("sealed when the round ended")
+            .unwrap();
+        assert_eq!(batch.stream, Stream::Readings);
+        assert_eq!(metrics.records_sealed.get(), 3 * fields_per_sample as u64);
+        assert_eq!(metrics.batches_sealed_idle.get(), 1);
+
+        // The next round ends right away: this batch waits for min_interval after the last
+        // seal, and no longer.
+        let sealed_at = Instant::now();
+        let round = rounds.begin();
+        tx.send(sample_of(&p, "m1")).await.unwrap();
+        drop(round);
+        tokio::time::timeout(Duration::from_secs(60), sealed_rx.recv())
+            .await
+            .expect("sealed after min_interval")
+            .unwrap();
+        let waited = Instant::now() - sealed_at;
+        assert!(
+            waited >= Duration::from_millis(100) && waited < Duration::from_secs(1),
+            "{waited:?}"
+        );
+        assert_eq!(metrics.batches_sealed.get(), 2);
+    }
+
+    /// Without pollers (MQTT meters), a sample leaves once the sample queue is empty.
+    #[tokio::test(start_paused = true)]
+    async fn without_rounds_in_progress_a_sample_leaves_when_the_queue_runs_empty() {
+        let p = profile();
+        let (tx, mut sealed_rx, _rounds, _) = round_batcher(Duration::from_millis(100));
+        tx.send(sample_of(&p, "m1")).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(60), sealed_rx.recv())
+            .await
+            .expect("sealed without waiting for max_age")
+            .unwrap();
+    }
+
+    /// `min_interval = max_age` turns round-end sealing off: the batch waits for its age.
+    #[tokio::test(start_paused = true)]
+    async fn min_interval_equal_to_max_age_seals_by_age_only() {
+        let p = profile();
+        let (tx, mut sealed_rx, _rounds, metrics) = round_batcher(Duration::from_secs(3600));
+        tx.send(sample_of(&p, "m1")).await.unwrap();
+        let early = tokio::time::timeout(Duration::from_secs(600), sealed_rx.recv()).await;
+        assert!(early.is_err(), "sealed before max_age");
+        tokio::time::timeout(Duration::from_secs(3600), sealed_rx.recv())
+            .await
+            .expect("sealed at max_age")
+            .unwrap();
+        assert_eq!(metrics.batches_sealed_idle.get(), 0);
     }
 }

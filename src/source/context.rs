@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::RawSample;
+use super::{RawSample, Rounds};
 use crate::config::ModbusConfig;
 use crate::reading::{now_ms, GatewayId, Quality, Record, Unit, Value};
 use crate::telemetry::Metrics;
@@ -64,6 +64,9 @@ pub struct SourceContext {
     pub modbus: ModbusConfig,
     /// Where a source raises alarms about the gateway itself (e.g. a DTU changing address).
     pub alarms: GatewayAlarms,
+    /// Where pollers say they are in the middle of a poll round (the batcher seals when
+    /// none is).
+    pub rounds: Rounds,
 }
 
 impl SourceContext {
@@ -80,12 +83,19 @@ impl SourceContext {
             shutdown: shutdown.child_token(),
             modbus,
             alarms: GatewayAlarms::default(),
+            rounds: Rounds::default(),
         }
     }
 
     /// The same context, raising gateway alarms through `alarms`.
     pub fn with_alarms(mut self, alarms: GatewayAlarms) -> Self {
         self.alarms = alarms;
+        self
+    }
+
+    /// The same context, reporting its poll rounds to `rounds` (shared with the batcher).
+    pub fn with_rounds(mut self, rounds: Rounds) -> Self {
+        self.rounds = rounds;
         self
     }
 

@@ -12,9 +12,12 @@ mod context;
 pub mod modbus;
 pub mod mqtt;
 pub(crate) mod poll;
+mod rounds;
 pub mod rtu;
 
 pub use context::{GatewayAlarms, SourceContext};
+pub(crate) use rounds::RoundGuard;
+pub use rounds::Rounds;
 
 use std::sync::Arc;
 

@@ -17,7 +17,10 @@ fn write_config(dep: &Deployment, address: &str, max_age: &str) -> PathBuf {
         .collect();
     GatewayToml::new("gw-run", &["active_power", "energy_import"])
         .shipped_profiles()
-        .batch(&format!("max_age = \"{max_age}\"\nmax_records = 50000"))
+        // min_interval = max_age: batches leave by age only, not at the end of poll rounds.
+        .batch(&format!(
+            "max_age = \"{max_age}\"\nmin_interval = \"{max_age}\"\nmax_records = 50000"
+        ))
         .devices(&devices)
         .write(dep.path())
 }

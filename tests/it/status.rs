@@ -164,3 +164,54 @@ async fn status_metrics_and_health_of_a_running_gateway() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("is it running?"), "{err}");
 }
+
+/// issue 10 item 1: with `max_age = 60s`, batches are sealed and committed at the end of
+/// every poll round (two meters every 200 ms), each holding the whole round; a SIGKILL then
+/// costs at most the round in progress, not up to a minute of readings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_leave_at_the_end_of_each_poll_round_long_before_max_age() {
+    let profiles = shipped_profiles();
+    let token = CancellationToken::new();
+    let sim = start_sim(&profiles, "chint-ddsu666", 2, 9, &token).await;
+    let dep = Deployment::new();
+    let config = write_config(&dep, &sim.address);
+    let mut child = spawn_run(&config);
+    let store = dep.store_path();
+    assert!(
+        wait_for(Duration::from_secs(20), || read_address_file(&store)
+            .is_some())
+        .await,
+        "the gateway never recorded its status address"
+    );
+    let addr = read_address_file(&store).unwrap();
+    let mut counters = Default::default();
+    for _ in 0..100 {
+        let (_, body) = fetch(addr, "/status").await;
+        let s: GatewayStatus = serde_json::from_str(&body).unwrap();
+        counters = s.counters;
+        if counters["batches_committed"] >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(counters["batches_committed"] >= 3, "{counters:?}");
+    assert!(counters["batches_sealed_idle"] >= 3, "{counters:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    token.cancel();
+
+    let store = citygate::store::SledStore::open(&store, Default::default()).unwrap();
+    let batches =
+        citygate::store::Store::peek(&store, citygate::reading::Stream::Readings, 0, 1000).unwrap();
+    assert!(batches.len() >= 3, "{} batches", batches.len());
+    let opener = dep.opener(&citygate::reading::GatewayId::new("gw-status").unwrap());
+    for b in &batches {
+        let records = opener.open(&b.bytes).unwrap().records;
+        let subjects: std::collections::HashSet<_> = records.iter().map(|r| &r.subject).collect();
+        assert_eq!(
+            subjects.len(),
+            2,
+            "a batch holds the whole round: {records:?}"
+        );
+    }
+}

@@ -54,7 +54,7 @@ impl ModbusPoller {
             )
         };
         let healthy = lane(self.devices).with_hand_off(to_probation);
-        let probation = lane(Vec::new()).with_hand_off(to_healthy);
+        let probation = lane(Vec::new()).with_hand_off(to_healthy).without_rounds();
         tokio::join!(healthy.run(), probation.run());
         info!("modbus poller stopped");
     }

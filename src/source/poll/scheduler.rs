@@ -14,7 +14,7 @@ use crate::backoff::{Backoff, BackoffPolicy};
 use crate::config::{DeviceConfig, ModbusDevice};
 use crate::reading::now_ms;
 use crate::source::modbus::{plan, ReadRequest};
-use crate::source::{RawSample, RegisterImage, SampleData, SourceContext};
+use crate::source::{RawSample, RegisterImage, RoundGuard, SampleData, SourceContext};
 use crate::telemetry::PollOutcome;
 
 /// First reconnect delay; later ones double up to `modbus.backoff_max`.
@@ -177,6 +177,8 @@ pub(crate) struct Scheduler<C> {
     cx: SourceContext,
     pacing: Pacing,
     hand_off: Option<HandOff>,
+    /// Whether this scheduler's rounds hold up the batcher ([`crate::source::Rounds`]).
+    holds_rounds: bool,
 }
 
 impl<C: Connector> Scheduler<C> {
@@ -195,7 +197,15 @@ impl<C: Connector> Scheduler<C> {
             cx,
             pacing,
             hand_off: None,
+            holds_rounds: true,
         }
+    }
+
+    /// Does not report its rounds: for a lane of failing devices, whose timeouts must not
+    /// hold up the batches of the answering ones.
+    pub(crate) fn without_rounds(mut self) -> Self {
+        self.holds_rounds = false;
+        self
     }
 
     /// Moves devices to and from another scheduler.
@@ -212,8 +222,14 @@ impl<C: Connector> Scheduler<C> {
             max: self.cx.modbus.backoff_max,
         });
         let mut conn: Option<C::Conn> = None;
+        // Held from waking for a due device until none is due: see `crate::source::Rounds`.
+        let mut round: Option<RoundGuard> = None;
         loop {
             let due = self.devices.iter().map(|d| d.next_due).min();
+            if due.map_or(true, |d| d > Instant::now()) {
+                // Every sample of this round is queued: the round is over.
+                round = None;
+            }
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(d) = incoming(&mut self.hand_off) => {
@@ -233,6 +249,10 @@ impl<C: Connector> Scheduler<C> {
             else {
                 continue;
             };
+            if round.is_none() && self.holds_rounds && self.devices[idx].next_due <= Instant::now()
+            {
+                round = Some(self.cx.rounds.begin());
+            }
             if let Some(newer) = self.connector.replacement() {
                 info!(source = %self.name, "peer reconnected; using the new connection");
                 conn = Some(newer);

@@ -49,6 +49,9 @@ struct Script {
     /// Connect attempts that fail before one succeeds; `u32::MAX`: never succeeds.
     connect_failures: u32,
     connect_hangs: bool,
+    /// Observed at every read: whether no poll round was in progress.
+    rounds: Option<crate::source::Rounds>,
+    idle_during_reads: Vec<bool>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -106,6 +109,9 @@ impl Transact for Fake {
         let behave = {
             let mut s = self.lock();
             s.reads.push((Instant::now(), unit.0, req.start.0));
+            if let Some(r) = s.rounds.clone() {
+                s.idle_during_reads.push(r.is_idle());
+            }
             let b = s.units.get(&unit.0).copied().unwrap_or(Behave::Answer);
             if let Behave::Busy(n) = b {
                 s.units.insert(unit.0, Behave::Busy(n.saturating_sub(1)));
@@ -174,6 +180,18 @@ impl Run {
 }
 
 fn start(fake: &Fake, devices: Vec<PolledDevice>, pacing: Pacing, backoff_max: Duration) -> Run {
+    start_rounds(fake, devices, pacing, backoff_max, None)
+}
+
+/// [`start`], reporting rounds to `rounds`; `(rounds, false)`: a scheduler that does not
+/// take part in rounds.
+fn start_rounds(
+    fake: &Fake,
+    devices: Vec<PolledDevice>,
+    pacing: Pacing,
+    backoff_max: Duration,
+    rounds: Option<(crate::source::Rounds, bool)>,
+) -> Run {
     let (samples_tx, samples_rx) = mpsc::channel(10_000);
     let metrics = Arc::new(Metrics::default());
     let token = CancellationToken::new();
@@ -182,8 +200,17 @@ fn start(fake: &Fake, devices: Vec<PolledDevice>, pacing: Pacing, backoff_max: D
         connect_timeout: Duration::from_secs(1),
         backoff_max,
     };
-    let cx = SourceContext::new(samples_tx, metrics.clone(), &token, modbus);
-    let s = Scheduler::new("fake".into(), fake.clone(), devices, cx, pacing);
+    let mut cx = SourceContext::new(samples_tx, metrics.clone(), &token, modbus);
+    let mut holds = true;
+    if let Some((r, h)) = rounds {
+        fake.lock().rounds = Some(r.clone());
+        cx = cx.with_rounds(r);
+        holds = h;
+    }
+    let mut s = Scheduler::new("fake".into(), fake.clone(), devices, cx, pacing);
+    if !holds {
+        s = s.without_rounds();
+    }
     Run {
         metrics,
         samples_rx,
@@ -416,4 +443,64 @@ async fn paired_lanes_move_a_dead_device_to_probation_and_back() {
     );
     token.cancel();
     task.await.unwrap();
+}
+
+/// issue 10 item 1: a scheduler holds its round from waking for due devices until every
+/// due device is polled and its sample queued; between rounds it is idle, so the batcher
+/// can seal the round's batch at once.
+#[tokio::test(start_paused = true)]
+async fn a_poll_round_lasts_until_every_due_device_is_polled() {
+    let fake = Fake::with(&[]);
+    let rounds = crate::source::Rounds::default();
+    let devices = (1..=3).map(|u| device(u, SECOND, TIMEOUT)).collect();
+    let mut run = start_rounds(
+        &fake,
+        devices,
+        Pacing::default(),
+        SECOND,
+        Some((rounds.clone(), true)),
+    );
+    for round in 1..=3 {
+        // Halfway between rounds.
+        tokio::time::sleep(SECOND / 2).await;
+        assert!(rounds.is_idle(), "round {round} is over");
+        let mut queued = 0;
+        while run.samples_rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, 3, "round {round}: every device's sample is queued");
+        tokio::time::sleep(SECOND / 2).await;
+    }
+    {
+        let s = fake.lock();
+        assert!(s.idle_during_reads.len() >= 3 * 2 * 3, "{}", s.reads.len());
+        assert!(
+            s.idle_during_reads.iter().all(|idle| !idle),
+            "every read happens inside a round"
+        );
+    }
+    run.stop_promptly().await;
+    assert!(rounds.is_idle());
+}
+
+/// A scheduler that does not take part (a TCP endpoint's probation lane) never holds a
+/// round, even while its dead device times out.
+#[tokio::test(start_paused = true)]
+async fn a_lane_without_rounds_never_holds_one() {
+    let fake = Fake::with(&[(1, Behave::Silent)]);
+    let rounds = crate::source::Rounds::default();
+    let run = start_rounds(
+        &fake,
+        vec![device(1, SECOND, TIMEOUT)],
+        Pacing::default(),
+        SECOND,
+        Some((rounds.clone(), false)),
+    );
+    tokio::time::sleep(SECOND * 3).await;
+    {
+        let s = fake.lock();
+        assert!(!s.idle_during_reads.is_empty());
+        assert!(s.idle_during_reads.iter().all(|idle| *idle));
+    }
+    run.stop_promptly().await;
 }
