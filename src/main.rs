@@ -152,7 +152,10 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Check { config } => cli::check(&config),
-        Command::Run { config } => cli::run(&config),
+        Command::Run { config } => {
+            cli::limit_malloc_arenas();
+            cli::run(&config)
+        }
         Command::Status { config, addr, json } => cli::status(config.as_deref(), addr, json),
         Command::Hub { config } => cli::hub(&config),
         Command::Sim(args) => cli::sim(*args),

@@ -2,6 +2,7 @@
 
 mod check;
 pub(crate) mod demo;
+mod memory;
 pub mod probe;
 mod signals;
 mod sim_mqtt;
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub(crate) use check::report as check_report;
+pub use memory::limit_malloc_arenas;
 
 use self::signals::{SignalEvent, Signals};
 use crate::config::{ConfigError, GatewayConfig};

@@ -21,16 +21,40 @@ pub(crate) const ZSTD_LEVEL: i32 = 3;
 /// Hard cap on the decompressed plaintext of one batch: 64 MiB.
 pub(crate) const MAX_PLAINTEXT_BYTES: usize = 64 * 1024 * 1024;
 
-/// Encodes and compresses records into the plaintext that gets encrypted.
-pub(crate) fn encode_records(records: &[Record]) -> Result<Vec<u8>, SealError> {
-    let encoded = bincode::serde::encode_to_vec(records, bincode::config::standard())?;
-    if encoded.len() > MAX_PLAINTEXT_BYTES {
-        return Err(SealError::TooLarge {
-            size: encoded.len(),
-            limit: MAX_PLAINTEXT_BYTES,
-        });
+/// Encodes and compresses records into the plaintext that gets encrypted. One is kept for
+/// every batch a sealer seals, with its zstd compression context: a fresh context per batch
+/// allocates (and frees) about a megabyte of match tables each time, which glibc then keeps
+/// resident in every allocator arena a sealing thread has used. The output does not depend on
+/// the context's history (the committed test vector checks it byte for byte).
+pub(crate) struct Encoder {
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+impl Encoder {
+    pub(crate) fn new() -> Result<Self, SealError> {
+        Ok(Self {
+            zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(SealError::Compress)?,
+        })
     }
-    zstd::bulk::compress(&encoded, ZSTD_LEVEL).map_err(SealError::Compress)
+
+    pub(crate) fn encode(&mut self, records: &[Record]) -> Result<Vec<u8>, SealError> {
+        let encoded = bincode::serde::encode_to_vec(records, bincode::config::standard())?;
+        if encoded.len() > MAX_PLAINTEXT_BYTES {
+            return Err(SealError::TooLarge {
+                size: encoded.len(),
+                limit: MAX_PLAINTEXT_BYTES,
+            });
+        }
+        self.zstd.compress(&encoded).map_err(SealError::Compress)
+    }
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("zstd_level", &ZSTD_LEVEL)
+            .finish()
+    }
 }
 
 /// Decompresses (capped) and decodes a decrypted plaintext that must hold `expected` records.

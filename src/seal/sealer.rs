@@ -12,6 +12,7 @@
 //! RNG.
 
 use std::fmt;
+use std::sync::{Mutex, PoisonError};
 
 use ed25519_dalek::{Signer, SigningKey};
 use hpke::{OpModeS, Serializable};
@@ -36,6 +37,8 @@ pub struct Sealer {
     hub: HubPublicKey,
     policy_hash: [u8; 32],
     incarnation: u64,
+    /// One compression context for every batch (made at the first seal).
+    encoder: Mutex<Option<codec::Encoder>>,
 }
 
 impl Sealer {
@@ -54,6 +57,7 @@ impl Sealer {
             hub,
             policy_hash,
             incarnation,
+            encoder: Mutex::new(None),
         }
     }
 
@@ -87,7 +91,14 @@ impl Sealer {
             .ok()
             .filter(|&n| n <= MAX_RECORDS_PER_BATCH)
             .ok_or(SealError::TooManyRecords(records.len()))?;
-        let plaintext = codec::encode_records(records)?;
+        let plaintext = {
+            let mut slot = self.encoder.lock().unwrap_or_else(PoisonError::into_inner);
+            let encoder = match slot.as_mut() {
+                Some(e) => e,
+                None => slot.insert(codec::Encoder::new()?),
+            };
+            encoder.encode(records)?
+        };
         self.seal_plaintext(stream, seq, created_at_ms, record_count, &plaintext, rng)
     }
 

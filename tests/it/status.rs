@@ -215,3 +215,48 @@ async fn batches_leave_at_the_end_of_each_poll_round_long_before_max_age() {
         );
     }
 }
+
+/// issue 10 item 3: `run` limits glibc to one malloc arena by starting itself again with
+/// `MALLOC_ARENA_MAX=1` (same pid, so the status endpoint is up under the pid we started),
+/// and keeps an operator's own setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_limits_malloc_arenas_unless_the_operator_chose() {
+    let profiles = shipped_profiles();
+    let token = CancellationToken::new();
+    let sim = start_sim(&profiles, "chint-ddsu666", 2, 9, &token).await;
+    for (given, expected) in [(None, "1"), (Some("4"), "4")] {
+        let dep = Deployment::new();
+        let config = write_config(&dep, &sim.address);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_citygate"));
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .env_remove("MALLOC_ARENA_MAX")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(v) = given {
+            cmd.env("MALLOC_ARENA_MAX", v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let store = dep.store_path();
+        assert!(
+            wait_for(Duration::from_secs(20), || read_address_file(&store)
+                .is_some())
+            .await,
+            "the gateway never recorded its status address"
+        );
+        let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap();
+        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        let setting = format!("MALLOC_ARENA_MAX={expected}");
+        if cfg!(target_env = "gnu") {
+            assert!(
+                vars.contains(&setting.as_bytes()),
+                "{given:?}: {}",
+                String::from_utf8_lossy(&environ)
+            );
+        }
+        signal(&child, "-TERM");
+        let status = wait_exit(&mut child, Duration::from_secs(20)).await;
+        assert!(status.success(), "{status}");
+    }
+    token.cancel();
+}
