@@ -99,6 +99,7 @@ impl HubProcess {
         }
         let mut opts = LinkOptions::new(target, cfg.mqtt.client_id.clone(), tls);
         opts.backoff = cfg.mqtt.reconnect;
+        opts.last_will = Some(service::offline_will(&cfg.id));
         let opts = adjust(opts);
         let (link, events) = MqttLink::open(opts).await?;
         let stop = CancellationToken::new();
@@ -110,6 +111,7 @@ impl HubProcess {
                 link,
                 events,
                 cfg.mqtt.share_group.clone(),
+                cfg.id.clone(),
                 subscribed_tx,
                 stop.clone(),
             )

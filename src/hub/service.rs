@@ -10,6 +10,13 @@
 //! current session (one granted SUBACK per filter since the CONNACK that started it, or
 //! a resumed session that had them), false before and while disconnected. Batches
 //! published while it is false may reach no hub.
+//!
+//! Presence (`wire::presence`): each time the subscriptions become granted, the hub
+//! publishes a retained `online` with a fresh random session id on
+//! `citygate/hub/presence/{hub}`, so gateways re-send what they hold unacknowledged at
+//! once (batches they sent before reached no hub). Its link carries the retained `offline`
+//! last will ([`offline_will`]); a clean shutdown publishes `offline` itself (a DISCONNECT
+//! discards the will).
 
 use std::sync::Arc;
 
@@ -20,15 +27,45 @@ use tracing::{info, warn};
 
 use super::{Hub, Ingest};
 use crate::mqtt::{LinkEvent, MqttLink, QoS};
-use crate::wire::{ack_topic, hub_filters, parse_stream_topic};
+use crate::wire::{ack_topic, hub_filters, parse_stream_topic, presence_topic, Presence};
 
-/// Runs the hub over `link` until `shutdown` is cancelled or the link's events end,
-/// reporting on `subscribed_tx` whether its subscriptions are in place.
+/// The hub link's last will: topic and retained `offline` payload.
+pub(crate) fn offline_will(hub_id: &str) -> (String, Bytes) {
+    let offline = Presence {
+        hub: hub_id.to_owned(),
+        online: None,
+    };
+    (presence_topic(hub_id), Bytes::from(offline.encode()))
+}
+
+/// Publishes the hub's retained presence: `Some(session)` online, `None` offline.
+async fn announce(link: &MqttLink, hub_id: &str, session: Option<u64>) {
+    let presence = Presence {
+        hub: hub_id.to_owned(),
+        online: session,
+    };
+    let payload = Bytes::from(presence.encode());
+    match link
+        .publish_retained(&presence_topic(hub_id), QoS::AtLeastOnce, payload)
+        .await
+    {
+        Ok(()) => match session {
+            Some(s) => info!(session = format_args!("{s:016x}"), "hub presence: online"),
+            None => info!("hub presence: offline"),
+        },
+        Err(e) => warn!(error = %e, "hub presence not published"),
+    }
+}
+
+/// Runs hub `hub_id` over `link` until `shutdown` is cancelled or the link's events end,
+/// reporting on `subscribed_tx` whether its subscriptions are in place and announcing its
+/// presence once they are.
 pub async fn serve(
     hub: Arc<Hub>,
     link: MqttLink,
     mut events_rx: mpsc::Receiver<LinkEvent>,
     group: String,
+    hub_id: String,
     subscribed_tx: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
@@ -46,7 +83,7 @@ pub async fn serve(
             e = events_rx.recv() => match e { Some(e) => e, None => break },
         };
         let (topic, payload) = match event {
-            LinkEvent::Publish { topic, payload } => (topic, payload),
+            LinkEvent::Publish { topic, payload, .. } => (topic, payload),
             LinkEvent::Connected { session_present } => {
                 if !session_present {
                     granted = 0;
@@ -63,6 +100,7 @@ pub async fn serve(
                 if granted == filters.len() {
                     subscribed_tx.send_replace(true);
                     info!(group = %group, "hub subscribed");
+                    announce(&link, &hub_id, Some(rand::random())).await;
                 }
                 continue;
             }
@@ -97,6 +135,9 @@ pub async fn serve(
                 warn!(gateway = %gateway, error = %e, "ack publish failed; the gateway will re-send");
             }
         }
+    }
+    if *subscribed_tx.borrow() {
+        announce(&link, &hub_id, None).await;
     }
     link.shutdown().await;
     info!("hub stopped");
