@@ -16,11 +16,33 @@ pub(crate) const DEFAULT_INITIAL: Duration = Duration::from_millis(500);
 /// Default cap on reconnect delays.
 pub(crate) const DEFAULT_MAX: Duration = Duration::from_secs(60);
 
+/// Default first reconnect delay of the uplink and the hub (`reconnect_initial`): a broker
+/// failover costs a link 100–200 ms.
+///
+/// Why 200 ms to 2 s: a returning broker is found within the cap, so a backlog can be
+/// delivered within the recovery budget (≤ 3 s after the broker is back), and the fleet does
+/// not stampede it. At the cap, equal jitter puts each attempt uniformly in [1 s, 2 s]; after
+/// a few failures the attempts of gateways that lost the broker together have random
+/// phases, so ~1,000 gateways reach a returning broker at about 500–1,000 TLS handshakes a
+/// second for two seconds (mean wait ≈ 0.8 s), which one broker core handles. A fleet of
+/// ~10,000 raises `reconnect_max` to 5–10 s to keep that rate.
+pub const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
+/// Default cap of the uplink's and the hub's reconnect delays (`reconnect_max`).
+pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
 /// Backoff bounds; `initial` is raised to 1 ms and `max` to `initial` if smaller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackoffPolicy {
     pub initial: Duration,
     pub max: Duration,
+}
+
+impl BackoffPolicy {
+    /// The uplink's and the hub's default: [`RECONNECT_INITIAL`] to [`RECONNECT_MAX`].
+    pub const RECONNECT: BackoffPolicy = BackoffPolicy {
+        initial: RECONNECT_INITIAL,
+        max: RECONNECT_MAX,
+    };
 }
 
 impl Default for BackoffPolicy {

@@ -310,6 +310,18 @@ impl StatusSource {
             "Successful connections to the broker.",
             count(link.connects),
         );
+        e.family(
+            "citygate_uplink_hub_online",
+            Kind::Gauge,
+            "1 while a hub's presence says online, by hub.",
+        );
+        for (hub, p) in &link.hubs {
+            e.labelled(
+                "citygate_uplink_hub_online",
+                &[("hub", hub)],
+                u8::from(p.online),
+            );
+        }
         if let Some(t) = link.last_ack_ms {
             e.single(
                 "citygate_uplink_last_ack_timestamp_seconds",
@@ -486,6 +498,15 @@ pub(crate) fn render(st: &GatewayStatus) -> String {
                 .map(|e| format!(" ({e})"))
                 .unwrap_or_default()
         );
+        for (hub, p) in &l.hubs {
+            let _ = writeln!(
+                o,
+                "hub     {hub} {} (session {}) since {}",
+                if p.online { "online" } else { "OFFLINE" },
+                p.session.as_deref().unwrap_or("-"),
+                ago(now, Some(p.since_ms)),
+            );
+        }
     }
     let c = |k: &str| st.counters.get(k).copied().unwrap_or(0);
     let _ = writeln!(

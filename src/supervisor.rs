@@ -282,7 +282,9 @@ pub async fn start_uplink_with(
     if u.tls.is_none() {
         warn!(broker = %u.broker, "uplink without TLS (danger_plaintext): batches are sealed, but the link is not authenticated");
     }
-    let opts = adjust(LinkOptions::new(u.broker.clone(), u.client_id.clone(), tls));
+    let mut opts = LinkOptions::new(u.broker.clone(), u.client_id.clone(), tls);
+    opts.backoff = u.reconnect;
+    let opts = adjust(opts);
     let (link, events) = MqttLink::open(opts).await?;
     running.metrics.update_link(|l| {
         l.configured = true;

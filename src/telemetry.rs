@@ -93,6 +93,8 @@ metrics! {
     batches_sent: "Batch publications to the broker (re-sends included).",
     batches_acked: "Batches acknowledged by the hub and deleted.",
     resend_rounds: "Times unacknowledged batches were sent again.",
+    hub_sessions: "Hub sessions the uplink saw come online (hub presence).",
+    presence_resends: "Times a hub coming online made the uplink re-send its unacknowledged batches at once.",
     acks_rejected: "Malformed or foreign acknowledgements ignored.",
     acks_unauthenticated: "Acknowledgements ignored because no valid hub signature was on them (forged, unsigned or another key).",
     alarm_repeats_held: "Unchanged alarm readings held back between periodic states.",
@@ -137,6 +139,19 @@ pub struct LinkStatus {
     pub in_flight: u64,
     /// Successful connections since start.
     pub connects: u64,
+    /// The hubs' presence as last heard (`citygate/hub/presence/+`), by hub id.
+    #[serde(default)]
+    pub hubs: BTreeMap<String, HubPresence>,
+}
+
+/// What the uplink last heard from one hub's presence.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HubPresence {
+    pub online: bool,
+    /// The hub's last announced session (16 hex digits), online or not.
+    pub session: Option<String>,
+    /// When the uplink last heard a presence message of this hub.
+    pub since_ms: TimestampMs,
 }
 
 /// How one poll of one device ended.
@@ -188,7 +203,7 @@ impl Metrics {
         f(&mut self.link.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    pub(crate) fn link(&self) -> LinkStatus {
+    pub fn link(&self) -> LinkStatus {
         self.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 

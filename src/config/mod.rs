@@ -298,6 +298,8 @@ pub struct UplinkConfig {
     pub tls: Option<TlsFiles>,
     pub window: usize,
     pub ack_timeout: Duration,
+    /// Reconnect delays (`reconnect_initial`, `reconnect_max`).
+    pub reconnect: crate::backoff::BackoffPolicy,
 }
 
 /// The local status endpoint (`/status`, `/metrics`, `/health`).
@@ -312,6 +314,57 @@ pub(crate) const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:9187";
 
 /// Longest DTU registration id a `dtu` transport may name, in bytes.
 pub(crate) const MAX_DTU_REGISTRATION: usize = 128;
+
+/// Shortest `reconnect_initial`: below it a dead broker is hammered.
+const MIN_RECONNECT_INITIAL: std::time::Duration = std::time::Duration::from_millis(10);
+/// Longest `reconnect_max`.
+const MAX_RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Validates `reconnect_initial` and `reconnect_max` of `section` (`uplink` of the gateway,
+/// `mqtt` of the hub); absent keys take [`BackoffPolicy::RECONNECT`]'s values.
+///
+/// [`BackoffPolicy::RECONNECT`]: crate::backoff::BackoffPolicy::RECONNECT
+pub(crate) fn reconnect_policy(
+    section: &str,
+    initial: Option<toml::Spanned<duration::HumanDuration>>,
+    max: Option<toml::Spanned<duration::HumanDuration>>,
+    src: &diag::SourceFile,
+    errors: &mut Vec<diag::Diagnostic>,
+) -> crate::backoff::BackoffPolicy {
+    let default = crate::backoff::BackoffPolicy::RECONNECT;
+    let mut policy = crate::backoff::BackoffPolicy {
+        initial: initial.as_ref().map_or(default.initial, |d| d.get_ref().0),
+        max: max.as_ref().map_or(default.max, |d| d.get_ref().0),
+    };
+    if let Some(i) = &initial {
+        if policy.initial < MIN_RECONNECT_INITIAL || policy.initial > MAX_RECONNECT_MAX {
+            errors.push(src.at(
+                i.span(),
+                format!("{section}.reconnect_initial"),
+                "valid: 10ms to 10m, e.g. \"200ms\"",
+            ));
+            policy.initial = default.initial;
+        }
+    }
+    match &max {
+        Some(m) if policy.max > MAX_RECONNECT_MAX => errors.push(src.at(
+            m.span(),
+            format!("{section}.reconnect_max"),
+            "valid: at most 10m, e.g. \"2s\"",
+        )),
+        Some(m) if policy.max < policy.initial => errors.push(src.at(
+            m.span(),
+            format!("{section}.reconnect_max"),
+            format!(
+                "must be at least reconnect_initial ({}), e.g. \"2s\"",
+                humantime::format_duration(policy.initial)
+            ),
+        )),
+        None if policy.max < policy.initial => policy.max = policy.initial,
+        _ => {}
+    }
+    policy
+}
 
 /// The `[status]` section as written.
 #[derive(Debug, serde::Deserialize)]

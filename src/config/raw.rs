@@ -161,14 +161,16 @@ struct RawUplink {
     #[serde(default = "default_window")]
     window: Spanned<usize>,
     #[serde(default = "default_ack_timeout")]
-    ack_timeout: HumanDuration,
+    ack_timeout: Spanned<HumanDuration>,
+    reconnect_initial: Option<Spanned<HumanDuration>>,
+    reconnect_max: Option<Spanned<HumanDuration>>,
 }
 
 fn default_window() -> Spanned<usize> {
     Spanned::new(0..0, 16)
 }
-fn default_ack_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(10))
+fn default_ack_timeout() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(10)))
 }
 
 pub(super) fn parse(
@@ -322,6 +324,20 @@ pub(super) fn parse(
         if !(1..=1024).contains(u.window.get_ref()) {
             errors.push(src.at(u.window.span(), "uplink.window", "must be 1..=1024 batches"));
         }
+        if u.ack_timeout.get_ref().0 < Duration::from_secs(1) {
+            errors.push(src.at(
+                u.ack_timeout.span(),
+                "uplink.ack_timeout",
+                "valid: at least 1s, e.g. \"10s\"",
+            ));
+        }
+        let reconnect = super::reconnect_policy(
+            "uplink",
+            u.reconnect_initial,
+            u.reconnect_max,
+            &src,
+            &mut errors,
+        );
         let tls = super::tls_files(
             u.ca_file,
             u.cert_file,
@@ -338,7 +354,8 @@ pub(super) fn parse(
             broker: u.broker.into_inner(),
             tls,
             window: u.window.into_inner(),
-            ack_timeout: u.ack_timeout.0,
+            ack_timeout: u.ack_timeout.into_inner().0,
+            reconnect,
         })
     });
 
@@ -482,6 +499,50 @@ mod tests {
         assert!(e[0].message.contains("at least 524288"), "{}", e[0]);
         let min = parse_str(&with("524288")).unwrap();
         assert_eq!(min.store.max_bytes, super::super::MAX_BATCH_BYTES as u64);
+    }
+
+    /// issue 10 item 2: the uplink's reconnect and ack keys default to the low jittered cap
+    /// and are validated with file, line and key.
+    #[test]
+    fn uplink_reconnect_keys_default_low_and_are_located() {
+        let uplink = |keys: &str| {
+            format!(
+                "{}\n[uplink]\nbroker = \"hub:8883\"\ndanger_plaintext = true\n{keys}",
+                config()
+            )
+        };
+        let u = parse_str(&uplink("")).unwrap().uplink.unwrap();
+        assert_eq!(u.reconnect, crate::backoff::BackoffPolicy::RECONNECT);
+        assert_eq!(u.ack_timeout, Duration::from_secs(10));
+        let u = parse_str(&uplink(
+            "reconnect_initial = \"100ms\"\nreconnect_max = \"3s\"\nack_timeout = \"1h\"\n",
+        ))
+        .unwrap()
+        .uplink
+        .unwrap();
+        assert_eq!(u.reconnect.initial, Duration::from_millis(100));
+        assert_eq!(u.reconnect.max, Duration::from_secs(3));
+        assert_eq!(u.ack_timeout, Duration::from_secs(3600));
+        let text =
+            uplink("reconnect_initial = \"0s\"\nreconnect_max = \"11m\"\nack_timeout = \"10ms\"\n");
+        let line_of = |key: &str| text.lines().position(|l| l.starts_with(key)).unwrap() + 1;
+        let e = errors(&text);
+        let mut found: Vec<(usize, &str)> = e.iter().map(|d| (d.line, d.key.as_str())).collect();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                (line_of("reconnect_initial"), "uplink.reconnect_initial"),
+                (line_of("reconnect_max"), "uplink.reconnect_max"),
+                (line_of("ack_timeout"), "uplink.ack_timeout"),
+            ],
+            "{e:?}"
+        );
+        let e = errors(&uplink(
+            "reconnect_initial = \"5s\"\nreconnect_max = \"1s\"\n",
+        ));
+        assert_eq!(e[0].key, "uplink.reconnect_max");
+        assert!(e[0].message.contains("reconnect_initial (5s)"), "{}", e[0]);
     }
 
     #[test]

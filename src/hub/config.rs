@@ -91,6 +91,8 @@ pub struct MqttConfig {
     pub danger_plaintext: bool,
     /// Run a broker inside the hub process (one-box setups, the demo).
     pub embedded_broker: Option<EmbeddedBrokerConfig>,
+    /// Reconnect delays (`reconnect_initial`, `reconnect_max`).
+    pub reconnect: crate::backoff::BackoffPolicy,
 }
 
 pub(crate) use crate::config::TlsFiles;
@@ -151,6 +153,8 @@ struct RawMqtt {
     #[serde(default)]
     danger_plaintext: bool,
     embedded_broker: Option<RawEmbeddedBroker>,
+    reconnect_initial: Option<Spanned<crate::config::duration::HumanDuration>>,
+    reconnect_max: Option<Spanned<crate::config::duration::HumanDuration>>,
 }
 
 fn default_share_group() -> Spanned<String> {
@@ -236,6 +240,13 @@ impl HubConfig {
             ));
         }
         let danger_plaintext = m.danger_plaintext;
+        let reconnect = crate::config::reconnect_policy(
+            "mqtt",
+            m.reconnect_initial,
+            m.reconnect_max,
+            &src,
+            &mut errors,
+        );
         let tls = crate::config::tls_files(
             m.ca_file,
             m.cert_file,
@@ -336,6 +347,7 @@ impl HubConfig {
                 tls,
                 danger_plaintext,
                 embedded_broker,
+                reconnect,
             },
             gateways,
             status,
@@ -535,6 +547,39 @@ verifying_key = "/abs/gw-2.pub"
         // Neither a broker nor an embedded one.
         let e = errors(&CONFIG.replace("broker = \"127.0.0.1:8883\"\n", ""));
         assert_eq!(e[0].key, "mqtt.broker");
+    }
+
+    /// issue 10 item 2: the reconnect keys default to the low jittered cap and are
+    /// validated with file, line and key.
+    #[test]
+    fn reconnect_keys_default_low_and_are_validated() {
+        let c = parse(CONFIG).unwrap();
+        assert_eq!(c.mqtt.reconnect, crate::backoff::BackoffPolicy::RECONNECT);
+        let c = parse(&CONFIG.replace(
+            "[mqtt]\n",
+            "[mqtt]\nreconnect_initial = \"50ms\"\nreconnect_max = \"5s\"\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.mqtt.reconnect.initial,
+            std::time::Duration::from_millis(50)
+        );
+        assert_eq!(c.mqtt.reconnect.max, std::time::Duration::from_secs(5));
+        let e = errors(&CONFIG.replace(
+            "[mqtt]\n",
+            "[mqtt]\nreconnect_initial = \"1ms\"\nreconnect_max = \"1h\"\n",
+        ));
+        let found: Vec<(usize, &str)> = e.iter().map(|d| (d.line, d.key.as_str())).collect();
+        assert_eq!(
+            found,
+            [(12, "mqtt.reconnect_initial"), (13, "mqtt.reconnect_max")],
+            "{e:?}"
+        );
+        let e = errors(&CONFIG.replace(
+            "[mqtt]\n",
+            "[mqtt]\nreconnect_initial = \"3s\"\nreconnect_max = \"1s\"\n",
+        ));
+        assert!(e[0].message.contains("reconnect_initial"), "{}", e[0]);
     }
 
     #[test]

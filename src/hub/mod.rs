@@ -16,6 +16,8 @@
 //! 6. return [`Ingest::Accepted`] with the ack.
 //!
 //! Steps 3–5 run under one lock, so two copies of a batch arriving at once are written once.
+//! [`Hub::ingest_group`] runs them for several payloads at once, with one sink sync and one
+//! de-dup flush for the group (a backlog drains at the rate of groups, not of syncs).
 //! Rejections are counted by reason ([`Hub::stats`]) and logged at WARN, and carry no ack: a
 //! forged or broken batch is never acknowledged. A sink or de-dup failure (`sink_failed`,
 //! `dedup_failed`) is logged at ERROR and also not acknowledged, so the gateway re-sends it.
@@ -168,10 +170,87 @@ impl Hub {
     }
 
     /// Takes one payload received on the topic of `topic_gateway`. Never panics.
+    #[cfg(test)]
     pub(crate) fn ingest(&self, topic_gateway: &GatewayId, payload: &[u8]) -> Ingest {
+        self.ingest_group(&[(topic_gateway.clone(), payload)])
+            .pop()
+            .expect("invariant: one outcome per payload")
+    }
+
+    /// Takes several payloads, each with its topic's gateway, and returns their outcomes in
+    /// order. New batches are written to the sink with one sync and marked with one de-dup
+    /// flush, so a backlog costs two syncs per group instead of per batch; a sink or de-dup
+    /// failure fails (and acknowledges) none of the group's new batches. A batch twice in
+    /// one group is written once. Never panics.
+    pub(crate) fn ingest_group(&self, payloads: &[(GatewayId, &[u8])]) -> Vec<Ingest> {
+        let mut out: Vec<Option<Ingest>> = vec![None; payloads.len()];
+        let mut opened = Vec::with_capacity(payloads.len());
+        for (i, (gateway, payload)) in payloads.iter().enumerate() {
+            match self.open_batch(gateway, payload) {
+                Ok(o) => opened.push((i, o)),
+                Err(rejected) => out[i] = Some(rejected),
+            }
+        }
+
+        let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut fresh: Vec<(usize, BatchKey, Ack, Vec<crate::reading::Record>)> = Vec::new();
+        for (i, (key, ack, records)) in opened {
+            let seen = if fresh.iter().any(|(_, k, _, _)| *k == key) {
+                Ok(Seen::Duplicate)
+            } else {
+                self.dedup.check(&key)
+            };
+            out[i] = Some(match seen {
+                Ok(Seen::New) => {
+                    fresh.push((i, key, ack, records));
+                    continue;
+                }
+                Ok(seen) => self.duplicate(&key, seen, ack),
+                Err(e) => self.fail(&payloads[i].0, "dedup_failed", e.to_string()),
+            });
+        }
+        if !fresh.is_empty() {
+            let batches: Vec<(&BatchKey, &[crate::reading::Record])> =
+                fresh.iter().map(|(_, k, _, r)| (k, r.as_slice())).collect();
+            let written = self
+                .sink
+                .write_batches(&batches)
+                .map_err(|e| ("sink_failed", e.to_string()))
+                .and_then(|()| {
+                    fresh
+                        .iter()
+                        .try_for_each(|(_, k, _, _)| self.dedup.mark(k))
+                        .and_then(|()| self.dedup.flush())
+                        .map_err(|e| ("dedup_failed", e.to_string()))
+                });
+            for (i, key, ack, records) in fresh {
+                out[i] = Some(match &written {
+                    Err((reason, detail)) => self.fail(&payloads[i].0, reason, detail.clone()),
+                    Ok(()) => {
+                        let records = records.len();
+                        self.accepted_batches.fetch_add(1, Ordering::Relaxed);
+                        self.records_written
+                            .fetch_add(records as u64, Ordering::Relaxed);
+                        tracing::debug!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, records, "batch accepted");
+                        Ingest::Accepted { ack, records }
+                    }
+                });
+            }
+        }
+        out.into_iter()
+            .map(|o| o.expect("invariant: every payload has an outcome"))
+            .collect()
+    }
+
+    /// Opens a payload and checks it was published on its own gateway's topic.
+    fn open_batch(
+        &self,
+        topic_gateway: &GatewayId,
+        payload: &[u8],
+    ) -> Result<(BatchKey, Ack, Vec<crate::reading::Record>), Ingest> {
         let batch = match self.opener.open(payload) {
             Ok(b) => b,
-            Err(e) => return self.reject(topic_gateway, e.reason(), e.to_string()),
+            Err(e) => return Err(self.reject(topic_gateway, e.reason(), e.to_string())),
         };
         let h = &batch.header;
         if &h.gateway != topic_gateway {
@@ -179,7 +258,7 @@ impl Hub {
                 "batch from {} published on the topic of {topic_gateway}",
                 h.gateway
             );
-            return self.reject(topic_gateway, "topic_mismatch", detail);
+            return Err(self.reject(topic_gateway, "topic_mismatch", detail));
         }
         let ack = Ack {
             gateway: h.gateway.clone(),
@@ -193,35 +272,19 @@ impl Hub {
             incarnation: h.incarnation,
             seq: h.seq,
         };
+        Ok((key, ack, batch.records))
+    }
 
-        let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
-        match self.dedup.check(&key) {
-            Ok(Seen::New) => {}
-            Ok(seen) => {
-                self.duplicates.fetch_add(1, Ordering::Relaxed);
-                if seen == Seen::BelowWindow {
-                    self.below_window.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(gateway = %key.gateway, stream = %key.stream, incarnation = format_args!("{:016x}", key.incarnation), seq = key.seq, "batch below the de-dup window acknowledged without writing");
-                } else {
-                    tracing::debug!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, "duplicate batch");
-                }
-                return Ingest::Duplicate { ack };
-            }
-            Err(e) => return self.fail(topic_gateway, "dedup_failed", e.to_string()),
+    /// A batch seen before: counted, acknowledged again, not written.
+    fn duplicate(&self, key: &BatchKey, seen: Seen, ack: Ack) -> Ingest {
+        self.duplicates.fetch_add(1, Ordering::Relaxed);
+        if seen == Seen::BelowWindow {
+            self.below_window.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(gateway = %key.gateway, stream = %key.stream, incarnation = format_args!("{:016x}", key.incarnation), seq = key.seq, "batch below the de-dup window acknowledged without writing");
+        } else {
+            tracing::debug!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, "duplicate batch");
         }
-        if let Err(e) = self.sink.write_batch(&key, &batch.records) {
-            return self.fail(topic_gateway, "sink_failed", e.to_string());
-        }
-        let marked = self.dedup.mark(&key).and_then(|()| self.dedup.flush());
-        if let Err(e) = marked {
-            return self.fail(topic_gateway, "dedup_failed", e.to_string());
-        }
-        let records = batch.records.len();
-        self.accepted_batches.fetch_add(1, Ordering::Relaxed);
-        self.records_written
-            .fetch_add(records as u64, Ordering::Relaxed);
-        tracing::debug!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, records, "batch accepted");
-        Ingest::Accepted { ack, records }
+        Ingest::Duplicate { ack }
     }
 
     /// The signed payload of `ack` (see `wire` for the format).

@@ -97,7 +97,10 @@ impl HubProcess {
         if cfg.mqtt.tls.is_none() {
             warn!(broker = %target, "hub connects without TLS (danger_plaintext)");
         }
-        let opts = adjust(LinkOptions::new(target, cfg.mqtt.client_id.clone(), tls));
+        let mut opts = LinkOptions::new(target, cfg.mqtt.client_id.clone(), tls);
+        opts.backoff = cfg.mqtt.reconnect;
+        opts.last_will = Some(service::offline_will(&cfg.id));
+        let opts = adjust(opts);
         let (link, events) = MqttLink::open(opts).await?;
         let stop = CancellationToken::new();
         let (subscribed_tx, subscribed_rx) = watch::channel(false);
@@ -108,6 +111,7 @@ impl HubProcess {
                 link,
                 events,
                 cfg.mqtt.share_group.clone(),
+                cfg.id.clone(),
                 subscribed_tx,
                 stop.clone(),
             )

@@ -21,9 +21,11 @@
 //! - `quality`: `"good"`, `"uncertain:REASON"` or `"bad:REASON"`, REASON one of
 //!   `out_of_range`, `not_available`, `counter_backwards`, `counter_rollover`, `not_finite`.
 //!
-//! A batch's lines are written with one `write_all` and made durable with `sync_data` before
-//! [`Sink::write_batch`] returns, because the hub acks on return. If the write fails, the file is
-//! truncated back to its length before the batch, so a failed batch leaves nothing behind.
+//! A group of batches (one or more, [`Sink::write_batches`]) is written with one `write_all`,
+//! each batch's lines together, and made durable with one `sync_data` before the call returns,
+//! because the hub acks on return. If the write fails, the file is truncated back to its length
+//! before the group, so a failed group leaves nothing behind. The hub keeps a group's sealed
+//! payloads small (`hub::service`), so a group stays well inside the tail that recovery scans.
 //!
 //! # Restart (crash window)
 //!
@@ -96,8 +98,15 @@ pub enum SinkError {
 
 /// A destination for accepted records.
 pub(crate) trait Sink: Send + Sync + std::fmt::Debug {
-    /// Writes one batch's records; they must survive a crash once this returns `Ok`.
-    fn write_batch(&self, key: &BatchKey, records: &[Record]) -> Result<(), SinkError>;
+    /// Writes several batches' records, all or none; they must survive a crash once this
+    /// returns `Ok` (one sync for the group).
+    fn write_batches(&self, batches: &[(&BatchKey, &[Record])]) -> Result<(), SinkError>;
+
+    /// Writes one batch's records ([`Sink::write_batches`] of one).
+    #[cfg(test)]
+    fn write_batch(&self, key: &BatchKey, records: &[Record]) -> Result<(), SinkError> {
+        self.write_batches(&[(key, records)])
+    }
 
     /// At start-up: batches the sink holds durably that `is_marked` does not know (see the
     /// module docs). Sinks that cannot tell return an empty list.
@@ -226,11 +235,14 @@ fn line_key(line: &[u8]) -> Option<BatchKey> {
 }
 
 impl Sink for JsonlSink {
-    fn write_batch(&self, key: &BatchKey, records: &[Record]) -> Result<(), SinkError> {
-        if records.is_empty() {
+    fn write_batches(&self, batches: &[(&BatchKey, &[Record])]) -> Result<(), SinkError> {
+        let mut bytes = Vec::new();
+        for (key, records) in batches {
+            bytes.extend_from_slice(&encode_batch(key, records));
+        }
+        if bytes.is_empty() {
             return Ok(());
         }
-        let bytes = encode_batch(key, records);
         let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
         let before = file.metadata().map_err(self.io_err())?.len();
         let written = file.write_all(&bytes).and_then(|()| file.sync_data());

@@ -5,9 +5,11 @@
 //! `use_identity_as_username`, and `use_username_as_clientid` so nobody can take
 //! another's client id and disconnect it). Roles:
 //! - gateway `G`: publish only `citygate/v1/G/{readings,alarms,audit}`, subscribe only
-//!   `citygate/v1/G/ack`, and read the meter topics given with `--meter-topic`;
+//!   `citygate/v1/G/ack` and the hubs' presence `citygate/hub/presence/+`, and read the
+//!   meter topics given with `--meter-topic`;
 //! - hub: read `citygate/v1/+/{readings,alarms,audit}` (also through `$share/…`),
-//!   publish `citygate/v1/+/ack`, nothing else;
+//!   publish `citygate/v1/+/ack` and `citygate/hub/presence/+` (its presence and last
+//!   will), nothing else;
 //! - other clients (meters, simulators): publish and subscribe anywhere outside
 //!   `citygate/#`.
 //!
@@ -20,7 +22,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::reading::{GatewayId, Stream};
-use crate::wire::{ack_topic, hub_filters, stream_topic};
+use crate::wire::{ack_topic, hub_filters, presence_filter, stream_topic};
 
 /// Who gets which certificate, by common name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -92,6 +94,7 @@ pub fn mosquitto_acl(roles: &BrokerRoles) -> String {
             let _ = writeln!(out, "topic write {}", stream_topic(g, s));
         }
         let _ = writeln!(out, "topic read {}", ack_topic(g));
+        let _ = writeln!(out, "topic read {}", presence_filter());
         for t in &roles.meter_topics {
             let _ = writeln!(out, "topic read {t}");
         }
@@ -102,6 +105,7 @@ pub fn mosquitto_acl(roles: &BrokerRoles) -> String {
             let _ = writeln!(out, "topic read {t}");
         }
         let _ = writeln!(out, "topic write {}", any_ack_topic());
+        let _ = writeln!(out, "topic write {}", presence_filter());
     }
     for c in &roles.clients {
         let _ = writeln!(
@@ -152,14 +156,31 @@ mod tests {
             meter_topics: vec!["meters/#".into()],
         };
         let acl = mosquitto_acl(&roles);
-        let gw = "user gw1\ntopic write citygate/v1/gw1/readings\ntopic write citygate/v1/gw1/alarms\n\
-                  topic write citygate/v1/gw1/audit\ntopic read citygate/v1/gw1/ack\ntopic read meters/#\n";
+        let gw =
+            "user gw1\ntopic write citygate/v1/gw1/readings\ntopic write citygate/v1/gw1/alarms\n\
+                  topic write citygate/v1/gw1/audit\ntopic read citygate/v1/gw1/ack\n\
+                  topic read citygate/hub/presence/+\ntopic read meters/#\n";
         assert!(acl.contains(gw), "{acl}");
         let hub = "user hub\ntopic read citygate/v1/+/readings\ntopic read citygate/v1/+/alarms\n\
-                   topic read citygate/v1/+/audit\ntopic write citygate/v1/+/ack\n";
+                   topic read citygate/v1/+/audit\ntopic write citygate/v1/+/ack\n\
+                   topic write citygate/hub/presence/+\n";
         assert!(acl.contains(hub), "{acl}");
         assert!(
             acl.contains("user meter1\ntopic deny citygate/#\ntopic readwrite #\n"),
+            "{acl}"
+        );
+        // issue 10 item 2: only hubs may write presence; gateways read it.
+        let gw_rules = acl
+            .split("\nuser gw1\n")
+            .nth(1)
+            .unwrap()
+            .split("\n\n")
+            .next()
+            .unwrap();
+        assert!(!gw_rules.contains("write citygate/hub"), "{gw_rules}");
+        assert_eq!(
+            acl.matches("topic write citygate/hub/presence/+").count(),
+            1,
             "{acl}"
         );
         // Nothing granted before the first user (anonymous clients).

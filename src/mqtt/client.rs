@@ -82,6 +82,9 @@ pub struct LinkOptions {
     /// each CONNACK (a retained packet above `max_packet_bytes`) then backs off to
     /// `backoff.max` instead of reconnecting in a loop.
     pub stable_after: Duration,
+    /// Last will: `(topic, payload)`, published retained at QoS 1 by the broker when the
+    /// connection ends without a DISCONNECT (the hub's `offline` presence).
+    pub last_will: Option<(String, Bytes)>,
 }
 
 impl LinkOptions {
@@ -99,6 +102,7 @@ impl LinkOptions {
             connect_timeout: Duration::from_secs(10),
             backoff: BackoffPolicy::default(),
             stable_after: Duration::ZERO,
+            last_will: None,
         }
     }
 }
@@ -126,6 +130,7 @@ pub enum LinkError {
 pub struct MqttLink {
     client: AsyncClient,
     subscriptions: Arc<Mutex<Vec<(String, QoS)>>>,
+    state_rx: watch::Receiver<LinkState>,
     driver: Option<JoinHandle<()>>,
     resubscriber: JoinHandle<()>,
 }
@@ -165,18 +170,21 @@ impl MqttLink {
         let span = info_span!("mqtt_link", client_id = %opts.client_id, broker = %opts.broker);
         let driver = tokio::spawn(driver.run().instrument(span.clone()));
         let resubscriber = tokio::spawn(
-            resubscribe(client.clone(), state_rx, subscriptions.clone()).instrument(span),
+            resubscribe(client.clone(), state_rx.clone(), subscriptions.clone()).instrument(span),
         );
         let link = MqttLink {
             client,
             subscriptions,
+            state_rx,
             driver: Some(driver),
             resubscriber,
         };
         Ok((link, events_rx))
     }
 
-    /// Subscribes now (queued until connected) and again after every new session.
+    /// Subscribes now if connected, and after every CONNACK that starts a new session (the
+    /// first one included): one SUBSCRIBE per filter and session, so a caller can count one
+    /// SUBACK per filter after each `Connected { session_present: false }`.
     pub async fn subscribe(&self, filter: &str, qos: QoS) -> Result<(), LinkError> {
         {
             let mut subs = self
@@ -186,6 +194,11 @@ impl MqttLink {
             if !subs.iter().any(|(f, q)| f == filter && *q == qos) {
                 subs.push((filter.to_owned(), qos));
             }
+        }
+        // Not connected: the re-subscriber issues it after the CONNACK. (Connected between
+        // the push and this check: both may send it; a second SUBSCRIBE is harmless.)
+        if !matches!(*self.state_rx.borrow(), LinkState::Connected { .. }) {
+            return Ok(());
         }
         self.client
             .subscribe(filter, qos)
@@ -203,7 +216,7 @@ impl MqttLink {
     }
 
     /// [`MqttLink::publish`] with the retain flag: the broker keeps the message for every
-    /// later subscriber (an empty payload deletes it). Simulators and tests only.
+    /// later subscriber (an empty payload deletes it). The hub's presence, simulators, tests.
     pub async fn publish_retained(
         &self,
         topic: &str,
@@ -345,6 +358,14 @@ fn mqtt_options(opts: &LinkOptions) -> Result<MqttOptions, LinkError> {
         .set_inflight(opts.inflight)
         .set_clean_session(opts.clean_session)
         .set_request_channel_capacity(REQUEST_CHANNEL_CAPACITY);
+    if let Some((topic, payload)) = &opts.last_will {
+        options.set_last_will(rumqttc::LastWill::new(
+            topic.clone(),
+            payload.clone(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    }
     let transport = match &opts.tls {
         LinkTls::Files(files) => {
             Transport::tls_with_config(TlsConfiguration::Rustls(tls::client_config(files)?))

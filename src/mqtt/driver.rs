@@ -134,6 +134,7 @@ impl Driver {
                 self.emit(LinkEvent::Publish {
                     topic: publish.topic,
                     payload: publish.payload,
+                    retain: publish.retain,
                 })
                 .await;
             }

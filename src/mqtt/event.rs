@@ -19,8 +19,13 @@ pub enum LinkEvent {
         error: LinkFailure,
         retry_in: Duration,
     },
-    /// An incoming application message.
-    Publish { topic: String, payload: Bytes },
+    /// An incoming application message. `retain`: the broker kept it and sends it because
+    /// this client (re)subscribed, i.e. it was published before that subscription.
+    Publish {
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+    },
     /// The broker acknowledged our QoS 1 publish with this packet id.
     PubAck { pkid: u16 },
     /// The broker answered a SUBSCRIBE; `granted` is false if it refused any filter.

@@ -1,13 +1,20 @@
 //! The gateway's uplink actor: committed batches out, end-to-end acks in.
 //!
-//! Committed batches are published in sequence order per stream to
-//! `citygate/v1/{gateway}/{stream}` at QoS 1, priority streams (alarms, audit) first,
-//! within a bounded in-flight window. A batch is deleted from the store only when the
-//! hub's ack arrives on `citygate/v1/{gateway}/ack` — a broker PUBACK deletes nothing.
-//! After every (re)connect and whenever an ack is overdue, everything unacknowledged is
-//! sent again from the store: rumqttc's in-memory session is not trusted (it drops
-//! in-flight publishes when the broker answers `session_present = 0`); the hub
-//! de-duplicates on (gateway, stream, seq).
+//! Committed batches are published to `citygate/v1/{gateway}/{stream}` at QoS 1, priority
+//! streams (alarms, audit) first, within a bounded in-flight window that live data and a
+//! backlog share ([`super::lanes`]). A batch is deleted from the store only when the hub's
+//! ack arrives on `citygate/v1/{gateway}/ack` — a broker PUBACK deletes nothing.
+//!
+//! Everything unacknowledged is sent again from the store (the hub de-duplicates on
+//! (gateway, stream, incarnation, seq)):
+//! - after every (re)connect: rumqttc's in-memory session is not trusted (it drops in-flight
+//!   publishes when the broker answers `session_present = 0`). With a new session nothing
+//!   is published until the broker has acknowledged both subscriptions (acks, hub
+//!   presence; at most [`SUBSCRIBE_HOLD`]), so no ack for a re-sent batch is missed and
+//!   the hubs' retained presence is known first;
+//! - when a hub session comes online live ([`super::presence`] has the rule): the
+//!   batches sent while no hub was subscribed were dropped by the broker;
+//! - when an ack is overdue (`ack_timeout`), the fallback for everything else.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,15 +26,21 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::lanes::{live_reserve, InFlight, Lane, Lanes};
+use super::presence::{HubWatch, Verdict};
 use crate::mqtt::{LinkEvent, MqttLink, QoS};
 use crate::pipeline::CommittedMarks;
-use crate::reading::{now_ms, GatewayId, Stream};
+use crate::reading::{now_ms, GatewayId};
 use crate::store::{Outbox, StoredBatch};
 use crate::telemetry::Metrics;
-use crate::wire::{ack_topic, stream_topic, Ack, AckVerifier};
+use crate::wire::{
+    ack_topic, parse_presence_topic, presence_filter, stream_topic, Ack, AckVerifier, Presence,
+};
 
-/// Sending order: priority streams first.
-const PRIORITY: [Stream; 3] = [Stream::Alarms, Stream::Audit, Stream::Readings];
+/// The forwarder's subscriptions: its acks and the hubs' presence.
+const SUBSCRIPTIONS: usize = 2;
+/// Longest wait for the SUBACKs of a new session before sending anyway.
+pub(crate) const SUBSCRIBE_HOLD: Duration = Duration::from_secs(2);
 
 /// Flow control of the uplink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,9 +74,13 @@ pub(crate) struct Forwarder {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     connected: bool,
-    /// Next sequence number to consider per stream (by code).
-    cursor: [u64; 3],
-    in_flight: BTreeMap<(u8, u64), Instant>,
+    /// SUBACKs still awaited in this session, and since when; nothing is sent meanwhile.
+    subacks_pending: usize,
+    held_since: Instant,
+    lanes: Lanes,
+    /// Published, not yet acknowledged: when, and in which lane.
+    in_flight: BTreeMap<(u8, u64), (Instant, Lane)>,
+    hubs: HubWatch,
 }
 
 impl Forwarder {
@@ -90,16 +107,23 @@ impl Forwarder {
             metrics,
             shutdown,
             connected: false,
-            cursor: [0; 3],
+            subacks_pending: 0,
+            held_since: Instant::now(),
+            lanes: Lanes::default(),
             in_flight: BTreeMap::new(),
+            hubs: HubWatch::default(),
         }
     }
 
     pub(crate) async fn run(mut self) {
         let acks = ack_topic(&self.gateway);
-        if let Err(e) = self.link.subscribe(&acks, QoS::AtLeastOnce).await {
-            warn!(error = %e, "cannot subscribe to acks");
+        for filter in [&acks, &presence_filter()] {
+            if let Err(e) = self.link.subscribe(filter, QoS::AtLeastOnce).await {
+                warn!(%filter, error = %e, "uplink cannot subscribe");
+            }
         }
+        let marks = *self.committed_rx.borrow();
+        self.lanes.restart(marks);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut committer_gone = false;
         let mut reported_in_flight = 0;
@@ -135,6 +159,8 @@ impl Forwarder {
                     "uplink connected; re-sending everything unacknowledged"
                 );
                 self.connected = true;
+                self.subacks_pending = if session_present { 0 } else { SUBSCRIPTIONS };
+                self.held_since = Instant::now();
                 self.metrics.update_link(|l| {
                     l.connected = true;
                     l.since_ms = Some(now_ms());
@@ -156,29 +182,73 @@ impl Forwarder {
                 });
                 self.connected = false;
             }
-            LinkEvent::Publish { topic, payload } if topic == acks => {
-                match self.verifier.verify(&payload) {
-                    Ok(ack)
-                        if ack.gateway == self.gateway
-                            && ack.incarnation == self.outbox.incarnation() =>
-                    {
-                        self.on_ack(ack).await
-                    }
-                    Ok(ack) => {
-                        self.metrics.acks_rejected.inc();
-                        warn!(gateway = %ack.gateway, incarnation = format_args!("{:016x}", ack.incarnation), "signed ack for another gateway or store incarnation ignored");
-                    }
-                    Err(e) if e.is_unauthenticated() => {
-                        self.metrics.acks_unauthenticated.inc();
-                        warn!(error = %e, "ack without a valid hub signature ignored; nothing deleted");
-                    }
-                    Err(e) => {
-                        self.metrics.acks_rejected.inc();
-                        warn!(error = %e, "malformed ack ignored");
-                    }
+            LinkEvent::SubAck { granted, .. } => {
+                self.subacks_pending = self.subacks_pending.saturating_sub(1);
+                if !granted {
+                    warn!("uplink subscription refused by the broker (acks or hub presence); check its access rules");
                 }
             }
+            LinkEvent::Publish {
+                topic,
+                payload,
+                retain,
+            } if topic != acks => self.on_presence(&topic, &payload, retain),
+            LinkEvent::Publish { payload, .. } => match self.verifier.verify(&payload) {
+                Ok(ack)
+                    if ack.gateway == self.gateway
+                        && ack.incarnation == self.outbox.incarnation() =>
+                {
+                    self.on_ack(ack).await
+                }
+                Ok(ack) => {
+                    self.metrics.acks_rejected.inc();
+                    warn!(gateway = %ack.gateway, incarnation = format_args!("{:016x}", ack.incarnation), "signed ack for another gateway or store incarnation ignored");
+                }
+                Err(e) if e.is_unauthenticated() => {
+                    self.metrics.acks_unauthenticated.inc();
+                    warn!(error = %e, "ack without a valid hub signature ignored; nothing deleted");
+                }
+                Err(e) => {
+                    self.metrics.acks_rejected.inc();
+                    warn!(error = %e, "malformed ack ignored");
+                }
+            },
             _ => {}
+        }
+    }
+
+    /// A message on a hub's presence topic; see [`super::presence`] for the rule.
+    fn on_presence(&mut self, topic: &str, payload: &[u8], retained: bool) {
+        let Some(hub) = parse_presence_topic(topic) else {
+            debug!(%topic, "message on an unexpected topic ignored");
+            return;
+        };
+        let presence = match Presence::decode(hub, payload) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(%hub, error = %e, "hub presence ignored");
+                return;
+            }
+        };
+        let verdict = self.hubs.observe(&presence, retained);
+        if let Some(status) = self.hubs.status(hub) {
+            self.metrics.update_link(|l| {
+                l.hubs.insert(hub.to_owned(), status);
+            });
+        }
+        match (verdict, presence.online) {
+            (Verdict::Resend, Some(session)) => {
+                info!(%hub, session = format_args!("{session:016x}"), in_flight = self.in_flight.len(), "hub online; re-sending everything unacknowledged");
+                self.metrics.hub_sessions.inc();
+                self.metrics.presence_resends.inc();
+                self.resend_all();
+            }
+            (Verdict::NewSession, Some(session)) => {
+                info!(%hub, session = format_args!("{session:016x}"), "hub online");
+                self.metrics.hub_sessions.inc();
+            }
+            (_, None) => info!(%hub, "hub offline"),
+            (_, Some(_)) => {}
         }
     }
 
@@ -200,7 +270,8 @@ impl Forwarder {
             self.metrics.resend_rounds.inc();
         }
         self.in_flight.clear();
-        self.cursor = [0; 3];
+        let marks = *self.committed_rx.borrow();
+        self.lanes.restart(marks);
     }
 
     fn check_overdue(&mut self) {
@@ -208,7 +279,7 @@ impl Forwarder {
         if self
             .in_flight
             .values()
-            .any(|sent| now.duration_since(*sent) > self.opts.ack_timeout)
+            .any(|(sent, _)| now.duration_since(*sent) > self.opts.ack_timeout)
         {
             warn!(
                 in_flight = self.in_flight.len(),
@@ -218,31 +289,47 @@ impl Forwarder {
         }
     }
 
-    /// Publishes committed batches until the window is full.
+    /// Publishes committed batches until the window is full ([`Lanes`] decides which).
     async fn send_more(&mut self) {
         if !self.connected {
             return;
         }
-        let marks = *self.committed_rx.borrow();
-        for stream in PRIORITY {
-            let i = usize::from(stream.code());
-            let room = self.opts.window.saturating_sub(self.in_flight.len());
-            if room == 0 {
+        if self.subacks_pending > 0 {
+            if self.held_since.elapsed() < SUBSCRIBE_HOLD {
                 return;
             }
-            if self.cursor[i] > marks[i] {
-                continue;
-            }
+            warn!(
+                missing = self.subacks_pending,
+                "no SUBACK from the broker in time; sending anyway"
+            );
+            self.subacks_pending = 0;
+        }
+        let marks = *self.committed_rx.borrow();
+        let reserve = live_reserve(self.opts.window);
+        loop {
+            let counts = self.in_flight_by_lane();
+            let Some(pull) = self
+                .lanes
+                .next_pull(marks, counts, self.opts.window, reserve)
+            else {
+                return;
+            };
             let batches: Vec<StoredBatch> =
-                match self.outbox.peek(stream, self.cursor[i], room).await {
+                match self.outbox.peek(pull.stream, pull.from, pull.max).await {
                     Ok(b) => b,
                     Err(e) => {
                         warn!(error = %e, "reading the store failed");
                         return;
                     }
                 };
-            for b in batches.into_iter().filter(|b| b.seq <= marks[i]) {
-                let topic = stream_topic(&self.gateway, stream);
+            let batches: Vec<StoredBatch> =
+                batches.into_iter().filter(|b| b.seq < pull.below).collect();
+            if batches.is_empty() {
+                self.lanes.exhausted(&pull);
+                continue;
+            }
+            let topic = stream_topic(&self.gateway, pull.stream);
+            for b in batches {
                 if let Err(e) =
                     self.link
                         .try_publish(&topic, QoS::AtLeastOnce, Bytes::from(b.bytes))
@@ -252,9 +339,21 @@ impl Forwarder {
                 }
                 self.metrics.batches_sent.inc();
                 self.in_flight
-                    .insert((stream.code(), b.seq), Instant::now());
-                self.cursor[i] = b.seq + 1;
+                    .insert((pull.stream.code(), b.seq), (Instant::now(), pull.lane));
+                self.lanes.sent(pull.stream, pull.lane, b.seq);
             }
+        }
+    }
+
+    fn in_flight_by_lane(&self) -> InFlight {
+        let live = self
+            .in_flight
+            .values()
+            .filter(|(_, lane)| *lane == Lane::Live)
+            .count();
+        InFlight {
+            live,
+            drain: self.in_flight.len() - live,
         }
     }
 }

@@ -3,5 +3,7 @@
 //! topics and the ack format are `wire`'s.
 
 mod forwarder;
+mod lanes;
+mod presence;
 
 pub(crate) use forwarder::{Forwarder, ForwarderOptions};

@@ -15,6 +15,7 @@ mod mqtt_meters;
 mod pipeline;
 mod probe;
 mod profiles;
+mod recovery;
 mod rtu;
 mod run;
 mod status;

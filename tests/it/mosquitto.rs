@@ -188,6 +188,20 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
     )
     .await;
     assert_eq!(published(&seen), ["meters/m1"], "{seen:?}");
+    // Issue 10 item 2: a gateway's certificate may not announce a hub (mosquitto drops the
+    // retained presence; checked below, where the gateway would have received it).
+    let fake = citygate::wire::Presence {
+        hub: "hub-x".into(),
+        online: Some(1),
+    };
+    watch
+        .publish_retained(
+            &citygate::wire::presence_topic("hub-x"),
+            QoS::AtLeastOnce,
+            Bytes::from(fake.encode()),
+        )
+        .await
+        .unwrap();
     watch.shutdown().await;
     meter.shutdown().await;
 
@@ -214,6 +228,24 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
         wait_for(Duration::from_secs(20), || metrics.batches_acked.get() >= 1).await,
         "hub {:?}",
         hub.hub().stats()
+    );
+    // (d) Issue 10 item 2: under the generated rules the hub connects with its last will,
+    // its retained presence reaches the gateway, and the one a gateway tried to publish
+    // did not.
+    assert!(
+        wait_for(Duration::from_secs(20), || metrics
+            .link()
+            .hubs
+            .get("hub-1")
+            .is_some_and(|h| h.online))
+        .await,
+        "{:?}",
+        metrics.link()
+    );
+    assert!(
+        !metrics.link().hubs.contains_key("hub-x"),
+        "{:?}",
+        metrics.link()
     );
 
     // (b) Another certificate asking for the gateway's client id gets its own (its CN):

@@ -573,7 +573,7 @@ async fn the_sim_command_publishes_decodable_meters_and_malformed_payloads() {
     let (mut good, mut bad) = (BTreeMap::<String, Vec<f64>>::new(), 0);
     let _ = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(e) = events.recv().await {
-            let LinkEvent::Publish { topic, payload } = e else {
+            let LinkEvent::Publish { topic, payload, .. } = e else {
                 continue;
             };
             match decode(&spec, &payload, now_ms()) {

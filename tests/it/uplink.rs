@@ -100,7 +100,7 @@ async fn subscribed(rx: &mut mpsc::Receiver<LinkEvent>) {
 
 async fn received(rx: &mut mpsc::Receiver<LinkEvent>) -> (String, Bytes) {
     match wait_for(rx, "publish", |e| matches!(e, LinkEvent::Publish { .. })).await {
-        LinkEvent::Publish { topic, payload } => (topic, payload),
+        LinkEvent::Publish { topic, payload, .. } => (topic, payload),
         _ => unreachable!(),
     }
 }

@@ -316,6 +316,7 @@ pub async fn start_uplink(
         }),
         window,
         ack_timeout,
+        reconnect: citygate::backoff::BackoffPolicy::RECONNECT,
     });
     citygate::supervisor::start_uplink_with(&cfg, running, fast_link)
         .await

@@ -4,9 +4,11 @@
 //! Identity is the client certificate's CN; the session is bound to it (in `front`). The
 //! role comes from the CN:
 //! - hub (the hub's own client): subscribe `citygate/v1/+/{readings,alarms,audit}` (also
-//!   through `$share/{group}/…`), publish `citygate/v1/{gateway}/ack`;
+//!   through `$share/{group}/…`), publish `citygate/v1/{gateway}/ack` and its presence
+//!   `citygate/hub/presence/{hub}` (also as its last will);
 //! - gateway `G` (listed in the hub registry): publish `citygate/v1/G/{readings,alarms,audit}`,
-//!   subscribe `citygate/v1/G/ack`;
+//!   subscribe `citygate/v1/G/ack` and `citygate/hub/presence/+` (never publish presence: a
+//!   gateway must not make the others re-send, or hide that a hub is gone);
 //! - anyone else (meters, simulators): nothing under `citygate/`.
 //!
 //! Outside `citygate/`, hubs and others may publish and subscribe; a gateway may only
@@ -17,6 +19,7 @@
 use std::collections::BTreeSet;
 
 use crate::reading::{GatewayId, Stream};
+use crate::wire::{parse_presence_topic, presence_filter};
 
 /// First level of every citygate topic.
 const ROOT: &str = "citygate";
@@ -72,7 +75,11 @@ impl Role {
         let under_root = topic == ROOT || topic.starts_with("citygate/");
         match self {
             Role::Unrestricted => true,
-            Role::Hub => !under_root || ack_topic_gateway(topic).is_some(),
+            Role::Hub => {
+                !under_root
+                    || ack_topic_gateway(topic).is_some()
+                    || parse_presence_topic(topic).is_some()
+            }
             Role::Gateway(gw) => Stream::ALL
                 .iter()
                 .any(|s| topic == format!("{PREFIX}/{gw}/{s}")),
@@ -87,7 +94,12 @@ impl Role {
         match self {
             Role::Unrestricted => true,
             Role::Hub => disjoint || is_hub_filter(filter),
-            Role::Gateway(gw) => disjoint || filter == format!("{PREFIX}/{gw}/ack"),
+            Role::Gateway(gw) => {
+                disjoint
+                    || filter == format!("{PREFIX}/{gw}/ack")
+                    || filter == presence_filter()
+                    || parse_presence_topic(filter).is_some()
+            }
             Role::Other => disjoint,
         }
     }
@@ -126,7 +138,7 @@ fn ack_topic_gateway(topic: &str) -> Option<GatewayId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{ack_topic, hub_filters, stream_topic};
+    use crate::wire::{ack_topic, hub_filters, presence_topic, stream_topic};
 
     fn access() -> BrokerAccess {
         BrokerAccess {
@@ -160,6 +172,12 @@ mod tests {
         assert!(!role.may_subscribe(&ack_topic(&gw2)));
         assert!(role.may_subscribe("v1/devices/me/telemetry"));
         assert!(role.may_subscribe("meters/+/data"));
+        // issue 10 item 2: gateways read every hub's presence and publish none.
+        assert!(role.may_subscribe(&presence_filter()));
+        assert!(role.may_subscribe(&presence_topic("hub-1")));
+        assert!(!role.may_publish(&presence_topic("hub-1")));
+        assert!(!role.may_subscribe("citygate/hub/#"));
+        assert!(!role.may_subscribe("citygate/hub/presence/#"));
         for filter in [
             "#",
             "+/v1/gw2/ack",
@@ -182,6 +200,9 @@ mod tests {
         assert!(role.may_subscribe("citygate/v1/gw1/alarms"));
         assert!(role.may_publish(&ack_topic(&gw1)));
         assert!(role.may_publish("citygate/v1/any-gw/ack"));
+        assert!(role.may_publish(&presence_topic("hub-1")));
+        assert!(!role.may_publish("citygate/hub/presence/+"));
+        assert!(!role.may_publish("citygate/hub/presence/a/b"));
         for filter in [
             "#",
             "citygate/#",
@@ -212,6 +233,8 @@ mod tests {
         assert!(!role.may_subscribe(&stream_topic(&gw1, Stream::Readings)));
         assert!(!role.may_subscribe("#"));
         assert!(!role.may_subscribe("$share/g/citygate/v1/+/readings"));
+        assert!(!role.may_publish(&presence_topic("hub-1")));
+        assert!(!role.may_subscribe(&presence_filter()));
         assert!(Role::Unrestricted.may_subscribe("#"));
         assert!(Role::Unrestricted.may_publish(&ack_topic(&gw1)));
     }

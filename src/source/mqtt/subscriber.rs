@@ -166,7 +166,7 @@ impl MqttSubscriber {
                 _ = self.cx.shutdown.cancelled() => break,
                 () = sleep_until_some(check) => {}
                 event = events.recv() => match event {
-                    Some(LinkEvent::Publish { topic, payload }) => {
+                    Some(LinkEvent::Publish { topic, payload, .. }) => {
                         self.on_message(&topic, &payload, now_ms());
                     }
                     Some(LinkEvent::Connected { session_present }) => {
