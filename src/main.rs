@@ -51,6 +51,8 @@ enum Command {
     },
     /// Serve simulated meters over Modbus TCP and/or Modbus RTU.
     Sim(Box<cli::SimArgs>),
+    /// Run the embedded MQTT broker (mutual TLS) as a process of its own until SIGTERM.
+    Broker(Box<cli::broker::BrokerArgs>),
     /// Read one meter once and print every field (raw registers, value, unit, quality).
     Probe(Box<cli::probe::ProbeArgs>),
     /// List the unit ids that answer on a bus or endpoint.
@@ -156,6 +158,7 @@ fn main() -> ExitCode {
         Command::Status { config, addr, json } => cli::status(config.as_deref(), addr, json),
         Command::Hub { config } => cli::hub(&config),
         Command::Sim(args) => cli::sim(*args),
+        Command::Broker(args) => cli::broker::broker(&args),
         Command::Probe(args) => cli::probe::probe(&args).map(|out| print!("{out}")),
         Command::Scan(args) => cli::probe::scan(&args).map(|out| print!("{out}")),
         Command::Store {
