@@ -3,6 +3,7 @@
 pub mod broker;
 mod check;
 pub(crate) mod demo;
+pub mod loadtest;
 pub mod probe;
 mod signals;
 mod sim_mqtt;
