@@ -139,6 +139,11 @@ pub fn loadtest(args: &LoadtestArgs) -> Result<(), CliError> {
         ));
     }
     if let Some(o) = args.outage {
+        if args.broker.is_some() {
+            return Err(CliError::Usage(
+                "--outage stops the broker the load test starts; it cannot stop --broker".into(),
+            ));
+        }
         if o.at >= args.duration || o.down_for.is_zero() {
             return Err(CliError::Usage(
                 "--outage D@T: T must fall within --duration and D must be more than 0".into(),

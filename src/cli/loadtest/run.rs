@@ -29,6 +29,8 @@ const SINK_SETTLE_LIMIT: Duration = Duration::from_secs(30);
 const SINK_QUIET: Duration = Duration::from_secs(5);
 /// How long the gateway may take to empty its store after the simulators stopped.
 const STORE_DRAIN_LIMIT: Duration = Duration::from_secs(60);
+/// The gateway's default `[batch] max_age`, which the load test keeps.
+const BATCH_MAX_AGE: Duration = Duration::from_secs(1);
 /// The gateway's Modbus request timeout (its default, which the load test keeps).
 const MODBUS_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -126,8 +128,83 @@ pub(super) fn run(args: &LoadtestArgs, exe: &Path, dir: &Path) -> Result<Report,
         .map_err(|e| CliError::Runtime(e.to_string()))?;
     let s = Setup::prepare(args, dir)?;
     let ticks = procs::clock_ticks();
+    let (mut c, tailer) = start(args, exe, &bin, &s, &rt)?;
+    let setup_s = started.elapsed().as_secs_f64();
+    println!(
+        "{} meters on {} simulator endpoints, gateway pid {}, hub pid {}; set-up took {setup_s:.1} s",
+        args.meters,
+        s.endpoints.len(),
+        c.gateway.as_ref().map_or(0, Proc::pid),
+        c.hub.as_ref().map_or(0, Proc::pid),
+    );
+    println!("warm-up {:?}", args.warmup);
+    std::thread::sleep(args.warmup);
+    let window = measure(args, exe, &s, &mut c, ticks)?;
+    let stopped = stop_sources_and_gateway(args, &s, &mut c, &rt)?;
+    let served = served_by_subject(&s)?;
+    settle(&tailer, served.values().sum());
+    if let Some(h) = c.hub.as_mut() {
+        h.stop(Duration::from_secs(15));
+    }
+    if let Some(b) = c.broker.as_mut() {
+        b.stop(Duration::from_secs(5));
+    }
+    let log = tailer.finish();
+    let accounting = sink::account(&log, &served);
+    let delivery = report::delivery(&log, &window.timeline);
+
+    let mb = |kb: &[u64]| median_peak(&kb.iter().map(|k| *k as f64 / 1024.0).collect::<Vec<_>>());
+    let (gateway_rss_mb_median, gateway_rss_mb_peak) = mb(&window.gateway_rss_kb);
+    let (hub_rss_mb_median, hub_rss_mb_peak) = mb(&window.hub_rss_kb);
+    let mut report = Report {
+        meters: args.meters,
+        interval_s: args.interval.as_secs_f64(),
+        duration_s: args.duration.as_secs_f64(),
+        warmup_s: args.warmup.as_secs_f64(),
+        profile: s.profile.name.clone(),
+        transport: clap::ValueEnum::to_possible_value(&args.transport)
+            .map_or_else(String::new, |v| v.get_name().to_owned()),
+        endpoints: s.endpoints.len(),
+        broker: match &s.broker {
+            BrokerPlan::Own { port, .. } => format!("citygate broker on 127.0.0.1:{port}"),
+            BrokerPlan::External { address } => address.clone(),
+        },
+        outage: args.outage.map(|o| format!("{:?}@{:?}", o.down_for, o.at)),
+        gateway_cpu_s: window.gateway_cpu_s,
+        hub_cpu_s: window.hub_cpu_s,
+        gateway_rss_mb_median,
+        gateway_rss_mb_peak,
+        hub_rss_mb_median,
+        hub_rss_mb_peak,
+        gateway_exit_code: stopped.exit_code,
+        gateway_counters: stopped.counters,
+        gateway_store_drained: stopped.store_drained,
+        setup_s,
+        clk_tck: ticks,
+        citygate_version: format!("citygate {}", env!("CARGO_PKG_VERSION")),
+        loadtest_bin: path_arg(exe),
+        gateway_bin: path_arg(&bin),
+        gateway_version: procs::version_of(&bin),
+        hub_bin: path_arg(&bin),
+        hub_version: procs::version_of(&bin),
+        ..Report::default()
+    };
+    report.add_delivery(&delivery, &accounting, &log);
+    Ok(report)
+}
+
+/// Starts broker, hub, simulators and gateway, each once the one before is ready, and
+/// the sink's tailer once the hub is.
+fn start(
+    args: &LoadtestArgs,
+    exe: &Path,
+    bin: &Path,
+    s: &Setup,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(Children, Tailer), CliError> {
+    let dir = s.dir.as_path();
     let mut c = Children {
-        broker: start_broker(exe, &s, 1)?,
+        broker: start_broker(exe, s, 1)?,
         hub: None,
         sims: Vec::new(),
         gateway: None,
@@ -135,12 +212,12 @@ pub(super) fn run(args: &LoadtestArgs, exe: &Path, dir: &Path) -> Result<Report,
     let hub_args = os(&["hub", "--config", &path_arg(&s.hub_config)]);
     let hub = c.hub.insert(Proc::spawn(
         "hub",
-        &bin,
+        bin,
         &hub_args,
         dir,
         dir.join("hub.log"),
     )?);
-    wait_status(&rt, hub, s.hub_status, "subscribed", |v| {
+    wait_status(rt, hub, s.hub_status, "subscribed", |v| {
         v["subscribed"] == serde_json::Value::Bool(true)
     })?;
     let tailer = Tailer::start(dir.join("records.jsonl"));
@@ -182,30 +259,33 @@ pub(super) fn run(args: &LoadtestArgs, exe: &Path, dir: &Path) -> Result<Report,
     let gw_args = os(&["run", "--config", &path_arg(&s.gateway_config)]);
     let gw = c.gateway.insert(Proc::spawn(
         "gateway",
-        &bin,
+        bin,
         &gw_args,
         dir,
         dir.join("gateway.log"),
     )?);
-    wait_status(&rt, gw, s.gateway_status, "connected", |v| {
+    wait_status(rt, gw, s.gateway_status, "connected", |v| {
         v["link"]["connected"] == serde_json::Value::Bool(true)
     })?;
-    let setup_s = started.elapsed().as_secs_f64();
-    println!(
-        "{} meters on {} simulator endpoints, gateway pid {}, hub pid {}; set-up took {setup_s:.1} s",
-        args.meters,
-        s.endpoints.len(),
-        gw.pid(),
-        c.hub.as_ref().map_or(0, Proc::pid),
-    );
-    println!("warm-up {:?}", args.warmup);
-    std::thread::sleep(args.warmup);
+    Ok((c, tailer))
+}
 
-    // The measured window.
-    let window = measure(args, exe, &s, &mut c, ticks)?;
-    let timeline = window.timeline;
+/// How the gateway ended.
+#[derive(Debug)]
+struct Stopped {
+    exit_code: Option<i32>,
+    counters: Option<std::collections::BTreeMap<String, u64>>,
+    store_drained: bool,
+}
 
-    // Stop: sims first (they write what they served), then the gateway.
+/// Stops the simulators (they write what they served), lets the gateway finish its last
+/// polls and drain its store, then stops it.
+fn stop_sources_and_gateway(
+    args: &LoadtestArgs,
+    s: &Setup,
+    c: &mut Children,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Stopped, CliError> {
     println!("stopping the simulators");
     for p in &mut c.sims {
         p.terminate();
@@ -215,75 +295,26 @@ pub(super) fn run(args: &LoadtestArgs, exe: &Path, dir: &Path) -> Result<Report,
             return Err(p.failed("did not stop cleanly after SIGTERM"));
         }
     }
-    std::thread::sleep(args.interval + MODBUS_TIMEOUT);
+    // The last polls end (answered or timed out) and their batch is sealed and committed.
+    std::thread::sleep(args.interval + MODBUS_TIMEOUT + BATCH_MAX_AGE);
     // What the gateway still holds is delivered late, not lost: let it drain (the uplink
     // re-sends unacknowledged batches after its ack timeout) before stopping it.
-    let store_drained = wait_store_drained(&rt, s.gateway_status);
+    let store_drained = wait_store_drained(rt, s.gateway_status);
     if !store_drained {
         println!("the gateway's store did not drain within {STORE_DRAIN_LIMIT:?}");
     }
-    let gateway_counters = status_json(&rt, s.gateway_status).and_then(|v| {
-        serde_json::from_value::<std::collections::BTreeMap<String, u64>>(v["counters"].clone())
-            .ok()
-    });
+    let counters = status_json(rt, s.gateway_status)
+        .and_then(|v| serde_json::from_value(v["counters"].clone()).ok());
     println!("stopping the gateway");
     let gateway = c
         .gateway
         .as_mut()
         .expect("invariant: the gateway was started");
-    let gateway_exit = gateway.stop(GATEWAY_EXIT_LIMIT).and_then(|st| st.code());
-
-    let served = served_by_subject(&s)?;
-    let served_total: u64 = served.values().sum();
-    settle(&tailer, served_total);
-    if let Some(h) = c.hub.as_mut() {
-        h.stop(Duration::from_secs(15));
-    }
-    if let Some(b) = c.broker.as_mut() {
-        b.stop(Duration::from_secs(5));
-    }
-    let log = tailer.finish();
-    let accounting = sink::account(&log, &served);
-    let delivery = report::delivery(&log, &timeline);
-
-    let mb = |kb: &[u64]| median_peak(&kb.iter().map(|k| *k as f64 / 1024.0).collect::<Vec<_>>());
-    let (gateway_rss_mb_median, gateway_rss_mb_peak) = mb(&window.gateway_rss_kb);
-    let (hub_rss_mb_median, hub_rss_mb_peak) = mb(&window.hub_rss_kb);
-    let mut report = Report {
-        meters: args.meters,
-        interval_s: args.interval.as_secs_f64(),
-        duration_s: args.duration.as_secs_f64(),
-        warmup_s: args.warmup.as_secs_f64(),
-        profile: s.profile.name.clone(),
-        transport: clap::ValueEnum::to_possible_value(&args.transport)
-            .map_or_else(String::new, |v| v.get_name().to_owned()),
-        endpoints: s.endpoints.len(),
-        broker: match &s.broker {
-            BrokerPlan::Own { port, .. } => format!("citygate broker on 127.0.0.1:{port}"),
-            BrokerPlan::External { address } => address.clone(),
-        },
-        outage: args.outage.map(|o| format!("{:?}@{:?}", o.down_for, o.at)),
-        gateway_cpu_s: window.gateway_cpu_s,
-        hub_cpu_s: window.hub_cpu_s,
-        gateway_rss_mb_median,
-        gateway_rss_mb_peak,
-        hub_rss_mb_median,
-        hub_rss_mb_peak,
-        gateway_exit_code: gateway_exit,
-        gateway_counters,
-        gateway_store_drained: store_drained,
-        setup_s,
-        clk_tck: ticks,
-        citygate_version: format!("citygate {}", env!("CARGO_PKG_VERSION")),
-        loadtest_bin: path_arg(exe),
-        gateway_bin: path_arg(&bin),
-        gateway_version: procs::version_of(&bin),
-        hub_bin: path_arg(&bin),
-        hub_version: procs::version_of(&bin),
-        ..Report::default()
-    };
-    report.add_delivery(&delivery, &accounting, &log);
-    Ok(report)
+    Ok(Stopped {
+        exit_code: gateway.stop(GATEWAY_EXIT_LIMIT).and_then(|st| st.code()),
+        counters,
+        store_drained,
+    })
 }
 
 /// What the measured window gave.
