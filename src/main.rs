@@ -51,6 +51,11 @@ enum Command {
     },
     /// Serve simulated meters over Modbus TCP and/or Modbus RTU.
     Sim(Box<cli::SimArgs>),
+    /// Measure simulated meters → gateway → broker → hub, each its own process: values/s,
+    /// CPU and RSS per process, latency, exact loss and duplicates.
+    Loadtest(Box<cli::loadtest::LoadtestArgs>),
+    /// Run the embedded MQTT broker (mutual TLS) as a process of its own until SIGTERM.
+    Broker(Box<cli::broker::BrokerArgs>),
     /// Read one meter once and print every field (raw registers, value, unit, quality).
     Probe(Box<cli::probe::ProbeArgs>),
     /// List the unit ids that answer on a bus or endpoint.
@@ -159,6 +164,8 @@ fn main() -> ExitCode {
         Command::Status { config, addr, json } => cli::status(config.as_deref(), addr, json),
         Command::Hub { config } => cli::hub(&config),
         Command::Sim(args) => cli::sim(*args),
+        Command::Broker(args) => cli::broker::broker(&args),
+        Command::Loadtest(args) => cli::loadtest::loadtest(&args),
         Command::Probe(args) => cli::probe::probe(&args).map(|out| print!("{out}")),
         Command::Scan(args) => cli::probe::scan(&args).map(|out| print!("{out}")),
         Command::Store {

@@ -1,12 +1,15 @@
 //! The commands behind `main.rs`, as library functions so tests can call them.
 
+pub mod broker;
 mod check;
 pub(crate) mod demo;
+pub mod loadtest;
 mod memory;
 pub mod probe;
 mod signals;
 mod sim_mqtt;
 pub(crate) mod sim_rtu;
+pub(crate) mod sim_served;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -321,6 +324,10 @@ pub struct SimArgs {
     pub slow: Vec<String>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// At SIGTERM, stop answering, then write the polls each unit answered to this file
+    /// (JSON; Modbus only; see `citygate loadtest`).
+    #[arg(long)]
+    pub served_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub rtu: sim_rtu::RtuSimArgs,
     #[command(flatten)]
@@ -346,7 +353,13 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
     if args.mqtt.mqtt_broker.is_some() {
         return sim_mqtt::sim_mqtt(&args, profile);
     }
-    let meters = SimMeters::new(profile, args.count, args.seed);
+    // Nobody reads the history of a simulator run from the command line: keep one snapshot.
+    let meters = SimMeters::new(profile, args.count, args.seed).with_history_limit(1);
+    let marker = sim_served::poll_marker(meters.profile());
+    if args.served_file.is_some() {
+        meters.count_polls_at(marker);
+    }
+    let served = meters.clone();
     for u in &args.silent {
         meters.set_fault(UnitId(*u), Fault::Silent);
     }
@@ -394,9 +407,18 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
             }));
         }
         shutdown_signal().await;
+        if args.served_file.is_some() {
+            served.stop_answering();
+            tokio::time::sleep(sim_served::SERVED_GRACE).await;
+        }
         token.cancel();
         for t in tasks {
             let _ = t.await;
+        }
+        if let Some(path) = &args.served_file {
+            sim_served::Served::of(&served, args.count, marker)
+                .write(path)
+                .map_err(CliError::Runtime)?;
         }
         Ok(())
     })

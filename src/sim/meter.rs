@@ -13,7 +13,7 @@
 //! taken, so failed reads never advance the values.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -63,6 +63,8 @@ struct UnitState {
     taken_at: Option<Instant>,
     history: VecDeque<Snapshot>,
     served: u64,
+    /// Reads answered with data at the poll marker (see [`SimMeters::count_polls_at`]).
+    polls_served: u64,
 }
 
 #[derive(Debug)]
@@ -71,9 +73,18 @@ struct Inner {
     map: RegisterMap,
     /// Snapshot lifetime in nanoseconds (shared by every clone).
     tick_nanos: AtomicU64,
+    /// Snapshots kept per unit (shared by every clone).
+    history_limit: AtomicUsize,
+    /// Start address of the read that counts as one poll; `NO_MARKER` if unset.
+    poll_marker: AtomicU32,
+    /// False once [`SimMeters::stop_answering`] was called.
+    answering: AtomicBool,
     /// Index `i` holds unit id `i + 1`.
     units: Vec<Mutex<UnitState>>,
 }
+
+/// [`Inner::poll_marker`] when no read is counted as a poll.
+const NO_MARKER: u32 = u32::MAX;
 
 /// Simulated meters with unit ids `1..=count`, all following one profile.
 ///
@@ -96,6 +107,7 @@ impl SimMeters {
                     taken_at: None,
                     history: VecDeque::new(),
                     served: 0,
+                    polls_served: 0,
                 })
             })
             .collect();
@@ -104,6 +116,9 @@ impl SimMeters {
                 map: RegisterMap::new(&profile),
                 profile,
                 tick_nanos: AtomicU64::new(nanos(DEFAULT_TICK)),
+                history_limit: AtomicUsize::new(HISTORY_LIMIT),
+                poll_marker: AtomicU32::new(NO_MARKER),
+                answering: AtomicBool::new(true),
                 units,
             }),
         }
@@ -113,6 +128,35 @@ impl SimMeters {
     pub fn with_tick(self, tick: Duration) -> Self {
         self.inner.tick_nanos.store(nanos(tick), Ordering::Relaxed);
         self
+    }
+
+    /// Keeps at most `limit` (at least 1) snapshots per unit (for every clone); a
+    /// long-running simulator that nobody inspects keeps one.
+    pub fn with_history_limit(self, limit: usize) -> Self {
+        self.inner
+            .history_limit
+            .store(limit.max(1), Ordering::Relaxed);
+        self
+    }
+
+    /// Counts, per unit, the reads starting at `start` answered with data: with `start`
+    /// the first read of the gateway's plan that carries a field, each count is one poll
+    /// the unit answered ([`SimMeters::polls_served`]).
+    pub fn count_polls_at(&self, start: RegisterAddress) {
+        self.inner
+            .poll_marker
+            .store(u32::from(start.0), Ordering::Relaxed);
+    }
+
+    /// Polls `unit` answered (see [`SimMeters::count_polls_at`]).
+    pub fn polls_served(&self, unit: UnitId) -> u64 {
+        self.state(unit).map_or(0, |s| s.polls_served)
+    }
+
+    /// From now on no unit answers (as if silent), so the counts stop changing while the
+    /// answers already given are still being written out.
+    pub fn stop_answering(&self) {
+        self.inner.answering.store(false, Ordering::SeqCst);
     }
 
     pub fn profile(&self) -> &Arc<Profile> {
@@ -156,6 +200,9 @@ impl SimMeters {
         start: RegisterAddress,
         count: u16,
     ) -> Option<Result<Vec<u16>, ExceptionCode>> {
+        if !self.inner.answering.load(Ordering::SeqCst) {
+            return None;
+        }
         let mut s = self.state(unit)?;
         match s.fault {
             Fault::Silent => return None,
@@ -176,6 +223,9 @@ impl SimMeters {
             return Some(Err(ExceptionCode::IllegalDataAddress));
         };
         self.refresh(&mut s);
+        if u32::from(start.0) == self.inner.poll_marker.load(Ordering::Relaxed) {
+            s.polls_served += 1;
+        }
         Some(Ok(s.image[range].to_vec()))
     }
 
@@ -183,6 +233,9 @@ impl SimMeters {
     /// read) as the unit would: its exception fault, else `IllegalFunction`.
     /// `None` where the unit does not answer.
     pub(super) fn reject(&self, unit: UnitId) -> Option<ExceptionCode> {
+        if !self.inner.answering.load(Ordering::SeqCst) {
+            return None;
+        }
         let mut s = self.state(unit)?;
         match s.fault {
             Fault::Silent => None,
@@ -230,9 +283,8 @@ impl SimMeters {
         s.image = self.inner.map.image(profile, &words);
         s.taken_at = Some(now);
         let values = self.inner.map.values(profile, &s.image);
-        if s.history.len() >= HISTORY_LIMIT {
-            s.history.pop_front();
-        }
+        let limit = self.inner.history_limit.load(Ordering::Relaxed);
+        while s.history.len() >= limit && s.history.pop_front().is_some() {}
         s.history.push_back(Snapshot {
             at_ms: now_ms(),
             values,
@@ -291,6 +343,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn polls_count_answered_reads_at_the_marker_until_answering_stops() {
+        let m = meters(Duration::ZERO);
+        m.count_polls_at(RegisterAddress(0x20));
+        for _ in 0..3 {
+            read_all(&m, 1);
+            m.read(UnitId(1), FunctionCode::ReadInput, RegisterAddress(0x20), 4)
+                .expect("served");
+        }
+        // An exception at the marker is not a poll answered.
+        m.set_fault(UnitId(2), Fault::Exception(ExceptionCode::ServerDeviceBusy));
+        assert!(m
+            .read(UnitId(2), FunctionCode::ReadInput, RegisterAddress(0x20), 4)
+            .is_err());
+        assert_eq!(m.polls_served(UnitId(1)), 3);
+        assert_eq!(m.polls_served(UnitId(2)), 0);
+        m.stop_answering();
+        assert!(m
+            .read(UnitId(1), FunctionCode::ReadInput, RegisterAddress(0x20), 4)
+            .is_err());
+        assert_eq!(m.polls_served(UnitId(1)), 3);
+    }
+
+    #[test]
+    fn history_keeps_at_most_its_limit() {
+        let m = meters(Duration::ZERO).with_history_limit(2);
+        for _ in 0..5 {
+            read_all(&m, 1);
+        }
+        assert_eq!(m.history(UnitId(1)).len(), 2);
     }
 
     #[test]
