@@ -908,13 +908,7 @@ async fn a_down_mqtt_source_makes_its_meters_stale_and_health_degraded_until_it_
         .write(dep.path());
     let mut child = spawn_run(&config);
     let store = dep.store_path();
-    assert!(
-        wait_for(Duration::from_secs(20), || {
-            citygate::status::read_address_file(&store).is_some()
-        })
-        .await
-    );
-    let status = citygate::status::read_address_file(&store).unwrap();
+    let status = status_address(&store).await;
     let mut last = (String::new(), true);
     for _ in 0..200 {
         last = health_and_stale(status, "w1").await;

@@ -52,13 +52,7 @@ async fn status_metrics_and_health_of_a_running_gateway() {
 
     // The gateway listens on a port of its choosing and records it next to the store.
     let store = dep.store_path();
-    assert!(
-        wait_for(Duration::from_secs(20), || read_address_file(&store)
-            .is_some())
-        .await,
-        "the gateway never recorded its status address"
-    );
-    let addr = read_address_file(&store).unwrap();
+    let addr = status_address(&store).await;
     assert!(addr.ip().is_loopback());
 
     // Let meter-1 answer a few polls and meter-2 time out at least once.
@@ -177,13 +171,7 @@ async fn batches_leave_at_the_end_of_each_poll_round_long_before_max_age() {
     let config = write_config(&dep, &sim.address);
     let mut child = spawn_run(&config);
     let store = dep.store_path();
-    assert!(
-        wait_for(Duration::from_secs(20), || read_address_file(&store)
-            .is_some())
-        .await,
-        "the gateway never recorded its status address"
-    );
-    let addr = read_address_file(&store).unwrap();
+    let addr = status_address(&store).await;
     let mut counters = Default::default();
     for _ in 0..100 {
         let (_, body) = fetch(addr, "/status").await;
@@ -238,12 +226,7 @@ async fn run_limits_malloc_arenas_unless_the_operator_chose() {
         }
         let mut child = cmd.spawn().unwrap();
         let store = dep.store_path();
-        assert!(
-            wait_for(Duration::from_secs(20), || read_address_file(&store)
-                .is_some())
-            .await,
-            "the gateway never recorded its status address"
-        );
+        status_address(&store).await;
         let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap();
         let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
         let setting = format!("MALLOC_ARENA_MAX={expected}");

@@ -323,3 +323,17 @@ pub async fn start_uplink(
         .unwrap()
         .expect("the config has an uplink")
 }
+
+/// The status endpoint address a running gateway with store `store` recorded, waiting for it
+/// (bounded) while the gateway starts.
+pub async fn status_address(store: &Path) -> std::net::SocketAddr {
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            citygate::status::read_address_file(store).is_some()
+        })
+        .await,
+        "the gateway never recorded its status address in {}",
+        store.display()
+    );
+    citygate::status::read_address_file(store).unwrap()
+}
