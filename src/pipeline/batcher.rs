@@ -441,28 +441,46 @@ mod tests {
         )
     }
 
-    /// Runs a batcher starting at `first_seq` over `samples` samples of distinct devices and
-    /// returns the sealed batches and the metrics.
-    async fn run(first_seq: u64, samples: usize) -> (Vec<SealedBatch>, Arc<Metrics>) {
-        let p = profile();
-        let fields = p.fields.iter().map(|f| f.name.clone()).collect();
+    /// A batcher whose purpose takes every field of [`profile`], sealing by `max_age` of one
+    /// hour, no record limit, and `min_interval`; sequences start at `first_seq`.
+    fn test_batcher(
+        first_seq: u64,
+        min_interval: Duration,
+        samples_rx: mpsc::Receiver<RawSample>,
+        sealed_tx: mpsc::Sender<SealedBatch>,
+        metrics: Arc<Metrics>,
+    ) -> Batcher {
+        let fields = profile().fields.iter().map(|f| f.name.clone()).collect();
         let policy = Policy::new("test", fields, PseudonymKey::from_bytes([7; 32]), &[]);
-        let metrics = Arc::new(Metrics::default());
-        let (samples_tx, samples_rx) = mpsc::channel(16);
-        let (sealed_tx, mut sealed_rx) = mpsc::channel(1024);
         let cfg = BatchConfig {
             max_age: Duration::from_secs(3600),
-            min_interval: Duration::ZERO,
+            min_interval,
             max_records: usize::MAX,
             alarm_state_every: Duration::from_secs(3600),
         };
-        let batcher = Batcher::new(
+        Batcher::new(
             samples_rx,
             sealed_tx,
             sealer(&policy),
             policy,
             cfg,
             move |_| first_seq,
+            metrics,
+        )
+    }
+
+    /// Runs a batcher starting at `first_seq` over `samples` samples of distinct devices and
+    /// returns the sealed batches and the metrics.
+    async fn run(first_seq: u64, samples: usize) -> (Vec<SealedBatch>, Arc<Metrics>) {
+        let p = profile();
+        let metrics = Arc::new(Metrics::default());
+        let (samples_tx, samples_rx) = mpsc::channel(16);
+        let (sealed_tx, mut sealed_rx) = mpsc::channel(1024);
+        let batcher = test_batcher(
+            first_seq,
+            Duration::ZERO,
+            samples_rx,
+            sealed_tx,
             metrics.clone(),
         );
         let task = tokio::spawn(batcher.run());
@@ -633,29 +651,12 @@ mod tests {
         crate::source::Rounds,
         Arc<Metrics>,
     ) {
-        let p = profile();
-        let fields = p.fields.iter().map(|f| f.name.clone()).collect();
-        let policy = Policy::new("test", fields, PseudonymKey::from_bytes([7; 32]), &[]);
         let (samples_tx, samples_rx) = mpsc::channel(64);
         let (sealed_tx, sealed_rx) = mpsc::channel(64);
         let rounds = crate::source::Rounds::default();
         let metrics = Arc::new(Metrics::default());
-        let cfg = BatchConfig {
-            max_age: Duration::from_secs(3600),
-            min_interval,
-            max_records: usize::MAX,
-            alarm_state_every: Duration::from_secs(3600),
-        };
-        let batcher = Batcher::new(
-            samples_rx,
-            sealed_tx,
-            sealer(&policy),
-            policy,
-            cfg,
-            |_| 1,
-            metrics.clone(),
-        )
-        .with_rounds(rounds.clone());
+        let batcher = test_batcher(1, min_interval, samples_rx, sealed_tx, metrics.clone())
+            .with_rounds(rounds.clone());
         tokio::spawn(batcher.run());
         (samples_tx, sealed_rx, rounds, metrics)
     }
