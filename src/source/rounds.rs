@@ -2,8 +2,8 @@
 //! as soon as a round's samples are all in instead of waiting for `batch.max_age`.
 //!
 //! A Modbus scheduler (one per TCP endpoint lane, RTU bus or DTU) holds a [`RoundGuard`]
-//! from the moment it wakes for a due device until no device of its own is due any more,
-//! i.e. until it goes back to sleep. It sends each poll's sample before it lets go, so once
+//! from its first poll after waking until no device of its own is due any more, i.e. until
+//! it goes back to sleep (connecting to an endpoint that is down holds none). It sends each poll's sample before it lets go, so once
 //! no guard is held and the sample channel is empty, every sample of every finished round is
 //! in the batcher: the gateway is idle and the open batches can leave. Schedulers whose polls
 //! are mostly timeouts (a TCP endpoint's probation lane) do not take part: a dead meter must

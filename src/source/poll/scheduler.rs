@@ -222,7 +222,8 @@ impl<C: Connector> Scheduler<C> {
             max: self.cx.modbus.backoff_max,
         });
         let mut conn: Option<C::Conn> = None;
-        // Held from waking for a due device until none is due: see `crate::source::Rounds`.
+        // Held from the first poll after waking until no device is due: see
+        // `crate::source::Rounds`.
         let mut round: Option<RoundGuard> = None;
         loop {
             let due = self.devices.iter().map(|d| d.next_due).min();
@@ -249,10 +250,6 @@ impl<C: Connector> Scheduler<C> {
             else {
                 continue;
             };
-            if round.is_none() && self.holds_rounds && self.devices[idx].next_due <= Instant::now()
-            {
-                round = Some(self.cx.rounds.begin());
-            }
             if let Some(newer) = self.connector.replacement() {
                 info!(source = %self.name, "peer reconnected; using the new connection");
                 conn = Some(newer);
@@ -283,6 +280,11 @@ impl<C: Connector> Scheduler<C> {
                 }
             }
             let Some(c) = conn.as_mut() else { continue };
+            // From the first poll of a round; not while connecting, so an endpoint that is
+            // down does not hold up the others' batches for its connect timeout.
+            if round.is_none() && self.holds_rounds {
+                round = Some(self.cx.rounds.begin());
+            }
             let dev = &mut self.devices[idx];
             let result = tokio::select! {
                 () = shutdown.cancelled() => break,

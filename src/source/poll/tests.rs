@@ -504,3 +504,23 @@ async fn a_lane_without_rounds_never_holds_one() {
     }
     run.stop_promptly().await;
 }
+
+/// An endpoint that is down holds no round while it connects, so it does not hold up the
+/// batches of the endpoints that answer.
+#[tokio::test(start_paused = true)]
+async fn connecting_to_a_dead_endpoint_holds_no_round() {
+    let fake = Fake::with(&[]);
+    fake.lock().connect_hangs = true;
+    let rounds = crate::source::Rounds::default();
+    let run = start_rounds(
+        &fake,
+        vec![device(1, SECOND, TIMEOUT)],
+        Pacing::default(),
+        SECOND,
+        Some((rounds.clone(), true)),
+    );
+    tokio::time::sleep(SECOND / 2).await;
+    assert_eq!(fake.lock().connects.len(), 1, "the connect is under way");
+    assert!(rounds.is_idle());
+    run.stop_promptly().await;
+}
