@@ -3,14 +3,11 @@
 //! has sent — unsigned version 1 acks, and version 2 acks signed with a key that is not the
 //! hub's — delete nothing; once the real hub is up, every record arrives exactly once.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use citygate::mqtt::{BrokerOptions, CertAuthority, EmbeddedBroker, LinkEvent, LinkTls, MqttLink};
 use citygate::reading::{GatewayId, Stream};
-use citygate::store::{SledStore, Store, StoreOptions};
-use citygate::supervisor::{self, KeyMaterial};
 use citygate::wire::{ack_topic, Ack, AckSigner};
 use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
@@ -33,9 +30,7 @@ async fn forged_acks_through_the_broker_delete_nothing_and_the_hub_gets_everythi
         .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "100ms"))
         .collect();
     let cfg = dep.config(&["active_power", "energy_import"], &devices, profiles);
-    let store: Arc<dyn Store> =
-        Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
-    let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
+    let (store, running) = start_gateway(&cfg);
     let metrics = running.metrics.clone();
     let incarnation = store.incarnation();
     let uplink = start_uplink(&cfg, &running, &ca, port, 8, Duration::from_secs(2)).await;

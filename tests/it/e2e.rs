@@ -4,12 +4,10 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use citygate::mqtt::{BrokerOptions, CertAuthority, EmbeddedBroker};
 use citygate::store::{SledStore, Store, StoreOptions};
-use citygate::supervisor::{self, KeyMaterial};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -42,9 +40,7 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
         .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "200ms"))
         .collect();
     let cfg = dep.config(&["active_power", "energy_import"], &devices, profiles);
-    let store: Arc<dyn Store> =
-        Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
-    let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
+    let (store, running) = start_gateway(&cfg);
     let metrics = running.metrics.clone();
     let uplink = start_uplink(&cfg, &running, &ca, port, 8, Duration::from_secs(3)).await;
 

@@ -4,12 +4,9 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use citygate::mqtt::CertAuthority;
-use citygate::store::{SledStore, Store, StoreOptions};
-use citygate::supervisor::{self, KeyMaterial};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -219,9 +216,7 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
         &devices,
         profiles,
     );
-    let store: Arc<dyn Store> =
-        Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
-    let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
+    let (store, running) = start_gateway(&cfg);
     let metrics = running.metrics.clone();
     let uplink = start_uplink(&cfg, &running, &ca, port, 8, Duration::from_secs(2)).await;
     assert!(

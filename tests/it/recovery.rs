@@ -13,8 +13,8 @@ use citygate::mqtt::{
     BrokerAccess, BrokerOptions, CertAuthority, CertKeyFiles, EmbeddedBroker, LinkEvent, LinkTls,
     MqttLink, QoS,
 };
-use citygate::store::{SledStore, Store, StoreOptions};
-use citygate::supervisor::{self, KeyMaterial, Running};
+use citygate::store::Store;
+use citygate::supervisor::{self, Running};
 use citygate::wire::{presence_filter, presence_topic, Presence};
 use tokio_util::sync::CancellationToken;
 
@@ -57,9 +57,7 @@ async fn gateway(dep: &Deployment) -> (Gateway, citygate::config::GatewayConfig)
         .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "100ms"))
         .collect();
     let cfg = dep.config(&["active_power", "energy_import"], &devices, profiles);
-    let store: Arc<dyn Store> =
-        Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
-    let running = supervisor::start(&cfg, KeyMaterial::load(&cfg.keys).unwrap(), store.clone());
+    let (store, running) = start_gateway(&cfg);
     (
         Gateway {
             running,

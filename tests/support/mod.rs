@@ -337,3 +337,14 @@ pub async fn status_address(store: &Path) -> std::net::SocketAddr {
     );
     citygate::status::read_address_file(store).unwrap()
 }
+
+/// Opens `cfg`'s store and starts the gateway's pipeline on it (no uplink yet).
+pub fn start_gateway(cfg: &GatewayConfig) -> (Arc<dyn Store>, citygate::supervisor::Running) {
+    let store: Arc<dyn Store> = Arc::new(
+        citygate::store::SledStore::open(&cfg.store.path, citygate::store::StoreOptions::default())
+            .unwrap(),
+    );
+    let keys = citygate::supervisor::KeyMaterial::load(&cfg.keys).unwrap();
+    let running = citygate::supervisor::start(cfg, keys, store.clone());
+    (store, running)
+}
