@@ -97,6 +97,15 @@ ident_newtype!(
     64
 );
 
+ident_newtype!(
+    /// A group of devices a policy may aggregate over (a feeder, district or building), as
+    /// the operator names it. Leaves the box in clear as the subject `area:<name>` of area
+    /// aggregates, which are suppressed when they cover too few devices.
+    AreaId,
+    "area",
+    64
+);
+
 /// A Modbus unit (slave) id, 1..=247 on a bus; 0 is broadcast and 248..=255 reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct UnitId(pub u8);

@@ -53,6 +53,7 @@ fn devices(
                 timeout,
             }),
             location: None,
+            area: None,
             ratios: citygate::profile::Ratios::UNITY,
         })
         .collect()
