@@ -253,7 +253,8 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
         }
         if let Some(end) = outage_end {
             if broker.is_none() {
-                buffered_max = buffered_max.max(outbox.stats().readings.batches);
+                buffered_max =
+                    buffered_max.max(outbox.stats().get(crate::reading::Stream::Readings).batches);
                 if tokio::time::Instant::now() >= end {
                     let mut opts = BrokerOptions::localhost(ca.server_files(&server));
                     opts.listen.set_port(port);

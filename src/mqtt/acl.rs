@@ -156,15 +156,28 @@ mod tests {
             meter_topics: vec!["meters/#".into()],
         };
         let acl = mosquitto_acl(&roles);
-        let gw =
-            "user gw1\ntopic write citygate/v1/gw1/readings\ntopic write citygate/v1/gw1/alarms\n\
-                  topic write citygate/v1/gw1/audit\ntopic read citygate/v1/gw1/ack\n\
-                  topic read citygate/hub/presence/+\ntopic read meters/#\n";
-        assert!(acl.contains(gw), "{acl}");
-        let hub = "user hub\ntopic read citygate/v1/+/readings\ntopic read citygate/v1/+/alarms\n\
-                   topic read citygate/v1/+/audit\ntopic write citygate/v1/+/ack\n\
-                   topic write citygate/hub/presence/+\n";
-        assert!(acl.contains(hub), "{acl}");
+        let streams = |verb: &str, gw: &str| -> String {
+            Stream::ALL
+                .iter()
+                .map(|s| format!("topic {verb} citygate/v1/{gw}/{s}\n"))
+                .collect()
+        };
+        assert!(
+            acl.contains("topic write citygate/v1/gw1/readings-7\n"),
+            "{acl}"
+        );
+        let gw = format!(
+            "user gw1\n{}topic read citygate/v1/gw1/ack\n\
+             topic read citygate/hub/presence/+\ntopic read meters/#\n",
+            streams("write", "gw1")
+        );
+        assert!(acl.contains(&gw), "{acl}");
+        let hub = format!(
+            "user hub\n{}topic write citygate/v1/+/ack\n\
+             topic write citygate/hub/presence/+\n",
+            streams("read", "+")
+        );
+        assert!(acl.contains(&hub), "{acl}");
         assert!(
             acl.contains("user meter1\ntopic deny citygate/#\ntopic readwrite #\n"),
             "{acl}"

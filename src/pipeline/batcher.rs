@@ -97,8 +97,8 @@ pub struct Batcher {
     /// Device pseudonyms, computed once per device.
     subjects: HashMap<DeviceId, String>,
     cfg: BatchConfig,
-    open: [OpenBatch; 3],
-    next_seq: [u64; 3],
+    open: [OpenBatch; Stream::COUNT],
+    next_seq: [u64; Stream::COUNT],
     metrics: Arc<Metrics>,
     /// Alarm records the gateway raises about itself while running ([`GatewayAlarms`]).
     ///
@@ -108,7 +108,7 @@ pub struct Batcher {
     rounds: Option<Rounds>,
     /// When each stream last sealed (the batcher's start before its first seal, so
     /// `min_interval = max_age` turns round-end sealing off).
-    last_seal: [Option<Instant>; 3],
+    last_seal: [Option<Instant>; Stream::COUNT],
 }
 
 impl Batcher {
@@ -136,7 +136,7 @@ impl Batcher {
             metrics,
             gateway_rx: None,
             rounds: None,
-            last_seal: [Some(Instant::now()); 3],
+            last_seal: [Some(Instant::now()); Stream::COUNT],
         }
     }
 
@@ -157,7 +157,7 @@ impl Batcher {
     /// Puts a record the gateway itself raised (not from a meter, so not minimised) into
     /// the open batch of its stream; it leaves with that batch.
     pub(crate) fn push_gateway_record(&mut self, stream: Stream, record: Record) {
-        let batch = &mut self.open[usize::from(stream.code())];
+        let batch = &mut self.open[stream.index()];
         if batch.records.is_empty() {
             batch.deadline = Some(Instant::now() + self.cfg.max_age);
         }
@@ -250,7 +250,7 @@ impl Batcher {
             };
             self.metrics.records_minimised.inc();
             let size = record_bytes_bound(&record);
-            let i = usize::from(stream.code());
+            let i = stream.index();
             if !self.open[i].records.is_empty()
                 && sealed_bytes_bound(self.open[i].bytes_bound + size) > MAX_BATCH_BYTES
             {
@@ -272,7 +272,7 @@ impl Batcher {
     async fn seal_expired(&mut self) {
         let now = Instant::now();
         for stream in Stream::ALL {
-            let batch = &mut self.open[usize::from(stream.code())];
+            let batch = &mut self.open[stream.index()];
             if batch.idle_at.is_some_and(|t| t <= now) {
                 // Re-checked by `seal_if_idle` right after.
                 batch.idle_at = None;
@@ -293,7 +293,7 @@ impl Batcher {
         }
         let now = Instant::now();
         for stream in Stream::ALL {
-            let i = usize::from(stream.code());
+            let i = stream.index();
             if self.open[i].records.is_empty() {
                 continue;
             }
@@ -311,7 +311,7 @@ impl Batcher {
     }
 
     async fn seal(&mut self, stream: Stream) {
-        let i = usize::from(stream.code());
+        let i = stream.index();
         let records = std::mem::take(&mut self.open[i].records);
         self.open[i].deadline = None;
         self.open[i].idle_at = None;

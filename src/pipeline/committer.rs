@@ -33,7 +33,7 @@ use crate::store::{CommitOutcome, Outbox, StoreError, StoredBatch};
 use crate::telemetry::Metrics;
 
 /// Highest committed sequence number per stream, indexed by `Stream::code`.
-pub(crate) type CommittedMarks = [u64; 3];
+pub(crate) type CommittedMarks = [u64; Stream::COUNT];
 
 /// Most batches held in memory while the store refuses writes (disk full, I/O error).
 /// Beyond it the oldest is dropped and counted: the gateway degrades, it does not die.
@@ -214,7 +214,7 @@ impl Committer {
             .collect();
         let mut marks = *self.committed_tx.borrow();
         for b in &batches {
-            let m = &mut marks[usize::from(b.stream.code())];
+            let m = &mut marks[b.stream.index()];
             *m = (*m).max(b.seq);
         }
         let n = batches.len();
@@ -321,7 +321,7 @@ mod tests {
 
     fn start(store: Arc<dyn Store>) -> Rig {
         let (sealed_tx, sealed_rx) = mpsc::channel(8);
-        let (committed_tx, marks_rx) = watch::channel([0; 3]);
+        let (committed_tx, marks_rx) = watch::channel([0; Stream::COUNT]);
         let metrics = Arc::new(Metrics::default());
         let committer =
             Committer::new(sealed_rx, Outbox::new(store), metrics.clone(), committed_tx);
@@ -379,19 +379,23 @@ mod tests {
         }
         until(|| rig.metrics.batches_lost.get() == 12).await;
         until(|| store.reopens.load(Ordering::SeqCst) >= 1).await;
-        assert_eq!(*rig.marks_rx.borrow(), [0; 3], "nothing committed yet");
+        assert_eq!(
+            *rig.marks_rx.borrow(),
+            [0; Stream::COUNT],
+            "nothing committed yet"
+        );
         assert_eq!(rig.metrics.batches_committed.get(), 0);
 
         store.full.store(false, Ordering::SeqCst);
         until(|| rig.metrics.batches_committed.get() == PENDING_LIMIT as u64).await;
         assert!(rig.metrics.faults().is_empty(), "fault cleared");
-        assert_eq!(*rig.marks_rx.borrow(), [readings, 1, 1]);
+        assert_eq!(rig.marks_rx.borrow()[..3], [readings, 1, 1]);
         // The oldest readings were dropped; alarms and audit were kept.
         let kept = store.peek(Stream::Readings, 0, usize::MAX).unwrap();
         assert_eq!(kept.first().map(|b| b.seq), Some(13));
         assert_eq!(kept.len() as u64, readings - 12);
-        assert_eq!(store.stats().alarms.batches, 1);
-        assert_eq!(store.stats().audit.batches, 1);
+        assert_eq!(store.stats().get(Stream::Alarms).batches, 1);
+        assert_eq!(store.stats().get(Stream::Audit).batches, 1);
 
         drop(rig.sealed_tx);
         rig.task.await.unwrap();
@@ -440,7 +444,7 @@ mod tests {
             .unwrap();
         until(|| rig.metrics.batches_committed.get() == 1).await;
         assert!(rig.metrics.faults().is_empty());
-        assert_eq!(store.stats().readings.batches, 1);
+        assert_eq!(store.stats().get(Stream::Readings).batches, 1);
         drop(rig.sealed_tx);
         rig.task.await.unwrap();
     }

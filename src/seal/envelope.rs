@@ -349,7 +349,7 @@ mod tests {
         assert!(matches!(with(6, 65), Err(OpenError::BadGatewayId(_))));
         assert!(matches!(with(7, b'/'), Err(OpenError::BadGatewayId(_))));
         assert!(matches!(with(7, 0xff), Err(OpenError::BadGatewayId(_))));
-        assert_eq!(with(11, 3), Err(OpenError::UnknownStream(3)));
+        assert_eq!(with(11, 200), Err(OpenError::UnknownStream(200)));
         for len in 0..good.len() {
             assert_eq!(
                 Header::parse(&good[..len]).map(|_| ()),

@@ -82,9 +82,9 @@ pub(crate) fn check(path: &Path) -> Result<CheckReport, String> {
     };
     let tree = db.open_tree(TREE).map_err(|e| e.to_string())?;
     let mut ledger = Ledger::new(u64::MAX);
-    let mut max_seq = [None::<u64>; 3];
-    let mut min_seq = [None::<u64>; 3];
-    let mut meta_next = [None::<u64>; 3];
+    let mut max_seq = [None::<u64>; Stream::COUNT];
+    let mut min_seq = [None::<u64>; Stream::COUNT];
+    let mut meta_next = [None::<u64>; Stream::COUNT];
     let mut incarnation = None;
     for item in tree.iter() {
         let (k, v) = match item {
@@ -104,7 +104,7 @@ pub(crate) fn check(path: &Path) -> Result<CheckReport, String> {
                         .push(format!("batch {stream}/{seq} is empty"));
                 }
                 ledger.count_stored(stream, seq, v.len() as u64);
-                let i = usize::from(stream.code());
+                let i = stream.index();
                 max_seq[i] = Some(max_seq[i].map_or(seq, |m: u64| m.max(seq)));
                 min_seq[i] = Some(min_seq[i].map_or(seq, |m: u64| m.min(seq)));
             }
@@ -112,7 +112,7 @@ pub(crate) fn check(path: &Path) -> Result<CheckReport, String> {
                 Some(value) => {
                     ledger.restore_meta(field, stream, value);
                     if field == MetaField::NextSeq {
-                        meta_next[usize::from(stream.code())] = Some(value);
+                        meta_next[stream.index()] = Some(value);
                     }
                 }
                 None => report.problems.push(format!(
@@ -143,7 +143,7 @@ pub(crate) fn check(path: &Path) -> Result<CheckReport, String> {
         None => report.problems.push("no incarnation id".into()),
     }
     for s in Stream::ALL {
-        let i = usize::from(s.code());
+        let i = s.index();
         let st = ledger.stream(s);
         let range = match (min_seq[i], max_seq[i]) {
             (Some(lo), Some(hi)) => format!("seq {lo}..={hi}"),
@@ -175,7 +175,7 @@ pub(crate) fn check(path: &Path) -> Result<CheckReport, String> {
                     .push(format!("manifest is of incarnation {:016x}", m.incarnation));
             }
             for s in Stream::ALL {
-                let want = m.streams[usize::from(s.code())];
+                let want = m.streams[s.index()];
                 if ledger.next_seq(s) < want.next_seq || ledger.accounted(s) < want.accounted {
                     report.problems.push(format!(
                         "stream {s}: entries lost: next_seq {} (manifest {}), batches accounted \

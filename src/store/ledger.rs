@@ -15,15 +15,30 @@ use super::{StoreError, StoreStats, StreamStats};
 /// A batch chosen for eviction: (stream, seq, bytes), as in [`super::AppendOutcome`].
 pub(crate) type Eviction = (Stream, u64, u64);
 
-/// The order in which streams give up batches when the quota is reached.
-const EVICTION_ORDER: [Stream; 3] = [Stream::Readings, Stream::Alarms, Stream::Audit];
+/// The order in which streams give up batches when the quota is reached: the purpose flows
+/// (in code order), then alarms, then audit.
+const EVICTION_ORDER: [Stream; Stream::COUNT] = {
+    let mut order = [Stream::Readings; Stream::COUNT];
+    let mut i = 0;
+    let mut at = 0;
+    while i < Stream::COUNT {
+        if i != 1 && i != 2 {
+            order[at] = Stream::ALL[i];
+            at += 1;
+        }
+        i += 1;
+    }
+    order[at] = Stream::Alarms;
+    order[at + 1] = Stream::Audit;
+    order
+};
 
 #[derive(Debug, Clone)]
 pub(crate) struct Ledger {
     stats: StoreStats,
-    next_seq: [u64; 3],
+    next_seq: [u64; Stream::COUNT],
     /// Batches deleted on acknowledgement, ever (persisted; see `manifest.rs`).
-    acked: [u64; 3],
+    acked: [u64; Stream::COUNT],
 }
 
 /// Sequence numbers and counters at or above this are absurd (2^62: more than a million
@@ -31,7 +46,7 @@ pub(crate) struct Ledger {
 pub(crate) const SANE_LIMIT: u64 = 1 << 62;
 
 fn idx(stream: Stream) -> usize {
-    usize::from(stream.code())
+    stream.index()
 }
 
 impl Ledger {
@@ -41,8 +56,8 @@ impl Ledger {
                 max_bytes,
                 ..StoreStats::default()
             },
-            next_seq: [1; 3],
-            acked: [0; 3],
+            next_seq: [1; Stream::COUNT],
+            acked: [0; Stream::COUNT],
         }
     }
 
@@ -273,6 +288,7 @@ mod tests {
                 Stream::Readings => ok(&[(1, 30)]),
                 Stream::Alarms => ok(&[(1, 30)]),
                 Stream::Audit => ok(&[(1, 30)]),
+                _ => ok(&[]),
             })
             .unwrap();
         assert_eq!(

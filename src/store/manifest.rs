@@ -38,7 +38,7 @@ pub(crate) struct StreamMark {
 pub(crate) struct Manifest {
     pub incarnation: u64,
     /// By `Stream::code`.
-    pub streams: [StreamMark; 3],
+    pub streams: [StreamMark; Stream::COUNT],
 }
 
 pub(crate) fn path(store: &Path) -> PathBuf {
@@ -53,7 +53,7 @@ impl Manifest {
     pub(crate) fn encode(&self) -> String {
         let mut body = format!("{MAGIC}\nincarnation {:016x}\n", self.incarnation);
         for s in Stream::ALL {
-            let m = self.streams[usize::from(s.code())];
+            let m = self.streams[s.index()];
             let _ = writeln!(
                 body,
                 "stream {s} next_seq {} batches {} accounted {}",
@@ -84,16 +84,23 @@ impl Manifest {
             .and_then(|l| l.strip_prefix("incarnation "))
             .and_then(|h| u64::from_str_radix(h, 16).ok())
             .ok_or("bad incarnation line")?;
-        let mut streams = [StreamMark::default(); 3];
+        let mut streams = [StreamMark::default(); Stream::COUNT];
+        // Stores from before the purpose flows have lines for the first three streams only;
+        // the others start empty.
         for s in Stream::ALL {
-            let line = lines.next().ok_or("missing stream line")?;
+            let Some(line) = lines.next() else {
+                if s.index() < 3 {
+                    return Err("missing stream line".into());
+                }
+                break;
+            };
             let words: Vec<&str> = line.split(' ').collect();
             let num = |i: usize| words.get(i).and_then(|w| w.parse::<u64>().ok());
             match (words.get(1), num(3), num(5), num(7)) {
                 (Some(name), Some(next_seq), Some(batches), Some(accounted))
                     if *name == s.as_str() =>
                 {
-                    streams[usize::from(s.code())] = StreamMark {
+                    streams[s.index()] = StreamMark {
                         next_seq,
                         batches,
                         accounted,
@@ -133,22 +140,41 @@ mod tests {
     fn round_trips_and_rejects_a_changed_byte() {
         let m = Manifest {
             incarnation: 0xdead_beef,
-            streams: [
-                StreamMark {
-                    next_seq: 7,
-                    batches: 2,
-                    accounted: 6,
-                },
-                StreamMark::default(),
-                StreamMark {
-                    next_seq: u64::MAX,
-                    batches: 0,
-                    accounted: 1,
-                },
-            ],
+            streams: {
+                let mut s = [StreamMark::default(); Stream::COUNT];
+                s[..3].copy_from_slice(&[
+                    StreamMark {
+                        next_seq: 7,
+                        batches: 2,
+                        accounted: 6,
+                    },
+                    StreamMark::default(),
+                    StreamMark {
+                        next_seq: u64::MAX,
+                        batches: 0,
+                        accounted: 1,
+                    },
+                ]);
+                s[Stream::COUNT - 1].next_seq = 3;
+                s
+            },
         };
         let text = m.encode();
         assert_eq!(Manifest::decode(&text), Ok(m));
+        // A manifest from before the purpose flows (three stream lines) still reads.
+        let mut old = Manifest {
+            incarnation: m.incarnation,
+            streams: [StreamMark::default(); Stream::COUNT],
+        };
+        old.streams[..3].copy_from_slice(&m.streams[..3]);
+        let body: String = old
+            .encode()
+            .lines()
+            .take(5)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let three = format!("{body}sha256 {}\n", checksum(&body));
+        assert_eq!(Manifest::decode(&three), Ok(old));
         let tampered = text.replace("next_seq 7", "next_seq 8");
         assert!(Manifest::decode(&tampered).is_err());
         assert!(Manifest::decode("").is_err());

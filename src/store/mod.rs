@@ -220,28 +220,19 @@ pub struct StreamStats {
 /// A snapshot of the store's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    pub readings: StreamStats,
-    pub alarms: StreamStats,
-    pub audit: StreamStats,
+    /// By [`Stream::index`].
+    pub streams: [StreamStats; Stream::COUNT],
     /// The configured quota.
     pub max_bytes: u64,
 }
 
 impl StoreStats {
-    pub(crate) fn get(&self, stream: Stream) -> &StreamStats {
-        match stream {
-            Stream::Readings => &self.readings,
-            Stream::Alarms => &self.alarms,
-            Stream::Audit => &self.audit,
-        }
+    pub fn get(&self, stream: Stream) -> &StreamStats {
+        &self.streams[stream.index()]
     }
 
     pub(crate) fn get_mut(&mut self, stream: Stream) -> &mut StreamStats {
-        match stream {
-            Stream::Readings => &mut self.readings,
-            Stream::Alarms => &mut self.alarms,
-            Stream::Audit => &mut self.audit,
-        }
+        &mut self.streams[stream.index()]
     }
 
     pub fn total_batches(&self) -> u64 {

@@ -46,7 +46,7 @@ struct Inner {
     /// Serialises read-then-publish of the stats (see the module docs).
     publish: Mutex<()>,
     /// `Store::next_seq` per stream (by code) when the handle was made.
-    next_seq_at_open: [u64; 3],
+    next_seq_at_open: [u64; Stream::COUNT],
     /// `Store::incarnation`, read once (it never changes).
     incarnation: u64,
     /// `Store::recovery`, read once.
@@ -183,7 +183,7 @@ impl Outbox {
     /// [`Store::next_seq`] as it was when the handle was made: where the batcher continues
     /// and the committed marks start.
     pub(crate) fn next_seq_at_open(&self, stream: Stream) -> u64 {
-        self.inner.next_seq_at_open[usize::from(stream.code())]
+        self.inner.next_seq_at_open[stream.index()]
     }
 
     /// The store's incarnation id ([`Store::incarnation`]). Never waits for the store.
@@ -306,8 +306,8 @@ mod tests {
         release_tx.send(()).unwrap();
         append.await.unwrap();
         stats_rx.changed().await.unwrap();
-        assert_eq!(stats_rx.borrow().readings.batches, 1);
-        assert_eq!(outbox.stats().readings.bytes, 10);
+        assert_eq!(stats_rx.borrow().get(Stream::Readings).batches, 1);
+        assert_eq!(outbox.stats().get(Stream::Readings).bytes, 10);
     }
 
     #[tokio::test]
@@ -332,7 +332,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out.evicted, vec![(Stream::Readings, 1, 10)]);
-        assert_eq!(outbox.stats().readings.evicted_batches, 1);
+        assert_eq!(outbox.stats().get(Stream::Readings).evicted_batches, 1);
         assert!(outbox.ack(Stream::Alarms, 1).await.unwrap());
         assert_eq!(outbox.stats(), store.stats());
         assert_eq!(outbox.stats().total_batches(), 1);

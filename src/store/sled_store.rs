@@ -131,7 +131,7 @@ fn damage(path: &Path, found: &Scan) -> Option<(String, u64)> {
     let mut why = Vec::new();
     let mut lost = 0u64;
     for s in Stream::ALL {
-        let want = m.streams[usize::from(s.code())];
+        let want = m.streams[s.index()];
         let next_seq = found.ledger.next_seq(s);
         let accounted = found.ledger.accounted(s);
         if next_seq < want.next_seq || accounted < want.accounted {

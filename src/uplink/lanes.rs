@@ -22,8 +22,21 @@
 
 use crate::reading::Stream;
 
-/// Sending order: priority streams first.
-pub(crate) const PRIORITY: [Stream; 3] = [Stream::Alarms, Stream::Audit, Stream::Readings];
+/// Sending order: priority streams first, then the purpose flows in code order.
+pub(crate) const PRIORITY: [Stream; Stream::COUNT] = {
+    let mut order = [Stream::Alarms; Stream::COUNT];
+    order[1] = Stream::Audit;
+    let mut i = 0;
+    let mut at = 2;
+    while i < Stream::COUNT {
+        if i != 1 && i != 2 {
+            order[at] = Stream::ALL[i];
+            at += 1;
+        }
+        i += 1;
+    }
+    order
+};
 
 /// The lane a batch went out in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,9 +65,9 @@ pub(crate) struct InFlight {
 /// Per-stream cursors of both lanes. See the module docs.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Lanes {
-    live_from: [u64; 3],
-    drain_next: [u64; 3],
-    live_next: [u64; 3],
+    live_from: [u64; Stream::COUNT],
+    drain_next: [u64; Stream::COUNT],
+    live_next: [u64; Stream::COUNT],
 }
 
 /// The slots of `window` the live lane keeps for itself: a quarter.
@@ -65,17 +78,17 @@ pub(crate) fn live_reserve(window: usize) -> usize {
 impl Lanes {
     /// Starts sending again from the oldest stored batch: what is committed (`marks`,
     /// highest committed seq per stream code) is backlog, later batches are live.
-    pub(crate) fn restart(&mut self, marks: [u64; 3]) {
+    pub(crate) fn restart(&mut self, marks: [u64; Stream::COUNT]) {
         self.live_from = marks.map(|m| m.saturating_add(1));
         self.live_next = self.live_from;
-        self.drain_next = [0; 3];
+        self.drain_next = [0; Stream::COUNT];
     }
 
     /// The next read to make, or `None` when the window is full or nothing committed is
     /// left to send.
     pub(crate) fn next_pull(
         &self,
-        marks: [u64; 3],
+        marks: [u64; Stream::COUNT],
         in_flight: InFlight,
         window: usize,
         reserve: usize,
@@ -89,7 +102,7 @@ impl Lanes {
             .saturating_sub(in_flight.drain)
             .min(free);
         for stream in PRIORITY {
-            let i = usize::from(stream.code());
+            let i = stream.index();
             let committed_below = marks[i].saturating_add(1);
             let live_from = self.live_from[i].max(self.live_next[i]);
             if live_from < committed_below {
@@ -116,7 +129,7 @@ impl Lanes {
 
     /// Batch `seq` of `stream` was published in `lane`.
     pub(crate) fn sent(&mut self, stream: Stream, lane: Lane, seq: u64) {
-        let i = usize::from(stream.code());
+        let i = stream.index();
         let next = seq.saturating_add(1);
         match lane {
             Lane::Live => self.live_next[i] = self.live_next[i].max(next),
@@ -140,8 +153,8 @@ mod tests {
     /// flight by (stream, seq) with their lane. Returns what was published, in order.
     struct Model {
         lanes: Lanes,
-        stored: [BTreeSet<u64>; 3],
-        marks: [u64; 3],
+        stored: [BTreeSet<u64>; Stream::COUNT],
+        marks: [u64; Stream::COUNT],
         in_flight: BTreeMap<(Stream, u64), Lane>,
         window: usize,
     }
@@ -151,21 +164,21 @@ mod tests {
             Model {
                 lanes: Lanes::default(),
                 stored: Default::default(),
-                marks: [0; 3],
+                marks: [0; Stream::COUNT],
                 in_flight: BTreeMap::new(),
                 window,
             }
         }
 
         fn commit(&mut self, stream: Stream, seqs: std::ops::RangeInclusive<u64>) {
-            let i = usize::from(stream.code());
+            let i = stream.index();
             self.marks[i] = self.marks[i].max(*seqs.end());
             self.stored[i].extend(seqs);
         }
 
         fn ack(&mut self, stream: Stream, seq: u64) {
             self.in_flight.remove(&(stream, seq));
-            self.stored[usize::from(stream.code())].remove(&seq);
+            self.stored[stream.index()].remove(&seq);
         }
 
         fn send_more(&mut self) -> Vec<(Stream, u64, Lane)> {
@@ -191,7 +204,7 @@ mod tests {
                 ) else {
                     return out;
                 };
-                let batch: Vec<u64> = self.stored[usize::from(pull.stream.code())]
+                let batch: Vec<u64> = self.stored[pull.stream.index()]
                     .range(pull.from..pull.below)
                     .take(pull.max)
                     .copied()

@@ -48,7 +48,7 @@ async fn forged_acks_through_the_broker_delete_nothing_and_the_hub_gets_everythi
     assert!(connected, "the forger never connected");
     let gw = GatewayId::new("gw-test").unwrap();
     let rogue = AckSigner::new(ed25519_dalek::SigningKey::from_bytes(&[0x66; 32]));
-    let last_sent = store.stats().readings.batches + 8;
+    let last_sent = store.stats().get(Stream::Readings).batches + 8;
     let forged_count = 2 * last_sent;
     for seq in 1..=last_sent {
         let v1 = format!(r#"{{"v":1,"gateway":"gw-test","stream":"readings","seq":{seq}}}"#);

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use citygate::mqtt::{BrokerOptions, CertAuthority, EmbeddedBroker};
+use citygate::reading::Stream;
 use citygate::store::{SledStore, Store, StoreOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -53,12 +54,15 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
     broker.shutdown();
     let acked_before = metrics.batches_acked.get();
     assert!(
-        wait_for(Duration::from_secs(10), || store.stats().readings.batches
+        wait_for(Duration::from_secs(10), || store
+            .stats()
+            .get(Stream::Readings)
+            .batches
             >= 4)
         .await,
         "batches did not pile up in the store during the outage"
     );
-    let buffered = store.stats().readings.batches;
+    let buffered = store.stats().get(Stream::Readings).batches;
     let mut opts = BrokerOptions::localhost(ca.server_files(&server));
     opts.listen.set_port(port);
     let broker = EmbeddedBroker::start(opts).unwrap();

@@ -103,7 +103,13 @@ fn append_flush_peek_ack_round_trip() {
             ]
         );
         let stats = store.stats();
-        assert_eq!((stats.readings.batches, stats.readings.bytes), (2, 100));
+        assert_eq!(
+            (
+                stats.get(Stream::Readings).batches,
+                stats.get(Stream::Readings).bytes
+            ),
+            (2, 100)
+        );
         assert_eq!((stats.total_batches(), stats.total_bytes()), (2, 100));
 
         assert!(store.ack(Stream::Readings, 2).unwrap());
@@ -268,10 +274,13 @@ fn quota_evicts_oldest_readings_first_and_keeps_alarms_and_audit() {
         );
         let stats = store.stats();
         assert_eq!(
-            (stats.readings.evicted_batches, stats.readings.evicted_bytes),
+            (
+                stats.get(Stream::Readings).evicted_batches,
+                stats.get(Stream::Readings).evicted_bytes
+            ),
             (11, 1100)
         );
-        assert_eq!(stats.alarms.evicted_batches, 0);
+        assert_eq!(stats.get(Stream::Alarms).evicted_batches, 0);
         assert_eq!(stats.total_bytes(), 950);
         assert_eq!(stats.max_bytes, 1000);
 
@@ -336,24 +345,45 @@ fn eviction_counters_and_quota_state_persist_across_reopen() {
         store.flush().unwrap();
         let s = store.stats();
         assert_eq!(
-            (s.readings.evicted_batches, s.readings.evicted_bytes),
+            (
+                s.get(Stream::Readings).evicted_batches,
+                s.get(Stream::Readings).evicted_bytes
+            ),
             (5, 500)
         );
-        assert_eq!((s.alarms.evicted_batches, s.alarms.evicted_bytes), (0, 0));
+        assert_eq!(
+            (
+                s.get(Stream::Alarms).evicted_batches,
+                s.get(Stream::Alarms).evicted_bytes
+            ),
+            (0, 0)
+        );
     }
     let store = open(&path, 300);
     let s = store.stats();
-    assert_eq!((s.readings.batches, s.readings.bytes), (0, 0));
     assert_eq!(
-        (s.readings.evicted_batches, s.readings.evicted_bytes),
+        (
+            s.get(Stream::Readings).batches,
+            s.get(Stream::Readings).bytes
+        ),
+        (0, 0)
+    );
+    assert_eq!(
+        (
+            s.get(Stream::Readings).evicted_batches,
+            s.get(Stream::Readings).evicted_bytes
+        ),
         (5, 500)
     );
-    assert_eq!((s.alarms.batches, s.alarms.bytes), (1, 250));
+    assert_eq!(
+        (s.get(Stream::Alarms).batches, s.get(Stream::Alarms).bytes),
+        (1, 250)
+    );
     assert_eq!(store.next_seq(Stream::Readings), 6);
     // The quota keeps holding after reopen, and a lower quota applies from the next append.
     drop(store);
     let store = open(&path, 200);
     let out = store.append(Stream::Audit, 1, &[0; 10]).unwrap();
     assert_eq!(out.evicted, vec![(Stream::Alarms, 1, 250)]);
-    assert_eq!(store.stats().alarms.evicted_batches, 1);
+    assert_eq!(store.stats().get(Stream::Alarms).evicted_batches, 1);
 }

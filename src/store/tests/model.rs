@@ -3,7 +3,8 @@
 //! peeks, `next_seq` and stats must agree after every operation.
 //!
 //! The model evicts with `BTreeMap::pop_first`, which is the policy by construction: keys are
-//! `(Stream, seq)` and `Stream` orders readings < alarms < audit.
+//! `(priority, Stream, seq)`, so the purpose flows (not priority, in code order) go before
+//! alarms < audit.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -76,7 +77,7 @@ fn refusal(e: &StoreError) -> &'static str {
 
 #[derive(Debug, Default)]
 struct Model {
-    batches: BTreeMap<(Stream, u64), Vec<u8>>,
+    batches: BTreeMap<(bool, Stream, u64), Vec<u8>>,
     next_seq: BTreeMap<Stream, u64>,
     evicted: BTreeMap<Stream, (u64, u64)>,
 }
@@ -99,29 +100,30 @@ impl Model {
         }
         let mut evicted = Vec::new();
         while self.bytes() + bytes.len() as u64 > MAX_BYTES {
-            let ((s, q), v) = self.batches.pop_first().unwrap();
+            let ((_, s, q), v) = self.batches.pop_first().unwrap();
             let e = self.evicted.entry(s).or_default();
             e.0 += 1;
             e.1 += v.len() as u64;
             evicted.push((s, q, v.len() as u64));
         }
-        self.batches.insert((stream, seq), bytes.to_vec());
+        self.batches
+            .insert((stream.is_priority(), stream, seq), bytes.to_vec());
         self.next_seq.insert(stream, seq + 1);
         Outcome::Appended(evicted)
     }
 
     fn stored_seqs(&self, stream: Stream) -> Vec<u64> {
         self.batches
-            .range((stream, 0)..=(stream, u64::MAX))
-            .map(|(k, _)| k.1)
+            .range((stream.is_priority(), stream, 0)..=(stream.is_priority(), stream, u64::MAX))
+            .map(|(k, _)| k.2)
             .collect()
     }
 
     fn peek(&self, stream: Stream, from: u64, max: usize) -> Vec<StoredBatch> {
         self.batches
-            .range((stream, from)..=(stream, u64::MAX))
+            .range((stream.is_priority(), stream, from)..=(stream.is_priority(), stream, u64::MAX))
             .take(max)
-            .map(|(&(stream, seq), v)| StoredBatch {
+            .map(|(&(_, stream, seq), v)| StoredBatch {
                 stream,
                 seq,
                 bytes: v.clone(),
@@ -138,7 +140,7 @@ impl Model {
             let st = stats.get_mut(s);
             for q in self.stored_seqs(s) {
                 st.batches += 1;
-                st.bytes += self.batches[&(s, q)].len() as u64;
+                st.bytes += self.batches[&(s.is_priority(), s, q)].len() as u64;
             }
             (st.evicted_batches, st.evicted_bytes) =
                 self.evicted.get(&s).copied().unwrap_or_default();
@@ -207,9 +209,12 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         };
         let expected = match op {
             Op::Append { stream, .. } => model.append(*stream, seq, &bytes),
-            Op::Ack { stream, .. } => {
-                Outcome::Acked(model.batches.remove(&(*stream, seq)).is_some())
-            }
+            Op::Ack { stream, .. } => Outcome::Acked(
+                model
+                    .batches
+                    .remove(&(stream.is_priority(), *stream, seq))
+                    .is_some(),
+            ),
             Op::Flush | Op::Reopen => Outcome::Done,
             Op::Peek { stream, from, max } => Outcome::Peeked(model.peek(*stream, *from, *max)),
         };
