@@ -510,6 +510,57 @@ pub struct Reading {
     pub class: Classification,
 }
 
+/// How an aggregate combines the samples of its window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AggFn {
+    Sum,
+    Mean,
+    Min,
+    Max,
+    /// The latest sample in the window.
+    Last,
+    /// A counter's increase over the window, with resets and rollovers accounted for.
+    Delta,
+}
+
+impl AggFn {
+    /// The name used in policies, in the hub sink and in `check` output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AggFn::Sum => "sum",
+            AggFn::Mean => "mean",
+            AggFn::Min => "min",
+            AggFn::Max => "max",
+            AggFn::Last => "last",
+            AggFn::Delta => "delta",
+        }
+    }
+}
+
+impl fmt::Display for AggFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The time window an aggregate record covers: samples with `start_ms <= at < end_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Window {
+    pub function: AggFn,
+    /// Inclusive start, ms since the Unix epoch, UTC.
+    pub start_ms: TimestampMs,
+    /// Exclusive end, ms since the Unix epoch, UTC.
+    pub end_ms: TimestampMs,
+    /// How many readings the aggregate covers.
+    pub samples: u32,
+    /// How many distinct devices contributed (1 for a per-device aggregate).
+    pub devices: u32,
+    /// The window is not fully covered: the gateway started, stopped or missed polls inside
+    /// it, so the value describes only part of it.
+    pub partial: bool,
+}
+
 /// What leaves the box after minimisation. Serialised with bincode 2 (standard config)
 /// inside sealed batches; see `seal` for the wire format.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -523,6 +574,12 @@ pub struct Record {
     pub quality: Quality,
     /// Free-form tags such as `emergency`.
     pub tags: Vec<String>,
+    /// Set on aggregates: the window and function the value summarises. `None` for a single
+    /// reading, whose time is `at_ms`; an aggregate's `at_ms` is its window's start.
+    pub window: Option<Window>,
+    /// The pseudonym key epoch `subject` (and any pseudonymised value) was made under, so the
+    /// hub can tell key periods apart. 0 = before key epochs existed.
+    pub epoch: u32,
 }
 
 #[cfg(test)]

@@ -84,6 +84,8 @@ fn records() -> Vec<Record> {
         at_ms: 1_700_000_000_000,
         quality,
         tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        window: None,
+        epoch: 0,
     };
     vec![
         r(

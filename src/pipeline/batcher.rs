@@ -66,14 +66,15 @@ impl OpenBatch {
 const ENVELOPE_OVERHEAD_BOUND: usize = 1024;
 
 /// An upper bound of one record's encoded size (strings with their length prefixes, the
-/// fixed-size fields with room to spare).
+/// fixed-size fields with room to spare: value, unit, time, quality and the tag count take at
+/// most 64 bytes, an aggregate's window 32 and the key epoch 5).
 fn record_bytes_bound(r: &Record) -> usize {
     let text = match &r.value {
         crate::reading::Value::Text(t) => t.len(),
         _ => 0,
     };
     let tags: usize = r.tags.iter().map(|t| t.len() + 10).sum();
-    r.subject.len() + r.field.len() + text + tags + 64
+    r.subject.len() + r.field.len() + text + tags + 64 + 32 + 5
 }
 
 /// The sealed size `records_bound` bytes of records can reach at most: zstd may expand
@@ -375,6 +376,8 @@ pub(crate) fn store_recovery_alarm(
         at_ms: now_ms(),
         quality: crate::reading::Quality::Good,
         tags: vec!["store_corruption".into(), format!("moved_to={moved}")],
+        window: None,
+        epoch: 0,
     }
 }
 
@@ -551,6 +554,15 @@ mod tests {
                     at_ms: rng.gen(),
                     quality: crate::reading::Quality::Good,
                     tags: vec![text],
+                    window: Some(crate::reading::Window {
+                        function: crate::reading::AggFn::Delta,
+                        start_ms: rng.gen(),
+                        end_ms: rng.gen(),
+                        samples: rng.gen(),
+                        devices: rng.gen(),
+                        partial: true,
+                    }),
+                    epoch: rng.gen(),
                 }
             })
             .collect();

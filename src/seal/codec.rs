@@ -11,8 +11,11 @@
 
 use std::io::Read;
 
-use crate::reading::Record;
+use serde::Deserialize;
 
+use crate::reading::{Quality, Record, Unit, Value};
+
+use super::envelope::VERSION;
 use super::error::{OpenError, SealError};
 
 /// zstd compression level used by the sealer (zstd's own default).
@@ -57,10 +60,44 @@ impl std::fmt::Debug for Encoder {
     }
 }
 
-/// Decompresses (capped) and decodes a decrypted plaintext that must hold `expected` records.
+/// The record layout of envelope versions 1 and 2, frozen: no window, no key epoch. Batches
+/// sealed before version 3 still open through it.
+#[derive(Deserialize)]
+struct LegacyRecord {
+    subject: String,
+    field: String,
+    value: Value,
+    unit: Unit,
+    at_ms: i64,
+    quality: Quality,
+    tags: Vec<String>,
+}
+
+impl From<LegacyRecord> for Record {
+    fn from(r: LegacyRecord) -> Record {
+        Record {
+            subject: r.subject,
+            field: r.field,
+            value: r.value,
+            unit: r.unit,
+            at_ms: r.at_ms,
+            quality: r.quality,
+            tags: r.tags,
+            window: None,
+            epoch: 0,
+        }
+    }
+}
+
+/// Decompresses (capped) and decodes a decrypted plaintext that must hold `expected` records,
+/// in the record layout of envelope `version` (versions 1 and 2 decode as [`LegacyRecord`]).
 /// The count prefix is checked against `expected` before any record is decoded, so a small
 /// plaintext announcing millions of records allocates nothing for them.
-pub(crate) fn decode_records(compressed: &[u8], expected: u32) -> Result<Vec<Record>, OpenError> {
+pub(crate) fn decode_records(
+    compressed: &[u8],
+    expected: u32,
+    version: u8,
+) -> Result<Vec<Record>, OpenError> {
     let plain = decompress_capped(compressed)?;
     let config = bincode::config::standard().with_limit::<MAX_PLAINTEXT_BYTES>();
     let (count, _): (u64, usize) =
@@ -71,8 +108,13 @@ pub(crate) fn decode_records(compressed: &[u8], expected: u32) -> Result<Vec<Rec
             actual: usize::try_from(count).unwrap_or(usize::MAX),
         });
     }
-    let (records, used): (Vec<Record>, usize) = bincode::serde::decode_from_slice(&plain, config)
-        .map_err(|e| OpenError::Decode(e.to_string()))?;
+    let decoded = if version < VERSION {
+        bincode::serde::decode_from_slice::<Vec<LegacyRecord>, _>(&plain, config)
+            .map(|(legacy, used)| (legacy.into_iter().map(Record::from).collect(), used))
+    } else {
+        bincode::serde::decode_from_slice::<Vec<Record>, _>(&plain, config)
+    };
+    let (records, used) = decoded.map_err(|e| OpenError::Decode(e.to_string()))?;
     if used != plain.len() {
         return Err(OpenError::Decode(format!(
             "{} trailing bytes after the records",
@@ -113,6 +155,8 @@ pub(crate) fn amplified_plaintext(n: usize) -> Vec<u8> {
         at_ms: 0,
         quality: crate::reading::Quality::Good,
         tags: Vec::new(),
+        window: None,
+        epoch: 0,
     };
     let plain = bincode::serde::encode_to_vec(vec![empty; n], bincode::config::standard())
         .expect("records encode");
@@ -129,7 +173,7 @@ mod tests {
         let bomb = zstd::bulk::compress(&vec![0u8; MAX_PLAINTEXT_BYTES + (1 << 20)], 1).unwrap();
         assert!(bomb.len() < 64 * 1024);
         assert_eq!(
-            decode_records(&bomb, 0),
+            decode_records(&bomb, 0, VERSION),
             Err(OpenError::DecompressedTooLarge {
                 limit: MAX_PLAINTEXT_BYTES
             })
@@ -138,20 +182,23 @@ mod tests {
 
     #[test]
     fn garbage_and_trailing_bytes_are_rejected() {
-        assert_eq!(decode_records(b"not zstd", 0), Err(OpenError::Decompress));
+        assert_eq!(
+            decode_records(b"not zstd", 0, VERSION),
+            Err(OpenError::Decompress)
+        );
         let mut plain =
             bincode::serde::encode_to_vec(Vec::<Record>::new(), bincode::config::standard())
                 .unwrap();
         plain.push(0);
         let compressed = zstd::bulk::compress(&plain, ZSTD_LEVEL).unwrap();
         assert!(matches!(
-            decode_records(&compressed, 0),
+            decode_records(&compressed, 0, VERSION),
             Err(OpenError::Decode(_))
         ));
         // A length prefix claiming 2^40 records fails on the limit, not on allocation.
         let huge = zstd::bulk::compress(&[253, 0, 0, 0, 0, 0, 1, 0, 0], ZSTD_LEVEL).unwrap();
         assert!(matches!(
-            decode_records(&huge, 1),
+            decode_records(&huge, 1, VERSION),
             Err(OpenError::CountMismatch { header: 1, .. })
         ));
     }
@@ -163,7 +210,7 @@ mod tests {
         let compressed = amplified_plaintext(600_000);
         assert!(compressed.len() < 2_000, "{}", compressed.len());
         assert_eq!(
-            decode_records(&compressed, 4),
+            decode_records(&compressed, 4, VERSION),
             Err(OpenError::CountMismatch {
                 header: 4,
                 actual: 600_000

@@ -15,7 +15,10 @@ use super::error::OpenError;
 /// The first four bytes of every envelope.
 pub(crate) const MAGIC: [u8; 4] = *b"CGB1";
 /// The envelope format version this code writes.
-pub(crate) const VERSION: u8 = 2;
+pub(crate) const VERSION: u8 = 3;
+/// The version before records carried an aggregate window and a key epoch; still read (its
+/// records as `window: None, epoch: 0`).
+pub(crate) const VERSION_2: u8 = 2;
 /// The version before the store incarnation was carried; still read (as incarnation 0).
 pub(crate) const VERSION_1: u8 = 1;
 /// Most records one envelope may carry: openers reject a larger `record_count` before
@@ -31,7 +34,7 @@ pub(crate) const SIGNATURE_LEN: usize = 64;
 /// Length of the HPKE encapsulated key (an X25519 public key).
 pub(crate) const ENCAPPED_KEY_LEN: usize = 32;
 
-/// Bytes of a version 2 header besides the gateway id: magic, version, suite, gateway_len,
+/// Bytes of a version 2 or 3 header besides the gateway id: magic, version, suite, gateway_len,
 /// stream, incarnation, seq, created_at, record_count, policy_hash, both key ids, enc.
 const HEADER_FIXED_LEN: usize = 4 + 1 + 1 + 1 + 1 + 8 + 8 + 8 + 4 + 32 + 8 + 8 + ENCAPPED_KEY_LEN;
 /// Version 1 headers have no incarnation.
@@ -116,7 +119,7 @@ impl Header {
             return Err(OpenError::BadMagic);
         }
         let version = r.u8()?;
-        if version != VERSION && version != VERSION_1 {
+        if !matches!(version, VERSION | VERSION_2 | VERSION_1) {
             return Err(OpenError::UnknownVersion(version));
         }
         let suite = r.u8()?;
@@ -274,7 +277,7 @@ mod tests {
         let bytes = h.encode();
         assert_eq!(bytes.len(), h.encoded_len());
         assert_eq!(bytes.len(), 116 + 4);
-        assert_eq!(&bytes[..8], b"CGB1\x02\x01\x04g");
+        assert_eq!(&bytes[..8], b"CGB1\x03\x01\x04g");
         assert_eq!(&bytes[7..11], b"gw-1");
         assert_eq!(bytes[11], 1, "stream code of alarms");
         assert_eq!(
@@ -339,7 +342,7 @@ mod tests {
             Header::parse(&v).map(|_| ())
         };
         assert_eq!(with(0, b'X'), Err(OpenError::BadMagic));
-        assert_eq!(with(4, 3), Err(OpenError::UnknownVersion(3)));
+        assert_eq!(with(4, 4), Err(OpenError::UnknownVersion(4)));
         assert_eq!(with(4, 0), Err(OpenError::UnknownVersion(0)));
         assert_eq!(with(5, 9), Err(OpenError::UnknownSuite(9)));
         assert!(matches!(with(6, 0), Err(OpenError::BadGatewayId(_))));

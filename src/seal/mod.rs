@@ -13,7 +13,7 @@
 //! bincode + zstd under hard limits), `key_types.rs` (hub keys, pseudonym key, key ids),
 //! `keys.rs` (key files), `error.rs`.
 //!
-//! # Envelope, version 2
+//! # Envelope, version 3
 //!
 //! All integers in the envelope are **big-endian**. `G` is the gateway id length, `N` the
 //! ciphertext length.
@@ -21,7 +21,7 @@
 //! ```text
 //! offset   size  field             value
 //! 0        4     magic             "CGB1" = 43 47 42 31
-//! 4        1     version           2
+//! 4        1     version           3
 //! 5        1     suite             1 (X25519-HKDF-SHA256 / ChaCha20-Poly1305 / Ed25519)
 //! 6        1     gateway_len       G, 1..=64
 //! 7        G     gateway           gateway id, UTF-8; only ASCII letters, digits, '-', '_', '.'
@@ -54,8 +54,10 @@
 //! therefore never depend on the gateway's clock, and a new store can never collide with what an
 //! old one sent.
 //!
-//! **Version 1** (still read; no longer written) is the same layout without `incarnation`: `seq`
-//! at 8+G, every later field 8 bytes earlier, H = 108 + G. Openers treat it as incarnation 0.
+//! **Version 2** (still read; no longer written) has the same header; its records lack `window`
+//! and `epoch` (see [Plaintext](#plaintext)). **Version 1** (still read; no longer written) is the
+//! version 2 layout without `incarnation`: `seq` at 8+G, every later field 8 bytes earlier,
+//! H = 108 + G. Openers treat it as incarnation 0.
 //!
 //! A **key id** is the first 8 bytes of SHA-256 over the raw 32-byte public key: the RFC 8032
 //! encoding of the gateway's Ed25519 key for `signer_key_id`, the RFC 7748 encoding of the hub's
@@ -114,12 +116,24 @@
 //!            at_ms:   i64           ms since the Unix epoch, UTC
 //!            quality: Quality
 //!            tags:    sequence of string
+//!            window:  0 (none) | 1 Window   set on aggregates; at_ms is then the window start
+//!            epoch:   varint (u32)          pseudonym key epoch; 0 = before key epochs
+//! Window   = function:  AggFn
+//!            start_ms:  i64                 inclusive, ms since the Unix epoch, UTC
+//!            end_ms:    i64                 exclusive
+//!            samples:   varint (u32)        readings the aggregate covers
+//!            devices:   varint (u32)        distinct devices that contributed
+//!            partial:   bool                the window was not fully covered
+//! AggFn    = 0 sum | 1 mean | 2 min | 3 max | 4 last | 5 delta
 //! Value    = 0 Int(i64) | 1 Float(f64) | 2 Bool(bool) | 3 Text(string)
 //! Quality  = 0 Good | 1 Uncertain(QualityReason) | 2 Bad(QualityReason)
 //! QualityReason = 0 out_of_range | 1 not_available | 2 counter_backwards
-//!               | 3 counter_rollover | 4 not_finite
+//!               | 3 counter_rollover | 4 not_finite | 5 receive_time | 6 clock_skew
 //! unit symbols: W Wh var varh VA V A Hz m3 m3/h degC % Pa s 1
 //! ```
+//!
+//! Versions 1 and 2 encode `record` without its last two fields (it ends at `tags`); openers
+//! read them as `window` none and `epoch` 0.
 //!
 //! Worked example, the first two records of the test vector (checked by a unit test):
 //!
@@ -132,6 +146,8 @@
 //! fd e0 81 ca 9f 17 03 00 00       at_ms 1699999990000: zigzag 3399999980000 → fd + u64 LE
 //! 00                               Good
 //! 00                               no tags
+//! 00                               no window
+//! 03                               epoch 3
 //! 22 "p-0123456789abcdef…cdef"     subject
 //! 0a "voltage_l1"                  field
 //! 01 00 00 00 00 00 d0 6c 40       Float(230.5)
@@ -139,6 +155,20 @@
 //! fd e0 81 ca 9f 17 03 00 00       at_ms
 //! 01 00                            Uncertain(out_of_range)
 //! 00                               no tags
+//! 00                               no window
+//! 03                               epoch 3
+//! ```
+//!
+//! and the tail of the fifth, an hourly energy delta:
+//!
+//! ```text
+//! 01 05                            Some(window), delta
+//! fd 00 89 44 9f 17 03 00 00       start_ms 1699995600000
+//! fd 00 66 b2 9f 17 03 00 00       end_ms 1699999200000
+//! fb 68 01                         360 samples
+//! 01                               1 device
+//! 00                               not partial
+//! 03                               epoch 3
 //! ```
 //!
 //! # Opening
@@ -156,19 +186,21 @@
 //!
 //! # Test vector
 //!
-//! `src/seal/testdata/vector-v2.txt` holds one envelope with everything needed to open it:
+//! `src/seal/testdata/vector-v3.txt` holds one envelope with everything needed to open it:
 //! Ed25519 seed `00 01 … 1f`, hub X25519 secret `20 21 … 3f`, gateway `gw-test-01`, stream
 //! readings, incarnation `5eedc17e9a7e0001`, seq 42, created_at 1700000000000, policy hash SHA-256("citygate test policy v1"),
-//! and four records covering every `Value` variant (Int, Float, Bool, Text) and Good, Uncertain
-//! and Bad quality (one tagged `emergency`), each as JSON; the bincode plaintext; and the
+//! and five records covering every `Value` variant (Int, Float, Bool, Text), Good, Uncertain
+//! and Bad quality (one tagged `emergency`), key epoch 3 and one aggregate with its window, each
+//! as JSON; the bincode plaintext; and the
 //! envelope, as hex wrapped at 64 characters. HPKE's ephemeral key comes from
 //! `rand_chacha::ChaCha20Rng::seed_from_u64(20240601)` (its first 32 bytes, recorded as
 //! `hpke_ephemeral_ikm`, are the `DeriveKeyPair` input). Tests check that the envelope opens to
 //! exactly those records and header and that re-sealing reproduces it byte for byte. After an
 //! intended format change, regenerate it with
 //! `CITYGATE_REGEN_VECTORS=1 cargo test --lib seal::vector` (and bump the version).
-//! `vector-v1.txt` is the same batch as version 1 (no incarnation), kept so that version 1
-//! stays readable.
+//! `vector-v1.txt` (version 1, no incarnation) and `vector-v2.txt` (version 2, records without
+//! window and epoch) hold the first four records as those versions wrote them, kept so that
+//! both stay readable.
 //!
 //! # Versioning
 //!

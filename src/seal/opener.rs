@@ -99,7 +99,7 @@ impl Opener {
         )
         .map_err(|_| OpenError::Undecryptable)?;
 
-        let records = codec::decode_records(&plaintext, header.record_count)?;
+        let records = codec::decode_records(&plaintext, header.record_count, header.version)?;
         if u32::try_from(records.len()) != Ok(header.record_count) {
             return Err(OpenError::CountMismatch {
                 header: header.record_count,

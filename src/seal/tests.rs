@@ -6,7 +6,9 @@ use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use crate::reading::{GatewayId, Quality, QualityReason, Record, Stream, Unit, Value};
+use crate::reading::{
+    AggFn, GatewayId, Quality, QualityReason, Record, Stream, Unit, Value, Window,
+};
 
 use super::vector::{
     gateway, hub_secret, opener, policy_hash, records, sealer, signing_key, INCARNATION,
@@ -51,7 +53,7 @@ fn round_trip_preserves_header_and_records() {
     assert_eq!(opened.header.stream, Stream::Audit);
     assert_eq!(opened.header.seq, 7);
     assert_eq!(opened.header.created_at_ms, 1_700_000_000_123);
-    assert_eq!(opened.header.record_count, 4);
+    assert_eq!(opened.header.record_count, 5);
     assert_eq!(opened.header.policy_hash, policy_hash());
     assert_eq!(peek_header(&batch.bytes).unwrap(), opened.header);
     assert_eq!(sealer().policy_hash(), policy_hash());
@@ -85,7 +87,8 @@ fn every_single_byte_flip_is_rejected_with_a_sensible_reason() {
             let r = err.reason();
             let ok = match i {
                 0..=3 => r == "bad_magic",
-                4 => r == "unknown_version",
+                // 3 ^ 0x01 is version 2, whose layout is the same: only the signature fails.
+                4 => r == "unknown_version" || r == "bad_signature",
                 5 => r == "unknown_suite",
                 6 => err.is_parse_error(),
                 i if i < gw_end => r == "bad_gateway_id" || r == "unknown_gateway",
@@ -191,12 +194,12 @@ fn wrong_recipient_is_reported() {
 #[test]
 fn unknown_version_is_reported_even_when_signed() {
     let mut env = small_envelope();
-    env[4] = 3;
+    env[4] = 4;
     resign(&mut env, &signing_key());
     let err = opener().open(&env).unwrap_err();
-    assert_eq!(err, OpenError::UnknownVersion(3));
+    assert_eq!(err, OpenError::UnknownVersion(4));
     assert_eq!(err.reason(), "unknown_version");
-    assert_eq!(peek_header(&env).unwrap_err(), OpenError::UnknownVersion(3));
+    assert_eq!(peek_header(&env).unwrap_err(), OpenError::UnknownVersion(4));
 }
 
 #[test]
@@ -304,9 +307,11 @@ fn arb_record() -> impl Strategy<Value = Record> {
         any::<i64>(),
         quality,
         prop::collection::vec(arb_text(), 0..3),
+        prop::option::of(arb_window()),
+        any::<u32>(),
     )
         .prop_map(
-            |(subject, field, value, unit, at_ms, quality, tags)| Record {
+            |(subject, field, value, unit, at_ms, quality, tags, window, epoch)| Record {
                 subject,
                 field,
                 value,
@@ -314,6 +319,37 @@ fn arb_record() -> impl Strategy<Value = Record> {
                 at_ms,
                 quality,
                 tags,
+                window,
+                epoch,
+            },
+        )
+}
+
+fn arb_window() -> impl Strategy<Value = Window> {
+    let function = prop_oneof![
+        Just(AggFn::Sum),
+        Just(AggFn::Mean),
+        Just(AggFn::Min),
+        Just(AggFn::Max),
+        Just(AggFn::Last),
+        Just(AggFn::Delta),
+    ];
+    (
+        function,
+        any::<i64>(),
+        any::<i64>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(function, start_ms, end_ms, samples, devices, partial)| Window {
+                function,
+                start_ms,
+                end_ms,
+                samples,
+                devices,
+                partial,
             },
         )
 }

@@ -1,8 +1,10 @@
 //! The committed test vectors, and the fixed keys and records the other tests reuse.
 //!
-//! `testdata/vector-v2.txt` is what this code writes (envelope version 2). `testdata/vector-v1.txt`
-//! is frozen: version 1 envelopes (no incarnation) are still read, and the test
-//! `vector_v1_still_opens_as_incarnation_0` keeps them readable.
+//! `testdata/vector-v3.txt` is what this code writes (envelope version 3). `testdata/vector-v1.txt`
+//! and `testdata/vector-v2.txt` are frozen: version 1 envelopes (no incarnation) and version 2
+//! envelopes (records without window and key epoch) are still read, and the tests
+//! `vector_v1_still_opens_as_incarnation_0` and `vector_v2_still_opens_without_windows_or_epochs`
+//! keep them readable. Both hold the four [`legacy_records`].
 //!
 //! The vector is rendered from the fixed inputs below; the test `vector_file_is_current` fails
 //! when the committed file differs. To regenerate it after an intended format change:
@@ -19,7 +21,9 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
 
-use crate::reading::{GatewayId, Quality, QualityReason, Record, Stream, Unit, Value};
+use crate::reading::{
+    AggFn, GatewayId, Quality, QualityReason, Record, Stream, Unit, Value, Window,
+};
 
 use super::key_types::HubKem;
 use super::*;
@@ -33,6 +37,8 @@ pub(super) const CREATED_AT_MS: i64 = 1_700_000_000_000;
 pub(super) const HPKE_RNG_SEED: u64 = 20_240_601;
 const REGEN_ENV: &str = "CITYGATE_REGEN_VECTORS";
 const SUBJECT: &str = "p-0123456789abcdef0123456789abcdef";
+/// The pseudonym key epoch of the version 3 records.
+const EPOCH: u32 = 3;
 
 /// Ed25519 seed 00 01 02 … 1f.
 pub(super) fn signing_key() -> SigningKey {
@@ -77,11 +83,14 @@ fn record(field: &str, value: Value, unit: Unit, at_ms: i64, quality: Quality) -
         at_ms,
         quality,
         tags: Vec::new(),
+        window: None,
+        epoch: 0,
     }
 }
 
-/// One record per `Value` variant; Good, Uncertain and Bad quality; one tagged record.
-pub(super) fn records() -> Vec<Record> {
+/// What the frozen version 1 and 2 vectors hold, as they open today: one record per `Value`
+/// variant; Good, Uncertain and Bad quality; one tagged record; no window, epoch 0.
+pub(super) fn legacy_records() -> Vec<Record> {
     let mut text = record(
         "meter_serial",
         Value::Text("p-fedcba9876543210fedcba9876543210".to_owned()),
@@ -114,6 +123,32 @@ pub(super) fn records() -> Vec<Record> {
         ),
         text,
     ]
+}
+
+/// The version 3 vector: the legacy records under key epoch 3, and an hourly energy delta
+/// (an aggregate with its window).
+pub(super) fn records() -> Vec<Record> {
+    let mut records = legacy_records();
+    let mut delta = record(
+        "energy_import",
+        Value::Int(4_200),
+        Unit::WattHour,
+        1_699_995_600_000,
+        Quality::Good,
+    );
+    delta.window = Some(Window {
+        function: AggFn::Delta,
+        start_ms: 1_699_995_600_000,
+        end_ms: 1_699_999_200_000,
+        samples: 360,
+        devices: 1,
+        partial: false,
+    });
+    records.push(delta);
+    for r in &mut records {
+        r.epoch = EPOCH;
+    }
+    records
 }
 
 pub(super) fn seal_vector() -> SealedBatch {
@@ -154,7 +189,7 @@ fn render() -> String {
     let mut line = |k: &str, v: String| s.push_str(&format!("{k}: {v}\n"));
     line(
         "format",
-        "citygate sealed batch, envelope version 2, suite 1".to_owned(),
+        "citygate sealed batch, envelope version 3, suite 1".to_owned(),
     );
     line("gateway", GATEWAY.to_owned());
     line("gateway_signing_seed", hex::encode(signing.to_bytes()));
@@ -202,7 +237,7 @@ fn render() -> String {
     line("plaintext_bincode_len", plaintext.len().to_string());
     line("envelope_len", batch.bytes.len().to_string());
     let mut out = String::from(
-        "# citygate sealed-batch test vector v2\n\
+        "# citygate sealed-batch test vector v3\n\
          #\n\
          # Inputs: the keys, header fields and records below (records as serde JSON, one per\n\
          # line). HPKE's ephemeral key is DeriveKeyPair(hpke_ephemeral_ikm) (RFC 9180 7.1.3),\n\
@@ -229,7 +264,7 @@ fn testdata(name: &str) -> std::path::PathBuf {
 }
 
 fn vector_path() -> std::path::PathBuf {
-    testdata("vector-v2.txt")
+    testdata("vector-v3.txt")
 }
 
 /// The hex block following a `name:` line, up to the next blank line.
@@ -244,7 +279,7 @@ fn hex_block(text: &str, name: &str) -> Vec<u8> {
 }
 
 fn committed() -> String {
-    std::fs::read_to_string(vector_path()).expect("testdata/vector-v2.txt is committed")
+    std::fs::read_to_string(vector_path()).expect("testdata/vector-v3.txt is committed")
 }
 
 #[test]
@@ -256,7 +291,7 @@ fn vector_file_is_current() {
     }
     assert!(
         committed() == rendered,
-        "src/seal/testdata/vector-v2.txt is stale; if the format change is intended, run \
+        "src/seal/testdata/vector-v3.txt is stale; if the format change is intended, run \
          {REGEN_ENV}=1 cargo test --lib seal::vector and bump the envelope version"
     );
 }
@@ -267,14 +302,14 @@ fn vector_envelope_opens_to_expected_batch() {
     let opened = opener().open(&envelope).unwrap();
     assert_eq!(opened.records, records());
     let h = &opened.header;
-    assert_eq!((h.version, h.suite), (2, 1));
+    assert_eq!((h.version, h.suite), (3, 1));
     assert_eq!(h.gateway, gateway());
     assert_eq!(h.incarnation, INCARNATION);
     assert_eq!(
         (h.stream, h.seq, h.created_at_ms),
         (STREAM, SEQ, CREATED_AT_MS)
     );
-    assert_eq!(h.record_count, 4);
+    assert_eq!(h.record_count, 5);
     assert_eq!(h.policy_hash, policy_hash());
     assert_eq!(
         h.signer_key_id,
@@ -290,10 +325,24 @@ fn vector_v1_still_opens_as_incarnation_0() {
     let text = std::fs::read_to_string(testdata("vector-v1.txt")).expect("committed");
     let envelope = hex_block(&text, "envelope");
     let opened = opener().open(&envelope).unwrap();
-    assert_eq!(opened.records, records());
+    assert_eq!(opened.records, legacy_records());
     let h = &opened.header;
     assert_eq!((h.version, h.incarnation, h.seq), (1, 0, SEQ));
     assert_eq!(h.stream, STREAM);
+}
+
+/// Version 2 envelopes (records without window and key epoch) still open: their records
+/// decode through the frozen legacy layout as `window: None, epoch: 0` (issue 11 items 2 and 9).
+#[test]
+fn vector_v2_still_opens_without_windows_or_epochs() {
+    let text = std::fs::read_to_string(testdata("vector-v2.txt")).expect("committed");
+    let envelope = hex_block(&text, "envelope");
+    let opened = opener().open(&envelope).unwrap();
+    assert_eq!(opened.records, legacy_records());
+    let h = &opened.header;
+    assert_eq!((h.version, h.incarnation, h.seq), (2, INCARNATION, SEQ));
+    assert_eq!((h.stream, h.record_count), (STREAM, 4));
+    assert_eq!(h.policy_hash, policy_hash());
 }
 
 #[test]
@@ -330,6 +379,7 @@ fn bincode_encoding_matches_the_documented_example() {
     expected.extend_from_slice(&[0x02, b'W', b'h']);
     expected.extend_from_slice(&[0xfd, 0xe0, 0x81, 0xca, 0x9f, 0x17, 0x03, 0x00, 0x00]);
     expected.extend_from_slice(&[0x00, 0x00]);
+    expected.extend_from_slice(&[0x00, 0x03]);
     expected.push(0x22);
     expected.extend_from_slice(SUBJECT.as_bytes());
     expected.push(0x0a);
@@ -338,5 +388,17 @@ fn bincode_encoding_matches_the_documented_example() {
     expected.extend_from_slice(&[0x01, b'V']);
     expected.extend_from_slice(&[0xfd, 0xe0, 0x81, 0xca, 0x9f, 0x17, 0x03, 0x00, 0x00]);
     expected.extend_from_slice(&[0x01, 0x00, 0x00]);
+    expected.extend_from_slice(&[0x00, 0x03]);
     assert_eq!(hex::encode(plain), hex::encode(expected));
+    // The aggregate: the same framing, then Some(window) and the epoch.
+    let delta = &records()[4];
+    let plain = bincode::serde::encode_to_vec(delta, bincode::config::standard()).unwrap();
+    let mut tail = vec![0x01, 0x05];
+    tail.extend_from_slice(&[0xfd, 0x00, 0x89, 0x44, 0x9f, 0x17, 0x03, 0x00, 0x00]);
+    tail.extend_from_slice(&[0xfd, 0x00, 0x66, 0xb2, 0x9f, 0x17, 0x03, 0x00, 0x00]);
+    tail.extend_from_slice(&[0xfb, 0x68, 0x01, 0x01, 0x00, 0x03]);
+    assert_eq!(
+        hex::encode(&plain[plain.len() - tail.len()..]),
+        hex::encode(tail)
+    );
 }

@@ -48,6 +48,8 @@ impl GatewayAlarms {
             at_ms: now_ms(),
             quality: Quality::Good,
             tags,
+            window: None,
+            epoch: 0,
         };
         tx.try_send(record).is_ok()
     }

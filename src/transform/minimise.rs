@@ -153,6 +153,8 @@ pub fn minimise_as(policy: &Policy, reading: &Reading, subject: &str) -> Option<
         at_ms: reading.at_ms,
         quality: reading.quality,
         tags: Vec::new(),
+        window: None,
+        epoch: 0,
     })
 }
 

@@ -26,6 +26,8 @@ fn records(n: usize) -> Vec<Record> {
             at_ms: 1_700_000_000_000 + i as i64,
             quality: Quality::Good,
             tags: vec![],
+            window: None,
+            epoch: 0,
         })
         .collect()
 }
