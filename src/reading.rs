@@ -91,6 +91,13 @@ ident_newtype!(
     64
 );
 ident_newtype!(
+    /// The name of a purpose (a policy's `purpose`), such as `billing`: carried in every
+    /// version 3 envelope header and approved per gateway at the hub.
+    PurposeName,
+    "purpose name",
+    64
+);
+ident_newtype!(
     /// A canonical field name such as `energy_import` or `voltage_l1`.
     FieldName,
     "field name",
