@@ -11,7 +11,7 @@ use super::{is_json_pointer, Locator, MqttField, MqttSpec, PayloadShape, TimeFor
 use crate::diag::{Diagnostic, SourceFile};
 use crate::profile::raw::common::{self, default_true, Check, RawMeter};
 use crate::profile::{Field, Profile, WordOrder};
-use crate::reading::{Category, Classification, Grade, RegisterAddress, Stream};
+use crate::reading::{Category, RegisterAddress, Stream};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,8 +47,13 @@ struct RawMqttField {
     sentinels: Vec<Spanned<toml::Value>>,
     counter: Option<Spanned<String>>,
     rollover: Option<Spanned<f64>>,
-    category: Category,
-    grade: Grade,
+    /// Largest plausible change per second in `unit` (counters: of the increments).
+    max_rate: Option<Spanned<f64>>,
+    /// Identical values in a row from which a gauge counts as frozen.
+    frozen_after: Option<Spanned<u32>>,
+    /// Required; an `Option` so a missing one is reported with the valid values.
+    category: Option<Spanned<String>>,
+    grade: Option<Spanned<String>>,
     #[serde(default)]
     personal: bool,
     #[serde(default)]
@@ -318,10 +323,27 @@ fn convert_field(
         })
         .collect();
     let counter = common::counter(c, &key, f.counter.as_ref(), f.rollover.as_ref());
+    let (max_rate, frozen_after) = common::quality_limits(
+        c,
+        &key,
+        not_numeric.is_none(),
+        counter,
+        f.max_rate.as_ref(),
+        f.frozen_after.as_ref(),
+    );
+    let class = common::classification(
+        c,
+        &key,
+        &f.name,
+        f.category.as_ref(),
+        f.grade.as_ref(),
+        f.personal,
+    );
     if c.errors.len() > before {
         return None;
     }
     let (name, kind) = (name?, kind?);
+    let class = class?;
     let field = Field {
         name: name.clone(),
         register: 0,
@@ -334,18 +356,16 @@ fn convert_field(
         range,
         sentinels,
         counter,
-        class: Classification {
-            category: f.category,
-            grade: f.grade,
-            personal: f.personal,
-        },
+        max_rate,
+        frozen_after,
+        class,
         verified: f.verified,
         note: f.note,
         // MQTT meters publish primary-side values and whole totals; alarm flags travel on
         // the alarms stream like the Modbus profiles' (`category = "alarm"`).
         fraction: None,
         ratio: None,
-        stream: if f.category == Category::Alarm {
+        stream: if class.category == Category::Alarm {
             Stream::Alarms
         } else {
             Stream::Readings
