@@ -13,6 +13,7 @@
 //!
 //! The file format is documented in README.md ("Device profiles").
 
+pub(crate) mod decimal;
 pub mod decode;
 pub(crate) mod line;
 pub mod mqtt;
