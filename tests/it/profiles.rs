@@ -1477,3 +1477,28 @@ fn check_rejects_a_profile_field_without_classification() {
         "names the key and the valid values: {stderr}"
     );
 }
+
+/// Issue 11 item 6: the shipped meters' mains voltages carry a frozen-value limit and
+/// their frequencies a rate and a frozen-value limit; no counter carries `frozen_after`.
+#[test]
+fn shipped_voltages_and_frequencies_carry_quality_limits() {
+    let set = ProfileSet::load_dir(&profile_dir()).unwrap();
+    let mut seen = 0;
+    for p in set.iter() {
+        for f in &p.fields {
+            let name = f.name.as_str();
+            let mains_voltage = name.starts_with("voltage_l");
+            if mains_voltage || name == "frequency" {
+                seen += 1;
+                assert!(f.frozen_after.is_some(), "{}: {name}", p.name);
+            }
+            if name == "frequency" {
+                assert_eq!(f.max_rate, Some(5.0), "{}: {name}", p.name);
+            }
+            if matches!(f.counter, Counter::Monotonic { .. }) {
+                assert_eq!(f.frozen_after, None, "{}: {name}", p.name);
+            }
+        }
+    }
+    assert!(seen >= 20, "{seen}");
+}
