@@ -65,8 +65,18 @@ proptest! {
         prop_assert_eq!(w, x.to_string().parse::<f64>().unwrap());
     }
 
-    /// Rounding never moves a value by more than half of the last digit its bounds
-    /// allow, and the shortest decimals of exact decimal inputs survive scaling.
+    /// The same in the range meter values live in, where the fast path decides.
+    #[test]
+    fn widened_meter_range_f32_is_its_shortest_decimal(x in 1e-6f32..1.7e7) {
+        for x in [x, -x] {
+            let w = widen_f32(x);
+            prop_assert_eq!((w as f32).to_bits(), x.to_bits());
+            prop_assert_eq!(w, x.to_string().parse::<f64>().unwrap());
+        }
+    }
+
+    /// Issue 11 item 6: an f32 scaled by 1, 0.1, 0.01 or 0.001 shows no more
+    /// significant digits than the f32's own shortest decimal.
     #[test]
     fn scaled_f32_shows_no_more_digits_than_its_source(bits in any::<u32>(), k in 0usize..4) {
         let x = f32::from_bits(bits);
@@ -81,6 +91,7 @@ proptest! {
         );
     }
 
+    /// Scaling an exact decimal gives the f64 nearest the exact decimal product.
     #[test]
     fn scaled_decimals_are_exact(n in -9_999_999i64..9_999_999, places in 0u32..6, k in 0usize..4) {
         let scale = [1.0, 0.1, 0.01, 0.001][k];

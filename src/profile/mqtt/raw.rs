@@ -503,4 +503,29 @@ grade = "L2"
             assert!(!is_json_pointer(bad), "{bad}");
         }
     }
+
+    /// Issue 11: an MQTT profile field needs its classification too, and its quality
+    /// limits follow the same rules as a register field's.
+    #[test]
+    fn classification_and_quality_limits_are_checked() {
+        let e = one_error(&GOOD.replacen("category = \"alarm\"\n", "", 1));
+        assert_eq!(e.line, 22, "the field's name line: {e}");
+        assert!(e.key.ends_with("(battery_low).category"), "{e}");
+        assert!(e.message.contains("\"identifier\", \"measurement\""), "{e}");
+        let e = one_error(&GOOD.replacen(
+            "counter = \"monotonic\"",
+            "counter = \"monotonic\"\nfrozen_after = 5",
+            1,
+        ));
+        assert!(e.key.ends_with("(volume_forward).frozen_after"), "{e}");
+        let e = one_error(&GOOD.replacen("bit = 2", "bit = 2\nmax_rate = 1.0", 1));
+        assert!(e.key.ends_with("(battery_low).max_rate"), "{e}");
+        let p = parse_str(&GOOD.replacen(
+            "counter = \"monotonic\"",
+            "counter = \"monotonic\"\nmax_rate = 0.5",
+            1,
+        ))
+        .unwrap();
+        assert_eq!(p.field("volume_forward").unwrap().max_rate, Some(0.5));
+    }
 }
