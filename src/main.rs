@@ -28,6 +28,19 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Purpose policies: what leaves the box, in which form and resolution, and why.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Export a public-data catalogue entry per purpose flow: data items with their
+    /// classification, sharing class, update frequency, unit, purpose and retention.
+    Catalog {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "json")]
+        format: cli::CatalogFormat,
+    },
     /// Run the gateway until SIGTERM/SIGINT.
     Run {
         #[arg(long)]
@@ -81,6 +94,19 @@ enum Command {
         /// Write the summary as JSON to this file.
         #[arg(long)]
         summary_json: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Per device and field: what leaves, in which form and resolution, under which
+    /// purpose, and why (the rule and its line, or default deny).
+    Explain {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this device (its name in the config).
+        #[arg(long)]
+        device: Option<String>,
     },
 }
 
@@ -175,6 +201,10 @@ fn main() -> ExitCode {
         Command::Broker(args) => cli::broker::broker(&args),
         Command::Loadtest(args) => cli::loadtest::loadtest(&args),
         Command::Probe(args) => cli::probe::probe(&args).map(|out| print!("{out}")),
+        Command::Policy {
+            command: PolicyCommand::Explain { config, device },
+        } => cli::policy_explain(&config, device.as_deref()),
+        Command::Catalog { config, format } => cli::catalog(&config, format),
         Command::Scan(args) => cli::probe::scan(&args).map(|out| print!("{out}")),
         Command::Store {
             command: StoreCommand::Check { config },

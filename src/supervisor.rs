@@ -24,7 +24,7 @@ use crate::mqtt::{LinkError, LinkOptions, MqttLink};
 use crate::pipeline::{
     Batcher, CommittedMarks, Committer, SAMPLES_CHANNEL_CAPACITY, SEALED_CHANNEL_CAPACITY,
 };
-use crate::reading::{IdError, PurposeName, Stream};
+use crate::reading::{PurposeName, Stream};
 use crate::seal::keys;
 use crate::seal::{HubPublicKey, KeyError};
 use crate::seal::{PolicyStamp, Sealer};
@@ -37,7 +37,7 @@ use crate::source::{GatewayAlarms, SourceContext};
 const GATEWAY_ALARMS_CAPACITY: usize = 64;
 use crate::store::{Outbox, StoreStats};
 use crate::telemetry::Metrics;
-use crate::transform::minimise::{Policy, PseudonymKey};
+use crate::transform::minimise::PseudonymKey;
 use crate::uplink::{Forwarder, ForwarderOptions};
 use crate::wire::AckVerifier;
 
@@ -63,25 +63,24 @@ impl KeyMaterial {
     }
 }
 
-/// The policy a config declares.
-pub fn policy(cfg: &GatewayConfig, key: PseudonymKey) -> Policy {
-    Policy::new(
-        &cfg.purpose.name,
-        cfg.purpose.fields.clone(),
-        key,
-        &cfg.profile_versions(),
-    )
-}
-
-/// The stamp every batch of the configured purpose is sealed under: the purpose name and
-/// [`Policy::hash`]. This is what the hub's registry must approve for the gateway
-/// (`policies = [{ purpose = "…", hash = "…" }]`). Fails if the purpose name cannot go into an
-/// envelope header (1..=64 ASCII letters, digits, '-', '_', '.').
-pub fn policy_stamp(cfg: &GatewayConfig, policy: &Policy) -> Result<PolicyStamp, IdError> {
-    Ok(PolicyStamp::new(
-        PurposeName::new(cfg.purpose.name.as_str())?,
-        policy.hash(),
-    ))
+/// The stamps the hub must approve for this gateway, one per purpose flow (the alarms
+/// policy's last): the stream, and the purpose name with the policy hash. They follow from
+/// the config and the profiles alone — no key is involved — so `citygate check` prints them.
+pub fn policy_stamps(cfg: &GatewayConfig) -> Vec<(Stream, PolicyStamp)> {
+    let versions = cfg.profile_versions();
+    cfg.policies
+        .flows
+        .iter()
+        .chain(&cfg.policies.alarms)
+        .map(|f| {
+            let purpose = PurposeName::new(f.policy.name())
+                .expect("invariant: a compiled policy has a valid purpose name");
+            (
+                f.stream,
+                PolicyStamp::new(purpose, f.policy.hash(&versions)),
+            )
+        })
+        .collect()
 }
 
 /// The first sequence number to use on a stream whose store says `store_next`.
@@ -133,11 +132,6 @@ impl Running {
 
 /// Starts pollers, batcher and committer for `cfg` on the current runtime. `outbox` is an
 /// [`Outbox`] or the `Arc<dyn Store>` to wrap in one (before any task writes to it).
-///
-/// # Panics
-///
-/// If the purpose name is not valid in an envelope header; `citygate run` checks it with
-/// [`policy_stamp`] first.
 pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) -> Running {
     let outbox: Outbox = outbox.into();
     let metrics = Arc::new(Metrics::default());
@@ -148,9 +142,7 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
     let (committed_tx, committed_rx) =
         watch::channel(Stream::ALL.map(|s| outbox.next_seq_at_open(s).saturating_sub(1)));
 
-    let policy = policy(cfg, keys.pseudonym);
-    let stamp = policy_stamp(cfg, &policy)
-        .expect("invariant: the purpose name is checked before the gateway starts");
+    let flows = crate::pipeline::Flows::from_config(cfg, &keys.pseudonym);
     let sealer = Sealer::new(
         cfg.gateway_id.clone(),
         keys.signing,
@@ -163,8 +155,7 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
         samples_rx,
         sealed_tx,
         sealer,
-        stamp,
-        policy,
+        flows,
         cfg.batch,
         move |s| first_seq(seq_outbox.next_seq_at_open(s)),
         metrics.clone(),

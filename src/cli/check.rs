@@ -7,8 +7,6 @@ use std::path::Path;
 use crate::config::{DeviceKind, GatewayConfig};
 use crate::seal::keys;
 use crate::source::modbus::plan;
-use crate::supervisor;
-use crate::transform::minimise::{Disposition, Policy, PseudonymKey};
 
 /// A key file's state as `check` reports it.
 #[derive(Debug)]
@@ -95,34 +93,47 @@ pub(crate) fn report(cfg: &GatewayConfig) -> (String, bool) {
         };
         let _ = writeln!(out, "key       {name} {}: {s}", path.display());
     }
-    // The policy hash needs the real key; without it, show the disposition only.
-    let pseudonym = keys::load_pseudonym_key(&cfg.keys.pseudonym_key).ok();
-    let policy = supervisor::policy(
-        cfg,
-        pseudonym
-            .clone()
-            .unwrap_or_else(|| PseudonymKey::from_bytes([0; 32])),
-    );
+    // What the hub must approve: one stamp per purpose flow (no key is involved).
+    let stamps = crate::supervisor::policy_stamps(cfg);
+    for (flow, (stream, stamp)) in cfg
+        .policies
+        .flows
+        .iter()
+        .chain(&cfg.policies.alarms)
+        .zip(&stamps)
+    {
+        let m = flow.policy.meta();
+        let _ = writeln!(
+            out,
+            "purpose   {} on stream {stream}: {} (retention {} at the hub)\n          policy {} {}",
+            m.name,
+            m.description,
+            crate::cli::explain::days(m.retention),
+            flow.source.path().display(),
+            stamp.hash_hex()
+        );
+    }
+    if cfg.policies.legacy_purpose {
+        let _ = writeln!(
+            out,
+            "note      [purpose] is an allow-list: its fields leave at full resolution; \
+             prefer [policies] with policy files (config/policies/)"
+        );
+    }
     let _ = writeln!(
         out,
-        "purpose   {}{}",
-        cfg.purpose.name,
-        cfg.purpose
-            .description
-            .as_deref()
-            .map(|d| format!(": {d}"))
-            .unwrap_or_default()
+        "approve   at the hub, [[gateway]] id = \"{}\": policies = [{}]",
+        cfg.gateway_id,
+        stamps
+            .iter()
+            .map(|(_, s)| format!(
+                "{{ purpose = \"{}\", hash = \"{}\" }}",
+                s.purpose,
+                s.hash_hex()
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    let fields: Vec<&str> = cfg.purpose.fields.iter().map(|f| f.as_str()).collect();
-    let _ = writeln!(out, "needs     {}", fields.join(", "));
-    match pseudonym {
-        Some(_) => {
-            let _ = writeln!(out, "policy    {}", hex::encode(policy.hash()));
-        }
-        None => {
-            let _ = writeln!(out, "policy    (hash needs the pseudonym key)");
-        }
-    }
     let buses = crate::source::rtu::spawn::bus_report(&cfg.devices);
     if !buses.is_empty() {
         let _ = write!(out, "\nrtu buses\n{buses}");
@@ -146,10 +157,10 @@ pub(crate) fn report(cfg: &GatewayConfig) -> (String, bool) {
     for d in &cfg.devices {
         match (&d.kind, &d.profile.mqtt) {
             (DeviceKind::Modbus(m), _) => {
-                device_report(&mut out, d, m, &policy, cfg.batch.alarm_state_every)
+                device_report(&mut out, d, m, cfg, cfg.batch.alarm_state_every)
             }
             (DeviceKind::Mqtt(topic), Some(spec)) => {
-                mqtt_device_report(&mut out, d, topic, spec, &policy)
+                mqtt_device_report(&mut out, d, topic, spec, cfg)
             }
             // Refused by config validation: an MQTT device needs an MQTT profile.
             (DeviceKind::Mqtt(_), None) => {}
@@ -162,7 +173,7 @@ fn device_report(
     out: &mut String,
     d: &crate::config::DeviceConfig,
     m: &crate::config::ModbusDevice,
-    policy: &Policy,
+    cfg: &GatewayConfig,
     alarm_every: std::time::Duration,
 ) {
     let p = &d.profile;
@@ -208,7 +219,7 @@ fn device_report(
         "field", "register", "type", "order", "unit", "class"
     );
     for f in &p.fields {
-        let (unit, class, leaves) = field_columns(f, policy);
+        let (unit, class, leaves) = field_columns(f, cfg);
         let ty = match f.fraction {
             Some(frac) => format!("{}+{}", f.ty, frac.ty),
             None => f.ty.to_string(),
@@ -250,13 +261,8 @@ fn device_report(
 }
 
 /// The unit, class and disposition columns of a field line.
-fn field_columns(f: &crate::profile::Field, policy: &Policy) -> (String, String, String) {
-    let leaves = match policy.disposition(&f.name, &f.class) {
-        Disposition::AsIs if f.class.personal => {
-            "as-is (personal: subject pseudonymised)".to_string()
-        }
-        other => other.to_string(),
-    };
+fn field_columns(f: &crate::profile::Field, cfg: &GatewayConfig) -> (String, String, String) {
+    let leaves = super::explain::leaves_summary(cfg, f);
     let unit = if f.unit.symbol == f.unit.canonical.symbol() {
         f.unit.symbol.to_string()
     } else {
@@ -277,7 +283,7 @@ fn mqtt_device_report(
     d: &crate::config::DeviceConfig,
     topic: &crate::config::MqttTopic,
     spec: &crate::profile::mqtt::MqttSpec,
-    policy: &Policy,
+    cfg: &GatewayConfig,
 ) {
     let p = &d.profile;
     let _ = writeln!(
@@ -309,7 +315,7 @@ fn mqtt_device_report(
         "field", "located at", "type", "unit", "class"
     );
     for (f, m) in p.fields.iter().zip(&spec.fields) {
-        let (unit, class, leaves) = field_columns(f, policy);
+        let (unit, class, leaves) = field_columns(f, cfg);
         let kind = match m.kind {
             crate::profile::mqtt::ValueKind::Bit(n) => format!("bit{n}"),
             k => format!("{k:?}").to_lowercase(),

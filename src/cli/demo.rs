@@ -225,11 +225,13 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
         cfg.devices.len(),
         cfg.profiles.names().collect::<Vec<_>>().join(", "),
     );
-    println!(
-        "purpose {:?} needs: {}; everything else is dropped at the edge",
-        cfg.purpose.name,
-        known.join(", ")
-    );
+    for (stream, stamp) in crate::supervisor::policy_stamps(&cfg) {
+        println!(
+            "purpose {:?} on stream {stream} needs: {}; everything else is dropped at the edge",
+            stamp.purpose.as_str(),
+            known.join(", ")
+        );
+    }
     println!("the uplink is cut for a few seconds halfway through: batches wait in the store and drain after\n");
 
     let started = tokio::time::Instant::now();

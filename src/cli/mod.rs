@@ -1,8 +1,10 @@
 //! The commands behind `main.rs`, as library functions so tests can call them.
 
 pub mod broker;
+pub mod catalog;
 mod check;
 pub(crate) mod demo;
+mod explain;
 pub mod loadtest;
 mod memory;
 pub mod probe;
@@ -114,8 +116,6 @@ pub fn run(path: &Path) -> Result<(), CliError> {
     init_logging("info");
     let cfg = GatewayConfig::load(path)?;
     let keys = KeyMaterial::load(&cfg.keys).map_err(|e| CliError::Usage(e.to_string()))?;
-    supervisor::policy_stamp(&cfg, &supervisor::policy(&cfg, keys.pseudonym.clone()))
-        .map_err(|e| CliError::Usage(format!("{}: purpose.name: {e}", path.display())))?;
     let store = SledStore::open(
         &cfg.store.path,
         StoreOptions {
@@ -463,6 +463,9 @@ pub fn keys_gen(dir: &Path, force: bool) -> Result<(), CliError> {
     );
     Ok(())
 }
+
+pub use catalog::{catalog, CatalogFormat};
+pub use explain::policy_explain;
 
 /// `citygate keys rotate-pseudonym --config FILE`: the key named by the config moves to its next
 /// epoch. Prints key ids and epochs, never keys.

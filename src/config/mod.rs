@@ -11,6 +11,7 @@ use crate::diag;
 pub mod duration;
 pub(crate) mod mqtt;
 mod peer_net;
+mod policies;
 mod raw;
 
 use std::collections::BTreeSet;
@@ -22,10 +23,11 @@ use std::time::Duration;
 pub(crate) use diag::Diagnostic;
 pub(crate) use mqtt::MqttSourceConfig;
 pub use peer_net::PeerNet;
+pub use policies::{FlowConfig, PolicyConfig, PolicySource};
 
 use crate::profile::line::LineOverride;
 use crate::profile::{Profile, ProfileSet, Ratios};
-use crate::reading::{DeviceId, FieldName, GatewayId, UnitId};
+use crate::reading::{DeviceId, GatewayId, UnitId};
 
 /// Every problem found in a config and the profiles it uses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -181,14 +183,6 @@ impl DeviceConfig {
             DeviceKind::Modbus(_) => None,
         }
     }
-}
-
-/// The declared purpose of the outbound flow.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PurposeConfig {
-    pub name: String,
-    pub description: Option<String>,
-    pub fields: BTreeSet<FieldName>,
 }
 
 /// The largest sealed batch the gateway makes, in bytes: the batcher seals a batch early
@@ -429,7 +423,8 @@ pub struct GatewayConfig {
     pub gateway_id: GatewayId,
     pub profiles_dir: PathBuf,
     pub profiles: ProfileSet,
-    pub purpose: PurposeConfig,
+    /// The purpose flows and their policies.
+    pub policies: PolicyConfig,
     pub batch: BatchConfig,
     pub store: StoreConfig,
     pub keys: KeyPaths,

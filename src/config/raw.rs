@@ -8,9 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::duration::HumanDuration;
-use super::{
-    BatchConfig, ConfigError, GatewayConfig, KeyPaths, ModbusConfig, PurposeConfig, StoreConfig,
-};
+use super::{BatchConfig, ConfigError, GatewayConfig, KeyPaths, ModbusConfig, StoreConfig};
 use crate::diag::{Diagnostic, SourceFile};
 use crate::profile::ProfileSet;
 use crate::reading::{FieldName, GatewayId};
@@ -19,7 +17,8 @@ use crate::reading::{FieldName, GatewayId};
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     gateway: RawGateway,
-    purpose: RawPurpose,
+    purpose: Option<super::policies::RawPurpose>,
+    policies: Option<super::policies::RawPolicies>,
     #[serde(default)]
     batch: RawBatch,
     store: RawStore,
@@ -39,14 +38,8 @@ struct RawConfig {
 struct RawGateway {
     id: Spanned<String>,
     profiles_dir: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPurpose {
-    name: String,
-    description: Option<String>,
-    fields: Vec<Spanned<String>>,
+    /// IANA time zone the policies' windows align to; default "UTC".
+    time_zone: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,7 +286,7 @@ pub(super) fn parse(
         .flat_map(|d| d.profile.fields.iter().map(|f| f.name.as_str()))
         .collect();
     let mut fields = BTreeSet::new();
-    for f in &raw.purpose.fields {
+    for f in raw.purpose.iter().flat_map(|p| &p.fields) {
         match FieldName::new(f.get_ref().clone()) {
             Ok(name) if known.contains(name.as_str()) || !profiles_loaded => {
                 fields.insert(name);
@@ -309,6 +302,21 @@ pub(super) fn parse(
             Err(e) => errors.push(src.at(f.span(), "purpose.fields", e.to_string())),
         }
     }
+
+    let tz = super::policies::time_zone(&src, raw.gateway.time_zone.as_ref(), &mut errors);
+    let policies = super::policies::resolve(
+        &super::policies::Inputs {
+            src: &src,
+            path,
+            base: &base,
+            profiles: &profiles,
+            profiles_loaded,
+            tz,
+        },
+        raw.policies,
+        raw.purpose.map(|p| (p, fields.into_iter().collect())),
+        &mut errors,
+    );
 
     let uplink = raw.uplink.and_then(|u| {
         if !super::is_host_port(u.broker.get_ref()) {
@@ -372,11 +380,7 @@ pub(super) fn parse(
         gateway_id: gateway_id.expect("invariant: no errors means the id parsed"),
         profiles_dir,
         profiles,
-        purpose: PurposeConfig {
-            name: raw.purpose.name,
-            description: raw.purpose.description,
-            fields,
-        },
+        policies,
         batch,
         store: StoreConfig {
             path: resolve(&raw.store.path),

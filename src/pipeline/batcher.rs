@@ -22,7 +22,6 @@
 //! leave in sealing order and sequence numbers stay gap-free per stream; samples meanwhile
 //! queue in the bounded sample channel.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -30,13 +29,14 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{error, info};
 
 use crate::config::{BatchConfig, MAX_BATCH_BYTES};
-use crate::reading::{now_ms, DeviceId, Record, Stream};
+use crate::reading::{now_ms, Record, Stream};
 use crate::seal::{PolicyStamp, SealedBatch, Sealer};
 use crate::source::{RawSample, Rounds, SampleData};
+
+use super::flows::Flows;
 use crate::telemetry::Metrics;
 use crate::transform::alarm::AlarmGate;
 use crate::transform::check::Checker;
-use crate::transform::minimise::{minimise_as, Policy};
 use crate::transform::normalise::normalise_with;
 use crate::transform::normalise_values::normalise_values;
 
@@ -90,15 +90,16 @@ pub struct Batcher {
     sealed_tx: mpsc::Sender<SealedBatch>,
     /// Shared with the blocking thread that seals.
     sealer: Arc<Sealer>,
-    policy: Policy,
-    /// What the batches of `policy` are sealed under. The audit stream carries only records the
-    /// gateway raises itself, sealed under [`PolicyStamp::gateway`].
-    stamp: PolicyStamp,
+    /// The purpose flows readings run through.
+    flows: Flows,
+    /// What each stream's batches are sealed under (by [`Stream::index`]; see
+    /// [`Flows::stamps`]).
+    stamps: Vec<PolicyStamp>,
+    /// Records the flows let out of the current sample or window close, by stream.
+    outgoing: Vec<(Stream, Record)>,
     checker: Checker,
     /// Alarm-stream readings go out on change and as periodic standing state.
     alarms: AlarmGate,
-    /// Device pseudonyms, computed once per device.
-    subjects: HashMap<DeviceId, String>,
     cfg: BatchConfig,
     open: [OpenBatch; Stream::COUNT],
     next_seq: [u64; Stream::COUNT],
@@ -115,15 +116,13 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// `next_seq` is the first unused sequence number per stream (from the store). Batches of
-    /// `policy` are sealed under `stamp`.
-    #[allow(clippy::too_many_arguments)] // until flows bundle their policy and stamp
+    /// `next_seq` is the first unused sequence number per stream (from the store). Each flow's
+    /// batches are sealed under its policy stamp.
     pub fn new(
         samples_rx: mpsc::Receiver<RawSample>,
         sealed_tx: mpsc::Sender<SealedBatch>,
         sealer: Sealer,
-        stamp: PolicyStamp,
-        policy: Policy,
+        flows: Flows,
         cfg: BatchConfig,
         next_seq: impl Fn(Stream) -> u64,
         metrics: Arc<Metrics>,
@@ -132,11 +131,11 @@ impl Batcher {
             samples_rx,
             sealed_tx,
             sealer: Arc::new(sealer),
-            policy,
-            stamp,
+            stamps: flows.stamps(),
+            flows,
+            outgoing: Vec::new(),
             checker: Checker::new(),
             alarms: AlarmGate::new(cfg.alarm_state_every),
-            subjects: HashMap::new(),
             cfg,
             open: Default::default(),
             next_seq: Stream::ALL.map(next_seq),
@@ -176,6 +175,10 @@ impl Batcher {
     pub async fn run(mut self) {
         loop {
             let deadline = self.open.iter().filter_map(OpenBatch::wake_at).min();
+            let close_at = self.flows.next_close_ms().map(|ms| {
+                let wait = u64::try_from(ms.saturating_sub(now_ms())).unwrap_or(0);
+                Instant::now() + std::time::Duration::from_millis(wait)
+            });
             let rounds = self.rounds.clone();
             tokio::select! {
                 sample = self.samples_rx.recv() => match sample {
@@ -190,9 +193,16 @@ impl Batcher {
                 _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
                     self.seal_expired().await;
                 }
+                _ = sleep_until(close_at.unwrap_or_else(far_future)), if close_at.is_some() => {
+                    self.flows.close_due(now_ms(), &mut self.outgoing);
+                    self.flush_outgoing().await;
+                }
             }
             self.seal_if_idle().await;
         }
+        // Aggregate windows still open leave as partial windows.
+        self.flows.flush_partial(&mut self.outgoing);
+        self.flush_outgoing().await;
         // Alarms raised before the sources stopped leave with the last batch.
         if let Some(mut rx) = self.gateway_rx.take() {
             while let Ok(r) = rx.try_recv() {
@@ -228,12 +238,6 @@ impl Batcher {
         self.metrics
             .readings_normalised
             .add(normalised.readings.len() as u64);
-        let policy = &self.policy;
-        let subject = self
-            .subjects
-            .entry(sample.device.clone())
-            .or_insert_with(|| policy.subject(&sample.device))
-            .clone();
         for mut reading in normalised.readings {
             let Some(field) = sample.profile.field(reading.field.as_str()) else {
                 continue;
@@ -244,35 +248,49 @@ impl Batcher {
             {
                 self.metrics.readings_flagged.inc();
             }
-            let stream = field.stream;
-            if stream == Stream::Alarms
-                && self.policy.fields().contains(&reading.field)
+            if field.stream == Stream::Alarms
+                && self.flows.alarm_leaves(&reading)
                 && !self.alarms.pass(&reading)
             {
                 self.metrics.alarm_repeats_held.inc();
                 continue;
             }
-            let Some(record) = minimise_as(&self.policy, &reading, &subject) else {
-                continue;
-            };
+            self.flows
+                .apply(&reading, field, sample.ratios, &mut self.outgoing);
+        }
+        self.flush_outgoing().await;
+    }
+
+    /// Puts the records the flows let out into the open batches of their streams.
+    async fn flush_outgoing(&mut self) {
+        self.flows.report(&self.metrics);
+        let mut outgoing = std::mem::take(&mut self.outgoing);
+        for (stream, record) in outgoing.drain(..) {
             self.metrics.records_minimised.inc();
-            let size = record_bytes_bound(&record);
-            let i = stream.index();
-            if !self.open[i].records.is_empty()
-                && sealed_bytes_bound(self.open[i].bytes_bound + size) > MAX_BATCH_BYTES
-            {
-                // Full by size before it is full by count: the quota and the link take it.
-                self.seal(stream).await;
-            }
-            let batch = &mut self.open[i];
-            if batch.records.is_empty() {
-                batch.deadline = Some(Instant::now() + self.cfg.max_age);
-            }
-            batch.bytes_bound += size;
-            batch.records.push(record);
-            if batch.records.len() >= self.cfg.max_records {
-                self.seal(stream).await;
-            }
+            self.push(stream, record).await;
+        }
+        // Keep the allocation for the next sample.
+        self.outgoing = outgoing;
+    }
+
+    /// Adds `record` to `stream`'s open batch, sealing first or after as the limits say.
+    async fn push(&mut self, stream: Stream, record: Record) {
+        let size = record_bytes_bound(&record);
+        let i = stream.index();
+        if !self.open[i].records.is_empty()
+            && sealed_bytes_bound(self.open[i].bytes_bound + size) > MAX_BATCH_BYTES
+        {
+            // Full by size before it is full by count: the quota and the link take it.
+            self.seal(stream).await;
+        }
+        let batch = &mut self.open[i];
+        if batch.records.is_empty() {
+            batch.deadline = Some(Instant::now() + self.cfg.max_age);
+        }
+        batch.bytes_bound += size;
+        batch.records.push(record);
+        if batch.records.len() >= self.cfg.max_records {
+            self.seal(stream).await;
         }
     }
 
@@ -337,11 +355,7 @@ impl Batcher {
             return;
         };
         let sealer = self.sealer.clone();
-        let stamp = if stream == Stream::Audit {
-            PolicyStamp::gateway()
-        } else {
-            self.stamp.clone()
-        };
+        let stamp = self.stamps[i].clone();
         let sealed = tokio::task::spawn_blocking(move || {
             sealer.seal(stream, seq, now_ms(), &stamp, &records)
         })
@@ -421,11 +435,12 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::profile::{decode, Profile, ProfileSet, Ratios, RawValue};
-    use crate::reading::{GatewayId, PurposeName, Value};
-    use crate::seal::HubSecretKey;
+    use crate::pipeline::Flow;
+    use crate::policy::CompiledPolicy;
+    use crate::profile::{decode, Field, Profile, ProfileSet, Ratios, RawValue};
+    use crate::reading::{DeviceId, GatewayId, Value};
+    use crate::seal::{HubSecretKey, PseudonymKey};
     use crate::source::RegisterImage;
-    use crate::transform::minimise::PseudonymKey;
 
     fn profile() -> Arc<Profile> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
@@ -457,8 +472,48 @@ mod tests {
         )
     }
 
-    fn stamp(policy: &Policy) -> PolicyStamp {
-        PolicyStamp::new(PurposeName::new("test").unwrap(), policy.hash())
+    /// A policy that passes `fields` as they are (pseudonymising identifiers).
+    fn passing(fields: &[&Field]) -> Arc<CompiledPolicy> {
+        let mut text = String::from(
+            "[purpose]\nname = \"test\"\ndescription = \"t\"\nlegal_basis = \"t\"\nowner = \"t\"\nretention = \"1d\"\n",
+        );
+        for f in fields {
+            let action = if f.class.is_identifying() {
+                "pseudonymise"
+            } else {
+                "pass"
+            };
+            text.push_str(&format!(
+                "[[rule]]\nfield = \"{}\"\naction = \"{action}\"\n",
+                f.name
+            ));
+        }
+        Arc::new(
+            CompiledPolicy::parse(
+                Path::new("test.toml"),
+                &text,
+                jiff::tz::TimeZone::UTC,
+                PseudonymKey::from_bytes([7; 32]),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// Flows passing every field of `p`: its readings on `readings`, its alarms on `alarms`.
+    fn flows_passing(p: &Profile) -> Flows {
+        let fields: Vec<&Field> = p.fields.iter().collect();
+        let policy = passing(&fields);
+        Flows::new(
+            vec![Flow::new(Stream::Readings, policy.clone(), &[])],
+            Some(Flow::new(Stream::Alarms, policy, &[])),
+        )
+    }
+
+    /// The stamp of [`flows_passing`]'s readings flow.
+    fn stamp() -> PolicyStamp {
+        Flow::new(Stream::Readings, passing(&[]), &[])
+            .stamp()
+            .clone()
     }
 
     /// A batcher whose purpose takes every field of [`profile`], sealing by `max_age` of one
@@ -470,8 +525,6 @@ mod tests {
         sealed_tx: mpsc::Sender<SealedBatch>,
         metrics: Arc<Metrics>,
     ) -> Batcher {
-        let fields = profile().fields.iter().map(|f| f.name.clone()).collect();
-        let policy = Policy::new("test", fields, PseudonymKey::from_bytes([7; 32]), &[]);
         let cfg = BatchConfig {
             max_age: Duration::from_secs(3600),
             min_interval,
@@ -482,8 +535,7 @@ mod tests {
             samples_rx,
             sealed_tx,
             sealer(),
-            stamp(&policy),
-            policy,
+            flows_passing(&profile()),
             cfg,
             move |_| first_seq,
             metrics,
@@ -551,12 +603,6 @@ mod tests {
     #[test]
     fn the_sealed_size_bound_holds_for_incompressible_records() {
         use rand::Rng;
-        let policy = Policy::new(
-            "t",
-            Default::default(),
-            PseudonymKey::from_bytes([7; 32]),
-            &[],
-        );
         let sealer = sealer();
         let mut rng = rand::thread_rng();
         let records: Vec<Record> = (0..300)
@@ -586,7 +632,7 @@ mod tests {
             .collect();
         let bound: usize = records.iter().map(record_bytes_bound).sum();
         let sealed = sealer
-            .seal(Stream::Readings, 1, 0, &stamp(&policy), &records)
+            .seal(Stream::Readings, 1, 0, &stamp(), &records)
             .unwrap();
         assert!(
             sealed.bytes.len() <= sealed_bytes_bound(bound),
@@ -610,12 +656,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn gateway_alarms_raised_at_run_time_leave_on_the_alarms_stream() {
         let p = profile();
-        let policy = Policy::new(
-            "t",
-            Default::default(),
-            PseudonymKey::from_bytes([7; 32]),
-            &[],
-        );
         let (samples_tx, samples_rx) = mpsc::channel(16);
         let (sealed_tx, mut sealed_rx) = mpsc::channel(16);
         let (alarms_tx, alarms_rx) = mpsc::channel(4);
@@ -629,8 +669,7 @@ mod tests {
             samples_rx,
             sealed_tx,
             sealer(),
-            stamp(&policy),
-            policy,
+            flows_passing(&profile()),
             cfg,
             |_| 1,
             Arc::new(Metrics::default()),
@@ -695,7 +734,7 @@ mod tests {
         };
         batcher.push_gateway_record(Stream::Audit, record("audit"));
         batcher.push_gateway_record(Stream::Alarms, record("alarm"));
-        let expected = batcher.stamp.clone();
+        let expected = batcher.stamps[Stream::Readings.index()].clone();
         drop(samples_tx);
         tokio::spawn(batcher.run()).await.unwrap();
         let mut opener = crate::seal::Opener::new(HubSecretKey::from_bytes(&[2; 32]));

@@ -9,10 +9,12 @@
 
 mod batcher;
 mod committer;
+mod flows;
 
 pub(crate) use batcher::store_recovery_alarm;
 pub use batcher::Batcher;
 pub(crate) use committer::{CommittedMarks, Committer};
+pub use flows::{Flow, Flows};
 
 /// Raw samples waiting for the transforms. Full: the poller drops the newest and counts it.
 pub const SAMPLES_CHANNEL_CAPACITY: usize = 1024;

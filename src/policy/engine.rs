@@ -41,6 +41,8 @@ pub struct DeviceCtx<'a> {
 pub struct EngineStats {
     /// Records pushed (immediate and windows).
     pub records: u64,
+    /// Of those, aggregate records (per device and per area).
+    pub aggregates: u64,
     /// Samples for a window that had closed (or older than a counter's last): not folded.
     pub late_samples: u64,
     /// Area aggregates not emitted because fewer than k devices contributed.
@@ -381,6 +383,7 @@ impl Engine {
         self.forget_end(acc.end_ms);
         let Some(group) = agg.group else {
             self.stats.records += 1;
+            self.stats.aggregates += 1;
             out.push(Record {
                 subject: subject.clone(),
                 field: field.as_str().to_string(),
@@ -508,6 +511,7 @@ impl Engine {
                 continue;
             }
             self.stats.records += 1;
+            self.stats.aggregates += 1;
             out.push(Record {
                 subject: format!("area:{}", key.area),
                 field: key.field.as_str().to_string(),

@@ -246,8 +246,11 @@ impl CompiledPolicy {
     }
 
     /// The text the policy hash covers: purpose, every rule in file order (selector,
-    /// action with form and resolution, override), time zone, key id, epoch. Comments,
-    /// layout and descriptions of rules do not change it.
+    /// action with form and resolution, override) and time zone. Comments, layout and
+    /// descriptions of rules do not change it, and neither does key material: the pseudonym
+    /// key and its epoch shape pseudonyms, not what leaves, and every record carries its
+    /// epoch — so `check` prints the hash the hub approves without reading a key, and a key
+    /// rotation needs no new approval.
     pub fn canonical(&self) -> String {
         use std::fmt::Write;
         let m = &self.meta;
@@ -270,13 +273,17 @@ impl CompiledPolicy {
             || format!("{:?}", self.tz.to_fixed_offset()),
             str::to_string,
         );
-        let _ = write!(
-            s,
-            "tz={tz}\nkey={}\nepoch={}\n",
-            hex::encode(self.key.key_id()),
-            self.key.epoch()
-        );
+        let _ = writeln!(s, "tz={tz}");
         s
+    }
+
+    /// The same policy under another pseudonym key (the supervisor swaps the stand-in key
+    /// the config was checked with for the gateway's own).
+    pub fn with_key(&self, key: PseudonymKey) -> Self {
+        Self {
+            key,
+            ..self.clone()
+        }
     }
 
     /// SHA-256 naming this policy: [`canonical`](Self::canonical) plus `versions` (profile
@@ -345,11 +352,13 @@ impl CompiledPolicy {
     }
 
     /// The device's keyed pseudonym (`p-` + 32 hex digits), as `transform::minimise`.
+    /// The device's pseudonym under this purpose: keyed, and separated per purpose, so the
+    /// records of two purposes cannot be joined on their subjects without the key.
     pub fn subject(&self, device: &DeviceId) -> String {
         pseudonym::mac(
             &self.key,
             pseudonym::DEVICE_CONTEXT,
-            &[device.as_str().as_bytes()],
+            &[self.meta.name.as_bytes(), device.as_str().as_bytes()],
         )
     }
 

@@ -77,10 +77,6 @@ impl Policy {
         }
     }
 
-    pub(crate) fn fields(&self) -> &BTreeSet<FieldName> {
-        &self.fields
-    }
-
     /// SHA-256 naming this policy (purpose, fields, versions, key id).
     pub fn hash(&self) -> [u8; 32] {
         self.hash

@@ -27,9 +27,13 @@ fn check_accepts_the_example_and_shows_dispositions() {
     for needle in [
         "feeder-7-household-101",
         "chint-ddsu666",
-        "as-is",
-        "dropped",
+        "billing: aggregate delta 1d",
+        "grid-operation: aggregate mean 15m over area (sum, k=5)",
+        "dropped (no purpose names it)",
         "polls FC",
+        "purpose   billing on stream readings:",
+        "purpose   grid-operation on stream readings-1:",
+        "approve   at the hub, [[gateway]] id = \"county-demo-gw-001\": policies = [{ purpose = \"billing\", hash = \"",
     ] {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
@@ -40,10 +44,17 @@ fn check_accepts_the_example_and_shows_dispositions() {
 fn edited_example(edit: impl Fn(&str) -> String) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let profiles = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
-    let text = std::fs::read_to_string(example()).unwrap().replace(
-        "profiles_dir = \"../firmware-profiles\"",
-        &format!("profiles_dir = {:?}", profiles.display().to_string()),
-    );
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies");
+    let text = std::fs::read_to_string(example())
+        .unwrap()
+        .replace(
+            "profiles_dir = \"../firmware-profiles\"",
+            &format!("profiles_dir = {:?}", profiles.display().to_string()),
+        )
+        .replace(
+            "\nflows = [",
+            &format!("\ndir = {:?}\nflows = [", policies.display().to_string()),
+        );
     let path = dir.path().join("gw.toml");
     std::fs::write(&path, edit(&text)).unwrap();
     (dir, path)

@@ -180,7 +180,9 @@ async fn mqtt_meters_in_every_shape_arrive_as_sealed_readings() {
     let dep = Deployment::new();
     let cfg = dep.config(PURPOSE, &devices, profiles.clone());
     let keys = KeyMaterial::load(&cfg.keys).unwrap();
-    let policy = supervisor::policy(&cfg, keys.pseudonym.clone());
+    let policy = cfg.policies.flows[0]
+        .policy
+        .with_key(keys.pseudonym.clone());
     let store: Arc<dyn Store> = Arc::new(MemStore::default());
     let running = supervisor::start(&cfg, keys, store.clone());
     let metrics = running.metrics.clone();

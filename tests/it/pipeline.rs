@@ -55,7 +55,9 @@ async fn committed_batches_decrypt_to_what_the_meters_served() {
         profiles.clone(),
     );
     let keys = KeyMaterial::load(&cfg.keys).unwrap();
-    let policy = supervisor::policy(&cfg, keys.pseudonym.clone());
+    let policy = cfg.policies.flows[0]
+        .policy
+        .with_key(keys.pseudonym.clone());
     let store: Arc<dyn Store> =
         Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
     let running = supervisor::start(&cfg, keys, store.clone());
@@ -82,7 +84,7 @@ async fn committed_batches_decrypt_to_what_the_meters_served() {
     );
     assert!(records > 0);
     // Issue 11 item 2: every batch names its purpose beside the policy hash.
-    let stamp = supervisor::policy_stamp(&cfg, &policy).unwrap();
+    let (_, stamp) = supervisor::policy_stamps(&cfg).remove(0);
     assert!(opened
         .iter()
         .all(|b| b.header.policy_hash == stamp.hash
@@ -273,7 +275,9 @@ async fn alarm_bits_travel_on_the_alarms_stream_and_ratios_apply() {
     let cfg = dep.config(&purpose, &devices, profiles.clone());
     assert_eq!(cfg.devices[2].ratios.ct, 40.0);
     let keys = KeyMaterial::load(&cfg.keys).unwrap();
-    let policy = supervisor::policy(&cfg, keys.pseudonym.clone());
+    let policy = cfg.policies.flows[0]
+        .policy
+        .with_key(keys.pseudonym.clone());
     let store: Arc<dyn Store> = Arc::new(citygate::store::MemStore::default());
     let running = supervisor::start(&cfg, keys, store.clone());
     let metrics = running.metrics.clone();

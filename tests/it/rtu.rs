@@ -564,7 +564,9 @@ async fn gateway_records_match_the_meters(
     let dep = Deployment::new();
     let cfg = dep.config(&["active_power", "voltage_l1"], devices, shipped_profiles());
     let keys = KeyMaterial::load(&cfg.keys).unwrap();
-    let policy = supervisor::policy(&cfg, keys.pseudonym.clone());
+    let policy = cfg.policies.flows[0]
+        .policy
+        .with_key(keys.pseudonym.clone());
     let store: Arc<dyn Store> =
         Arc::new(SledStore::open(&cfg.store.path, StoreOptions::default()).unwrap());
     let running = supervisor::start(&cfg, keys, store.clone());

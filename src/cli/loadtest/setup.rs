@@ -18,7 +18,6 @@ use crate::mqtt::CertAuthority;
 use crate::profile::Profile;
 use crate::reading::{DeviceId, Stream};
 use crate::seal::keys;
-use crate::transform::minimise::Policy;
 
 /// Gateway id (and its certificate's name) unless `--gateway-id` says otherwise.
 pub(crate) const DEFAULT_GATEWAY_ID: &str = "loadtest-gw";
@@ -292,7 +291,14 @@ impl Setup {
     /// Each meter's pseudonym as the gateway computes it, by (endpoint index, unit id).
     pub(super) fn subjects(&self) -> Result<Vec<Vec<String>>, CliError> {
         let key = keys::load_pseudonym_key(&self.dir.join("keys/pseudonym.key")).map_err(rt)?;
-        let policy = Policy::new("loadtest", BTreeSet::new(), key, &[]);
+        let cfg = crate::config::GatewayConfig::load(&self.gateway_config)?;
+        let policy = cfg
+            .policies
+            .flows
+            .first()
+            .ok_or_else(|| CliError::Runtime("the load-test config has no purpose flow".into()))?
+            .policy
+            .with_key(key);
         let mut k = 0u32;
         let mut out = Vec::new();
         for units in &self.endpoints {

@@ -420,9 +420,10 @@ fn resolution_order_and_default_deny() {
     );
 }
 
-/// issue 11 items 2/9: the hash names content, zone, key and epoch, not layout.
+/// issue 11 items 2/9: the hash names content and zone, not layout and not key material
+/// (records carry the epoch; a rotation needs no new approval).
 #[test]
-fn hash_covers_content_zone_key_and_epoch_but_not_comments() {
+fn hash_covers_content_and_zone_but_not_comments_or_keys() {
     let base = policy_with(EXAMPLE, 1, 0).unwrap();
     let h = base.hash(&["p@1".into(), "q@2".into()]);
     assert_eq!(h, base.hash(&["q@2".into(), "p@1".into()]));
@@ -434,8 +435,8 @@ fn hash_covers_content_zone_key_and_epoch_but_not_comments() {
         h
     );
     let versions = ["p@1".to_string(), "q@2".to_string()];
-    assert_ne!(policy_with(EXAMPLE, 2, 0).unwrap().hash(&versions), h);
-    assert_ne!(policy_with(EXAMPLE, 1, 1).unwrap().hash(&versions), h);
+    assert_eq!(policy_with(EXAMPLE, 2, 0).unwrap().hash(&versions), h);
+    assert_eq!(policy_with(EXAMPLE, 1, 1).unwrap().hash(&versions), h);
     assert_ne!(base.hash(&["p@1".into()]), h);
     let finer = EXAMPLE.replace("window = \"1h\"", "window = \"30m\"");
     assert_ne!(policy_with(&finer, 1, 0).unwrap().hash(&versions), h);
@@ -453,19 +454,30 @@ fn hash_covers_content_zone_key_and_epoch_but_not_comments() {
     );
 }
 
+/// Issue 11: subjects are keyed and separated per purpose and per key (epoch).
 #[test]
-fn subjects_match_the_minimiser() {
-    use crate::transform::minimise::Policy;
+fn subjects_are_keyed_per_purpose() {
     let p = policy_with(EXAMPLE, 4, 0).unwrap();
-    let old = Policy::new(
-        "x",
-        Default::default(),
-        PseudonymKey::from_bytes([4; 32]),
-        &[],
-    );
     let d = crate::reading::DeviceId::new("flat-12").unwrap();
-    assert_eq!(p.subject(&d), old.subject(&d));
+    assert_eq!(
+        p.subject(&d),
+        policy_with(EXAMPLE, 4, 0).unwrap().subject(&d)
+    );
     assert!(p.subject(&d).starts_with("p-") && p.subject(&d).len() == 34);
+    assert!(!p.subject(&d).contains("flat-12"));
+    let other = EXAMPLE.replacen("name = \"", "name = \"other-", 1);
+    assert_ne!(
+        policy_with(&other, 4, 0).unwrap().subject(&d),
+        p.subject(&d)
+    );
+    assert_ne!(
+        policy_with(EXAMPLE, 5, 0).unwrap().subject(&d),
+        p.subject(&d)
+    );
+    assert_eq!(
+        p.with_key(PseudonymKey::from_bytes([5; 32])).subject(&d),
+        policy_with(EXAMPLE, 5, 0).unwrap().subject(&d)
+    );
 }
 
 #[test]

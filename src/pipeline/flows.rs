@@ -1,0 +1,216 @@
+//! The purpose flows a reading runs through: one [`Engine`] per flow, each with its own
+//! stream, policy stamp and device pseudonyms.
+//!
+//! A readings-stream field goes through every purpose flow (`[policies] flows`), each of which
+//! may let it leave in its own form (or not at all); an alarms-stream field goes through the
+//! alarms policy only (`[policies] alarms`; without one, alarm fields stay on the box).
+//! Aggregate windows close on the wall clock ([`Flows::close_due`]), and whatever is open
+//! at shutdown leaves marked partial ([`Flows::flush_partial`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{FlowConfig, GatewayConfig};
+use crate::policy::{CompiledPolicy, DeviceCtx, Engine, EngineStats};
+use crate::profile::{Field, Ratios};
+use crate::reading::{AreaId, DeviceId, PurposeName, Reading, Record, Stream};
+use crate::seal::{PolicyStamp, PseudonymKey};
+use crate::telemetry::Metrics;
+
+/// One purpose flow.
+#[derive(Debug)]
+pub struct Flow {
+    stream: Stream,
+    engine: Engine,
+    stamp: PolicyStamp,
+    /// Device pseudonyms under this flow's purpose, computed once per device.
+    subjects: HashMap<DeviceId, String>,
+}
+
+impl Flow {
+    /// A flow on `stream` under `policy`; `versions` (profile name@version) go into its hash.
+    pub fn new(stream: Stream, policy: Arc<CompiledPolicy>, versions: &[String]) -> Flow {
+        let purpose = PurposeName::new(policy.name())
+            .expect("invariant: a compiled policy has a valid purpose name");
+        let stamp = PolicyStamp::new(purpose, policy.hash(versions));
+        Flow {
+            stream,
+            engine: Engine::new(policy),
+            stamp,
+            subjects: HashMap::new(),
+        }
+    }
+
+    /// Overrides the grace after a window's end before it closes (tests).
+    pub fn with_lateness(mut self, lateness_ms: i64) -> Flow {
+        self.engine = self.engine.with_lateness(lateness_ms);
+        self
+    }
+
+    pub fn stamp(&self) -> &PolicyStamp {
+        &self.stamp
+    }
+
+    fn accept(
+        &mut self,
+        reading: &Reading,
+        field: &Field,
+        area: Option<&AreaId>,
+        ratios: Ratios,
+        scratch: &mut Vec<Record>,
+        out: &mut Vec<(Stream, Record)>,
+    ) {
+        let policy = self.engine.policy();
+        let subject = self
+            .subjects
+            .entry(reading.device.clone())
+            .or_insert_with(|| policy.subject(&reading.device));
+        let cx = DeviceCtx {
+            device: &reading.device,
+            subject,
+            area,
+            ratios,
+        };
+        self.engine.accept(reading, field, &cx, scratch);
+        out.extend(scratch.drain(..).map(|r| (self.stream, r)));
+    }
+}
+
+/// Every flow of a gateway, and the devices' areas.
+#[derive(Debug, Default)]
+pub struct Flows {
+    readings: Vec<Flow>,
+    alarms: Option<Flow>,
+    areas: HashMap<DeviceId, AreaId>,
+    scratch: Vec<Record>,
+    /// Engine counters already added to the metrics.
+    reported: EngineStats,
+}
+
+impl Flows {
+    pub fn new(readings: Vec<Flow>, alarms: Option<Flow>) -> Flows {
+        Flows {
+            readings,
+            alarms,
+            ..Flows::default()
+        }
+    }
+
+    /// The flows `cfg` declares, with the gateway's pseudonym key.
+    pub fn from_config(cfg: &GatewayConfig, key: &PseudonymKey) -> Flows {
+        let versions = cfg.profile_versions();
+        let flow = |f: &FlowConfig| {
+            Flow::new(
+                f.stream,
+                Arc::new(f.policy.with_key(key.clone())),
+                &versions,
+            )
+        };
+        let areas = cfg
+            .devices
+            .iter()
+            .filter_map(|d| Some((d.id.clone(), d.area.clone()?)))
+            .collect();
+        Flows {
+            readings: cfg.policies.flows.iter().map(flow).collect(),
+            alarms: cfg.policies.alarms.as_ref().map(flow),
+            areas,
+            ..Flows::default()
+        }
+    }
+
+    /// Sets the devices' areas.
+    pub fn with_areas(mut self, areas: HashMap<DeviceId, AreaId>) -> Flows {
+        self.areas = areas;
+        self
+    }
+
+    /// The stamp each stream's batches are sealed under (by [`Stream::index`]): its flow's;
+    /// the built-in gateway stamp on the audit stream and on streams no flow uses (the
+    /// alarms stream without an alarms policy carries only the gateway's own alarms).
+    pub(crate) fn stamps(&self) -> Vec<PolicyStamp> {
+        let mut stamps = vec![PolicyStamp::gateway(); Stream::COUNT];
+        for f in self.readings.iter().chain(&self.alarms) {
+            stamps[f.stream.index()] = f.stamp.clone();
+        }
+        stamps
+    }
+
+    /// Whether an alarms-stream `reading` would leave at all (the alarm gate holds back
+    /// repeats only of alarms that leave).
+    pub(crate) fn alarm_leaves(&self, reading: &Reading) -> bool {
+        self.alarms.as_ref().is_some_and(|f| {
+            f.engine
+                .policy()
+                .decide(&reading.field, &reading.class)
+                .iter()
+                .any(|d| d.rule.is_some() && d.action != crate::policy::Action::Drop)
+        })
+    }
+
+    /// Runs a checked reading through the flows of its stream; pushes what leaves to `out`.
+    pub(crate) fn apply(
+        &mut self,
+        reading: &Reading,
+        field: &Field,
+        ratios: Ratios,
+        out: &mut Vec<(Stream, Record)>,
+    ) {
+        let area = self.areas.get(&reading.device);
+        if field.stream == Stream::Alarms {
+            if let Some(f) = &mut self.alarms {
+                f.accept(reading, field, area, ratios, &mut self.scratch, out);
+            }
+            return;
+        }
+        for f in &mut self.readings {
+            f.accept(reading, field, area, ratios, &mut self.scratch, out);
+        }
+    }
+
+    /// When the next aggregate window is due to close (wall clock, ms), if any is open.
+    pub(crate) fn next_close_ms(&self) -> Option<i64> {
+        self.all().filter_map(|f| f.engine.next_close_ms()).min()
+    }
+
+    /// Closes every window due at `now_ms`; pushes the aggregates to `out`.
+    pub(crate) fn close_due(&mut self, now_ms: i64, out: &mut Vec<(Stream, Record)>) {
+        for f in self.readings.iter_mut().chain(&mut self.alarms) {
+            f.engine.close_due(now_ms, &mut self.scratch);
+            out.extend(self.scratch.drain(..).map(|r| (f.stream, r)));
+        }
+    }
+
+    /// Shutdown: every open window leaves, marked partial.
+    pub(crate) fn flush_partial(&mut self, out: &mut Vec<(Stream, Record)>) {
+        for f in self.readings.iter_mut().chain(&mut self.alarms) {
+            f.engine.flush_partial(&mut self.scratch);
+            out.extend(self.scratch.drain(..).map(|r| (f.stream, r)));
+        }
+    }
+
+    /// Adds what the engines counted since the last call to the metrics.
+    pub(crate) fn report(&mut self, metrics: &Metrics) {
+        let mut now = EngineStats::default();
+        for f in self.all() {
+            let s = f.engine.stats();
+            now.suppressed += s.suppressed;
+            now.late_samples += s.late_samples;
+            now.aggregates += s.aggregates;
+        }
+        metrics
+            .aggregates_suppressed
+            .add(now.suppressed.saturating_sub(self.reported.suppressed));
+        metrics
+            .samples_late
+            .add(now.late_samples.saturating_sub(self.reported.late_samples));
+        metrics
+            .aggregates_emitted
+            .add(now.aggregates.saturating_sub(self.reported.aggregates));
+        self.reported = now;
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Flow> {
+        self.readings.iter().chain(&self.alarms)
+    }
+}
