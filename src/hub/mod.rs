@@ -39,6 +39,7 @@ pub(crate) mod approval;
 pub(crate) mod config;
 pub(crate) mod dedup;
 pub(crate) mod process;
+pub mod prune;
 pub(crate) mod sink;
 
 #[cfg(test)]
