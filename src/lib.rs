@@ -17,6 +17,7 @@ pub mod diag;
 pub mod hub;
 pub mod mqtt;
 pub mod pipeline;
+pub mod policy;
 pub mod profile;
 pub mod reading;
 pub mod seal;

@@ -115,6 +115,14 @@ enum KeysCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Rotate the gateway's pseudonym key: a fresh key of the next epoch replaces the old one
+    /// (which is destroyed). Records carry the epoch, so the hub can tell key periods apart.
+    /// Restart the gateway afterwards.
+    RotatePseudonym {
+        /// The gateway config naming the key (`[keys] pseudonym_key`).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Generate a small TLS PKI for a one-box or pilot deployment: a CA, a broker
     /// certificate, client certificates per role, and mosquitto's access rules for them
     /// (mosquitto-acl.conf, mosquitto.conf).
@@ -184,6 +192,9 @@ fn main() -> ExitCode {
         Command::Keys {
             command: KeysCommand::Gen { dir, force },
         } => cli::keys_gen(&dir, force),
+        Command::Keys {
+            command: KeysCommand::RotatePseudonym { config },
+        } => cli::keys_rotate_pseudonym(&config),
         Command::Keys {
             command:
                 KeysCommand::Tls {

@@ -104,6 +104,15 @@ ident_newtype!(
     64
 );
 
+ident_newtype!(
+    /// A group of devices a policy may aggregate over (a feeder, district or building), as
+    /// the operator names it. Leaves the box in clear as the subject `area:<name>` of area
+    /// aggregates, which are suppressed when they cover too few devices.
+    AreaId,
+    "area",
+    64
+);
+
 /// A Modbus unit (slave) id, 1..=247 on a bus; 0 is broadcast and 248..=255 reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct UnitId(pub u8);
@@ -389,9 +398,18 @@ pub enum QualityReason {
     NotFinite,
     /// The meter sent no usable timestamp: the time is the gateway's receive time.
     ReceiveTime,
-    /// The meter's timestamp is ahead of the gateway's clock by more than allowed; it is
-    /// kept as sent.
+    /// The meter's timestamp is ahead of the gateway's clock by more than allowed, or
+    /// behind it by more than allowed; it is kept as sent.
     ClockSkew,
+    /// The change from the previous good reading is faster than the profile's
+    /// `max_rate` (for a counter: the increment).
+    Spike,
+    /// The same value `frozen_after` times in a row on a field that always moves: a
+    /// stuck sensor or a meter repeating its last value.
+    Frozen,
+    /// A counter fell to near zero: the meter was replaced or reset (not a misread
+    /// backwards step, not a rollover).
+    CounterReset,
 }
 
 impl QualityReason {
@@ -404,6 +422,9 @@ impl QualityReason {
             QualityReason::NotFinite => "not_finite",
             QualityReason::ReceiveTime => "receive_time",
             QualityReason::ClockSkew => "clock_skew",
+            QualityReason::Spike => "spike",
+            QualityReason::Frozen => "frozen",
+            QualityReason::CounterReset => "counter_reset",
         }
     }
 }

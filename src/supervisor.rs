@@ -57,9 +57,7 @@ impl KeyMaterial {
         Ok(Self {
             signing: keys::load_signing_key(&paths.signing_key)?,
             hub: keys::load_hub_public_key(&paths.hub_public_key)?,
-            pseudonym: PseudonymKey::from_bytes(
-                *keys::load_pseudonym_key(&paths.pseudonym_key)?.as_bytes(),
-            ),
+            pseudonym: keys::load_pseudonym_key(&paths.pseudonym_key)?,
             hub_ack: keys::load_hub_ack_verifying_key(&paths.hub_ack_key)?,
         })
     }

@@ -493,6 +493,32 @@ pub fn keys_gen(dir: &Path, force: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `citygate keys rotate-pseudonym --config FILE`: the key named by the config moves to its next
+/// epoch. Prints key ids and epochs, never keys.
+pub fn keys_rotate_pseudonym(config: &Path) -> Result<(), CliError> {
+    let cfg = GatewayConfig::load(config)?;
+    let r = keys::rotate_pseudonym_key(&cfg.keys.pseudonym_key)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    tracing::info!(
+        key = %cfg.keys.pseudonym_key.display(),
+        old_epoch = r.old_epoch,
+        old_key_id = %hex::encode(r.old_key_id),
+        new_epoch = r.new_epoch,
+        new_key_id = %hex::encode(r.new_key_id),
+        "pseudonym key rotated"
+    );
+    println!(
+        "pseudonym key {}: epoch {} (key id {}) → epoch {} (key id {}); the old key is destroyed. \
+         Restart the gateway to use it.",
+        cfg.keys.pseudonym_key.display(),
+        r.old_epoch,
+        hex::encode(r.old_key_id),
+        r.new_epoch,
+        hex::encode(r.new_key_id)
+    );
+    Ok(())
+}
+
 /// What `citygate keys tls` issues.
 #[derive(Debug, Clone, Default)]
 pub struct TlsIssue {

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::diag::{Diagnostic, SourceFile};
 use crate::profile::{Profile, ProfileSet, Ratio, Ratios};
-use crate::reading::{DeviceId, UnitId};
+use crate::reading::{AreaId, DeviceId, UnitId};
 
 const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -43,6 +43,8 @@ pub(super) struct RawDevice {
     poll_interval: Option<Spanned<HumanDuration>>,
     timeout: Option<HumanDuration>,
     location: Option<String>,
+    /// The area (feeder, district, building) the device belongs to, for area aggregates.
+    area: Option<Spanned<String>>,
     /// Current-transformer ratio of a secondary-side meter (primary A / secondary A).
     ct_ratio: Option<Spanned<f64>>,
     /// Voltage-transformer ratio of a secondary-side meter (primary V / secondary V).
@@ -254,6 +256,13 @@ pub(super) fn devices(
         if let Some(Err(m)) = profile.as_ref().map(|p| super::mqtt::profile_fits(mqtt, p)) {
             errors.push(src.at(d.profile.span(), format!("{key}.profile"), m));
         }
+        let area = d.area.and_then(|a| match AreaId::new(a.get_ref().clone()) {
+            Ok(area) => Some(area),
+            Err(e) => {
+                errors.push(src.at(a.span(), format!("{key}.area"), e.to_string()));
+                None
+            }
+        });
         if let (Some(id), Some(profile)) = (id, profile) {
             let kind = match transport {
                 Via::Modbus(transport) => DeviceKind::Modbus(ModbusDevice {
@@ -269,6 +278,7 @@ pub(super) fn devices(
                 profile,
                 kind,
                 location: d.location,
+                area,
                 ratios,
             });
         }

@@ -158,6 +158,8 @@ pub struct DeviceConfig {
     pub profile: Arc<Profile>,
     pub kind: DeviceKind,
     pub location: Option<String>,
+    /// The area policies aggregate it in (`area = "feeder-7"`); `None`: in no area.
+    pub area: Option<crate::reading::AreaId>,
     /// Transformer ratios of a secondary-side meter (`ct_ratio`, `pt_ratio`; 1 and 1
     /// when not set).
     pub ratios: Ratios,

@@ -102,23 +102,41 @@ impl fmt::Debug for HubSecretKey {
     }
 }
 
-/// The key of the keyed pseudonyms records carry instead of device ids. Zeroized on drop.
+/// The key of the keyed pseudonyms records carry instead of device ids, with its epoch.
+/// Zeroized on drop.
+///
+/// The epoch counts key rotations (`citygate keys rotate-pseudonym`): every record carries
+/// the epoch its pseudonyms were made in, so the hub can tell key periods apart (the same
+/// meter has a different pseudonym in each epoch, and nothing on the box can link them once
+/// the old key is gone).
 #[derive(Clone)]
-pub struct PseudonymKey([u8; 32]);
+pub struct PseudonymKey([u8; 32], u32);
 
 impl PseudonymKey {
+    /// A key of epoch 0.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        PseudonymKey(bytes)
+        PseudonymKey(bytes, 0)
+    }
+
+    /// The same key, stamped with `epoch`.
+    pub fn with_epoch(mut self, epoch: u32) -> Self {
+        self.1 = epoch;
+        self
     }
 
     pub(crate) fn generate(rng: &mut (impl CryptoRng + RngCore)) -> Self {
         let mut bytes = [0u8; 32];
         rng.fill_bytes(&mut bytes);
-        PseudonymKey(bytes)
+        PseudonymKey(bytes, 0)
     }
 
     pub(crate) fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    /// How many times the key was rotated before this one.
+    pub fn epoch(&self) -> u32 {
+        self.1
     }
 
     /// A fingerprint of the key, for logs.
@@ -137,6 +155,7 @@ impl fmt::Debug for PseudonymKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PseudonymKey")
             .field("key_id", &hex::encode(self.key_id()))
+            .field("epoch", &self.1)
             .finish()
     }
 }

@@ -18,6 +18,9 @@
 //! | `hub.ack.key`      | `hub-ack-signing-key v1`        | Ed25519 secret seed: signs acks | 0600 |
 //! | `hub.ack.pub`      | `hub-ack-verifying-key v1`      | Ed25519 public key              | 0644 |
 //!
+//! A pseudonym key file may carry an `epoch N` line between the two (N = 0 when absent): the
+//! number of rotations before this key ([`rotate_pseudonym_key`]).
+//!
 //! Loading checks the kind tag, so a hub key configured where the signing key belongs fails
 //! with an error naming the file, the kind expected and the kind found. On unix, secret files
 //! must not be accessible to group or others (`mode & 0o077 == 0`), checked on the opened file.
@@ -199,14 +202,74 @@ pub fn load_hub_ack_verifying_key(path: &Path) -> Result<VerifyingKey, KeyError>
     })
 }
 
-/// Loads the gateway's pseudonym key.
+/// Loads the gateway's pseudonym key with its epoch.
 pub(crate) fn load_pseudonym_key(path: &Path) -> Result<PseudonymKey, KeyError> {
-    let bytes = read_key_file(path, KeyKind::Pseudonym)?;
-    Ok(PseudonymKey::from_bytes(*bytes))
+    let (bytes, epoch) = read_key_file_with_epoch(path, KeyKind::Pseudonym)?;
+    Ok(PseudonymKey::from_bytes(*bytes).with_epoch(epoch))
+}
+
+/// What [`rotate_pseudonym_key`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    pub old_epoch: u32,
+    pub old_key_id: [u8; 8],
+    pub new_epoch: u32,
+    pub new_key_id: [u8; 8],
+}
+
+/// Replaces the pseudonym key at `path` with a fresh random key of the next epoch, atomically
+/// (temporary file, fsync, rename, directory fsync). The old key is gone afterwards: pseudonyms
+/// of the new epoch cannot be linked to the old ones on the box. A running gateway uses the
+/// new key from its next start.
+pub fn rotate_pseudonym_key(path: &Path) -> Result<Rotation, KeyError> {
+    let old = load_pseudonym_key(path)?;
+    let new_epoch = old
+        .epoch()
+        .checked_add(1)
+        .ok_or_else(|| KeyError::Malformed {
+            path: path.to_owned(),
+            reason: "the epoch cannot grow further".to_owned(),
+        })?;
+    let new = PseudonymKey::generate(&mut OsRng).with_epoch(new_epoch);
+    write_key_file_with(
+        path,
+        KeyKind::Pseudonym,
+        new.as_bytes(),
+        Some(new_epoch),
+        true,
+    )?;
+    if let Some(dir) = path.parent() {
+        sync_dir(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })?;
+    }
+    Ok(Rotation {
+        old_epoch: old.epoch(),
+        old_key_id: old.key_id(),
+        new_epoch,
+        new_key_id: new.key_id(),
+    })
 }
 
 /// Reads, permission-checks and parses a key file of the expected kind.
 fn read_key_file(path: &Path, expected: KeyKind) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+    let (bytes, epoch) = read_key_file_with_epoch(path, expected)?;
+    if epoch != 0 {
+        return Err(KeyError::Malformed {
+            path: path.to_owned(),
+            reason: "only a pseudonym key has an epoch line".to_owned(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// [`read_key_file`] that also accepts an `epoch N` line before the key (pseudonym keys).
+fn read_key_file_with_epoch(
+    path: &Path,
+    expected: KeyKind,
+) -> Result<(Zeroizing<[u8; 32]>, u32), KeyError> {
     let file = File::open(path).map_err(io_error(path))?;
     if expected.is_secret() {
         check_private(path, &file)?;
@@ -237,16 +300,30 @@ fn read_key_file(path: &Path, expected: KeyKind) -> Result<Zeroizing<[u8; 32]>, 
             found,
         });
     }
-    let hex_line = lines
+    let mut hex_line = lines
         .next()
         .ok_or_else(|| malformed("no key after the first line".to_owned()))?;
+    let mut epoch = 0;
+    if let Some(n) = hex_line.strip_prefix("epoch ") {
+        if expected != KeyKind::Pseudonym {
+            return Err(malformed(
+                "only a pseudonym key has an epoch line".to_owned(),
+            ));
+        }
+        epoch = n
+            .parse()
+            .map_err(|_| malformed(format!("`epoch {n}`: the epoch must be 0..=4294967295")))?;
+        hex_line = lines
+            .next()
+            .ok_or_else(|| malformed("no key after the epoch line".to_owned()))?;
+    }
     if lines.next().is_some() {
         return Err(malformed("more than one key line".to_owned()));
     }
     let mut bytes = Zeroizing::new([0u8; 32]);
     hex::decode_to_slice(hex_line, &mut bytes[..])
-        .map_err(|_| malformed("the second line must be 64 hex digits (32 bytes)".to_owned()))?;
-    Ok(bytes)
+        .map_err(|_| malformed("the key line must be 64 hex digits (32 bytes)".to_owned()))?;
+    Ok((bytes, epoch))
 }
 
 #[cfg(unix)]
@@ -410,9 +487,22 @@ fn write_key_file(
     key: &[u8; 32],
     overwrite: bool,
 ) -> Result<(), KeyError> {
-    let mut text = Zeroizing::new(String::with_capacity(kind.tag_line().len() + 66));
+    write_key_file_with(path, kind, key, None, overwrite)
+}
+
+fn write_key_file_with(
+    path: &Path,
+    kind: KeyKind,
+    key: &[u8; 32],
+    epoch: Option<u32>,
+    overwrite: bool,
+) -> Result<(), KeyError> {
+    let mut text = Zeroizing::new(String::with_capacity(kind.tag_line().len() + 84));
     text.push_str(kind.tag_line());
     text.push('\n');
+    if let Some(epoch) = epoch {
+        text.push_str(&format!("epoch {epoch}\n"));
+    }
     text.push_str(&Zeroizing::new(hex::encode(key)));
     text.push('\n');
     let mode = if kind.is_secret() {
@@ -477,6 +567,44 @@ fn sync_dir(_dir: &Path) -> Result<(), KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 11 item 9: a rotation moves to the next epoch with a fresh key, replaces the file
+    /// atomically with its mode kept private, and the epoch survives loading.
+    #[test]
+    fn rotating_the_pseudonym_key_moves_to_a_fresh_key_of_the_next_epoch() {
+        let (_tmp, dir) = keydir();
+        let g = generate(&dir, false).unwrap();
+        let first = load_pseudonym_key(&g.pseudonym_key).unwrap();
+        assert_eq!(first.epoch(), 0);
+        let r = rotate_pseudonym_key(&g.pseudonym_key).unwrap();
+        assert_eq!((r.old_epoch, r.new_epoch), (0, 1));
+        assert_eq!(r.old_key_id, first.key_id());
+        let second = load_pseudonym_key(&g.pseudonym_key).unwrap();
+        assert_eq!((second.epoch(), second.key_id()), (1, r.new_key_id));
+        assert_ne!(second.as_bytes(), first.as_bytes());
+        let r = rotate_pseudonym_key(&g.pseudonym_key).unwrap();
+        assert_eq!((r.old_epoch, r.new_epoch), (1, 2));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&g.pseudonym_key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(!format!("{second:?}").contains(&hex::encode(second.as_bytes())));
+        // Only pseudonym keys may carry an epoch.
+        let text = fs::read_to_string(&g.pseudonym_key).unwrap();
+        assert!(text.contains("\nepoch 2\n"), "{text}");
+        let signing = fs::read_to_string(&g.signing_key).unwrap();
+        let (tag, key) = signing.split_once('\n').unwrap();
+        fs::remove_file(&g.signing_key).unwrap();
+        write_new_file(
+            &g.signing_key,
+            format!("{tag}\nepoch 1\n{key}").as_bytes(),
+            0o600,
+        )
+        .unwrap();
+        assert!(load_signing_key(&g.signing_key).is_err());
+    }
 
     fn keydir() -> (tempfile::TempDir, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();

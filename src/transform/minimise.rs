@@ -10,30 +10,12 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 pub use crate::seal::PseudonymKey;
 
+use crate::policy::pseudonym::{mac, DEVICE_CONTEXT, VALUE_CONTEXT};
 use crate::reading::{Classification, DeviceId, FieldName, Reading, Record, Value};
-
-/// Domain separation for device pseudonyms and value pseudonyms.
-const DEVICE_CONTEXT: &[u8] = b"citygate/v1/device\0";
-const VALUE_CONTEXT: &[u8] = b"citygate/v1/value\0";
-
-/// Keyed pseudonym `p-` + hex of the first 16 bytes of HMAC-SHA256 over a context and
-/// length-prefixed parts.
-fn mac(key: &PseudonymKey, context: &[u8], parts: &[&[u8]]) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes())
-        .expect("invariant: HMAC accepts any key length");
-    mac.update(context);
-    for p in parts {
-        mac.update(&(p.len() as u64).to_be_bytes());
-        mac.update(p);
-    }
-    let tag = mac.finalize().into_bytes();
-    format!("p-{}", hex::encode(&tag[..16]))
-}
 
 /// What happens to a field at the edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

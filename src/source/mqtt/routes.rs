@@ -147,6 +147,7 @@ pub(crate) mod tests {
                 expect_every: None,
             }),
             location: None,
+            area: None,
             ratios: crate::profile::Ratios::UNITY,
         }
     }

@@ -151,6 +151,7 @@ fn device(unit: u8, interval: Duration, timeout: Duration) -> PolledDevice {
             timeout,
         }),
         location: None,
+        area: None,
         ratios: crate::profile::Ratios::UNITY,
     })
     .unwrap()

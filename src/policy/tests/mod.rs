@@ -1,0 +1,615 @@
+//! The engine: immediate forms, windows, counters, area aggregates (issue 11 items 1, 4),
+//! each against a straightforward reference.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use jiff::tz::TimeZone;
+use proptest::prelude::*;
+
+use super::*;
+use parse::EXAMPLE;
+
+mod parse;
+use crate::profile::{Field, Profile, Ratios};
+use crate::reading::{AggFn, AreaId, Quality, QualityReason, Reading, Record, Value};
+
+const PROFILE: &str = r#"
+[meter]
+vendor = "T"
+model = "E1"
+protocol = "modbus"
+[modbus]
+function = 3
+[[field]]
+name = "energy_import"
+register = 0
+type = "u32"
+unit = "Wh"
+counter = "monotonic"
+rollover = 100000.0
+ratio = "ct_pt"
+category = "measurement"
+grade = "L3"
+personal = true
+[[field]]
+name = "voltage_l1"
+register = 4
+type = "f32"
+unit = "V"
+category = "measurement"
+grade = "L2"
+[[field]]
+name = "serial_number"
+register = 7
+type = "u32"
+unit = "1"
+category = "identifier"
+grade = "L3"
+"#;
+
+const HEAD: &str = "[purpose]\nname = \"t\"\ndescription = \"d\"\nlegal_basis = \"b\"\nowner = \"o\"\nretention = \"30d\"\n";
+
+/// 2026-11-30T00:00:00Z.
+const T0: i64 = 1_796_083_200_000;
+
+fn profile() -> Profile {
+    Profile::parse(Path::new("firmware-profiles/t-e1.toml"), PROFILE).unwrap()
+}
+
+fn engine_in(rules: &str, tz: TimeZone) -> Engine {
+    let p = CompiledPolicy::parse(
+        Path::new("t.toml"),
+        &format!("{HEAD}{rules}"),
+        tz,
+        PseudonymKey::from_bytes([5; 32]).with_epoch(7),
+    )
+    .unwrap();
+    Engine::new(Arc::new(p))
+}
+
+fn engine(rules: &str) -> Engine {
+    engine_in(rules, TimeZone::get("Asia/Shanghai").unwrap())
+}
+
+fn reading(f: &Field, device: &DeviceId, value: Value, at_ms: i64) -> Reading {
+    Reading {
+        device: device.clone(),
+        field: f.name.clone(),
+        value,
+        unit: f.unit.canonical,
+        at_ms,
+        quality: Quality::Good,
+        class: f.class,
+    }
+}
+
+struct Dev {
+    id: DeviceId,
+    subject: String,
+    area: Option<AreaId>,
+}
+
+impl Dev {
+    fn new(name: &str, area: Option<&str>) -> Self {
+        Self {
+            id: DeviceId::new(name).unwrap(),
+            subject: format!("p-{name}"),
+            area: area.map(|a| AreaId::new(a).unwrap()),
+        }
+    }
+
+    fn ctx(&self) -> DeviceCtx<'_> {
+        DeviceCtx {
+            device: &self.id,
+            subject: &self.subject,
+            area: self.area.as_ref(),
+            ratios: Ratios::UNITY,
+        }
+    }
+}
+
+fn feed(e: &mut Engine, f: &Field, dev: &Dev, samples: &[(i64, Value)]) -> Vec<Record> {
+    let mut out = Vec::new();
+    for (at, v) in samples {
+        e.accept(
+            &reading(f, &dev.id, v.clone(), *at),
+            f,
+            &dev.ctx(),
+            &mut out,
+        );
+    }
+    out
+}
+
+/// issue 11 item 1: pass, pseudonymise and generalise leave at once, with the epoch;
+/// what no rule names does not leave.
+#[test]
+fn immediate_forms_and_default_deny() {
+    let p = profile();
+    let mut e = engine(
+        "[[rule]]\nfield = \"voltage_l1\"\naction = \"generalise\"\nstep = 5.0\ntime_step = \"15m\"\n\
+         [[rule]]\nfield = \"voltage_l1\"\naction = \"pass\"\n\
+         [[rule]]\ncategory = \"identifier\"\naction = \"pseudonymise\"\n",
+    );
+    let d = Dev::new("m1", None);
+    let at = T0 + 7 * 60_000 + 123;
+    let mut out = feed(
+        &mut e,
+        p.field("voltage_l1").unwrap(),
+        &d,
+        &[(at, Value::Float(231.92))],
+    );
+    out.extend(feed(
+        &mut e,
+        p.field("serial_number").unwrap(),
+        &d,
+        &[(at, Value::Int(12345678))],
+    ));
+    out.extend(feed(
+        &mut e,
+        p.field("energy_import").unwrap(),
+        &d,
+        &[(at, Value::Int(5))],
+    ));
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!(
+        (out[0].value.clone(), out[0].at_ms),
+        (Value::Float(230.0), T0)
+    );
+    assert_eq!(
+        (out[1].value.clone(), out[1].at_ms),
+        (Value::Float(231.92), at)
+    );
+    match &out[2].value {
+        Value::Text(t) => assert!(t.starts_with("p-") && !t.contains("12345678")),
+        other => panic!("{other:?}"),
+    }
+    assert!(out
+        .iter()
+        .all(|r| r.epoch == 7 && r.subject == "p-m1" && r.window.is_none()));
+    assert_eq!(e.next_close_ms(), None, "nothing aggregated");
+}
+
+/// issue 11 item 1: a window closes when the device's next reading is past it, or by
+/// time after the lateness; late samples are counted, not folded; shutdown flushes
+/// partial windows.
+#[test]
+fn windows_close_by_reading_and_by_time_and_late_samples_are_counted() {
+    let p = profile();
+    let f = p.field("voltage_l1").unwrap();
+    let mut e = engine("[[rule]]\nfield = \"voltage_l1\"\naction = \"aggregate\"\nfunction = \"max\"\nwindow = \"15m\"\n");
+    let d = Dev::new("m1", None);
+    let min = 60_000;
+    let mut out = feed(
+        &mut e,
+        f,
+        &d,
+        &[
+            (T0 + min, Value::Float(230.0)),
+            (T0 + 2 * min, Value::Float(232.0)),
+        ],
+    );
+    assert!(out.is_empty());
+    assert_eq!(e.next_close_ms(), Some(T0 + 15 * min + LATENESS_MS));
+    out = feed(&mut e, f, &d, &[(T0 + 16 * min, Value::Float(229.0))]);
+    assert_eq!(out.len(), 1);
+    let w = out[0].window.unwrap();
+    assert_eq!(
+        (out[0].value.clone(), out[0].at_ms),
+        (Value::Float(232.0), T0)
+    );
+    assert_eq!(
+        (w.function, w.start_ms, w.end_ms, w.samples, w.devices, w.partial),
+        (AggFn::Max, T0, T0 + 15 * min, 2, 1, false)
+    );
+    assert!(feed(&mut e, f, &d, &[(T0 + 3 * min, Value::Float(999.0))]).is_empty());
+    assert_eq!(e.stats().late_samples, 1);
+    let mut out = Vec::new();
+    e.close_due(T0 + 30 * min + LATENESS_MS - 1, &mut out);
+    assert!(out.is_empty(), "still in its grace period");
+    e.close_due(T0 + 30 * min + LATENESS_MS, &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(e.next_close_ms(), None);
+    feed(&mut e, f, &d, &[(T0 + 29 * min, Value::Float(1.0))]);
+    assert_eq!(e.stats().late_samples, 2, "its window has closed");
+    let mut out = feed(&mut e, f, &d, &[(T0 + 31 * min, Value::Float(231.0))]);
+    e.flush_partial(&mut out);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].window.as_ref().unwrap().partial);
+}
+
+/// issue 11 item 1: night-flow minimum over local hours; bad samples stay out; the
+/// worst quality of what is covered wins.
+#[test]
+fn hours_filter_quality_and_bad_samples() {
+    let p = profile();
+    let f = p.field("voltage_l1").unwrap();
+    let mut e = engine("[[rule]]\nfield = \"voltage_l1\"\naction = \"aggregate\"\nfunction = \"min\"\nwindow = \"1d\"\nhours = \"00:00-05:00\"\n");
+    let d = Dev::new("m1", None);
+    let h = 3_600_000;
+    // Shanghai midnight is 16:00 UTC the day before.
+    let day = T0 - 8 * h;
+    let mut out = Vec::new();
+    for (i, v) in [(1, 5.0), (3, 2.0), (6, 0.5), (12, 0.1)] {
+        e.accept(
+            &reading(f, &d.id, Value::Float(v), day + i * h),
+            f,
+            &d.ctx(),
+            &mut out,
+        );
+    }
+    let mut bad = reading(f, &d.id, Value::Float(-1.0), day + 2 * h);
+    bad.quality = Quality::Bad(QualityReason::OutOfRange);
+    e.accept(&bad, f, &d.ctx(), &mut out);
+    let mut unsure = reading(f, &d.id, Value::Float(4.0), day + 4 * h);
+    unsure.quality = Quality::Uncertain(QualityReason::ClockSkew);
+    e.accept(&unsure, f, &d.ctx(), &mut out);
+    e.close_due(day + 25 * h, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].value, Value::Float(2.0));
+    assert_eq!(out[0].window.as_ref().unwrap().samples, 3);
+    assert_eq!(out[0].quality, Quality::Uncertain(QualityReason::ClockSkew));
+    assert_eq!(e.stats().bad_excluded, 1);
+}
+
+/// issue 11 item 1: a reset adds the new value and marks the window uncertain; a
+/// rollover adds across the wrap; rollover scales with the device's ratios.
+#[test]
+fn counter_reset_and_rollover() {
+    let p = profile();
+    let f = p.field("energy_import").unwrap();
+    let mut e = engine("[[rule]]\nfield = \"energy_import\"\naction = \"aggregate\"\nfunction = \"delta\"\nwindow = \"1h\"\n");
+    let d = Dev::new("m1", None);
+    let m = 60_000;
+    let s = [
+        (T0, 99_000),
+        (T0 + m, 99_900),
+        (T0 + 2 * m, 100),
+        (T0 + 61 * m, 300),
+        (T0 + 62 * m, 20),
+    ];
+    let samples: Vec<(i64, Value)> = s.iter().map(|(t, v)| (*t, Value::Int(*v))).collect();
+    let mut out = feed(&mut e, f, &d, &samples);
+    e.flush_partial(&mut out);
+    assert_eq!(out.len(), 2);
+    assert_eq!(
+        out[0].value,
+        Value::Int(900 + 200),
+        "900, then the wrap 100000-99900+100"
+    );
+    assert_eq!(out[0].quality, Quality::Good);
+    assert_eq!(
+        out[1].value,
+        Value::Int(200 + 20),
+        "reset: the new value counts"
+    );
+    assert_eq!(
+        out[1].quality,
+        Quality::Uncertain(QualityReason::CounterBackwards)
+    );
+    // A CT ratio of 10 makes the canonical rollover 1 000 000 Wh.
+    let mut e = engine("[[rule]]\nfield = \"energy_import\"\naction = \"aggregate\"\nfunction = \"delta\"\nwindow = \"1h\"\n");
+    let ctx = DeviceCtx {
+        ratios: Ratios { ct: 10.0, pt: 1.0 },
+        ..d.ctx()
+    };
+    let mut out = Vec::new();
+    for (t, v) in [(T0, 990_000), (T0 + m, 1_000)] {
+        e.accept(&reading(f, &d.id, Value::Int(v), t), f, &ctx, &mut out);
+    }
+    e.flush_partial(&mut out);
+    assert_eq!(out[0].value, Value::Int(11_000));
+}
+
+/// issue 11 item 4: area aggregates need k devices; devices without an area are counted.
+#[test]
+fn area_aggregates_respect_k_and_count_devices_without_area() {
+    let p = profile();
+    let f = p.field("voltage_l1").unwrap();
+    let mut e = engine("[[rule]]\nfield = \"voltage_l1\"\naction = \"aggregate\"\nfunction = \"mean\"\nwindow = \"15m\"\nover = \"area\"\nacross = \"sum\"\nk = 3\n");
+    let mut out = Vec::new();
+    for (i, area) in ["f1", "f1", "f1", "f2", "f2"].iter().enumerate() {
+        let d = Dev::new(&format!("m{i}"), Some(area));
+        out.extend(feed(
+            &mut e,
+            f,
+            &d,
+            &[
+                (T0, Value::Float(1.0 + i as f64)),
+                (T0 + 1000, Value::Float(3.0 + i as f64)),
+            ],
+        ));
+    }
+    let lone = Dev::new("lone", None);
+    feed(&mut e, f, &lone, &[(T0, Value::Float(1.0))]);
+    assert!(out.is_empty());
+    e.close_due(T0 + 16 * 60_000, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    let r = &out[0];
+    assert_eq!(r.subject, "area:f1");
+    assert_eq!(
+        r.value,
+        Value::Float(2.0 + 3.0 + 4.0),
+        "sum of per-device means"
+    );
+    assert_eq!(r.tags, vec!["across=sum".to_string()]);
+    let w = r.window.as_ref().unwrap();
+    assert_eq!((w.devices, w.samples, w.function), (3, 6, AggFn::Mean));
+    assert_eq!((e.stats().suppressed, e.stats().no_area_samples), (1, 1));
+    assert_eq!(e.next_close_ms(), None);
+}
+
+#[test]
+fn the_documented_example_runs() {
+    let p = CompiledPolicy::parse(
+        Path::new("e.toml"),
+        EXAMPLE,
+        TimeZone::UTC,
+        PseudonymKey::from_bytes([1; 32]),
+    )
+    .unwrap();
+    let mut e = Engine::new(Arc::new(p));
+    let mut out = Vec::new();
+    e.flush_partial(&mut out);
+    assert!(out.is_empty());
+}
+
+// ---- references ----------------------------------------------------------------------
+
+/// Every window boundary of the civil days from `from_ms` to `to_ms` (and one day
+/// either side), as instants, sorted: civil midnight plus multiples of the length.
+fn boundaries(tz: &TimeZone, len_s: i64, from_ms: i64, to_ms: i64) -> Vec<i64> {
+    let date = |ms| {
+        tz.to_datetime(jiff::Timestamp::from_millisecond(ms).unwrap())
+            .date()
+    };
+    let (mut day, last) = (
+        date(from_ms).yesterday().unwrap(),
+        date(to_ms).tomorrow().unwrap(),
+    );
+    let mut b = Vec::new();
+    while day <= last {
+        let mut civil = day.to_datetime(jiff::civil::Time::midnight());
+        while civil.date() == day {
+            b.push(
+                tz.to_ambiguous_timestamp(civil)
+                    .compatible()
+                    .unwrap()
+                    .as_millisecond(),
+            );
+            civil = civil
+                .checked_add(jiff::SignedDuration::from_secs(len_s))
+                .unwrap();
+        }
+        day = day.tomorrow().unwrap();
+    }
+    b.sort_unstable();
+    b.dedup();
+    b
+}
+
+/// The window `[b_i, b_i+1)` of `boundaries` that contains `at_ms`.
+fn window_of(b: &[i64], at_ms: i64) -> (i64, i64) {
+    let i = b.partition_point(|x| *x <= at_ms);
+    (b[i - 1], b[i])
+}
+
+fn zones() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec![
+        "UTC",
+        "Asia/Shanghai",
+        "Europe/Berlin",
+        "Asia/Kolkata",
+        "America/New_York",
+    ])
+}
+
+fn lengths() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec!["1m", "5m", "15m", "30m", "1h", "2h", "1d"])
+}
+
+/// Sorted timestamps over about two days from a start that includes DST change days.
+fn times() -> impl Strategy<Value = Vec<i64>> {
+    let starts = prop::sample::select(vec![
+        T0,
+        1_774_746_000_000,
+        1_792_890_000_000,
+        1_773_536_400_000,
+    ]);
+    (starts, prop::collection::vec(1i64..40_000, 1..200)).prop_map(|(s, gaps)| {
+        let mut t = s;
+        gaps.into_iter()
+            .map(|g| {
+                t += g * 1_000 / 3;
+                t
+            })
+            .collect()
+    })
+}
+
+fn secs(len: &str) -> i64 {
+    i64::from(DayDivision::parse(len, 60).unwrap().secs())
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+proptest! {
+    /// issue 11 item 1: sum/mean/min/max/last per window equal a reference over random
+    /// samples and alignments (non-UTC and DST zones); no sample counted twice.
+    #[test]
+    fn aggregates_equal_a_reference(
+        zone in zones(), len in lengths(), times in times(),
+        f in prop::sample::select(vec!["sum", "mean", "min", "max", "last"]),
+        values in prop::collection::vec(-1000.0f64..1000.0, 200),
+        close_every in 1usize..50,
+    ) {
+        let tz = TimeZone::get(zone).unwrap();
+        let p = profile();
+        let field = p.field("voltage_l1").unwrap();
+        let mut e = engine_in(&format!("[[rule]]\nfield = \"voltage_l1\"\naction = \"aggregate\"\nfunction = \"{f}\"\nwindow = \"{len}\"\n"), tz.clone());
+        let d = Dev::new("m1", None);
+        let mut out = Vec::new();
+        let mut reference: BTreeMap<(i64, i64), Vec<f64>> = BTreeMap::new();
+        let b = boundaries(&tz, secs(len), times[0], *times.last().unwrap());
+        for (i, at) in times.iter().enumerate() {
+            e.accept(&reading(field, &d.id, Value::Float(values[i]), *at), field, &d.ctx(), &mut out);
+            reference.entry(window_of(&b, *at)).or_default().push(values[i]);
+            if i % close_every == 0 {
+                e.close_due(*at, &mut out);
+            }
+        }
+        e.flush_partial(&mut out);
+        prop_assert_eq!(out.len(), reference.len());
+        prop_assert_eq!(e.stats().late_samples, 0);
+        let covered: u32 = out.iter().map(|r| r.window.as_ref().unwrap().samples).sum();
+        prop_assert_eq!(covered as usize, times.len(), "every sample in exactly one window");
+        for (r, ((start, end), xs)) in out.iter().zip(&reference) {
+            let w = r.window.as_ref().unwrap();
+            prop_assert_eq!((w.start_ms, w.end_ms, w.samples as usize), (*start, *end, xs.len()));
+            let want = match f {
+                "sum" => xs.iter().sum::<f64>(),
+                "mean" => xs.iter().sum::<f64>() / xs.len() as f64,
+                "min" => xs.iter().cloned().fold(f64::INFINITY, f64::min),
+                "max" => xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+                _ => *xs.last().unwrap(),
+            };
+            let got = r.value.as_f64().unwrap();
+            prop_assert!(close(got, want), "{} {} != {}", f, got, want);
+        }
+    }
+
+    /// issue 11 item 1: deltas over counter series with resets and rollovers equal the
+    /// reference per window and add up to the total; resets mark the window uncertain.
+    #[test]
+    fn deltas_equal_a_reference_and_add_up(
+        zone in zones(), len in lengths(), times in times(),
+        steps in prop::collection::vec((0u32..3000, 0u8..40), 200),
+        start in 0i64..100_000,
+    ) {
+        const R: i64 = 100_000;
+        let tz = TimeZone::get(zone).unwrap();
+        let p = profile();
+        let field = p.field("energy_import").unwrap();
+        let mut e = engine_in(&format!("[[rule]]\nfield = \"energy_import\"\naction = \"aggregate\"\nfunction = \"delta\"\nwindow = \"{len}\"\n"), tz.clone());
+        let d = Dev::new("m1", None);
+        let mut out = Vec::new();
+        let mut reference: BTreeMap<(i64, i64), (i64, bool)> = BTreeMap::new();
+        let (mut v, mut prev): (i64, Option<i64>) = (start, None);
+        let mut total = 0;
+        let b = boundaries(&tz, secs(len), times[0], *times.last().unwrap());
+        for (i, at) in times.iter().enumerate() {
+            let (inc, dice) = steps[i];
+            v = if dice == 0 { i64::from(inc) % 50 } else { (v + i64::from(inc)) % R };
+            e.accept(&reading(field, &d.id, Value::Int(v), *at), field, &d.ctx(), &mut out);
+            let (add, reset) = match prev {
+                None => (0, false),
+                Some(p) if v >= p => (v - p, false),
+                Some(p) if p * 10 > 9 * R && v * 10 < R => (R - p + v, false),
+                Some(_) => (v, true),
+            };
+            prop_assert!(add >= 0);
+            total += add;
+            prev = Some(v);
+            let w = reference.entry(window_of(&b, *at)).or_default();
+            w.0 += add;
+            w.1 |= reset;
+        }
+        e.flush_partial(&mut out);
+        prop_assert_eq!(out.len(), reference.len());
+        let mut sum = 0;
+        for (r, ((start, _), (want, reset))) in out.iter().zip(&reference) {
+            prop_assert_eq!(r.at_ms, *start);
+            prop_assert_eq!(r.value.clone(), Value::Int(*want));
+            prop_assert_eq!(r.quality != Quality::Good, *reset);
+            sum += want;
+        }
+        prop_assert_eq!(sum, total);
+    }
+
+    /// issue 11 item 1: a generalised value is never finer than its step or bucket, and
+    /// a generalised time never finer than its time step.
+    #[test]
+    fn generalisation_is_never_finer_than_configured(
+        v in -1e6f64..1e6, at in T0..T0 + 86_400_000 * 3,
+        step in prop::sample::select(vec![0.1, 0.25, 0.5, 1.0, 5.0, 10.0, 100.0]),
+        tstep in prop::sample::select(vec!["1s", "1m", "15m", "1h", "1d"]),
+        edges in prop::collection::btree_set(-1000i32..1000, 1..6),
+    ) {
+        let p = profile();
+        let field = p.field("voltage_l1").unwrap();
+        let edges: Vec<f64> = edges.into_iter().map(f64::from).collect();
+        let rules = format!(
+            "[[rule]]\nfield = \"voltage_l1\"\naction = \"generalise\"\nstep = {step:?}\ntime_step = \"{tstep}\"\n\
+             [[rule]]\nfield = \"voltage_l1\"\naction = \"generalise\"\nbuckets = {edges:?}\n"
+        );
+        let mut e = engine(&rules);
+        let d = Dev::new("m1", None);
+        let out = feed(&mut e, field, &d, &[(at, Value::Float(v))]);
+        prop_assert_eq!(out.len(), 2);
+        let g = out[0].value.as_f64().unwrap();
+        let k = g / step;
+        prop_assert!((k - k.round()).abs() < 1e-6, "{} is not a multiple of {}", g, step);
+        prop_assert!((g - v).abs() <= step / 2.0 + 1e-6);
+        let tz = TimeZone::get("Asia/Shanghai").unwrap();
+        let t = out[0].at_ms;
+        let step_s = i64::from(DayDivision::parse(tstep, 1).unwrap().secs());
+        prop_assert!(t <= at && at - t < step_s * 1000);
+        let midnight = tz
+            .to_datetime(jiff::Timestamp::from_millisecond(t).unwrap())
+            .date()
+            .to_zoned(tz.clone())
+            .unwrap()
+            .timestamp()
+            .as_millisecond();
+        prop_assert_eq!((t - midnight) % (step_s * 1000), 0, "on a civil step boundary");
+        let label = match &out[1].value { Value::Text(s) => s.clone(), other => panic!("{other:?}") };
+        let i = edges.iter().filter(|e| **e <= v).count();
+        let lo = if i == 0 { "-inf".to_string() } else { edges[i - 1].to_string() };
+        let hi = edges.get(i).map_or("inf".to_string(), |e| e.to_string());
+        prop_assert_eq!(label, format!("[{lo},{hi})"));
+    }
+
+    /// issue 11 item 4: area aggregates below k never appear; those at or above k equal
+    /// the reference (per-device sum, then across); suppressions are counted.
+    #[test]
+    fn area_aggregates_below_k_never_appear(
+        areas in prop::collection::vec(1usize..8, 1..5), k in 2u32..7,
+        times in times(), seed in any::<u64>(),
+    ) {
+        let p = profile();
+        let field = p.field("voltage_l1").unwrap();
+        let tz = TimeZone::get("Asia/Shanghai").unwrap();
+        let mut e = engine_in(&format!("[[rule]]\nfield = \"voltage_l1\"\naction = \"aggregate\"\nfunction = \"sum\"\nwindow = \"1h\"\nover = \"area\"\nacross = \"max\"\nk = {k}\n"), tz.clone());
+        let devs: Vec<Dev> = areas.iter().enumerate()
+            .flat_map(|(a, n)| (0..*n).map(move |i| Dev::new(&format!("a{a}d{i}"), Some(&format!("area{a}")))))
+            .collect();
+        let mut out = Vec::new();
+        // (area, window) -> device -> per-device sum
+        let mut reference: BTreeMap<(String, i64), BTreeMap<String, f64>> = BTreeMap::new();
+        let mut rng = seed;
+        let b = boundaries(&tz, 3600, times[0], *times.last().unwrap());
+        for at in &times {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let d = &devs[(rng >> 33) as usize % devs.len()];
+            let v = f64::from((rng >> 40) as u16 % 500);
+            e.accept(&reading(field, &d.id, Value::Float(v), *at), field, &d.ctx(), &mut out);
+            let w = window_of(&b, *at).0;
+            *reference.entry((d.area.clone().unwrap().to_string(), w)).or_default().entry(d.subject.clone()).or_default() += v;
+        }
+        e.close_due(i64::MAX / 2, &mut out);
+        prop_assert!(out.iter().all(|r| r.window.as_ref().unwrap().devices >= k));
+        let expected: Vec<_> = reference.iter().filter(|(_, devs)| devs.len() >= k as usize).collect();
+        prop_assert_eq!(out.len(), expected.len());
+        prop_assert_eq!(e.stats().suppressed as usize, reference.len() - expected.len());
+        let mut got: Vec<_> = out.iter().map(|r| ((r.subject.clone(), r.at_ms), r.value.as_f64().unwrap())).collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        for (((area, w), devs), (key, value)) in expected.into_iter().zip(got) {
+            prop_assert_eq!(key, (format!("area:{area}"), *w));
+            let want = devs.values().cloned().fold(f64::NEG_INFINITY, f64::max);
+            prop_assert!(close(value, want));
+        }
+    }
+}
