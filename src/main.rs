@@ -62,6 +62,15 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Drop records older than their purpose's approved retention from the hub's sink (the
+    /// hub must be stopped).
+    HubPrune {
+        #[arg(long)]
+        config: PathBuf,
+        /// Prune as of this time (RFC 3339, e.g. 2026-01-01T00:00:00Z) instead of now.
+        #[arg(long)]
+        now: Option<String>,
+    },
     /// Serve simulated meters over Modbus TCP and/or Modbus RTU.
     Sim(Box<cli::SimArgs>),
     /// Measure simulated meters → gateway → broker → hub, each its own process: values/s,
@@ -197,6 +206,7 @@ fn main() -> ExitCode {
         }
         Command::Status { config, addr, json } => cli::status(config.as_deref(), addr, json),
         Command::Hub { config } => cli::hub(&config),
+        Command::HubPrune { config, now } => cli::hub_prune(&config, now.as_deref()),
         Command::Sim(args) => cli::sim(*args),
         Command::Broker(args) => cli::broker::broker(&args),
         Command::Loadtest(args) => cli::loadtest::loadtest(&args),

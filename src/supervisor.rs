@@ -83,6 +83,23 @@ pub fn policy_stamps(cfg: &GatewayConfig) -> Vec<(Stream, PolicyStamp)> {
         .collect()
 }
 
+/// The `policies = [...]` value of a hub's `[[gateway]]` entry approving `stamps`.
+pub fn approval_toml(stamps: &[(Stream, PolicyStamp)]) -> String {
+    let mut entries: Vec<String> = Vec::new();
+    for (_, s) in stamps {
+        let entry = format!(
+            "{{ purpose = \"{}\", hash = \"{}\" }}",
+            s.purpose,
+            s.hash_hex()
+        );
+        // A legacy [purpose] seals readings and alarms under one stamp: approve it once.
+        if !entries.contains(&entry) {
+            entries.push(entry);
+        }
+    }
+    format!("[{}]", entries.join(", "))
+}
+
 /// The first sequence number to use on a stream whose store says `store_next`.
 ///
 /// Sequence numbers count within the store's incarnation (a random id made with the store and

@@ -161,26 +161,6 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
         .map_err(|e| rt_err(&e))?;
     let port = broker.tls_addr().port();
 
-    // The hub.
-    let hub_files = ca.client_files(&hub_cert);
-    let hub_text = format!(
-        "[hub]\nid = \"demo-hub\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nack_signing_key = \"keys/hub.ack.key\"\nstate_path = \"hub-state\"\n\n\
-         [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n[mqtt]\nbroker = \"localhost:{port}\"\n\
-         ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\n[status]\nlisten = \"off\"\n\n\
-         [[gateway]]\nid = \"demo-gateway\"\n\
-         verifying_key = \"keys/gateway.sign.pub\"\n",
-        hub_files.ca.display().to_string(),
-        hub_files.cert.display().to_string(),
-        hub_files.key.display().to_string()
-    );
-    let hub_path = dir.join("hub.toml");
-    std::fs::write(&hub_path, hub_text).map_err(|e| rt_err(&e))?;
-    let hub_cfg = HubConfig::load(&hub_path).map_err(CliError::Config)?;
-    let hub_process = HubProcess::start_with(&hub_cfg, quick_link)
-        .await
-        .map_err(|e| rt_err(&e))?;
-    let hub = hub_process.hub().clone();
-
     // The gateway.
     let known: Vec<&str> = PURPOSE_FIELDS
         .iter()
@@ -213,6 +193,27 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     })
     .await
     .map_err(|e| rt_err(&e))??;
+    // The hub, approving the gateway's policy.
+    let approvals = supervisor::approval_toml(&supervisor::policy_stamps(&cfg));
+    let hub_files = ca.client_files(&hub_cert);
+    let hub_text = format!(
+        "[hub]\nid = \"demo-hub\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nack_signing_key = \"keys/hub.ack.key\"\nstate_path = \"hub-state\"\n\n\
+         [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n[mqtt]\nbroker = \"localhost:{port}\"\n\
+         ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\n[status]\nlisten = \"off\"\n\n\
+         [[gateway]]\nid = \"demo-gateway\"\n\
+         verifying_key = \"keys/gateway.sign.pub\"\n\
+         policies = {approvals}\n",
+        hub_files.ca.display().to_string(),
+        hub_files.cert.display().to_string(),
+        hub_files.key.display().to_string(),
+    );
+    let hub_path = dir.join("hub.toml");
+    std::fs::write(&hub_path, hub_text).map_err(|e| rt_err(&e))?;
+    let hub_cfg = HubConfig::load(&hub_path).map_err(CliError::Config)?;
+    let hub_process = HubProcess::start_with(&hub_cfg, quick_link)
+        .await
+        .map_err(|e| rt_err(&e))?;
+    let hub = hub_process.hub().clone();
     let running = supervisor::start(&cfg, keys_loaded, outbox.clone());
     let metrics = running.metrics.clone();
     let uplink = supervisor::start_uplink_with(&cfg, &running, quick_link)

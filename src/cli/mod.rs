@@ -291,6 +291,35 @@ pub fn hub(path: &Path) -> Result<(), CliError> {
     })
 }
 
+/// `citygate hub-prune --config FILE [--now RFC3339]`: drops records past their purpose's
+/// retention from the hub's sink; refuses while a hub runs on the same state.
+pub fn hub_prune(path: &Path, now: Option<&str>) -> Result<(), CliError> {
+    use crate::hub::{prune, HubConfig};
+    init_logging("info");
+    let cfg = HubConfig::load(path)?;
+    let now_ms = match now {
+        None => crate::reading::now_ms(),
+        Some(text) => humantime::parse_rfc3339_weak(text)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_millis()).ok())
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "--now {text:?}: not a time; valid: RFC 3339 such as 2026-01-01T00:00:00Z"
+                ))
+            })?,
+    };
+    let report = prune::prune(&cfg, now_ms).map_err(|e| CliError::Runtime(e.to_string()))?;
+    let dropped: u64 = report.dropped.values().sum();
+    let mut out = format!("kept {} records, dropped {dropped}\n", report.kept);
+    for (purpose, n) in &report.dropped {
+        let _ =
+            std::fmt::Write::write_fmt(&mut out, format_args!("  {purpose}: {n} past retention\n"));
+    }
+    print!("{out}");
+    Ok(())
+}
+
 /// Resolves on SIGINT or SIGTERM; SIGHUP is ignored (for commands that write no files).
 pub(crate) async fn shutdown_signal() {
     match Signals::install() {

@@ -17,6 +17,9 @@
 //! [[gateway]]
 //! id = "gw-1"
 //! verifying_key = "gateways/gw-1.sign.pub"
+//! policies = [                    # what gw-1 may send: nothing unless listed
+//!   { purpose = "billing", hash = "<64 hex digits>", retention = "400d" },
+//! ]
 //! ```
 //!
 //! Like the gateway config (`crate::config`): serde structs with `deny_unknown_fields`, spans
@@ -30,6 +33,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
@@ -37,8 +41,10 @@ use toml::Spanned;
 
 use crate::config::{is_host_port, read_config_text, resolve_path, ConfigError};
 use crate::diag::{Diagnostic, SourceFile};
-use crate::reading::GatewayId;
-use crate::seal::{load_hub_secret_key, load_verifying_key, HubSecretKey, KeyError, Opener};
+use crate::reading::{GatewayId, PurposeName};
+use crate::seal::{
+    load_hub_secret_key, load_verifying_key, HubSecretKey, KeyError, Opener, PolicyStamp,
+};
 use crate::wire::AckSigner;
 
 /// The default MQTT shared-subscription group: hub processes in one group share the load.
@@ -112,6 +118,17 @@ pub struct EmbeddedBrokerConfig {
 pub struct GatewayEntry {
     pub id: GatewayId,
     pub verifying_key: PathBuf,
+    /// The policies its batches may be made under; none listed: none accepted (but the
+    /// built-in gateway stamp on the audit stream).
+    pub policies: Vec<ApprovedPolicy>,
+}
+
+/// A (purpose, policy hash) the hub accepts batches under, from one gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovedPolicy {
+    pub stamp: PolicyStamp,
+    /// How long the hub keeps this purpose's records (`citygate hub prune`); `None`: no limit.
+    pub retention: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +192,71 @@ struct RawEmbeddedBroker {
 struct RawGatewayEntry {
     id: Spanned<String>,
     verifying_key: PathBuf,
+    #[serde(default)]
+    policies: Vec<RawPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    purpose: Spanned<String>,
+    hash: Spanned<String>,
+    retention: Option<Spanned<crate::config::duration::HumanDuration>>,
+}
+
+/// Validates one gateway's `policies`; errors name `gateway[i].policies[j].KEY`.
+fn approved_policies(
+    i: usize,
+    raw: Vec<RawPolicy>,
+    src: &SourceFile<'_>,
+    errors: &mut Vec<Diagnostic>,
+) -> Vec<ApprovedPolicy> {
+    let mut out: Vec<ApprovedPolicy> = Vec::with_capacity(raw.len());
+    for (j, p) in raw.into_iter().enumerate() {
+        let key = |k: &str| format!("gateway[{i}].policies[{j}].{k}");
+        let purpose = PurposeName::new(p.purpose.get_ref().clone())
+            .map_err(|e| errors.push(src.at(p.purpose.span(), key("purpose"), e.to_string())));
+        let hash = parse_policy_hash(p.hash.get_ref())
+            .map_err(|e| errors.push(src.at(p.hash.span(), key("hash"), e)));
+        let retention = match p.retention {
+            Some(r) if r.get_ref().0.is_zero() => {
+                errors.push(src.at(
+                    r.span(),
+                    key("retention"),
+                    "must be longer than 0, e.g. \"400d\"; leave it out to keep records",
+                ));
+                None
+            }
+            r => r.map(|r| r.get_ref().0),
+        };
+        if let (Ok(purpose), Ok(hash)) = (purpose, hash) {
+            let stamp = PolicyStamp::new(purpose, hash);
+            if out.iter().any(|a| a.stamp == stamp) {
+                errors.push(src.at(
+                    p.hash.span(),
+                    key("hash"),
+                    format!("policy `{stamp}` is approved twice"),
+                ));
+            } else if stamp.is_gateway() {
+                errors.push(src.at(
+                    p.purpose.span(),
+                    key("purpose"),
+                    "the built-in gateway stamp is accepted on the audit stream without approval",
+                ));
+            } else {
+                out.push(ApprovedPolicy { stamp, retention });
+            }
+        }
+    }
+    out
+}
+
+/// A policy hash as the gateway's `citygate check` prints it: 64 hex digits.
+fn parse_policy_hash(text: &str) -> Result<[u8; 32], String> {
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(text, &mut hash)
+        .map_err(|_| format!("{text:?} is not a policy hash; valid: 64 hex digits, as `citygate check` prints after `policy`"))?;
+    Ok(hash)
 }
 
 /// MQTT topic-level characters a share group or client id may not contain.
@@ -311,6 +393,7 @@ impl HubConfig {
                 Ok(id) => gateways.push(GatewayEntry {
                     id,
                     verifying_key: resolve(&g.verifying_key),
+                    policies: approved_policies(i, g.policies, &src, &mut errors),
                 }),
                 Err(e) => errors.push(src.at(g.id.span(), key, e.to_string())),
             }
@@ -580,6 +663,53 @@ verifying_key = "/abs/gw-2.pub"
             "[mqtt]\nreconnect_initial = \"3s\"\nreconnect_max = \"1s\"\n",
         ));
         assert!(e[0].message.contains("reconnect_initial"), "{}", e[0]);
+    }
+
+    /// Issue 11 item 3: each gateway lists its approved (purpose, hash, retention); none listed
+    /// approves nothing; mistakes name file, line and key.
+    #[test]
+    fn approved_policies_parse_and_errors_name_line_and_key() {
+        let hash = "ab".repeat(32);
+        let c = parse(&CONFIG.replace(
+            "verifying_key = \"gw/gw-1.pub\"\n",
+            &format!(
+                "verifying_key = \"gw/gw-1.pub\"\npolicies = [\n  {{ purpose = \"billing\", hash = \"{hash}\", retention = \"400d\" }},\n  {{ purpose = \"open-data\", hash = \"{hash}\" }},\n]\n"
+            ),
+        ))
+        .unwrap();
+        let p = &c.gateways[0].policies;
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].stamp.purpose.as_str(), "billing");
+        assert_eq!(p[0].stamp.hash, [0xab; 32]);
+        assert_eq!(p[0].retention, Some(Duration::from_secs(400 * 86_400)));
+        assert_eq!(p[1].retention, None);
+        assert!(c.gateways[1].policies.is_empty());
+
+        let e = errors(&CONFIG.replace(
+            "verifying_key = \"gw/gw-1.pub\"\n",
+            "verifying_key = \"gw/gw-1.pub\"\npolicies = [\n  { purpose = \"bill ing\", hash = \"abc\" },\n  { purpose = \"x\", hash = \"00\", color = 1 },\n]\n",
+        ));
+        assert!(
+            e[0].to_string().starts_with("/etc/citygate/hub.toml:"),
+            "{}",
+            e[0]
+        );
+        let e = errors(&CONFIG.replace(
+            "verifying_key = \"gw/gw-1.pub\"\n",
+            &format!("verifying_key = \"gw/gw-1.pub\"\npolicies = [\n  {{ purpose = \"bill ing\", hash = \"abc\", retention = \"0s\" }},\n  {{ purpose = \"a\", hash = \"{hash}\" }},\n  {{ purpose = \"a\", hash = \"{hash}\" }},\n]\n"),
+        ));
+        let found: Vec<(usize, &str)> = e.iter().map(|d| (d.line, d.key.as_str())).collect();
+        assert_eq!(
+            found,
+            [
+                (21, "gateway[0].policies[0].purpose"),
+                (21, "gateway[0].policies[0].hash"),
+                (21, "gateway[0].policies[0].retention"),
+                (23, "gateway[0].policies[2].hash"),
+            ],
+            "{e:?}"
+        );
+        assert!(e[1].message.contains("64 hex digits"), "{}", e[1]);
     }
 
     #[test]

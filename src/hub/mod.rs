@@ -8,7 +8,9 @@
 //! 1. open the envelope ([`Opener`]: parse, registered gateway and key, strict signature, HPKE,
 //!    decode) — a failure is rejected with [`OpenError::reason`](crate::seal::OpenError::reason);
 //! 2. the header's gateway must equal the topic's (`topic_mismatch`): a registered gateway may
-//!    not publish on another's topic;
+//!    not publish on another's topic, and the batch's (purpose, policy hash) must be approved
+//!    for its gateway (`unapproved_policy`, logged as an ERROR alarm, rate-limited; see
+//!    `approval`);
 //! 3. de-duplicate on (gateway, stream, incarnation, seq) ([`Dedup`]): a batch seen before is acknowledged
 //!    again and written nothing ([`Ingest::Duplicate`]);
 //! 4. write the records to the [`Sink`] durably;
@@ -33,9 +35,11 @@
 //! All calls block (file sync, sled flush): call them from `spawn_blocking` or a dedicated
 //! thread. [`service`] ingests in `spawn_blocking`; [`HubProcess`] opens the hub there.
 
+pub(crate) mod approval;
 pub(crate) mod config;
 pub(crate) mod dedup;
 pub(crate) mod process;
+pub mod prune;
 pub(crate) mod sink;
 
 #[cfg(test)]
@@ -47,14 +51,24 @@ use std::sync::{Mutex, PoisonError};
 
 pub(crate) mod service;
 
-pub use config::{HubConfig, HubKeys, SinkConfig};
+pub(crate) use approval::{AlarmLimiter, Approvals};
+pub use config::{ApprovedPolicy, HubConfig, HubKeys, SinkConfig};
 pub(crate) use dedup::{Dedup, DedupError, Seen};
 pub use process::HubProcess;
-pub(crate) use sink::{BatchKey, JsonlSink, Sink, SinkError};
+pub(crate) use sink::{BatchKey, JsonlSink, Sink, SinkBatch, SinkError};
 
-use crate::reading::GatewayId;
+use crate::reading::{GatewayId, PurposeName, Record};
 use crate::seal::Opener;
 use crate::wire::{Ack, AckSigner};
+
+/// An opened batch that passed every check but de-duplication.
+#[derive(Debug)]
+struct Opened {
+    key: BatchKey,
+    ack: Ack,
+    purpose: Option<PurposeName>,
+    records: Vec<Record>,
+}
 
 /// What became of one payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +125,8 @@ pub enum HubError {
 pub struct Hub {
     opener: Opener,
     ack_signer: AckSigner,
+    approvals: Approvals,
+    unapproved_alarms: AlarmLimiter,
     dedup: Dedup,
     sink: Box<dyn Sink>,
     /// Serialises check → write → mark.
@@ -128,6 +144,7 @@ impl Hub {
     pub(crate) fn new(
         opener: Opener,
         ack_signer: AckSigner,
+        approvals: Approvals,
         dedup: Dedup,
         sink: Box<dyn Sink>,
     ) -> Result<Hub, HubError> {
@@ -144,6 +161,8 @@ impl Hub {
         Ok(Hub {
             opener,
             ack_signer,
+            approvals,
+            unapproved_alarms: AlarmLimiter::default(),
             dedup,
             sink,
             commit: Mutex::new(()),
@@ -166,7 +185,13 @@ impl Hub {
         let sink: Box<dyn Sink> = match &cfg.sink {
             SinkConfig::Jsonl { path } => Box::new(JsonlSink::open(path)?),
         };
-        Hub::new(opener, ack_signer, dedup, sink)
+        Hub::new(
+            opener,
+            ack_signer,
+            Approvals::new(&cfg.gateways),
+            dedup,
+            sink,
+        )
     }
 
     /// Takes one payload received on the topic of `topic_gateway`. Never panics.
@@ -193,25 +218,31 @@ impl Hub {
         }
 
         let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut fresh: Vec<(usize, BatchKey, Ack, Vec<crate::reading::Record>)> = Vec::new();
-        for (i, (key, ack, records)) in opened {
-            let seen = if fresh.iter().any(|(_, k, _, _)| *k == key) {
+        let mut fresh: Vec<(usize, Opened)> = Vec::new();
+        for (i, batch) in opened {
+            let seen = if fresh.iter().any(|(_, o)| o.key == batch.key) {
                 Ok(Seen::Duplicate)
             } else {
-                self.dedup.check(&key)
+                self.dedup.check(&batch.key)
             };
             out[i] = Some(match seen {
                 Ok(Seen::New) => {
-                    fresh.push((i, key, ack, records));
+                    fresh.push((i, batch));
                     continue;
                 }
-                Ok(seen) => self.duplicate(&key, seen, ack),
+                Ok(seen) => self.duplicate(&batch.key, seen, batch.ack),
                 Err(e) => self.fail(&payloads[i].0, "dedup_failed", e.to_string()),
             });
         }
         if !fresh.is_empty() {
-            let batches: Vec<(&BatchKey, &[crate::reading::Record])> =
-                fresh.iter().map(|(_, k, _, r)| (k, r.as_slice())).collect();
+            let batches: Vec<SinkBatch<'_>> = fresh
+                .iter()
+                .map(|(_, o)| SinkBatch {
+                    key: &o.key,
+                    purpose: o.purpose.as_ref(),
+                    records: &o.records,
+                })
+                .collect();
             let written = self
                 .sink
                 .write_batches(&batches)
@@ -219,11 +250,17 @@ impl Hub {
                 .and_then(|()| {
                     fresh
                         .iter()
-                        .try_for_each(|(_, k, _, _)| self.dedup.mark(k))
+                        .try_for_each(|(_, o)| self.dedup.mark(&o.key))
                         .and_then(|()| self.dedup.flush())
                         .map_err(|e| ("dedup_failed", e.to_string()))
                 });
-            for (i, key, ack, records) in fresh {
+            for (
+                i,
+                Opened {
+                    key, ack, records, ..
+                },
+            ) in fresh
+            {
                 out[i] = Some(match &written {
                     Err((reason, detail)) => self.fail(&payloads[i].0, reason, detail.clone()),
                     Ok(()) => {
@@ -242,12 +279,9 @@ impl Hub {
             .collect()
     }
 
-    /// Opens a payload and checks it was published on its own gateway's topic.
-    fn open_batch(
-        &self,
-        topic_gateway: &GatewayId,
-        payload: &[u8],
-    ) -> Result<(BatchKey, Ack, Vec<crate::reading::Record>), Ingest> {
+    /// Opens a payload and checks it was published on its own gateway's topic, under a policy
+    /// approved for that gateway.
+    fn open_batch(&self, topic_gateway: &GatewayId, payload: &[u8]) -> Result<Opened, Ingest> {
         let batch = match self.opener.open(payload) {
             Ok(b) => b,
             Err(e) => return Err(self.reject(topic_gateway, e.reason(), e.to_string())),
@@ -259,6 +293,12 @@ impl Hub {
                 h.gateway
             );
             return Err(self.reject(topic_gateway, "topic_mismatch", detail));
+        }
+        if !self
+            .approvals
+            .allows(&h.gateway, h.stream, h.purpose.as_ref(), &h.policy_hash)
+        {
+            return Err(self.unapproved(&h.gateway, h.stream, h.purpose.as_ref(), &h.policy_hash));
         }
         let ack = Ack {
             gateway: h.gateway.clone(),
@@ -272,7 +312,46 @@ impl Hub {
             incarnation: h.incarnation,
             seq: h.seq,
         };
-        Ok((key, ack, batch.records))
+        Ok(Opened {
+            key,
+            ack,
+            purpose: batch.header.purpose,
+            records: batch.records,
+        })
+    }
+
+    /// A batch under a policy not approved for its gateway: counted, not acknowledged (the
+    /// gateway keeps it), and raised as an alarm, at most once per `approval::ALARM_EVERY` for
+    /// the same (gateway, purpose, hash).
+    fn unapproved(
+        &self,
+        gateway: &GatewayId,
+        stream: crate::reading::Stream,
+        purpose: Option<&PurposeName>,
+        hash: &[u8; 32],
+    ) -> Ingest {
+        const REASON: &str = "unapproved_policy";
+        self.count_rejection(REASON);
+        let purpose_name = purpose.map_or("(none: envelope before version 3)", PurposeName::as_str);
+        let hash_hex = hex::encode(hash);
+        if self
+            .unapproved_alarms
+            .should_log(gateway, purpose, hash, std::time::Instant::now())
+        {
+            tracing::error!(
+                gateway = %gateway,
+                stream = %stream,
+                purpose = purpose_name,
+                hash = %hash_hex,
+                "unapproved policy: batch not acknowledged; approve it in the hub config or fix the gateway"
+            );
+        }
+        Ingest::Rejected {
+            reason: REASON,
+            detail: format!(
+                "gateway {gateway} is not approved for purpose {purpose_name} with policy hash {hash_hex}"
+            ),
+        }
     }
 
     /// A batch seen before: counted, acknowledged again, not written.

@@ -6,10 +6,27 @@
 //!
 //! ```text
 //! {"gateway":"gw-1","stream":"readings","incarnation":"5eed0000000000ff","seq":42,
-//!  "subject":"p-0123…","field":"voltage_l1",
+//!  "purpose":"grid-operation","subject":"p-0123…","field":"voltage_l1",
 //!  "value":230.5,"unit":"V","at_ms":1700000000000,"timestamp":"2023-11-14T22:13:20.000Z",
 //!  "quality":"uncertain:out_of_range","tags":["emergency"]}
+//! {"gateway":"gw-1","stream":"readings","incarnation":"5eed0000000000ff","seq":43,
+//!  "purpose":"billing","subject":"p-0123…","field":"energy_import",
+//!  "value":4200,"unit":"Wh","at_ms":1699995600000,"timestamp":"2023-11-14T21:00:00.000Z",
+//!  "quality":"good","tags":[],
+//!  "window":{"function":"delta","start_ms":1699995600000,"end_ms":1699999200000,
+//!            "start":"2023-11-14T21:00:00.000Z","end":"2023-11-14T22:00:00.000Z",
+//!            "samples":360,"devices":1,"partial":false},
+//!  "epoch":3}
 //! ```
+//!
+//! - `purpose`: the purpose the batch was made under (envelope header); `null` for batches of
+//!   envelope versions 1 and 2, which did not carry it. Lines written before purposes were
+//!   recorded have no `purpose`.
+//! - `window`: only on aggregates: the function (`sum`, `mean`, `min`, `max`, `last`,
+//!   `delta`), the window `[start_ms, end_ms)` as ms and as RFC 3339 UTC (`null` outside years
+//!   1970..=9999), how many readings (`samples`) from how many devices it covers, and whether
+//!   it covers only part of the window (`partial`). An aggregate's `at_ms` is its window start.
+//! - `epoch`: the pseudonym key epoch of `subject`, only when not 0 (0: before key epochs).
 //!
 //! - `incarnation`: the gateway store's incarnation (envelope header), 16 lowercase hex digits;
 //!   with `gateway`, `stream` and `seq` it names the batch. Lines written before incarnations
@@ -19,7 +36,8 @@
 //! - `unit`: the canonical unit symbol (`W`, `Wh`, `V`, `m3`, …).
 //! - `timestamp`: `at_ms` as RFC 3339 UTC with milliseconds; `null` outside years 1970..=9999.
 //! - `quality`: `"good"`, `"uncertain:REASON"` or `"bad:REASON"`, REASON one of
-//!   `out_of_range`, `not_available`, `counter_backwards`, `counter_rollover`, `not_finite`.
+//!   `out_of_range`, `not_available`, `counter_backwards`, `counter_rollover`, `not_finite`,
+//!   `receive_time`, `clock_skew`.
 //!
 //! A group of batches (one or more, [`Sink::write_batches`]) is written with one `write_all`,
 //! each batch's lines together, and made durable with one `sync_data` before the call returns,
@@ -49,7 +67,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::reading::{GatewayId, Quality, Record, Stream, Value};
+use crate::reading::{GatewayId, PurposeName, Quality, Record, Stream, Value, Window};
 
 /// How much of the end of a JSON Lines file [`JsonlSink::recover`] reads.
 pub(crate) const TAIL_SCAN_BYTES: u64 = 4 * 1024 * 1024;
@@ -96,16 +114,29 @@ pub enum SinkError {
     },
 }
 
+/// One accepted batch on its way to the sink.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SinkBatch<'a> {
+    pub key: &'a BatchKey,
+    /// The purpose the batch was made under; `None` before envelope version 3.
+    pub purpose: Option<&'a PurposeName>,
+    pub records: &'a [Record],
+}
+
 /// A destination for accepted records.
 pub(crate) trait Sink: Send + Sync + std::fmt::Debug {
     /// Writes several batches' records, all or none; they must survive a crash once this
     /// returns `Ok` (one sync for the group).
-    fn write_batches(&self, batches: &[(&BatchKey, &[Record])]) -> Result<(), SinkError>;
+    fn write_batches(&self, batches: &[SinkBatch<'_>]) -> Result<(), SinkError>;
 
-    /// Writes one batch's records ([`Sink::write_batches`] of one).
+    /// Writes one batch's records ([`Sink::write_batches`] of one), without a purpose.
     #[cfg(test)]
     fn write_batch(&self, key: &BatchKey, records: &[Record]) -> Result<(), SinkError> {
-        self.write_batches(&[(key, records)])
+        self.write_batches(&[SinkBatch {
+            key,
+            purpose: None,
+            records,
+        }])
     }
 
     /// At start-up: batches the sink holds durably that `is_marked` does not know (see the
@@ -132,6 +163,7 @@ struct Line<'a> {
     stream: &'static str,
     incarnation: String,
     seq: u64,
+    purpose: Option<&'a str>,
     subject: &'a str,
     field: &'a str,
     value: serde_json::Value,
@@ -140,6 +172,41 @@ struct Line<'a> {
     timestamp: Option<String>,
     quality: String,
     tags: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window: Option<WindowLine>,
+    #[serde(skip_serializing_if = "is_zero")]
+    epoch: u32,
+}
+
+#[derive(Serialize)]
+struct WindowLine {
+    function: &'static str,
+    start_ms: i64,
+    end_ms: i64,
+    start: Option<String>,
+    end: Option<String>,
+    samples: u32,
+    devices: u32,
+    partial: bool,
+}
+
+impl From<&Window> for WindowLine {
+    fn from(w: &Window) -> WindowLine {
+        WindowLine {
+            function: w.function.as_str(),
+            start_ms: w.start_ms,
+            end_ms: w.end_ms,
+            start: rfc3339_ms(w.start_ms),
+            end: rfc3339_ms(w.end_ms),
+            samples: w.samples,
+            devices: w.devices,
+            partial: w.partial,
+        }
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn json_value(v: &Value) -> serde_json::Value {
@@ -172,7 +239,12 @@ pub(crate) fn quality_label(q: Quality) -> String {
 }
 
 /// The JSON Lines bytes of one batch.
-pub(crate) fn encode_batch(key: &BatchKey, records: &[Record]) -> Vec<u8> {
+pub(crate) fn encode_batch(batch: &SinkBatch<'_>) -> Vec<u8> {
+    let SinkBatch {
+        key,
+        purpose,
+        records,
+    } = *batch;
     let mut out = Vec::with_capacity(records.len() * 256);
     for r in records {
         let line = Line {
@@ -180,6 +252,7 @@ pub(crate) fn encode_batch(key: &BatchKey, records: &[Record]) -> Vec<u8> {
             stream: key.stream.as_str(),
             incarnation: format!("{:016x}", key.incarnation),
             seq: key.seq,
+            purpose: purpose.map(PurposeName::as_str),
             subject: &r.subject,
             field: &r.field,
             value: json_value(&r.value),
@@ -188,6 +261,8 @@ pub(crate) fn encode_batch(key: &BatchKey, records: &[Record]) -> Vec<u8> {
             timestamp: rfc3339_ms(r.at_ms),
             quality: quality_label(r.quality),
             tags: &r.tags,
+            window: r.window.as_ref().map(WindowLine::from),
+            epoch: r.epoch,
         };
         serde_json::to_writer(&mut out, &line).expect("invariant: a record line serialises");
         out.push(b'\n');
@@ -235,10 +310,10 @@ fn line_key(line: &[u8]) -> Option<BatchKey> {
 }
 
 impl Sink for JsonlSink {
-    fn write_batches(&self, batches: &[(&BatchKey, &[Record])]) -> Result<(), SinkError> {
+    fn write_batches(&self, batches: &[SinkBatch<'_>]) -> Result<(), SinkError> {
         let mut bytes = Vec::new();
-        for (key, records) in batches {
-            bytes.extend_from_slice(&encode_batch(key, records));
+        for batch in batches {
+            bytes.extend_from_slice(&encode_batch(batch));
         }
         if bytes.is_empty() {
             return Ok(());

@@ -19,6 +19,18 @@ fn stamp() -> PolicyStamp {
     PolicyStamp::new(PurposeName::new("billing").unwrap(), [7; 32])
 }
 
+/// The registry of the fixture's hub: gw-1 is approved for [`stamp`] only.
+fn approvals() -> Approvals {
+    Approvals::new(&[config::GatewayEntry {
+        id: gw(),
+        verifying_key: "unused".into(),
+        policies: vec![ApprovedPolicy {
+            stamp: stamp(),
+            retention: None,
+        }],
+    }])
+}
+
 /// The store incarnation the fixture's gateway seals under.
 const INC: u64 = 0x5eed_0000_0000_0001;
 
@@ -60,7 +72,7 @@ impl Fixture {
         let signer = crate::wire::AckSigner::new(
             seal::load_hub_ack_signing_key(&self.keys.hub_ack_signing_key).unwrap(),
         );
-        Hub::new(self.opener(), signer, dedup, Box::new(sink)).unwrap()
+        Hub::new(self.opener(), signer, approvals(), dedup, Box::new(sink)).unwrap()
     }
 
     fn seal(&self, stream: Stream, seq: u64) -> Vec<u8> {
@@ -157,7 +169,7 @@ fn accepted_batch_is_written_once_with_every_field() {
         lines[0],
         serde_json::json!({
             "gateway": "gw-1", "stream": "readings",
-            "incarnation": "5eed000000000001", "seq": 42,
+            "incarnation": "5eed000000000001", "seq": 42, "purpose": "billing",
             "subject": "p-0123456789abcdef0123456789abcdef", "field": "energy_import",
             "value": 123_456_789, "unit": "Wh", "at_ms": 1_700_000_000_000_i64,
             "timestamp": "2023-11-14T22:13:20.000Z", "quality": "good", "tags": []
@@ -172,7 +184,7 @@ fn accepted_batch_is_written_once_with_every_field() {
     let raw = std::fs::read_to_string(f.sink_path()).unwrap();
     assert!(
         raw.starts_with(
-            r#"{"gateway":"gw-1","stream":"readings","incarnation":"5eed000000000001","seq":42,"subject""#
+            r#"{"gateway":"gw-1","stream":"readings","incarnation":"5eed000000000001","seq":42,"purpose":"billing","subject""#
         ),
         "{raw}"
     );
@@ -191,6 +203,94 @@ fn accepted_batch_is_written_once_with_every_field() {
         (s.accepted_batches, s.records_written, s.duplicates),
         (1, 4, 1)
     );
+}
+
+/// Issue 11 item 3: a batch under a policy its gateway is not approved for — an unknown purpose,
+/// or the approved purpose under a changed hash — is rejected as `unapproved_policy`, counted,
+/// not acknowledged and not written; the built-in gateway stamp passes on the audit stream only.
+#[test]
+fn batches_under_unapproved_policies_are_rejected_and_not_acked() {
+    let f = Fixture::new();
+    let hub = f.hub();
+    let seal = |stream: Stream, seq: u64, stamp: &PolicyStamp| {
+        f.sealer
+            .seal(stream, seq, 1_700_000_000_000, stamp, &records())
+            .unwrap()
+            .bytes
+    };
+    let unknown = PolicyStamp::new(PurposeName::new("open-data").unwrap(), stamp().hash);
+    let changed = PolicyStamp::new(stamp().purpose, [8; 32]);
+    for (seq, s) in [(1, &unknown), (2, &changed), (3, &PolicyStamp::gateway())] {
+        let out = hub.ingest(&gw(), &seal(Stream::Readings, seq, s));
+        assert!(out.ack().is_none(), "{out:?}");
+        assert_eq!(rejected(out), "unapproved_policy");
+    }
+    assert_eq!(hub.stats().rejected.get("unapproved_policy"), Some(&3));
+    assert!(f.lines().is_empty());
+    assert!(matches!(
+        hub.ingest(&gw(), &seal(Stream::Audit, 1, &PolicyStamp::gateway())),
+        Ingest::Accepted { .. }
+    ));
+    let lines = f.lines();
+    assert_eq!(lines[0]["purpose"], "citygate-gateway");
+    // Once approved (a hub restarted with the new registry), the same batch is accepted.
+    let approved = Hub::new(
+        f.opener(),
+        crate::wire::AckSigner::new(
+            seal::load_hub_ack_signing_key(&f.keys.hub_ack_signing_key).unwrap(),
+        ),
+        Approvals::new(&[config::GatewayEntry {
+            id: gw(),
+            verifying_key: "unused".into(),
+            policies: vec![ApprovedPolicy {
+                stamp: changed.clone(),
+                retention: None,
+            }],
+        }]),
+        Dedup::open(&f.dir.path().join("state-2")).unwrap(),
+        Box::new(JsonlSink::open(&f.dir.path().join("out/records-2.jsonl")).unwrap()),
+    )
+    .unwrap();
+    assert!(matches!(
+        approved.ingest(&gw(), &seal(Stream::Readings, 2, &changed)),
+        Ingest::Accepted { .. }
+    ));
+}
+
+/// Issue 11 items 2, 3 and 9: the sink writes an aggregate's window (ms and RFC 3339) and the
+/// key epoch beside the purpose.
+#[test]
+fn the_sink_writes_window_and_epoch() {
+    let f = Fixture::new();
+    let hub = f.hub();
+    let mut r = records().remove(0);
+    r.window = Some(crate::reading::Window {
+        function: crate::reading::AggFn::Delta,
+        start_ms: 1_699_995_600_000,
+        end_ms: 1_699_999_200_000,
+        samples: 360,
+        devices: 1,
+        partial: true,
+    });
+    r.epoch = 3;
+    let env = f
+        .sealer
+        .seal(Stream::Readings, 1, 0, &stamp(), &[r, records().remove(0)])
+        .unwrap()
+        .bytes;
+    assert!(matches!(hub.ingest(&gw(), &env), Ingest::Accepted { .. }));
+    let lines = f.lines();
+    assert_eq!(
+        lines[0]["window"],
+        serde_json::json!({
+            "function": "delta", "start_ms": 1_699_995_600_000_i64, "end_ms": 1_699_999_200_000_i64,
+            "start": "2023-11-14T21:00:00.000Z", "end": "2023-11-14T22:00:00.000Z",
+            "samples": 360, "devices": 1, "partial": true
+        })
+    );
+    assert_eq!(lines[0]["epoch"], 3);
+    assert_eq!(lines[0]["purpose"], "billing");
+    assert!(lines[1].get("window").is_none() && lines[1].get("epoch").is_none());
 }
 
 #[test]
@@ -398,7 +498,11 @@ fn a_torn_unacknowledged_batch_is_cut_and_rewritten_whole() {
         incarnation: INC,
         seq: 2,
     };
-    let bytes = sink::encode_batch(&key, &records());
+    let bytes = sink::encode_batch(&SinkBatch {
+        key: &key,
+        purpose: None,
+        records: &records(),
+    });
     let first_line = bytes.iter().position(|b| *b == b'\n').unwrap() + 1;
     let mut file = std::fs::OpenOptions::new()
         .append(true)
@@ -436,7 +540,12 @@ fn non_finite_floats_and_out_of_range_times_are_null_not_panics() {
     r.at_ms = -1;
     let mut late = r.clone();
     late.at_ms = i64::MAX;
-    let text = String::from_utf8(sink::encode_batch(&key, &[r, late])).unwrap();
+    let text = String::from_utf8(sink::encode_batch(&SinkBatch {
+        key: &key,
+        purpose: None,
+        records: &[r, late],
+    }))
+    .unwrap();
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(v["value"].is_null() && v["timestamp"].is_null(), "{line}");

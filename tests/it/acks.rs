@@ -82,7 +82,7 @@ async fn forged_acks_through_the_broker_delete_nothing_and_the_hub_gets_everythi
     forger.shutdown().await;
 
     // The real hub comes up: everything the gateway sealed arrives, once.
-    let hub = start_hub(dep.path(), &ca, port).await;
+    let hub = start_hub(dep.path(), &ca, port, &cfg).await;
     assert!(running.shutdown(Duration::from_secs(10)).await);
     assert!(
         wait_for(Duration::from_secs(30), || store.stats().total_batches()

@@ -68,7 +68,6 @@ async fn fifty_sigkills_of_gateway_and_hub_with_broker_outages_lose_and_duplicat
     let mut broker = Some(EmbeddedBroker::start(BrokerOptions::localhost(server.clone())).unwrap());
     let port = broker.as_ref().unwrap().tls_addr().port();
 
-    let hub_config = HubToml::client(port, &TlsFiles::client(&ca, "hub-1")).write(dep.path());
     let devices: String = (1..=2u8)
         .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "100ms"))
         .collect();
@@ -82,6 +81,10 @@ async fn fifty_sigkills_of_gateway_and_hub_with_broker_outages_lose_and_duplicat
         )
         .status()
         .devices(&devices)
+        .write(dep.path());
+    let gw_cfg = citygate::config::GatewayConfig::load(&gw_config).unwrap();
+    let hub_config = HubToml::client(port, &TlsFiles::client(&ca, "hub-1"))
+        .approve(&policy_stamp(&gw_cfg))
         .write(dep.path());
 
     let mut hub = spawn_hub(&hub_config);

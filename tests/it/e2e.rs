@@ -33,14 +33,12 @@ async fn meters_to_hub_sink_over_tls_with_a_broker_outage() {
     let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
     let port = broker.tls_addr().port();
 
-    // Hub.
-    let hub = start_hub(dep.path(), &ca, port).await;
-
-    // Gateway.
+    // Gateway config, and the hub approving its policy.
     let devices: String = (1..=3u8)
         .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "200ms"))
         .collect();
     let cfg = dep.config(&["active_power", "energy_import"], &devices, profiles);
+    let hub = start_hub(dep.path(), &ca, port, &cfg).await;
     let (store, running) = start_gateway(&cfg);
     let metrics = running.metrics.clone();
     let uplink = start_uplink(&cfg, &running, &ca, port, 8, Duration::from_secs(3)).await;
@@ -125,8 +123,6 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
     let server = ca.issue_localhost_server().unwrap();
     let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
     let port = broker.tls_addr().port();
-    let hub = start_hub(dep.path(), &ca, port).await;
-
     let devices: String = (1..=3u8)
         .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "200ms"))
         .collect();
@@ -140,6 +136,13 @@ async fn gateway_process_killed_mid_flight_loses_and_duplicates_nothing() {
         .status()
         .devices(&devices)
         .write(dep.path());
+    let hub = start_hub(
+        dep.path(),
+        &ca,
+        port,
+        &citygate::config::GatewayConfig::load(&config).unwrap(),
+    )
+    .await;
 
     let mut first = spawn_run(&config);
     assert!(

@@ -38,7 +38,7 @@ fn records(n: usize) -> Vec<Record> {
 }
 
 /// A hub config with an embedded broker on `listen`, the hub's client certificate, and
-/// one registered gateway, `gw-test`.
+/// one registered gateway, `gw-test`, approved for [`stamp`].
 fn write_hub_config(dep: &Deployment, ca: &CertAuthority, listen: &str) -> PathBuf {
     HubToml::embedded_broker(
         listen,
@@ -46,6 +46,7 @@ fn write_hub_config(dep: &Deployment, ca: &CertAuthority, listen: &str) -> PathB
         &TlsFiles::localhost_server(ca),
     )
     .status()
+    .approve(&stamp())
     .write(dep.path())
 }
 
@@ -318,6 +319,7 @@ async fn citygate_hub_runs_its_embedded_broker_from_keys_tls_output() {
         &files("broker.pem", "broker.key"),
     )
     .status()
+    .approve(&stamp())
     .write(dep.path());
     let (mut child, mut log) =
         spawn_logged(&["hub".as_ref(), "--config".as_ref(), config.as_ref()]);
@@ -414,6 +416,7 @@ async fn the_hubs_embedded_broker_refuses_a_forged_ack_and_counts_it() {
         &TlsFiles::localhost_server(&ca),
     )
     .status()
+    .approve(&stamp())
     .write(dep.path());
     let hub = start_hub(&config).await;
     let port = hub.broker_addr().unwrap().port();
@@ -480,4 +483,73 @@ async fn the_hubs_embedded_broker_refuses_a_forged_ack_and_counts_it() {
         "the forged ack reached the gateway"
     );
     hub.shutdown().await;
+}
+
+/// Issue 11 item 3, end to end: a real gateway whose policy hash differs from the one the hub
+/// approved for its purpose (a changed policy) has its batches refused as `unapproved_policy`,
+/// counted, never acknowledged — the gateway keeps them — and, once the hub is restarted with
+/// the gateway's actual policy approved, they are delivered and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_under_an_unapproved_policy_are_kept_until_the_hub_approves_it() {
+    use citygate::mqtt::{BrokerOptions, EmbeddedBroker};
+    let profiles = shipped_profiles();
+    let token = tokio_util::sync::CancellationToken::new();
+    let sim = start_sim(&profiles, "chint-ddsu666", 1, 17, &token).await;
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let server = ca.issue_localhost_server().unwrap();
+    let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
+    let port = broker.tls_addr().port();
+    let devices = device_toml("m1", "chint-ddsu666", &sim.address, 1, "200ms");
+    let cfg = dep.config(&["active_power", "energy_import"], &devices, profiles);
+    let actual = policy_stamp(&cfg);
+    let changed = PolicyStamp::new(actual.purpose.clone(), [0x5a; 32]);
+
+    let hub = start_hub_approving(dep.path(), &ca, port, &[changed]).await;
+    let (store, running) = start_gateway(&cfg);
+    let metrics = running.metrics.clone();
+    let uplink = start_uplink(&cfg, &running, &ca, port, 8, Duration::from_secs(1)).await;
+    let unapproved = || {
+        hub.hub()
+            .stats()
+            .rejected
+            .get("unapproved_policy")
+            .copied()
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || unapproved() >= 3).await,
+        "no unapproved_policy rejections: {:?}",
+        hub.hub().stats()
+    );
+    assert_eq!(hub.hub().stats().accepted_batches, 0);
+    assert_eq!(
+        metrics.batches_acked.get(),
+        0,
+        "an unapproved batch was acked"
+    );
+    assert!(
+        store.stats().total_batches() > 0,
+        "the gateway dropped its batches"
+    );
+    hub.shutdown().await;
+
+    let hub = start_hub_approving(dep.path(), &ca, port, &[actual]).await;
+    assert!(running.shutdown(Duration::from_secs(10)).await);
+    assert!(
+        wait_for(Duration::from_secs(30), || store.stats().total_batches()
+            == 0)
+        .await,
+        "store did not drain once approved: {:?} hub {:?}",
+        store.stats(),
+        hub.hub().stats()
+    );
+    uplink.finish(Duration::ZERO).await;
+    token.cancel();
+    let stats = hub.hub().stats();
+    hub.shutdown().await;
+    broker.shutdown();
+    assert_eq!(stats.accepted_batches, metrics.batches_sealed.get());
+    assert_eq!(stats.records_written, metrics.records_sealed.get());
+    assert_eq!(stats.rejected.get("unapproved_policy"), None);
 }

@@ -206,8 +206,6 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
     let profiles = shipped_profiles();
     let sim = start_sim(&profiles, "eastron-sdm120", 2, 21, &token).await;
 
-    let hub = start_hub(dep.path(), &ca, port).await;
-
     let devices: String = (1..=2u8)
         .map(|u| device_toml(&format!("m{u}"), "eastron-sdm120", &sim.address, u, "200ms"))
         .collect();
@@ -216,6 +214,7 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
         &devices,
         profiles,
     );
+    let hub = start_hub(dep.path(), &ca, port, &cfg).await;
     let (store, running) = start_gateway(&cfg);
     let metrics = running.metrics.clone();
     let uplink = start_uplink(&cfg, &running, &ca, port, 8, Duration::from_secs(2)).await;

@@ -40,12 +40,12 @@ async fn f32_readings_reach_the_hub_without_false_digits() {
     let server = ca.issue_localhost_server().unwrap();
     let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
     let port = broker.tls_addr().port();
-    let hub = start_hub(dep.path(), &ca, port).await;
     let devices: String = (1..=2u8)
         .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "200ms"))
         .collect();
     let fields = ["voltage_l1", "frequency", "active_power", "energy_import"];
     let cfg = dep.config(&fields, &devices, profiles);
+    let hub = start_hub(dep.path(), &ca, port, &cfg).await;
     let (_store, running) = start_gateway(&cfg);
     let metrics = running.metrics.clone();
     let uplink = start_uplink(&cfg, &running, &ca, port, 8, Duration::from_secs(3)).await;

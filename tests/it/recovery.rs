@@ -120,7 +120,7 @@ async fn batches_sent_before_any_hub_subscribed_are_delivered_when_a_hub_comes_o
     assert_eq!(metrics.batches_acked.get(), 0, "acked without a hub");
     assert!(metrics.link().hubs.is_empty(), "{:?}", metrics.link());
 
-    let hub = start_hub(dep.path(), &ca, port).await;
+    let hub = start_hub(dep.path(), &ca, port, &cfg).await;
     let online = wait_for(WAIT, || {
         metrics.link().hubs.get("hub-1").is_some_and(|h| h.online)
     })
@@ -148,8 +148,8 @@ async fn after_a_broker_restart_both_ends_reconnect_and_everything_arrives_once(
     let server = ca.issue_localhost_server().unwrap();
     let broker = ruled_broker(&ca, &server, None);
     let addr = broker.tls_addr();
-    let hub = start_hub(dep.path(), &ca, addr.port()).await;
     let (gw, cfg) = gateway(&dep).await;
+    let hub = start_hub(dep.path(), &ca, addr.port(), &cfg).await;
     let metrics = gw.running.metrics.clone();
     let uplink = start_uplink(&cfg, &gw.running, &ca, addr.port(), 16, NO_ACK_TIMEOUT).await;
     assert!(

@@ -68,8 +68,6 @@ async fn a_store_that_cannot_grow_degrades_then_recovers_and_delivers_everything
     let server = ca.issue_localhost_server().unwrap();
     let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
     let port = broker.tls_addr().port();
-    let hub = start_hub(dep.path(), &ca, port).await;
-
     let devices: String = (1..=3u8)
         .map(|u| device_toml(&format!("m{u}"), "chint-ddsu666", &sim.address, u, "200ms"))
         .collect();
@@ -83,6 +81,13 @@ async fn a_store_that_cannot_grow_degrades_then_recovers_and_delivers_everything
         .status()
         .devices(&devices)
         .write(dep.path());
+    let hub = start_hub(
+        dep.path(),
+        &ca,
+        port,
+        &citygate::config::GatewayConfig::load(&config).unwrap(),
+    )
+    .await;
     // `trap '' XFSZ` is inherited through exec as "ignored": a write past the limit fails
     // with EFBIG instead of killing the process.
     let mut cmd = Command::new("sh");

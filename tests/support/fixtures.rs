@@ -209,6 +209,8 @@ pub fn mqtt_device_toml(
 pub struct HubToml {
     mqtt: String,
     status: bool,
+    /// `{ purpose, hash }` entries approved for gw-test.
+    policies: Vec<String>,
 }
 
 impl HubToml {
@@ -217,6 +219,7 @@ impl HubToml {
         Self {
             mqtt: format!("broker = \"localhost:{port}\"\ndanger_plaintext = true\n"),
             status: false,
+            policies: Vec::new(),
         }
     }
 
@@ -225,6 +228,7 @@ impl HubToml {
         Self {
             mqtt: format!("broker = \"localhost:{port}\"\n{}", client.keys()),
             status: false,
+            policies: Vec::new(),
         }
     }
 
@@ -240,12 +244,24 @@ impl HubToml {
                 server.ca.display().to_string(),
             ),
             status: false,
+            policies: Vec::new(),
         }
     }
 
     /// A `[status]` endpoint on a loopback port of the hub's choosing.
     pub fn status(mut self) -> Self {
         self.status = true;
+        self
+    }
+
+    /// Approves `stamp` for gw-test (see [`policy_stamp`](super::policy_stamp) for a
+    /// gateway config's own).
+    pub fn approve(mut self, stamp: &citygate::seal::PolicyStamp) -> Self {
+        self.policies.push(format!(
+            "{{ purpose = \"{}\", hash = \"{}\" }}",
+            stamp.purpose,
+            stamp.hash_hex()
+        ));
         self
     }
 
@@ -259,8 +275,10 @@ impl HubToml {
             "[hub]\nid = \"hub-1\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nack_signing_key = \"keys/hub.ack.key\"\nstate_path = \"hub-state\"\n\n\
              [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n\
              [mqtt]\n{mqtt}\n{status}\
-             [[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n",
+             [[gateway]]\nid = \"gw-test\"\nverifying_key = \"keys/gateway.sign.pub\"\n\
+             policies = [{policies}]\n",
             mqtt = self.mqtt,
+            policies = self.policies.join(", "),
         )
     }
 

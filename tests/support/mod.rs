@@ -271,16 +271,38 @@ pub fn test_link_options(
     ))
 }
 
+/// The stamp `cfg`'s first purpose flow is sealed under (the legacy `[purpose]` of the test
+/// fixtures seals its alarms under the same): what a hub must approve for it.
+pub fn policy_stamp(cfg: &GatewayConfig) -> citygate::seal::PolicyStamp {
+    citygate::supervisor::policy_stamps(cfg).remove(0).1
+}
+
 /// Starts a hub the way `citygate hub` does ([`citygate::hub::HubProcess`]), as `hub-1` with
-/// a client certificate from `ca`, connected to the broker on loopback `port`; its config is
-/// written into `dir`. Returns once the broker has granted the hub's subscriptions.
+/// a client certificate from `ca`, connected to the broker on loopback `port`, approving
+/// `gateway`'s policy; its config is written into `dir`. Returns once the broker has granted
+/// the hub's subscriptions.
 pub async fn start_hub(
     dir: &std::path::Path,
     ca: &citygate::mqtt::CertAuthority,
     port: u16,
+    gateway: &GatewayConfig,
 ) -> citygate::hub::HubProcess {
-    let path = HubToml::client(port, &TlsFiles::client(ca, "hub-1"))
-        .status()
+    start_hub_approving(dir, ca, port, &[policy_stamp(gateway)]).await
+}
+
+/// [`start_hub`], approving exactly `approved` for gw-test.
+pub async fn start_hub_approving(
+    dir: &std::path::Path,
+    ca: &citygate::mqtt::CertAuthority,
+    port: u16,
+    approved: &[citygate::seal::PolicyStamp],
+) -> citygate::hub::HubProcess {
+    let path = approved
+        .iter()
+        .fold(
+            HubToml::client(port, &TlsFiles::client(ca, "hub-1")).status(),
+            HubToml::approve,
+        )
         .write(dir);
     let cfg = citygate::hub::HubConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let hub = citygate::hub::HubProcess::start_with(&cfg, fast_link)

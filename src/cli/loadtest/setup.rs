@@ -195,7 +195,7 @@ impl Setup {
             hub_config: dir.join("hub.toml"),
             gateway_config: dir.join("gateway.toml"),
         };
-        std::fs::write(&setup.hub_config, setup.hub_toml()).map_err(rt)?;
+        std::fs::write(&setup.hub_config, setup.hub_toml()?).map_err(rt)?;
         Ok(setup)
     }
 
@@ -220,18 +220,32 @@ impl Setup {
         }
     }
 
-    fn hub_toml(&self) -> String {
-        format!(
+    /// The hub config, approving the policy the gateway will seal under (computed from its
+    /// config as `citygate run` does; meter addresses do not enter the hash).
+    fn hub_toml(&self) -> Result<String, CliError> {
+        let placeholder: Vec<SocketAddr> = (1..=self.endpoints.len())
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], u16::try_from(port).unwrap_or(1))))
+            .collect();
+        let text = self.gateway_toml(
+            &placeholder,
+            std::time::Duration::from_secs(1),
+            Transport::Tcp,
+        );
+        let cfg = crate::config::GatewayConfig::parse(&self.gateway_config, &text, None)
+            .map_err(CliError::Config)?;
+        let approvals = crate::supervisor::approval_toml(&crate::supervisor::policy_stamps(&cfg));
+        Ok(format!(
             "[hub]\nid = \"{hub}\"\nhpke_secret_key = \"keys/hub.hpke.key\"\n\
              ack_signing_key = \"keys/hub.ack.key\"\nstate_path = \"hub-state\"\n\n\
              [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n\
              [mqtt]\n{mqtt}\n[status]\nlisten = \"{status}\"\n\n\
-             [[gateway]]\nid = \"{gw}\"\nverifying_key = \"keys/gateway.sign.pub\"\n",
+             [[gateway]]\nid = \"{gw}\"\nverifying_key = \"keys/gateway.sign.pub\"\n\
+             policies = {approvals}\n",
             hub = self.hub_id,
             gw = self.gateway_id,
             mqtt = self.mqtt_keys(self.hub_tls.as_ref()),
             status = self.hub_status,
-        )
+        ))
     }
 
     /// The fields the purpose passes: every readings field of the profile, so each poll
@@ -254,6 +268,17 @@ impl Setup {
         interval: std::time::Duration,
         transport: Transport,
     ) -> Result<(), CliError> {
+        let text = self.gateway_toml(addresses, interval, transport);
+        std::fs::write(&self.gateway_config, text).map_err(rt)
+    }
+
+    /// The gateway config text (see [`Setup::write_gateway_config`]).
+    fn gateway_toml(
+        &self,
+        addresses: &[SocketAddr],
+        interval: std::time::Duration,
+        transport: Transport,
+    ) -> String {
         let mut text = format!(
             "[gateway]\nid = \"{gw}\"\nprofiles_dir = \"profiles\"\n\n\
              [purpose]\nname = \"loadtest\"\nfields = {fields:?}\n\n\
@@ -285,7 +310,7 @@ impl Setup {
                 );
             }
         }
-        std::fs::write(&self.gateway_config, text).map_err(rt)
+        text
     }
 
     /// Each meter's pseudonym as the gateway computes it, by (endpoint index, unit id).

@@ -1,0 +1,250 @@
+//! Retention at the hub: `citygate hub-prune` drops records older than their purpose's
+//! approved retention from the JSON Lines sink (issue 11 item 3).
+//!
+//! A record's retention is the `retention` of the policy its (gateway, purpose) is approved
+//! under in the hub config; when several hashes of one purpose are approved, the longest
+//! retention wins. A record is dropped when `now` is more than its retention past the end of
+//! what it describes: an aggregate's window end, else its `at_ms`. Records are kept when
+//! their purpose has no retention, is no longer approved (the operator decides; nothing is
+//! deleted by omission), or is unknown (lines from before purposes were recorded, envelope
+//! versions 1 and 2); lines that do not parse (a torn last line) are copied unchanged.
+//!
+//! Crash safety: the kept lines are written to `<sink>.prune-tmp` in the same directory,
+//! synced, renamed over the sink, and the directory is synced. A crash leaves either the old
+//! file or the new one, never a mix; a left-over temp file is overwritten by the next run.
+//!
+//! A running hub appends to the sink; pruning under it would lose what it appends after the
+//! copy. Prune therefore opens the hub's de-dup state first and holds it until the rename: a
+//! running hub holds that state's lock, so prune refuses to run beside one (after the same
+//! few seconds' wait a restarting hub gets), and a hub started meanwhile waits and fails
+//! instead of writing to the file being replaced.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::config::{HubConfig, SinkConfig};
+use super::dedup::{Dedup, DedupError};
+
+/// What a prune did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    pub kept: u64,
+    /// Dropped records by purpose.
+    pub dropped: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    #[error(
+        "cannot open the hub state {}: {source}; is a hub running on it? stop it before pruning",
+        path.display()
+    )]
+    HubRunning {
+        path: PathBuf,
+        #[source]
+        source: DedupError,
+    },
+    #[error("sink {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The fields of a sink line that decide its fate.
+#[derive(Deserialize)]
+struct LineAge {
+    gateway: String,
+    purpose: Option<String>,
+    at_ms: i64,
+    window: Option<WindowEnd>,
+}
+
+#[derive(Deserialize)]
+struct WindowEnd {
+    end_ms: i64,
+}
+
+/// Prunes `cfg`'s sink at `now_ms` (ms since the Unix epoch). Blocks (file I/O, fsync).
+pub fn prune(cfg: &HubConfig, now_ms: i64) -> Result<PruneReport, PruneError> {
+    let _hub_lock = Dedup::open(&cfg.state_path).map_err(|source| PruneError::HubRunning {
+        path: cfg.state_path.clone(),
+        source,
+    })?;
+    let SinkConfig::Jsonl { path } = &cfg.sink;
+    let mut retention: HashMap<(&str, &str), Duration> = HashMap::new();
+    for g in &cfg.gateways {
+        for p in &g.policies {
+            if let Some(r) = p.retention {
+                let e = retention
+                    .entry((g.id.as_str(), p.stamp.purpose.as_str()))
+                    .or_default();
+                *e = (*e).max(r);
+            }
+        }
+    }
+    let io_err = |source| PruneError::Io {
+        path: path.clone(),
+        source,
+    };
+    let input = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(PruneReport::default()),
+        Err(e) => return Err(io_err(e)),
+    };
+    let tmp = temp_path(path);
+    let mut out = BufWriter::new(File::create(&tmp).map_err(io_err)?);
+    let mut reader = BufReader::new(input);
+    let mut report = PruneReport::default();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).map_err(io_err)? == 0 {
+            break;
+        }
+        if let Some(purpose) = expired(&line, &retention, now_ms) {
+            *report.dropped.entry(purpose).or_default() += 1;
+        } else {
+            report.kept += 1;
+            out.write_all(&line).map_err(io_err)?;
+        }
+    }
+    let file = out.into_inner().map_err(|e| io_err(e.into_error()))?;
+    file.sync_all().map_err(io_err)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io_err)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
+    }
+    for (purpose, n) in &report.dropped {
+        tracing::info!(purpose = %purpose, dropped = n, "records past retention pruned");
+    }
+    tracing::info!(kept = report.kept, sink = %path.display(), "sink pruned");
+    Ok(report)
+}
+
+/// The purpose of `line` if it is past its retention at `now_ms`.
+fn expired(
+    line: &[u8],
+    retention: &HashMap<(&str, &str), Duration>,
+    now_ms: i64,
+) -> Option<String> {
+    let l: LineAge = serde_json::from_slice(line).ok()?;
+    let purpose = l.purpose?;
+    let keep = retention.get(&(l.gateway.as_str(), purpose.as_str()))?;
+    let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+    let end = l.window.map_or(l.at_ms, |w| w.end_ms);
+    (now_ms.saturating_sub(end) > keep_ms).then_some(purpose)
+}
+
+fn temp_path(sink: &Path) -> PathBuf {
+    let mut name = sink.file_name().unwrap_or_default().to_os_string();
+    name.push(".prune-tmp");
+    sink.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY_MS: i64 = 86_400_000;
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn config(dir: &Path) -> HubConfig {
+        let hash = "ab".repeat(32);
+        let text = format!(
+            "[hub]\nid = \"hub-1\"\nhpke_secret_key = \"k\"\nack_signing_key = \"a\"\n\
+             state_path = \"state\"\n[sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\
+             [mqtt]\nbroker = \"localhost:1\"\ndanger_plaintext = true\n\
+             [[gateway]]\nid = \"gw-1\"\nverifying_key = \"v\"\npolicies = [\n\
+             {{ purpose = \"billing\", hash = \"{hash}\", retention = \"1d\" }},\n\
+             {{ purpose = \"billing\", hash = \"{}\", retention = \"2d\" }},\n\
+             {{ purpose = \"open-data\", hash = \"{hash}\" }},\n]\n\
+             [[gateway]]\nid = \"gw-2\"\nverifying_key = \"v\"\n",
+            "cd".repeat(32)
+        );
+        HubConfig::parse(&dir.join("hub.toml"), &text).unwrap()
+    }
+
+    fn line(gateway: &str, purpose: Option<&str>, at_ms: i64, window_end: Option<i64>) -> String {
+        let mut v = serde_json::json!({
+            "gateway": gateway, "stream": "readings", "seq": 1, "purpose": purpose,
+            "field": "energy_import", "at_ms": at_ms,
+        });
+        if let Some(end) = window_end {
+            v["window"] = serde_json::json!({ "function": "delta", "end_ms": end });
+        }
+        format!("{v}\n")
+    }
+
+    /// Issue 11 item 3: records past their purpose's retention are dropped (the longest
+    /// retention of the purpose's approved hashes; an aggregate by its window end); others,
+    /// and lines that do not parse, are kept byte for byte.
+    #[test]
+    fn records_past_their_purposes_retention_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let kept = [
+            line("gw-1", Some("billing"), NOW - DAY_MS, None),
+            line(
+                "gw-1",
+                Some("billing"),
+                NOW - 3 * DAY_MS,
+                Some(NOW - DAY_MS),
+            ),
+            line("gw-1", Some("open-data"), NOW - 100 * DAY_MS, None),
+            line("gw-1", None, NOW - 100 * DAY_MS, None),
+            line("gw-2", Some("billing"), NOW - 100 * DAY_MS, None),
+        ];
+        let dropped = [
+            line("gw-1", Some("billing"), NOW - 2 * DAY_MS - 1, None),
+            line(
+                "gw-1",
+                Some("billing"),
+                NOW - 9 * DAY_MS,
+                Some(NOW - 3 * DAY_MS),
+            ),
+        ];
+        let torn = "{\"gateway\":\"gw-1\",\"purpose\":\"bil";
+        let mut text = String::new();
+        for (i, l) in kept.iter().enumerate() {
+            text.push_str(l);
+            if let Some(d) = dropped.get(i) {
+                text.push_str(d);
+            }
+        }
+        text.push_str(torn);
+        let sink = dir.path().join("records.jsonl");
+        std::fs::write(&sink, &text).unwrap();
+
+        let report = prune(&cfg, NOW).unwrap();
+        assert_eq!(report.kept, 6);
+        assert_eq!(report.dropped, BTreeMap::from([("billing".to_owned(), 2)]));
+        assert_eq!(
+            std::fs::read_to_string(&sink).unwrap(),
+            kept.concat() + torn
+        );
+        assert!(!temp_path(&sink).exists());
+    }
+
+    /// Prune refuses to run beside a hub holding the state (and so the sink).
+    #[test]
+    fn prune_refuses_while_a_hub_holds_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let sink = dir.path().join("records.jsonl");
+        let text = line("gw-1", Some("billing"), 0, None);
+        std::fs::write(&sink, &text).unwrap();
+        let hub = Dedup::open(&cfg.state_path).unwrap();
+        let err = prune(&cfg, NOW).unwrap_err();
+        assert!(matches!(err, PruneError::HubRunning { .. }), "{err}");
+        assert_eq!(std::fs::read_to_string(&sink).unwrap(), text);
+        drop(hub);
+    }
+}
