@@ -3,7 +3,10 @@
 //!
 //! `cargo bench --bench pipeline`; criterion reports time per batch and, through
 //! `Throughput::Elements`, readings per second. Stages are also measured alone so a
-//! regression can be located. `batcher` runs the async batcher task (transforms, then sealing
+//! regression can be located. `policy/aggregate` runs normalise → check → the purpose
+//! policy engine with aggregation on (per-device 15-min means and daily counter deltas, an
+//! area aggregate with k-anonymity), one round of samples a second, closing windows as
+//! they fall due; `policy/end_to_end` adds sealing and committing what it emits. `batcher` runs the async batcher task (transforms, then sealing
 //! on a blocking thread) on a two-worker runtime, samples in, sealed batches out.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,9 +17,10 @@ use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion
 
 use citygate::config::BatchConfig;
 use citygate::pipeline::{Batcher, SAMPLES_CHANNEL_CAPACITY, SEALED_CHANNEL_CAPACITY};
+use citygate::policy::{CompiledPolicy, DeviceCtx, Engine};
 use citygate::profile::Ratios;
 use citygate::profile::{decode, Profile, ProfileSet, RawValue};
-use citygate::reading::{DeviceId, FieldName, GatewayId, Quality, Record, Stream};
+use citygate::reading::{AreaId, DeviceId, FieldName, GatewayId, Quality, Record, Stream};
 use citygate::seal::Sealer;
 use citygate::source::{RawSample, RegisterImage, SampleData};
 use citygate::store::{SledStore, Store, StoreOptions};
@@ -199,5 +203,144 @@ fn bench(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench);
+/// A policy with aggregation on every measurement the bench profile has.
+const AGGREGATE_POLICY: &str = r#"
+[purpose]
+name = "bench-grid-operation"
+description = "bench"
+legal_basis = "bench"
+owner = "bench"
+retention = "30d"
+
+[[rule]]
+field = "energy_import"
+action = "aggregate"
+function = "delta"
+window = "1d"
+
+[[rule]]
+field = "energy_export"
+action = "aggregate"
+function = "delta"
+window = "1d"
+
+[[rule]]
+field = "active_power"
+action = "aggregate"
+function = "mean"
+window = "15m"
+over = "area"
+
+[[rule]]
+field = "active_power"
+action = "aggregate"
+function = "max"
+window = "15m"
+
+[[rule]]
+category = "measurement"
+action = "aggregate"
+function = "mean"
+window = "15m"
+"#;
+
+struct PolicyFlow {
+    engine: Engine,
+    checker: Checker,
+    subjects: Vec<String>,
+    areas: Vec<AreaId>,
+    now_ms: i64,
+}
+
+impl PolicyFlow {
+    fn new() -> Self {
+        let policy = CompiledPolicy::parse(
+            Path::new("bench.toml"),
+            AGGREGATE_POLICY,
+            jiff::tz::TimeZone::get("Asia/Shanghai").unwrap(),
+            PseudonymKey::from_bytes([7; 32]).with_epoch(1),
+        )
+        .unwrap();
+        let subjects = (0..DEVICES)
+            .map(|i| policy.subject(&DeviceId::new(format!("meter-{i}")).unwrap()))
+            .collect();
+        Self {
+            engine: Engine::new(Arc::new(policy)),
+            checker: Checker::new(),
+            subjects,
+            areas: (0..DEVICES)
+                .map(|i| AreaId::new(format!("feeder-{}", i % 10)).unwrap())
+                .collect(),
+            now_ms: 1_700_000_000_000,
+        }
+    }
+
+    /// One round: every device's readings, one second after the last round.
+    fn round(&mut self, p: &Profile, img: &RegisterImage, devices: &[DeviceId]) -> Vec<Record> {
+        self.now_ms += 1_000;
+        let mut out = Vec::new();
+        for (i, d) in devices.iter().enumerate() {
+            let n = normalise(p, d, self.now_ms + i as i64, img);
+            let ctx = DeviceCtx {
+                device: d,
+                subject: &self.subjects[i],
+                area: Some(&self.areas[i]),
+                ratios: Ratios::UNITY,
+            };
+            for mut r in n.readings {
+                let field = p.field(r.field.as_str()).unwrap();
+                self.checker.check(field, &mut r);
+                self.engine.accept(&r, field, &ctx, &mut out);
+            }
+        }
+        self.engine.close_due(self.now_ms, &mut out);
+        out
+    }
+}
+
+fn bench_policy(c: &mut Criterion) {
+    let p = profile();
+    let img = image(&p);
+    let devices: Vec<DeviceId> = (0..DEVICES)
+        .map(|i| DeviceId::new(format!("meter-{i}")).unwrap())
+        .collect();
+    let readings = normalise(&p, &devices[0], 0, &img).readings.len() * DEVICES;
+    let sealer = Sealer::new(
+        GatewayId::new("bench-gw").unwrap(),
+        ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
+        citygate::seal::HubSecretKey::from_bytes(&[2; 32]).public_key(),
+        [0; 32],
+        0x5eed,
+    );
+    let mut g = c.benchmark_group("policy");
+    g.throughput(Throughput::Elements(readings as u64));
+    let mut flow = PolicyFlow::new();
+    g.bench_function("aggregate", |b| {
+        b.iter(|| black_box(flow.round(&p, &img, &devices)))
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&dir.path().join("store"), StoreOptions::default()).unwrap();
+    let mut flow = PolicyFlow::new();
+    let mut seq = 1u64;
+    g.bench_function("end_to_end", |b| {
+        b.iter(|| {
+            let recs = flow.round(&p, &img, &devices);
+            if !recs.is_empty() {
+                let sealed = sealer.seal(Stream::Readings, seq, 0, &recs).unwrap();
+                store.append(Stream::Readings, seq, &sealed.bytes).unwrap();
+                store.flush().unwrap();
+                store.ack(Stream::Readings, seq).unwrap();
+                seq += 1;
+            }
+        })
+    });
+    g.finish();
+    println!(
+        "policy: {DEVICES} devices x {} fields = {readings} readings a round; engine {:?}",
+        p.fields.len(),
+        flow.engine.stats()
+    );
+}
+
+criterion_group!(benches, bench, bench_policy);
 criterion_main!(benches);
