@@ -101,10 +101,13 @@ fn bench(c: &mut Criterion) {
             GatewayId::new("bench-gw").unwrap(),
             ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
             citygate::seal::HubSecretKey::from_bytes(&[2; 32]).public_key(),
-            pol.hash(),
             0x5eed,
         )
     };
+    let stamp = citygate::seal::PolicyStamp::new(
+        citygate::reading::PurposeName::new("bench").unwrap(),
+        pol.hash(),
+    );
     let sealer = new_sealer();
     let _ = FieldName::new("x");
 
@@ -114,14 +117,17 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(records(&p, &img, &pol, &mut checker, &devices)))
     });
     g.bench_function("seal", |b| {
-        b.iter(|| black_box(sealer.seal(Stream::Readings, 1, 0, &recs).unwrap()))
+        b.iter(|| black_box(sealer.seal(Stream::Readings, 1, 0, &stamp, &recs).unwrap()))
     });
 
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(&dir.path().join("store"), StoreOptions::default()).unwrap();
     let mut seq = 1u64;
     g.bench_function("commit", |b| {
-        let bytes = sealer.seal(Stream::Readings, 1, 0, &recs).unwrap().bytes;
+        let bytes = sealer
+            .seal(Stream::Readings, 1, 0, &stamp, &recs)
+            .unwrap()
+            .bytes;
         b.iter(|| {
             store.append(Stream::Readings, seq, &bytes).unwrap();
             store.flush().unwrap();
@@ -134,7 +140,9 @@ fn bench(c: &mut Criterion) {
             || (),
             |_| {
                 let (_, recs) = records(&p, &img, &pol, &mut checker, &devices);
-                let sealed = sealer.seal(Stream::Readings, seq, 0, &recs).unwrap();
+                let sealed = sealer
+                    .seal(Stream::Readings, seq, 0, &stamp, &recs)
+                    .unwrap();
                 store.append(Stream::Readings, seq, &sealed.bytes).unwrap();
                 store.flush().unwrap();
                 store.ack(Stream::Readings, seq).unwrap();
@@ -167,6 +175,7 @@ fn bench(c: &mut Criterion) {
                     samples_rx,
                     sealed_tx,
                     new_sealer(),
+                    stamp.clone(),
                     pol.clone(),
                     cfg,
                     |_| 1,
@@ -199,7 +208,7 @@ fn bench(c: &mut Criterion) {
         "batch: {DEVICES} devices x {} fields = {readings} readings -> {} records, envelope {} bytes",
         p.fields.len(),
         recs.len(),
-        sealer.seal(Stream::Readings, 1, 0, &recs).unwrap().bytes.len()
+        sealer.seal(Stream::Readings, 1, 0, &stamp, &recs).unwrap().bytes.len()
     );
 }
 

@@ -91,6 +91,13 @@ ident_newtype!(
     64
 );
 ident_newtype!(
+    /// The name of a purpose (a policy's `purpose`), such as `billing`: carried in every
+    /// version 3 envelope header and approved per gateway at the hub.
+    PurposeName,
+    "purpose name",
+    64
+);
+ident_newtype!(
     /// A canonical field name such as `energy_import` or `voltage_l1`.
     FieldName,
     "field name",
@@ -391,9 +398,18 @@ pub enum QualityReason {
     NotFinite,
     /// The meter sent no usable timestamp: the time is the gateway's receive time.
     ReceiveTime,
-    /// The meter's timestamp is ahead of the gateway's clock by more than allowed; it is
-    /// kept as sent.
+    /// The meter's timestamp is ahead of the gateway's clock by more than allowed, or
+    /// behind it by more than allowed; it is kept as sent.
     ClockSkew,
+    /// The change from the previous good reading is faster than the profile's
+    /// `max_rate` (for a counter: the increment).
+    Spike,
+    /// The same value `frozen_after` times in a row on a field that always moves: a
+    /// stuck sensor or a meter repeating its last value.
+    Frozen,
+    /// A counter fell to near zero: the meter was replaced or reset (not a misread
+    /// backwards step, not a rollover).
+    CounterReset,
 }
 
 impl QualityReason {
@@ -406,6 +422,9 @@ impl QualityReason {
             QualityReason::NotFinite => "not_finite",
             QualityReason::ReceiveTime => "receive_time",
             QualityReason::ClockSkew => "clock_skew",
+            QualityReason::Spike => "spike",
+            QualityReason::Frozen => "frozen",
+            QualityReason::CounterReset => "counter_reset",
         }
     }
 }

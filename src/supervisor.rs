@@ -24,10 +24,10 @@ use crate::mqtt::{LinkError, LinkOptions, MqttLink};
 use crate::pipeline::{
     Batcher, CommittedMarks, Committer, SAMPLES_CHANNEL_CAPACITY, SEALED_CHANNEL_CAPACITY,
 };
-use crate::reading::Stream;
+use crate::reading::{IdError, PurposeName, Stream};
 use crate::seal::keys;
-use crate::seal::Sealer;
 use crate::seal::{HubPublicKey, KeyError};
+use crate::seal::{PolicyStamp, Sealer};
 use crate::source::modbus::ModbusPoller;
 use crate::source::mqtt::MqttSubscriber;
 use crate::source::{GatewayAlarms, SourceContext};
@@ -71,6 +71,17 @@ pub fn policy(cfg: &GatewayConfig, key: PseudonymKey) -> Policy {
         key,
         &cfg.profile_versions(),
     )
+}
+
+/// The stamp every batch of the configured purpose is sealed under: the purpose name and
+/// [`Policy::hash`]. This is what the hub's registry must approve for the gateway
+/// (`policies = [{ purpose = "…", hash = "…" }]`). Fails if the purpose name cannot go into an
+/// envelope header (1..=64 ASCII letters, digits, '-', '_', '.').
+pub fn policy_stamp(cfg: &GatewayConfig, policy: &Policy) -> Result<PolicyStamp, IdError> {
+    Ok(PolicyStamp::new(
+        PurposeName::new(cfg.purpose.name.as_str())?,
+        policy.hash(),
+    ))
 }
 
 /// The first sequence number to use on a stream whose store says `store_next`.
@@ -122,6 +133,11 @@ impl Running {
 
 /// Starts pollers, batcher and committer for `cfg` on the current runtime. `outbox` is an
 /// [`Outbox`] or the `Arc<dyn Store>` to wrap in one (before any task writes to it).
+///
+/// # Panics
+///
+/// If the purpose name is not valid in an envelope header; `citygate run` checks it with
+/// [`policy_stamp`] first.
 pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) -> Running {
     let outbox: Outbox = outbox.into();
     let metrics = Arc::new(Metrics::default());
@@ -133,11 +149,12 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
         watch::channel(Stream::ALL.map(|s| outbox.next_seq_at_open(s).saturating_sub(1)));
 
     let policy = policy(cfg, keys.pseudonym);
+    let stamp = policy_stamp(cfg, &policy)
+        .expect("invariant: the purpose name is checked before the gateway starts");
     let sealer = Sealer::new(
         cfg.gateway_id.clone(),
         keys.signing,
         keys.hub,
-        policy.hash(),
         outbox.incarnation(),
     );
     let ack_verifier = AckVerifier::new(keys.hub_ack);
@@ -146,6 +163,7 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
         samples_rx,
         sealed_tx,
         sealer,
+        stamp,
         policy,
         cfg.batch,
         move |s| first_seq(seq_outbox.next_seq_at_open(s)),

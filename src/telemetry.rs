@@ -104,7 +104,7 @@ metrics! {
     mqtt_payload_errors: "MQTT meter messages rejected as a whole.",
     mqtt_field_errors: "Fields missing or mistyped in otherwise usable MQTT messages.",
     mqtt_stale_values: "MQTT values dropped as not newer than the last one used.",
-    mqtt_clock_skewed: "MQTT values whose meter clock is ahead of the gateway's by more than max_clock_skew.",
+    mqtt_clock_skewed: "MQTT values whose meter clock is ahead of the gateway's by more than max_clock_skew, or behind by more than max_clock_lag.",
     dtu_registrations_refused: "DTU registrations refused because the id is live on another connection.",
     dtu_peer_changed: "DTU registrations accepted from another IP address than the id's last one.",
     dtu_peers_refused: "Connections to a DTU listener closed because the peer is outside its allow list.",

@@ -114,6 +114,8 @@ pub fn run(path: &Path) -> Result<(), CliError> {
     init_logging("info");
     let cfg = GatewayConfig::load(path)?;
     let keys = KeyMaterial::load(&cfg.keys).map_err(|e| CliError::Usage(e.to_string()))?;
+    supervisor::policy_stamp(&cfg, &supervisor::policy(&cfg, keys.pseudonym.clone()))
+        .map_err(|e| CliError::Usage(format!("{}: purpose.name: {e}", path.display())))?;
     let store = SledStore::open(
         &cfg.store.path,
         StoreOptions {

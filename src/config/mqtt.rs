@@ -10,6 +10,7 @@
 //! key_file = "tls/gw.key"
 //! qos = 1                          # 0 or 1
 //! max_clock_skew = "5m"            # meter timestamps further ahead are uncertain(clock_skew)
+//! max_clock_lag = "1d"             # … and further behind too (raise for meters uploading late)
 //! max_packet_bytes = 16777216      # largest packet read from the broker (see below)
 //! down_grace = "60s"               # down (or reconnect-looping) longer: /health degraded
 //!
@@ -63,6 +64,10 @@ pub struct MqttSourceConfig {
     /// How far ahead of the gateway's clock a meter's timestamp may be before its values
     /// are `uncertain(clock_skew)` and no longer advance the per-field staleness gate.
     pub max_clock_skew: Duration,
+    /// How far behind the gateway's clock a meter's timestamp may be before its values
+    /// are `uncertain(clock_skew)` (kept as sent). Meters that upload buffered readings
+    /// need at least their upload interval.
+    pub max_clock_lag: Duration,
     /// Largest packet read from the broker; a larger one breaks the connection.
     pub max_packet_bytes: usize,
     /// How long the source may be disconnected, or a connection must stay up to end a
@@ -72,6 +77,9 @@ pub struct MqttSourceConfig {
 
 /// Default `max_clock_skew`.
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+/// Default `max_clock_lag`: one day, so a meter uploading once a day is not flagged, while
+/// a clock left unset or a year off is.
+pub const DEFAULT_MAX_CLOCK_LAG: Duration = Duration::from_secs(24 * 3600);
 /// Default `max_packet_bytes`: far above any meter message, so an oversized one is read,
 /// counted and dropped instead of breaking the connection.
 pub const DEFAULT_SOURCE_MAX_PACKET_BYTES: usize = 16 << 20;
@@ -94,6 +102,7 @@ pub(super) struct RawMqttSource {
     danger_plaintext: bool,
     qos: Option<Spanned<u8>>,
     max_clock_skew: Option<HumanDuration>,
+    max_clock_lag: Option<HumanDuration>,
     max_packet_bytes: Option<Spanned<usize>>,
     down_grace: Option<Spanned<HumanDuration>>,
 }
@@ -186,6 +195,7 @@ pub(super) fn sources(
             tls,
             qos,
             max_clock_skew: s.max_clock_skew.map_or(DEFAULT_MAX_CLOCK_SKEW, |d| d.0),
+            max_clock_lag: s.max_clock_lag.map_or(DEFAULT_MAX_CLOCK_LAG, |d| d.0),
             max_packet_bytes,
             down_grace,
         });
@@ -368,14 +378,14 @@ transport = { type = "mqtt", source = "meters", topic = "water/+/up" }
         assert_eq!(s.client_id, "gw-1-meters");
         assert_eq!(s.qos, 1);
         assert_eq!(s.max_clock_skew, DEFAULT_MAX_CLOCK_SKEW);
+        assert_eq!(s.max_clock_lag, super::DEFAULT_MAX_CLOCK_LAG);
         let tight = config().replace(
             "key_file = \"tls/gw.key\"",
-            "key_file = \"tls/gw.key\"\nmax_clock_skew = \"30s\"",
+            "key_file = \"tls/gw.key\"\nmax_clock_skew = \"30s\"\nmax_clock_lag = \"2h\"",
         );
-        assert_eq!(
-            parse(&tight).unwrap().mqtt_sources[0].max_clock_skew,
-            std::time::Duration::from_secs(30)
-        );
+        let tight = &parse(&tight).unwrap().mqtt_sources[0];
+        assert_eq!(tight.max_clock_skew, std::time::Duration::from_secs(30));
+        assert_eq!(tight.max_clock_lag, std::time::Duration::from_secs(7200));
         assert_eq!(s.max_packet_bytes, super::DEFAULT_SOURCE_MAX_PACKET_BYTES);
         assert_eq!(s.down_grace, super::DEFAULT_DOWN_GRACE);
         assert_eq!(

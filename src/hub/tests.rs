@@ -5,13 +5,18 @@ use std::path::PathBuf;
 use proptest::prelude::*;
 use tempfile::TempDir;
 
-use crate::reading::{GatewayId, Quality, QualityReason, Record, Stream, Unit, Value};
-use crate::seal::{self, Opener, Sealer};
+use crate::reading::{GatewayId, PurposeName, Quality, QualityReason, Record, Stream, Unit, Value};
+use crate::seal::{self, Opener, PolicyStamp, Sealer};
 
 use super::*;
 
 fn gw() -> GatewayId {
     GatewayId::new("gw-1").unwrap()
+}
+
+/// The purpose and policy hash the fixture's gateway seals under.
+fn stamp() -> PolicyStamp {
+    PolicyStamp::new(PurposeName::new("billing").unwrap(), [7; 32])
 }
 
 /// The store incarnation the fixture's gateway seals under.
@@ -31,7 +36,6 @@ impl Fixture {
             gw(),
             seal::load_signing_key(&keys.signing_key).unwrap(),
             seal::load_hub_public_key(&keys.hub_public_key).unwrap(),
-            [7; 32],
             INC,
         );
         Fixture { dir, keys, sealer }
@@ -61,7 +65,7 @@ impl Fixture {
 
     fn seal(&self, stream: Stream, seq: u64) -> Vec<u8> {
         self.sealer
-            .seal(stream, seq, 1_700_000_000_000, &records())
+            .seal(stream, seq, 1_700_000_000_000, &stamp(), &records())
             .unwrap()
             .bytes
     }
@@ -328,11 +332,10 @@ fn unregistered_gateway_and_unregistered_key_are_rejected() {
         GatewayId::new("gw-9").unwrap(),
         ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
         hub_pub.clone(),
-        [0; 32],
         INC,
     );
     let env = stranger
-        .seal(Stream::Readings, 1, 0, &records())
+        .seal(Stream::Readings, 1, 0, &stamp(), &records())
         .unwrap()
         .bytes;
     assert_eq!(
@@ -344,11 +347,10 @@ fn unregistered_gateway_and_unregistered_key_are_rejected() {
         gw(),
         ed25519_dalek::SigningKey::from_bytes(&[4; 32]),
         hub_pub,
-        [0; 32],
         INC,
     );
     let env = impostor
-        .seal(Stream::Readings, 1, 0, &records())
+        .seal(Stream::Readings, 1, 0, &stamp(), &records())
         .unwrap()
         .bytes;
     assert_eq!(rejected(hub.ingest(&gw(), &env)), "unknown_signer_key");
@@ -511,12 +513,17 @@ fn the_same_seq_from_two_store_incarnations_is_two_batches() {
         gw(),
         seal::load_signing_key(&f.keys.signing_key).unwrap(),
         seal::load_hub_public_key(&f.keys.hub_public_key).unwrap(),
-        [7; 32],
         INC + 1,
     );
     let second = |seq| {
         replacement
-            .seal(Stream::Readings, seq, 1_700_000_000_000, &records())
+            .seal(
+                Stream::Readings,
+                seq,
+                1_700_000_000_000,
+                &stamp(),
+                &records(),
+            )
             .unwrap()
             .bytes
     };

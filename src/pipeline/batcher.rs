@@ -31,7 +31,7 @@ use tracing::{error, info};
 
 use crate::config::{BatchConfig, MAX_BATCH_BYTES};
 use crate::reading::{now_ms, DeviceId, Record, Stream};
-use crate::seal::{SealedBatch, Sealer};
+use crate::seal::{PolicyStamp, SealedBatch, Sealer};
 use crate::source::{RawSample, Rounds, SampleData};
 use crate::telemetry::Metrics;
 use crate::transform::alarm::AlarmGate;
@@ -91,6 +91,9 @@ pub struct Batcher {
     /// Shared with the blocking thread that seals.
     sealer: Arc<Sealer>,
     policy: Policy,
+    /// What the batches of `policy` are sealed under. The audit stream carries only records the
+    /// gateway raises itself, sealed under [`PolicyStamp::gateway`].
+    stamp: PolicyStamp,
     checker: Checker,
     /// Alarm-stream readings go out on change and as periodic standing state.
     alarms: AlarmGate,
@@ -112,11 +115,14 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// `next_seq` is the first unused sequence number per stream (from the store).
+    /// `next_seq` is the first unused sequence number per stream (from the store). Batches of
+    /// `policy` are sealed under `stamp`.
+    #[allow(clippy::too_many_arguments)] // until flows bundle their policy and stamp
     pub fn new(
         samples_rx: mpsc::Receiver<RawSample>,
         sealed_tx: mpsc::Sender<SealedBatch>,
         sealer: Sealer,
+        stamp: PolicyStamp,
         policy: Policy,
         cfg: BatchConfig,
         next_seq: impl Fn(Stream) -> u64,
@@ -127,6 +133,7 @@ impl Batcher {
             sealed_tx,
             sealer: Arc::new(sealer),
             policy,
+            stamp,
             checker: Checker::new(),
             alarms: AlarmGate::new(cfg.alarm_state_every),
             subjects: HashMap::new(),
@@ -330,8 +337,15 @@ impl Batcher {
             return;
         };
         let sealer = self.sealer.clone();
-        let sealed =
-            tokio::task::spawn_blocking(move || sealer.seal(stream, seq, now_ms(), &records)).await;
+        let stamp = if stream == Stream::Audit {
+            PolicyStamp::gateway()
+        } else {
+            self.stamp.clone()
+        };
+        let sealed = tokio::task::spawn_blocking(move || {
+            sealer.seal(stream, seq, now_ms(), &stamp, &records)
+        })
+        .await;
         let sealed = match sealed {
             Ok(s) => s,
             Err(e) => {
@@ -408,7 +422,7 @@ mod tests {
 
     use super::*;
     use crate::profile::{decode, Profile, ProfileSet, Ratios, RawValue};
-    use crate::reading::{GatewayId, Value};
+    use crate::reading::{GatewayId, PurposeName, Value};
     use crate::seal::HubSecretKey;
     use crate::source::RegisterImage;
     use crate::transform::minimise::PseudonymKey;
@@ -434,14 +448,17 @@ mod tests {
         img
     }
 
-    fn sealer(policy: &Policy) -> Sealer {
+    fn sealer() -> Sealer {
         Sealer::new(
             GatewayId::new("gw-batcher").unwrap(),
             ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
             HubSecretKey::from_bytes(&[2; 32]).public_key(),
-            policy.hash(),
             1,
         )
+    }
+
+    fn stamp(policy: &Policy) -> PolicyStamp {
+        PolicyStamp::new(PurposeName::new("test").unwrap(), policy.hash())
     }
 
     /// A batcher whose purpose takes every field of [`profile`], sealing by `max_age` of one
@@ -464,7 +481,8 @@ mod tests {
         Batcher::new(
             samples_rx,
             sealed_tx,
-            sealer(&policy),
+            sealer(),
+            stamp(&policy),
             policy,
             cfg,
             move |_| first_seq,
@@ -539,7 +557,7 @@ mod tests {
             PseudonymKey::from_bytes([7; 32]),
             &[],
         );
-        let sealer = sealer(&policy);
+        let sealer = sealer();
         let mut rng = rand::thread_rng();
         let records: Vec<Record> = (0..300)
             .map(|i| {
@@ -567,7 +585,9 @@ mod tests {
             })
             .collect();
         let bound: usize = records.iter().map(record_bytes_bound).sum();
-        let sealed = sealer.seal(Stream::Readings, 1, 0, &records).unwrap();
+        let sealed = sealer
+            .seal(Stream::Readings, 1, 0, &stamp(&policy), &records)
+            .unwrap();
         assert!(
             sealed.bytes.len() <= sealed_bytes_bound(bound),
             "{} > {}",
@@ -608,7 +628,8 @@ mod tests {
         let batcher = Batcher::new(
             samples_rx,
             sealed_tx,
-            sealer(&policy),
+            sealer(),
+            stamp(&policy),
             policy,
             cfg,
             |_| 1,
@@ -652,6 +673,50 @@ mod tests {
             ("gateway:gw-1", "dtu_peer_changed")
         );
         assert_eq!(alarms[0].value, Value::Int(1));
+    }
+
+    /// Issue 11 item 2: each batch names the policy it was made under; gateway-raised records
+    /// on the audit stream go out under the built-in gateway stamp.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_audit_stream_is_sealed_under_the_gateway_stamp_the_rest_under_the_purpose() {
+        let metrics = Arc::new(Metrics::default());
+        let (samples_tx, samples_rx) = mpsc::channel(16);
+        let (sealed_tx, mut sealed_rx) = mpsc::channel(16);
+        let mut batcher = test_batcher(1, Duration::ZERO, samples_rx, sealed_tx, metrics);
+        let record = |field: &str| {
+            store_recovery_alarm(
+                &GatewayId::new("gw-1").unwrap(),
+                &crate::store::Recovery {
+                    moved_to: "old".into(),
+                    batches_lost: 0,
+                    reason: field.to_owned(),
+                },
+            )
+        };
+        batcher.push_gateway_record(Stream::Audit, record("audit"));
+        batcher.push_gateway_record(Stream::Alarms, record("alarm"));
+        let expected = batcher.stamp.clone();
+        drop(samples_tx);
+        tokio::spawn(batcher.run()).await.unwrap();
+        let mut opener = crate::seal::Opener::new(HubSecretKey::from_bytes(&[2; 32]));
+        opener.register(
+            GatewayId::new("gw-batcher").unwrap(),
+            ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
+        );
+        let mut stamps = Vec::new();
+        while let Some(b) = sealed_rx.recv().await {
+            let h = opener.open(&b.bytes).unwrap().header;
+            let stamp = PolicyStamp::new(h.purpose.unwrap(), h.policy_hash);
+            stamps.push((b.stream, stamp));
+        }
+        stamps.sort_by_key(|(s, _)| *s);
+        assert_eq!(
+            stamps,
+            [
+                (Stream::Alarms, expected),
+                (Stream::Audit, PolicyStamp::gateway())
+            ]
+        );
     }
 
     /// A batcher with rounds, `max_age` one hour, and a sample sender.

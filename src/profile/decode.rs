@@ -4,7 +4,8 @@
 //! consecutive registers: `ABCD` big-endian words and bytes (the Modbus default),
 //! `CDAB` low word first, `BADC` bytes swapped inside each word, `DCBA` fully
 //! little-endian. For 64-bit types the same rule applies to four words. Decoding
-//! never panics: a wrong number of words is an error.
+//! never panics: a wrong number of words is an error. An f32 widens to the f64 of its
+//! shortest decimal (`decimal::widen_f32`): 231.92935, not 231.92935180664062.
 
 use std::fmt;
 
@@ -182,7 +183,7 @@ pub fn decode(ty: FieldType, order: WordOrder, words: &[u16]) -> Result<RawValue
         FieldType::I16 => RawValue::Signed(i64::from(v as u16 as i16)),
         FieldType::I32 => RawValue::Signed(i64::from(v as u32 as i32)),
         FieldType::I64 => RawValue::Signed(v as i64),
-        FieldType::F32 => RawValue::Float(f64::from(f32::from_bits(v as u32))),
+        FieldType::F32 => RawValue::Float(super::decimal::widen_f32(f32::from_bits(v as u32))),
         FieldType::F64 => RawValue::Float(f64::from_bits(v)),
         FieldType::Bit(b) => RawValue::Bit(b < 16 && (v >> b) & 1 == 1),
     })

@@ -13,6 +13,7 @@
 //!
 //! The file format is documented in README.md ("Device profiles").
 
+pub(crate) mod decimal;
 pub mod decode;
 pub(crate) mod line;
 pub mod mqtt;
@@ -197,6 +198,12 @@ pub struct Field {
     /// Raw register bit patterns that mean "not available".
     pub sentinels: Vec<u64>,
     pub counter: Counter,
+    /// Largest plausible change per second (profile unit, meter side; for a counter, of
+    /// its increments): a faster one is `uncertain(spike)`.
+    pub max_rate: Option<f64>,
+    /// This many identical values in a row, and any after, are `uncertain(frozen)`
+    /// (gauges that always jitter; never a counter).
+    pub frozen_after: Option<u32>,
     /// For a combined total: the fraction part added to the value of `ty` at `address`.
     pub fraction: Option<Fraction>,
     /// The transformer ratio a secondary-side value is multiplied by, if any.

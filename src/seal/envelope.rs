@@ -8,7 +8,7 @@
 //! only (magic, version, suite, gateway id syntax, stream code, lengths); signatures and
 //! decryption are the [`Opener`](super::Opener)'s job.
 
-use crate::reading::{GatewayId, Stream};
+use crate::reading::{GatewayId, PurposeName, Stream};
 
 use super::error::OpenError;
 
@@ -29,16 +29,21 @@ pub const MAX_RECORDS_PER_BATCH: u32 = 50_000;
 pub(crate) const SUITE_X25519_CHACHA20POLY1305_ED25519: u8 = 1;
 /// The gateway id field holds 1..=64 bytes.
 pub(crate) const MAX_GATEWAY_LEN: usize = 64;
+/// The purpose name field (version 3) holds 1..=64 bytes.
+pub(crate) const MAX_PURPOSE_LEN: usize = 64;
 /// Length of the trailing Ed25519 signature.
 pub(crate) const SIGNATURE_LEN: usize = 64;
 /// Length of the HPKE encapsulated key (an X25519 public key).
 pub(crate) const ENCAPPED_KEY_LEN: usize = 32;
 
-/// Bytes of a version 2 or 3 header besides the gateway id: magic, version, suite, gateway_len,
+/// Bytes of a version 2 header besides the gateway id: magic, version, suite, gateway_len,
 /// stream, incarnation, seq, created_at, record_count, policy_hash, both key ids, enc.
-const HEADER_FIXED_LEN: usize = 4 + 1 + 1 + 1 + 1 + 8 + 8 + 8 + 4 + 32 + 8 + 8 + ENCAPPED_KEY_LEN;
+const HEADER_FIXED_LEN_V2: usize =
+    4 + 1 + 1 + 1 + 1 + 8 + 8 + 8 + 4 + 32 + 8 + 8 + ENCAPPED_KEY_LEN;
+/// Version 3 adds purpose_len (and the purpose name itself).
+const HEADER_FIXED_LEN: usize = HEADER_FIXED_LEN_V2 + 1;
 /// Version 1 headers have no incarnation.
-const HEADER_FIXED_LEN_V1: usize = HEADER_FIXED_LEN - 8;
+const HEADER_FIXED_LEN_V1: usize = HEADER_FIXED_LEN_V2 - 8;
 
 /// The envelope header: everything from magic through the encapsulated key. Its exact bytes are
 /// the AEAD associated data, so every field is authenticated by the AEAD and by the signature.
@@ -50,6 +55,9 @@ pub struct Header {
     pub suite: u8,
     pub gateway: GatewayId,
     pub stream: Stream,
+    /// The purpose the records were produced for; always set in version 3, `None` in versions
+    /// 1 and 2, which did not carry it.
+    pub purpose: Option<PurposeName>,
     /// The gateway store's incarnation: sequence numbers count within it. 0 in version 1
     /// envelopes, which did not carry it.
     pub incarnation: u64,
@@ -58,7 +66,7 @@ pub struct Header {
     /// When the batch was sealed, ms since the Unix epoch, UTC.
     pub created_at_ms: i64,
     pub record_count: u32,
-    /// Hash of the minimisation policy the records were produced under.
+    /// Hash of the policy the records were produced under (for `purpose`).
     pub policy_hash: [u8; 32],
     /// Key id of the gateway's Ed25519 verifying key.
     pub signer_key_id: [u8; 8],
@@ -71,16 +79,20 @@ pub struct Header {
 impl Header {
     /// Length of this header on the wire.
     pub(crate) fn encoded_len(&self) -> usize {
-        let fixed = if self.version == VERSION_1 {
-            HEADER_FIXED_LEN_V1
-        } else {
-            HEADER_FIXED_LEN
+        let fixed = match self.version {
+            VERSION_1 => HEADER_FIXED_LEN_V1,
+            VERSION_2 => HEADER_FIXED_LEN_V2,
+            _ => HEADER_FIXED_LEN + self.purpose.as_ref().map_or(0, |p| p.as_str().len()),
         };
         fixed + self.gateway.as_str().len()
     }
 
     /// Appends the header bytes (magic through enc) to `out`, in the layout of `self.version`
-    /// (a version 1 header has no incarnation).
+    /// (a version 1 header has no incarnation, versions 1 and 2 have no purpose).
+    ///
+    /// # Panics
+    ///
+    /// If a version 3 header has no purpose (the sealer always sets one).
     pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
         let gateway = self.gateway.as_str().as_bytes();
         let gateway_len =
@@ -92,6 +104,18 @@ impl Header {
         out.push(gateway_len);
         out.extend_from_slice(gateway);
         out.push(self.stream.code());
+        if self.version >= VERSION {
+            let purpose = self
+                .purpose
+                .as_ref()
+                .expect("invariant: a version 3 header names its purpose")
+                .as_str()
+                .as_bytes();
+            let purpose_len =
+                u8::try_from(purpose.len()).expect("invariant: PurposeName is at most 64 bytes");
+            out.push(purpose_len);
+            out.extend_from_slice(purpose);
+        }
         if self.version != VERSION_1 {
             out.extend_from_slice(&self.incarnation.to_be_bytes());
         }
@@ -112,7 +136,8 @@ impl Header {
     }
 
     /// Parses a header from the start of `bytes`; returns it and the number of bytes it used.
-    /// Checks magic, version, suite, gateway id, stream code and record count, in that order.
+    /// Checks magic, version, suite, gateway id, stream code, purpose name and record count, in
+    /// that order.
     pub(crate) fn parse(bytes: &[u8]) -> Result<(Header, usize), OpenError> {
         let mut r = Cursor::new(bytes);
         if r.array::<4>()? != MAGIC {
@@ -138,6 +163,11 @@ impl Header {
             GatewayId::new(gateway).map_err(|e| OpenError::BadGatewayId(e.to_string()))?;
         let stream_code = r.u8()?;
         let stream = Stream::from_code(stream_code).ok_or(OpenError::UnknownStream(stream_code))?;
+        let purpose = if version >= VERSION {
+            Some(parse_purpose(&mut r)?)
+        } else {
+            None
+        };
         let incarnation = if version == VERSION_1 {
             0
         } else {
@@ -148,6 +178,7 @@ impl Header {
             suite,
             gateway,
             stream,
+            purpose,
             incarnation,
             seq: u64::from_be_bytes(r.array()?),
             created_at_ms: i64::from_be_bytes(r.array()?),
@@ -165,6 +196,18 @@ impl Header {
         }
         Ok((header, r.pos))
     }
+}
+
+fn parse_purpose(r: &mut Cursor<'_>) -> Result<PurposeName, OpenError> {
+    let len = usize::from(r.u8()?);
+    if len == 0 || len > MAX_PURPOSE_LEN {
+        return Err(OpenError::BadPurpose(format!(
+            "length {len} is outside 1..={MAX_PURPOSE_LEN}"
+        )));
+    }
+    let purpose = std::str::from_utf8(r.take(len)?)
+        .map_err(|_| OpenError::BadPurpose("not UTF-8".to_owned()))?;
+    PurposeName::new(purpose).map_err(|e| OpenError::BadPurpose(e.to_string()))
 }
 
 /// A parsed envelope whose slices borrow the input. Nothing in it has been verified.
@@ -260,6 +303,7 @@ mod tests {
             suite: SUITE_X25519_CHACHA20POLY1305_ED25519,
             gateway: GatewayId::new("gw-1").unwrap(),
             stream: Stream::Alarms,
+            purpose: Some(PurposeName::new("billing").unwrap()),
             incarnation: 0x1112_1314_1516_1718,
             seq: 0x0102_0304_0506_0708,
             created_at_ms: -2,
@@ -271,30 +315,52 @@ mod tests {
         }
     }
 
+    /// Issue 11 item 2: a version 3 header names the purpose beside the policy hash.
     #[test]
     fn header_round_trips_and_has_documented_layout() {
         let h = header();
         let bytes = h.encode();
         assert_eq!(bytes.len(), h.encoded_len());
-        assert_eq!(bytes.len(), 116 + 4);
+        assert_eq!(bytes.len(), 117 + 4 + 7);
         assert_eq!(&bytes[..8], b"CGB1\x03\x01\x04g");
         assert_eq!(&bytes[7..11], b"gw-1");
         assert_eq!(bytes[11], 1, "stream code of alarms");
+        assert_eq!(bytes[12], 7, "purpose length");
+        assert_eq!(&bytes[13..20], b"billing");
         assert_eq!(
-            &bytes[12..20],
+            &bytes[20..28],
             &[0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18],
             "incarnation is big-endian"
         );
         assert_eq!(
-            &bytes[20..28],
+            &bytes[28..36],
             &[1, 2, 3, 4, 5, 6, 7, 8],
             "seq is big-endian"
         );
         assert_eq!(
-            &bytes[28..36],
+            &bytes[36..44],
             &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe]
         );
-        assert_eq!(&bytes[36..40], &[0, 0, 0, 7]);
+        assert_eq!(&bytes[44..48], &[0, 0, 0, 7]);
+        assert_eq!(&bytes[48..80], &[0xaa; 32], "policy hash");
+        assert_eq!(Header::parse(&bytes), Ok((h, bytes.len())));
+    }
+
+    #[test]
+    fn a_version_2_header_has_no_purpose() {
+        let h = Header {
+            version: VERSION_2,
+            purpose: None,
+            ..header()
+        };
+        let bytes = h.encode();
+        assert_eq!(bytes.len(), 116 + 4);
+        assert_eq!(&bytes[..8], b"CGB1\x02\x01\x04g");
+        assert_eq!(
+            &bytes[12..20],
+            &[0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18],
+            "incarnation follows the stream"
+        );
         assert_eq!(Header::parse(&bytes), Ok((h, bytes.len())));
     }
 
@@ -302,6 +368,7 @@ mod tests {
     fn a_version_1_header_has_no_incarnation_and_reads_as_incarnation_0() {
         let h = Header {
             version: VERSION_1,
+            purpose: None,
             incarnation: 0,
             ..header()
         };
@@ -350,6 +417,10 @@ mod tests {
         assert!(matches!(with(7, b'/'), Err(OpenError::BadGatewayId(_))));
         assert!(matches!(with(7, 0xff), Err(OpenError::BadGatewayId(_))));
         assert_eq!(with(11, 200), Err(OpenError::UnknownStream(200)));
+        assert!(matches!(with(12, 0), Err(OpenError::BadPurpose(_))));
+        assert!(matches!(with(12, 65), Err(OpenError::BadPurpose(_))));
+        assert!(matches!(with(13, b' '), Err(OpenError::BadPurpose(_))));
+        assert!(matches!(with(13, 0xc3), Err(OpenError::BadPurpose(_))));
         for len in 0..good.len() {
             assert_eq!(
                 Header::parse(&good[..len]).map(|_| ()),

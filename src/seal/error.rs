@@ -32,6 +32,9 @@ pub enum OpenError {
     BadGatewayId(String),
     #[error("unknown stream code {0}")]
     UnknownStream(u8),
+    /// The purpose name field is empty, too long, not UTF-8 or contains invalid characters.
+    #[error("invalid purpose name in header: {0}")]
+    BadPurpose(String),
     /// The header announces more records than any gateway may put in one batch.
     #[error("header announces {count} records; at most {limit} are accepted per batch")]
     TooManyRecords { count: u32, limit: u32 },
@@ -75,6 +78,7 @@ impl OpenError {
             OpenError::UnknownSuite(_) => "unknown_suite",
             OpenError::BadGatewayId(_) => "bad_gateway_id",
             OpenError::UnknownStream(_) => "unknown_stream",
+            OpenError::BadPurpose(_) => "bad_purpose",
             OpenError::TooManyRecords { .. } => "too_many_records",
             OpenError::UnknownGateway(_) => "unknown_gateway",
             OpenError::UnknownSignerKey { .. } => "unknown_signer_key",
@@ -100,6 +104,7 @@ impl OpenError {
                 | OpenError::UnknownSuite(_)
                 | OpenError::BadGatewayId(_)
                 | OpenError::UnknownStream(_)
+                | OpenError::BadPurpose(_)
                 | OpenError::TooManyRecords { .. }
         )
     }

@@ -640,12 +640,17 @@ mod tests {
 
         // The loaded keys work together.
         let gateway = crate::reading::GatewayId::new("gw-keys").unwrap();
-        let sealer =
-            super::super::Sealer::new(gateway.clone(), signing, hub_public.clone(), [0; 32], 1);
+        let sealer = super::super::Sealer::new(gateway.clone(), signing, hub_public.clone(), 1);
         let mut opener = super::super::Opener::new(hub_secret);
         opener.register(gateway, verifying);
         let batch = sealer
-            .seal(crate::reading::Stream::Audit, 1, 0, &[])
+            .seal(
+                crate::reading::Stream::Audit,
+                1,
+                0,
+                &super::super::PolicyStamp::gateway(),
+                &[],
+            )
             .unwrap();
         assert!(opener.open(&batch.bytes).is_ok());
 

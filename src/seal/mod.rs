@@ -15,36 +15,45 @@
 //!
 //! # Envelope, version 3
 //!
-//! All integers in the envelope are **big-endian**. `G` is the gateway id length, `N` the
-//! ciphertext length.
+//! All integers in the envelope are **big-endian**. `G` is the gateway id length, `P` the purpose
+//! name length, `N` the ciphertext length.
 //!
 //! ```text
-//! offset   size  field             value
-//! 0        4     magic             "CGB1" = 43 47 42 31
-//! 4        1     version           3
-//! 5        1     suite             1 (X25519-HKDF-SHA256 / ChaCha20-Poly1305 / Ed25519)
-//! 6        1     gateway_len       G, 1..=64
-//! 7        G     gateway           gateway id, UTF-8; only ASCII letters, digits, '-', '_', '.'
-//! 7+G      1     stream            0 readings, 1 alarms, 2 audit
-//! 8+G      8     incarnation       u64, random id of the gateway store the batch was sealed for
-//! 16+G     8     seq               u64, per-stream sequence number within the incarnation
-//! 24+G     8     created_at        i64, ms since the Unix epoch, UTC
-//! 32+G     4     record_count      u32, number of records in the plaintext, at most 50,000
-//! 36+G     32    policy_hash       hash of the minimisation policy the records obey
-//! 68+G     8     signer_key_id     key id of the gateway's Ed25519 public key
-//! 76+G     8     recipient_key_id  key id of the hub's X25519 public key
-//! 84+G     32    enc               HPKE encapsulated key (sender's ephemeral X25519 public key)
-//!          ----  header ends here: H = 116 + G bytes
-//! H        4     ct_len            u32, N
-//! H+4      N     ciphertext        HPKE/AEAD ciphertext, 16-byte Poly1305 tag included (N >= 16)
-//! H+4+N    64    signature         Ed25519 signature over bytes [0, H+4+N)
-//!          ----  total length 184 + G + N; nothing may follow the signature
+//! offset    size  field             value
+//! 0         4     magic             "CGB1" = 43 47 42 31
+//! 4         1     version           3
+//! 5         1     suite             1 (X25519-HKDF-SHA256 / ChaCha20-Poly1305 / Ed25519)
+//! 6         1     gateway_len       G, 1..=64
+//! 7         G     gateway           gateway id, UTF-8; only ASCII letters, digits, '-', '_', '.'
+//! 7+G       1     stream            0 readings, 1 alarms, 2 audit, 3..=9 further purpose flows
+//! 8+G       1     purpose_len       P, 1..=64
+//! 9+G       P     purpose           purpose name, same character set as the gateway id
+//! 9+G+P     8     incarnation       u64, random id of the gateway store the batch was sealed for
+//! 17+G+P    8     seq               u64, per-stream sequence number within the incarnation
+//! 25+G+P    8     created_at        i64, ms since the Unix epoch, UTC
+//! 33+G+P    4     record_count      u32, number of records in the plaintext, at most 50,000
+//! 37+G+P    32    policy_hash       hash of the policy the records obey, under `purpose`
+//! 69+G+P    8     signer_key_id     key id of the gateway's Ed25519 public key
+//! 77+G+P    8     recipient_key_id  key id of the hub's X25519 public key
+//! 85+G+P    32    enc               HPKE encapsulated key (sender's ephemeral X25519 public key)
+//!           ----  header ends here: H = 117 + G + P bytes
+//! H         4     ct_len            u32, N
+//! H+4       N     ciphertext        HPKE/AEAD ciphertext, 16-byte Poly1305 tag included (N >= 16)
+//! H+4+N     64    signature         Ed25519 signature over bytes [0, H+4+N)
+//!           ----  total length 185 + G + P + N; nothing may follow the signature
 //! ```
+//!
+//! (`purpose`, `policy_hash`) name the policy the batch was made under: one per batch. The hub
+//! accepts a batch only if its gateway is approved for exactly that pair. Records the gateway
+//! raises about itself go out on the audit stream under the built-in stamp: purpose
+//! `citygate-gateway`, hash SHA-256 of the 27 ASCII bytes `citygate/v1 gateway records`
+//! ([`PolicyStamp::gateway`]).
 //!
 //! The **header** is every byte from `magic` through `enc` inclusive (offsets `0..H`). Those exact
 //! bytes, as received, are the AEAD associated data; the signature covers header ‖ `ct_len` ‖
-//! ciphertext. Unknown versions, suites or stream codes are rejected, as are a gateway id that is
-//! empty, longer than 64 bytes or has other characters, a `record_count` above 50,000
+//! ciphertext. Unknown versions, suites or stream codes are rejected, as are a gateway id or
+//! purpose name that is empty, longer than 64 bytes or has other characters, a `record_count`
+//! above 50,000
 //! ([`MAX_RECORDS_PER_BATCH`], checked before any key is used), an envelope shorter than
 //! `ct_len` says, and bytes after the signature.
 //!
@@ -54,8 +63,9 @@
 //! therefore never depend on the gateway's clock, and a new store can never collide with what an
 //! old one sent.
 //!
-//! **Version 2** (still read; no longer written) has the same header; its records lack `window`
-//! and `epoch` (see [Plaintext](#plaintext)). **Version 1** (still read; no longer written) is the
+//! **Version 2** (still read; no longer written) has no `purpose_len` and `purpose`: incarnation
+//! at 8+G, every later field P + 1 bytes earlier, H = 116 + G; its records lack `window` and
+//! `epoch` (see [Plaintext](#plaintext)). **Version 1** (still read; no longer written) is the
 //! version 2 layout without `incarnation`: `seq` at 8+G, every later field 8 bytes earlier,
 //! H = 108 + G. Openers treat it as incarnation 0.
 //!
@@ -175,7 +185,8 @@
 //!
 //! [`Opener::open`] checks, in order, stopping at the first failure ([`OpenError::reason`] in
 //! parentheses): parse: magic (`bad_magic`), version (`unknown_version`), suite (`unknown_suite`),
-//! gateway id (`bad_gateway_id`), stream (`unknown_stream`), record count ceiling
+//! gateway id (`bad_gateway_id`), stream (`unknown_stream`), purpose name (`bad_purpose`), record
+//! count ceiling
 //! (`too_many_records`), lengths (`truncated`, `trailing_bytes`) → the gateway is registered (`unknown_gateway`) → `signer_key_id` is its
 //! registered key's (`unknown_signer_key`) → Ed25519 strict verification (`bad_signature`) →
 //! `recipient_key_id` is the hub's (`wrong_recipient`) → HPKE open (`undecryptable`) → capped
@@ -188,7 +199,8 @@
 //!
 //! `src/seal/testdata/vector-v3.txt` holds one envelope with everything needed to open it:
 //! Ed25519 seed `00 01 … 1f`, hub X25519 secret `20 21 … 3f`, gateway `gw-test-01`, stream
-//! readings, incarnation `5eedc17e9a7e0001`, seq 42, created_at 1700000000000, policy hash SHA-256("citygate test policy v1"),
+//! readings, purpose `test-purpose`, incarnation `5eedc17e9a7e0001`, seq 42, created_at
+//! 1700000000000, policy hash SHA-256("citygate test policy v1"),
 //! and five records covering every `Value` variant (Int, Float, Bool, Text), Good, Uncertain
 //! and Bad quality (one tagged `emergency`), key epoch 3 and one aggregate with its window, each
 //! as JSON; the bincode plaintext; and the
@@ -215,6 +227,7 @@ mod key_types;
 pub mod keys;
 mod opener;
 mod sealer;
+mod stamp;
 
 #[cfg(test)]
 mod tests;
@@ -229,6 +242,7 @@ pub(crate) use keys::{
 };
 pub use opener::{OpenedBatch, Opener};
 pub use sealer::Sealer;
+pub use stamp::{PolicyStamp, GATEWAY_POLICY_CONSTANT, GATEWAY_PURPOSE};
 
 // What the unit tests of `seal` and `hub` reach through the module root.
 #[cfg(test)]

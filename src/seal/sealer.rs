@@ -21,6 +21,8 @@ use rand::{CryptoRng, RngCore};
 
 use crate::reading::{GatewayId, Record, Stream};
 
+use super::stamp::PolicyStamp;
+
 use super::envelope::{
     Header, SealedBatch, MAX_RECORDS_PER_BATCH, SIGNATURE_LEN,
     SUITE_X25519_CHACHA20POLY1305_ED25519, VERSION,
@@ -29,13 +31,12 @@ use super::error::SealError;
 use super::key_types::{key_id, HubKem, HubPublicKey};
 use super::{codec, HpkeAead, HpkeKdf, HPKE_INFO};
 
-/// Seals batches for one gateway to one hub key, under one policy.
+/// Seals batches for one gateway to one hub key; each batch names the policy it was made under.
 pub struct Sealer {
     gateway: GatewayId,
     signing: SigningKey,
     signer_key_id: [u8; 8],
     hub: HubPublicKey,
-    policy_hash: [u8; 32],
     incarnation: u64,
     /// One compression context for every batch (made at the first seal).
     encoder: Mutex<Option<codec::Encoder>>,
@@ -46,7 +47,6 @@ impl Sealer {
         gateway: GatewayId,
         signing: SigningKey,
         hub: HubPublicKey,
-        policy_hash: [u8; 32],
         incarnation: u64,
     ) -> Sealer {
         let signer_key_id = key_id(signing.verifying_key().as_bytes());
@@ -55,27 +55,22 @@ impl Sealer {
             signing,
             signer_key_id,
             hub,
-            policy_hash,
             incarnation,
             encoder: Mutex::new(None),
         }
     }
 
-    /// The policy hash written into every header.
-    #[cfg(test)]
-    pub(crate) fn policy_hash(&self) -> [u8; 32] {
-        self.policy_hash
-    }
-
-    /// Seals `records` as batch `seq` of `stream`, with HPKE randomness from the OS.
+    /// Seals `records`, made under `stamp`, as batch `seq` of `stream`, with HPKE randomness
+    /// from the OS.
     pub fn seal(
         &self,
         stream: Stream,
         seq: u64,
         created_at_ms: i64,
+        stamp: &PolicyStamp,
         records: &[Record],
     ) -> Result<SealedBatch, SealError> {
-        self.seal_with_rng(stream, seq, created_at_ms, records, &mut OsRng)
+        self.seal_with_rng(stream, seq, created_at_ms, stamp, records, &mut OsRng)
     }
 
     /// Like [`Sealer::seal`] with a caller-supplied RNG; a seeded RNG gives reproducible bytes.
@@ -84,6 +79,7 @@ impl Sealer {
         stream: Stream,
         seq: u64,
         created_at_ms: i64,
+        stamp: &PolicyStamp,
         records: &[Record],
         rng: &mut (impl CryptoRng + RngCore),
     ) -> Result<SealedBatch, SealError> {
@@ -99,16 +95,26 @@ impl Sealer {
             };
             encoder.encode(records)?
         };
-        self.seal_plaintext(stream, seq, created_at_ms, record_count, &plaintext, rng)
+        self.seal_plaintext(
+            stream,
+            seq,
+            created_at_ms,
+            stamp,
+            record_count,
+            &plaintext,
+            rng,
+        )
     }
 
     /// Seals an already encoded plaintext. Separate so tests can build envelopes whose
     /// plaintext or record count is wrong but whose crypto is right.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn seal_plaintext(
         &self,
         stream: Stream,
         seq: u64,
         created_at_ms: i64,
+        stamp: &PolicyStamp,
         record_count: u32,
         plaintext: &[u8],
         rng: &mut (impl CryptoRng + RngCore),
@@ -126,11 +132,12 @@ impl Sealer {
             suite: SUITE_X25519_CHACHA20POLY1305_ED25519,
             gateway: self.gateway.clone(),
             stream,
+            purpose: Some(stamp.purpose.clone()),
             incarnation: self.incarnation,
             seq,
             created_at_ms,
             record_count,
-            policy_hash: self.policy_hash,
+            policy_hash: stamp.hash,
             signer_key_id: self.signer_key_id,
             recipient_key_id: self.hub.key_id(),
             encapped_key: encapped_key.to_bytes().into(),
@@ -161,7 +168,6 @@ impl fmt::Debug for Sealer {
             .field("gateway", &self.gateway)
             .field("signer_key_id", &hex::encode(self.signer_key_id))
             .field("recipient_key_id", &hex::encode(self.hub.key_id()))
-            .field("policy_hash", &hex::encode(self.policy_hash))
             .finish()
     }
 }

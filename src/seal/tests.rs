@@ -11,7 +11,7 @@ use crate::reading::{
 };
 
 use super::vector::{
-    gateway, hub_secret, opener, policy_hash, records, sealer, signing_key, INCARNATION,
+    gateway, hub_secret, opener, policy_hash, records, sealer, signing_key, stamp, INCARNATION,
 };
 use super::*;
 
@@ -25,7 +25,14 @@ fn one_record() -> Vec<Record> {
 
 fn small_envelope() -> Vec<u8> {
     sealer()
-        .seal_with_rng(Stream::Alarms, 9, 1_000, &one_record(), &mut rng())
+        .seal_with_rng(
+            Stream::Alarms,
+            9,
+            1_000,
+            &stamp(),
+            &one_record(),
+            &mut rng(),
+        )
         .unwrap()
         .bytes
 }
@@ -44,7 +51,7 @@ fn reason(result: Result<OpenedBatch, OpenError>) -> &'static str {
 #[test]
 fn round_trip_preserves_header_and_records() {
     let batch = sealer()
-        .seal(Stream::Audit, 7, 1_700_000_000_123, &records())
+        .seal(Stream::Audit, 7, 1_700_000_000_123, &stamp(), &records())
         .unwrap();
     assert_eq!((batch.stream, batch.seq), (Stream::Audit, 7));
     let opened = opener().open(&batch.bytes).unwrap();
@@ -55,13 +62,15 @@ fn round_trip_preserves_header_and_records() {
     assert_eq!(opened.header.created_at_ms, 1_700_000_000_123);
     assert_eq!(opened.header.record_count, 5);
     assert_eq!(opened.header.policy_hash, policy_hash());
+    assert_eq!(opened.header.purpose, Some(stamp().purpose));
     assert_eq!(peek_header(&batch.bytes).unwrap(), opened.header);
-    assert_eq!(sealer().policy_hash(), policy_hash());
 }
 
 #[test]
 fn empty_batch_round_trips() {
-    let batch = sealer().seal(Stream::Readings, 0, 0, &[]).unwrap();
+    let batch = sealer()
+        .seal(Stream::Readings, 0, 0, &stamp(), &[])
+        .unwrap();
     assert_eq!(
         opener().open(&batch.bytes).unwrap().records,
         Vec::<Record>::new()
@@ -73,7 +82,9 @@ fn every_single_byte_flip_is_rejected_with_a_sensible_reason() {
     let env = small_envelope();
     let gw_end = 7 + GATEWAY_LEN;
     let stream_at = gw_end;
-    let record_count_at = gw_end + 1 + 8 + 8 + 8;
+    let purpose_len_at = stream_at + 1;
+    let purpose_end = purpose_len_at + 1 + PURPOSE_LEN;
+    let record_count_at = purpose_end + 8 + 8 + 8;
     let signer_id = record_count_at + 4 + 32;
     let header_len = signer_id + 8 + 8 + 32;
     let ct_len_at = header_len;
@@ -87,12 +98,19 @@ fn every_single_byte_flip_is_rejected_with_a_sensible_reason() {
             let r = err.reason();
             let ok = match i {
                 0..=3 => r == "bad_magic",
-                // 3 ^ 0x01 is version 2, whose layout is the same: only the signature fails.
-                4 => r == "unknown_version" || r == "bad_signature",
+                // 3 ^ 0x01 is version 2, which reads the rest of the header differently.
+                4 => {
+                    r == "unknown_version"
+                        || err.is_parse_error()
+                        || r == "unknown_signer_key"
+                        || r == "bad_signature"
+                }
                 5 => r == "unknown_suite",
                 6 => err.is_parse_error(),
                 i if i < gw_end => r == "bad_gateway_id" || r == "unknown_gateway",
                 i if i == stream_at => r == "unknown_stream" || r == "bad_signature",
+                i if i == purpose_len_at => err.is_parse_error() || r == "bad_signature",
+                i if i < purpose_end => r == "bad_purpose" || r == "bad_signature",
                 i if (record_count_at..record_count_at + 4).contains(&i) => {
                     r == "too_many_records" || r == "bad_signature"
                 }
@@ -107,6 +125,7 @@ fn every_single_byte_flip_is_rejected_with_a_sensible_reason() {
 }
 
 const GATEWAY_LEN: usize = super::vector::GATEWAY.len();
+const PURPOSE_LEN: usize = super::vector::PURPOSE.len();
 
 #[test]
 fn truncation_at_every_length_fails_cleanly() {
@@ -135,10 +154,12 @@ fn unknown_gateway_is_reported() {
         other.clone(),
         signing_key(),
         hub_secret().public_key(),
-        policy_hash(),
         INCARNATION,
     );
-    let env = s.seal(Stream::Readings, 1, 0, &one_record()).unwrap().bytes;
+    let env = s
+        .seal(Stream::Readings, 1, 0, &stamp(), &one_record())
+        .unwrap()
+        .bytes;
     let err = opener().open(&env).unwrap_err();
     assert_eq!(err, OpenError::UnknownGateway(other));
     assert_eq!(err.reason(), "unknown_gateway");
@@ -151,10 +172,12 @@ fn batch_signed_by_an_unregistered_key_is_rejected() {
         gateway(),
         intruder.clone(),
         hub_secret().public_key(),
-        policy_hash(),
         INCARNATION,
     );
-    let env = s.seal(Stream::Readings, 1, 0, &one_record()).unwrap().bytes;
+    let env = s
+        .seal(Stream::Readings, 1, 0, &stamp(), &one_record())
+        .unwrap()
+        .bytes;
     assert_eq!(reason(opener().open(&env)), "unknown_signer_key");
 
     // Same header (naming the registered key id), signature by another key.
@@ -170,10 +193,12 @@ fn wrong_recipient_is_reported() {
         gateway(),
         signing_key(),
         other_hub.public_key(),
-        policy_hash(),
         INCARNATION,
     );
-    let env = s.seal(Stream::Readings, 1, 0, &one_record()).unwrap().bytes;
+    let env = s
+        .seal(Stream::Readings, 1, 0, &stamp(), &one_record())
+        .unwrap()
+        .bytes;
     let err = opener().open(&env).unwrap_err();
     assert_eq!(
         err,
@@ -185,7 +210,7 @@ fn wrong_recipient_is_reported() {
 
     // Sealed to another key but claiming ours, correctly signed: decryption fails.
     let mut lying = env;
-    let at = 7 + GATEWAY_LEN + 1 + 8 + 8 + 8 + 4 + 32 + 8;
+    let at = 7 + GATEWAY_LEN + 1 + 1 + PURPOSE_LEN + 8 + 8 + 8 + 4 + 32 + 8;
     lying[at..at + 8].copy_from_slice(&hub_secret().key_id());
     resign(&mut lying, &signing_key());
     assert_eq!(reason(opener().open(&lying)), "undecryptable");
@@ -206,7 +231,15 @@ fn unknown_version_is_reported_even_when_signed() {
 fn bad_plaintexts_are_reported_after_authentication() {
     let seal_raw = |count: u32, plaintext: &[u8]| {
         sealer()
-            .seal_plaintext(Stream::Readings, 1, 0, count, plaintext, &mut rng())
+            .seal_plaintext(
+                Stream::Readings,
+                1,
+                0,
+                &stamp(),
+                count,
+                plaintext,
+                &mut rng(),
+            )
             .unwrap()
             .bytes
     };
@@ -361,7 +394,7 @@ proptest! {
         seq in any::<u64>(),
         created in any::<i64>(),
     ) {
-        let batch = sealer().seal(Stream::Readings, seq, created, &records).unwrap();
+        let batch = sealer().seal(Stream::Readings, seq, created, &stamp(), &records).unwrap();
         let opened = opener().open(&batch.bytes).unwrap();
         // Compare encodings, so NaN payloads count as equal when bit-identical.
         let enc = |r: &Vec<Record>| bincode::serde::encode_to_vec(r, bincode::config::standard()).unwrap();
@@ -404,7 +437,15 @@ fn a_signed_batch_announcing_too_many_records_is_refused_before_decrypting() {
     let compressed = super::codec::amplified_plaintext(600_000);
     let seal_raw = |count: u32| {
         sealer()
-            .seal_plaintext(Stream::Readings, 1, 0, count, &compressed, &mut rng())
+            .seal_plaintext(
+                Stream::Readings,
+                1,
+                0,
+                &stamp(),
+                count,
+                &compressed,
+                &mut rng(),
+            )
             .unwrap()
             .bytes
     };
@@ -414,7 +455,7 @@ fn a_signed_batch_announcing_too_many_records_is_refused_before_decrypting() {
     assert_eq!(reason(opener().open(&seal_raw(4))), "count_mismatch");
     let too_many = vec![one_record()[0].clone(); MAX_RECORDS_PER_BATCH as usize + 1];
     assert!(matches!(
-        sealer().seal(Stream::Readings, 1, 0, &too_many),
+        sealer().seal(Stream::Readings, 1, 0, &stamp(), &too_many),
         Err(super::error::SealError::TooManyRecords(_))
     ));
 }

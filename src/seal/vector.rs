@@ -22,13 +22,14 @@ use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
 
 use crate::reading::{
-    AggFn, GatewayId, Quality, QualityReason, Record, Stream, Unit, Value, Window,
+    AggFn, GatewayId, PurposeName, Quality, QualityReason, Record, Stream, Unit, Value, Window,
 };
 
 use super::key_types::HubKem;
 use super::*;
 
 pub(super) const GATEWAY: &str = "gw-test-01";
+pub(super) const PURPOSE: &str = "test-purpose";
 pub(super) const STREAM: Stream = Stream::Readings;
 pub(super) const SEQ: u64 = 42;
 pub(super) const INCARNATION: u64 = 0x5eed_c17e_9a7e_0001;
@@ -54,6 +55,14 @@ pub(super) fn policy_hash() -> [u8; 32] {
     Sha256::digest(b"citygate test policy v1").into()
 }
 
+/// The vector's purpose and policy hash.
+pub(super) fn stamp() -> PolicyStamp {
+    PolicyStamp::new(
+        PurposeName::new(PURPOSE).expect("valid test purpose"),
+        policy_hash(),
+    )
+}
+
 pub(super) fn gateway() -> GatewayId {
     GatewayId::new(GATEWAY).expect("valid test gateway id")
 }
@@ -63,7 +72,6 @@ pub(super) fn sealer() -> Sealer {
         gateway(),
         signing_key(),
         hub_secret().public_key(),
-        policy_hash(),
         INCARNATION,
     )
 }
@@ -157,6 +165,7 @@ pub(super) fn seal_vector() -> SealedBatch {
             STREAM,
             SEQ,
             CREATED_AT_MS,
+            &stamp(),
             &records(),
             &mut ChaCha20Rng::seed_from_u64(HPKE_RNG_SEED),
         )
@@ -214,6 +223,7 @@ fn render() -> String {
     );
     line("hpke_ephemeral_ikm", hex::encode(hpke_ephemeral_ikm()));
     line("stream", format!("{STREAM} (code {})", STREAM.code()));
+    line("purpose", PURPOSE.to_owned());
     line(
         "incarnation",
         format!("{INCARNATION} (0x{INCARNATION:016x})"),
@@ -310,6 +320,7 @@ fn vector_envelope_opens_to_expected_batch() {
         (STREAM, SEQ, CREATED_AT_MS)
     );
     assert_eq!(h.record_count, 5);
+    assert_eq!(h.purpose.as_ref().map(PurposeName::as_str), Some(PURPOSE));
     assert_eq!(h.policy_hash, policy_hash());
     assert_eq!(
         h.signer_key_id,
@@ -341,7 +352,10 @@ fn vector_v2_still_opens_without_windows_or_epochs() {
     assert_eq!(opened.records, legacy_records());
     let h = &opened.header;
     assert_eq!((h.version, h.incarnation, h.seq), (2, INCARNATION, SEQ));
-    assert_eq!((h.stream, h.record_count), (STREAM, 4));
+    assert_eq!(
+        (h.stream, h.record_count, h.purpose.clone()),
+        (STREAM, 4, None)
+    );
     assert_eq!(h.policy_hash, policy_hash());
 }
 

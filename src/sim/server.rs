@@ -195,7 +195,11 @@ mod tests {
         assert_eq!(history.len(), 1);
         let volts = f32::from_bits(u32::from(words[0]) << 16 | u32::from(words[1]));
         let name = crate::reading::FieldName::new("voltage_l1").unwrap();
-        assert_eq!(f64::from(volts), history[0].values[&name]);
+        assert_eq!(
+            crate::profile::decimal::widen_f32(volts),
+            history[0].values[&name],
+            "the history holds the decoded value: the f32's shortest decimal"
+        );
         sim.stop().await;
     }
 

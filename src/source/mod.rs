@@ -76,7 +76,8 @@ pub enum TimeSource {
     /// The gateway's receive time: the payload had none, or an implausible one.
     Received,
     /// The meter's own timestamp, kept, but ahead of the gateway's clock by more than the
-    /// source's `max_clock_skew`: the meter's clock is wrong.
+    /// source's `max_clock_skew`, or behind it by more than `max_clock_lag`: the meter's
+    /// clock is wrong.
     Skewed,
 }
 

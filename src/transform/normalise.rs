@@ -12,7 +12,13 @@
 //! value: its canonical value is multiplied by the device's CT, PT or CT × PT ratio
 //! ([`Ratios`]) and is always a float; range checks divide it back out
 //! (`check::Checker::check_scaled`).
+//!
+//! Values keep their source's precision (`profile::decimal`): an f32 arrives as its
+//! shortest decimal, and a scaled value is rounded to the decimal digits the exact
+//! computation has, so 123456 × 0.01 is 1234.56, not 1234.5600000000002. Unit factors
+//! (kWh → Wh × 1000) stay exact.
 
+use crate::profile::decimal::Precision;
 use crate::profile::{decode, Field, FieldType, Profile, Ratios, RawValue};
 use crate::reading::{DeviceId, FieldName, Quality, QualityReason, Reading, TimestampMs, Value};
 use crate::source::RegisterImage;
@@ -121,7 +127,7 @@ pub(crate) fn normalise_parts(
     let decoded = decode::decode(field.ty, field.order, words).and_then(|raw| {
         match (field.fraction, fraction) {
             (Some(f), Some(fw)) => decode::decode(f.ty, field.order, fw)
-                .map(|frac| RawValue::Float(raw.as_f64() + frac.as_f64())),
+                .map(|frac| RawValue::Float(combined(raw, frac))),
             _ => Ok(raw),
         }
     });
@@ -160,6 +166,7 @@ pub(crate) fn to_value(field: &Field, raw: RawValue, multiplier: f64) -> (Value,
         }
         raw => {
             let v = (raw.as_f64() * field.scale + field.offset) * field.unit.factor * multiplier;
+            let v = precision(field, raw, multiplier).map_or(v, |p| p.settle(v));
             let q = if v.is_finite() {
                 Quality::Good
             } else {
@@ -168,6 +175,44 @@ pub(crate) fn to_value(field: &Field, raw: RawValue, multiplier: f64) -> (Value,
             (Value::Float(v), q)
         }
     }
+}
+
+/// The digits of a raw value: an integer has none after the point, a float those of its
+/// shortest decimal.
+fn raw_precision(raw: RawValue) -> Option<Precision> {
+    match raw {
+        RawValue::Unsigned(u) => Some(Precision::integer(i128::from(u))),
+        RawValue::Signed(i) => Some(Precision::integer(i128::from(i))),
+        RawValue::Float(f) => Precision::of(f),
+        RawValue::Bit(b) => Some(Precision::integer(i128::from(u8::from(b)))),
+    }
+}
+
+/// A combined total's integer part plus its fraction, without binary noise.
+fn combined(integer: RawValue, fraction: RawValue) -> f64 {
+    let sum = integer.as_f64() + fraction.as_f64();
+    raw_precision(integer)
+        .zip(raw_precision(fraction))
+        .map_or(sum, |(a, b)| a.plus(b).settle(sum))
+}
+
+/// Bounds on the decimal digits of `raw × scale + offset`, × unit factor × `multiplier`,
+/// computed exactly.
+fn precision(field: &Field, raw: RawValue, multiplier: f64) -> Option<Precision> {
+    let mut p = raw_precision(raw)?;
+    if field.scale != 1.0 {
+        p = p.times(Precision::of(field.scale)?);
+    }
+    if field.offset != 0.0 {
+        p = p.plus(Precision::of(field.offset)?);
+    }
+    if field.unit.factor != 1.0 {
+        p = p.times(Precision::of(field.unit.factor)?);
+    }
+    if multiplier != 1.0 {
+        p = p.times(Precision::of(multiplier)?);
+    }
+    Some(p)
 }
 
 /// The engineering value (profile unit) of a canonical reading value, for range checks.
@@ -400,5 +445,111 @@ grade = "L2"
             .unwrap();
         assert_eq!(r.value, Value::Float(16.25));
         assert_eq!(r.unit, Unit::CubicMetre);
+    }
+
+    /// Issue 11 item 6: an f32 reaches the reading as its shortest decimal, and scaled
+    /// values (integer or float registers, × unit factor) carry no binary noise; exact
+    /// conversions stay exact.
+    #[test]
+    fn values_keep_their_source_precision() {
+        let p = profile();
+        let dev = DeviceId::new("m1").unwrap();
+        let f32_words = |x: f32| {
+            let b = x.to_bits();
+            [(b >> 16) as u16, b as u16]
+        };
+        let power = normalise_field(
+            p.field("active_power").unwrap(),
+            &dev,
+            0,
+            &f32_words(231.929_35),
+        );
+        assert_eq!(power.value.to_string(), "231929.35", "kW → W of an f32");
+        let volts = |scale: &str, x: f32| {
+            let text = PROFILE.replacen(
+                "type = \"f32\"\nunit = \"kW\"",
+                &format!("type = \"f32\"\nscale = {scale}\nunit = \"V\""),
+                1,
+            );
+            let p = Profile::parse(Path::new("n1.toml"), &text).unwrap();
+            normalise_field(p.field("active_power").unwrap(), &dev, 0, &f32_words(x)).value
+        };
+        assert_eq!(volts("1.0", 231.929_35).to_string(), "231.92935");
+        // 3 × 0.1 is 0.30000000000000004 in binary arithmetic.
+        let temp = normalise_field(p.field("temperature").unwrap(), &dev, 0, &[3]);
+        assert_eq!(temp.value, Value::Float(0.3));
+        // 35 × 0.01 kWh × 1000 is 350.00000000000006 Wh in binary arithmetic.
+        let energy = normalise_field(p.field("energy_import").unwrap(), &dev, 0, &[35, 0]);
+        assert_eq!(energy.value, Value::Float(350.0));
+        // Exact unit conversion stays exact: 4 294 967 294 × 0.01 kWh.
+        let energy = normalise_field(
+            p.field("energy_import").unwrap(),
+            &dev,
+            0,
+            &[0xFFFE, 0xFFFF],
+        );
+        assert_eq!(energy.value, Value::Float(42_949_672_940.0));
+        assert_eq!(volts("0.001", 1.5).to_string(), "0.0015");
+    }
+
+    mod precision {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn sig_digits(shown: &str) -> usize {
+            let s = shown.trim_start_matches('-');
+            let digits: String = s.chars().filter(char::is_ascii_digit).collect();
+            let digits = digits.trim_start_matches('0');
+            if s.contains('.') {
+                digits.len()
+            } else {
+                digits.trim_end_matches('0').len()
+            }
+        }
+
+        proptest! {
+            /// Issue 11 item 6: for a random f32 register and scale 1, 0.1, 0.01 or
+            /// 0.001, the reading's shortest f64 display has no more significant digits
+            /// than the f32's own shortest decimal.
+            #[test]
+            fn scaled_f32_readings_show_only_warranted_digits(
+                bits in any::<u32>(),
+                scale in prop_oneof![Just("1.0"), Just("0.1"), Just("0.01"), Just("0.001")],
+            ) {
+                let x = f32::from_bits(bits);
+                prop_assume!(x.is_finite());
+                let text = PROFILE.replacen(
+                    "type = \"f32\"\nunit = \"kW\"",
+                    &format!("type = \"f32\"\nscale = {scale}\nunit = \"V\""),
+                    1,
+                );
+                let p = Profile::parse(Path::new("n1.toml"), &text).unwrap();
+                let r = normalise_field(
+                    p.field("active_power").unwrap(),
+                    &DeviceId::new("m").unwrap(),
+                    0,
+                    &[(bits >> 16) as u16, bits as u16],
+                );
+                let shown = r.value.to_string();
+                prop_assert!(
+                    sig_digits(&shown) <= sig_digits(&x.to_string()),
+                    "{} × {} shows {}", x, scale, shown
+                );
+            }
+
+            /// Integer registers scaled by 0.1 .. 0.001 show at most their own digits.
+            #[test]
+            fn scaled_integer_readings_show_only_warranted_digits(raw in any::<u16>()) {
+                let r = normalise_field(
+                    profile().field("temperature").unwrap(),
+                    &DeviceId::new("m").unwrap(),
+                    0,
+                    &[raw],
+                );
+                let shown = r.value.to_string();
+                let source = (raw as i16).to_string();
+                prop_assert!(sig_digits(&shown) <= sig_digits(&source), "{} shows {}", source, shown);
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! A value whose timestamp is the gateway's receive time rather than the meter's
 //! ([`TimeSource::Received`]) is marked `uncertain(receive_time)`, and one whose meter
-//! clock runs ahead ([`TimeSource::Skewed`]) `uncertain(clock_skew)`, unless something
+//! clock runs ahead or behind ([`TimeSource::Skewed`]) `uncertain(clock_skew)`, unless something
 //! worse applies. A value naming a field the profile lacks (a source bug, not a payload
 //! problem) is reported in `missing` instead of becoming a reading.
 

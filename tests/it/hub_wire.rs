@@ -9,12 +9,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use citygate::hub::{HubConfig, HubProcess};
 use citygate::mqtt::{CertAuthority, LinkEvent, LinkTls, MqttLink, QoS};
-use citygate::reading::{GatewayId, Quality, Record, Stream, Unit, Value};
-use citygate::seal::{keys, Sealer};
+use citygate::reading::{GatewayId, PurposeName, Quality, Record, Stream, Unit, Value};
+use citygate::seal::{keys, PolicyStamp, Sealer};
 use citygate::wire::{ack_topic, stream_topic};
 use tokio::sync::mpsc;
 
 use crate::support::*;
+
+/// The purpose and policy hash the hand-sealed batches of these tests carry.
+fn stamp() -> PolicyStamp {
+    PolicyStamp::new(PurposeName::new("test-purpose").unwrap(), [7; 32])
+}
 
 fn records(n: usize) -> Vec<Record> {
     (0..n)
@@ -183,10 +188,10 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
     let gateway = GatewayId::new("gw-test").unwrap();
     let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
     let signing = keys::load_signing_key(&dep.path().join("keys/gateway.sign.key")).unwrap();
-    let sealer = Sealer::new(gateway.clone(), signing, hub_pub.clone(), [7; 32], 0x77);
+    let sealer = Sealer::new(gateway.clone(), signing, hub_pub.clone(), 0x77);
     let seal = |seq: u64, n: usize| {
         sealer
-            .seal(Stream::Readings, seq, 1, &records(n))
+            .seal(Stream::Readings, seq, 1, &stamp(), &records(n))
             .unwrap()
             .bytes
     };
@@ -206,21 +211,19 @@ async fn forged_tampered_and_replayed_batches_are_refused_over_mqtt_even_after_a
         gateway.clone(),
         ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
         hub_pub.clone(),
-        [7; 32],
         0x77,
     );
     let forged = rogue
-        .seal(Stream::Readings, 102, 1, &records(3))
+        .seal(Stream::Readings, 102, 1, &stamp(), &records(3))
         .unwrap()
         .bytes;
     let stranger = Sealer::new(
         GatewayId::new("gw-stranger").unwrap(),
         ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
         hub_pub.clone(),
-        [7; 32],
         0x77,
     )
-    .seal(Stream::Readings, 103, 1, &records(3))
+    .seal(Stream::Readings, 103, 1, &stamp(), &records(3))
     .unwrap()
     .bytes;
     gw.publish(Stream::Readings, tampered).await;
@@ -369,8 +372,13 @@ async fn readings_and_alarms_both_reach_the_sink_through_the_embedded_broker() {
     let gateway = GatewayId::new("gw-test").unwrap();
     let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
     let signing = keys::load_signing_key(&dep.path().join("keys/gateway.sign.key")).unwrap();
-    let sealer = Sealer::new(gateway, signing, hub_pub, [7; 32], 0x77);
-    let seal = |stream: Stream, seq: u64| sealer.seal(stream, seq, 1, &records(2)).unwrap().bytes;
+    let sealer = Sealer::new(gateway, signing, hub_pub, 0x77);
+    let seal = |stream: Stream, seq: u64| {
+        sealer
+            .seal(stream, seq, 1, &stamp(), &records(2))
+            .unwrap()
+            .bytes
+    };
     for (stream, seq) in [
         (Stream::Readings, 100),
         (Stream::Readings, 101),
@@ -461,8 +469,8 @@ async fn the_hubs_embedded_broker_refuses_a_forged_ack_and_counts_it() {
     // gw-test is still connected and got nothing but the hub's ack for a real batch.
     let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
     let signing = keys::load_signing_key(&dep.path().join("keys/gateway.sign.key")).unwrap();
-    let batch = Sealer::new(gateway, signing, hub_pub, [7; 32], 0x77)
-        .seal(Stream::Alarms, 7, 1, &records(1))
+    let batch = Sealer::new(gateway, signing, hub_pub, 0x77)
+        .seal(Stream::Alarms, 7, 1, &stamp(), &records(1))
         .unwrap()
         .bytes;
     gw.publish(Stream::Alarms, batch).await;

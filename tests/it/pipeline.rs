@@ -81,7 +81,12 @@ async fn committed_batches_decrypt_to_what_the_meters_served() {
         "every sealed record is committed and opens"
     );
     assert!(records > 0);
-    assert!(opened.iter().all(|b| b.header.policy_hash == policy.hash()));
+    // Issue 11 item 2: every batch names its purpose beside the policy hash.
+    let stamp = supervisor::policy_stamp(&cfg, &policy).unwrap();
+    assert!(opened
+        .iter()
+        .all(|b| b.header.policy_hash == stamp.hash
+            && b.header.purpose.as_ref() == Some(&stamp.purpose)));
 
     let by_subject: BTreeMap<String, &String> = units
         .keys()

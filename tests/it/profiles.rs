@@ -1432,3 +1432,73 @@ fn the_simulator_serves_every_shipped_profile_as_planned() {
         }
     }
 }
+
+/// Issue 11 acceptance: `check` rejects a profile field without classification, naming
+/// the file, the field's line, the key and the valid values, and exits 64.
+#[test]
+fn check_rejects_a_profile_field_without_classification() {
+    let dir = tempfile::tempdir().unwrap();
+    let profiles = dir.path().join("profiles");
+    std::fs::create_dir(&profiles).unwrap();
+    for entry in std::fs::read_dir(profile_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            std::fs::copy(&p, profiles.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let text = profile_text("chint-ddsu666");
+    let name_at = text.find("name = \"voltage_l1\"").unwrap();
+    let line = text[..name_at].matches('\n').count() + 1;
+    let edited = text.replacen("category = \"measurement\"\n", "", 1);
+    assert_ne!(edited, text);
+    let broken = profiles.join("chint-ddsu666.toml");
+    std::fs::write(&broken, edited).unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.example.toml");
+    let cfg = std::fs::read_to_string(example).unwrap().replace(
+        "profiles_dir = \"../firmware-profiles\"",
+        "profiles_dir = \"profiles\"",
+    );
+    let cfg_path = dir.path().join("gw.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+        .args(["check", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:{line}:", broken.display())),
+        "file:line of the field: {stderr}"
+    );
+    assert!(
+        stderr.contains("(voltage_l1).category`")
+            && stderr.contains("\"identifier\", \"measurement\", \"status\", \"alarm\""),
+        "names the key and the valid values: {stderr}"
+    );
+}
+
+/// Issue 11 item 6: the shipped meters' mains voltages carry a frozen-value limit and
+/// their frequencies a rate and a frozen-value limit; no counter carries `frozen_after`.
+#[test]
+fn shipped_voltages_and_frequencies_carry_quality_limits() {
+    let set = ProfileSet::load_dir(&profile_dir()).unwrap();
+    let mut seen = 0;
+    for p in set.iter() {
+        for f in &p.fields {
+            let name = f.name.as_str();
+            let mains_voltage = name.starts_with("voltage_l");
+            if mains_voltage || name == "frequency" {
+                seen += 1;
+                assert!(f.frozen_after.is_some(), "{}: {name}", p.name);
+            }
+            if name == "frequency" {
+                assert_eq!(f.max_rate, Some(5.0), "{}: {name}", p.name);
+            }
+            if matches!(f.counter, Counter::Monotonic { .. }) {
+                assert_eq!(f.frozen_after, None, "{}: {name}", p.name);
+            }
+        }
+    }
+    assert!(seen >= 20, "{seen}");
+}

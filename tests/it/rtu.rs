@@ -67,20 +67,27 @@ fn modbus() -> ModbusConfig {
     }
 }
 
-/// Values each unit served, as canonical-unit bit patterns per field.
-struct Served(HashMap<(u8, String), HashSet<u64>>);
+/// Values each unit served, in canonical units per field.
+struct Served(HashMap<(u8, String), Vec<f64>>);
+
+/// Whether a delivered canonical value is the served engineering value `eng` (the
+/// gateway rounds away binary noise of `eng × factor`, so equal up to that noise).
+fn same_value(eng: f64, factor: f64, got: f64) -> bool {
+    let want = eng * factor;
+    (got - want).abs() <= 1e-12 * want.abs().max(1.0)
+}
 
 impl Served {
     fn of(meters: &SimMeters, units: u8) -> Self {
         let p = meters.profile().clone();
-        let mut map: HashMap<(u8, String), HashSet<u64>> = HashMap::new();
+        let mut map: HashMap<(u8, String), Vec<f64>> = HashMap::new();
         for u in 1..=units {
             for snap in meters.history(UnitId(u)) {
                 for f in &p.fields {
                     if let Some(v) = snap.values.get(&f.name) {
                         map.entry((u, f.name.as_str().to_string()))
                             .or_default()
-                            .insert((v * f.unit.factor).to_bits());
+                            .push(*v);
                     }
                 }
             }
@@ -97,9 +104,10 @@ impl Served {
         !n.readings.is_empty()
             && n.readings.iter().all(|r| {
                 let v = r.value.as_f64().unwrap();
+                let factor = sample.profile.field(r.field.as_str()).unwrap().unit.factor;
                 self.0
                     .get(&(unit, r.field.as_str().to_string()))
-                    .is_some_and(|set| set.contains(&v.to_bits()))
+                    .is_some_and(|served| served.iter().any(|eng| same_value(*eng, factor, v)))
             })
     }
 }
@@ -587,7 +595,7 @@ async fn gateway_records_match_the_meters(
                 .history(UnitId(unit))
                 .iter()
                 .filter_map(|s| s.values.get(&field.name).copied())
-                .any(|eng| (eng * field.unit.factor).to_bits() == v.to_bits());
+                .any(|eng| same_value(eng, field.unit.factor, v));
             assert!(served, "{prefix}{unit} {} = {v} never served", rec.field);
             checked += 1;
         }

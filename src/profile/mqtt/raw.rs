@@ -11,7 +11,7 @@ use super::{is_json_pointer, Locator, MqttField, MqttSpec, PayloadShape, TimeFor
 use crate::diag::{Diagnostic, SourceFile};
 use crate::profile::raw::common::{self, default_true, Check, RawMeter};
 use crate::profile::{Field, Profile, WordOrder};
-use crate::reading::{Category, Classification, Grade, RegisterAddress, Stream};
+use crate::reading::{Category, RegisterAddress, Stream};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,8 +47,13 @@ struct RawMqttField {
     sentinels: Vec<Spanned<toml::Value>>,
     counter: Option<Spanned<String>>,
     rollover: Option<Spanned<f64>>,
-    category: Category,
-    grade: Grade,
+    /// Largest plausible change per second in `unit` (counters: of the increments).
+    max_rate: Option<Spanned<f64>>,
+    /// Identical values in a row from which a gauge counts as frozen.
+    frozen_after: Option<Spanned<u32>>,
+    /// Required; an `Option` so a missing one is reported with the valid values.
+    category: Option<Spanned<String>>,
+    grade: Option<Spanned<String>>,
     #[serde(default)]
     personal: bool,
     #[serde(default)]
@@ -318,10 +323,27 @@ fn convert_field(
         })
         .collect();
     let counter = common::counter(c, &key, f.counter.as_ref(), f.rollover.as_ref());
+    let (max_rate, frozen_after) = common::quality_limits(
+        c,
+        &key,
+        not_numeric.is_none(),
+        counter,
+        f.max_rate.as_ref(),
+        f.frozen_after.as_ref(),
+    );
+    let class = common::classification(
+        c,
+        &key,
+        &f.name,
+        f.category.as_ref(),
+        f.grade.as_ref(),
+        f.personal,
+    );
     if c.errors.len() > before {
         return None;
     }
     let (name, kind) = (name?, kind?);
+    let class = class?;
     let field = Field {
         name: name.clone(),
         register: 0,
@@ -334,18 +356,16 @@ fn convert_field(
         range,
         sentinels,
         counter,
-        class: Classification {
-            category: f.category,
-            grade: f.grade,
-            personal: f.personal,
-        },
+        max_rate,
+        frozen_after,
+        class,
         verified: f.verified,
         note: f.note,
         // MQTT meters publish primary-side values and whole totals; alarm flags travel on
         // the alarms stream like the Modbus profiles' (`category = "alarm"`).
         fraction: None,
         ratio: None,
-        stream: if f.category == Category::Alarm {
+        stream: if class.category == Category::Alarm {
             Stream::Alarms
         } else {
             Stream::Readings
@@ -482,5 +502,30 @@ grade = "L2"
         for bad in ["a", "a/b", "/a~", "/~2"] {
             assert!(!is_json_pointer(bad), "{bad}");
         }
+    }
+
+    /// Issue 11: an MQTT profile field needs its classification too, and its quality
+    /// limits follow the same rules as a register field's.
+    #[test]
+    fn classification_and_quality_limits_are_checked() {
+        let e = one_error(&GOOD.replacen("category = \"alarm\"\n", "", 1));
+        assert_eq!(e.line, 22, "the field's name line: {e}");
+        assert!(e.key.ends_with("(battery_low).category"), "{e}");
+        assert!(e.message.contains("\"identifier\", \"measurement\""), "{e}");
+        let e = one_error(&GOOD.replacen(
+            "counter = \"monotonic\"",
+            "counter = \"monotonic\"\nfrozen_after = 5",
+            1,
+        ));
+        assert!(e.key.ends_with("(volume_forward).frozen_after"), "{e}");
+        let e = one_error(&GOOD.replacen("bit = 2", "bit = 2\nmax_rate = 1.0", 1));
+        assert!(e.key.ends_with("(battery_low).max_rate"), "{e}");
+        let p = parse_str(&GOOD.replacen(
+            "counter = \"monotonic\"",
+            "counter = \"monotonic\"\nmax_rate = 0.5",
+            1,
+        ))
+        .unwrap();
+        assert_eq!(p.field("volume_forward").unwrap().max_rate, Some(0.5));
     }
 }

@@ -1,6 +1,7 @@
 //! What the Modbus and the MQTT profile parsers share: the error collector, the
 //! `[meter]` table, the field attributes both kinds of field take (name, unit,
-//! scale, range, counter/rollover, hex sentinels) and the profile's identity.
+//! scale, range, counter/rollover, quality limits, classification, hex sentinels) and the
+//! profile's identity.
 //! Each check keeps the key (`field[3](voltage_l1).unit`) and message its parser had.
 
 use std::ops::Range;
@@ -15,7 +16,7 @@ use crate::profile::{
     Counter, Field, FunctionCode, Profile, ProfileUnit, DEFAULT_MAX_GAP_REGISTERS,
     MAX_REGISTERS_PER_READ,
 };
-use crate::reading::FieldName;
+use crate::reading::{Category, Classification, FieldName, Grade};
 
 /// The `[meter]` table of every profile.
 #[derive(Debug, Deserialize)]
@@ -213,4 +214,114 @@ pub(in crate::profile) fn hex_sentinel(s: &str) -> Result<u64, String> {
         .replace('_', "");
     u64::from_str_radix(&digits, 16)
         .map_err(|_| format!("sentinel {s:?} is not a hex bit pattern like \"0xFFFFFFFF\""))
+}
+
+const CATEGORIES: &str = "\"identifier\", \"measurement\", \"status\", \"alarm\"";
+const GRADES: &str = "\"L1\", \"L2\", \"L3\", \"L4\"";
+
+/// The field's `category` and `grade`, both required: a field nobody classified cannot be
+/// minimised by a purpose. A missing one is reported on the field's `name` line.
+pub(in crate::profile) fn classification(
+    c: &mut Check<'_>,
+    key: &str,
+    name: &Spanned<String>,
+    category: Option<&Spanned<String>>,
+    grade: Option<&Spanned<String>>,
+    personal: bool,
+) -> Option<Classification> {
+    let category = match category.map(|s| (s.get_ref().as_str(), s.span())) {
+        Some(("identifier", _)) => Some(Category::Identifier),
+        Some(("measurement", _)) => Some(Category::Measurement),
+        Some(("status", _)) => Some(Category::Status),
+        Some(("alarm", _)) => Some(Category::Alarm),
+        other => {
+            let (span, message) = match other {
+                Some((v, span)) => (span, format!("unknown category {v:?}; valid: {CATEGORIES}")),
+                None => (
+                    name.span(),
+                    format!("missing: every field needs a classification; valid: {CATEGORIES}"),
+                ),
+            };
+            c.err(span, format!("{key}.category"), message);
+            None
+        }
+    };
+    let grade = match grade.map(|s| (s.get_ref().as_str(), s.span())) {
+        Some(("L1", _)) => Some(Grade::L1),
+        Some(("L2", _)) => Some(Grade::L2),
+        Some(("L3", _)) => Some(Grade::L3),
+        Some(("L4", _)) => Some(Grade::L4),
+        other => {
+            let (span, message) = match other {
+                Some((v, span)) => (span, format!("unknown grade {v:?}; valid: {GRADES} (L1 public .. L4 most sensitive)")),
+                None => (
+                    name.span(),
+                    format!("missing: every field needs a sensitivity grade; valid: {GRADES} (L1 public .. L4 most sensitive)"),
+                ),
+            };
+            c.err(span, format!("{key}.grade"), message);
+            None
+        }
+    };
+    Some(Classification {
+        category: category?,
+        grade: grade?,
+        personal,
+    })
+}
+
+/// `max_rate` (largest plausible change per second, in the field's unit; for a counter,
+/// of its increments) and `frozen_after` (this many identical values in a row are
+/// suspect). Both need a numeric field; `frozen_after` is refused on counters, where an
+/// unchanged total is normal (nothing consumed).
+pub(in crate::profile) fn quality_limits(
+    c: &mut Check<'_>,
+    key: &str,
+    numeric: bool,
+    counter: Counter,
+    max_rate: Option<&Spanned<f64>>,
+    frozen_after: Option<&Spanned<u32>>,
+) -> (Option<f64>, Option<u32>) {
+    if let Some(r) = max_rate {
+        if !numeric {
+            c.err(
+                r.span(),
+                format!("{key}.max_rate"),
+                "max_rate needs a numeric field, not a flag or text".into(),
+            );
+        } else if !r.get_ref().is_finite() || *r.get_ref() <= 0.0 {
+            c.err(
+                r.span(),
+                format!("{key}.max_rate"),
+                "max_rate must be a finite number > 0 (the field's unit per second)".into(),
+            );
+        }
+    }
+    if let Some(n) = frozen_after {
+        if !numeric {
+            c.err(
+                n.span(),
+                format!("{key}.frozen_after"),
+                "frozen_after needs a numeric field, not a flag or text".into(),
+            );
+        } else if matches!(counter, Counter::Monotonic { .. }) {
+            c.err(
+                n.span(),
+                format!("{key}.frozen_after"),
+                "frozen_after does not apply to a counter: an unchanged total is normal \
+                 (nothing consumed); valid on gauges that always move (voltage, frequency)"
+                    .into(),
+            );
+        } else if *n.get_ref() < 2 {
+            c.err(
+                n.span(),
+                format!("{key}.frozen_after"),
+                "frozen_after must be at least 2 (identical values in a row)".into(),
+            );
+        }
+    }
+    (
+        max_rate.map(|r| *r.get_ref()),
+        frozen_after.map(|n| *n.get_ref()),
+    )
 }

@@ -18,7 +18,7 @@ use super::{
     DEFAULT_MAX_GAP_REGISTERS, MAX_REGISTERS_PER_READ,
 };
 use crate::diag::{Diagnostic, SourceFile};
-use crate::reading::{Category, Classification, Grade, RegisterAddress, Stream};
+use crate::reading::{Category, RegisterAddress, Stream};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +75,10 @@ struct RawField {
     sentinels: Vec<Spanned<toml::Value>>,
     counter: Option<Spanned<String>>,
     rollover: Option<Spanned<f64>>,
+    /// Largest plausible change per second in `unit` (counters: of the increments).
+    max_rate: Option<Spanned<f64>>,
+    /// Identical values in a row from which a gauge counts as frozen.
+    frozen_after: Option<Spanned<u32>>,
     /// Combined total: the register of the fraction added to this field's integer part.
     fraction_register: Option<Spanned<u32>>,
     /// Type of the fraction part (default "f32").
@@ -83,8 +87,9 @@ struct RawField {
     ratio: Option<Spanned<String>>,
     /// "readings" or "alarms" (default: "alarms" for category "alarm").
     stream: Option<Spanned<String>>,
-    category: Category,
-    grade: Grade,
+    /// Required; an `Option` so a missing one is reported with the valid values.
+    category: Option<Spanned<String>>,
+    grade: Option<Spanned<String>>,
     #[serde(default)]
     personal: bool,
     #[serde(default = "default_true")]
@@ -282,6 +287,22 @@ fn convert_field(
         })
         .collect();
     let counter = common::counter(c, &key, f.counter.as_ref(), f.rollover.as_ref());
+    let (max_rate, frozen_after) = common::quality_limits(
+        c,
+        &key,
+        !matches!(ty, Some(FieldType::Bit(_))),
+        counter,
+        f.max_rate.as_ref(),
+        f.frozen_after.as_ref(),
+    );
+    let class = common::classification(
+        c,
+        &key,
+        &f.name,
+        f.category.as_ref(),
+        f.grade.as_ref(),
+        f.personal,
+    );
     // `rollover` is refused only without a counter, so this error never joins that one.
     if let (Counter::Monotonic { .. }, Some(FieldType::Bit(_)), Some(s)) = (counter, ty, &f.counter)
     {
@@ -328,7 +349,7 @@ fn convert_field(
         parsed
     });
     let stream = match f.stream.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
-        None if f.category == Category::Alarm => Stream::Alarms,
+        None if class.is_some_and(|k| k.category == Category::Alarm) => Stream::Alarms,
         None | Some(("readings", _)) => Stream::Readings,
         Some(("alarms", _)) => Stream::Alarms,
         Some((other, span)) => {
@@ -340,7 +361,7 @@ fn convert_field(
             Stream::Readings
         }
     };
-    if stream == Stream::Alarms && f.category == Category::Identifier {
+    if stream == Stream::Alarms && class.is_some_and(|k| k.category == Category::Identifier) {
         c.err(
             f.stream.as_ref().map_or(f.name.span(), Spanned::span),
             format!("{key}.stream"),
@@ -362,14 +383,12 @@ fn convert_field(
         range,
         sentinels,
         counter,
+        max_rate,
+        frozen_after,
         fraction,
         ratio,
         stream,
-        class: Classification {
-            category: f.category,
-            grade: f.grade,
-            personal: f.personal,
-        },
+        class: class?,
         verified: f.verified,
         note: f.note,
     })
@@ -668,6 +687,45 @@ grade = "L2"
         ));
         assert!(e.key.ends_with("(volume_forward).ratio"), "{e}");
         assert!(e.message.contains("does not apply to a field in m3"), "{e}");
+    }
+
+    /// Issue 11 acceptance: a field without `category` or `grade` is an error at the
+    /// field, naming the key and the valid values (not serde's bare "missing field").
+    #[test]
+    fn classification_is_required_with_valid_values() {
+        let e = one_error(&GOOD.replacen("grade = \"L3\"\n", "", 1));
+        assert_eq!(e.line, 21, "the field's name line: {e}");
+        assert!(e.key.ends_with("(energy_import).grade"), "{e}");
+        assert!(e.message.contains("\"L1\", \"L2\", \"L3\", \"L4\""), "{e}");
+        let e = one_error(&GOOD.replacen("category = \"status\"", "category = \"state\"", 1));
+        assert!(e.key.ends_with("(relay_open).category"), "{e}");
+        assert!(e.message.contains("\"measurement\", \"status\""), "{e}");
+    }
+
+    /// Issue 11 item 6: `frozen_after` is refused on a counter (unchanged totals are
+    /// normal), and both quality limits must be meaningful numbers.
+    #[test]
+    fn quality_limits_are_validated() {
+        let p = parse_str(&GOOD.replacen(
+            "range = [0.0, 400.0]",
+            "range = [0.0, 400.0]\nmax_rate = 50.0\nfrozen_after = 10",
+            1,
+        ))
+        .unwrap();
+        let v = p.field("voltage_l1").unwrap();
+        assert_eq!((v.max_rate, v.frozen_after), (Some(50.0), Some(10)));
+        let e = one_error(&GOOD.replacen(
+            "counter = \"monotonic\"",
+            "counter = \"monotonic\"\nfrozen_after = 10",
+            1,
+        ));
+        assert_eq!(e.line, 28, "{e}");
+        assert!(e.key.ends_with("(energy_import).frozen_after"), "{e}");
+        assert!(e.message.contains("counter"), "{e}");
+        let e = one_error(&GOOD.replacen("range = [0.0, 400.0]", "max_rate = 0.0", 1));
+        assert!(e.key.ends_with("(voltage_l1).max_rate"), "{e}");
+        let e = one_error(&GOOD.replacen("bit = 2", "bit = 2\nfrozen_after = 5", 1));
+        assert!(e.key.ends_with("(relay_open).frozen_after"), "{e}");
     }
 
     #[test]

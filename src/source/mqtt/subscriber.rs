@@ -369,6 +369,17 @@ impl MqttSubscriber {
             })
             .collect();
         let stale = before - values.len();
+        // A meter clock running behind passed the gate on its own times (its values are
+        // not from the future); its timestamps are kept and marked too.
+        let lag_ms =
+            TimestampMs::try_from(self.cfg.max_clock_lag.as_millis()).unwrap_or(TimestampMs::MAX);
+        let mut values = values;
+        for v in &mut values {
+            if v.time == TimeSource::Device && v.at_ms < received_ms.saturating_sub(lag_ms) {
+                v.time = TimeSource::Skewed;
+                self.cx.metrics.mqtt_clock_skewed.inc();
+            }
+        }
         if stale > 0 {
             self.cx.metrics.mqtt_stale_values.add(stale as u64);
             debug!(topic, device = %device.id, stale, "stale or duplicate mqtt values dropped");
@@ -414,6 +425,7 @@ mod tests {
             tls: None,
             qos: 1,
             max_clock_skew: crate::config::mqtt::DEFAULT_MAX_CLOCK_SKEW,
+            max_clock_lag: crate::config::mqtt::DEFAULT_MAX_CLOCK_LAG,
             max_packet_bytes: crate::config::mqtt::DEFAULT_SOURCE_MAX_PACKET_BYTES,
             down_grace: crate::config::mqtt::DEFAULT_DOWN_GRACE,
         };
@@ -458,6 +470,7 @@ mod tests {
             tls: None,
             qos: 1,
             max_clock_skew: crate::config::mqtt::DEFAULT_MAX_CLOCK_SKEW,
+            max_clock_lag: crate::config::mqtt::DEFAULT_MAX_CLOCK_LAG,
             max_packet_bytes: crate::config::mqtt::DEFAULT_SOURCE_MAX_PACKET_BYTES,
             down_grace: crate::config::mqtt::DEFAULT_DOWN_GRACE,
         };
@@ -595,5 +608,34 @@ mod tests {
             panic!("values expected")
         };
         assert_eq!(v[0].time, TimeSource::Device);
+    }
+
+    /// Issue 11 item 6: a meter clock running behind by more than `max_clock_lag` is
+    /// flagged like one running ahead, value and timestamp kept as sent; a lag within
+    /// the bound is the meter's time.
+    #[test]
+    fn a_lagging_timestamp_is_marked_and_kept() {
+        let (mut s, mut rx, m) = thingsboard_subscriber(&["Meter A"]);
+        let now = 1_763_906_400_000;
+        let msg = |ts: i64| format!(r#"{{"Meter A":[{{"ts":{ts},"values":{{"flow":1.5}}}}]}}"#);
+        let lag = i64::try_from(crate::config::mqtt::DEFAULT_MAX_CLOCK_LAG.as_millis()).unwrap();
+        let behind = now - lag - 60_000;
+        s.on_message("v1/gateway/telemetry", msg(behind).as_bytes(), now);
+        let SampleData::Values(v) = rx.try_recv().unwrap().data else {
+            panic!("values expected")
+        };
+        assert_eq!((v[0].at_ms, v[0].time), (behind, TimeSource::Skewed));
+        assert_eq!(
+            v[0].value,
+            crate::source::SourceValue::Raw(crate::profile::RawValue::Float(1.5))
+        );
+        assert_eq!(m.mqtt_clock_skewed.get(), 1);
+        let within = now - lag + 60_000;
+        s.on_message("v1/gateway/telemetry", msg(within).as_bytes(), now);
+        let SampleData::Values(v) = rx.try_recv().unwrap().data else {
+            panic!("values expected")
+        };
+        assert_eq!((v[0].at_ms, v[0].time), (within, TimeSource::Device));
+        assert_eq!(m.mqtt_clock_skewed.get(), 1);
     }
 }

@@ -5,7 +5,9 @@
 //! platforms. A string without a zone is rejected rather than guessed. A timestamp is only
 //! used if it is plausible: after 2000-01-01 and at most one day after the receive time
 //! (a meter whose clock is unset or wrong); otherwise the caller falls back to the
-//! receive time and marks the readings.
+//! receive time and marks the readings. A plausible timestamp further ahead than the
+//! source's `max_clock_skew`, or further behind than its `max_clock_lag`, is kept and
+//! marked skewed by the subscriber.
 
 use crate::reading::TimestampMs;
 
