@@ -318,8 +318,12 @@ fn bench_policy(c: &mut Criterion) {
         GatewayId::new("bench-gw").unwrap(),
         ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
         citygate::seal::HubSecretKey::from_bytes(&[2; 32]).public_key(),
-        [0; 32],
         0x5eed,
+    );
+    let policy = PolicyFlow::new().engine.policy().clone();
+    let stamp = citygate::seal::PolicyStamp::new(
+        citygate::reading::PurposeName::new(policy.name()).unwrap(),
+        policy.hash(&[]),
     );
     let mut g = c.benchmark_group("policy");
     g.throughput(Throughput::Elements(readings as u64));
@@ -335,7 +339,9 @@ fn bench_policy(c: &mut Criterion) {
         b.iter(|| {
             let recs = flow.round(&p, &img, &devices);
             if !recs.is_empty() {
-                let sealed = sealer.seal(Stream::Readings, seq, 0, &recs).unwrap();
+                let sealed = sealer
+                    .seal(Stream::Readings, seq, 0, &stamp, &recs)
+                    .unwrap();
                 store.append(Stream::Readings, seq, &sealed.bytes).unwrap();
                 store.flush().unwrap();
                 store.ack(Stream::Readings, seq).unwrap();
