@@ -35,9 +35,9 @@ use crate::source::{GatewayAlarms, SourceContext};
 /// Gateway alarm records queued towards the batcher; more at once are dropped (their log
 /// lines and counters remain).
 const GATEWAY_ALARMS_CAPACITY: usize = 64;
+use crate::seal::PseudonymKey;
 use crate::store::{Outbox, StoreStats};
 use crate::telemetry::Metrics;
-use crate::transform::minimise::PseudonymKey;
 use crate::uplink::{Forwarder, ForwarderOptions};
 use crate::wire::AckVerifier;
 

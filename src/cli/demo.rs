@@ -44,15 +44,47 @@ const PROFILES: &[(&str, &str)] = &[
     ),
 ];
 
-const PURPOSE_FIELDS: &[&str] = &[
-    "active_power",
-    "energy_import",
-    "voltage_l1",
-    "frequency",
-    "volume_forward",
-    "flow_rate",
-    "meter_address",
+/// The shipped purpose policies, compiled in, and the demo's own live flow.
+const POLICIES: &[(&str, &str)] = &[
+    (
+        "billing",
+        include_str!("../../config/policies/billing.toml"),
+    ),
+    (
+        "grid-operation",
+        include_str!("../../config/policies/grid-operation.toml"),
+    ),
+    (
+        "leak-detection",
+        include_str!("../../config/policies/leak-detection.toml"),
+    ),
+    (
+        "open-data",
+        include_str!("../../config/policies/open-data.toml"),
+    ),
+    ("alarms", include_str!("../../config/policies/alarms.toml")),
+    ("demo-monitoring", DEMO_MONITORING),
 ];
+
+/// A live flow for the demo to show while the shipped policies' windows (15 min to a day)
+/// are still open: grid quality only (not personal), coarsened.
+const DEMO_MONITORING: &str = r#"[purpose]
+name = "demo-monitoring"
+description = "Live feeder voltage and grid frequency, coarsened, for the demo's screen"
+legal_basis = "Demonstration with simulated meters"
+owner = "citygate demo"
+retention = "1d"
+
+[[rule]]
+field = "voltage_l1"
+action = "generalise"
+step = 0.5
+
+[[rule]]
+field = "frequency"
+action = "generalise"
+step = 0.01
+"#;
 
 /// What the demo measured, also written as JSON with `--summary-json`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -61,6 +93,10 @@ pub(crate) struct Summary {
     pub meters: usize,
     pub readings_polled: u64,
     pub records_sealed: u64,
+    /// Aggregate records the purpose flows emitted (per meter and per area).
+    pub aggregates_emitted: u64,
+    /// Area aggregates withheld because fewer than k meters contributed.
+    pub aggregates_suppressed: u64,
     pub batches_committed: u64,
     pub batches_acked: u64,
     pub hub_records_written: u64,
@@ -145,7 +181,7 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
         for unit in 1..=meters {
             let _ = write!(
                 devices,
-                "[[device]]\nname = \"{}-{unit}\"\nprofile = \"{}\"\ntransport = {{ type = \"tcp\", address = \"{addr}\" }}\nunit = {unit}\npoll_interval = \"1s\"\ntimeout = \"500ms\"\n\n",
+                "[[device]]\nname = \"{}-{unit}\"\nprofile = \"{}\"\ntransport = {{ type = \"tcp\", address = \"{addr}\" }}\nunit = {unit}\npoll_interval = \"1s\"\ntimeout = \"500ms\"\narea = \"demo-district\"\n\n",
                 profile.name, profile.name
             );
         }
@@ -161,14 +197,14 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
         .map_err(|e| rt_err(&e))?;
     let port = broker.tls_addr().port();
 
-    // The gateway.
-    let known: Vec<&str> = PURPOSE_FIELDS
-        .iter()
-        .copied()
-        .filter(|f| profiles.iter().any(|p| p.field(f).is_some()))
-        .collect();
+    // The gateway, under the shipped purpose policies.
+    std::fs::create_dir_all(dir.join("policies")).map_err(|e| rt_err(&e))?;
+    for (name, text) in POLICIES {
+        std::fs::write(dir.join(format!("policies/{name}.toml")), text).map_err(|e| rt_err(&e))?;
+    }
     let config_text = format!(
-        "[gateway]\nid = \"demo-gateway\"\n\n[purpose]\nname = \"demo-grid-and-water-planning\"\nfields = {known:?}\n\n\
+        "[gateway]\nid = \"demo-gateway\"\ntime_zone = \"Asia/Shanghai\"\n\n\
+         [policies]\nflows = [\"demo-monitoring\", \"billing\", \"grid-operation\", \"leak-detection\", \"open-data\"]\nalarms = \"alarms\"\n\n\
          [batch]\nmax_age = \"1s\"\n\n[store]\npath = \"store\"\n\n[keys]\nsigning_key = \"keys/gateway.sign.key\"\n\
          hub_public_key = \"keys/hub.hpke.pub\"\npseudonym_key = \"keys/pseudonym.key\"\nhub_ack_key = \"keys/hub.ack.pub\"\n\n\
          [uplink]\nbroker = \"localhost:{port}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\
@@ -226,13 +262,18 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
         cfg.devices.len(),
         cfg.profiles.names().collect::<Vec<_>>().join(", "),
     );
-    for (stream, stamp) in crate::supervisor::policy_stamps(&cfg) {
+    for flow in cfg.policies.flows.iter().chain(&cfg.policies.alarms) {
         println!(
-            "purpose {:?} on stream {stream} needs: {}; everything else is dropped at the edge",
-            stamp.purpose.as_str(),
-            known.join(", ")
+            "purpose {:<16} on stream {:<10} {}",
+            flow.policy.name(),
+            flow.stream.to_string(),
+            flow.policy.meta().description
         );
     }
+    println!(
+        "every meter is in area \"demo-district\"; windows of 15 min to a day are still open when the demo ends and leave marked partial; \
+         area aggregates covering fewer than k meters are withheld; everything no policy names stays on the box"
+    );
     println!("the uplink is cut for a few seconds halfway through: batches wait in the store and drain after\n");
 
     let started = tokio::time::Instant::now();
@@ -304,6 +345,8 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
         meters: cfg.devices.len(),
         readings_polled: metrics.readings_normalised.get(),
         records_sealed: metrics.records_sealed.get(),
+        aggregates_emitted: metrics.aggregates_emitted.get(),
+        aggregates_suppressed: metrics.aggregates_suppressed.get(),
         batches_committed: metrics.batches_committed.get(),
         batches_acked: metrics.batches_acked.get(),
         hub_records_written: hs.records_written,
@@ -372,6 +415,10 @@ fn print_summary(s: &Summary) {
     println!("  meters                   {}", s.meters);
     println!("  readings polled          {}", s.readings_polled);
     println!("  records sealed           {}", s.records_sealed);
+    println!(
+        "  aggregates               {} emitted, {} withheld (fewer than k meters)",
+        s.aggregates_emitted, s.aggregates_suppressed
+    );
     println!("  batches committed        {}", s.batches_committed);
     println!("  batches acked by the hub {}", s.batches_acked);
     println!("  hub records written      {}", s.hub_records_written);

@@ -214,3 +214,7 @@ impl Flows {
         self.readings.iter().chain(&self.alarms)
     }
 }
+
+#[cfg(test)]
+#[path = "flows_measure.rs"]
+mod measure;

@@ -2,7 +2,7 @@
 //! errors.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 fn citygate() -> Command {
@@ -260,7 +260,17 @@ fn check_prints_rtu_buses_with_cycle_time_and_warns_when_overloaded() {
             "profiles_dir = \"../firmware-profiles\"",
             &format!("profiles_dir = {:?}", profiles_dir().display().to_string()),
         )
-        .replace("poll_interval = \"5s\"", "poll_interval = \"100ms\"");
+        .replace("poll_interval = \"5s\"", "poll_interval = \"100ms\"")
+        .replace(
+            "\nflows = [",
+            &format!(
+                "\ndir = {:?}\nflows = [",
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("config/policies")
+                    .display()
+                    .to_string()
+            ),
+        );
     let path = dir.path().join("gw.toml");
     std::fs::write(&path, text).unwrap();
     let out = citygate()
