@@ -78,6 +78,8 @@ metrics! {
     samples_dropped: "Samples dropped because the pipeline was full.",
     readings_normalised: "Readings decoded from samples.",
     readings_flagged: "Readings flagged uncertain or bad by the checks.",
+    readings_spike: "Readings flagged uncertain(spike): a change faster than the profile's max_rate.",
+    readings_frozen: "Readings flagged uncertain(frozen): the same value frozen_after times in a row.",
     records_minimised: "Records left after purpose minimisation.",
     aggregates_emitted: "Aggregate records (per device or per area) the purpose flows closed.",
     aggregates_suppressed: "Area aggregates withheld because fewer than k devices contributed (k-anonymity).",

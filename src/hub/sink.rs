@@ -37,7 +37,7 @@
 //! - `timestamp`: `at_ms` as RFC 3339 UTC with milliseconds; `null` outside years 1970..=9999.
 //! - `quality`: `"good"`, `"uncertain:REASON"` or `"bad:REASON"`, REASON one of
 //!   `out_of_range`, `not_available`, `counter_backwards`, `counter_rollover`, `not_finite`,
-//!   `receive_time`, `clock_skew`.
+//!   `receive_time`, `clock_skew`, `spike`, `frozen`, `counter_reset`.
 //!
 //! A group of batches (one or more, [`Sink::write_batches`]) is written with one `write_all`,
 //! each batch's lines together, and made durable with one `sync_data` before the call returns,

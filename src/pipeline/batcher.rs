@@ -243,10 +243,18 @@ impl Batcher {
                 continue;
             };
             let multiplier = sample.ratios.multiplier(field.ratio);
-            if self.checker.check_scaled(field, &mut reading, multiplier)
-                != crate::reading::Quality::Good
-            {
+            let quality = self.checker.check_scaled(field, &mut reading, multiplier);
+            if quality != crate::reading::Quality::Good {
                 self.metrics.readings_flagged.inc();
+                match quality {
+                    crate::reading::Quality::Uncertain(crate::reading::QualityReason::Spike) => {
+                        self.metrics.readings_spike.inc()
+                    }
+                    crate::reading::Quality::Uncertain(crate::reading::QualityReason::Frozen) => {
+                        self.metrics.readings_frozen.inc()
+                    }
+                    _ => {}
+                }
             }
             if field.stream == Stream::Alarms
                 && self.flows.alarm_leaves(&reading)
@@ -575,6 +583,46 @@ mod tests {
         }
         task.await.unwrap();
         (sealed, metrics)
+    }
+
+    /// Issue 11 item 6: a meter whose voltages repeat exactly is flagged frozen from the
+    /// profile's `frozen_after`-th poll on, and counted apart; distinct meters are not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frozen_values_are_counted() {
+        let p = profile();
+        let metrics = Arc::new(Metrics::default());
+        let (samples_tx, samples_rx) = mpsc::channel(16);
+        let (sealed_tx, mut sealed_rx) = mpsc::channel(1024);
+        let batcher = test_batcher(1, Duration::ZERO, samples_rx, sealed_tx, metrics.clone());
+        let task = tokio::spawn(batcher.run());
+        let img = image(&p);
+        let frozen_fields = p
+            .fields
+            .iter()
+            .filter(|f| f.frozen_after == Some(10))
+            .count() as u64;
+        assert!(
+            frozen_fields > 0,
+            "the profile sets frozen_after on its voltages"
+        );
+        for poll in 0..12 {
+            samples_tx
+                .send(RawSample {
+                    device: DeviceId::new("stuck").unwrap(),
+                    profile: p.clone(),
+                    at_ms: 1_700_000_000_000 + poll * 1000,
+                    data: SampleData::Registers(img.clone()),
+                    ratios: Ratios::UNITY,
+                })
+                .await
+                .unwrap();
+        }
+        drop(samples_tx);
+        while sealed_rx.recv().await.is_some() {}
+        task.await.unwrap();
+        // Polls 10, 11 and 12 of each such field.
+        assert_eq!(metrics.readings_frozen.get(), 3 * frozen_fields);
+        assert!(metrics.readings_flagged.get() >= metrics.readings_frozen.get());
     }
 
     /// issue 9 item 6: a batch is sealed early once its sealed size could pass

@@ -139,6 +139,7 @@
 //! Quality  = 0 Good | 1 Uncertain(QualityReason) | 2 Bad(QualityReason)
 //! QualityReason = 0 out_of_range | 1 not_available | 2 counter_backwards
 //!               | 3 counter_rollover | 4 not_finite | 5 receive_time | 6 clock_skew
+//!               | 7 spike | 8 frozen | 9 counter_reset
 //! unit symbols: W Wh var varh VA V A Hz m3 m3/h degC % Pa s 1
 //! ```
 //!
