@@ -84,7 +84,7 @@ pub(crate) fn explain(cfg: &GatewayConfig, device: Option<&str>) -> Result<Strin
     let devices: Vec<_> = cfg
         .devices
         .iter()
-        .filter(|d| device.is_none_or(|n| d.id.as_str() == n))
+        .filter(|d| device.map_or(true, |n| d.id.as_str() == n))
         .collect();
     if devices.is_empty() {
         let names: Vec<&str> = cfg.devices.iter().map(|d| d.id.as_str()).collect();
