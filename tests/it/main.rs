@@ -14,6 +14,7 @@ mod loadtest;
 mod mosquitto;
 mod mqtt_meters;
 mod pipeline;
+mod policies;
 mod precision;
 mod probe;
 mod profiles;
