@@ -404,3 +404,279 @@ async fn shipped_policies_end_to_end_match_what_the_meters_served() {
         metrics.aggregates_suppressed.get()
     );
 }
+
+/// The shipped NB-IoT water meter profile (JSON over MQTT; `volume_forward` rolls over at
+/// 10⁸ m³).
+const MQTT_WATER: &str = "oem-nbiot-water-mqtt";
+
+/// An NB-IoT water meter's `deviceReq` payload, as the shipped profile reads it.
+fn water_payload(key: &str, total: f64, flow: f64, at_ms: i64) -> Vec<u8> {
+    let at = jiff::Timestamp::from_millisecond(at_ms).unwrap();
+    serde_json::json!({
+        "msgType": "deviceReq",
+        "data": [{
+            "serviceId": "WaterMeter",
+            "serviceData": { "meterId": key, "totalFlow": total, "flow": flow },
+            "eventTime": at.strftime("%Y%m%dT%H%M%SZ").to_string(),
+        }],
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A broker with mutual TLS, a gateway with an MQTT meter source on it, a hub approving
+/// every flow of the gateway, and a meters' connection to publish with.
+struct MqttRig {
+    dep: Deployment,
+    ca: CertAuthority,
+    broker: EmbeddedBroker,
+    port: u16,
+}
+
+impl MqttRig {
+    fn new() -> Self {
+        let dep = Deployment::new();
+        let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+        let server = ca.issue_localhost_server().unwrap();
+        let broker =
+            EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
+        let port = broker.tls_addr().port();
+        Self {
+            dep,
+            ca,
+            broker,
+            port,
+        }
+    }
+
+    /// The gateway config: `flows` from the policy files in `dir`, the meters `keys` as
+    /// devices `water-<key>` behind one source (`W0999`, the warm-up key, is no device).
+    fn config(&self, dir: &Path, flows: &[&str], keys: &[&str]) -> citygate::config::GatewayConfig {
+        // Its own certificate: the uplink issues (and rewrites) gw-test's.
+        let client = TlsFiles::client(&self.ca, "gw-test-meters");
+        let mut devices = mqtt_source_toml("meters", self.port, &client, "");
+        for k in keys {
+            devices += &mqtt_device_toml(
+                &format!("water-{k}"),
+                MQTT_WATER,
+                "meters",
+                "water/+/up",
+                Some(k),
+            );
+        }
+        let toml = GatewayToml::new("gw-test", &[])
+            .policies(dir, flows, None)
+            .devices(&devices);
+        self.dep.load_config(&toml, shipped_profiles())
+    }
+
+    /// A meters' connection that has seen the gateway's source subscribed: it publishes
+    /// warm-up messages for a key no device has (so they reach no flow) until the gateway
+    /// received one, so later QoS 1 messages arrive.
+    async fn meters_link(
+        &self,
+        metrics: &citygate::telemetry::Metrics,
+    ) -> citygate::mqtt::MqttLink {
+        let tls = citygate::mqtt::LinkTls::Files(
+            self.ca
+                .client_files(&self.ca.issue_client("meters").unwrap()),
+        );
+        let (link, mut events) =
+            citygate::mqtt::MqttLink::start(test_link_options(self.port, "meters", tls)).unwrap();
+        tokio::spawn(async move { while events.recv().await.is_some() {} });
+        let at = citygate::reading::now_ms() - 600_000;
+        for _ in 0..600 {
+            if metrics.mqtt_messages.get() >= 1 {
+                return link;
+            }
+            publish(
+                &link,
+                "water/W0999/up",
+                water_payload("W0999", 1.0, 0.0, at),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "the gateway never received a meter message; source connects {}",
+            metrics.mqtt_source_connects.get()
+        );
+    }
+
+    /// The hub's JSON Lines, parsed.
+    fn sink(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dep.path().join("records.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+async fn publish(link: &citygate::mqtt::MqttLink, topic: &str, payload: Vec<u8>) {
+    link.publish(
+        topic,
+        citygate::mqtt::QoS::AtLeastOnce,
+        bytes::Bytes::from(payload),
+    )
+    .await
+    .unwrap();
+}
+
+/// Issue 11 acceptance, first bullet ("counter reset and rollover cases included"; item 1
+/// `delta`): two MQTT water meters under the shipped billing policy, one whose counter is
+/// reset (meter replaced: 100 → 101 → 3 → 3.5 m³) and one that rolls over at its
+/// profile's 10⁸ m³ (99 999 990 → 99 999 995 → 2 → 4). The hub's sink holds the day's
+/// delta per meter as the reference computes it: the reset counts from zero (4.5, marked
+/// `counter_backwards`), the rollover as `r - prev + v` (14), never negative.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_reset_and_rollover_reach_the_sink_as_reference_deltas() {
+    let rig = MqttRig::new();
+    let series: [(&str, [f64; 5]); 2] = [
+        ("W0001", [100.0, 100.5, 101.0, 3.0, 3.5]),
+        ("W0002", [99_999_990.0, 99_999_995.0, 2.0, 4.0, 4.0]),
+    ];
+    let cfg = rig.config(&shipped_policies_dir(), &["billing"], &["W0001", "W0002"]);
+    let approved: Vec<_> = citygate::supervisor::policy_stamps(&cfg)
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    let hub = start_hub_approving(rig.dep.path(), &rig.ca, rig.port, &approved).await;
+    let (store, running) = start_gateway(&cfg);
+    let metrics = running.metrics.clone();
+    let uplink = start_uplink(&cfg, &running, &rig.ca, rig.port, 8, Duration::from_secs(3)).await;
+    let link = rig.meters_link(&metrics).await;
+    let received = metrics.mqtt_messages.get();
+    // One second apart, inside the last minute (one UTC day unless it just turned).
+    let t0 = (citygate::reading::now_ms() / 1000 - 30) * 1000;
+    for (i, step) in (0..5).zip(0i64..) {
+        for (key, values) in &series {
+            let topic = format!("water/{key}/up");
+            publish(
+                &link,
+                &topic,
+                water_payload(key, values[i], 0.1, t0 + step * 1000),
+            )
+            .await;
+        }
+    }
+    assert!(
+        wait_for(Duration::from_secs(20), || metrics.mqtt_messages.get()
+            >= received + 10)
+        .await,
+        "messages: {}",
+        metrics.mqtt_messages.get()
+    );
+    assert!(running.shutdown(Duration::from_secs(10)).await);
+    assert!(
+        wait_for(Duration::from_secs(30), || store.stats().total_batches()
+            == 0)
+        .await,
+        "store did not drain: {:?}",
+        store.stats()
+    );
+    uplink.finish(Duration::ZERO).await;
+    hub.shutdown().await;
+    let lines = rig.sink();
+    rig.broker.shutdown();
+
+    let keys = KeyMaterial::load(&cfg.keys).unwrap();
+    let policy = cfg.policies.flows[0]
+        .policy
+        .with_key(keys.pseudonym.clone());
+    for (key, want, quality) in [
+        ("W0001", 1.0 + 3.0 + 0.5, "uncertain:counter_backwards"),
+        (
+            "W0002",
+            5.0 + (100_000_000.0 - 99_999_995.0 + 2.0) + 2.0,
+            "",
+        ),
+    ] {
+        let subject = policy.subject(&DeviceId::new(format!("water-{key}")).unwrap());
+        let windows: Vec<&serde_json::Value> = lines
+            .iter()
+            .filter(|l| l["subject"] == subject.as_str() && l["field"] == "volume_forward")
+            .collect();
+        assert!(!windows.is_empty(), "no delta for {key}: {lines:?}");
+        for w in &windows {
+            assert_eq!(w["window"]["function"], "delta", "{w}");
+            assert!(w["value"].as_f64().unwrap() >= 0.0, "negative delta: {w}");
+        }
+        let (got, samples) = combine("delta", &windows);
+        assert_eq!(samples, 5, "{key}: {windows:?}");
+        assert!(
+            (got - want).abs() < 1e-6,
+            "{key}: sink {got}, reference {want}"
+        );
+        if !quality.is_empty() {
+            assert!(
+                windows.iter().any(|w| w["quality"] == quality),
+                "{key}: {windows:?}"
+            );
+        }
+    }
+}
+
+/// Issue 11 acceptance, first bullet (item 1, windows close on the clock): a policy with a
+/// 1-minute window, written by the test. A meter's only sample falls in a window that ended
+/// more than the engine's lateness ago (the meter uploads late), so no later sample closes
+/// it: the running gateway closes it on its own, and a complete (`partial: false`)
+/// aggregate reaches the hub's sink while the gateway still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_window_closes_on_its_own_while_the_gateway_runs() {
+    let rig = MqttRig::new();
+    let dir = rig.dep.path().join("policies");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("minute.toml"),
+        "[purpose]\nname = \"minute\"\ndescription = \"one-minute mean flow\"\n\
+         legal_basis = \"test\"\nowner = \"test\"\nretention = \"1d\"\n\n\
+         [[rule]]\nfield = \"flow_rate\"\naction = \"aggregate\"\nfunction = \"mean\"\nwindow = \"1m\"\n",
+    )
+    .unwrap();
+    let cfg = rig.config(&dir, &["minute"], &["W0001"]);
+    let approved: Vec<_> = citygate::supervisor::policy_stamps(&cfg)
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    let hub = start_hub_approving(rig.dep.path(), &rig.ca, rig.port, &approved).await;
+    let (_store, running) = start_gateway(&cfg);
+    let metrics = running.metrics.clone();
+    let uplink = start_uplink(&cfg, &running, &rig.ca, rig.port, 8, Duration::from_secs(3)).await;
+    let link = rig.meters_link(&metrics).await;
+    // 10 s into the minute that started three minutes ago.
+    let minute = (citygate::reading::now_ms() / 60_000 - 3) * 60_000;
+    publish(
+        &link,
+        "water/W0001/up",
+        water_payload("W0001", 5.0, 1.25, minute + 10_000),
+    )
+    .await;
+
+    let keys = KeyMaterial::load(&cfg.keys).unwrap();
+    let subject = cfg.policies.flows[0]
+        .policy
+        .with_key(keys.pseudonym.clone())
+        .subject(&DeviceId::new("water-W0001").unwrap());
+    let closed =
+        |l: &serde_json::Value| l["subject"] == subject.as_str() && l["field"] == "flow_rate";
+    assert!(
+        wait_for(Duration::from_secs(30), || rig.sink().iter().any(closed)).await,
+        "no aggregate reached the sink while running; hub {:?}",
+        hub.hub().stats()
+    );
+    let lines = rig.sink();
+    let rec = lines.iter().find(|l| closed(l)).unwrap();
+    assert_eq!(rec["window"]["partial"], false, "{rec}");
+    assert_eq!(rec["window"]["function"], "mean", "{rec}");
+    assert_eq!(rec["window"]["start_ms"], minute, "{rec}");
+    assert_eq!(rec["window"]["end_ms"], minute + 60_000, "{rec}");
+    assert_eq!(rec["window"]["samples"], 1, "{rec}");
+    assert_eq!(rec["value"].as_f64(), Some(1.25), "{rec}");
+    assert_eq!(rec["purpose"], "minute", "{rec}");
+
+    assert!(running.shutdown(Duration::from_secs(10)).await);
+    uplink.finish(Duration::from_secs(5)).await;
+    hub.shutdown().await;
+    rig.broker.shutdown();
+}
