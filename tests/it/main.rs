@@ -15,6 +15,7 @@ mod mosquitto;
 mod mqtt_meters;
 mod pipeline;
 mod policies;
+mod policy_cli;
 mod precision;
 mod probe;
 mod profiles;
