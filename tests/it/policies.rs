@@ -154,7 +154,8 @@ async fn shipped_policies_end_to_end_match_what_the_meters_served() {
     let flows = ["billing", "grid-operation", "leak-detection", "open-data"];
     let toml = GatewayToml::new("gw-test", &[])
         .policies(&shipped_policies_dir(), &flows, Some("alarms"))
-        .modbus("300ms", "2s")
+        // A generous timeout: a poll the simulator served must reach the gateway.
+        .modbus("2s", "2s")
         .devices(&devices);
     let cfg = dep.load_config(&toml, profiles.clone());
     let stamps: Vec<_> = citygate::supervisor::policy_stamps(&cfg);
