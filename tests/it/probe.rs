@@ -260,6 +260,13 @@ fn check_prints_rtu_buses_with_cycle_time_and_warns_when_overloaded() {
             "profiles_dir = \"../firmware-profiles\"",
             &format!("profiles_dir = {:?}", profiles_dir().display().to_string()),
         )
+        .replace(
+            "\nflows = [",
+            &format!(
+                "\ndir = {:?}\nflows = [",
+                example.with_file_name("policies").display().to_string()
+            ),
+        )
         .replace("poll_interval = \"5s\"", "poll_interval = \"100ms\"");
     let path = dir.path().join("gw.toml");
     std::fs::write(&path, text).unwrap();
