@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use super::rule::{Action, Loc, Rule};
+use super::rule::{Action, Loc, Rule, Selector};
 use super::{CompiledPolicy, Why};
 use crate::diag::Diagnostic;
 use crate::profile::mqtt::ValueKind;
@@ -45,11 +45,13 @@ impl CompiledPolicy {
     /// Every rule that cannot apply to a field of `profiles` as written: a numeric action
     /// (aggregate, generalise by value) on a bool or text field, `delta` on a field that
     /// is not a counter, an identifying field under anything but pseudonymise/drop, an L4
-    /// personal field sent per device without `override_reason`. Each error names the
-    /// policy file, the rule's line and key, the profile and field, and what is valid.
+    /// personal field sent per device without `override_reason`, and a field rule naming
+    /// a field no profile has (a typo would otherwise silently send nothing). Each error
+    /// names the policy file, the rule's line and key, the profile and field, and what is
+    /// valid.
     pub fn check_against(&self, profiles: &ProfileSet) -> Vec<Diagnostic> {
         let mut seen = BTreeSet::new();
-        let mut out = Vec::new();
+        let mut out = self.unknown_fields(profiles);
         for p in profiles.iter() {
             for (i, f) in p.fields.iter().enumerate() {
                 for d in self.decide(&f.name, &f.class) {
@@ -70,6 +72,35 @@ impl CompiledPolicy {
             }
         }
         out
+    }
+
+    /// Field rules naming a field that neither a profile in `profiles` nor citygate's
+    /// vocabulary ([`KNOWN_FIELDS`](crate::profile::KNOWN_FIELDS)) has: a typo.
+    fn unknown_fields(&self, profiles: &ProfileSet) -> Vec<Diagnostic> {
+        let known: BTreeSet<&str> = profiles
+            .iter()
+            .flat_map(|p| p.fields.iter().map(|f| f.name.as_str()))
+            .chain(crate::profile::KNOWN_FIELDS.iter().copied())
+            .collect();
+        self.rules()
+            .iter()
+            .filter_map(|rule| match &rule.selector {
+                Selector::Field(name) if !known.contains(name.as_str()) => {
+                    let loc = rule.field_loc.unwrap_or(rule.loc);
+                    Some(Diagnostic {
+                        file: self.file().to_path_buf(),
+                        line: loc.line,
+                        col: loc.col,
+                        key: format!("rule[{}].field", rule.index),
+                        message: format!(
+                            "`{name}` is not a known field of any profile, so the rule would match nothing; valid: {}",
+                            known.iter().copied().collect::<Vec<_>>().join(", ")
+                        ),
+                    })
+                }
+                _ => None,
+            })
+            .collect()
     }
 }
 

@@ -38,7 +38,7 @@
 //! k = 5                                    # fewer contributing devices: suppressed
 //!
 //! [[rule]]
-//! field = "temperature"
+//! field = "water_temp_t1"
 //! action = "generalise"
 //! step = 0.5                               # or buckets = [0, 10, 20]; and/or time_step = "15m"
 //!

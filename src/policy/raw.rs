@@ -180,6 +180,7 @@ fn convert_rule(c: &mut Check<'_>, i: usize, r: RawRule) -> Option<Rule> {
         note: r.note,
         loc: c.loc(r.action.span()),
         function_loc: r.function.as_ref().map(|f| c.loc(f.span())),
+        field_loc: r.field.as_ref().map(|f| c.loc(f.span())),
     })
 }
 

@@ -241,4 +241,6 @@ pub struct Rule {
     pub loc: Loc,
     /// The rule's `function` key, for errors about it.
     pub(crate) function_loc: Option<Loc>,
+    /// The rule's `field` key, for errors about it.
+    pub(crate) field_loc: Option<Loc>,
 }

@@ -14,6 +14,8 @@ mod loadtest;
 mod mosquitto;
 mod mqtt_meters;
 mod pipeline;
+mod policies;
+mod policy_cli;
 mod precision;
 mod probe;
 mod profiles;

@@ -124,6 +124,23 @@ fn checked(profile: &Profile, n: &Normalised, field: &str) -> Quality {
     assess(profile.field(field).unwrap(), get(n, field), None)
 }
 
+/// Issue 11: the vocabulary policies are checked against names every shipped field, so a
+/// shared policy naming a field of another meter type is never taken for a typo.
+#[test]
+fn every_shipped_field_is_in_the_known_vocabulary() {
+    let set = ProfileSet::load_dir(&profile_dir()).unwrap();
+    for p in set.iter() {
+        for f in &p.fields {
+            assert!(
+                citygate::profile::KNOWN_FIELDS.contains(&f.name.as_str()),
+                "{}: add `{}` to profile::KNOWN_FIELDS",
+                p.name,
+                f.name
+            );
+        }
+    }
+}
+
 #[test]
 fn every_shipped_profile_loads_with_the_fields_utilities_poll() {
     let set = ProfileSet::load_dir(&profile_dir()).unwrap_or_else(|errors| {

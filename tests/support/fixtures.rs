@@ -59,6 +59,8 @@ pub struct GatewayToml {
     id: String,
     profiles_dir: Option<PathBuf>,
     fields: Vec<String>,
+    /// `[policies]` body replacing the legacy `[purpose]` allow-list.
+    policies: Option<String>,
     batch: String,
     sections: String,
     devices: String,
@@ -71,6 +73,7 @@ impl GatewayToml {
             id: id.to_string(),
             profiles_dir: None,
             fields: fields.iter().map(|f| f.to_string()).collect(),
+            policies: None,
             batch: "max_age = \"200ms\"\n".to_string(),
             sections: String::new(),
             devices: String::new(),
@@ -80,6 +83,19 @@ impl GatewayToml {
     /// Loads profiles from the shipped directory (what a child `citygate run` needs).
     pub fn shipped_profiles(mut self) -> Self {
         self.profiles_dir = Some(shipped_profiles_dir());
+        self
+    }
+
+    /// Replaces the legacy `[purpose]` allow-list by `[policies]` flows `flows` from the
+    /// policy files in `dir`, alarms under `alarms` (if any).
+    pub fn policies(mut self, dir: &Path, flows: &[&str], alarms: Option<&str>) -> Self {
+        let alarms = alarms
+            .map(|a| format!("alarms = {a:?}\n"))
+            .unwrap_or_default();
+        self.policies = Some(format!(
+            "[policies]\ndir = {:?}\nflows = {flows:?}\n{alarms}",
+            dir.display().to_string()
+        ));
         self
     }
 
@@ -129,16 +145,19 @@ impl GatewayToml {
             .as_ref()
             .map(|d| format!("profiles_dir = {:?}\n", d.display().to_string()))
             .unwrap_or_default();
+        let purpose = self
+            .policies
+            .clone()
+            .unwrap_or_else(|| format!("[purpose]\nname = \"test\"\nfields = {:?}\n", self.fields));
         format!(
             "[gateway]\nid = \"{id}\"\n{profiles_dir}\n\
-             [purpose]\nname = \"test\"\nfields = {fields:?}\n\n\
+             {purpose}\n\
              [batch]\n{batch}\n\
              [store]\npath = \"store\"\n\n\
              [keys]\nsigning_key = \"keys/gateway.sign.key\"\nhub_public_key = \"keys/hub.hpke.pub\"\n\
              pseudonym_key = \"keys/pseudonym.key\"\nhub_ack_key = \"keys/hub.ack.pub\"\n\n\
              {sections}{devices}",
             id = self.id,
-            fields = self.fields,
             batch = self.batch,
             sections = self.sections,
             devices = self.devices,

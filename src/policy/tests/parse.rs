@@ -49,7 +49,7 @@ across = "sum"
 k = 5
 
 [[rule]]
-field = "temperature"
+field = "water_temp_t1"
 action = "generalise"
 step = 0.5
 
@@ -204,7 +204,33 @@ fn the_documented_example_parses() {
         p.rules()[1].action.to_string(),
         "aggregate min 1d hours 01:00-05:00"
     );
-    assert!(p.check_against(&profiles()).is_empty());
+    let shipped =
+        ProfileSet::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles"))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(p.check_against(&shipped), Vec::new());
+    // A field these profiles lack but citygate knows (a shared policy on an electricity-only
+    // box) is fine; a name in neither is a typo that would match nothing.
+    let errs = p.check_against(&profiles());
+    assert!(!errs.iter().any(|e| e.key == "rule[0].field"), "{errs:?}");
+    let typo = CompiledPolicy::parse(
+        Path::new(FILE),
+        &EXAMPLE.replacen(
+            "field = \"volume_forward\"",
+            "field = \"volume_froward\"",
+            1,
+        ),
+        tz(),
+        PseudonymKey::from_bytes([1; 32]),
+    )
+    .unwrap();
+    let errs = typo.check_against(&profiles());
+    assert!(
+        errs.iter().any(|e| e.key == "rule[0].field"
+            && e.line == 9
+            && e.message
+                .contains("`volume_froward` is not a known field of any profile")),
+        "{errs:?}"
+    );
 }
 
 /// issue 11 item 1: unknown keys are errors with file:line and key.
