@@ -10,6 +10,9 @@ use crate::seal::{self, Opener, PolicyStamp, Sealer};
 
 use super::*;
 
+mod policy;
+mod restart;
+
 fn gw() -> GatewayId {
     GatewayId::new("gw-1").unwrap()
 }
@@ -209,91 +212,6 @@ fn accepted_batch_is_written_once_with_every_field() {
 /// or the approved purpose under a changed hash — is rejected as `unapproved_policy`, counted,
 /// not acknowledged and not written; the built-in gateway stamp passes on the audit stream only.
 #[test]
-fn batches_under_unapproved_policies_are_rejected_and_not_acked() {
-    let f = Fixture::new();
-    let hub = f.hub();
-    let seal = |stream: Stream, seq: u64, stamp: &PolicyStamp| {
-        f.sealer
-            .seal(stream, seq, 1_700_000_000_000, stamp, &records())
-            .unwrap()
-            .bytes
-    };
-    let unknown = PolicyStamp::new(PurposeName::new("open-data").unwrap(), stamp().hash);
-    let changed = PolicyStamp::new(stamp().purpose, [8; 32]);
-    for (seq, s) in [(1, &unknown), (2, &changed), (3, &PolicyStamp::gateway())] {
-        let out = hub.ingest(&gw(), &seal(Stream::Readings, seq, s));
-        assert!(out.ack().is_none(), "{out:?}");
-        assert_eq!(rejected(out), "unapproved_policy");
-    }
-    assert_eq!(hub.stats().rejected.get("unapproved_policy"), Some(&3));
-    assert!(f.lines().is_empty());
-    assert!(matches!(
-        hub.ingest(&gw(), &seal(Stream::Audit, 1, &PolicyStamp::gateway())),
-        Ingest::Accepted { .. }
-    ));
-    let lines = f.lines();
-    assert_eq!(lines[0]["purpose"], "citygate-gateway");
-    // Once approved (a hub restarted with the new registry), the same batch is accepted.
-    let approved = Hub::new(
-        f.opener(),
-        crate::wire::AckSigner::new(
-            seal::load_hub_ack_signing_key(&f.keys.hub_ack_signing_key).unwrap(),
-        ),
-        Approvals::new(&[config::GatewayEntry {
-            id: gw(),
-            verifying_key: "unused".into(),
-            policies: vec![ApprovedPolicy {
-                stamp: changed.clone(),
-                retention: None,
-            }],
-        }]),
-        Dedup::open(&f.dir.path().join("state-2")).unwrap(),
-        Box::new(JsonlSink::open(&f.dir.path().join("out/records-2.jsonl")).unwrap()),
-    )
-    .unwrap();
-    assert!(matches!(
-        approved.ingest(&gw(), &seal(Stream::Readings, 2, &changed)),
-        Ingest::Accepted { .. }
-    ));
-}
-
-/// Issue 11 items 2, 3 and 9: the sink writes an aggregate's window (ms and RFC 3339) and the
-/// key epoch beside the purpose.
-#[test]
-fn the_sink_writes_window_and_epoch() {
-    let f = Fixture::new();
-    let hub = f.hub();
-    let mut r = records().remove(0);
-    r.window = Some(crate::reading::Window {
-        function: crate::reading::AggFn::Delta,
-        start_ms: 1_699_995_600_000,
-        end_ms: 1_699_999_200_000,
-        samples: 360,
-        devices: 1,
-        partial: true,
-    });
-    r.epoch = 3;
-    let env = f
-        .sealer
-        .seal(Stream::Readings, 1, 0, &stamp(), &[r, records().remove(0)])
-        .unwrap()
-        .bytes;
-    assert!(matches!(hub.ingest(&gw(), &env), Ingest::Accepted { .. }));
-    let lines = f.lines();
-    assert_eq!(
-        lines[0]["window"],
-        serde_json::json!({
-            "function": "delta", "start_ms": 1_699_995_600_000_i64, "end_ms": 1_699_999_200_000_i64,
-            "start": "2023-11-14T21:00:00.000Z", "end": "2023-11-14T22:00:00.000Z",
-            "samples": 360, "devices": 1, "partial": true
-        })
-    );
-    assert_eq!(lines[0]["epoch"], 3);
-    assert_eq!(lines[0]["purpose"], "billing");
-    assert!(lines[1].get("window").is_none() && lines[1].get("epoch").is_none());
-}
-
-#[test]
 fn dedup_survives_a_new_hub_over_the_same_paths() {
     let f = Fixture::new();
     let env = f.seal(Stream::Alarms, 3);
@@ -455,106 +373,6 @@ fn unregistered_gateway_and_unregistered_key_are_rejected() {
         .bytes;
     assert_eq!(rejected(hub.ingest(&gw(), &env)), "unknown_signer_key");
     assert!(f.lines().is_empty());
-}
-
-#[test]
-fn a_batch_in_the_sink_but_not_marked_is_marked_at_restart() {
-    let f = Fixture::new();
-    let env = f.seal(Stream::Readings, 11);
-    {
-        // The crash window: the sink has the batch, the de-dup state does not.
-        let sink = JsonlSink::open(&f.sink_path()).unwrap();
-        let key = BatchKey {
-            gateway: gw(),
-            stream: Stream::Readings,
-            incarnation: INC,
-            seq: 11,
-        };
-        sink.write_batch(&key, &records()).unwrap();
-    }
-    let hub = f.hub();
-    assert_eq!(hub.stats().recovered_batches, 1);
-    assert_eq!(
-        hub.ingest(&gw(), &env),
-        Ingest::Duplicate {
-            ack: ack(Stream::Readings, 11)
-        }
-    );
-    assert_eq!(f.lines().len(), 4);
-}
-
-#[test]
-fn a_torn_unacknowledged_batch_is_cut_and_rewritten_whole() {
-    let f = Fixture::new();
-    let hub = f.hub();
-    assert!(matches!(
-        hub.ingest(&gw(), &f.seal(Stream::Readings, 1)),
-        Ingest::Accepted { .. }
-    ));
-    drop(hub);
-    let key = BatchKey {
-        gateway: gw(),
-        stream: Stream::Readings,
-        incarnation: INC,
-        seq: 2,
-    };
-    let bytes = sink::encode_batch(&SinkBatch {
-        key: &key,
-        purpose: None,
-        records: &records(),
-    });
-    let first_line = bytes.iter().position(|b| *b == b'\n').unwrap() + 1;
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(f.sink_path())
-        .unwrap();
-    std::io::Write::write_all(&mut file, &bytes[..first_line + 10]).unwrap();
-    drop(file);
-
-    let hub = f.hub();
-    assert_eq!(hub.stats().recovered_batches, 0);
-    assert_eq!(
-        f.lines().len(),
-        4,
-        "the partial batch 2 is cut, batch 1 kept"
-    );
-    assert!(matches!(
-        hub.ingest(&gw(), &f.seal(Stream::Readings, 2)),
-        Ingest::Accepted { .. }
-    ));
-    let lines = f.lines();
-    assert_eq!(lines.len(), 8);
-    assert_eq!(lines.iter().filter(|l| l["seq"] == 2).count(), 4);
-}
-
-#[test]
-fn non_finite_floats_and_out_of_range_times_are_null_not_panics() {
-    let key = BatchKey {
-        gateway: gw(),
-        stream: Stream::Readings,
-        incarnation: INC,
-        seq: 1,
-    };
-    let mut r = records().remove(1);
-    r.value = Value::Float(f64::NAN);
-    r.at_ms = -1;
-    let mut late = r.clone();
-    late.at_ms = i64::MAX;
-    let text = String::from_utf8(sink::encode_batch(&SinkBatch {
-        key: &key,
-        purpose: None,
-        records: &[r, late],
-    }))
-    .unwrap();
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert!(v["value"].is_null() && v["timestamp"].is_null(), "{line}");
-    }
-    assert_eq!(sink::rfc3339_ms(0).unwrap(), "1970-01-01T00:00:00.000Z");
-    assert_eq!(
-        sink::rfc3339_ms(253_402_300_799_999).unwrap(),
-        "9999-12-31T23:59:59.999Z"
-    );
 }
 
 proptest! {

@@ -1,0 +1,103 @@
+//! The sink across crashes and restarts: unmarked batches, torn writes, odd values.
+
+use super::*;
+
+#[test]
+fn a_batch_in_the_sink_but_not_marked_is_marked_at_restart() {
+    let f = Fixture::new();
+    let env = f.seal(Stream::Readings, 11);
+    {
+        // The crash window: the sink has the batch, the de-dup state does not.
+        let sink = JsonlSink::open(&f.sink_path()).unwrap();
+        let key = BatchKey {
+            gateway: gw(),
+            stream: Stream::Readings,
+            incarnation: INC,
+            seq: 11,
+        };
+        sink.write_batch(&key, &records()).unwrap();
+    }
+    let hub = f.hub();
+    assert_eq!(hub.stats().recovered_batches, 1);
+    assert_eq!(
+        hub.ingest(&gw(), &env),
+        Ingest::Duplicate {
+            ack: ack(Stream::Readings, 11)
+        }
+    );
+    assert_eq!(f.lines().len(), 4);
+}
+
+#[test]
+fn a_torn_unacknowledged_batch_is_cut_and_rewritten_whole() {
+    let f = Fixture::new();
+    let hub = f.hub();
+    assert!(matches!(
+        hub.ingest(&gw(), &f.seal(Stream::Readings, 1)),
+        Ingest::Accepted { .. }
+    ));
+    drop(hub);
+    let key = BatchKey {
+        gateway: gw(),
+        stream: Stream::Readings,
+        incarnation: INC,
+        seq: 2,
+    };
+    let bytes = sink::encode_batch(&SinkBatch {
+        key: &key,
+        purpose: None,
+        records: &records(),
+    });
+    let first_line = bytes.iter().position(|b| *b == b'\n').unwrap() + 1;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(f.sink_path())
+        .unwrap();
+    std::io::Write::write_all(&mut file, &bytes[..first_line + 10]).unwrap();
+    drop(file);
+
+    let hub = f.hub();
+    assert_eq!(hub.stats().recovered_batches, 0);
+    assert_eq!(
+        f.lines().len(),
+        4,
+        "the partial batch 2 is cut, batch 1 kept"
+    );
+    assert!(matches!(
+        hub.ingest(&gw(), &f.seal(Stream::Readings, 2)),
+        Ingest::Accepted { .. }
+    ));
+    let lines = f.lines();
+    assert_eq!(lines.len(), 8);
+    assert_eq!(lines.iter().filter(|l| l["seq"] == 2).count(), 4);
+}
+
+#[test]
+fn non_finite_floats_and_out_of_range_times_are_null_not_panics() {
+    let key = BatchKey {
+        gateway: gw(),
+        stream: Stream::Readings,
+        incarnation: INC,
+        seq: 1,
+    };
+    let mut r = records().remove(1);
+    r.value = Value::Float(f64::NAN);
+    r.at_ms = -1;
+    let mut late = r.clone();
+    late.at_ms = i64::MAX;
+    let text = String::from_utf8(sink::encode_batch(&SinkBatch {
+        key: &key,
+        purpose: None,
+        records: &[r, late],
+    }))
+    .unwrap();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["value"].is_null() && v["timestamp"].is_null(), "{line}");
+    }
+    assert_eq!(sink::rfc3339_ms(0).unwrap(), "1970-01-01T00:00:00.000Z");
+    assert_eq!(
+        sink::rfc3339_ms(253_402_300_799_999).unwrap(),
+        "9999-12-31T23:59:59.999Z"
+    );
+}
