@@ -67,18 +67,21 @@ impl KeyMaterial {
 /// policy's last): the stream, and the purpose name with the policy hash. They follow from
 /// the config and the profiles alone — no key is involved — so `citygate check` prints them.
 pub fn policy_stamps(cfg: &GatewayConfig) -> Vec<(Stream, PolicyStamp)> {
+    stamped_flows(cfg)
+        .into_iter()
+        .map(|(f, stamp)| (f.stream, stamp))
+        .collect()
+}
+
+/// Every flow of `cfg` with the stamp its batches are sealed under ([`policy_stamps`]).
+pub fn stamped_flows(cfg: &GatewayConfig) -> Vec<(&crate::config::FlowConfig, PolicyStamp)> {
     let versions = cfg.profile_versions();
     cfg.policies
-        .flows
-        .iter()
-        .chain(&cfg.policies.alarms)
+        .all()
         .map(|f| {
             let purpose = PurposeName::new(f.policy.name())
                 .expect("invariant: a compiled policy has a valid purpose name");
-            (
-                f.stream,
-                PolicyStamp::new(purpose, f.policy.hash(&versions)),
-            )
+            (f, PolicyStamp::new(purpose, f.policy.hash(&versions)))
         })
         .collect()
 }

@@ -144,14 +144,11 @@ fn item(flow: &FlowConfig, p: &Produced<'_>) -> Item {
 }
 
 fn entries(cfg: &GatewayConfig) -> Vec<Entry> {
-    let stamps = crate::supervisor::policy_stamps(cfg);
     let fields = produced(cfg);
-    cfg.policies
-        .flows
-        .iter()
-        .chain(&cfg.policies.alarms)
-        .zip(stamps)
-        .map(|(flow, (stream, stamp))| {
+    crate::supervisor::stamped_flows(cfg)
+        .into_iter()
+        .map(|(flow, stamp)| {
+            let stream = flow.stream;
             let m = flow.policy.meta();
             Entry {
                 purpose: m.name.clone(),

@@ -94,14 +94,9 @@ pub(crate) fn report(cfg: &GatewayConfig) -> (String, bool) {
         let _ = writeln!(out, "key       {name} {}: {s}", path.display());
     }
     // What the hub must approve: one stamp per purpose flow (no key is involved).
-    let stamps = crate::supervisor::policy_stamps(cfg);
-    for (flow, (stream, stamp)) in cfg
-        .policies
-        .flows
-        .iter()
-        .chain(&cfg.policies.alarms)
-        .zip(&stamps)
-    {
+    let stamped = crate::supervisor::stamped_flows(cfg);
+    for (flow, stamp) in &stamped {
+        let stream = flow.stream;
         let m = flow.policy.meta();
         let _ = writeln!(
             out,
@@ -122,17 +117,9 @@ pub(crate) fn report(cfg: &GatewayConfig) -> (String, bool) {
     }
     let _ = writeln!(
         out,
-        "approve   at the hub, [[gateway]] id = \"{}\": policies = [{}]",
+        "approve   at the hub, [[gateway]] id = \"{}\": policies = {}",
         cfg.gateway_id,
-        stamps
-            .iter()
-            .map(|(_, s)| format!(
-                "{{ purpose = \"{}\", hash = \"{}\" }}",
-                s.purpose,
-                s.hash_hex()
-            ))
-            .collect::<Vec<_>>()
-            .join(", ")
+        crate::supervisor::approval_toml(&crate::supervisor::policy_stamps(cfg))
     );
     let buses = crate::source::rtu::spawn::bus_report(&cfg.devices);
     if !buses.is_empty() {

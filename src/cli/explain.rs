@@ -53,20 +53,13 @@ pub(crate) fn leaves_summary(cfg: &GatewayConfig, field: &Field) -> String {
 /// The full explanation for every device of `cfg` (or the one named `device`).
 pub(crate) fn explain(cfg: &GatewayConfig, device: Option<&str>) -> Result<String, CliError> {
     let mut out = String::new();
-    let stamps = crate::supervisor::policy_stamps(cfg);
     let _ = writeln!(
         out,
         "gateway {}  time zone {}",
         cfg.gateway_id,
         tz_name(cfg)
     );
-    for (flow, (_, stamp)) in cfg
-        .policies
-        .flows
-        .iter()
-        .chain(&cfg.policies.alarms)
-        .zip(&stamps)
-    {
+    for (flow, stamp) in crate::supervisor::stamped_flows(cfg) {
         let m = flow.policy.meta();
         let _ = writeln!(
             out,

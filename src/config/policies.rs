@@ -98,6 +98,13 @@ pub struct PolicyConfig {
     pub legacy_purpose: bool,
 }
 
+impl PolicyConfig {
+    /// Every flow: the purpose flows in stream order, then the alarms policy's.
+    pub fn all(&self) -> impl Iterator<Item = &FlowConfig> {
+        self.flows.iter().chain(&self.alarms)
+    }
+}
+
 /// The key `check` compiles with: policies do not depend on key material.
 fn stand_in_key() -> PseudonymKey {
     PseudonymKey::from_bytes([0; 32])
