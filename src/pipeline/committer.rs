@@ -289,6 +289,10 @@ mod tests {
         fn ack(&self, s: Stream, seq: u64) -> Result<bool, StoreError> {
             self.inner.ack(s, seq)
         }
+        fn purge(&self, s: Stream) -> Result<crate::store::Purged, StoreError> {
+            self.check()?;
+            self.inner.purge(s)
+        }
         fn next_seq(&self, s: Stream) -> u64 {
             self.inner.next_seq(s)
         }

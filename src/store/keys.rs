@@ -17,14 +17,16 @@ pub(crate) enum MetaField {
     EvictedBatches,
     EvictedBytes,
     AckedBatches,
+    PurgedBatches,
 }
 
 impl MetaField {
-    pub(crate) const ALL: [MetaField; 4] = [
+    pub(crate) const ALL: [MetaField; 5] = [
         MetaField::NextSeq,
         MetaField::EvictedBatches,
         MetaField::EvictedBytes,
         MetaField::AckedBatches,
+        MetaField::PurgedBatches,
     ];
 
     fn name(self) -> &'static str {
@@ -33,6 +35,7 @@ impl MetaField {
             MetaField::EvictedBatches => "evicted_batches",
             MetaField::EvictedBytes => "evicted_bytes",
             MetaField::AckedBatches => "acked_batches",
+            MetaField::PurgedBatches => "purged_batches",
         }
     }
 }

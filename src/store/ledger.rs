@@ -37,8 +37,6 @@ const EVICTION_ORDER: [Stream; Stream::COUNT] = {
 pub(crate) struct Ledger {
     stats: StoreStats,
     next_seq: [u64; Stream::COUNT],
-    /// Batches deleted on acknowledgement, ever (persisted; see `manifest.rs`).
-    acked: [u64; Stream::COUNT],
 }
 
 /// Sequence numbers and counters at or above this are absurd (2^62: more than a million
@@ -57,16 +55,17 @@ impl Ledger {
                 ..StoreStats::default()
             },
             next_seq: [1; Stream::COUNT],
-            acked: [0; Stream::COUNT],
         }
     }
 
-    /// Batches stored, acknowledged or evicted, ever: never goes down (see `manifest.rs`).
+    /// Batches stored, acknowledged, evicted or purged, ever: never goes down (see
+    /// `manifest.rs`).
     pub(crate) fn accounted(&self, stream: Stream) -> u64 {
         let st = self.stream(stream);
         st.batches
             .saturating_add(st.evicted_batches)
-            .saturating_add(self.acked[idx(stream)])
+            .saturating_add(st.acked_batches)
+            .saturating_add(st.purged_batches)
     }
 
     /// The first persisted value that is absurd, if any: (what, stream, value).
@@ -76,7 +75,8 @@ impl Ledger {
                 ("next_seq", self.next_seq(s)),
                 ("evicted_batches", self.stream(s).evicted_batches),
                 ("evicted_bytes", self.stream(s).evicted_bytes),
-                ("acked_batches", self.acked[idx(s)]),
+                ("acked_batches", self.stream(s).acked_batches),
+                ("purged_batches", self.stream(s).purged_batches),
             ]
             .into_iter()
             .find(|(_, v)| *v >= SANE_LIMIT)
@@ -115,7 +115,8 @@ impl Ledger {
             MetaField::NextSeq => self.next_seq(stream),
             MetaField::EvictedBatches => self.stream(stream).evicted_batches,
             MetaField::EvictedBytes => self.stream(stream).evicted_bytes,
-            MetaField::AckedBatches => self.acked[idx(stream)],
+            MetaField::AckedBatches => self.stream(stream).acked_batches,
+            MetaField::PurgedBatches => self.stream(stream).purged_batches,
         }
     }
 
@@ -126,7 +127,8 @@ impl Ledger {
             MetaField::NextSeq => self.raise_next_seq(stream, value),
             MetaField::EvictedBatches => self.stats.get_mut(stream).evicted_batches = value,
             MetaField::EvictedBytes => self.stats.get_mut(stream).evicted_bytes = value,
-            MetaField::AckedBatches => self.acked[idx(stream)] = value,
+            MetaField::AckedBatches => self.stats.get_mut(stream).acked_batches = value,
+            MetaField::PurgedBatches => self.stats.get_mut(stream).purged_batches = value,
         }
     }
 
@@ -236,8 +238,20 @@ impl Ledger {
         let st = self.stats.get_mut(stream);
         st.batches = st.batches.saturating_sub(1);
         st.bytes = st.bytes.saturating_sub(len);
-        let acked = &mut self.acked[idx(stream)];
-        *acked = acked.saturating_add(1);
+        st.acked_batches = st.acked_batches.saturating_add(1);
+    }
+
+    /// Records the destruction of every batch of `stream` ([`super::Store::purge`]).
+    pub(crate) fn record_purge(&mut self, stream: Stream) -> super::Purged {
+        let st = self.stats.get_mut(stream);
+        let purged = super::Purged {
+            batches: st.batches,
+            bytes: st.bytes,
+        };
+        st.purged_batches = st.purged_batches.saturating_add(st.batches);
+        st.batches = 0;
+        st.bytes = 0;
+        purged
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use crate::reading::Stream;
 
 use super::ledger::Ledger;
-use super::{AppendOutcome, Store, StoreError, StoreOptions, StoreStats, StoredBatch};
+use super::{AppendOutcome, Purged, Store, StoreError, StoreOptions, StoreStats, StoredBatch};
 
 #[derive(Debug)]
 pub(super) struct Inner {
@@ -110,6 +110,13 @@ impl Store for MemStore {
             }
             None => Ok(false),
         }
+    }
+
+    fn purge(&self, stream: Stream) -> Result<Purged, StoreError> {
+        let mut guard = self.inner();
+        let Inner { batches, ledger } = &mut *guard;
+        batches.retain(|(s, _), _| *s != stream);
+        Ok(ledger.record_purge(stream))
     }
 
     fn next_seq(&self, stream: Stream) -> u64 {

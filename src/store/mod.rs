@@ -18,6 +18,7 @@
 //! | `0xFF ‖ "evicted_batches/<stream>"` | u64 big-endian: batches dropped by the quota, ever |
 //! | `0xFF ‖ "evicted_bytes/<stream>"` | u64 big-endian: bytes dropped by the quota, ever |
 //! | `0xFF ‖ "acked_batches/<stream>"` | u64 big-endian: batches deleted on acknowledgement, ever (in the same `sled::Batch` as the delete) |
+//! | `0xFF ‖ "purged_batches/<stream>"` | u64 big-endian: batches destroyed by [`Store::purge`], ever (in the same `sled::Batch` as the deletes) |
 //! | `0xFF ‖ "incarnation"` | u64 big-endian, never 0: this store's [incarnation id](Store::incarnation) |
 //!
 //! Stream codes are [`Stream::code`] (0 readings, 1 alarms, 2 audit), so iteration order is
@@ -111,6 +112,7 @@ pub(crate) use check::check as check_offline;
 pub(crate) use error::StoreError;
 pub use mem_store::MemStore;
 pub(crate) use outbox::{CommitOutcome, Outbox};
+
 pub use sled_store::SledStore;
 
 use crate::reading::Stream;
@@ -146,6 +148,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn next_seq(&self, stream: Stream) -> u64;
 
     fn stats(&self) -> StoreStats;
+
+    /// Destroys every batch `stream` holds, acknowledged or not (the end of an emergency
+    /// collection); durable at the next flush. The deletes and the stream's purged count change
+    /// in one atomic write, so the batches accounted for never drop; `next_seq` is kept, so the
+    /// stream's sequence numbers never repeat.
+    fn purge(&self, stream: Stream) -> Result<Purged, StoreError>;
 
     /// This store's incarnation id: a random non-zero number drawn when the store was
     /// created and kept with it for its whole life (persisted; stable across reopen). A store
@@ -197,6 +205,13 @@ pub struct StoredBatch {
     pub bytes: Vec<u8>,
 }
 
+/// What a [`Store::purge`] destroyed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub batches: u64,
+    pub bytes: u64,
+}
+
 /// What an append had to do to make room.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AppendOutcome {
@@ -215,6 +230,10 @@ pub struct StreamStats {
     pub evicted_batches: u64,
     /// Bytes dropped by the quota since the store was created (persisted).
     pub evicted_bytes: u64,
+    /// Batches deleted on acknowledgement since the store was created (persisted).
+    pub acked_batches: u64,
+    /// Batches destroyed by [`Store::purge`] since the store was created (persisted).
+    pub purged_batches: u64,
 }
 
 /// A snapshot of the store's counters.

@@ -118,6 +118,11 @@ impl Outbox {
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
+    /// [`Store::purge`], off the async workers; the stats are published after it.
+    pub(crate) async fn purge(&self, stream: Stream) -> Result<super::Purged, StoreError> {
+        self.call(true, move |s| s.purge(stream)).await
+    }
+
     /// [`Store::append`], off the async workers.
     #[cfg(test)]
     pub(crate) async fn append(
@@ -257,6 +262,9 @@ mod tests {
         }
         fn ack(&self, stream: Stream, seq: u64) -> Result<bool, StoreError> {
             self.inner.ack(stream, seq)
+        }
+        fn purge(&self, stream: Stream) -> Result<crate::store::Purged, StoreError> {
+            self.inner.purge(stream)
         }
         fn next_seq(&self, stream: Stream) -> u64 {
             self.inner.next_seq(stream)

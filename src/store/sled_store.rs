@@ -29,7 +29,9 @@ use super::keys::{self, Key, MetaField};
 use super::ledger::Ledger;
 use super::manifest::{self, Manifest, StreamMark};
 use super::recovery;
-use super::{AppendOutcome, Recovery, Store, StoreError, StoreOptions, StoreStats, StoredBatch};
+use super::{
+    AppendOutcome, Purged, Recovery, Store, StoreError, StoreOptions, StoreStats, StoredBatch,
+};
 
 /// The sled tree holding batches and metadata.
 pub(crate) const TREE: &str = "outbox";
@@ -465,6 +467,27 @@ impl Store for SledStore {
         tree.apply_batch(batch)?;
         *ledger = next;
         Ok(true)
+    }
+
+    fn purge(&self, stream: Stream) -> Result<Purged, StoreError> {
+        let mut ledger = self.ledger();
+        let engine = self.engine();
+        let Engine { tree, .. } = engine.as_ref().ok_or(StoreError::Closed)?;
+        self.check_poisoned()?;
+        let mut batch = sled::Batch::default();
+        for item in Self::range(tree, stream, 0) {
+            let (seq, _) = item?;
+            batch.remove(&keys::batch_key(stream, seq)[..]);
+        }
+        let mut next = ledger.clone();
+        let purged = next.record_purge(stream);
+        batch.insert(
+            keys::meta_key(MetaField::PurgedBatches, stream),
+            &keys::encode_u64(next.meta(MetaField::PurgedBatches, stream))[..],
+        );
+        tree.apply_batch(batch)?;
+        *ledger = next;
+        Ok(purged)
     }
 
     fn next_seq(&self, stream: Stream) -> u64 {

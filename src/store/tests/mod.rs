@@ -387,3 +387,56 @@ fn eviction_counters_and_quota_state_persist_across_reopen() {
     assert_eq!(out.evicted, vec![(Stream::Alarms, 1, 250)]);
     assert_eq!(store.stats().get(Stream::Alarms).evicted_batches, 1);
 }
+
+/// issue 11 item 7: a purge destroys every batch of one stream (acknowledged or not), leaves
+/// the other streams alone, keeps the stream's sequence numbers and counts what it destroyed;
+/// after a reopen the count holds and the manifest does not mistake the purge for loss.
+#[test]
+fn purge_destroys_one_stream_keeps_its_sequence_and_is_accounted_across_reopen() {
+    let emergency = Stream::flow(Stream::MAX_FLOWS - 1).unwrap();
+    on_both(1 << 20, |store| {
+        for seq in 1..=4 {
+            store
+                .append(emergency, seq, &payload(emergency, seq, 10))
+                .unwrap();
+        }
+        store.append(Stream::Readings, 1, b"keep").unwrap();
+        assert!(store.ack(emergency, 1).unwrap());
+        let purged = store.purge(emergency).unwrap();
+        assert_eq!(
+            purged,
+            super::Purged {
+                batches: 3,
+                bytes: 30
+            }
+        );
+        assert_eq!(seqs(store, emergency), Vec::<u64>::new());
+        assert_eq!(seqs(store, Stream::Readings), vec![1]);
+        let st = store.stats();
+        assert_eq!(st.get(emergency).purged_batches, 3);
+        assert_eq!(st.get(emergency).acked_batches, 1);
+        assert_eq!((st.get(emergency).batches, st.get(emergency).bytes), (0, 0));
+        assert_eq!(store.next_seq(emergency), 5);
+        assert!(matches!(
+            store.append(emergency, 4, b"x"),
+            Err(StoreError::SeqRegression { .. })
+        ));
+        assert_eq!(store.purge(emergency).unwrap(), super::Purged::default());
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox");
+    {
+        let store = open(&path, 1 << 20);
+        for seq in 1..=2 {
+            store.append(emergency, seq, b"e").unwrap();
+        }
+        store.flush().unwrap();
+        store.purge(emergency).unwrap();
+        store.flush().unwrap();
+    }
+    let store = open(&path, 1 << 20);
+    assert!(store.recovery().is_none(), "a purge is not damage");
+    assert_eq!(store.stats().get(emergency).purged_batches, 2);
+    assert_eq!(store.next_seq(emergency), 3);
+    assert_eq!(seqs(&store, emergency), Vec::<u64>::new());
+}

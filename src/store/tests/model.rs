@@ -32,6 +32,10 @@ enum Op {
         stream: Stream,
         pick: Index,
     },
+    /// Destroys every batch of the stream (the end of an emergency collection).
+    Purge {
+        stream: Stream,
+    },
     Flush,
     Reopen,
     Peek {
@@ -50,6 +54,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (stream(), -1i8..=2, prop_oneof![9 => 0usize..700, 1 => Just(2001usize)], any::<u8>())
             .prop_map(|(stream, delta, len, fill)| Op::Append { stream, delta, len, fill }),
         3 => (stream(), any::<Index>()).prop_map(|(stream, pick)| Op::Ack { stream, pick }),
+        1 => stream().prop_map(|stream| Op::Purge { stream }),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
         2 => (stream(), 0u64..12, 0usize..5).prop_map(|(stream, from, max)| Op::Peek { stream, from, max }),
@@ -62,6 +67,7 @@ enum Outcome {
     Appended(Vec<(Stream, u64, u64)>),
     Refused(&'static str),
     Acked(bool),
+    Purged(super::super::Purged),
     Peeked(Vec<StoredBatch>),
     Done,
 }
@@ -80,6 +86,8 @@ struct Model {
     batches: BTreeMap<(bool, Stream, u64), Vec<u8>>,
     next_seq: BTreeMap<Stream, u64>,
     evicted: BTreeMap<Stream, (u64, u64)>,
+    acked: BTreeMap<Stream, u64>,
+    purged: BTreeMap<Stream, u64>,
 }
 
 impl Model {
@@ -144,6 +152,8 @@ impl Model {
             }
             (st.evicted_batches, st.evicted_bytes) =
                 self.evicted.get(&s).copied().unwrap_or_default();
+            st.acked_batches = self.acked.get(&s).copied().unwrap_or_default();
+            st.purged_batches = self.purged.get(&s).copied().unwrap_or_default();
         }
         stats
     }
@@ -156,6 +166,7 @@ fn apply(store: &dyn Store, op: &Op, seq: u64, bytes: &[u8]) -> Outcome {
             Err(e) => Outcome::Refused(refusal(&e)),
         },
         Op::Ack { stream, .. } => Outcome::Acked(store.ack(*stream, seq).unwrap()),
+        Op::Purge { stream } => Outcome::Purged(store.purge(*stream).unwrap()),
         Op::Flush => {
             store.flush().unwrap();
             Outcome::Done
@@ -209,12 +220,24 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         };
         let expected = match op {
             Op::Append { stream, .. } => model.append(*stream, seq, &bytes),
-            Op::Ack { stream, .. } => Outcome::Acked(
-                model
+            Op::Ack { stream, .. } => {
+                let found = model
                     .batches
                     .remove(&(stream.is_priority(), *stream, seq))
-                    .is_some(),
-            ),
+                    .is_some();
+                *model.acked.entry(*stream).or_default() += u64::from(found);
+                Outcome::Acked(found)
+            }
+            Op::Purge { stream } => {
+                let mut purged = super::super::Purged::default();
+                for q in model.stored_seqs(*stream) {
+                    let v = model.batches.remove(&(stream.is_priority(), *stream, q));
+                    purged.batches += 1;
+                    purged.bytes += v.map_or(0, |v| v.len() as u64);
+                }
+                *model.purged.entry(*stream).or_default() += purged.batches;
+                Outcome::Purged(purged)
+            }
             Op::Flush | Op::Reopen => Outcome::Done,
             Op::Peek { stream, from, max } => Outcome::Peeked(model.peek(*stream, *from, *max)),
         };
