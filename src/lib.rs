@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod diag;
+pub mod emergency;
 pub mod hub;
 pub mod mqtt;
 pub mod pipeline;

@@ -33,6 +33,12 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Emergency collection: a higher-resolution flow for a bounded time, purged on the box
+    /// and reported to the hub when it ends.
+    Emergency {
+        #[command(subcommand)]
+        command: EmergencyCmd,
+    },
     /// Export a public-data catalogue entry per purpose flow: data items with their
     /// classification, sharing class, update frequency, unit, purpose and retention.
     Catalog {
@@ -116,6 +122,34 @@ enum PolicyCommand {
         /// Only this device (its name in the config).
         #[arg(long)]
         device: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EmergencyCmd {
+    /// Switch on an emergency policy (one of `[policies] emergency`) for a bounded time.
+    Start {
+        #[arg(long)]
+        config: PathBuf,
+        /// The emergency policy.
+        #[arg(long)]
+        policy: String,
+        /// Why; travels to the hub with the start and end reports.
+        #[arg(long)]
+        reason: String,
+        /// How long, e.g. 6h (at most `[policies] emergency_max`); never extended.
+        #[arg(long = "for")]
+        duration: String,
+    },
+    /// End the active emergency collection now.
+    Stop {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show the order and what the gateway did about it.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -215,6 +249,16 @@ fn main() -> ExitCode {
             command: PolicyCommand::Explain { config, device },
         } => cli::policy_explain(&config, device.as_deref()),
         Command::Catalog { config, format } => cli::catalog(&config, format),
+        Command::Emergency { command } => match command {
+            EmergencyCmd::Start {
+                config,
+                policy,
+                reason,
+                duration,
+            } => cli::emergency_start(&config, &policy, &reason, &duration),
+            EmergencyCmd::Stop { config } => cli::emergency_stop(&config),
+            EmergencyCmd::Status { config } => cli::emergency_status(&config),
+        },
         Command::Scan(args) => cli::probe::scan(&args).map(|out| print!("{out}")),
         Command::Store {
             command: StoreCommand::Check { config },

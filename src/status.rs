@@ -63,6 +63,9 @@ pub struct StoreStatus {
     pub bytes: u64,
     pub max_bytes: u64,
     pub evicted_batches: u64,
+    /// Batches of ended emergency collections destroyed before delivery, ever.
+    #[serde(default)]
+    pub purged_batches: u64,
 }
 
 /// `ok`, or `degraded` with the reasons.
@@ -84,6 +87,9 @@ pub struct GatewayStatus {
     pub link: LinkStatus,
     pub counters: BTreeMap<String, u64>,
     pub devices: Vec<DeviceStatus>,
+    /// The emergency collection running now (`citygate emergency start`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emergency: Option<crate::telemetry::EmergencyStatus>,
 }
 
 #[derive(Debug, Clone)]
@@ -232,6 +238,7 @@ impl StatusSource {
                     .iter()
                     .map(|s| stats.get(*s).evicted_batches)
                     .sum(),
+                purged_batches: stats.get(Stream::EMERGENCY).purged_batches,
             },
             link,
             counters: self
@@ -241,6 +248,7 @@ impl StatusSource {
                 .map(|(name, _, v)| (name.to_string(), v))
                 .collect(),
             devices,
+            emergency: self.metrics.emergency(),
         }
     }
 

@@ -163,6 +163,7 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
         watch::channel(Stream::ALL.map(|s| outbox.next_seq_at_open(s).saturating_sub(1)));
 
     let flows = crate::pipeline::Flows::from_config(cfg, &keys.pseudonym);
+    let pseudonym_key = keys.pseudonym.clone();
     let sealer = Sealer::new(
         cfg.gateway_id.clone(),
         keys.signing,
@@ -202,6 +203,20 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
             Stream::Alarms,
             crate::pipeline::store_recovery_alarm(&cfg.gateway_id, recovery),
         );
+    }
+    if crate::emergency::Watcher::wanted(cfg) {
+        let (commands, commands_rx) = mpsc::channel(1);
+        batcher = batcher.with_emergency(commands_rx);
+        let links = crate::emergency::Links {
+            outbox: outbox.clone(),
+            committed_rx: committed_rx.clone(),
+            commands,
+            alarms: alarms_tx.clone(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.child_token(),
+        };
+        let watcher = crate::emergency::Watcher::new(cfg, &pseudonym_key, links);
+        tracker.spawn(watcher.run().instrument(info_span!("emergency")));
     }
     // Each task runs in a span naming it, so its log lines carry their context.
     tracker.spawn(batcher.run().instrument(info_span!("batcher")));

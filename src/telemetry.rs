@@ -60,6 +60,7 @@ macro_rules! metrics {
             devices: Mutex<BTreeMap<DeviceId, DeviceStats>>,
             link: Mutex<LinkStatus>,
             faults: Mutex<BTreeMap<String, String>>,
+            emergency: Mutex<Option<EmergencyStatus>>,
             pub started: StartTime,
         }
 
@@ -115,6 +116,21 @@ metrics! {
     dtu_peers_refused: "Connections to a DTU listener closed because the peer is outside its allow list.",
     mqtt_oversized: "MQTT meter messages dropped as too large (above 64 KiB, or above max_packet_bytes, which costs the connection).",
     mqtt_source_connects: "Connections of MQTT meter sources to their brokers.",
+    emergencies_started: "Emergency collections switched on (citygate emergency start; resumed ones after a restart not counted).",
+    emergencies_ended: "Emergency collections ended (expired or stopped), each with a purge and a report on the alarms stream.",
+    emergency_batches_purged: "Batches of ended emergency collections destroyed on the box before they were delivered.",
+    emergency_records_discarded: "Records of an ending emergency collection discarded unsealed (its open batch and windows).",
+}
+
+/// The emergency collection running now (`/status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EmergencyStatus {
+    pub id: String,
+    pub policy: String,
+    pub reason: String,
+    pub started_ms: TimestampMs,
+    /// When it ends by itself (or earlier, on `citygate emergency stop`).
+    pub ends_ms: TimestampMs,
 }
 
 /// When a set of counters started: the process start, in practice.
@@ -237,6 +253,19 @@ impl Metrics {
     pub(crate) fn has_fault(&self, key: &str) -> bool {
         let faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
         faults.contains_key(key)
+    }
+
+    /// Sets (or clears) the emergency collection `/status` reports.
+    pub(crate) fn set_emergency(&self, status: Option<EmergencyStatus>) {
+        *self.emergency.lock().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+
+    /// The emergency collection running now, if any.
+    pub fn emergency(&self) -> Option<EmergencyStatus> {
+        self.emergency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The active faults' reasons, ordered by key.

@@ -4,6 +4,7 @@ pub mod broker;
 pub mod catalog;
 mod check;
 pub(crate) mod demo;
+mod emergency;
 mod explain;
 mod keys;
 pub mod loadtest;
@@ -456,6 +457,7 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
 }
 
 pub use catalog::{catalog, CatalogFormat};
+pub use emergency::{emergency_start, emergency_status, emergency_stop};
 pub use explain::policy_explain;
 pub use keys::{keys_gen, keys_rotate_pseudonym, keys_tls, TlsIssue};
 

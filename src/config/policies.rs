@@ -9,7 +9,11 @@
 //! dir = "policies"                   # default: "policies" beside this file
 //! flows = ["billing", "grid-operation"]   # <dir>/<name>.toml, one stream each, in this order
 //! alarms = "alarms"                  # the policy of the alarms stream (optional)
+//! emergency = ["grid-emergency"]     # policies `citygate emergency start` may switch on
+//! emergency_max = "24h"              # the longest emergency collection (default 24h)
 //! ```
+//!
+//! Configured flows use `readings` … `readings-6`; `readings-7` is the emergency stream.
 //!
 //! Every policy is compiled and checked against the profiles when the config loads (with a
 //! stand-in pseudonym key: nothing checked depends on it), so `citygate check` reports a bad
@@ -34,6 +38,10 @@ pub(super) struct RawPolicies {
     dir: Option<PathBuf>,
     flows: Spanned<Vec<Spanned<String>>>,
     alarms: Option<Spanned<String>>,
+    /// Policies `citygate emergency start --policy` may switch on.
+    emergency: Option<Vec<Spanned<String>>>,
+    /// The longest emergency collection `--for` may ask for.
+    emergency_max: Option<Spanned<String>>,
 }
 
 /// The legacy `[purpose]` section: an allow-list of fields that leave at full resolution.
@@ -94,16 +102,36 @@ pub struct PolicyConfig {
     pub flows: Vec<FlowConfig>,
     /// The policy of alarm-stream fields; `None`: alarm fields do not leave.
     pub alarms: Option<FlowConfig>,
+    /// The policies an emergency collection may run under, each on [`Stream::EMERGENCY`]
+    /// (one at a time), with the name `--policy` takes (the file stem).
+    pub emergency: Vec<(String, FlowConfig)>,
+    /// The longest emergency collection (`emergency_max`, default 24 h).
+    pub emergency_max: std::time::Duration,
     /// The config uses the legacy `[purpose]` allow-list.
     pub legacy_purpose: bool,
 }
 
 impl PolicyConfig {
-    /// Every flow: the purpose flows in stream order, then the alarms policy's.
+    /// Every flow: the purpose flows in stream order, the alarms policy's, then the
+    /// emergency policies (each must be approved at the hub before it is needed).
     pub fn all(&self) -> impl Iterator<Item = &FlowConfig> {
-        self.flows.iter().chain(&self.alarms)
+        self.flows
+            .iter()
+            .chain(&self.alarms)
+            .chain(self.emergency.iter().map(|(_, f)| f))
+    }
+
+    /// The emergency policy `name` (file stem or purpose name).
+    pub fn emergency_policy(&self, name: &str) -> Option<&FlowConfig> {
+        self.emergency
+            .iter()
+            .find(|(n, f)| n == name || f.policy.name() == name)
+            .map(|(_, f)| f)
     }
 }
+
+/// The longest emergency collection unless `[policies] emergency_max` says otherwise.
+pub const DEFAULT_EMERGENCY_MAX: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// The key `check` compiles with: policies do not depend on key material.
 fn stand_in_key() -> PseudonymKey {
@@ -179,6 +207,8 @@ pub(super) fn resolve(
         time_zone: cx.tz.clone(),
         flows: Vec::new(),
         alarms: None,
+        emergency: Vec::new(),
+        emergency_max: DEFAULT_EMERGENCY_MAX,
         legacy_purpose: false,
     };
     let compile = |source: PolicySource, stream: Stream, errors: &mut Vec<Diagnostic>| match source
@@ -261,13 +291,15 @@ pub(super) fn resolve(
                 }
                 Some(PolicySource::File(path))
             };
-            if raw.flows.get_ref().is_empty() || raw.flows.get_ref().len() > Stream::MAX_FLOWS {
+            if raw.flows.get_ref().is_empty()
+                || raw.flows.get_ref().len() > Stream::MAX_CONFIG_FLOWS
+            {
                 errors.push(cx.src.at(
                     raw.flows.span(),
                     "policies.flows",
                     format!(
-                        "name 1 to {} policies, e.g. [\"billing\"]",
-                        Stream::MAX_FLOWS
+                        "name 1 to {} policies, e.g. [\"billing\"] (the last stream is kept for emergency collection)",
+                        Stream::MAX_CONFIG_FLOWS
                     ),
                 ));
             }
@@ -276,7 +308,7 @@ pub(super) fn resolve(
                 .flows
                 .get_ref()
                 .iter()
-                .take(Stream::MAX_FLOWS)
+                .take(Stream::MAX_CONFIG_FLOWS)
                 .enumerate()
             {
                 if names.insert(name.get_ref().clone(), ()).is_some() {
@@ -300,8 +332,36 @@ pub(super) fn resolve(
                     out.alarms = compile(source, Stream::Alarms, errors);
                 }
             }
+            for name in raw.emergency.iter().flatten() {
+                if out.emergency.iter().any(|(n, _)| n == name.get_ref()) {
+                    errors.push(cx.src.at(
+                        name.span(),
+                        "policies.emergency",
+                        format!("{:?} is named twice", name.get_ref()),
+                    ));
+                    continue;
+                }
+                if let Some(source) = file(name, "policies.emergency", errors) {
+                    if let Some(f) = compile(source, Stream::EMERGENCY, errors) {
+                        out.emergency.push((name.get_ref().clone(), f));
+                    }
+                }
+            }
+            if let Some(max) = &raw.emergency_max {
+                match humantime::parse_duration(max.get_ref()) {
+                    Ok(d) if !d.is_zero() => out.emergency_max = d,
+                    _ => errors.push(cx.src.at(
+                        max.span(),
+                        "policies.emergency_max",
+                        format!(
+                            "{:?} is not a duration; valid: a positive duration such as \"24h\"",
+                            max.get_ref()
+                        ),
+                    )),
+                }
+            }
             let mut purposes = BTreeMap::new();
-            for f in out.flows.iter().chain(&out.alarms) {
+            for f in out.all() {
                 if let Some(other) =
                     purposes.insert(f.policy.name().to_string(), f.source.path().to_path_buf())
                 {

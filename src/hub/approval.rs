@@ -6,7 +6,9 @@
 //! and a known purpose under a changed hash are both refused with `unapproved_policy`, not
 //! acknowledged (the gateway keeps the batch and re-sends it until the policy is approved or
 //! fixed), and raised as an alarm in the hub log. The built-in gateway stamp
-//! ([`PolicyStamp::gateway`]) is accepted on the audit stream without approval. Batches of
+//! ([`PolicyStamp::gateway`]) is accepted on the audit and alarms streams without approval:
+//! it marks the gateway's own records (a store recovery, an emergency's start and end
+//! reports), never meter data, which leaves only under a policy's stamp. Batches of
 //! envelope versions 1 and 2 carry no purpose: they are accepted if their hash is approved for
 //! the gateway under any purpose, so a backlog sealed before the upgrade still drains.
 //!
@@ -58,7 +60,7 @@ impl Approvals {
         match purpose {
             Some(purpose) => {
                 let gw = PolicyStamp::gateway();
-                (stream == Stream::Audit && *purpose == gw.purpose && *hash == gw.hash)
+                (stream.is_priority() && *purpose == gw.purpose && *hash == gw.hash)
                     || approved
                         .iter()
                         .any(|a| a.purpose == *purpose && a.hash == *hash)
@@ -150,7 +152,10 @@ mod tests {
         assert!(!a.allows(&gw("gw-9"), r, Some(&billing), &[1; 32]));
         let g = PolicyStamp::gateway();
         assert!(a.allows(&gw("gw-2"), Stream::Audit, Some(&g.purpose), &g.hash));
+        // The gateway's own alarms (an emergency's reports) need no alarms policy.
+        assert!(a.allows(&gw("gw-2"), Stream::Alarms, Some(&g.purpose), &g.hash));
         assert!(!a.allows(&gw("gw-2"), r, Some(&g.purpose), &g.hash));
+        assert!(!a.allows(&gw("gw-2"), Stream::EMERGENCY, Some(&g.purpose), &g.hash));
         assert!(!a.allows(&gw("gw-2"), Stream::Audit, Some(&g.purpose), &[1; 32]));
         assert!(
             a.allows(&gw("gw-1"), r, None, &[1; 32]),

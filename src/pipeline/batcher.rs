@@ -40,6 +40,11 @@ use crate::transform::check::Checker;
 use crate::transform::normalise::normalise_with;
 use crate::transform::normalise_values::normalise_values;
 
+#[path = "batcher_emergency.rs"]
+mod emergency;
+
+pub use emergency::{EmergencyCommand, Ended as EmergencyEnded};
+
 #[derive(Debug, Default)]
 struct OpenBatch {
     records: Vec<Record>,
@@ -110,6 +115,8 @@ pub struct Batcher {
     gateway_rx: Option<mpsc::Receiver<Record>>,
     /// The pollers' rounds; `None`: seal by age and size only.
     rounds: Option<Rounds>,
+    /// Emergency collections switched on and off ([`EmergencyCommand`]).
+    emergency_rx: Option<mpsc::Receiver<EmergencyCommand>>,
     /// When each stream last sealed (the batcher's start before its first seal, so
     /// `min_interval = max_age` turns round-end sealing off).
     last_seal: [Option<Instant>; Stream::COUNT],
@@ -142,6 +149,7 @@ impl Batcher {
             metrics,
             gateway_rx: None,
             rounds: None,
+            emergency_rx: None,
             last_seal: [Some(Instant::now()); Stream::COUNT],
         }
     }
@@ -157,6 +165,12 @@ impl Batcher {
     /// [`GatewayAlarms`](crate::source::GatewayAlarms)) into the alarms stream.
     pub(crate) fn with_gateway_alarms(mut self, rx: mpsc::Receiver<Record>) -> Self {
         self.gateway_rx = Some(rx);
+        self
+    }
+
+    /// Takes emergency collections' flows from `rx` (see [`EmergencyCommand`]).
+    pub(crate) fn with_emergency(mut self, rx: mpsc::Receiver<EmergencyCommand>) -> Self {
+        self.emergency_rx = Some(rx);
         self
     }
 
@@ -188,6 +202,10 @@ impl Batcher {
                 record = recv_some(&mut self.gateway_rx), if self.gateway_rx.is_some() => match record {
                     Some(r) => self.push_gateway_record(Stream::Alarms, r),
                     None => self.gateway_rx = None,
+                },
+                command = recv_some(&mut self.emergency_rx), if self.emergency_rx.is_some() => match command {
+                    Some(c) => self.on_emergency(c),
+                    None => self.emergency_rx = None,
                 },
                 () = rounds_ended(rounds.as_ref()), if rounds.is_some() => {}
                 _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
@@ -425,8 +443,8 @@ async fn rounds_ended(rounds: Option<&Rounds>) {
     }
 }
 
-/// The next record from `rx`, if it is open.
-async fn recv_some(rx: &mut Option<mpsc::Receiver<Record>>) -> Option<Record> {
+/// The next item from `rx`, if it is open.
+async fn recv_some<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => None,

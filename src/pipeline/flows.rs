@@ -6,6 +6,10 @@
 //! alarms policy only (`[policies] alarms`; without one, alarm fields stay on the box).
 //! Aggregate windows close on the wall clock ([`Flows::close_due`]), and whatever is open
 //! at shutdown leaves marked partial ([`Flows::flush_partial`]).
+//!
+//! While an emergency collection runs, its flow ([`Flows::start_emergency`]) takes the
+//! readings-stream fields too, on [`Stream::EMERGENCY`], and tags every record it lets out
+//! `emergency` and `emergency_id=<id>`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +29,8 @@ pub struct Flow {
     stamp: PolicyStamp,
     /// Device pseudonyms under this flow's purpose, computed once per device.
     subjects: HashMap<DeviceId, String>,
+    /// Added to every record the flow lets out (an emergency's tags).
+    tags: Vec<String>,
 }
 
 impl Flow {
@@ -38,7 +44,22 @@ impl Flow {
             engine: Engine::new(policy),
             stamp,
             subjects: HashMap::new(),
+            tags: Vec::new(),
         }
+    }
+
+    /// Adds `tags` to every record this flow lets out.
+    pub fn with_tags(mut self, tags: Vec<String>) -> Flow {
+        self.tags = tags;
+        self
+    }
+
+    /// Moves what the engine left in `scratch` to `out`, on this flow's stream and tagged.
+    fn drain(&self, scratch: &mut Vec<Record>, out: &mut Vec<(Stream, Record)>) {
+        out.extend(scratch.drain(..).map(|mut r| {
+            r.tags.extend(self.tags.iter().cloned());
+            (self.stream, r)
+        }));
     }
 
     /// Overrides the grace after a window's end before it closes (tests).
@@ -72,7 +93,7 @@ impl Flow {
             ratios,
         };
         self.engine.accept(reading, field, &cx, scratch);
-        out.extend(scratch.drain(..).map(|r| (self.stream, r)));
+        self.drain(scratch, out);
     }
 }
 
@@ -81,6 +102,8 @@ impl Flow {
 pub struct Flows {
     readings: Vec<Flow>,
     alarms: Option<Flow>,
+    /// The emergency collection's flow while one runs.
+    emergency: Option<Flow>,
     areas: HashMap<DeviceId, AreaId>,
     scratch: Vec<Record>,
     /// Engine counters already added to the metrics.
@@ -163,9 +186,26 @@ impl Flows {
             }
             return;
         }
-        for f in &mut self.readings {
+        for f in self.readings.iter_mut().chain(&mut self.emergency) {
             f.accept(reading, field, area, ratios, &mut self.scratch, out);
         }
+    }
+
+    /// Switches an emergency collection's flow on (replacing any other).
+    pub(crate) fn start_emergency(&mut self, flow: Flow) {
+        self.emergency = Some(flow);
+    }
+
+    /// Switches the emergency flow off; its open windows are dropped unsent. Returns how
+    /// many aggregate records they would have made.
+    pub(crate) fn end_emergency(&mut self) -> u64 {
+        let Some(mut f) = self.emergency.take() else {
+            return 0;
+        };
+        f.engine.flush_partial(&mut self.scratch);
+        let n = self.scratch.len() as u64;
+        self.scratch.clear();
+        n
     }
 
     /// When the next aggregate window is due to close (wall clock, ms), if any is open.
@@ -175,17 +215,19 @@ impl Flows {
 
     /// Closes every window due at `now_ms`; pushes the aggregates to `out`.
     pub(crate) fn close_due(&mut self, now_ms: i64, out: &mut Vec<(Stream, Record)>) {
-        for f in self.readings.iter_mut().chain(&mut self.alarms) {
-            f.engine.close_due(now_ms, &mut self.scratch);
-            out.extend(self.scratch.drain(..).map(|r| (f.stream, r)));
+        let (flows, scratch) = self.all_mut();
+        for f in flows {
+            f.engine.close_due(now_ms, scratch);
+            f.drain(scratch, out);
         }
     }
 
     /// Shutdown: every open window leaves, marked partial.
     pub(crate) fn flush_partial(&mut self, out: &mut Vec<(Stream, Record)>) {
-        for f in self.readings.iter_mut().chain(&mut self.alarms) {
-            f.engine.flush_partial(&mut self.scratch);
-            out.extend(self.scratch.drain(..).map(|r| (f.stream, r)));
+        let (flows, scratch) = self.all_mut();
+        for f in flows {
+            f.engine.flush_partial(scratch);
+            f.drain(scratch, out);
         }
     }
 
@@ -211,7 +253,20 @@ impl Flows {
     }
 
     fn all(&self) -> impl Iterator<Item = &Flow> {
-        self.readings.iter().chain(&self.alarms)
+        self.readings
+            .iter()
+            .chain(&self.alarms)
+            .chain(&self.emergency)
+    }
+
+    /// Every flow, mutably, and the scratch buffer beside them.
+    fn all_mut(&mut self) -> (impl Iterator<Item = &mut Flow>, &mut Vec<Record>) {
+        let flows = self
+            .readings
+            .iter_mut()
+            .chain(&mut self.alarms)
+            .chain(&mut self.emergency);
+        (flows, &mut self.scratch)
     }
 }
 

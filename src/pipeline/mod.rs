@@ -12,7 +12,7 @@ mod committer;
 mod flows;
 
 pub(crate) use batcher::store_recovery_alarm;
-pub use batcher::Batcher;
+pub use batcher::{Batcher, EmergencyCommand, EmergencyEnded};
 pub(crate) use committer::{CommittedMarks, Committer};
 pub use flows::{Flow, Flows};
 

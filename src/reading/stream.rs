@@ -23,6 +23,12 @@ impl Stream {
     pub const Audit: Stream = Stream(2);
     /// Most purpose flows one gateway runs side by side.
     pub const MAX_FLOWS: usize = 8;
+    /// The last purpose flow's stream, `readings-7`, is reserved for emergency collection
+    /// (`citygate emergency start`): configured flows use the others, so whatever an
+    /// emergency produced can be purged as a whole when it ends.
+    pub const EMERGENCY: Stream = Stream(1 + Self::MAX_FLOWS as u8);
+    /// Most purpose flows a gateway config declares (the emergency stream is not one).
+    pub const MAX_CONFIG_FLOWS: usize = Self::MAX_FLOWS - 1;
     /// How many stream codes there are.
     pub const COUNT: usize = 2 + Self::MAX_FLOWS;
     /// Every stream, in code order.

@@ -411,7 +411,7 @@ async fn shipped_policies_end_to_end_match_what_the_meters_served() {
 const MQTT_WATER: &str = "oem-nbiot-water-mqtt";
 
 /// An NB-IoT water meter's `deviceReq` payload, as the shipped profile reads it.
-fn water_payload(key: &str, total: f64, flow: f64, at_ms: i64) -> Vec<u8> {
+pub(crate) fn water_payload(key: &str, total: f64, flow: f64, at_ms: i64) -> Vec<u8> {
     let at = jiff::Timestamp::from_millisecond(at_ms).unwrap();
     serde_json::json!({
         "msgType": "deviceReq",
@@ -427,15 +427,15 @@ fn water_payload(key: &str, total: f64, flow: f64, at_ms: i64) -> Vec<u8> {
 
 /// A broker with mutual TLS, a gateway with an MQTT meter source on it, a hub approving
 /// every flow of the gateway, and a meters' connection to publish with.
-struct MqttRig {
-    dep: Deployment,
-    ca: CertAuthority,
-    broker: EmbeddedBroker,
-    port: u16,
+pub(crate) struct MqttRig {
+    pub(crate) dep: Deployment,
+    pub(crate) ca: CertAuthority,
+    pub(crate) broker: EmbeddedBroker,
+    pub(crate) port: u16,
 }
 
 impl MqttRig {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dep = Deployment::new();
         let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
         let server = ca.issue_localhost_server().unwrap();
@@ -452,7 +452,18 @@ impl MqttRig {
 
     /// The gateway config: `flows` from the policy files in `dir`, the meters `keys` as
     /// devices `water-<key>` behind one source (`W0999`, the warm-up key, is no device).
-    fn config(&self, dir: &Path, flows: &[&str], keys: &[&str]) -> citygate::config::GatewayConfig {
+    pub(crate) fn config(
+        &self,
+        dir: &Path,
+        flows: &[&str],
+        keys: &[&str],
+    ) -> citygate::config::GatewayConfig {
+        let toml = self.toml(dir, flows, keys);
+        self.dep.load_config(&toml, shipped_profiles())
+    }
+
+    /// The gateway config [`MqttRig::config`] loads, to change before loading.
+    pub(crate) fn toml(&self, dir: &Path, flows: &[&str], keys: &[&str]) -> GatewayToml {
         // Its own certificate: the uplink issues (and rewrites) gw-test's.
         let client = TlsFiles::client(&self.ca, "gw-test-meters");
         let mut devices = mqtt_source_toml("meters", self.port, &client, "");
@@ -465,16 +476,15 @@ impl MqttRig {
                 Some(k),
             );
         }
-        let toml = GatewayToml::new("gw-test", &[])
+        GatewayToml::new("gw-test", &[])
             .policies(dir, flows, None)
-            .devices(&devices);
-        self.dep.load_config(&toml, shipped_profiles())
+            .devices(&devices)
     }
 
     /// A meters' connection that has seen the gateway's source subscribed: it publishes
     /// warm-up messages for a key no device has (so they reach no flow) until the gateway
     /// received one, so later QoS 1 messages arrive.
-    async fn meters_link(
+    pub(crate) async fn meters_link(
         &self,
         metrics: &citygate::telemetry::Metrics,
     ) -> citygate::mqtt::MqttLink {
@@ -505,7 +515,7 @@ impl MqttRig {
     }
 
     /// The hub's JSON Lines, parsed.
-    fn sink(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn sink(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dep.path().join("records.jsonl"))
             .unwrap_or_default()
             .lines()
@@ -514,7 +524,7 @@ impl MqttRig {
     }
 }
 
-async fn publish(link: &citygate::mqtt::MqttLink, topic: &str, payload: Vec<u8>) {
+pub(crate) async fn publish(link: &citygate::mqtt::MqttLink, topic: &str, payload: Vec<u8>) {
     link.publish(
         topic,
         citygate::mqtt::QoS::AtLeastOnce,

@@ -99,6 +99,13 @@ impl GatewayToml {
         self
     }
 
+    /// Adds `[policies] emergency = names` (after [`GatewayToml::policies`]).
+    pub fn emergency(mut self, names: &[&str]) -> Self {
+        let p = self.policies.as_mut().expect("policies() first");
+        p.push_str(&format!("emergency = {names:?}\n"));
+        self
+    }
+
     /// Replaces the `[batch]` section's body, e.g. `max_age = "60s"`.
     pub fn batch(mut self, body: &str) -> Self {
         self.batch = format!("{body}\n");
