@@ -824,6 +824,64 @@ mod tests {
         );
     }
 
+    /// issue 11 item 7: while an emergency flow runs, readings also go to the emergency
+    /// stream under its stamp, tagged; at its end the unsealed records are dropped and
+    /// counted, the reply names the stream's next sequence number, and later readings no
+    /// longer reach the stream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_emergency_flow_runs_tagged_until_ended_and_drops_what_it_has_not_sealed() {
+        let p = profile();
+        let metrics = Arc::new(Metrics::default());
+        let (_samples_tx, samples_rx) = mpsc::channel(16);
+        let (sealed_tx, mut sealed_rx) = mpsc::channel(16);
+        let mut batcher = test_batcher(5, Duration::ZERO, samples_rx, sealed_tx, metrics.clone());
+        let fields: Vec<&Field> = p.fields.iter().collect();
+        let flow = Flow::new(Stream::EMERGENCY, passing(&fields), &["x@1".into()])
+            .with_tags(vec!["emergency".into(), "emergency_id=em-1".into()]);
+        let stamp = flow.stamp().clone();
+        let (reply, first) = tokio::sync::oneshot::channel();
+        batcher.on_emergency(EmergencyCommand::Start {
+            flow: Box::new(flow),
+            reply,
+        });
+        assert_eq!(first.await.unwrap(), 5);
+        batcher.accept(sample_of(&p, "m1")).await;
+        let i = Stream::EMERGENCY.index();
+        let n = batcher.open[i].records.len();
+        assert!(n > 0);
+        assert!(batcher.open[i]
+            .records
+            .iter()
+            .all(|r| r.tags == ["emergency".to_string(), "emergency_id=em-1".to_string()]));
+        assert!(batcher.open[Stream::Readings.index()]
+            .records
+            .iter()
+            .all(|r| r.tags.is_empty()));
+        batcher.seal(Stream::EMERGENCY).await;
+        let sealed = sealed_rx.recv().await.unwrap();
+        assert_eq!((sealed.stream, sealed.seq), (Stream::EMERGENCY, 5));
+        let mut opener = crate::seal::Opener::new(HubSecretKey::from_bytes(&[2; 32]));
+        opener.register(
+            GatewayId::new("gw-batcher").unwrap(),
+            ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
+        );
+        let h = opener.open(&sealed.bytes).unwrap().header;
+        assert_eq!(PolicyStamp::new(h.purpose.unwrap(), h.policy_hash), stamp);
+
+        batcher.accept(sample_of(&p, "m2")).await;
+        let open = batcher.open[i].records.len() as u64;
+        assert!(open > 0);
+        let (reply, ended) = tokio::sync::oneshot::channel();
+        batcher.on_emergency(EmergencyCommand::End { reply });
+        let ended = ended.await.unwrap();
+        assert_eq!(ended.end_seq, 6);
+        assert_eq!(ended.discarded_records, open);
+        assert_eq!(metrics.emergency_records_discarded.get(), open);
+        batcher.accept(sample_of(&p, "m3")).await;
+        assert!(batcher.open[i].records.is_empty(), "the flow is off");
+        assert!(!batcher.open[Stream::Readings.index()].records.is_empty());
+    }
+
     /// A batcher with rounds, `max_age` one hour, and a sample sender.
     fn round_batcher(
         min_interval: Duration,
