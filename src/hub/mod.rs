@@ -40,6 +40,7 @@ pub(crate) mod config;
 pub(crate) mod dedup;
 pub(crate) mod process;
 pub mod prune;
+pub(crate) mod rewrite;
 pub(crate) mod sink;
 
 #[cfg(test)]
