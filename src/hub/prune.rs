@@ -135,7 +135,7 @@ mod tests {
 
     /// Issue 11 item 3: records past their purpose's retention are dropped (the longest
     /// retention of the purpose's approved hashes; an aggregate by its window end); others,
-    /// and lines that do not parse, are kept byte for byte.
+    /// hub event lines and lines that do not parse, are kept byte for byte.
     #[test]
     fn records_past_their_purposes_retention_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
@@ -151,6 +151,9 @@ mod tests {
             line("gw-1", Some("open-data"), NOW - 100 * DAY_MS, None),
             line("gw-1", None, NOW - 100 * DAY_MS, None),
             line("gw-2", Some("billing"), NOW - 100 * DAY_MS, None),
+            // A hub event line (issue 11 item 7) has no record to age: kept.
+            "{\"hub_event\":\"emergency_destroyed\",\"emergency_id\":\"em-1\",\"records\":3,\"at_ms\":0}\n"
+                .to_owned(),
         ];
         let dropped = [
             line("gw-1", Some("billing"), NOW - 2 * DAY_MS - 1, None),
@@ -174,7 +177,7 @@ mod tests {
         std::fs::write(&sink, &text).unwrap();
 
         let report = prune(&cfg, NOW).unwrap();
-        assert_eq!(report.kept, 6);
+        assert_eq!(report.kept, 7);
         assert_eq!(report.dropped, BTreeMap::from([("billing".to_owned(), 2)]));
         assert_eq!(
             std::fs::read_to_string(&sink).unwrap(),
