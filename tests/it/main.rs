@@ -9,6 +9,7 @@ mod chaos;
 mod cli;
 mod config_files;
 mod e2e;
+mod hub_emergency;
 mod hub_wire;
 mod loadtest;
 mod mosquitto;
