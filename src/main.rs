@@ -77,6 +77,28 @@ enum Command {
         #[arg(long)]
         now: Option<String>,
     },
+    /// Emergency collections the hub's sink holds: list them, export one's records, or
+    /// destroy the hub's copy of its data records (destroying needs the hub stopped).
+    #[command(group(clap::ArgGroup::new("action").required(true).args(["list", "export", "destroy"])))]
+    HubEmergency {
+        #[arg(long)]
+        config: PathBuf,
+        /// List every emergency: gateway, policy, records held, reports, hub copy.
+        #[arg(long, conflicts_with = "id")]
+        list: bool,
+        /// With --list: print JSON instead of the table.
+        #[arg(long, requires = "list")]
+        json: bool,
+        /// The emergency id (from --list or the hub's log).
+        #[arg(long)]
+        id: Option<String>,
+        /// Write every sink line of emergency --id to this new file (mode 0600).
+        #[arg(long, requires = "id", value_name = "FILE")]
+        export: Option<PathBuf>,
+        /// Remove emergency --id's data records from the sink; its reports stay.
+        #[arg(long, requires = "id")]
+        destroy: bool,
+    },
     /// Serve simulated meters over Modbus TCP and/or Modbus RTU.
     Sim(Box<cli::SimArgs>),
     /// Measure simulated meters → gateway → broker → hub, each its own process: values/s,
@@ -241,6 +263,22 @@ fn main() -> ExitCode {
         Command::Status { config, addr, json } => cli::status(config.as_deref(), addr, json),
         Command::Hub { config } => cli::hub(&config),
         Command::HubPrune { config, now } => cli::hub_prune(&config, now.as_deref()),
+        Command::HubEmergency {
+            config,
+            list,
+            json,
+            id,
+            export,
+            destroy,
+        } => {
+            let action = match (id, export) {
+                (Some(id), Some(file)) => cli::HubEmergencyAction::Export { id, file },
+                (Some(id), None) if destroy => cli::HubEmergencyAction::Destroy { id },
+                _ if list => cli::HubEmergencyAction::List { json },
+                _ => unreachable!("clap requires one of --list, --export, --destroy"),
+            };
+            cli::hub_emergency(&config, action)
+        }
         Command::Sim(args) => cli::sim(*args),
         Command::Broker(args) => cli::broker::broker(&args),
         Command::Loadtest(args) => cli::loadtest::loadtest(&args),

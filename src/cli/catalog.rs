@@ -36,6 +36,9 @@ struct Entry {
     owner: String,
     retention_days: u64,
     stream: String,
+    /// `standing`, or `emergency`: produced only while an operator's emergency order runs
+    /// (bounded in time, purged on the box at its end).
+    collection: &'static str,
     policy_file: String,
     policy_hash: String,
     time_zone: String,
@@ -157,6 +160,11 @@ fn entries(cfg: &GatewayConfig) -> Vec<Entry> {
                 owner: m.owner.clone(),
                 retention_days: m.retention.as_secs() / 86_400,
                 stream: stream.to_string(),
+                collection: if stream == Stream::EMERGENCY {
+                    "emergency"
+                } else {
+                    "standing"
+                },
                 policy_file: flow.source.path().display().to_string(),
                 policy_hash: stamp.hash_hex(),
                 time_zone: cfg

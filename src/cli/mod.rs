@@ -6,6 +6,7 @@ mod check;
 pub(crate) mod demo;
 mod emergency;
 mod explain;
+mod hub_emergency;
 mod keys;
 pub mod loadtest;
 mod memory;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub(crate) use check::report as check_report;
+pub use hub_emergency::{hub_emergency, HubEmergencyAction};
 pub use memory::limit_malloc_arenas;
 
 use self::signals::{SignalEvent, Signals};

@@ -13,7 +13,8 @@
 //!    `approval`);
 //! 3. de-duplicate on (gateway, stream, incarnation, seq) ([`Dedup`]): a batch seen before is acknowledged
 //!    again and written nothing ([`Ingest::Duplicate`]);
-//! 4. write the records to the [`Sink`] durably;
+//! 4. write the records to the [`Sink`] durably (a gateway's emergency reports among them are
+//!    logged at WARN, `emergency`);
 //! 5. mark the batch seen and flush the de-dup state;
 //! 6. return [`Ingest::Accepted`] with the ack.
 //!
@@ -38,8 +39,10 @@
 pub(crate) mod approval;
 pub(crate) mod config;
 pub(crate) mod dedup;
+pub(crate) mod emergency;
 pub(crate) mod process;
 pub mod prune;
+pub(crate) mod rewrite;
 pub(crate) mod sink;
 
 #[cfg(test)]
@@ -137,6 +140,8 @@ pub struct Hub {
     below_window: AtomicU64,
     recovered_batches: u64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// The config the hub was opened from (named in the emergency end report's log line).
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl Hub {
@@ -172,6 +177,7 @@ impl Hub {
             below_window: AtomicU64::new(0),
             recovered_batches: recovered.len() as u64,
             rejected: Mutex::new(BTreeMap::new()),
+            config_path: None,
         })
     }
 
@@ -185,13 +191,15 @@ impl Hub {
         let sink: Box<dyn Sink> = match &cfg.sink {
             SinkConfig::Jsonl { path } => Box::new(JsonlSink::open(path)?),
         };
-        Hub::new(
+        let mut hub = Hub::new(
             opener,
             ack_signer,
             Approvals::new(&cfg.gateways),
             dedup,
             sink,
-        )
+        )?;
+        hub.config_path = Some(cfg.path.clone());
+        Ok(hub)
     }
 
     /// Takes one payload received on the topic of `topic_gateway`. Never panics.
@@ -264,6 +272,7 @@ impl Hub {
                 out[i] = Some(match &written {
                     Err((reason, detail)) => self.fail(&payloads[i].0, reason, detail.clone()),
                     Ok(()) => {
+                        emergency::log_reports(self.config_path.as_deref(), &key, &records);
                         let records = records.len();
                         self.accepted_batches.fetch_add(1, Ordering::Relaxed);
                         self.records_written

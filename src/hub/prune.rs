@@ -9,26 +9,21 @@
 //! deleted by omission), or is unknown (lines from before purposes were recorded, envelope
 //! versions 1 and 2); lines that do not parse (a torn last line) are copied unchanged.
 //!
-//! Crash safety: the kept lines are written to `<sink>.prune-tmp` in the same directory,
-//! synced, renamed over the sink, and the directory is synced. A crash leaves either the old
-//! file or the new one, never a mix; a left-over temp file is overwritten by the next run.
-//!
-//! A running hub appends to the sink; pruning under it would lose what it appends after the
-//! copy. Prune therefore opens the hub's de-dup state first and holds it until the rename: a
-//! running hub holds that state's lock, so prune refuses to run beside one (after the same
-//! few seconds' wait a restarting hub gets), and a hub started meanwhile waits and fails
-//! instead of writing to the file being replaced.
+//! The sink is rewritten as `rewrite` does it: crash-safely (temp file `<sink>.prune-tmp`,
+//! sync, rename, directory sync) and only while no hub holds the hub state, so prune refuses
+//! to run beside a hub.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::config::{HubConfig, SinkConfig};
-use super::dedup::{Dedup, DedupError};
+pub use super::rewrite::RewriteError as PruneError;
+use super::rewrite::{lock_hub, rewrite_sink};
+
+/// The temp file beside the sink a prune writes (see `rewrite`).
+const TEMP_SUFFIX: &str = ".prune-tmp";
 
 /// What a prune did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,25 +31,6 @@ pub struct PruneReport {
     pub kept: u64,
     /// Dropped records by purpose.
     pub dropped: BTreeMap<String, u64>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PruneError {
-    #[error(
-        "cannot open the hub state {}: {source}; is a hub running on it? stop it before pruning",
-        path.display()
-    )]
-    HubRunning {
-        path: PathBuf,
-        #[source]
-        source: DedupError,
-    },
-    #[error("sink {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// The fields of a sink line that decide its fate.
@@ -73,10 +49,7 @@ struct WindowEnd {
 
 /// Prunes `cfg`'s sink at `now_ms` (ms since the Unix epoch). Blocks (file I/O, fsync).
 pub fn prune(cfg: &HubConfig, now_ms: i64) -> Result<PruneReport, PruneError> {
-    let _hub_lock = Dedup::open(&cfg.state_path).map_err(|source| PruneError::HubRunning {
-        path: cfg.state_path.clone(),
-        source,
-    })?;
+    let hub_lock = lock_hub(cfg, "pruning")?;
     let SinkConfig::Jsonl { path } = &cfg.sink;
     let mut retention: HashMap<(&str, &str), Duration> = HashMap::new();
     for g in &cfg.gateways {
@@ -89,38 +62,17 @@ pub fn prune(cfg: &HubConfig, now_ms: i64) -> Result<PruneReport, PruneError> {
             }
         }
     }
-    let io_err = |source| PruneError::Io {
-        path: path.clone(),
-        source,
-    };
-    let input = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(PruneReport::default()),
-        Err(e) => return Err(io_err(e)),
-    };
-    let tmp = temp_path(path);
-    let mut out = BufWriter::new(File::create(&tmp).map_err(io_err)?);
-    let mut reader = BufReader::new(input);
     let mut report = PruneReport::default();
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line).map_err(io_err)? == 0 {
-            break;
-        }
-        if let Some(purpose) = expired(&line, &retention, now_ms) {
+    let keep = |line: &[u8]| match expired(line, &retention, now_ms) {
+        Some(purpose) => {
             *report.dropped.entry(purpose).or_default() += 1;
-        } else {
-            report.kept += 1;
-            out.write_all(&line).map_err(io_err)?;
+            false
         }
-    }
-    let file = out.into_inner().map_err(|e| io_err(e.into_error()))?;
-    file.sync_all().map_err(io_err)?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(io_err)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
+        None => true,
+    };
+    match rewrite_sink(&hub_lock, path, TEMP_SUFFIX, keep, b"")? {
+        Some(kept) => report.kept = kept,
+        None => return Ok(PruneReport::default()),
     }
     for (purpose, n) in &report.dropped {
         tracing::info!(purpose = %purpose, dropped = n, "records past retention pruned");
@@ -143,14 +95,12 @@ fn expired(
     (now_ms.saturating_sub(end) > keep_ms).then_some(purpose)
 }
 
-fn temp_path(sink: &Path) -> PathBuf {
-    let mut name = sink.file_name().unwrap_or_default().to_os_string();
-    name.push(".prune-tmp");
-    sink.with_file_name(name)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use super::super::dedup::Dedup;
+    use super::super::rewrite::temp_path;
     use super::*;
 
     const DAY_MS: i64 = 86_400_000;
@@ -185,7 +135,7 @@ mod tests {
 
     /// Issue 11 item 3: records past their purpose's retention are dropped (the longest
     /// retention of the purpose's approved hashes; an aggregate by its window end); others,
-    /// and lines that do not parse, are kept byte for byte.
+    /// hub event lines and lines that do not parse, are kept byte for byte.
     #[test]
     fn records_past_their_purposes_retention_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
@@ -201,6 +151,9 @@ mod tests {
             line("gw-1", Some("open-data"), NOW - 100 * DAY_MS, None),
             line("gw-1", None, NOW - 100 * DAY_MS, None),
             line("gw-2", Some("billing"), NOW - 100 * DAY_MS, None),
+            // A hub event line (issue 11 item 7) has no record to age: kept.
+            "{\"hub_event\":\"emergency_destroyed\",\"emergency_id\":\"em-1\",\"records\":3,\"at_ms\":0}\n"
+                .to_owned(),
         ];
         let dropped = [
             line("gw-1", Some("billing"), NOW - 2 * DAY_MS - 1, None),
@@ -224,13 +177,13 @@ mod tests {
         std::fs::write(&sink, &text).unwrap();
 
         let report = prune(&cfg, NOW).unwrap();
-        assert_eq!(report.kept, 6);
+        assert_eq!(report.kept, 7);
         assert_eq!(report.dropped, BTreeMap::from([("billing".to_owned(), 2)]));
         assert_eq!(
             std::fs::read_to_string(&sink).unwrap(),
             kept.concat() + torn
         );
-        assert!(!temp_path(&sink).exists());
+        assert!(!temp_path(&sink, TEMP_SUFFIX).exists());
     }
 
     /// Prune refuses to run beside a hub holding the state (and so the sink).

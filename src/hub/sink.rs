@@ -27,6 +27,10 @@
 //!   1970..=9999), how many readings (`samples`) from how many devices it covers, and whether
 //!   it covers only part of the window (`partial`). An aggregate's `at_ms` is its window start.
 //! - `epoch`: the pseudonym key epoch of `subject`, only when not 0 (0: before key epochs).
+//! - `emergency_id`: only on records made under an emergency collection (issue 11 item 7):
+//!   the `ID` of the record's `emergency_id=ID` tag (`[A-Za-z0-9._-]{1,64}`), last member of
+//!   the line, so `citygate hub-emergency` and any reader find an emergency's records without
+//!   parsing tags. Lines without a valid such tag have no `emergency_id`.
 //!
 //! - `incarnation`: the gateway store's incarnation (envelope header), 16 lowercase hex digits;
 //!   with `gateway`, `stream` and `seq` it names the batch. Lines written before incarnations
@@ -38,6 +42,21 @@
 //! - `quality`: `"good"`, `"uncertain:REASON"` or `"bad:REASON"`, REASON one of
 //!   `out_of_range`, `not_available`, `counter_backwards`, `counter_rollover`, `not_finite`,
 //!   `receive_time`, `clock_skew`, `spike`, `frozen`, `counter_reset`.
+//!
+//! # Hub event lines
+//!
+//! Besides record lines, offline maintenance may append a line recording what it did to the
+//! file. Such a line has a `hub_event` member and no batch key (`gateway`, `stream`, `seq`):
+//!
+//! ```text
+//! {"hub_event":"emergency_destroyed","emergency_id":"em-20261130T233000Z-1a2b","records":1234,
+//!  "at_ms":1764547200000,"at":"2025-12-01T00:00:00.000Z"}
+//! ```
+//!
+//! `emergency_destroyed` (`citygate hub-emergency --destroy`, `hub::emergency`): the data
+//! records of emergency `emergency_id` were removed from the file (`records` of them) at
+//! `at`; its report records stay. Readers skip event lines they do not know; recovery treats
+//! them as a boundary between batches, never as part of one.
 //!
 //! A group of batches (one or more, [`Sink::write_batches`]) is written with one `write_all`,
 //! each batch's lines together, and made durable with one `sync_data` before the call returns,
@@ -73,6 +92,20 @@ use crate::reading::{GatewayId, PurposeName, Quality, Record, Stream, Value, Win
 pub(crate) const TAIL_SCAN_BYTES: u64 = 4 * 1024 * 1024;
 /// Last millisecond RFC 3339 can express with four-digit years (9999-12-31T23:59:59.999Z).
 const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
+/// The tag naming the emergency collection a record was made under: `emergency_id=ID`.
+pub(crate) const EMERGENCY_ID_TAG: &str = "emergency_id=";
+
+/// The emergency id among `tags` (`emergency_id=ID`, ID `[A-Za-z0-9._-]{1,64}`), if any.
+pub(crate) fn emergency_id<S: AsRef<str>>(tags: &[S]) -> Option<&str> {
+    tags.iter()
+        .filter_map(|t| t.as_ref().strip_prefix(EMERGENCY_ID_TAG))
+        .find(|id| {
+            (1..=64).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
+}
 
 /// The identity of a batch at the hub.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -176,6 +209,8 @@ struct Line<'a> {
     window: Option<WindowLine>,
     #[serde(skip_serializing_if = "is_zero")]
     epoch: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    emergency_id: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -263,6 +298,7 @@ pub(crate) fn encode_batch(batch: &SinkBatch<'_>) -> Vec<u8> {
             tags: &r.tags,
             window: r.window.as_ref().map(WindowLine::from),
             epoch: r.epoch,
+            emergency_id: emergency_id(&r.tags),
         };
         serde_json::to_writer(&mut out, &line).expect("invariant: a record line serialises");
         out.push(b'\n');
@@ -307,6 +343,13 @@ fn open_append(path: &Path) -> Result<File, SinkError> {
 /// A line's batch key, ignoring the other members.
 fn line_key(line: &[u8]) -> Option<BatchKey> {
     serde_json::from_slice::<BatchKey>(line).ok()
+}
+
+/// Whether a line is a hub event line (see the module docs): an object with a string
+/// `hub_event`.
+pub(crate) fn is_hub_event(line: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(line)
+        .is_ok_and(|m| m.get("hub_event").is_some_and(serde_json::Value::is_string))
 }
 
 impl Sink for JsonlSink {
@@ -355,12 +398,19 @@ impl Sink for JsonlSink {
         let mut lines: Vec<(u64, Option<BatchKey>)> = Vec::new();
         let mut pos = 0usize;
         let mut torn_at = None;
+        let mut unreadable = 0usize;
         while pos < tail.len() {
             let offset = start + pos as u64;
             match tail[pos..].iter().position(|b| *b == b'\n') {
                 Some(n) => {
                     if !(pos == 0 && start > 0) {
-                        lines.push((offset, line_key(&tail[pos..pos + n])));
+                        // A hub event line has no key: a boundary that belongs to no batch.
+                        let line = &tail[pos..pos + n];
+                        let key = line_key(line);
+                        if key.is_none() && !is_hub_event(line) {
+                            unreadable += 1;
+                        }
+                        lines.push((offset, key));
                     }
                     pos += n + 1;
                 }
@@ -370,7 +420,6 @@ impl Sink for JsonlSink {
                 }
             }
         }
-        let unreadable = lines.iter().filter(|(_, k)| k.is_none()).count();
         if unreadable > 0 {
             tracing::warn!(path = %self.path.display(), lines = unreadable, "sink tail holds lines without a batch key");
         }

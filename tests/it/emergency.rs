@@ -178,6 +178,11 @@ async fn an_emergency_raises_resolution_ends_by_itself_and_reports() {
         assert!(l["window"].is_null(), "as it came, not aggregated: {l}");
         assert_eq!(l["purpose"], "burst", "{l}");
         assert_eq!(l["stream"], "readings-7", "{l}");
+        assert_eq!(
+            l["emergency_id"],
+            order.id.as_str(),
+            "the hub marks it: {l}"
+        );
         assert!(
             l["subject"].as_str().unwrap().starts_with("p-"),
             "pseudonymous: {l}"

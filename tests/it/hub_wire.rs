@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::support::*;
 
 /// The purpose and policy hash the hand-sealed batches of these tests carry.
-fn stamp() -> PolicyStamp {
+pub(crate) fn stamp() -> PolicyStamp {
     PolicyStamp::new(PurposeName::new("test-purpose").unwrap(), [7; 32])
 }
 
@@ -39,7 +39,7 @@ fn records(n: usize) -> Vec<Record> {
 
 /// A hub config with an embedded broker on `listen`, the hub's client certificate, and
 /// one registered gateway, `gw-test`, approved for [`stamp`].
-fn write_hub_config(dep: &Deployment, ca: &CertAuthority, listen: &str) -> PathBuf {
+pub(crate) fn write_hub_config(dep: &Deployment, ca: &CertAuthority, listen: &str) -> PathBuf {
     HubToml::embedded_broker(
         listen,
         &TlsFiles::client(ca, "hub-1"),
@@ -50,7 +50,7 @@ fn write_hub_config(dep: &Deployment, ca: &CertAuthority, listen: &str) -> PathB
     .write(dep.path())
 }
 
-async fn start_hub(config: &Path) -> HubProcess {
+pub(crate) async fn start_hub(config: &Path) -> HubProcess {
     let cfg = HubConfig::load(config).unwrap();
     HubProcess::start_with(&cfg, |mut o| {
         o.keep_alive = Duration::from_secs(5);
@@ -66,7 +66,7 @@ async fn start_hub(config: &Path) -> HubProcess {
 
 /// Waits (bounded) until the broker has granted the hub's subscriptions: a batch
 /// published before that reaches no hub.
-async fn until_subscribed(hub: &HubProcess) {
+pub(crate) async fn until_subscribed(hub: &HubProcess) {
     let mut subscribed = hub.subscribed();
     tokio::time::timeout(Duration::from_secs(10), subscribed.wait_for(|s| *s))
         .await
@@ -75,7 +75,7 @@ async fn until_subscribed(hub: &HubProcess) {
 }
 
 /// A client holding gw-test's certificate, subscribed to gw-test's acks.
-struct Publisher {
+pub(crate) struct Publisher {
     link: MqttLink,
     events: mpsc::Receiver<LinkEvent>,
     /// The hub's ack key, as the gateway would hold it: every ack must verify.
@@ -83,7 +83,7 @@ struct Publisher {
 }
 
 impl Publisher {
-    async fn connect(ca: &CertAuthority, port: u16, dep: &Deployment) -> Publisher {
+    pub(crate) async fn connect(ca: &CertAuthority, port: u16, dep: &Deployment) -> Publisher {
         let verifier = citygate::wire::AckVerifier::new(
             keys::load_hub_ack_verifying_key(&dep.path().join("keys/hub.ack.pub")).unwrap(),
         );
@@ -120,7 +120,7 @@ impl Publisher {
         }
     }
 
-    async fn publish(&self, stream: Stream, payload: Vec<u8>) {
+    pub(crate) async fn publish(&self, stream: Stream, payload: Vec<u8>) {
         let gw = GatewayId::new("gw-test").unwrap();
         self.link
             .publish(
@@ -135,7 +135,7 @@ impl Publisher {
     /// The sequence numbers of the next `n` acks, in arrival order (bounded wait). The
     /// hub handles payloads in order and acks arrive in order, so an ack for anything
     /// published before the last acked payload would be among them.
-    async fn next_acks(&mut self, n: usize) -> Vec<u64> {
+    pub(crate) async fn next_acks(&mut self, n: usize) -> Vec<u64> {
         let mut seqs = Vec::new();
         let got = tokio::time::timeout(Duration::from_secs(10), async {
             while seqs.len() < n {

@@ -10,6 +10,7 @@ mod cli;
 mod config_files;
 mod e2e;
 mod emergency;
+mod hub_emergency;
 mod hub_wire;
 mod loadtest;
 mod mosquitto;

@@ -304,6 +304,7 @@ fn catalog_lists_every_field_per_flow_as_json_and_csv() {
             .flows
             .iter()
             .chain(&cfg.policies.alarms)
+            .chain(cfg.policies.emergency.iter().map(|(_, f)| f))
             .map(|f| f.policy.name().to_string())
             .collect();
 
@@ -329,6 +330,12 @@ fn catalog_lists_every_field_per_flow_as_json_and_csv() {
                 .map(|i| i["field"].as_str().unwrap().to_string())
                 .collect();
             assert_eq!(got, names, "{}: {}", config.display(), e["purpose"]);
+            let emergency = e["stream"] == "readings-7";
+            assert_eq!(
+                e["collection"],
+                if emergency { "emergency" } else { "standing" },
+                "{e}"
+            );
             for i in items {
                 let shared = !i["forms"].as_array().unwrap().is_empty();
                 match i["sharing"].as_str().unwrap() {
