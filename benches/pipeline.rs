@@ -195,6 +195,7 @@ fn bench(c: &mut Criterion) {
         min_interval: std::time::Duration::ZERO,
         max_records: recs.len() / 4,
         alarm_state_every: std::time::Duration::from_secs(3600),
+        checkpoint_every: std::time::Duration::from_secs(30),
     };
     g.bench_function("batcher", |b| {
         b.iter(|| {

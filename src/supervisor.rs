@@ -187,6 +187,16 @@ pub fn start(cfg: &GatewayConfig, keys: KeyMaterial, outbox: impl Into<Outbox>) 
     batcher = batcher
         .with_gateway_alarms(alarms_rx)
         .with_rounds(rounds.clone());
+    let checkpoint_key = crate::pipeline::checkpoint::CheckpointKey::derive(&pseudonym_key);
+    let restored = outbox.checkpoint_at_open().and_then(|bytes| {
+        checkpoint_key
+            .open(bytes)
+            .map_err(
+                |e| warn!(error = %e, "last checkpoint not used; aggregate windows start fresh"),
+            )
+            .ok()
+    });
+    batcher = batcher.with_checkpoints(checkpoint_key, restored);
     if let Some(recovery) = outbox.recovery() {
         // The store was damaged and replaced at open: say so where the hub sees it.
         metrics.store_recoveries.inc();

@@ -116,6 +116,8 @@ metrics! {
     dtu_peers_refused: "Connections to a DTU listener closed because the peer is outside its allow list.",
     mqtt_oversized: "MQTT meter messages dropped as too large (above 64 KiB, or above max_packet_bytes, which costs the connection).",
     mqtt_source_connects: "Connections of MQTT meter sources to their brokers.",
+    checkpoints_taken: "Checkpoints of the aggregate windows taken (with an aggregate batch, or on their own every checkpoint_every while samples arrive).",
+    readings_checkpointed: "Readings the last checkpoint covers (readings_normalised when it was taken): what a crash now would keep.",
     emergencies_started: "Emergency collections switched on (citygate emergency start; resumed ones after a restart not counted).",
     emergencies_ended: "Emergency collections ended (expired or stopped), each with a purge and a report on the alarms stream.",
     emergency_batches_purged: "Batches of ended emergency collections destroyed on the box before they were delivered.",

@@ -201,6 +201,9 @@ pub struct BatchConfig {
     /// An alarm-stream field is sent when its value or quality changes, and otherwise
     /// at least this often (its standing state).
     pub alarm_state_every: Duration,
+    /// How often the aggregate windows are checkpointed on their own while samples arrive
+    /// (`pipeline::checkpoint`): what a crash can cost of an open window.
+    pub checkpoint_every: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

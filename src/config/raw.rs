@@ -53,7 +53,16 @@ struct RawBatch {
     max_records: Spanned<usize>,
     #[serde(default = "default_alarm_state_every")]
     alarm_state_every: Spanned<HumanDuration>,
+    #[serde(default = "default_checkpoint_every")]
+    checkpoint_every: Spanned<HumanDuration>,
 }
+
+fn default_checkpoint_every() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(DEFAULT_CHECKPOINT_EVERY))
+}
+
+/// Default interval of lone checkpoints of the aggregate windows while samples arrive.
+pub(crate) const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
 fn default_alarm_state_every() -> Spanned<HumanDuration> {
     Spanned::new(0..0, HumanDuration(Duration::from_secs(15 * 60)))
@@ -80,6 +89,7 @@ impl Default for RawBatch {
             min_interval: default_min_interval(),
             max_records: default_max_records(),
             alarm_state_every: default_alarm_state_every(),
+            checkpoint_every: default_checkpoint_every(),
         }
     }
 }
@@ -200,7 +210,15 @@ pub(super) fn parse(
         min_interval: raw.batch.min_interval.get_ref().0,
         max_records: *raw.batch.max_records.get_ref(),
         alarm_state_every: raw.batch.alarm_state_every.get_ref().0,
+        checkpoint_every: raw.batch.checkpoint_every.get_ref().0,
     };
+    if batch.checkpoint_every < Duration::from_millis(100) {
+        errors.push(src.at(
+            raw.batch.checkpoint_every.span(),
+            "batch.checkpoint_every",
+            "must be at least 100ms, e.g. \"30s\"",
+        ));
+    }
     if batch.alarm_state_every < Duration::from_secs(1) {
         errors.push(src.at(
             raw.batch.alarm_state_every.span(),

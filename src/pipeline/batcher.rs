@@ -40,6 +40,8 @@ use crate::transform::check::Checker;
 use crate::transform::normalise::normalise_with;
 use crate::transform::normalise_values::normalise_values;
 
+#[path = "batcher_checkpoint.rs"]
+mod checkpoints;
 #[path = "batcher_emergency.rs"]
 mod emergency;
 
@@ -102,6 +104,11 @@ pub struct Batcher {
     stamps: Vec<PolicyStamp>,
     /// Records the flows let out of the current sample or window close, by stream.
     outgoing: Vec<(Stream, Record)>,
+    /// Records on their way into the open batches (a checkpoint taken meanwhile counts the
+    /// aggregates among them as pending).
+    queue: std::collections::VecDeque<(Stream, Record)>,
+    /// Checkpoints of the flows' windows ([`checkpoints::Checkpoints`]); `None`: not kept.
+    checkpoints: Option<checkpoints::Checkpoints>,
     checker: Checker,
     /// Alarm-stream readings go out on change and as periodic standing state.
     alarms: AlarmGate,
@@ -141,6 +148,8 @@ impl Batcher {
             stamps: flows.stamps(),
             flows,
             outgoing: Vec::new(),
+            queue: std::collections::VecDeque::new(),
+            checkpoints: None,
             checker: Checker::new(),
             alarms: AlarmGate::new(cfg.alarm_state_every),
             cfg,
@@ -194,6 +203,7 @@ impl Batcher {
                 Instant::now() + std::time::Duration::from_millis(wait)
             });
             let rounds = self.rounds.clone();
+            let checkpoint_at = self.checkpoint_due_at();
             tokio::select! {
                 sample = self.samples_rx.recv() => match sample {
                     Some(s) => self.accept(s).await,
@@ -213,7 +223,11 @@ impl Batcher {
                 }
                 _ = sleep_until(close_at.unwrap_or_else(far_future)), if close_at.is_some() => {
                     self.flows.close_due(now_ms(), &mut self.outgoing);
+                    self.mark_dirty();
                     self.flush_outgoing().await;
+                }
+                _ = sleep_until(checkpoint_at.unwrap_or_else(far_future)), if checkpoint_at.is_some() => {
+                    self.checkpoint_alone().await;
                 }
             }
             self.seal_if_idle().await;
@@ -284,19 +298,18 @@ impl Batcher {
             self.flows
                 .apply(&reading, field, sample.ratios, &mut self.outgoing);
         }
+        self.mark_dirty();
         self.flush_outgoing().await;
     }
 
     /// Puts the records the flows let out into the open batches of their streams.
     async fn flush_outgoing(&mut self) {
         self.flows.report(&self.metrics);
-        let mut outgoing = std::mem::take(&mut self.outgoing);
-        for (stream, record) in outgoing.drain(..) {
+        self.queue.extend(self.outgoing.drain(..));
+        while let Some((stream, record)) = self.queue.pop_front() {
             self.metrics.records_minimised.inc();
             self.push(stream, record).await;
         }
-        // Keep the allocation for the next sample.
-        self.outgoing = outgoing;
     }
 
     /// Adds `record` to `stream`'s open batch, sealing first or after as the limits say.
@@ -382,8 +395,15 @@ impl Batcher {
         };
         let sealer = self.sealer.clone();
         let stamp = self.stamps[i].clone();
+        // A batch with aggregates carries the checkpoint in which their windows are closed.
+        let checkpoint = self.checkpoint_for(&records);
         let sealed = tokio::task::spawn_blocking(move || {
-            sealer.seal(stream, seq, now_ms(), &stamp, &records)
+            sealer
+                .seal(stream, seq, now_ms(), &stamp, &records)
+                .map(|mut batch| {
+                    batch.checkpoint = checkpoint.map(|(key, cp)| key.seal(&cp));
+                    batch
+                })
         })
         .await;
         let sealed = match sealed {
@@ -556,6 +576,7 @@ mod tests {
             min_interval,
             max_records: usize::MAX,
             alarm_state_every: Duration::from_secs(3600),
+            checkpoint_every: Duration::from_secs(30),
         };
         Batcher::new(
             samples_rx,
@@ -730,6 +751,7 @@ mod tests {
             min_interval: Duration::ZERO,
             max_records: 100,
             alarm_state_every: Duration::from_secs(3600),
+            checkpoint_every: Duration::from_secs(30),
         };
         let batcher = Batcher::new(
             samples_rx,
@@ -880,6 +902,97 @@ mod tests {
         batcher.accept(sample_of(&p, "m3")).await;
         assert!(batcher.open[i].records.is_empty(), "the flow is off");
         assert!(!batcher.open[Stream::Readings.index()].records.is_empty());
+    }
+
+    /// issue 11 (windows survive a crash): a batch holding an aggregate carries the
+    /// checkpoint in which its window is closed; while samples arrive a lone checkpoint
+    /// follows every `checkpoint_every`; a batcher resumed from it continues the window.
+    #[tokio::test(start_paused = true)]
+    async fn checkpoints_go_with_aggregate_batches_and_alone_and_resume_the_windows() {
+        use crate::pipeline::checkpoint::CheckpointKey;
+        let p = profile();
+        let key = CheckpointKey::derive(&PseudonymKey::from_bytes([7; 32]));
+        let mean = |seq: u64| {
+            let policy = Arc::new(
+                CompiledPolicy::parse(
+                    Path::new("mean.toml"),
+                    "[purpose]\nname = \"m\"\ndescription = \"d\"\nlegal_basis = \"b\"\nowner = \"o\"\nretention = \"1d\"\n\n\
+                     [[rule]]\nfield = \"voltage_l1\"\naction = \"aggregate\"\nfunction = \"mean\"\nwindow = \"1d\"\n",
+                    jiff::tz::TimeZone::UTC,
+                    PseudonymKey::from_bytes([7; 32]),
+                )
+                .unwrap(),
+            );
+            let (samples_tx, samples_rx) = mpsc::channel(16);
+            let (sealed_tx, sealed_rx) = mpsc::channel(16);
+            let cfg = BatchConfig {
+                max_age: Duration::from_secs(3600),
+                min_interval: Duration::ZERO,
+                max_records: usize::MAX,
+                alarm_state_every: Duration::from_secs(3600),
+                checkpoint_every: Duration::from_secs(30),
+            };
+            let flows = Flows::new(vec![Flow::new(Stream::Readings, policy, &[])], None);
+            let batcher = Batcher::new(
+                samples_rx,
+                sealed_tx,
+                sealer(),
+                flows,
+                cfg,
+                move |_| seq,
+                Arc::new(Metrics::default()),
+            );
+            (batcher, samples_tx, sealed_rx)
+        };
+        let (batcher, samples_tx, mut sealed_rx) = mean(1);
+        let task = tokio::spawn(batcher.with_checkpoints(key.clone(), None).run());
+        // Today's window (windows close on the wall clock).
+        let mut first = sample_of(&p, "m1");
+        first.at_ms = now_ms();
+        samples_tx.send(first).await.unwrap();
+        // Nothing leaves (a daily window); the lone checkpoint comes after checkpoint_every.
+        let lone = sealed_rx.recv().await.unwrap();
+        assert!(lone.is_checkpoint_only());
+        let cp = key.open(lone.checkpoint.as_ref().unwrap()).unwrap();
+        assert_eq!(cp.flows.len(), 1);
+        assert_eq!(cp.flows[0].state.open_windows(), 1);
+        // Quiet: no further checkpoint while nothing changes.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(sealed_rx.try_recv().is_err());
+        drop(samples_tx);
+        let last = sealed_rx.recv().await.unwrap();
+        assert!(!last.is_checkpoint_only(), "the partial window at shutdown");
+        let after = key.open(last.checkpoint.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            after.flows[0].state.open_windows(),
+            0,
+            "closed with its aggregate"
+        );
+        task.await.unwrap();
+
+        // A batcher resumed from the lone checkpoint continues the window: its partial
+        // aggregate covers the sample of before and the one after.
+        let (batcher, samples_tx, mut sealed_rx) = mean(2);
+        let task = tokio::spawn(batcher.with_checkpoints(key.clone(), Some(cp)).run());
+        let mut later = sample_of(&p, "m1");
+        later.at_ms = now_ms() + 1;
+        samples_tx.send(later).await.unwrap();
+        drop(samples_tx);
+        let mut opener = crate::seal::Opener::new(HubSecretKey::from_bytes(&[2; 32]));
+        opener.register(
+            GatewayId::new("gw-batcher").unwrap(),
+            ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
+        );
+        let mut windows = Vec::new();
+        while let Some(b) = sealed_rx.recv().await {
+            if !b.is_checkpoint_only() {
+                let opened = opener.open(&b.bytes).unwrap();
+                windows.extend(opened.records.into_iter().filter_map(|r| r.window));
+            }
+        }
+        task.await.unwrap();
+        assert_eq!(windows.len(), 1);
+        assert_eq!(windows[0].samples, 2);
     }
 
     /// A batcher with rounds, `max_age` one hour, and a sample sender.

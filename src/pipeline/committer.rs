@@ -29,7 +29,7 @@ use tracing::{error, info, warn};
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::reading::Stream;
 use crate::seal::SealedBatch;
-use crate::store::{CommitOutcome, Outbox, StoreError, StoredBatch};
+use crate::store::{CommitOutcome, Outbox, Staged, StoreError, StoredBatch};
 use crate::telemetry::Metrics;
 
 /// Highest committed sequence number per stream, indexed by `Stream::code`.
@@ -182,20 +182,31 @@ impl Committer {
     }
 
     fn push(&mut self, batch: SealedBatch) {
-        self.pending_bytes += batch.bytes.len();
+        if batch.is_checkpoint_only() {
+            // A newer lone checkpoint supersedes an older one still held.
+            self.pending.retain(|b| !b.is_checkpoint_only());
+        }
+        self.pending_bytes += batch.bytes.len() + batch.checkpoint.as_ref().map_or(0, Vec::len);
         self.pending.push_back(batch);
         while self.pending.len() > PENDING_LIMIT
             || (self.pending_bytes > PENDING_MAX_BYTES && self.pending.len() > 1)
         {
-            // The oldest readings batch first; alarms and audit are kept longest.
-            let idx = [Stream::Readings, Stream::Alarms, Stream::Audit]
-                .into_iter()
-                .find_map(|s| self.pending.iter().position(|b| b.stream == s))
-                .unwrap_or(0);
-            let Some(lost) = self.pending.remove(idx) else {
+            // The oldest purpose-flow batch first; alarms and audit are kept longest; a lone
+            // checkpoint is never dropped (it is superseded).
+            let real = |b: &SealedBatch| !b.is_checkpoint_only();
+            let idx = self
+                .pending
+                .iter()
+                .position(|b| real(b) && !b.stream.is_priority())
+                .or_else(|| {
+                    [Stream::Alarms, Stream::Audit]
+                        .into_iter()
+                        .find_map(|s| self.pending.iter().position(|b| real(b) && b.stream == s))
+                });
+            let Some(lost) = idx.and_then(|i| self.pending.remove(i)) else {
                 break;
             };
-            self.pending_bytes -= lost.bytes.len();
+            self.pending_bytes -= lost.bytes.len() + lost.checkpoint.as_ref().map_or(0, Vec::len);
             self.metrics.batches_lost.inc();
             warn!(stream = %lost.stream, seq = lost.seq, "store unavailable; held batch dropped");
         }
@@ -203,27 +214,37 @@ impl Committer {
 
     /// Appends every pending batch and flushes once, on a blocking thread.
     async fn commit_pending(&mut self) -> Result<(), StoreError> {
-        let batches: Vec<StoredBatch> = self
+        let mut marks = *self.committed_tx.borrow();
+        let mut batches = 0;
+        let staged: Vec<Staged> = self
             .pending
             .iter()
-            .map(|b| StoredBatch {
-                stream: b.stream,
-                seq: b.seq,
-                bytes: b.bytes.clone(),
+            .map(|b| {
+                if b.is_checkpoint_only() {
+                    return Staged::Checkpoint(b.checkpoint.clone().unwrap_or_default());
+                }
+                batches += 1;
+                let m = &mut marks[b.stream.index()];
+                *m = (*m).max(b.seq);
+                let stored = StoredBatch {
+                    stream: b.stream,
+                    seq: b.seq,
+                    bytes: b.bytes.clone(),
+                };
+                Staged::Batch(stored, b.checkpoint.clone())
             })
             .collect();
-        let mut marks = *self.committed_tx.borrow();
-        for b in &batches {
-            let m = &mut marks[b.stream.index()];
-            *m = (*m).max(b.seq);
-        }
-        let n = batches.len();
-        let CommitOutcome { evicted, refused } = self.outbox.commit(batches).await?;
+        let n = staged.len();
+        let CommitOutcome { evicted, refused } = self.outbox.commit(staged).await?;
         self.pending.drain(..n);
-        self.pending_bytes = self.pending.iter().map(|b| b.bytes.len()).sum();
+        self.pending_bytes = self
+            .pending
+            .iter()
+            .map(|b| b.bytes.len() + b.checkpoint.as_ref().map_or(0, Vec::len))
+            .sum();
         self.metrics
             .batches_committed
-            .add((n - refused.len()) as u64);
+            .add((batches - refused.len()) as u64);
         let evicted = evicted.len() as u64;
         if evicted > 0 {
             self.metrics.batches_evicted.add(evicted);
@@ -279,6 +300,23 @@ mod tests {
             self.check()?;
             self.inner.append(s, seq, b)
         }
+        fn append_checkpointed(
+            &self,
+            s: Stream,
+            seq: u64,
+            b: &[u8],
+            c: &[u8],
+        ) -> Result<AppendOutcome, StoreError> {
+            self.check()?;
+            self.inner.append_checkpointed(s, seq, b, c)
+        }
+        fn put_checkpoint(&self, c: &[u8]) -> Result<(), StoreError> {
+            self.check()?;
+            self.inner.put_checkpoint(c)
+        }
+        fn checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.checkpoint()
+        }
         fn flush(&self) -> Result<(), StoreError> {
             self.check()?;
             self.inner.flush()
@@ -313,6 +351,7 @@ mod tests {
             stream,
             seq,
             bytes: vec![seq as u8; len],
+            checkpoint: None,
         }
     }
 

@@ -252,6 +252,47 @@ impl Flows {
         self.reported = now;
     }
 
+    /// The purpose and alarms flows' states for a checkpoint (the emergency flow's is not
+    /// kept: see `checkpoint.rs`).
+    pub(crate) fn snapshot(&self) -> Vec<super::checkpoint::FlowState> {
+        self.readings
+            .iter()
+            .chain(&self.alarms)
+            .map(|f| super::checkpoint::FlowState {
+                stream: f.stream,
+                policy_hash: f.stamp.hash,
+                state: f.engine.snapshot(),
+            })
+            .collect()
+    }
+
+    /// Resumes each flow from its state in `states` when its stream and policy hash match;
+    /// returns (flows resumed, states dropped).
+    pub(crate) fn restore(&mut self, states: &[super::checkpoint::FlowState]) -> (usize, usize) {
+        let mut resumed = 0;
+        for s in states {
+            let flow = self
+                .readings
+                .iter_mut()
+                .chain(&mut self.alarms)
+                .find(|f| f.stream == s.stream && f.stamp.hash == s.policy_hash);
+            if let Some(f) = flow {
+                if f.engine.restore(&s.state).is_ok() {
+                    resumed += 1;
+                }
+            }
+        }
+        (resumed, states.len() - resumed)
+    }
+
+    /// Whether a purpose or alarms flow runs on `stream`.
+    pub(crate) fn stamps_of(&self, stream: Stream) -> bool {
+        self.readings
+            .iter()
+            .chain(&self.alarms)
+            .any(|f| f.stream == stream)
+    }
+
     fn all(&self) -> impl Iterator<Item = &Flow> {
         self.readings
             .iter()

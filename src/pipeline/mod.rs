@@ -8,6 +8,7 @@
 //! on a blocking thread.
 
 mod batcher;
+pub(crate) mod checkpoint;
 mod committer;
 mod flows;
 

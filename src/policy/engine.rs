@@ -10,6 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 mod close;
+mod snapshot;
+
+pub use snapshot::EngineState;
 
 use super::fold::{increment, Acc, GroupAcc};
 use super::form;

@@ -16,7 +16,7 @@ pub(crate) fn number(x: f64, all_int: bool) -> Value {
 }
 
 /// One open window of one device, field and rule.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Acc {
     pub start_ms: i64,
     pub end_ms: i64,
@@ -89,7 +89,7 @@ impl Acc {
 }
 
 /// One open area window of one rule and field: per-device window values combined.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct GroupAcc {
     pub end_ms: i64,
     across: Across,

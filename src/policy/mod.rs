@@ -118,7 +118,7 @@ use crate::diag::Diagnostic;
 use crate::reading::{Classification, DeviceId, FieldName, Value};
 use crate::seal::PseudonymKey;
 
-pub use engine::{DeviceCtx, Engine, EngineStats, LATENESS_MS};
+pub use engine::{DeviceCtx, Engine, EngineState, EngineStats, LATENESS_MS};
 pub use rule::{
     Across, Action, Aggregate, Generalise, Group, Loc, Rule, Selector, ValueStep, DEFAULT_K,
 };

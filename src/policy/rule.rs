@@ -98,7 +98,7 @@ pub struct Generalise {
 }
 
 /// How per-device window values of an area are combined (`across`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Across {
     Sum,
     Mean,

@@ -260,8 +260,29 @@ pub(crate) fn peek_header(bytes: &[u8]) -> Result<Header, OpenError> {
 pub struct SealedBatch {
     pub stream: Stream,
     pub seq: u64,
-    /// The complete envelope, magic through signature.
+    /// The complete envelope, magic through signature; empty for a lone checkpoint.
     pub bytes: Vec<u8>,
+    /// The pipeline's checkpoint to store with this batch in one atomic write (see
+    /// `pipeline::checkpoint`).
+    pub checkpoint: Option<Vec<u8>>,
+}
+
+impl SealedBatch {
+    /// A checkpoint with no batch: stored after every batch sent to the store before it.
+    pub fn checkpoint_only(checkpoint: Vec<u8>) -> SealedBatch {
+        SealedBatch {
+            stream: Stream::Audit,
+            seq: 0,
+            bytes: Vec::new(),
+            checkpoint: Some(checkpoint),
+        }
+    }
+
+    /// Whether this is a lone checkpoint ([`SealedBatch::checkpoint_only`]): an envelope is
+    /// never empty.
+    pub fn is_checkpoint_only(&self) -> bool {
+        self.bytes.is_empty()
+    }
 }
 
 /// A bounds-checked reader over untrusted bytes.

@@ -158,7 +158,12 @@ impl Sealer {
         let signature = self.signing.sign(&bytes);
         bytes.extend_from_slice(&signature.to_bytes());
 
-        Ok(SealedBatch { stream, seq, bytes })
+        Ok(SealedBatch {
+            stream,
+            seq,
+            bytes,
+            checkpoint: None,
+        })
     }
 }
 

@@ -126,6 +126,7 @@ pub(crate) fn check(path: &Path) -> Result<CheckReport, String> {
                     .problems
                     .push("the incarnation id is not 8 non-zero bytes".into()),
             },
+            Key::Checkpoint => {}
             Key::Malformed => report
                 .problems
                 .push(format!("malformed key {:?}", k.as_ref())),

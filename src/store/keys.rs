@@ -47,11 +47,23 @@ pub(crate) enum Key {
     Meta(MetaField, Stream),
     /// The store's incarnation id (one per store, not per stream).
     Incarnation,
+    /// The pipeline's checkpoint (one per store; opaque bytes of any length).
+    Checkpoint,
     Malformed,
 }
 
 /// The name of the incarnation id's metadata key, after [`META_PREFIX`].
 const INCARNATION: &[u8] = b"incarnation";
+/// The name of the checkpoint's metadata key, after [`META_PREFIX`].
+const CHECKPOINT: &[u8] = b"checkpoint";
+
+/// `0xFF ‖ "checkpoint"`: the key of the pipeline's checkpoint.
+pub(crate) fn checkpoint_key() -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + CHECKPOINT.len());
+    k.push(META_PREFIX);
+    k.extend_from_slice(CHECKPOINT);
+    k
+}
 
 /// `0xFF ‖ "incarnation"`: the key of the store's incarnation id.
 pub(crate) fn incarnation_key() -> Vec<u8> {
@@ -100,6 +112,9 @@ fn decode_meta(rest: &[u8]) -> Key {
     if rest == INCARNATION {
         return Key::Incarnation;
     }
+    if rest == CHECKPOINT {
+        return Key::Checkpoint;
+    }
     let Some((field, stream)) = std::str::from_utf8(rest)
         .ok()
         .and_then(|s| s.split_once('/'))
@@ -138,6 +153,7 @@ mod tests {
             }
         }
         assert_eq!(decode_key(&incarnation_key()), Key::Incarnation);
+        assert_eq!(decode_key(&checkpoint_key()), Key::Checkpoint);
         assert_eq!(decode_key(b"\xFFincarnation/readings"), Key::Malformed);
     }
 

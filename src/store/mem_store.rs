@@ -15,6 +15,7 @@ use super::{AppendOutcome, Purged, Store, StoreError, StoreOptions, StoreStats, 
 pub(super) struct Inner {
     batches: BTreeMap<(Stream, u64), Vec<u8>>,
     pub(super) ledger: Ledger,
+    checkpoint: Option<Vec<u8>>,
 }
 
 /// An in-memory [`Store`].
@@ -30,6 +31,7 @@ impl MemStore {
             inner: Mutex::new(Inner {
                 batches: BTreeMap::new(),
                 ledger: Ledger::new(max_bytes),
+                checkpoint: None,
             }),
             incarnation: super::new_incarnation(),
         }
@@ -43,6 +45,28 @@ impl MemStore {
     fn inner(&self) -> MutexGuard<'_, Inner> {
         // Every method leaves `Inner` consistent before it can panic.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn append_locked(
+        guard: &mut Inner,
+        stream: Stream,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<AppendOutcome, StoreError> {
+        let len = bytes.len() as u64;
+        let Inner {
+            batches, ledger, ..
+        } = guard;
+        ledger.check_append(stream, seq, len)?;
+        let evicted = ledger.plan_evictions(len, |s| {
+            stream_range(batches, s, 0).map(|(seq, v)| Ok((seq, v.len() as u64)))
+        })?;
+        ledger.record_append(stream, seq, len, &evicted)?;
+        for &(s, q, _) in &evicted {
+            batches.remove(&(s, q));
+        }
+        batches.insert((stream, seq), bytes.to_vec());
+        Ok(AppendOutcome { evicted })
     }
 }
 
@@ -64,19 +88,30 @@ fn stream_range(
 
 impl Store for MemStore {
     fn append(&self, stream: Stream, seq: u64, bytes: &[u8]) -> Result<AppendOutcome, StoreError> {
-        let len = bytes.len() as u64;
+        Self::append_locked(&mut self.inner(), stream, seq, bytes)
+    }
+
+    fn append_checkpointed(
+        &self,
+        stream: Stream,
+        seq: u64,
+        bytes: &[u8],
+        checkpoint: &[u8],
+    ) -> Result<AppendOutcome, StoreError> {
+        // One lock: the append and the checkpoint change together.
         let mut guard = self.inner();
-        let Inner { batches, ledger } = &mut *guard;
-        ledger.check_append(stream, seq, len)?;
-        let evicted = ledger.plan_evictions(len, |s| {
-            stream_range(batches, s, 0).map(|(seq, v)| Ok((seq, v.len() as u64)))
-        })?;
-        ledger.record_append(stream, seq, len, &evicted)?;
-        for &(s, q, _) in &evicted {
-            batches.remove(&(s, q));
-        }
-        batches.insert((stream, seq), bytes.to_vec());
-        Ok(AppendOutcome { evicted })
+        let out = Self::append_locked(&mut guard, stream, seq, bytes)?;
+        guard.checkpoint = Some(checkpoint.to_vec());
+        Ok(out)
+    }
+
+    fn put_checkpoint(&self, checkpoint: &[u8]) -> Result<(), StoreError> {
+        self.inner().checkpoint = Some(checkpoint.to_vec());
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner().checkpoint.clone())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -102,7 +137,9 @@ impl Store for MemStore {
 
     fn ack(&self, stream: Stream, seq: u64) -> Result<bool, StoreError> {
         let mut guard = self.inner();
-        let Inner { batches, ledger } = &mut *guard;
+        let Inner {
+            batches, ledger, ..
+        } = &mut *guard;
         match batches.remove(&(stream, seq)) {
             Some(v) => {
                 ledger.record_ack(stream, v.len() as u64);
@@ -114,7 +151,9 @@ impl Store for MemStore {
 
     fn purge(&self, stream: Stream) -> Result<Purged, StoreError> {
         let mut guard = self.inner();
-        let Inner { batches, ledger } = &mut *guard;
+        let Inner {
+            batches, ledger, ..
+        } = &mut *guard;
         batches.retain(|(s, _), _| *s != stream);
         Ok(ledger.record_purge(stream))
     }

@@ -20,6 +20,7 @@
 //! | `0xFF ‖ "acked_batches/<stream>"` | u64 big-endian: batches deleted on acknowledgement, ever (in the same `sled::Batch` as the delete) |
 //! | `0xFF ‖ "purged_batches/<stream>"` | u64 big-endian: batches destroyed by [`Store::purge`], ever (in the same `sled::Batch` as the deletes) |
 //! | `0xFF ‖ "incarnation"` | u64 big-endian, never 0: this store's [incarnation id](Store::incarnation) |
+//! | `0xFF ‖ "checkpoint"` | the pipeline's last [checkpoint](Store::checkpoint) (opaque, encrypted by the pipeline), written in the same `sled::Batch` as the batch it belongs to |
 //!
 //! Stream codes are [`Stream::code`] (0 readings, 1 alarms, 2 audit), so iteration order is
 //! stream, then sequence number, and the metadata sorts after every batch. Anything else in
@@ -111,7 +112,7 @@ mod tests;
 pub(crate) use check::check as check_offline;
 pub(crate) use error::StoreError;
 pub use mem_store::MemStore;
-pub(crate) use outbox::{CommitOutcome, Outbox};
+pub(crate) use outbox::{CommitOutcome, Outbox, Staged};
 
 pub use sled_store::SledStore;
 
@@ -126,6 +127,23 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// `Readings` first, then `Alarms`, then `Audit` — until it fits; evictions are returned
     /// and counted.
     fn append(&self, stream: Stream, seq: u64, bytes: &[u8]) -> Result<AppendOutcome, StoreError>;
+
+    /// [`Store::append`], and replaces the checkpoint with `checkpoint` in the same atomic
+    /// write: after a crash both are there or neither is.
+    fn append_checkpointed(
+        &self,
+        stream: Stream,
+        seq: u64,
+        bytes: &[u8],
+        checkpoint: &[u8],
+    ) -> Result<AppendOutcome, StoreError>;
+
+    /// Replaces the checkpoint (staged like an append; durable at the next flush).
+    fn put_checkpoint(&self, checkpoint: &[u8]) -> Result<(), StoreError>;
+
+    /// The last checkpoint written, if any: the pipeline's state that goes with the batches
+    /// stored (see `pipeline::checkpoint`).
+    fn checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Make everything appended so far durable (group commit). A batch is "committed" once a
     /// flush after its append returned Ok.

@@ -33,6 +33,21 @@ use crate::reading::Stream;
 use super::AppendOutcome;
 use super::{Store, StoreError, StoreStats, StoredBatch};
 
+/// One item of a group commit, in pipeline order.
+#[derive(Debug, Clone)]
+pub(crate) enum Staged {
+    /// A sealed batch, with the pipeline checkpoint that goes with it, if any.
+    Batch(StoredBatch, Option<Vec<u8>>),
+    /// A checkpoint on its own (written in order after the batches before it).
+    Checkpoint(Vec<u8>),
+}
+
+impl From<StoredBatch> for Staged {
+    fn from(b: StoredBatch) -> Staged {
+        Staged::Batch(b, None)
+    }
+}
+
 /// A cheap-to-clone async handle on a [`Store`]. See the module docs.
 #[derive(Debug, Clone)]
 pub struct Outbox {
@@ -51,6 +66,8 @@ struct Inner {
     incarnation: u64,
     /// `Store::recovery`, read once.
     recovery: Option<super::Recovery>,
+    /// `Store::checkpoint`, read once, for the pipeline to resume from.
+    checkpoint_at_open: Option<Vec<u8>>,
 }
 
 impl Inner {
@@ -82,11 +99,16 @@ pub(crate) struct CommitOutcome {
 
 impl Outbox {
     /// Wraps `store`. Reads its counters and sequence numbers once, here, on the calling
-    /// thread (an uncontended lock, no I/O): make the handle before writers start.
+    /// thread (an uncontended lock), and its last checkpoint (one small read): make the
+    /// handle before writers start, off the async workers.
     pub(crate) fn new(store: Arc<dyn Store>) -> Outbox {
         let next_seq_at_open = Stream::ALL.map(|s| store.next_seq(s));
         let incarnation = store.incarnation();
         let recovery = store.recovery();
+        let checkpoint_at_open = store.checkpoint().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the store's checkpoint cannot be read; windows start fresh");
+            None
+        });
         let (stats_tx, _) = watch::channel(store.stats());
         Outbox {
             inner: Arc::new(Inner {
@@ -96,8 +118,14 @@ impl Outbox {
                 next_seq_at_open,
                 incarnation,
                 recovery,
+                checkpoint_at_open,
             }),
         }
+    }
+
+    /// The checkpoint the store held when this handle was made.
+    pub(crate) fn checkpoint_at_open(&self) -> Option<&[u8]> {
+        self.inner.checkpoint_at_open.as_deref()
     }
 
     /// Runs `f` on the store on a blocking thread, then publishes the stats if `publish`.
@@ -135,20 +163,29 @@ impl Outbox {
             .await
     }
 
-    /// Group commit: appends every batch in order, then flushes once. A batch the store
+    /// Group commit: appends every batch (with its checkpoint, atomically) and writes every
+    /// lone checkpoint in order, then flushes once. A batch the store
     /// refuses with [`StoreError::SeqRegression`] was stored by an earlier attempt whose flush
     /// failed, and is skipped. A batch refused for good (too large for the quota, sequence
     /// exhausted) is reported in [`CommitOutcome::refused`] and the group goes on. Any other
     /// error stops the group; batches appended before it stay staged (a retry skips them as
     /// above) and nothing is committed.
-    pub(crate) async fn commit(
-        &self,
-        batches: Vec<StoredBatch>,
-    ) -> Result<CommitOutcome, StoreError> {
+    pub(crate) async fn commit(&self, staged: Vec<Staged>) -> Result<CommitOutcome, StoreError> {
         self.call(true, move |s| {
             let mut out = CommitOutcome::default();
-            for b in &batches {
-                match s.append(b.stream, b.seq, &b.bytes) {
+            for item in &staged {
+                let (b, checkpoint) = match item {
+                    Staged::Batch(b, checkpoint) => (b, checkpoint.as_deref()),
+                    Staged::Checkpoint(c) => {
+                        s.put_checkpoint(c)?;
+                        continue;
+                    }
+                };
+                let appended = match checkpoint {
+                    Some(c) => s.append_checkpointed(b.stream, b.seq, &b.bytes, c),
+                    None => s.append(b.stream, b.seq, &b.bytes),
+                };
+                match appended {
                     Ok(outcome) => out.evicted.extend(outcome.evicted),
                     Err(StoreError::SeqRegression { .. }) => {}
                     Err(e @ (StoreError::TooLarge { .. } | StoreError::SeqExhausted { .. })) => {
@@ -254,6 +291,21 @@ mod tests {
             self.release_rx.lock().unwrap().recv().unwrap();
             self.inner.append(stream, seq, bytes)
         }
+        fn append_checkpointed(
+            &self,
+            s: Stream,
+            seq: u64,
+            b: &[u8],
+            c: &[u8],
+        ) -> Result<AppendOutcome, StoreError> {
+            self.inner.append_checkpointed(s, seq, b, c)
+        }
+        fn put_checkpoint(&self, c: &[u8]) -> Result<(), StoreError> {
+            self.inner.put_checkpoint(c)
+        }
+        fn checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.checkpoint()
+        }
         fn flush(&self) -> Result<(), StoreError> {
             self.inner.flush()
         }
@@ -330,13 +382,19 @@ mod tests {
             bytes: vec![1; 10],
         };
         outbox
-            .commit(vec![batch(Stream::Readings, 1), batch(Stream::Alarms, 1)])
+            .commit(vec![
+                batch(Stream::Readings, 1).into(),
+                batch(Stream::Alarms, 1).into(),
+            ])
             .await
             .unwrap();
         assert_eq!(outbox.stats(), store.stats());
         // A retry of an appended batch is skipped; the third batch evicts the oldest reading.
         let out = outbox
-            .commit(vec![batch(Stream::Alarms, 1), batch(Stream::Audit, 1)])
+            .commit(vec![
+                batch(Stream::Alarms, 1).into(),
+                batch(Stream::Audit, 1).into(),
+            ])
             .await
             .unwrap();
         assert_eq!(out.evicted, vec![(Stream::Readings, 1, 10)]);

@@ -99,6 +99,8 @@ fn scan(tree: &sled::Tree, max_bytes: u64) -> Result<Scan, StoreError> {
                 })?;
                 incarnation = Some(value);
             }
+            // Read on demand (`Store::checkpoint`); its bytes are the pipeline's to check.
+            Key::Checkpoint => {}
             Key::Malformed => {
                 malformed_keys += 1;
                 tracing::debug!(key = ?k.as_ref(), "skipping malformed store key");
@@ -178,6 +180,61 @@ fn write_incarnation(engine: &Engine, id: u64) -> Result<(), StoreError> {
 }
 
 impl SledStore {
+    /// [`Store::append`], with the checkpoint replaced in the same atomic write if given.
+    fn append_with(
+        &self,
+        stream: Stream,
+        seq: u64,
+        bytes: &[u8],
+        checkpoint: Option<&[u8]>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let len = len_u64(bytes);
+        let mut ledger = self.ledger();
+        ledger.check_append(stream, seq, len)?;
+        let engine = self.engine();
+        let Engine { tree, .. } = engine.as_ref().ok_or(StoreError::Closed)?;
+        self.check_poisoned()?;
+        let evicted = ledger.plan_evictions(len, |s| {
+            Self::range(tree, s, 0).map(|item| item.map(|(seq, v)| (seq, len_u64(&v))))
+        })?;
+        let mut next = ledger.clone();
+        next.record_append(stream, seq, len, &evicted)?;
+
+        let mut batch = sled::Batch::default();
+        for &(s, q, _) in &evicted {
+            batch.remove(&keys::batch_key(s, q)[..]);
+        }
+        batch.insert(&keys::batch_key(stream, seq)[..], bytes);
+        batch.insert(
+            keys::meta_key(MetaField::NextSeq, stream),
+            &keys::encode_u64(next.next_seq(stream))[..],
+        );
+        for s in Stream::ALL
+            .into_iter()
+            .filter(|s| evicted.iter().any(|e| e.0 == *s))
+        {
+            for field in [MetaField::EvictedBatches, MetaField::EvictedBytes] {
+                batch.insert(
+                    keys::meta_key(field, s),
+                    &keys::encode_u64(next.meta(field, s))[..],
+                );
+            }
+        }
+        if let Some(c) = checkpoint {
+            batch.insert(keys::checkpoint_key(), c);
+        }
+        tree.apply_batch(batch)?;
+        drop(engine);
+        *ledger = next;
+        drop(ledger);
+
+        if !evicted.is_empty() {
+            // The caller audits evictions and raises the alarm; this is for debugging only.
+            tracing::debug!(stream = %stream, seq, evicted = evicted.len(), "quota evictions");
+        }
+        Ok(AppendOutcome { evicted })
+    }
+
     /// Opens (or creates) the store at `path`, moving a corrupt one aside (see
     /// [`SledStore::recovered_from`]), and scans it once to rebuild the counters.
     pub fn open(path: &Path, opts: StoreOptions) -> Result<SledStore, StoreError> {
@@ -365,48 +422,31 @@ fn open_engine(path: &Path, opts: &StoreOptions) -> Result<Engine, StoreError> {
 
 impl Store for SledStore {
     fn append(&self, stream: Stream, seq: u64, bytes: &[u8]) -> Result<AppendOutcome, StoreError> {
-        let len = len_u64(bytes);
-        let mut ledger = self.ledger();
-        ledger.check_append(stream, seq, len)?;
+        self.append_with(stream, seq, bytes, None)
+    }
+
+    fn append_checkpointed(
+        &self,
+        stream: Stream,
+        seq: u64,
+        bytes: &[u8],
+        checkpoint: &[u8],
+    ) -> Result<AppendOutcome, StoreError> {
+        self.append_with(stream, seq, bytes, Some(checkpoint))
+    }
+
+    fn put_checkpoint(&self, checkpoint: &[u8]) -> Result<(), StoreError> {
         let engine = self.engine();
         let Engine { tree, .. } = engine.as_ref().ok_or(StoreError::Closed)?;
         self.check_poisoned()?;
-        let evicted = ledger.plan_evictions(len, |s| {
-            Self::range(tree, s, 0).map(|item| item.map(|(seq, v)| (seq, len_u64(&v))))
-        })?;
-        let mut next = ledger.clone();
-        next.record_append(stream, seq, len, &evicted)?;
+        tree.insert(keys::checkpoint_key(), checkpoint)?;
+        Ok(())
+    }
 
-        let mut batch = sled::Batch::default();
-        for &(s, q, _) in &evicted {
-            batch.remove(&keys::batch_key(s, q)[..]);
-        }
-        batch.insert(&keys::batch_key(stream, seq)[..], bytes);
-        batch.insert(
-            keys::meta_key(MetaField::NextSeq, stream),
-            &keys::encode_u64(next.next_seq(stream))[..],
-        );
-        for s in Stream::ALL
-            .into_iter()
-            .filter(|s| evicted.iter().any(|e| e.0 == *s))
-        {
-            for field in [MetaField::EvictedBatches, MetaField::EvictedBytes] {
-                batch.insert(
-                    keys::meta_key(field, s),
-                    &keys::encode_u64(next.meta(field, s))[..],
-                );
-            }
-        }
-        tree.apply_batch(batch)?;
-        drop(engine);
-        *ledger = next;
-        drop(ledger);
-
-        if !evicted.is_empty() {
-            // The caller audits evictions and raises the alarm; this is for debugging only.
-            tracing::debug!(stream = %stream, seq, evicted = evicted.len(), "quota evictions");
-        }
-        Ok(AppendOutcome { evicted })
+    fn checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let engine = self.engine();
+        let Engine { tree, .. } = engine.as_ref().ok_or(StoreError::Closed)?;
+        Ok(tree.get(keys::checkpoint_key())?.map(|v| v.to_vec()))
     }
 
     fn flush(&self) -> Result<(), StoreError> {

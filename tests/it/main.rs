@@ -6,6 +6,7 @@ mod support;
 
 mod acks;
 mod chaos;
+mod checkpoint;
 mod cli;
 mod config_files;
 mod e2e;

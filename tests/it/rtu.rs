@@ -342,7 +342,9 @@ async fn illegal_address_is_not_hammered_and_busy_is_retried() {
     let (path, _keep) = pty_sim(&sim, &sim_token);
     let transport = serial(&path, 115_200);
     let interval = Duration::from_millis(100);
-    let devs = devices(3, &transport, interval, Duration::from_millis(50));
+    // Every answer is immediate: a timeout generous enough for a loaded CI machine, so the
+    // check below is about busy not being taken for silence.
+    let devs = devices(3, &transport, interval, Duration::from_millis(500));
     let plan_len = citygate::source::modbus::plan(&profile()).len() as u64;
     let l = line(115_200);
     let bus = start_bus(
