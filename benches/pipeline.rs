@@ -380,7 +380,28 @@ fn bench_policy(c: &mut Criterion) {
             }
         })
     });
+    // A checkpoint of the flow's open windows (what goes with every aggregate batch and
+    // every checkpoint_every): the engine's snapshot, its encoding and zstd, as
+    // `pipeline::checkpoint` does (encryption adds a ChaCha20-Poly1305 pass over the result).
+    let mut size = 0;
+    let mut windows = PolicyFlow::new();
+    windows.round(&p, &img, &devices);
+    let open = windows.engine.snapshot().open_windows();
+    assert!(open >= DEVICES, "every device has open windows");
+    g.throughput(Throughput::Elements(DEVICES as u64));
+    g.bench_function("checkpoint", |b| {
+        b.iter(|| {
+            let state = windows.engine.snapshot();
+            let bytes = bincode::serde::encode_to_vec(&state, bincode::config::standard()).unwrap();
+            let bytes = zstd::bulk::compress(&bytes, 3).unwrap();
+            size = bytes.len();
+            black_box(bytes)
+        })
+    });
     g.finish();
+    println!(
+        "policy: checkpoint of {DEVICES} devices' open windows: {size} bytes ({open} windows)"
+    );
     println!(
         "policy: {DEVICES} devices x {} fields = {readings} readings a round; engine {:?}",
         p.fields.len(),

@@ -3,7 +3,7 @@
 //!
 //! A [`Checkpoint`] holds every purpose flow's [`EngineState`] (keyed by stream and policy
 //! hash) and the aggregate records the flows emitted but the batcher had not yet sealed. It
-//! is stored in the store, encrypted (ChaCha20-Poly1305 under a key derived from the
+//! is stored in the store, compressed (zstd) and encrypted (ChaCha20-Poly1305 under a key derived from the
 //! pseudonym key with HMAC-SHA256 and a fixed context; the epoch travels with it), either:
 //! - **with a batch that holds aggregate records**, in the same atomic write: a window's
 //!   aggregate is committed together with the state in which the window is closed, so after
@@ -32,6 +32,11 @@ const MAGIC: &[u8; 4] = b"CGCK";
 const VERSION: u8 = 1;
 const CONTEXT: &[u8] = b"citygate/v1/checkpoint";
 const NONCE_LEN: usize = 12;
+/// The most a checkpoint may decompress to (a checkpoint of 10,000 meters' windows is a few
+/// tens of MiB): a damaged or hostile one cannot exhaust memory.
+const MAX_PLAIN: usize = 256 * 1024 * 1024;
+/// zstd level: checkpoints repeat names and subjects, and are written often.
+const ZSTD_LEVEL: i32 = 3;
 
 /// One flow's state in a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,10 +97,13 @@ impl CheckpointKey {
         }
     }
 
-    /// `MAGIC ‖ version ‖ epoch (u32 BE) ‖ nonce ‖ ciphertext`; the header is authenticated.
+    /// `MAGIC ‖ version ‖ epoch (u32 BE) ‖ nonce ‖ ciphertext` of the zstd-compressed
+    /// encoding; the header is authenticated.
     pub(crate) fn seal(&self, checkpoint: &Checkpoint) -> Vec<u8> {
-        let plain = bincode::serde::encode_to_vec(checkpoint, bincode::config::standard())
+        let encoded = bincode::serde::encode_to_vec(checkpoint, bincode::config::standard())
             .expect("invariant: a checkpoint encodes");
+        let plain = zstd::bulk::compress(&encoded, ZSTD_LEVEL)
+            .expect("invariant: zstd compresses in memory");
         let nonce: [u8; NONCE_LEN] = rand::random();
         let mut out = Vec::with_capacity(9 + NONCE_LEN + plain.len() + 16);
         out.extend_from_slice(MAGIC);
@@ -140,6 +148,8 @@ impl CheckpointKey {
                 },
             )
             .map_err(|_| CheckpointError::Decrypt)?;
+        let plain = zstd::bulk::decompress(&plain, MAX_PLAIN)
+            .map_err(|e| CheckpointError::Decode(e.to_string()))?;
         let (cp, _) = bincode::serde::decode_from_slice(&plain, bincode::config::standard())
             .map_err(|e| CheckpointError::Decode(e.to_string()))?;
         Ok(cp)

@@ -440,3 +440,50 @@ fn purge_destroys_one_stream_keeps_its_sequence_and_is_accounted_across_reopen()
     assert_eq!(store.next_seq(emergency), 3);
     assert_eq!(seqs(&store, emergency), Vec::<u64>::new());
 }
+
+/// issue 11 (windows survive a crash): the checkpoint is replaced with the batch it goes
+/// with, or on its own, survives a reopen, and is neither malformed nor damage to the store
+/// or its offline check.
+#[test]
+fn checkpoints_go_with_their_batch_and_survive_reopen() {
+    on_both(1 << 20, |store| {
+        assert_eq!(store.checkpoint().unwrap(), None);
+        store
+            .append_checkpointed(Stream::Readings, 1, b"agg", b"state-1")
+            .unwrap();
+        assert_eq!(
+            store.checkpoint().unwrap().as_deref(),
+            Some(&b"state-1"[..])
+        );
+        store.put_checkpoint(b"state-2").unwrap();
+        assert_eq!(
+            store.checkpoint().unwrap().as_deref(),
+            Some(&b"state-2"[..])
+        );
+        // A refused append changes nothing, not even the checkpoint.
+        assert!(store
+            .append_checkpointed(Stream::Readings, 1, b"again", b"state-3")
+            .is_err());
+        assert_eq!(
+            store.checkpoint().unwrap().as_deref(),
+            Some(&b"state-2"[..])
+        );
+        assert_eq!(seqs(store, Stream::Readings), vec![1]);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox");
+    {
+        let store = open(&path, 1 << 20);
+        store
+            .append_checkpointed(Stream::Readings, 1, b"agg", &[7; 3000])
+            .unwrap();
+        store.flush().unwrap();
+    }
+    let store = open(&path, 1 << 20);
+    assert!(store.recovery().is_none());
+    assert_eq!(store.malformed_keys(), 0);
+    assert_eq!(store.checkpoint().unwrap(), Some(vec![7; 3000]));
+    drop(store);
+    let report = retry_while_locked(|| super::check_offline(&path));
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
