@@ -69,7 +69,7 @@ pub enum KeyKind {
 }
 
 impl KeyKind {
-    const ALL: [KeyKind; 7] = [
+    pub(crate) const ALL: [KeyKind; 7] = [
         KeyKind::GatewaySigning,
         KeyKind::GatewayVerifying,
         KeyKind::HubHpkeSecret,
@@ -90,6 +90,14 @@ impl KeyKind {
             KeyKind::HubAckSigning => "# citygate hub-ack-signing-key v1",
             KeyKind::HubAckVerifying => "# citygate hub-ack-verifying-key v1",
         }
+    }
+
+    /// The kind's name in tag lines and public-key exports, e.g. `hub-hpke-public-key`.
+    pub(crate) fn slug(self) -> &'static str {
+        self.tag_line()
+            .strip_prefix("# citygate ")
+            .and_then(|t| t.strip_suffix(" v1"))
+            .expect("invariant: tag lines are `# citygate {slug} v1`")
     }
 
     /// Whether files of this kind hold secrets (mode 0600, permission-checked on load).
@@ -127,7 +135,7 @@ pub enum KeyError {
         #[source]
         source: io::Error,
     },
-    #[error("refusing to overwrite existing key file {}; move it away first or ask for overwrite", path.display())]
+    #[error("refusing to overwrite existing key file {}; move it away first, or pass --force to replace it", path.display())]
     Exists { path: PathBuf },
     #[error("key file {} holds a {found}, but a {expected} is expected here", path.display())]
     WrongKind {
@@ -149,6 +157,10 @@ pub enum KeyError {
         kind: KeyKind,
         reason: String,
     },
+    /// Key roles and hand-over: a folder or export that mixes roles, holds a secret, or
+    /// does not match its fingerprints.
+    #[error("{}: {reason}", path.display())]
+    Refused { path: PathBuf, reason: String },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> KeyError + '_ {
@@ -270,12 +282,22 @@ fn read_key_file_with_epoch(
     path: &Path,
     expected: KeyKind,
 ) -> Result<(Zeroizing<[u8; 32]>, u32), KeyError> {
+    read_any_key_file(path, Some(expected)).map(|(_, bytes, epoch)| (bytes, epoch))
+}
+
+/// Reads a key file of any kind (or of `expected`): its kind, key and epoch. Secret files are
+/// permission-checked on the opened file.
+pub(super) fn read_any_key_file(
+    path: &Path,
+    expected: Option<KeyKind>,
+) -> Result<(KeyKind, Zeroizing<[u8; 32]>, u32), KeyError> {
     let file = File::open(path).map_err(io_error(path))?;
-    if expected.is_secret() {
+    if expected.is_some_and(KeyKind::is_secret) {
         check_private(path, &file)?;
     }
     let mut text = Zeroizing::new(String::new());
-    file.take(MAX_KEY_FILE_BYTES + 1)
+    (&file)
+        .take(MAX_KEY_FILE_BYTES + 1)
         .read_to_string(&mut text)
         .map_err(io_error(path))?;
     let malformed = |reason: String| KeyError::Malformed {
@@ -288,18 +310,27 @@ fn read_key_file_with_epoch(
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     let tag = lines.next().unwrap_or_default();
     let Some(found) = KeyKind::ALL.into_iter().find(|k| k.tag_line() == tag) else {
+        let wanted = expected.map_or("# citygate KIND v1", KeyKind::tag_line);
         return Err(malformed(format!(
-            "first line should be `{}`; is this a citygate key file?",
-            expected.tag_line()
+            "first line should be `{wanted}`; is this a citygate key file?"
         )));
     };
-    if found != expected {
-        return Err(KeyError::WrongKind {
-            path: path.to_owned(),
-            expected,
-            found,
-        });
-    }
+    let expected = match expected {
+        Some(expected) if found != expected => {
+            return Err(KeyError::WrongKind {
+                path: path.to_owned(),
+                expected,
+                found,
+            })
+        }
+        Some(expected) => expected,
+        None => {
+            if found.is_secret() {
+                check_private(path, &file)?;
+            }
+            found
+        }
+    };
     let mut hex_line = lines
         .next()
         .ok_or_else(|| malformed("no key after the first line".to_owned()))?;
@@ -323,7 +354,7 @@ fn read_key_file_with_epoch(
     let mut bytes = Zeroizing::new([0u8; 32]);
     hex::decode_to_slice(hex_line, &mut bytes[..])
         .map_err(|_| malformed("the key line must be 64 hex digits (32 bytes)".to_owned()))?;
-    Ok((bytes, epoch))
+    Ok((found, bytes, epoch))
 }
 
 #[cfg(unix)]
@@ -370,7 +401,9 @@ pub struct GeneratedKeys {
 }
 
 /// Generates a fresh gateway signing key pair, hub HPKE key pair, pseudonym key and hub
-/// ack-signing key pair into `dir`.
+/// ack-signing key pair into `dir`: both roles in one folder, for tests and the one-process
+/// `demo`/`loadtest` only. `citygate keys gen` writes one role per folder
+/// ([`generate_role`](super::roles::generate_role)): a hub's secrets never sit on a gateway.
 ///
 /// Creates `dir` (mode 0700) if needed. Unless `overwrite`, fails with [`KeyError::Exists`]
 /// before writing anything if any of the seven files exists. With `overwrite`, each file is
@@ -470,7 +503,7 @@ pub fn generate(dir: &Path, overwrite: bool) -> Result<GeneratedKeys, KeyError> 
     })
 }
 
-fn create_key_dir(dir: &Path) -> Result<(), KeyError> {
+pub(super) fn create_key_dir(dir: &Path) -> Result<(), KeyError> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -481,7 +514,7 @@ fn create_key_dir(dir: &Path) -> Result<(), KeyError> {
     builder.create(dir).map_err(io_error(dir))
 }
 
-fn write_key_file(
+pub(super) fn write_key_file(
     path: &Path,
     kind: KeyKind,
     key: &[u8; 32],
@@ -553,14 +586,14 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyErro
 }
 
 #[cfg(unix)]
-fn sync_dir(dir: &Path) -> Result<(), KeyError> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), KeyError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))
 }
 
 #[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> Result<(), KeyError> {
+pub(super) fn sync_dir(_dir: &Path) -> Result<(), KeyError> {
     Ok(())
 }
 

@@ -140,34 +140,64 @@ fn bad_usage_exits_64() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+/// Issue 12 item 1: `keys gen` needs a role (the usage error names both), writes only that
+/// role's keys (secrets 0600), never into a folder holding the other role's secrets, and a
+/// refusal to overwrite names `--force`.
 #[test]
-fn keys_gen_writes_private_files_0600_and_refuses_to_overwrite() {
+fn keys_gen_writes_one_role_per_folder_and_refuses_to_overwrite() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
-    let out = citygate()
-        .args(["keys", "gen", "--dir"])
-        .arg(&keys)
-        .output()
-        .unwrap();
+    let gen = |role: &[&str], dir: &std::path::Path| {
+        citygate()
+            .args(["keys", "gen"])
+            .args(role)
+            .arg("--dir")
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let out = gen(&[], &keys);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("--role gateway") && stderr.contains("--role hub"),
+        "{stderr}"
     );
-    for secret in ["gateway.sign.key", "hub.hpke.key", "pseudonym.key"] {
+    assert!(!keys.exists(), "nothing written without a role");
+    let out = gen(&["--role", "gateway"], &keys);
+    assert!(out.status.success(), "{out:?}");
+    let mut written: Vec<_> = std::fs::read_dir(&keys)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        ["gateway.sign.key", "gateway.sign.pub", "pseudonym.key"]
+    );
+    for secret in ["gateway.sign.key", "pseudonym.key"] {
         let mode = std::fs::metadata(keys.join(secret))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{secret}");
     }
-    let again = citygate()
-        .args(["keys", "gen", "--dir"])
-        .arg(&keys)
-        .output()
-        .unwrap();
-    assert!(!again.status.success());
+    let again = gen(&["--role", "gateway"], &keys);
+    assert_eq!(again.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("--force"),
+        "{again:?}"
+    );
+    for force in [&["--role", "hub"][..], &["--role", "hub", "--force"]] {
+        let mixed = gen(force, &keys);
+        assert_eq!(mixed.status.code(), Some(64), "{mixed:?}");
+        assert!(!keys.join("hub.hpke.key").exists());
+    }
+    let out = gen(&["--role", "hub"], &dir.path().join("hub-keys"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(dir.path().join("hub-keys/hub.ack.key").exists());
+    assert!(!dir.path().join("hub-keys/gateway.sign.key").exists());
 }
 
 #[test]

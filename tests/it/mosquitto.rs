@@ -139,7 +139,7 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
     let (_broker, port) = start_mosquitto(bin, dep.path(), |port| {
         // The generated listener on a test port, loopback only; the test runs as root,
         // which mosquitto would otherwise leave for user `mosquitto`.
-        mosquitto_conf(&pki, 8883).replace(
+        mosquitto_conf(&pki, 8883, None).replace(
             "\nlistener 8883\n",
             &format!("\nlistener {port} 127.0.0.1\npersistence false\nuser root\n"),
         )
@@ -341,4 +341,49 @@ fn keys_tls_writes_the_mosquitto_access_rules_per_role() {
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     let out = run(&["--gateway", "gw1", "--client", "gw1"]);
     assert_eq!(out.status.code(), Some(64), "{out:?}");
+}
+
+/// Issue 12 item 4: `keys tls` that fails (a bad `--client`, or a server name no certificate
+/// can carry, found only while issuing) exits 64 and leaves no file behind, neither in a new
+/// folder nor in an existing one.
+#[test]
+fn keys_tls_failure_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |pki: &std::path::Path, extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+            .args(["keys", "tls", "--dir"])
+            .arg(pki)
+            .args(["--gateway", "gw1", "--hub", "hub-1"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let listing = |d: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let fresh = dir.path().join("tls");
+    let existing = dir.path().join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    std::fs::write(existing.join("notes.txt"), "mine").unwrap();
+    for pki in [&fresh, &existing] {
+        for bad in [
+            &["--server", "localhost", "--client", "../meter1"][..],
+            &["--server", "localhost", "--client", "meter/1"],
+            &["--server", "bröker.example", "--client", "meter1"],
+        ] {
+            let out = run(pki, bad);
+            assert_eq!(out.status.code(), Some(64), "{bad:?}: {out:?}");
+            assert_eq!(listing(dir.path()), ["existing"], "{bad:?}");
+            assert_eq!(listing(&existing), ["notes.txt"], "{bad:?}");
+        }
+    }
+    let out = run(&existing, &["--server", "localhost"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(existing.join("ca.pem").exists() && existing.join("notes.txt").exists());
+    assert!(!listing(&existing).iter().any(|n| n.starts_with('.')));
 }
