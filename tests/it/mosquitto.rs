@@ -18,7 +18,7 @@ pub(crate) fn mosquitto_binary() -> Option<&'static str> {
 }
 
 /// Kills the broker this test started, by its id, when the test ends.
-pub(crate) struct Broker(std::process::Child);
+pub(crate) struct Broker(pub(crate) std::process::Child);
 
 impl Drop for Broker {
     fn drop(&mut self) {
