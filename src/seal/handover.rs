@@ -338,6 +338,16 @@ impl PublicKeys {
     }
 }
 
+/// A hub's and a gateway's keys on one machine, as the README's one-box recipe makes them:
+/// each role in its own folder, the hub's public keys imported into the gateway's (for
+/// `demo` and `loadtest`, which run both sides).
+pub fn generate_one_box(hub_dir: &Path, gateway_dir: &Path) -> Result<(), KeyError> {
+    super::roles::generate_role(hub_dir, Role::Hub, false)?;
+    super::roles::generate_role(gateway_dir, Role::Gateway, false)?;
+    PublicKeys::from_dir(hub_dir, None)?.install(gateway_dir, false)?;
+    Ok(())
+}
+
 #[cfg(test)]
 #[path = "handover_tests.rs"]
 mod tests;
