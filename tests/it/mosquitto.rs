@@ -285,7 +285,8 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
 }
 
 /// `citygate keys tls` with roles writes the access rules and the listener next to the
-/// certificates, and refuses a meter topic that reaches into citygate/# (exit 64).
+/// certificates, gives the broker's user its files (issue 12 item 4), and refuses a meter
+/// topic that reaches into citygate/# (exit 64).
 #[test]
 fn keys_tls_writes_the_mosquitto_access_rules_per_role() {
     let dir = tempfile::tempdir().unwrap();
@@ -336,6 +337,43 @@ fn keys_tls_writes_the_mosquitto_access_rules_per_role() {
     assert!(conf.contains("\nlistener 8884\n"), "{conf}");
     let acl_line = format!("\nacl_file {}\n", pki.join("mosquitto-acl.conf").display());
     assert!(conf.contains(&acl_line), "{conf}");
+
+    // Issue 12 item 4: the broker's user can read its key and config files; where this
+    // runs as root with that user, they are its, otherwise the commands are printed.
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let broker_user = nix::unistd::User::from_name("mosquitto").ok().flatten();
+    match broker_user {
+        Some(user) if nix::unistd::geteuid().is_root() => {
+            use std::os::unix::fs::MetadataExt;
+            let key = std::fs::metadata(pki.join("broker.key")).unwrap();
+            assert_eq!((key.uid(), key.mode() & 0o777), (user.uid.as_raw(), 0o600));
+            for f in ["mosquitto-acl.conf", "mosquitto.conf"] {
+                let m = std::fs::metadata(pki.join(f)).unwrap();
+                assert_eq!(
+                    (m.gid(), m.mode() & 0o777),
+                    (user.gid.as_raw(), 0o640),
+                    "{f}"
+                );
+            }
+            assert!(stdout.contains("is owned by mosquitto (0600)"), "{stdout}");
+        }
+        _ => assert!(
+            stdout.contains(&format!(
+                "chown mosquitto:mosquitto {}",
+                std::path::absolute(pki.join("broker.key"))
+                    .unwrap()
+                    .display()
+            )),
+            "{stdout}"
+        ),
+    }
+    let out = run(&["--gateway", "gw1", "--broker-user", "no-such-user-here"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("chown no-such-user-here:no-such-user-here"),
+        "{stdout}"
+    );
 
     let out = run(&["--gateway", "gw1", "--meter-topic", "#"]);
     assert_eq!(out.status.code(), Some(64), "{out:?}");

@@ -4,9 +4,10 @@
 //! Everything is written into a staging folder first (a sibling of DIR when DIR does not
 //! exist yet, a hidden folder inside it otherwise) and moved into place only when every file
 //! is written and owned as it should be; any failure removes the staging folder, so a bad
-//! `--client` leaves nothing behind. Run as root where a `mosquitto` user exists, the broker
-//! key goes to that user (0600) and the two `.conf` files to its group (0640), so the broker
-//! can read them after dropping privileges; otherwise the exact commands are printed.
+//! `--client` leaves nothing behind. Run as root where the broker's user exists
+//! (`--broker-user`, default `mosquitto`), the broker key goes to that user (0600) and the two
+//! `.conf` files to its group (0640), so the broker can read them after dropping privileges;
+//! otherwise the exact commands are printed.
 
 use std::fs;
 use std::net::IpAddr;
@@ -18,14 +19,12 @@ use crate::mqtt::certs::check_client_name;
 use crate::mqtt::CertAuthority;
 use crate::reading::GatewayId;
 
-/// The system user Debian's mosquitto runs as.
-const BROKER_USER: &str = "mosquitto";
 const ACL_FILE: &str = "mosquitto-acl.conf";
 const CONF_FILE: &str = "mosquitto.conf";
 const BROKER_KEY_FILE: &str = "broker.key";
 
 /// What `citygate keys tls` issues.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct TlsIssue {
     /// Directory to write ca.pem, broker.pem/.key, client-ID.pem/.key and the mosquitto
     /// files into.
@@ -52,6 +51,10 @@ pub struct TlsIssue {
     /// Address the listener binds to (default: every interface).
     #[arg(long)]
     pub bind: Option<IpAddr>,
+    /// The user the broker reads its key as: Debian's mosquitto runs as `mosquitto`; the
+    /// hub's embedded broker as the hub's user (e.g. `citygate`).
+    #[arg(long, default_value = "mosquitto")]
+    pub broker_user: String,
     /// Replace an existing ca.pem in DIR.
     #[arg(long)]
     pub force: bool,
@@ -204,7 +207,7 @@ pub(super) fn keys_tls(issue: &TlsIssue) -> Result<(), CliError> {
     };
     write(ACL_FILE, acl::mosquitto_acl(&broker_roles))?;
     write(CONF_FILE, acl::mosquitto_conf(&abs, issue.port, issue.bind))?;
-    let access = broker_access(stage)?;
+    let access = broker_access(stage, &issue.broker_user)?;
     staging.commit(dir)?;
 
     let at = |name: &str| abs.join(name).display().to_string();
@@ -233,15 +236,16 @@ pub(super) fn keys_tls(issue: &TlsIssue) -> Result<(), CliError> {
         issue.port,
         at(ACL_FILE)
     );
+    let user = &issue.broker_user;
     match access {
         BrokerAccess::Granted => {
             println!(
-                "                      {} is owned by {BROKER_USER} (0600); the .conf files are group {BROKER_USER} (0640)",
+                "                      {} is owned by {user} (0600); the .conf files are group {user} (0640)",
                 at(BROKER_KEY_FILE)
             );
             for closed in abs.ancestors().filter(|a| !others_may_enter(a)) {
                 println!(
-                    "warning: {BROKER_USER} cannot enter {} (no x for others): keep DIR under a folder it can enter, e.g. /etc/citygate/tls",
+                    "warning: {user} cannot enter {} (no x for others): keep DIR under a folder it can enter, e.g. /etc/citygate/tls",
                     closed.display()
                 );
             }
@@ -249,11 +253,11 @@ pub(super) fn keys_tls(issue: &TlsIssue) -> Result<(), CliError> {
         BrokerAccess::Commands(why) => {
             println!("{why} Let the broker read its files (as root):");
             println!(
-                "  chown {BROKER_USER}:{BROKER_USER} {key} && chmod 0600 {key}",
+                "  chown {user}:{user} {key} && chmod 0600 {key}",
                 key = at(BROKER_KEY_FILE)
             );
             println!(
-                "  chown root:{BROKER_USER} {acl} {conf} && chmod 0640 {acl} {conf}",
+                "  chown root:{user} {acl} {conf} && chmod 0640 {acl} {conf}",
                 acl = at(ACL_FILE),
                 conf = at(CONF_FILE)
             );
@@ -280,20 +284,20 @@ enum BrokerAccess {
     Commands(String),
 }
 
-/// As root with a `mosquitto` user: the broker key to that user (0600), the `.conf` files to
-/// its group (0640), in the staging folder.
-fn broker_access(stage: &Path) -> Result<BrokerAccess, CliError> {
+/// As root, where `user` exists: the broker key to that user (0600), the `.conf` files to its
+/// group (0640), in the staging folder.
+fn broker_access(stage: &Path, user_name: &str) -> Result<BrokerAccess, CliError> {
     use std::os::unix::fs::PermissionsExt;
     if !nix::unistd::geteuid().is_root() {
         return Ok(BrokerAccess::Commands(
             "Not run as root, so file owners are unchanged.".into(),
         ));
     }
-    let user = match nix::unistd::User::from_name(BROKER_USER) {
+    let user = match nix::unistd::User::from_name(user_name) {
         Ok(Some(user)) => user,
         _ => {
             return Ok(BrokerAccess::Commands(format!(
-                "There is no user `{BROKER_USER}` here; if the broker runs as another user, use its name."
+                "There is no user `{user_name}` here; if the broker runs as another user, name it with --broker-user."
             )))
         }
     };
