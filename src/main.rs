@@ -113,7 +113,7 @@ enum Command {
     /// Key management.
     Keys {
         #[command(subcommand)]
-        command: KeysCommand,
+        command: cli::KeysCommand,
     },
     /// Store maintenance.
     Store {
@@ -185,58 +185,6 @@ enum StoreCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
-enum KeysCommand {
-    /// Generate the gateway signing key pair, a hub HPKE key pair, a pseudonym key and a hub
-    /// ack-signing key pair.
-    Gen {
-        /// Directory to write the key files into (created with mode 0700).
-        #[arg(long)]
-        dir: PathBuf,
-        /// Overwrite existing key files.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Rotate the gateway's pseudonym key: a fresh key of the next epoch replaces the old one
-    /// (which is destroyed). Records carry the epoch, so the hub can tell key periods apart.
-    /// Restart the gateway afterwards.
-    RotatePseudonym {
-        /// The gateway config naming the key (`[keys] pseudonym_key`).
-        #[arg(long)]
-        config: PathBuf,
-    },
-    /// Generate a small TLS PKI for a one-box or pilot deployment: a CA, a broker
-    /// certificate, client certificates per role, and mosquitto's access rules for them
-    /// (mosquitto-acl.conf, mosquitto.conf).
-    Tls {
-        /// Directory to write ca.pem, broker.pem/.key, client-ID.pem/.key and the
-        /// mosquitto files into.
-        #[arg(long)]
-        dir: PathBuf,
-        /// DNS name or IP address the broker is reached by (repeatable).
-        #[arg(long = "server", required = true)]
-        servers: Vec<String>,
-        /// Gateway id: may publish only its own batches and read only its own acks (repeatable).
-        #[arg(long = "gateway", num_args = 1..)]
-        gateways: Vec<String>,
-        /// Hub name: reads every gateway's batches and publishes acks (repeatable).
-        #[arg(long = "hub", num_args = 1..)]
-        hubs: Vec<String>,
-        /// Other client (meter, simulator): anything outside citygate/# (repeatable).
-        #[arg(long = "client", num_args = 1..)]
-        clients: Vec<String>,
-        /// Topic filter of MQTT meters that gateways may read on this broker (repeatable).
-        #[arg(long = "meter-topic")]
-        meter_topics: Vec<String>,
-        /// Port of the listener in the generated mosquitto.conf.
-        #[arg(long, default_value_t = 8883)]
-        port: u16,
-        /// Replace an existing ca.pem in DIR.
-        #[arg(long)]
-        force: bool,
-    },
-}
-
 fn parse_duration(s: &str) -> Result<Duration, String> {
     duration::parse(s)
 }
@@ -301,34 +249,7 @@ fn main() -> ExitCode {
         Command::Store {
             command: StoreCommand::Check { config },
         } => cli::store_check(&config),
-        Command::Keys {
-            command: KeysCommand::Gen { dir, force },
-        } => cli::keys_gen(&dir, force),
-        Command::Keys {
-            command: KeysCommand::RotatePseudonym { config },
-        } => cli::keys_rotate_pseudonym(&config),
-        Command::Keys {
-            command:
-                KeysCommand::Tls {
-                    dir,
-                    servers,
-                    gateways,
-                    hubs,
-                    clients,
-                    meter_topics,
-                    port,
-                    force,
-                },
-        } => cli::keys_tls(&cli::TlsIssue {
-            dir,
-            servers,
-            gateways,
-            hubs,
-            clients,
-            meter_topics,
-            port,
-            force,
-        }),
+        Command::Keys { command } => cli::keys(command),
         Command::Demo {
             duration,
             meters,

@@ -83,8 +83,13 @@ pub(crate) fn report(cfg: &GatewayConfig) -> (String, bool) {
     for (name, path, status) in &statuses {
         let s = match status {
             KeyStatus::Ok => "ok".to_string(),
+            KeyStatus::Missing if name.starts_with("hub_") => "missing (import the hub's public \
+                 keys: `citygate keys import --from hub.pub --dir DIR`, hub.pub from `citygate keys \
+                 export` on the hub; `run` needs it)"
+                .to_string(),
             KeyStatus::Missing => {
-                "missing (create with `citygate keys gen --dir DIR`; `run` needs it)".to_string()
+                "missing (create with `citygate keys gen --role gateway --dir DIR`; `run` needs it)"
+                    .to_string()
             }
             KeyStatus::Invalid(e) => {
                 key_error = true;

@@ -23,7 +23,6 @@ use crate::config::GatewayConfig;
 use crate::hub::{HubConfig, HubProcess};
 use crate::mqtt::{BrokerOptions, CertAuthority, EmbeddedBroker, LinkOptions};
 use crate::profile::{Profile, ProfileSet};
-use crate::seal::keys;
 use crate::sim::{self, SimMeters};
 use crate::store::{Outbox, SledStore, StoreOptions};
 use crate::supervisor::{self, KeyMaterial};
@@ -166,7 +165,8 @@ pub fn demo(duration: Duration, meters: u8, summary_json: Option<&Path>) -> Resu
 async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary, CliError> {
     let rt_err = |e: &dyn std::fmt::Display| CliError::Runtime(e.to_string());
     let profiles = embedded_profiles()?;
-    keys::generate(&dir.join("keys"), false).map_err(|e| rt_err(&e))?;
+    crate::seal::handover::generate_one_box(&dir.join("hub-keys"), &dir.join("keys"))
+        .map_err(|e| rt_err(&e))?;
     let token = CancellationToken::new();
 
     // Simulated meters.
@@ -233,7 +233,7 @@ async fn run_demo(dir: &Path, duration: Duration, meters: u8) -> Result<Summary,
     let approvals = supervisor::approval_toml(&supervisor::policy_stamps(&cfg));
     let hub_files = ca.client_files(&hub_cert);
     let hub_text = format!(
-        "[hub]\nid = \"demo-hub\"\nhpke_secret_key = \"keys/hub.hpke.key\"\nack_signing_key = \"keys/hub.ack.key\"\nstate_path = \"hub-state\"\n\n\
+        "[hub]\nid = \"demo-hub\"\nhpke_secret_key = \"hub-keys/hub.hpke.key\"\nack_signing_key = \"hub-keys/hub.ack.key\"\nstate_path = \"hub-state\"\n\n\
          [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n[mqtt]\nbroker = \"localhost:{port}\"\n\
          ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\n[status]\nlisten = \"off\"\n\n\
          [[gateway]]\nid = \"demo-gateway\"\n\

@@ -461,6 +461,6 @@ pub fn sim(args: SimArgs) -> Result<(), CliError> {
 pub use catalog::{catalog, CatalogFormat};
 pub use emergency::{emergency_start, emergency_status, emergency_stop};
 pub use explain::policy_explain;
-pub use keys::{keys_gen, keys_rotate_pseudonym, keys_tls, TlsIssue};
+pub use keys::{keys, KeysCommand, TlsIssue};
 
 pub use demo::demo;

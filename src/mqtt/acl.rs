@@ -1,5 +1,5 @@
 //! Broker access rules for mosquitto, as `citygate keys tls` writes them next to the
-//! certificates: `mosquitto-acl.conf` and a `mosquitto.conf` listener snippet.
+//! certificates: `mosquitto-acl.conf` and a ready `mosquitto.conf`.
 //!
 //! Identity is the client certificate's CN (`require_certificate`,
 //! `use_identity_as_username`, and `use_username_as_clientid` so nobody can take
@@ -117,15 +117,19 @@ pub fn mosquitto_acl(roles: &BrokerRoles) -> String {
     out
 }
 
-/// A mosquitto listener for citygate on `port` with the files in `dir`.
-pub fn mosquitto_conf(dir: &Path, port: u16) -> String {
+/// A mosquitto config for citygate: a listener on `port` (on `bind`, or every interface)
+/// with the files in `dir`. Ready to run (`mosquitto -c`) or to include from
+/// `/etc/mosquitto/conf.d/`.
+pub fn mosquitto_conf(dir: &Path, port: u16, bind: Option<std::net::IpAddr>) -> String {
     let f = |name: &str| dir.join(name).display().to_string();
+    let bind = bind.map(|b| format!(" {b}")).unwrap_or_default();
     format!(
-        "# citygate broker listener (written by `citygate keys tls`); include it from\n\
-         # /etc/mosquitto/conf.d/ or paste it into mosquitto.conf. mosquitto must be able to\n\
-         # read broker.key: install -o mosquitto -m 0600 broker.key /etc/mosquitto/certs/\n\
-         # and point keyfile there.\n\
-         listener {port}\n\
+        "# citygate broker listener (written by `citygate keys tls`): run it with\n\
+         # `mosquitto -c {conf}`, or include it from /etc/mosquitto/conf.d/.\n\
+         # mosquitto started as root runs as user `mosquitto`, which must be able to read\n\
+         # broker.key (owner mosquitto, 0600) and this folder's .conf files (group mosquitto,\n\
+         # 0640): `citygate keys tls` run as root sets that, otherwise it prints the commands.\n\
+         listener {port}{bind}\n\
          cafile {ca}\n\
          certfile {cert}\n\
          keyfile {key}\n\
@@ -136,6 +140,7 @@ pub fn mosquitto_conf(dir: &Path, port: u16) -> String {
          allow_anonymous false\n\
          acl_file {acl}\n\
          max_packet_size 1100000\n",
+        conf = f("mosquitto.conf"),
         ca = f("ca.pem"),
         cert = f("broker.pem"),
         key = f("broker.key"),
@@ -212,7 +217,7 @@ mod tests {
 
     #[test]
     fn listener_snippet_has_the_identity_settings() {
-        let conf = mosquitto_conf(Path::new("/etc/citygate/tls"), 8883);
+        let conf = mosquitto_conf(Path::new("/etc/citygate/tls"), 8883, None);
         for line in [
             "listener 8883",
             "tls_version tlsv1.3",

@@ -164,6 +164,12 @@ fn name(common_name: &str) -> DistinguishedName {
     dn
 }
 
+/// Whether `name` can name a client certificate ([`CertAuthority::issue_client`]).
+pub(crate) fn check_client_name(name: &str) -> Result<(), TlsError> {
+    check_file_stem(name)?;
+    check_file_stem(&format!("client-{name}"))
+}
+
 /// File stems become file names: no separators, no dot-dot, no surprises.
 fn check_file_stem(stem: &str) -> Result<(), TlsError> {
     let ok = (1..=64).contains(&stem.len())

@@ -11,7 +11,8 @@
 //! Files: `envelope.rs` (header and framing, no crypto; [`peek_header`]), `sealer.rs`
 //! ([`Sealer`], gateway side), `opener.rs` ([`Opener`], hub side), `codec.rs` (the plaintext:
 //! bincode + zstd under hard limits), `key_types.rs` (hub keys, pseudonym key, key ids),
-//! `keys.rs` (key files), `error.rs`.
+//! `keys.rs` (key files), `roles.rs` (key roles, fingerprints), `handover.rs` (public-key
+//! export and import between boxes), `error.rs`.
 //!
 //! # Envelope, version 3
 //!
@@ -224,9 +225,11 @@
 mod codec;
 mod envelope;
 mod error;
+pub mod handover;
 mod key_types;
 pub mod keys;
 mod opener;
+pub mod roles;
 mod sealer;
 mod stamp;
 

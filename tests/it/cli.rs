@@ -140,34 +140,131 @@ fn bad_usage_exits_64() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+/// Issue 12 item 1: `keys gen` needs a role (the usage error names both), writes only that
+/// role's keys (secrets 0600), never into a folder holding the other role's secrets, and a
+/// refusal to overwrite names `--force`.
 #[test]
-fn keys_gen_writes_private_files_0600_and_refuses_to_overwrite() {
+fn keys_gen_writes_one_role_per_folder_and_refuses_to_overwrite() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
-    let out = citygate()
-        .args(["keys", "gen", "--dir"])
-        .arg(&keys)
-        .output()
-        .unwrap();
+    let gen = |role: &[&str], dir: &std::path::Path| {
+        citygate()
+            .args(["keys", "gen"])
+            .args(role)
+            .arg("--dir")
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let out = gen(&[], &keys);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("--role gateway") && stderr.contains("--role hub"),
+        "{stderr}"
     );
-    for secret in ["gateway.sign.key", "hub.hpke.key", "pseudonym.key"] {
+    assert!(!keys.exists(), "nothing written without a role");
+    let out = gen(&["--role", "gateway"], &keys);
+    assert!(out.status.success(), "{out:?}");
+    let mut written: Vec<_> = std::fs::read_dir(&keys)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        ["gateway.sign.key", "gateway.sign.pub", "pseudonym.key"]
+    );
+    for secret in ["gateway.sign.key", "pseudonym.key"] {
         let mode = std::fs::metadata(keys.join(secret))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{secret}");
     }
-    let again = citygate()
-        .args(["keys", "gen", "--dir"])
-        .arg(&keys)
-        .output()
-        .unwrap();
-    assert!(!again.status.success());
+    let again = gen(&["--role", "gateway"], &keys);
+    assert_eq!(again.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("--force"),
+        "{again:?}"
+    );
+    for force in [&["--role", "hub"][..], &["--role", "hub", "--force"]] {
+        let mixed = gen(force, &keys);
+        assert_eq!(mixed.status.code(), Some(64), "{mixed:?}");
+        assert!(!keys.join("hub.hpke.key").exists());
+    }
+    let out = gen(&["--role", "hub"], &dir.path().join("hub-keys"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(dir.path().join("hub-keys/hub.ack.key").exists());
+    assert!(!dir.path().join("hub-keys/gateway.sign.key").exists());
+}
+
+/// Issue 12 item 2: `keys import` refuses a secret key file and a changed export (exit 64,
+/// nothing written), and `keys show` flags a secret key readable by others.
+#[test]
+fn keys_import_refuses_secrets_and_changed_exports_and_show_checks_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = |rel: &str| dir.path().join(rel);
+    let keys = |args: &[&std::ffi::OsStr]| citygate().arg("keys").args(args).output().unwrap();
+    for (role, folder) in [("hub", "hub-keys"), ("gateway", "keys")] {
+        let out = keys(&[
+            "gen".as_ref(),
+            "--role".as_ref(),
+            role.as_ref(),
+            "--dir".as_ref(),
+            p(folder).as_ref(),
+        ]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let export = keys(&[
+        "export".as_ref(),
+        "--dir".as_ref(),
+        p("hub-keys").as_ref(),
+        "--out".as_ref(),
+        p("hub.pub").as_ref(),
+    ]);
+    assert!(export.status.success(), "{export:?}");
+    let text = std::fs::read_to_string(p("hub.pub")).unwrap();
+    let key_line = text.lines().nth(2).unwrap();
+    let (slug, hex) = key_line.split_once(' ').unwrap();
+    let other = if hex.starts_with('0') { "1" } else { "0" };
+    std::fs::write(
+        p("changed.pub"),
+        text.replace(key_line, &format!("{slug} {other}{}", &hex[1..])),
+    )
+    .unwrap();
+    for (from, needle) in [
+        (p("hub-keys/hub.hpke.key"), "secret key file"),
+        (p("changed.pub"), "does not match"),
+    ] {
+        let out = keys(&[
+            "import".as_ref(),
+            "--from".as_ref(),
+            from.as_ref(),
+            "--dir".as_ref(),
+            p("keys").as_ref(),
+        ]);
+        assert_eq!(out.status.code(), Some(64), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{out:?}"
+        );
+        assert!(!p("keys/hub.hpke.pub").exists());
+    }
+    std::fs::set_permissions(
+        p("keys/pseudonym.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let show = keys(&["show".as_ref(), "--dir".as_ref(), p("keys").as_ref()]);
+    assert_eq!(show.status.code(), Some(64), "{show:?}");
+    let stdout = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        stdout.contains("pseudonym.key") && stdout.contains("chmod 600"),
+        "{stdout}"
+    );
 }
 
 #[test]

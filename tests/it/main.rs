@@ -16,6 +16,7 @@ mod hub_wire;
 mod loadtest;
 mod mosquitto;
 mod mqtt_meters;
+mod one_box;
 mod pipeline;
 mod policies;
 mod policy_cli;

@@ -18,7 +18,7 @@ pub(crate) fn mosquitto_binary() -> Option<&'static str> {
 }
 
 /// Kills the broker this test started, by its id, when the test ends.
-pub(crate) struct Broker(std::process::Child);
+pub(crate) struct Broker(pub(crate) std::process::Child);
 
 impl Drop for Broker {
     fn drop(&mut self) {
@@ -139,7 +139,7 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
     let (_broker, port) = start_mosquitto(bin, dep.path(), |port| {
         // The generated listener on a test port, loopback only; the test runs as root,
         // which mosquitto would otherwise leave for user `mosquitto`.
-        mosquitto_conf(&pki, 8883).replace(
+        mosquitto_conf(&pki, 8883, None).replace(
             "\nlistener 8883\n",
             &format!("\nlistener {port} 127.0.0.1\npersistence false\nuser root\n"),
         )
@@ -285,7 +285,8 @@ async fn meters_to_hub_through_mosquitto_with_mutual_tls() {
 }
 
 /// `citygate keys tls` with roles writes the access rules and the listener next to the
-/// certificates, and refuses a meter topic that reaches into citygate/# (exit 64).
+/// certificates, gives the broker's user its files (issue 12 item 4), and refuses a meter
+/// topic that reaches into citygate/# (exit 64).
 #[test]
 fn keys_tls_writes_the_mosquitto_access_rules_per_role() {
     let dir = tempfile::tempdir().unwrap();
@@ -337,8 +338,90 @@ fn keys_tls_writes_the_mosquitto_access_rules_per_role() {
     let acl_line = format!("\nacl_file {}\n", pki.join("mosquitto-acl.conf").display());
     assert!(conf.contains(&acl_line), "{conf}");
 
+    // Issue 12 item 4: the broker's user can read its key and config files; where this
+    // runs as root with that user, they are its, otherwise the commands are printed.
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let broker_user = nix::unistd::User::from_name("mosquitto").ok().flatten();
+    match broker_user {
+        Some(user) if nix::unistd::geteuid().is_root() => {
+            use std::os::unix::fs::MetadataExt;
+            let key = std::fs::metadata(pki.join("broker.key")).unwrap();
+            assert_eq!((key.uid(), key.mode() & 0o777), (user.uid.as_raw(), 0o600));
+            for f in ["mosquitto-acl.conf", "mosquitto.conf"] {
+                let m = std::fs::metadata(pki.join(f)).unwrap();
+                assert_eq!(
+                    (m.gid(), m.mode() & 0o777),
+                    (user.gid.as_raw(), 0o640),
+                    "{f}"
+                );
+            }
+            assert!(stdout.contains("is owned by mosquitto (0600)"), "{stdout}");
+        }
+        _ => assert!(
+            stdout.contains(&format!(
+                "chown mosquitto:mosquitto {}",
+                std::path::absolute(pki.join("broker.key"))
+                    .unwrap()
+                    .display()
+            )),
+            "{stdout}"
+        ),
+    }
+    let out = run(&["--gateway", "gw1", "--broker-user", "no-such-user-here"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("chown no-such-user-here:no-such-user-here"),
+        "{stdout}"
+    );
+
     let out = run(&["--gateway", "gw1", "--meter-topic", "#"]);
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     let out = run(&["--gateway", "gw1", "--client", "gw1"]);
     assert_eq!(out.status.code(), Some(64), "{out:?}");
+}
+
+/// Issue 12 item 4: `keys tls` that fails (a bad `--client`, or a server name no certificate
+/// can carry, found only while issuing) exits 64 and leaves no file behind, neither in a new
+/// folder nor in an existing one.
+#[test]
+fn keys_tls_failure_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |pki: &std::path::Path, extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+            .args(["keys", "tls", "--dir"])
+            .arg(pki)
+            .args(["--gateway", "gw1", "--hub", "hub-1"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let listing = |d: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let fresh = dir.path().join("tls");
+    let existing = dir.path().join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    std::fs::write(existing.join("notes.txt"), "mine").unwrap();
+    for pki in [&fresh, &existing] {
+        for bad in [
+            &["--server", "localhost", "--client", "../meter1"][..],
+            &["--server", "localhost", "--client", "meter/1"],
+            &["--server", "bröker.example", "--client", "meter1"],
+        ] {
+            let out = run(pki, bad);
+            assert_eq!(out.status.code(), Some(64), "{bad:?}: {out:?}");
+            assert_eq!(listing(dir.path()), ["existing"], "{bad:?}");
+            assert_eq!(listing(&existing), ["notes.txt"], "{bad:?}");
+        }
+    }
+    let out = run(&existing, &["--server", "localhost"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(existing.join("ca.pem").exists() && existing.join("notes.txt").exists());
+    assert!(!listing(&existing).iter().any(|n| n.starts_with('.')));
 }

@@ -1,4 +1,5 @@
-//! The load test's run directory: the profile, keys as `keys gen` writes them, a CA and
+//! The load test's run directory: the profile, keys as `keys gen --role` and `keys import`
+//! write them (`hub-keys/`, `keys/`), a CA and
 //! certificates as `keys tls` writes them, and the hub and gateway configs.
 //!
 //! Only config keys that `citygate run` and `citygate hub` have accepted since before the
@@ -127,7 +128,8 @@ impl Setup {
         std::fs::create_dir_all(&profiles).map_err(rt)?;
         std::fs::copy(&source, profiles.join(format!("{}.toml", args.profile)))
             .map_err(|e| CliError::Runtime(format!("cannot copy {}: {e}", source.display())))?;
-        keys::generate(&dir.join("keys"), false).map_err(rt)?;
+        crate::seal::handover::generate_one_box(&dir.join("hub-keys"), &dir.join("keys"))
+            .map_err(rt)?;
 
         let (broker, gateway_tls, hub_tls) = match &args.broker {
             None => {
@@ -235,8 +237,8 @@ impl Setup {
             .map_err(CliError::Config)?;
         let approvals = crate::supervisor::approval_toml(&crate::supervisor::policy_stamps(&cfg));
         Ok(format!(
-            "[hub]\nid = \"{hub}\"\nhpke_secret_key = \"keys/hub.hpke.key\"\n\
-             ack_signing_key = \"keys/hub.ack.key\"\nstate_path = \"hub-state\"\n\n\
+            "[hub]\nid = \"{hub}\"\nhpke_secret_key = \"hub-keys/hub.hpke.key\"\n\
+             ack_signing_key = \"hub-keys/hub.ack.key\"\nstate_path = \"hub-state\"\n\n\
              [sink]\ntype = \"jsonl\"\npath = \"records.jsonl\"\n\n\
              [mqtt]\n{mqtt}\n[status]\nlisten = \"{status}\"\n\n\
              [[gateway]]\nid = \"{gw}\"\nverifying_key = \"keys/gateway.sign.pub\"\n\

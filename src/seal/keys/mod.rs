@@ -24,11 +24,13 @@
 //! Loading checks the kind tag, so a hub key configured where the signing key belongs fails
 //! with an error naming the file, the kind expected and the kind found. On unix, secret files
 //! must not be accessible to group or others (`mode & 0o077 == 0`), checked on the opened file.
-//! [`generate`] creates the directory with mode 0700 and the secret files with mode 0600 at
+//! Generating ([`generate_role`](super::roles::generate_role), one role per folder; [`generate`],
+//! both, for tests) creates the directory with mode 0700 and the secret files with mode 0600 at
 //! creation (never chmod after writing), and refuses to replace existing files unless told to.
 //!
 //! Errors name the file and say what to do. File contents are held in zeroizing buffers while
-//! parsed; the key types themselves are in `key_types.rs`.
+//! parsed; the key types themselves are in `key_types.rs`, roles and fingerprints in
+//! `roles.rs`.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -39,9 +41,12 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use rand::rngs::OsRng;
 use zeroize::Zeroizing;
 
-use super::key_types::{key_id, HubPublicKey, HubSecretKey, PseudonymKey};
+use super::key_types::{HubPublicKey, HubSecretKey, PseudonymKey};
 
-/// File names written by [`generate`].
+mod both_roles;
+pub use both_roles::{generate, GeneratedKeys};
+
+/// The key files' names.
 pub(crate) const SIGNING_KEY_FILE: &str = "gateway.sign.key";
 pub(crate) const VERIFYING_KEY_FILE: &str = "gateway.sign.pub";
 pub(crate) const HUB_SECRET_KEY_FILE: &str = "hub.hpke.key";
@@ -69,7 +74,7 @@ pub enum KeyKind {
 }
 
 impl KeyKind {
-    const ALL: [KeyKind; 7] = [
+    pub(crate) const ALL: [KeyKind; 7] = [
         KeyKind::GatewaySigning,
         KeyKind::GatewayVerifying,
         KeyKind::HubHpkeSecret,
@@ -90,6 +95,14 @@ impl KeyKind {
             KeyKind::HubAckSigning => "# citygate hub-ack-signing-key v1",
             KeyKind::HubAckVerifying => "# citygate hub-ack-verifying-key v1",
         }
+    }
+
+    /// The kind's name in tag lines and public-key exports, e.g. `hub-hpke-public-key`.
+    pub(crate) fn slug(self) -> &'static str {
+        self.tag_line()
+            .strip_prefix("# citygate ")
+            .and_then(|t| t.strip_suffix(" v1"))
+            .expect("invariant: tag lines are `# citygate {slug} v1`")
     }
 
     /// Whether files of this kind hold secrets (mode 0600, permission-checked on load).
@@ -127,7 +140,7 @@ pub enum KeyError {
         #[source]
         source: io::Error,
     },
-    #[error("refusing to overwrite existing key file {}; move it away first or ask for overwrite", path.display())]
+    #[error("refusing to overwrite existing key file {}; move it away first, or pass --force to replace it", path.display())]
     Exists { path: PathBuf },
     #[error("key file {} holds a {found}, but a {expected} is expected here", path.display())]
     WrongKind {
@@ -149,6 +162,10 @@ pub enum KeyError {
         kind: KeyKind,
         reason: String,
     },
+    /// Key roles and hand-over: a folder or export that mixes roles, holds a secret, or
+    /// does not match its fingerprints.
+    #[error("{}: {reason}", path.display())]
+    Refused { path: PathBuf, reason: String },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> KeyError + '_ {
@@ -270,12 +287,22 @@ fn read_key_file_with_epoch(
     path: &Path,
     expected: KeyKind,
 ) -> Result<(Zeroizing<[u8; 32]>, u32), KeyError> {
+    read_any_key_file(path, Some(expected)).map(|(_, bytes, epoch)| (bytes, epoch))
+}
+
+/// Reads a key file of any kind (or of `expected`): its kind, key and epoch. Secret files are
+/// permission-checked on the opened file.
+pub(super) fn read_any_key_file(
+    path: &Path,
+    expected: Option<KeyKind>,
+) -> Result<(KeyKind, Zeroizing<[u8; 32]>, u32), KeyError> {
     let file = File::open(path).map_err(io_error(path))?;
-    if expected.is_secret() {
+    if expected.is_some_and(KeyKind::is_secret) {
         check_private(path, &file)?;
     }
     let mut text = Zeroizing::new(String::new());
-    file.take(MAX_KEY_FILE_BYTES + 1)
+    (&file)
+        .take(MAX_KEY_FILE_BYTES + 1)
         .read_to_string(&mut text)
         .map_err(io_error(path))?;
     let malformed = |reason: String| KeyError::Malformed {
@@ -288,18 +315,27 @@ fn read_key_file_with_epoch(
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     let tag = lines.next().unwrap_or_default();
     let Some(found) = KeyKind::ALL.into_iter().find(|k| k.tag_line() == tag) else {
+        let wanted = expected.map_or("# citygate KIND v1", KeyKind::tag_line);
         return Err(malformed(format!(
-            "first line should be `{}`; is this a citygate key file?",
-            expected.tag_line()
+            "first line should be `{wanted}`; is this a citygate key file?"
         )));
     };
-    if found != expected {
-        return Err(KeyError::WrongKind {
-            path: path.to_owned(),
-            expected,
-            found,
-        });
-    }
+    let expected = match expected {
+        Some(expected) if found != expected => {
+            return Err(KeyError::WrongKind {
+                path: path.to_owned(),
+                expected,
+                found,
+            })
+        }
+        Some(expected) => expected,
+        None => {
+            if found.is_secret() {
+                check_private(path, &file)?;
+            }
+            found
+        }
+    };
     let mut hex_line = lines
         .next()
         .ok_or_else(|| malformed("no key after the first line".to_owned()))?;
@@ -323,7 +359,7 @@ fn read_key_file_with_epoch(
     let mut bytes = Zeroizing::new([0u8; 32]);
     hex::decode_to_slice(hex_line, &mut bytes[..])
         .map_err(|_| malformed("the key line must be 64 hex digits (32 bytes)".to_owned()))?;
-    Ok((bytes, epoch))
+    Ok((found, bytes, epoch))
 }
 
 #[cfg(unix)]
@@ -349,128 +385,7 @@ fn check_private(_path: &Path, _file: &File) -> Result<(), KeyError> {
     Ok(())
 }
 
-/// What [`generate`] wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GeneratedKeys {
-    pub signing_key: PathBuf,
-    pub verifying_key: PathBuf,
-    pub hub_secret_key: PathBuf,
-    pub hub_public_key: PathBuf,
-    pub pseudonym_key: PathBuf,
-    pub hub_ack_signing_key: PathBuf,
-    pub hub_ack_verifying_key: PathBuf,
-    /// Key id of the gateway verifying key (the envelope's `signer_key_id`).
-    pub signer_key_id: [u8; 8],
-    /// Key id of the hub public key (the envelope's `recipient_key_id`).
-    pub hub_key_id: [u8; 8],
-    /// Fingerprint of the pseudonym key.
-    pub pseudonym_key_id: [u8; 8],
-    /// Key id of the hub ack-verifying key (an ack's `key`).
-    pub hub_ack_key_id: [u8; 8],
-}
-
-/// Generates a fresh gateway signing key pair, hub HPKE key pair, pseudonym key and hub
-/// ack-signing key pair into `dir`.
-///
-/// Creates `dir` (mode 0700) if needed. Unless `overwrite`, fails with [`KeyError::Exists`]
-/// before writing anything if any of the seven files exists. With `overwrite`, each file is
-/// replaced atomically (written to a temporary file in `dir`, then renamed).
-pub fn generate(dir: &Path, overwrite: bool) -> Result<GeneratedKeys, KeyError> {
-    create_key_dir(dir)?;
-    let path = |name: &str| dir.join(name);
-    let keys = GeneratedKeys {
-        signing_key: path(SIGNING_KEY_FILE),
-        verifying_key: path(VERIFYING_KEY_FILE),
-        hub_secret_key: path(HUB_SECRET_KEY_FILE),
-        hub_public_key: path(HUB_PUBLIC_KEY_FILE),
-        pseudonym_key: path(PSEUDONYM_KEY_FILE),
-        hub_ack_signing_key: path(HUB_ACK_SECRET_FILE),
-        hub_ack_verifying_key: path(HUB_ACK_PUBLIC_FILE),
-        signer_key_id: [0; 8],
-        hub_key_id: [0; 8],
-        pseudonym_key_id: [0; 8],
-        hub_ack_key_id: [0; 8],
-    };
-    if !overwrite {
-        for p in [
-            &keys.signing_key,
-            &keys.verifying_key,
-            &keys.hub_secret_key,
-            &keys.hub_public_key,
-            &keys.pseudonym_key,
-            &keys.hub_ack_signing_key,
-            &keys.hub_ack_verifying_key,
-        ] {
-            if fs::symlink_metadata(p).is_ok() {
-                return Err(KeyError::Exists { path: p.clone() });
-            }
-        }
-    }
-
-    let signing = SigningKey::generate(&mut OsRng);
-    let verifying = signing.verifying_key();
-    let hub_secret = HubSecretKey::generate(&mut OsRng);
-    let hub_public = hub_secret.public_key();
-    let pseudonym = PseudonymKey::generate(&mut OsRng);
-    let ack_signing = SigningKey::generate(&mut OsRng);
-    let ack_verifying = ack_signing.verifying_key();
-
-    let signing_bytes = Zeroizing::new(signing.to_bytes());
-    write_key_file(
-        &keys.signing_key,
-        KeyKind::GatewaySigning,
-        &signing_bytes,
-        overwrite,
-    )?;
-    write_key_file(
-        &keys.verifying_key,
-        KeyKind::GatewayVerifying,
-        verifying.as_bytes(),
-        overwrite,
-    )?;
-    write_key_file(
-        &keys.hub_secret_key,
-        KeyKind::HubHpkeSecret,
-        &hub_secret.to_secret_bytes(),
-        overwrite,
-    )?;
-    write_key_file(
-        &keys.hub_public_key,
-        KeyKind::HubHpkePublic,
-        &hub_public.to_bytes(),
-        overwrite,
-    )?;
-    write_key_file(
-        &keys.pseudonym_key,
-        KeyKind::Pseudonym,
-        pseudonym.as_bytes(),
-        overwrite,
-    )?;
-    let ack_signing_bytes = Zeroizing::new(ack_signing.to_bytes());
-    write_key_file(
-        &keys.hub_ack_signing_key,
-        KeyKind::HubAckSigning,
-        &ack_signing_bytes,
-        overwrite,
-    )?;
-    write_key_file(
-        &keys.hub_ack_verifying_key,
-        KeyKind::HubAckVerifying,
-        ack_verifying.as_bytes(),
-        overwrite,
-    )?;
-    sync_dir(dir)?;
-
-    Ok(GeneratedKeys {
-        signer_key_id: key_id(verifying.as_bytes()),
-        hub_key_id: hub_public.key_id(),
-        pseudonym_key_id: pseudonym.key_id(),
-        hub_ack_key_id: key_id(ack_verifying.as_bytes()),
-        ..keys
-    })
-}
-
-fn create_key_dir(dir: &Path) -> Result<(), KeyError> {
+pub(super) fn create_key_dir(dir: &Path) -> Result<(), KeyError> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -481,7 +396,7 @@ fn create_key_dir(dir: &Path) -> Result<(), KeyError> {
     builder.create(dir).map_err(io_error(dir))
 }
 
-fn write_key_file(
+pub(super) fn write_key_file(
     path: &Path,
     kind: KeyKind,
     key: &[u8; 32],
@@ -553,20 +468,21 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyErro
 }
 
 #[cfg(unix)]
-fn sync_dir(dir: &Path) -> Result<(), KeyError> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), KeyError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))
 }
 
 #[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> Result<(), KeyError> {
+pub(super) fn sync_dir(_dir: &Path) -> Result<(), KeyError> {
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seal::key_id;
 
     /// Issue 11 item 9: a rotation moves to the next epoch with a fresh key, replaces the file
     /// atomically with its mode kept private, and the epoch survives loading.
