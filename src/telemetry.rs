@@ -6,6 +6,7 @@
 //! Prometheus text format ([`prometheus`]).
 
 pub mod http;
+pub(crate) mod log_limit;
 pub(crate) mod prometheus;
 
 use std::collections::BTreeMap;

@@ -310,7 +310,7 @@ async fn resubscribe(
             Err(_) => return,
         };
         for (filter, qos) in subs {
-            debug!(%filter, "re-subscribing after new session");
+            debug!("re-subscribing after new session");
             if client.subscribe(filter, qos).await.is_err() {
                 return; // the event loop is gone
             }
