@@ -276,13 +276,22 @@ impl Metrics {
     }
 }
 
-/// Installs the tracing subscriber (`RUST_LOG` overrides `default_filter`).
-pub(crate) fn init_logging(default_filter: &str) {
+/// Installs the global log subscriber writing to stderr in `format` (see
+/// [`crate::config::log`]); `RUST_LOG` overrides `default_filter`. Under systemd
+/// (`JOURNAL_STREAM` set) text lines carry no colours and no timestamp: journald adds its own.
+pub(crate) fn init_logging(default_filter: &str, format: crate::config::log::LogFormat) {
+    use crate::config::log::LogFormat;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let _ = tracing_subscriber::fmt()
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+        LogFormat::Text if journald => builder.with_ansi(false).without_time().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }

@@ -116,8 +116,8 @@ pub fn store_check(path: &Path) -> Result<(), CliError> {
 
 /// `citygate run --config FILE`
 pub fn run(path: &Path) -> Result<(), CliError> {
-    init_logging("info");
     let cfg = GatewayConfig::load(path)?;
+    init_logging("info", cfg.log.format);
     let keys = KeyMaterial::load(&cfg.keys).map_err(|e| CliError::Usage(e.to_string()))?;
     let store = SledStore::open(
         &cfg.store.path,
@@ -270,8 +270,8 @@ pub fn status(
 /// `citygate hub --config FILE`
 pub fn hub(path: &Path) -> Result<(), CliError> {
     use crate::hub::{HubConfig, HubProcess};
-    init_logging("info");
     let cfg = HubConfig::load(path)?;
+    init_logging("info", cfg.log.format);
     let rt = runtime()?;
     rt.block_on(async {
         let mut signals = Signals::install()
@@ -298,8 +298,8 @@ pub fn hub(path: &Path) -> Result<(), CliError> {
 /// retention from the hub's sink; refuses while a hub runs on the same state.
 pub fn hub_prune(path: &Path, now: Option<&str>) -> Result<(), CliError> {
     use crate::hub::{prune, HubConfig};
-    init_logging("info");
     let cfg = HubConfig::load(path)?;
+    init_logging("info", cfg.log.format);
     let now_ms = match now {
         None => crate::reading::now_ms(),
         Some(text) => humantime::parse_rfc3339_weak(text)
@@ -370,7 +370,7 @@ pub struct SimArgs {
 
 /// `citygate sim`
 pub fn sim(args: SimArgs) -> Result<(), CliError> {
-    init_logging("info");
+    init_logging("info", Default::default());
     let profiles =
         ProfileSet::load_dir(&args.profiles_dir).map_err(|e| CliError::Config(e.into()))?;
     let profile = profiles.get(&args.profile).cloned().ok_or_else(|| {

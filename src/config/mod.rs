@@ -9,6 +9,7 @@
 mod device;
 use crate::diag;
 pub mod duration;
+pub mod log;
 pub(crate) mod mqtt;
 mod peer_net;
 mod policies;
@@ -433,6 +434,8 @@ pub struct GatewayConfig {
     /// `None`: store only (batches wait in the outbox).
     pub uplink: Option<UplinkConfig>,
     pub status: StatusConfig,
+    /// How log lines are written (`[log]`).
+    pub log: log::LogConfig,
     /// Brokers that MQTT meters publish to.
     pub mqtt_sources: Vec<MqttSourceConfig>,
 }

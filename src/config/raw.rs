@@ -27,6 +27,7 @@ struct RawConfig {
     modbus: RawModbus,
     uplink: Option<RawUplink>,
     status: Option<super::RawStatus>,
+    log: Option<super::log::RawLog>,
     #[serde(rename = "mqtt_source", default)]
     mqtt_sources: Vec<super::mqtt::RawMqttSource>,
     #[serde(rename = "device", default)]
@@ -368,6 +369,7 @@ pub(super) fn parse(
     });
 
     let status = super::status_config(raw.status, &src, &mut errors, super::DEFAULT_STATUS_LISTEN);
+    let log = super::log::log_config(raw.log, &src, &mut errors);
 
     for (span, key, message) in mqtt_problems {
         errors.push(src.at(span, key, message));
@@ -397,6 +399,7 @@ pub(super) fn parse(
         devices,
         uplink,
         status,
+        log,
         mqtt_sources,
     })
 }
@@ -554,6 +557,25 @@ mod tests {
         let e = errors(&config().replace("[\"voltage_l1\"]", "[\"voltage_l9\"]"));
         assert_eq!(e[0].key, "purpose.fields");
         assert!(e[0].message.contains("valid: voltage_l1"));
+    }
+
+    /// issue 12 item 1: `[log] format` is text by default, json on request, and anything
+    /// else is a located error naming the valid values.
+    #[test]
+    fn log_format_is_validated() {
+        use crate::config::log::LogFormat;
+        let with = |section: &str| config().replace("[store]", &format!("{section}\n\n[store]"));
+        assert_eq!(parse_str(&config()).unwrap().log.format, LogFormat::Text);
+        let json = parse_str(&with("[log]\nformat = \"json\"")).unwrap();
+        assert_eq!(json.log.format, LogFormat::Json);
+        let e = errors(&with("[log]\nformat = \"syslog\""));
+        assert_eq!(e[0].key, "log.format");
+        assert!(
+            e[0].message.contains("valid: \"text\", \"json\""),
+            "{}",
+            e[0]
+        );
+        assert!(e[0].line > 1, "{}", e[0]);
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct HubConfig {
     pub gateways: Vec<GatewayEntry>,
     /// The local status endpoint (`/status`, `/metrics`, `/health`).
     pub status: crate::config::StatusConfig,
+    /// How log lines are written (`[log]`).
+    pub log: crate::config::log::LogConfig,
 }
 
 /// Where the hub's status endpoint listens unless the config says otherwise.
@@ -138,6 +140,7 @@ struct RawHubConfig {
     sink: RawSink,
     mqtt: RawMqtt,
     status: Option<crate::config::RawStatus>,
+    log: Option<crate::config::log::RawLog>,
     #[serde(rename = "gateway", default)]
     gateways: Vec<RawGatewayEntry>,
 }
@@ -407,6 +410,7 @@ impl HubConfig {
 
         let status =
             crate::config::status_config(raw.status, &src, &mut errors, DEFAULT_HUB_STATUS_LISTEN);
+        let log = crate::config::log::log_config(raw.log, &src, &mut errors);
 
         if !errors.is_empty() {
             return Err(errors.into());
@@ -434,6 +438,7 @@ impl HubConfig {
             },
             gateways,
             status,
+            log,
         })
     }
 }

@@ -15,6 +15,7 @@ mod hub_wire;
 mod loadtest;
 mod mosquitto;
 mod mqtt_meters;
+mod operations;
 mod pipeline;
 mod policies;
 mod policy_cli;
