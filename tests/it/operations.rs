@@ -62,3 +62,75 @@ async fn text_logs_under_systemd_are_plain_lines_without_timestamps() {
         );
     }
 }
+
+/// issue 12 item 2: `citygate run` with MQTT meters from `citygate sim` (two meters
+/// configured, two unknown, malformed and oversized payloads in between, debug logging of
+/// citygate on) logs the warnings, and no line of its log carries a simulated meter's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_logs_name_no_meter_key() {
+    use citygate::mqtt::{BrokerOptions, CertAuthority, EmbeddedBroker};
+    let pki_dir = tempfile::tempdir().unwrap();
+    let ca = CertAuthority::generate(pki_dir.path(), "citygate test ca").unwrap();
+    let server = ca.issue_localhost_server().unwrap();
+    let broker = EmbeddedBroker::start(BrokerOptions::localhost(ca.server_files(&server))).unwrap();
+    let port = broker.tls_addr().port();
+
+    let profile = "oem-nbiot-water-mqtt";
+    let dep = Deployment::new();
+    let devices = [
+        mqtt_source_toml("meters", port, &TlsFiles::client(&ca, "gw-test"), ""),
+        mqtt_device_toml("flat-1", profile, "meters", "water/+/up", Some("W0001")),
+        mqtt_device_toml("flat-2", profile, "meters", "water/+/up", Some("W0002")),
+    ]
+    .concat();
+    let config = GatewayToml::new("gw-test", &["volume_forward", "flow_rate"])
+        .shipped_profiles()
+        .devices(&devices)
+        .write(dep.path());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"));
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info,citygate=debug");
+    let (mut gateway, mut log) = spawn_logged_command(cmd);
+    assert!(
+        log.wait_for("mqtt source connected", Duration::from_secs(20))
+            .await,
+        "{}",
+        log.text
+    );
+
+    let sim_client = ca.issue_client("sim").unwrap();
+    let mut sim = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+        .args(["sim", "--profile", profile, "--count", "4"])
+        .args(["--interval", "50ms", "--malformed-every", "1"])
+        .args(["--topic", "water/{key}/up", "--profiles-dir"])
+        .arg(shipped_profiles_dir())
+        .args(["--mqtt-broker", &format!("localhost:{port}"), "--ca-file"])
+        .arg(ca.ca_file())
+        .arg("--cert-file")
+        .arg(&sim_client.cert)
+        .arg("--key-file")
+        .arg(&sim_client.key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for needle in [
+        "oversized mqtt message dropped",
+        "no device listens on",
+        "mqtt payload rejected",
+        "mqtt payload fields unusable",
+    ] {
+        let seen = log.text.contains(needle) || log.wait_for(needle, Duration::from_secs(30)).await;
+        assert!(seen, "no {needle:?} in:\n{}", log.text);
+    }
+    let _ = sim.kill();
+    let _ = sim.wait();
+    signal(&gateway, "-TERM");
+    wait_exit(&mut gateway, Duration::from_secs(30)).await;
+    let text = log.finish().await;
+    for key in ["W0001", "W0002", "W0003", "W0004"] {
+        assert!(!text.contains(key), "{key} in the gateway's log:\n{text}");
+    }
+    assert!(text.contains("device=flat-1"), "{text}");
+}
