@@ -38,7 +38,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawGateway {
     id: Spanned<String>,
-    profiles_dir: Option<PathBuf>,
+    profiles_dir: Option<Spanned<PathBuf>>,
     /// IANA time zone the policies' windows align to; default "UTC".
     time_zone: Option<Spanned<String>>,
 }
@@ -181,14 +181,37 @@ pub(super) fn parse(
     let gateway_id = GatewayId::new(raw.gateway.id.get_ref().clone())
         .map_err(|e| errors.push(src.at(raw.gateway.id.span(), "gateway.id", e.to_string())))
         .ok();
-    let profiles_dir = resolve(
-        raw.gateway
-            .profiles_dir
-            .as_deref()
-            .unwrap_or(Path::new("../firmware-profiles")),
-    );
+    let (profiles_dir, looked_in) = match &raw.gateway.profiles_dir {
+        Some(dir) => (resolve(dir.get_ref()), Vec::new()),
+        None => super::default_profiles_dir(&base),
+    };
     let profiles = match profiles {
         Some(p) => p,
+        None if !profiles_dir.is_dir() => {
+            let (span, message) = match &raw.gateway.profiles_dir {
+                Some(dir) => (
+                    dir.span(),
+                    format!(
+                        "{} is not a directory of device profiles",
+                        profiles_dir.display()
+                    ),
+                ),
+                None => (
+                    raw.gateway.id.span(),
+                    format!(
+                        "not set, and no profile directory in the default places ({}); \
+                         set [gateway] profiles_dir to the directory of device profiles",
+                        looked_in
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ),
+            };
+            errors.push(src.at(span, "gateway.profiles_dir", message));
+            ProfileSet::default()
+        }
         None => ProfileSet::load_dir(&profiles_dir).unwrap_or_else(|mut e| {
             errors.append(&mut e);
             ProfileSet::default()

@@ -134,3 +134,75 @@ async fn gateway_logs_name_no_meter_key() {
     }
     assert!(text.contains("device=flat-1"), "{text}");
 }
+
+fn citygate(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// issue 12 item 5: `check` validates a hub config: the shipped example passes and shows
+/// the registry; an error is located by file:line and key (exit 64).
+#[test]
+fn check_validates_a_hub_config() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hub.example.toml");
+    let (code, out, err) = citygate(&["check".as_ref(), "--config".as_ref(), example.as_os_str()]);
+    assert_eq!(code, Some(0), "{err}");
+    for needle in [
+        "(hub)",
+        "hub       city-hub-01",
+        "approves billing",
+        "hpke_secret_key",
+    ] {
+        assert!(out.contains(needle), "{needle:?} missing in:\n{out}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = HubToml::plaintext(1883).write(dir.path());
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("state_path = ", "state_paht = ")).unwrap();
+    let (code, _, err) = citygate(&["check".as_ref(), "--config".as_ref(), path.as_os_str()]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("hub.toml:5:"), "{err}");
+    assert!(err.contains("state_paht"), "{err}");
+    assert!(!err.contains("expected one of `gateway`"), "{err}");
+}
+
+/// issue 12 item 5: a gateway config without `profiles_dir` finds `firmware-profiles`
+/// beside it; without one there, the error names the key and the places looked in.
+#[test]
+fn profiles_dir_defaults_beside_the_config_and_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = GatewayToml::new("gw-test", &["voltage_l1"])
+        .devices(&device_toml(
+            "m1",
+            "chint-ddsu666",
+            "127.0.0.1:1502",
+            1,
+            "1s",
+        ))
+        .write(dir.path());
+    let (code, _, err) = citygate(&["check".as_ref(), "--config".as_ref(), path.as_os_str()]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("gateway.profiles_dir"), "{err}");
+    let beside = dir.path().join("firmware-profiles");
+    assert!(err.contains(&beside.display().to_string()), "{err}");
+    assert!(
+        err.contains("/usr/share/citygate/firmware-profiles"),
+        "{err}"
+    );
+    std::fs::create_dir(&beside).unwrap();
+    let shipped = shipped_profiles_dir().join("chint-ddsu666.toml");
+    std::fs::copy(shipped, beside.join("chint-ddsu666.toml")).unwrap();
+    let (code, out, err) = citygate(&["check".as_ref(), "--config".as_ref(), path.as_os_str()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(&format!("profiles  {}", beside.display())),
+        "{out}"
+    );
+}
