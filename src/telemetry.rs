@@ -281,6 +281,8 @@ impl Metrics {
 /// (`JOURNAL_STREAM` set) text lines carry no colours and no timestamp: journald adds its own.
 pub(crate) fn init_logging(default_filter: &str, format: crate::config::log::LogFormat) {
     use crate::config::log::LogFormat;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
@@ -288,10 +290,63 @@ pub(crate) fn init_logging(default_filter: &str, format: crate::config::log::Log
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Json => builder.json().with_current_span(true).try_init(),
-        LogFormat::Text if journald => builder.with_ansi(false).without_time().try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .finish()
+            .with(QuietBrokerDisconnects)
+            .try_init(),
+        LogFormat::Text if journald => builder
+            .with_ansi(false)
+            .without_time()
+            .finish()
+            .with(QuietBrokerDisconnects)
+            .try_init(),
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .finish()
+            .with(QuietBrokerDisconnects)
             .try_init(),
     };
+}
+
+/// Drops two ERROR events of rumqttd 0.20 that every client ending its connection with a
+/// DISCONNECT causes (the hub's own link at a clean shutdown, every gateway that stops):
+/// `router-drop` (the link task sees the router close its channel) and `no-connection id N
+/// is already gone` (the DISCONNECT packet and the closed socket both reach the router,
+/// as rumqttd's own comment on it says). Neither is anything an operator must act on;
+/// connection ends are logged by the broker's front end (`mqtt::broker`) at DEBUG.
+#[derive(Debug)]
+struct QuietBrokerDisconnects;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QuietBrokerDisconnects {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        let target = event.metadata().target();
+        if !target.starts_with("rumqttd::") || *event.metadata().level() != tracing::Level::ERROR {
+            return true;
+        }
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        let m = message.0.as_str();
+        let benign = match target {
+            "rumqttd::server::broker" => m == "router-drop",
+            "rumqttd::router::routing" => {
+                m.starts_with("no-connection id ") && m.ends_with(" is already gone")
+            }
+            _ => false,
+        };
+        !benign
+    }
 }

@@ -206,3 +206,46 @@ fn profiles_dir_defaults_beside_the_config_and_errors_name_the_key() {
         "{out}"
     );
 }
+
+/// issue 12 item 5: a hub running its own broker starts, subscribes each filter once and
+/// stops cleanly on SIGTERM without an ERROR line (rumqttd reported the hub's own clean
+/// DISCONNECT as `ERROR router-drop`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_hub_shutdown_with_its_own_broker_logs_no_error() {
+    use citygate::mqtt::CertAuthority;
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let path = HubToml::embedded_broker(
+        "127.0.0.1:0",
+        &TlsFiles::client(&ca, "hub-1"),
+        &TlsFiles::localhost_server(&ca),
+    )
+    .write(dep.path());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"));
+    cmd.args(["hub", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG");
+    let (mut child, mut log) = spawn_logged_command(cmd);
+    assert!(
+        log.wait_for("hub presence: online", Duration::from_secs(20))
+            .await,
+        "{}",
+        log.text
+    );
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(20)).await;
+    let text = log.finish().await;
+    assert!(status.success(), "{text}");
+    assert!(text.contains("hub stopped"), "{text}");
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    let mut added: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split("Adding subscription on topic ").nth(1))
+        .collect();
+    assert!(!added.is_empty(), "{text}");
+    let n = added.len();
+    added.sort_unstable();
+    added.dedup();
+    assert_eq!(added.len(), n, "a filter subscribed twice:\n{text}");
+}
