@@ -30,7 +30,7 @@ pub(crate) fn report(cfg: &HubConfig) -> (String, bool) {
     let _ = writeln!(out, "config    {} (hub)", cfg.path.display());
     let _ = writeln!(out, "hub       {}", cfg.id);
     match &cfg.sink {
-        SinkConfig::Jsonl { path } => {
+        SinkConfig::Jsonl { path, .. } => {
             let _ = writeln!(out, "sink      jsonl {}", path.display());
         }
     }

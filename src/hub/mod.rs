@@ -43,6 +43,7 @@ pub(crate) mod emergency;
 pub(crate) mod process;
 pub mod prune;
 pub(crate) mod rewrite;
+mod rotate;
 pub(crate) mod sink;
 
 #[cfg(test)]
@@ -193,7 +194,9 @@ impl Hub {
         let (opener, ack_signer) = HubKeys::load(cfg)?.into_parts();
         let dedup = Dedup::open(&cfg.state_path)?;
         let sink: Box<dyn Sink> = match &cfg.sink {
-            SinkConfig::Jsonl { path } => Box::new(JsonlSink::open(path)?),
+            SinkConfig::Jsonl { path, rotate } => {
+                Box::new(JsonlSink::open(path)?.with_rotation(*rotate))
+            }
         };
         let mut hub = Hub::new(
             opener,

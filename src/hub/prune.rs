@@ -50,7 +50,7 @@ struct WindowEnd {
 /// Prunes `cfg`'s sink at `now_ms` (ms since the Unix epoch). Blocks (file I/O, fsync).
 pub fn prune(cfg: &HubConfig, now_ms: i64) -> Result<PruneReport, PruneError> {
     let hub_lock = lock_hub(cfg, "pruning")?;
-    let SinkConfig::Jsonl { path } = &cfg.sink;
+    let SinkConfig::Jsonl { path, .. } = &cfg.sink;
     let mut retention: HashMap<(&str, &str), Duration> = HashMap::new();
     for g in &cfg.gateways {
         for p in &g.policies {
