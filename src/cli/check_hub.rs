@@ -30,8 +30,20 @@ pub(crate) fn report(cfg: &HubConfig) -> (String, bool) {
     let _ = writeln!(out, "config    {} (hub)", cfg.path.display());
     let _ = writeln!(out, "hub       {}", cfg.id);
     match &cfg.sink {
-        SinkConfig::Jsonl { path, .. } => {
-            let _ = writeln!(out, "sink      jsonl {}", path.display());
+        SinkConfig::Jsonl { path, rotate } => {
+            let mut when = Vec::new();
+            if let Some(b) = rotate.bytes {
+                when.push(format!("at {b} bytes"));
+            }
+            if let Some(e) = rotate.every {
+                when.push(format!("every {}", humantime::format_duration(e)));
+            }
+            let rotation = if when.is_empty() {
+                "not rotated by the hub".to_string()
+            } else {
+                format!("rotated {}", when.join(" or "))
+            };
+            let _ = writeln!(out, "sink      jsonl {} ({rotation})", path.display());
         }
     }
     let _ = writeln!(out, "state     {}", cfg.state_path.display());
