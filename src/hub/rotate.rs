@@ -13,9 +13,9 @@
 //! flushed (`dedup_failed`) is re-sent by its gateway, and the copy may land in the next
 //! file.
 //!
-//! `citygate hub-prune` and `citygate hub-emergency` work on the current file only;
-//! rotated files are outside the hub's retention and emergency handling (archive, prune or
-//! delete them by their time stamp).
+//! `citygate hub-prune` prunes the rotated files beside the sink too ([`rotated_files`]);
+//! `citygate hub-emergency` works on the current file only (its records of an emergency
+//! that has since rotated away are in the rotated file of that time).
 
 use std::fs::File;
 use std::io;
@@ -58,6 +58,41 @@ pub(crate) fn rotated_path(path: &Path, now: SystemTime) -> PathBuf {
         }
         n += 1;
     }
+}
+
+/// The rotated files of the sink at `path` (`STEM-<digits>T<digits>Z….EXT` beside it),
+/// oldest first.
+pub(crate) fn rotated_files(path: &Path) -> io::Result<Vec<PathBuf>> {
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "records".into(), |s| s.to_string_lossy().into_owned());
+    let ext = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    let is_rotated = |name: &str| {
+        name.strip_prefix(&format!("{stem}-"))
+            .and_then(|rest| rest.strip_suffix(ext.as_str()))
+            .is_some_and(|stamp| {
+                let b = stamp.as_bytes();
+                b.len() >= 16
+                    && b[..8].iter().all(u8::is_ascii_digit)
+                    && b[8] == b'T'
+                    && b[9..15].iter().all(u8::is_ascii_digit)
+                    && b[15] == b'Z'
+            })
+    };
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(is_rotated))
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    Ok(found)
 }
 
 /// Renames `path` to its rotated name and makes the rename durable; returns the new name.
