@@ -100,7 +100,7 @@ async fn gateway_logs_name_no_meter_key() {
     );
 
     let sim_client = ca.issue_client("sim").unwrap();
-    let mut sim = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+    let sim = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
         .args(["sim", "--profile", profile, "--count", "4"])
         .args(["--interval", "50ms", "--malformed-every", "1"])
         .args(["--topic", "water/{key}/up", "--profiles-dir"])
@@ -115,6 +115,7 @@ async fn gateway_logs_name_no_meter_key() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let sim = KillOnDrop(sim);
     for needle in [
         "oversized mqtt message dropped",
         "no device listens on",
@@ -124,8 +125,7 @@ async fn gateway_logs_name_no_meter_key() {
         let seen = log.text.contains(needle) || log.wait_for(needle, Duration::from_secs(30)).await;
         assert!(seen, "no {needle:?} in:\n{}", log.text);
     }
-    let _ = sim.kill();
-    let _ = sim.wait();
+    drop(sim);
     signal(&gateway, "-TERM");
     wait_exit(&mut gateway, Duration::from_secs(30)).await;
     let text = log.finish().await;
@@ -248,4 +248,14 @@ async fn a_clean_hub_shutdown_with_its_own_broker_logs_no_error() {
     added.sort_unstable();
     added.dedup();
     assert_eq!(added.len(), n, "a filter subscribed twice:\n{text}");
+}
+
+/// A child process killed (and reaped) when the test ends, panicking or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
