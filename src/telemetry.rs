@@ -6,6 +6,7 @@
 //! Prometheus text format ([`prometheus`]).
 
 pub mod http;
+pub(crate) mod log_limit;
 pub(crate) mod prometheus;
 
 use std::collections::BTreeMap;
@@ -277,13 +278,77 @@ impl Metrics {
     }
 }
 
-/// Installs the tracing subscriber (`RUST_LOG` overrides `default_filter`).
-pub(crate) fn init_logging(default_filter: &str) {
+/// Installs the global log subscriber writing to stderr in `format` (see
+/// [`crate::config::log`]); `RUST_LOG` overrides `default_filter`. Under systemd
+/// (`JOURNAL_STREAM` set) text lines carry no colours and no timestamp: journald adds its own.
+pub(crate) fn init_logging(default_filter: &str, format: crate::config::log::LogFormat) {
+    use crate::config::log::LogFormat;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let _ = tracing_subscriber::fmt()
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .finish()
+            .with(QuietBrokerDisconnects)
+            .try_init(),
+        LogFormat::Text if journald => builder
+            .with_ansi(false)
+            .without_time()
+            .finish()
+            .with(QuietBrokerDisconnects)
+            .try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .finish()
+            .with(QuietBrokerDisconnects)
+            .try_init(),
+    };
+}
+
+/// Drops two ERROR events of rumqttd 0.20 that every client ending its connection with a
+/// DISCONNECT causes (the hub's own link at a clean shutdown, every gateway that stops):
+/// `router-drop` (the link task sees the router close its channel) and `no-connection id N
+/// is already gone` (the DISCONNECT packet and the closed socket both reach the router,
+/// as rumqttd's own comment on it says). Neither is anything an operator must act on;
+/// connection ends are logged by the broker's front end (`mqtt::broker`) at DEBUG.
+#[derive(Debug)]
+struct QuietBrokerDisconnects;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QuietBrokerDisconnects {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        let target = event.metadata().target();
+        if !target.starts_with("rumqttd::") || *event.metadata().level() != tracing::Level::ERROR {
+            return true;
+        }
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        let m = message.0.as_str();
+        let benign = match target {
+            "rumqttd::server::broker" => m == "router-drop",
+            "rumqttd::router::routing" => {
+                m.starts_with("no-connection id ") && m.ends_with(" is already gone")
+            }
+            _ => false,
+        };
+        !benign
+    }
 }

@@ -42,7 +42,7 @@ pub struct BrokerArgs {
 
 /// `citygate broker`
 pub fn broker(args: &BrokerArgs) -> Result<(), CliError> {
-    init_logging("info,rumqttd=warn");
+    init_logging("info,rumqttd=warn", Default::default());
     let mut opts = BrokerOptions::localhost(TlsServerFiles {
         client_ca: args.client_ca_file.clone(),
         cert: args.cert_file.clone(),

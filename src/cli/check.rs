@@ -16,7 +16,10 @@ pub(crate) enum KeyStatus {
     Invalid(String),
 }
 
-fn key_status<T>(path: &Path, load: impl Fn(&Path) -> Result<T, keys::KeyError>) -> KeyStatus {
+pub(super) fn key_status<T>(
+    path: &Path,
+    load: impl Fn(&Path) -> Result<T, keys::KeyError>,
+) -> KeyStatus {
     if !path.exists() {
         return KeyStatus::Missing;
     }

@@ -140,7 +140,7 @@ fn temp_dir() -> Result<TempDir, CliError> {
 /// `citygate demo`
 pub fn demo(duration: Duration, meters: u8, summary_json: Option<&Path>) -> Result<(), CliError> {
     // The outage is part of the show: only errors of citygate itself are logged.
-    crate::telemetry::init_logging("citygate=error,rumqttd=off,rumqttc=off");
+    crate::telemetry::init_logging("citygate=error,rumqttd=off,rumqttc=off", Default::default());
     if meters == 0 || meters > 50 {
         return Err(CliError::Usage("--meters must be 1..=50".into()));
     }

@@ -24,8 +24,8 @@ pub enum HubEmergencyAction {
 /// `citygate hub-emergency --config FILE …`: unknown ids and existing export files exit 64,
 /// a running hub and I/O failures 1.
 pub fn hub_emergency(path: &Path, action: HubEmergencyAction) -> Result<(), CliError> {
-    init_logging("warn");
     let cfg = HubConfig::load(path)?;
+    init_logging("warn", cfg.log.format);
     let fail = |e: EmergencyError| {
         if e.is_usage() {
             CliError::Usage(e.to_string())

@@ -3,6 +3,7 @@
 pub mod broker;
 pub mod catalog;
 mod check;
+mod check_hub;
 pub(crate) mod demo;
 mod emergency;
 mod explain;
@@ -11,6 +12,7 @@ mod keys;
 pub mod loadtest;
 mod memory;
 pub mod probe;
+mod profiles;
 mod signals;
 mod sim_mqtt;
 pub(crate) mod sim_rtu;
@@ -29,7 +31,6 @@ pub use memory::limit_malloc_arenas;
 
 use self::signals::{SignalEvent, Signals};
 use crate::config::{ConfigError, GatewayConfig};
-use crate::profile::ProfileSet;
 use crate::reading::UnitId;
 use crate::sim::{self, Fault, SimMeters};
 use crate::store::{Outbox, SledStore, StoreOptions};
@@ -81,10 +82,13 @@ fn emit(text: &str) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
-/// `citygate check --config FILE`
+/// `citygate check --config FILE`: a gateway or a hub config (a top-level `[hub]` table).
 pub fn check(path: &Path) -> Result<(), CliError> {
-    let cfg = GatewayConfig::load(path)?;
-    let (report, key_error) = check_report(&cfg);
+    let (report, key_error) = if check_hub::is_hub_config(path) {
+        check_hub::report(&crate::hub::HubConfig::load(path)?)
+    } else {
+        check_report(&GatewayConfig::load(path)?)
+    };
     emit(&report);
     if key_error {
         return Err(CliError::Usage(
@@ -116,8 +120,8 @@ pub fn store_check(path: &Path) -> Result<(), CliError> {
 
 /// `citygate run --config FILE`
 pub fn run(path: &Path) -> Result<(), CliError> {
-    init_logging("info");
     let cfg = GatewayConfig::load(path)?;
+    init_logging("info", cfg.log.format);
     let keys = KeyMaterial::load(&cfg.keys).map_err(|e| CliError::Usage(e.to_string()))?;
     let store = SledStore::open(
         &cfg.store.path,
@@ -270,8 +274,8 @@ pub fn status(
 /// `citygate hub --config FILE`
 pub fn hub(path: &Path) -> Result<(), CliError> {
     use crate::hub::{HubConfig, HubProcess};
-    init_logging("info");
     let cfg = HubConfig::load(path)?;
+    init_logging("info", cfg.log.format);
     let rt = runtime()?;
     rt.block_on(async {
         let mut signals = Signals::install()
@@ -298,8 +302,8 @@ pub fn hub(path: &Path) -> Result<(), CliError> {
 /// retention from the hub's sink; refuses while a hub runs on the same state.
 pub fn hub_prune(path: &Path, now: Option<&str>) -> Result<(), CliError> {
     use crate::hub::{prune, HubConfig};
-    init_logging("info");
     let cfg = HubConfig::load(path)?;
+    init_logging("info", cfg.log.format);
     let now_ms = match now {
         None => crate::reading::now_ms(),
         Some(text) => humantime::parse_rfc3339_weak(text)
@@ -345,8 +349,9 @@ pub struct SimArgs {
     /// Serve Modbus TCP on this address, e.g. 127.0.0.1:5020.
     #[arg(long)]
     pub listen: Option<String>,
-    #[arg(long, default_value = "firmware-profiles")]
-    pub profiles_dir: std::path::PathBuf,
+    /// Default: ./firmware-profiles, then /usr/share/citygate/firmware-profiles.
+    #[arg(long)]
+    pub profiles_dir: Option<std::path::PathBuf>,
     /// Unit ids that never answer.
     #[arg(long)]
     pub silent: Vec<u8>,
@@ -370,17 +375,8 @@ pub struct SimArgs {
 
 /// `citygate sim`
 pub fn sim(args: SimArgs) -> Result<(), CliError> {
-    init_logging("info");
-    let profiles =
-        ProfileSet::load_dir(&args.profiles_dir).map_err(|e| CliError::Config(e.into()))?;
-    let profile = profiles.get(&args.profile).cloned().ok_or_else(|| {
-        CliError::Usage(format!(
-            "no profile {:?} in {}; valid: {}",
-            args.profile,
-            args.profiles_dir.display(),
-            profiles.names().collect::<Vec<_>>().join(", ")
-        ))
-    })?;
+    init_logging("info", Default::default());
+    let profile = profiles::load_profile(args.profiles_dir.as_deref(), &args.profile)?;
     if args.count == 0 || args.count > 247 {
         return Err(CliError::Usage("--count must be 1..=247".into()));
     }

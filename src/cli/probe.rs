@@ -21,7 +21,7 @@ use tokio_modbus::slave::{Slave, SlaveContext};
 use tokio_modbus::{Request, Response};
 
 use super::CliError;
-use crate::profile::{FunctionCode, LineSettings, Parity, Profile, ProfileSet};
+use crate::profile::{FunctionCode, LineSettings, Parity, Profile};
 use crate::reading::{DeviceId, RegisterAddress, UnitId, Value};
 use crate::source::modbus::{plan, ReadRequest};
 use crate::source::rtu::transport::{open_serial, BoxedStream};
@@ -79,8 +79,9 @@ pub struct ProbeArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    #[arg(long, default_value = "firmware-profiles")]
-    pub profiles_dir: PathBuf,
+    /// Default: ./firmware-profiles, then /usr/share/citygate/firmware-profiles.
+    #[arg(long)]
+    pub profiles_dir: Option<PathBuf>,
 }
 
 /// Arguments of `citygate scan`.
@@ -94,7 +95,13 @@ pub struct ScanArgs {
     /// Register to read (FC03 holding register, wire address).
     #[arg(long, default_value_t = 0)]
     pub register: u16,
+    /// Stop after this long and report what was covered, e.g. 30s or 2m.
+    #[arg(long, default_value = "30s", value_parser = crate::config::duration::parse)]
+    pub budget: Duration,
 }
+
+/// `scan` reports its progress on stderr after this many unit ids.
+const SCAN_PROGRESS_EVERY: usize = 16;
 
 /// An open connection to a bus or endpoint.
 enum Conn {
@@ -279,17 +286,6 @@ impl Conn {
     }
 }
 
-fn load_profile(dir: &std::path::Path, name: &str) -> Result<std::sync::Arc<Profile>, CliError> {
-    let profiles = ProfileSet::load_dir(dir).map_err(|e| CliError::Config(e.into()))?;
-    profiles.get(name).cloned().ok_or_else(|| {
-        CliError::Usage(format!(
-            "no profile {name:?} in {}; valid: {}",
-            dir.display(),
-            profiles.names().collect::<Vec<_>>().join(", ")
-        ))
-    })
-}
-
 /// `citygate probe`: returns the report to print.
 pub fn probe(args: &ProbeArgs) -> Result<String, CliError> {
     if !(1..=247).contains(&args.unit) {
@@ -299,7 +295,14 @@ pub fn probe(args: &ProbeArgs) -> Result<String, CliError> {
         )));
     }
     args.transport.check()?;
-    let profile = load_profile(&args.profiles_dir, &args.profile)?;
+    let profile = super::profiles::load_profile(args.profiles_dir.as_deref(), &args.profile)?;
+    if profile.mqtt.is_some() {
+        return Err(CliError::Usage(format!(
+            "profile {} is an MQTT profile; probe reads Modbus meters (watch an MQTT meter's \
+             topic with a broker client, or simulate it with `citygate sim --mqtt-broker`)",
+            profile.name
+        )));
+    }
     let line = args.transport.line(Some(&profile));
     let limit = args.transport.timeout.unwrap_or(Duration::from_secs(1));
     let unit = UnitId(args.unit);
@@ -457,14 +460,21 @@ pub fn scan(args: &ScanArgs) -> Result<String, CliError> {
     let line = args.transport.line(None);
     let limit = args.transport.timeout.unwrap_or(Duration::from_millis(300));
     let rt = super::runtime()?;
-    let found = rt.block_on(async {
+    let total = units.len();
+    let (found, tried) = rt.block_on(async {
+        let started = tokio::time::Instant::now();
         let mut conn = args.transport.open(&line).await?;
         let mut found = Vec::new();
         let req = ReadRequest {
             start: RegisterAddress(args.register),
             count: 1,
         };
+        let mut tried = 0;
         for u in units {
+            if started.elapsed() >= args.budget {
+                break;
+            }
+            tried += 1;
             match conn
                 .read(UnitId(u), FunctionCode::ReadHolding, req, limit)
                 .await
@@ -478,21 +488,62 @@ pub fn scan(args: &ScanArgs) -> Result<String, CliError> {
                 Err(ReadError::Other(e)) if e.contains("transport") => return Err(runtime(e)),
                 Err(ReadError::Other(_)) => found.push((u, "answers (garbled reply)".into())),
             }
+            if tried % SCAN_PROGRESS_EVERY == 0 || tried == total {
+                eprintln!(
+                    "scan: {tried}/{total} unit ids tried (up to {u}), {} answered",
+                    found.len()
+                );
+            }
         }
-        Ok::<_, CliError>(found)
+        Ok::<_, CliError>((found, tried))
     })?;
     let mut out = String::new();
     let target = args.transport.describe();
+    let cut = (tried < total).then(|| {
+        format!(
+            "the --budget of {:?} ran out after {tried} of {total} unit ids; \
+             scan the rest with --units {}",
+            args.budget,
+            rest_of(&args.units, tried),
+        )
+    });
     if found.is_empty() {
-        return Err(runtime(format!(
-            "no unit answered on {target} (ids {}, timeout {limit:?})",
-            args.units
-        )));
+        return Err(runtime(match cut {
+            Some(cut) => format!("no unit answered on {target} (timeout {limit:?}); {cut}"),
+            None => format!(
+                "no unit answered on {target} (ids {}, timeout {limit:?})",
+                args.units
+            ),
+        }));
     }
     for (u, what) in found {
         let _ = writeln!(out, "unit {u:>3}  {what}");
     }
+    if let Some(cut) = cut {
+        let _ = writeln!(out, "stopped: {cut}");
+    }
     Ok(out)
+}
+
+/// The unit ids of `spec` after the first `tried`, written for `--units`.
+fn rest_of(spec: &str, tried: usize) -> String {
+    let units = parse_units(spec).unwrap_or_default();
+    let rest = units.get(tried..).unwrap_or_default();
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < rest.len() {
+        let mut j = i;
+        while j + 1 < rest.len() && rest[j + 1] == rest[j].saturating_add(1) {
+            j += 1;
+        }
+        parts.push(if i == j {
+            rest[i].to_string()
+        } else {
+            format!("{}-{}", rest[i], rest[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
 }
 
 #[cfg(test)]
@@ -509,6 +560,14 @@ mod tests {
             "-1739.39347"
         );
         assert_eq!(human(&Value::Int(2)), "2");
+    }
+
+    /// issue 12 item 5: the ids a cut scan left, written back for `--units`.
+    #[test]
+    fn the_rest_of_a_cut_scan_is_a_units_argument() {
+        assert_eq!(rest_of("1-247", 10), "11-247");
+        assert_eq!(rest_of("1-3,7,9-10", 2), "3,7,9-10");
+        assert_eq!(rest_of("1-3", 3), "");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod device;
 use crate::diag;
 pub mod duration;
+pub mod log;
 pub(crate) mod mqtt;
 mod peer_net;
 mod policies;
@@ -436,6 +437,8 @@ pub struct GatewayConfig {
     /// `None`: store only (batches wait in the outbox).
     pub uplink: Option<UplinkConfig>,
     pub status: StatusConfig,
+    /// How log lines are written (`[log]`).
+    pub log: log::LogConfig,
     /// Brokers that MQTT meters publish to.
     pub mqtt_sources: Vec<MqttSourceConfig>,
 }
@@ -454,6 +457,25 @@ pub(crate) fn read_config_text(path: &Path) -> Result<String, ConfigError> {
 }
 
 /// Resolves `p` against `base` (the config file's directory) unless it is absolute.
+/// Where the packages install the shipped profiles.
+pub(crate) const INSTALLED_PROFILES_DIR: &str = "/usr/share/citygate/firmware-profiles";
+
+/// The profile directory of a config in `base` that sets no `profiles_dir`: the first
+/// directory of `firmware-profiles` beside the config and [`INSTALLED_PROFILES_DIR`]
+/// (the first if neither exists), and the places looked in.
+pub(crate) fn default_profiles_dir(base: &Path) -> (PathBuf, Vec<PathBuf>) {
+    let places = vec![
+        base.join("firmware-profiles"),
+        PathBuf::from(INSTALLED_PROFILES_DIR),
+    ];
+    let found = places
+        .iter()
+        .find(|p| p.is_dir())
+        .unwrap_or(&places[0])
+        .clone();
+    (found, places)
+}
+
 pub(crate) fn resolve_path(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()

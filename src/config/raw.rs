@@ -27,6 +27,7 @@ struct RawConfig {
     modbus: RawModbus,
     uplink: Option<RawUplink>,
     status: Option<super::RawStatus>,
+    log: Option<super::log::RawLog>,
     #[serde(rename = "mqtt_source", default)]
     mqtt_sources: Vec<super::mqtt::RawMqttSource>,
     #[serde(rename = "device", default)]
@@ -37,7 +38,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawGateway {
     id: Spanned<String>,
-    profiles_dir: Option<PathBuf>,
+    profiles_dir: Option<Spanned<PathBuf>>,
     /// IANA time zone the policies' windows align to; default "UTC".
     time_zone: Option<Spanned<String>>,
 }
@@ -190,14 +191,37 @@ pub(super) fn parse(
     let gateway_id = GatewayId::new(raw.gateway.id.get_ref().clone())
         .map_err(|e| errors.push(src.at(raw.gateway.id.span(), "gateway.id", e.to_string())))
         .ok();
-    let profiles_dir = resolve(
-        raw.gateway
-            .profiles_dir
-            .as_deref()
-            .unwrap_or(Path::new("../firmware-profiles")),
-    );
+    let (profiles_dir, looked_in) = match &raw.gateway.profiles_dir {
+        Some(dir) => (resolve(dir.get_ref()), Vec::new()),
+        None => super::default_profiles_dir(&base),
+    };
     let profiles = match profiles {
         Some(p) => p,
+        None if !profiles_dir.is_dir() => {
+            let (span, message) = match &raw.gateway.profiles_dir {
+                Some(dir) => (
+                    dir.span(),
+                    format!(
+                        "{} is not a directory of device profiles",
+                        profiles_dir.display()
+                    ),
+                ),
+                None => (
+                    raw.gateway.id.span(),
+                    format!(
+                        "not set, and no profile directory in the default places ({}); \
+                         set [gateway] profiles_dir to the directory of device profiles",
+                        looked_in
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ),
+            };
+            errors.push(src.at(span, "gateway.profiles_dir", message));
+            ProfileSet::default()
+        }
         None => ProfileSet::load_dir(&profiles_dir).unwrap_or_else(|mut e| {
             errors.append(&mut e);
             ProfileSet::default()
@@ -386,6 +410,7 @@ pub(super) fn parse(
     });
 
     let status = super::status_config(raw.status, &src, &mut errors, super::DEFAULT_STATUS_LISTEN);
+    let log = super::log::log_config(raw.log, &src, &mut errors);
 
     for (span, key, message) in mqtt_problems {
         errors.push(src.at(span, key, message));
@@ -415,6 +440,7 @@ pub(super) fn parse(
         devices,
         uplink,
         status,
+        log,
         mqtt_sources,
     })
 }
@@ -572,6 +598,25 @@ mod tests {
         let e = errors(&config().replace("[\"voltage_l1\"]", "[\"voltage_l9\"]"));
         assert_eq!(e[0].key, "purpose.fields");
         assert!(e[0].message.contains("valid: voltage_l1"));
+    }
+
+    /// issue 12 item 1: `[log] format` is text by default, json on request, and anything
+    /// else is a located error naming the valid values.
+    #[test]
+    fn log_format_is_validated() {
+        use crate::config::log::LogFormat;
+        let with = |section: &str| config().replace("[store]", &format!("{section}\n\n[store]"));
+        assert_eq!(parse_str(&config()).unwrap().log.format, LogFormat::Text);
+        let json = parse_str(&with("[log]\nformat = \"json\"")).unwrap();
+        assert_eq!(json.log.format, LogFormat::Json);
+        let e = errors(&with("[log]\nformat = \"syslog\""));
+        assert_eq!(e[0].key, "log.format");
+        assert!(
+            e[0].message.contains("valid: \"text\", \"json\""),
+            "{}",
+            e[0]
+        );
+        assert!(e[0].line > 1, "{}", e[0]);
     }
 
     #[test]

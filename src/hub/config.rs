@@ -68,6 +68,8 @@ pub struct HubConfig {
     pub gateways: Vec<GatewayEntry>,
     /// The local status endpoint (`/status`, `/metrics`, `/health`).
     pub status: crate::config::StatusConfig,
+    /// How log lines are written (`[log]`).
+    pub log: crate::config::log::LogConfig,
 }
 
 /// Where the hub's status endpoint listens unless the config says otherwise.
@@ -76,9 +78,23 @@ pub(crate) const DEFAULT_HUB_STATUS_LISTEN: &str = "127.0.0.1:9188";
 /// Where accepted records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkConfig {
-    /// JSON Lines, appended to one file.
-    Jsonl { path: PathBuf },
+    /// JSON Lines, appended to one file, rotated by size and/or age.
+    Jsonl { path: PathBuf, rotate: Rotation },
 }
+
+/// When the JSON Lines sink starts a fresh file (`rotate_bytes`, `rotate_every`); both
+/// `None`: never (an outside logrotate and SIGHUP can still do it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rotation {
+    /// Once the file holds at least this many bytes.
+    pub bytes: Option<u64>,
+    /// Once the file is this old.
+    pub every: Option<Duration>,
+}
+
+/// Smallest `rotate_bytes` and `rotate_every` accepted.
+const MIN_ROTATE_BYTES: u64 = 64 * 1024;
+const MIN_ROTATE_EVERY: Duration = Duration::from_secs(60);
 
 /// How the hub reaches its broker. Used by the MQTT layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +154,7 @@ struct RawHubConfig {
     sink: RawSink,
     mqtt: RawMqtt,
     status: Option<crate::config::RawStatus>,
+    log: Option<crate::config::log::RawLog>,
     #[serde(rename = "gateway", default)]
     gateways: Vec<RawGatewayEntry>,
 }
@@ -151,10 +168,15 @@ struct RawHub {
     state_path: PathBuf,
 }
 
+/// `[sink]`: a struct rather than a tagged enum, so its keys keep their spans.
 #[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-enum RawSink {
-    Jsonl { path: PathBuf },
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    path: PathBuf,
+    rotate_bytes: Option<Spanned<u64>>,
+    rotate_every: Option<Spanned<crate::config::duration::HumanDuration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -407,7 +429,52 @@ impl HubConfig {
 
         let status =
             crate::config::status_config(raw.status, &src, &mut errors, DEFAULT_HUB_STATUS_LISTEN);
+        let log = crate::config::log::log_config(raw.log, &src, &mut errors);
 
+        let sink = {
+            let RawSink {
+                kind,
+                path,
+                rotate_bytes,
+                rotate_every,
+            } = raw.sink;
+            if kind.get_ref() != "jsonl" {
+                errors.push(src.at(
+                    kind.span(),
+                    "sink.type",
+                    format!("unknown sink type {:?}; valid: \"jsonl\"", kind.get_ref()),
+                ));
+            }
+            {
+                if let Some(b) = rotate_bytes
+                    .as_ref()
+                    .filter(|b| *b.get_ref() < MIN_ROTATE_BYTES)
+                {
+                    errors.push(src.at(
+                        b.span(),
+                        "sink.rotate_bytes",
+                        format!("{} is too small; valid: at least {MIN_ROTATE_BYTES} (e.g. 1073741824 for 1 GiB)", b.get_ref()),
+                    ));
+                }
+                if let Some(e) = rotate_every
+                    .as_ref()
+                    .filter(|e| e.get_ref().0 < MIN_ROTATE_EVERY)
+                {
+                    errors.push(src.at(
+                        e.span(),
+                        "sink.rotate_every",
+                        "too short; valid: at least \"1m\", e.g. \"1d\"",
+                    ));
+                }
+                SinkConfig::Jsonl {
+                    path: resolve(&path),
+                    rotate: Rotation {
+                        bytes: rotate_bytes.map(Spanned::into_inner),
+                        every: rotate_every.map(|e| e.into_inner().0),
+                    },
+                }
+            }
+        };
         if !errors.is_empty() {
             return Err(errors.into());
         }
@@ -417,11 +484,7 @@ impl HubConfig {
             hpke_secret_key: resolve(&raw.hub.hpke_secret_key),
             ack_signing_key: resolve(&raw.hub.ack_signing_key),
             state_path: resolve(&raw.hub.state_path),
-            sink: match raw.sink {
-                RawSink::Jsonl { path } => SinkConfig::Jsonl {
-                    path: resolve(&path),
-                },
-            },
+            sink,
             mqtt: MqttConfig {
                 broker,
                 broker_is_embedded,
@@ -434,6 +497,7 @@ impl HubConfig {
             },
             gateways,
             status,
+            log,
         })
     }
 }
@@ -534,7 +598,8 @@ verifying_key = "/abs/gw-2.pub"
         assert_eq!(
             c.sink,
             SinkConfig::Jsonl {
-                path: "/etc/citygate/out/records.jsonl".into()
+                path: "/etc/citygate/out/records.jsonl".into(),
+                rotate: Rotation::default(),
             }
         );
         assert_eq!(c.mqtt.client_id, "hub-1");
@@ -710,6 +775,37 @@ verifying_key = "/abs/gw-2.pub"
             "{e:?}"
         );
         assert!(e[1].message.contains("64 hex digits"), "{}", e[1]);
+    }
+
+    /// issue 12 item 4: rotation keys are read and validated with their line.
+    #[test]
+    fn sink_rotation_keys_are_validated() {
+        let base = "[hub]\nid = \"h\"\nhpke_secret_key = \"k\"\nack_signing_key = \"a\"\nstate_path = \"s\"\n\
+                    [mqtt]\nbroker = \"localhost:1\"\ndanger_plaintext = true\n\
+                    [sink]\ntype = \"jsonl\"\npath = \"r.jsonl\"\n";
+        let gw = "[[gateway]]\nid = \"gw-1\"\nverifying_key = \"v\"\n";
+        let ok = HubConfig::parse(
+            Path::new("/etc/h.toml"),
+            &format!("{base}rotate_bytes = 1073741824\nrotate_every = \"1d\"\n{gw}"),
+        )
+        .unwrap();
+        let SinkConfig::Jsonl { rotate, .. } = ok.sink;
+        assert_eq!(rotate.bytes, Some(1 << 30));
+        assert_eq!(rotate.every, Some(Duration::from_secs(86_400)));
+        let e = HubConfig::parse(
+            Path::new("/etc/h.toml"),
+            &format!("{base}rotate_bytes = 10\nrotate_every = \"1s\"\n{gw}"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("h.toml:12:") && e.contains("sink.rotate_bytes"),
+            "{e}"
+        );
+        assert!(
+            e.contains("h.toml:13:") && e.contains("sink.rotate_every"),
+            "{e}"
+        );
     }
 
     #[test]

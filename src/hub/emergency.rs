@@ -252,7 +252,7 @@ fn parsed_id(p: &Parsed) -> &str {
 }
 
 fn sink_path(cfg: &HubConfig) -> &Path {
-    let SinkConfig::Jsonl { path } = &cfg.sink;
+    let SinkConfig::Jsonl { path, .. } = &cfg.sink;
     path
 }
 

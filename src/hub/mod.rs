@@ -43,6 +43,7 @@ pub(crate) mod emergency;
 pub(crate) mod process;
 pub mod prune;
 pub(crate) mod rewrite;
+mod rotate;
 pub(crate) mod sink;
 
 #[cfg(test)]
@@ -62,6 +63,7 @@ pub(crate) use sink::{BatchKey, JsonlSink, Sink, SinkBatch, SinkError};
 
 use crate::reading::{GatewayId, PurposeName, Record};
 use crate::seal::Opener;
+use crate::telemetry::log_limit::LogLimiter;
 use crate::wire::{Ack, AckSigner};
 
 /// An opened batch that passed every check but de-duplication.
@@ -140,6 +142,8 @@ pub struct Hub {
     below_window: AtomicU64,
     recovered_batches: u64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// Rate limit on the warnings of rejected and dropped payloads (the counters count all).
+    log: LogLimiter,
     /// The config the hub was opened from (named in the emergency end report's log line).
     config_path: Option<std::path::PathBuf>,
 }
@@ -177,6 +181,7 @@ impl Hub {
             below_window: AtomicU64::new(0),
             recovered_batches: recovered.len() as u64,
             rejected: Mutex::new(BTreeMap::new()),
+            log: LogLimiter::default(),
             config_path: None,
         })
     }
@@ -189,7 +194,9 @@ impl Hub {
         let (opener, ack_signer) = HubKeys::load(cfg)?.into_parts();
         let dedup = Dedup::open(&cfg.state_path)?;
         let sink: Box<dyn Sink> = match &cfg.sink {
-            SinkConfig::Jsonl { path } => Box::new(JsonlSink::open(path)?),
+            SinkConfig::Jsonl { path, rotate } => {
+                Box::new(JsonlSink::open(path)?.with_rotation(*rotate))
+            }
         };
         let mut hub = Hub::new(
             opener,
@@ -385,6 +392,11 @@ impl Hub {
         self.sink.reopen()
     }
 
+    /// The hub's limit on repeated warnings (also used by its MQTT side).
+    pub(crate) fn log_limiter(&self) -> &LogLimiter {
+        &self.log
+    }
+
     pub fn stats(&self) -> HubStats {
         HubStats {
             accepted_batches: self.accepted_batches.load(Ordering::Relaxed),
@@ -411,14 +423,18 @@ impl Hub {
 
     fn reject(&self, gateway: &GatewayId, reason: &'static str, detail: String) -> Ingest {
         self.count_rejection(reason);
-        tracing::warn!(gateway = %gateway, reason, detail = %detail, "batch rejected");
+        if self.log.allow(reason) {
+            tracing::warn!(gateway = %gateway, reason, detail = %detail, "batch rejected");
+        }
         Ingest::Rejected { reason, detail }
     }
 
     /// A failure of the hub itself: not acknowledged, so the gateway re-sends.
     fn fail(&self, gateway: &GatewayId, reason: &'static str, detail: String) -> Ingest {
         self.count_rejection(reason);
-        tracing::error!(gateway = %gateway, reason, detail = %detail, "batch not written");
+        if self.log.allow(reason) {
+            tracing::error!(gateway = %gateway, reason, detail = %detail, "batch not written");
+        }
         Ingest::Rejected { reason, detail }
     }
 }

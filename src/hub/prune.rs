@@ -9,7 +9,8 @@
 //! deleted by omission), or is unknown (lines from before purposes were recorded, envelope
 //! versions 1 and 2); lines that do not parse (a torn last line) are copied unchanged.
 //!
-//! The sink is rewritten as `rewrite` does it: crash-safely (temp file `<sink>.prune-tmp`,
+//! The rotated files beside the sink (`records-<UTC time>.jsonl`, `hub::rotate`) are pruned
+//! the same way, each on its own. The sink is rewritten as `rewrite` does it: crash-safely (temp file `<sink>.prune-tmp`,
 //! sync, rename, directory sync) and only while no hub holds the hub state, so prune refuses
 //! to run beside a hub.
 
@@ -50,7 +51,7 @@ struct WindowEnd {
 /// Prunes `cfg`'s sink at `now_ms` (ms since the Unix epoch). Blocks (file I/O, fsync).
 pub fn prune(cfg: &HubConfig, now_ms: i64) -> Result<PruneReport, PruneError> {
     let hub_lock = lock_hub(cfg, "pruning")?;
-    let SinkConfig::Jsonl { path } = &cfg.sink;
+    let SinkConfig::Jsonl { path, .. } = &cfg.sink;
     let mut retention: HashMap<(&str, &str), Duration> = HashMap::new();
     for g in &cfg.gateways {
         for p in &g.policies {
@@ -70,10 +71,24 @@ pub fn prune(cfg: &HubConfig, now_ms: i64) -> Result<PruneReport, PruneError> {
         }
         None => true,
     };
-    match rewrite_sink(&hub_lock, path, TEMP_SUFFIX, keep, b"")? {
-        Some(kept) => report.kept = kept,
-        None => return Ok(PruneReport::default()),
+    let mut keep = keep;
+    let rotated =
+        super::rotate::rotated_files(path).map_err(|source| super::rewrite::RewriteError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut kept = 0;
+    let mut any = false;
+    for file in rotated.iter().chain(std::iter::once(path)) {
+        if let Some(n) = rewrite_sink(&hub_lock, file, TEMP_SUFFIX, &mut keep, b"")? {
+            kept += n;
+            any = true;
+        }
     }
+    if !any {
+        return Ok(PruneReport::default());
+    }
+    report.kept = kept;
     for (purpose, n) in &report.dropped {
         tracing::info!(purpose = %purpose, dropped = n, "records past retention pruned");
     }
@@ -184,6 +199,29 @@ mod tests {
             kept.concat() + torn
         );
         assert!(!temp_path(&sink, TEMP_SUFFIX).exists());
+    }
+
+    /// issue 12 item 4: the rotated files beside the sink are pruned too.
+    #[test]
+    fn rotated_files_are_pruned_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let old = line("gw-1", Some("billing"), NOW - 9 * DAY_MS, None);
+        let fresh = line("gw-1", Some("billing"), NOW - DAY_MS, None);
+        let rotated = dir.path().join("records-20231101T000000Z.jsonl");
+        let other = dir.path().join("records-notes.jsonl");
+        std::fs::write(&rotated, old.clone() + &fresh).unwrap();
+        std::fs::write(&other, &old).unwrap();
+        std::fs::write(dir.path().join("records.jsonl"), &fresh).unwrap();
+        let report = prune(&cfg, NOW).unwrap();
+        assert_eq!(report.kept, 2);
+        assert_eq!(report.dropped, BTreeMap::from([("billing".to_owned(), 1)]));
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), fresh);
+        assert_eq!(
+            std::fs::read_to_string(&other).unwrap(),
+            old,
+            "not a rotated file"
+        );
     }
 
     /// Prune refuses to run beside a hub holding the state (and so the sink).

@@ -71,7 +71,11 @@ async fn ingest_group(hub: &Arc<Hub>, link: &MqttLink, group: Vec<(String, Bytes
     for (topic, payload) in group {
         match parse_stream_topic(&topic) {
             Some((gateway, _stream)) => items.push((gateway, payload)),
-            None => warn!(topic = %topic, "payload on an unexpected topic dropped"),
+            None => {
+                if hub.log_limiter().allow("unexpected_topic") {
+                    warn!(topic = %topic, "payload on an unexpected topic dropped");
+                }
+            }
         }
     }
     if items.is_empty() {
@@ -182,5 +186,6 @@ pub async fn serve(
         announce(&link, &hub_id, None).await;
     }
     link.shutdown().await;
+    hub.log_limiter().flush();
     info!("hub stopped");
 }

@@ -82,10 +82,11 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::config::Rotation;
 use crate::reading::{GatewayId, PurposeName, Quality, Record, Stream, Value, Window};
 
 /// How much of the end of a JSON Lines file [`JsonlSink::recover`] reads.
@@ -188,6 +189,9 @@ pub(crate) trait Sink: Send + Sync + std::fmt::Debug {
 pub(crate) struct JsonlSink {
     path: PathBuf,
     file: Mutex<File>,
+    rotation: Rotation,
+    /// When the current file was started (its creation time, or when it was opened).
+    since: Mutex<SystemTime>,
 }
 
 #[derive(Serialize)]
@@ -309,10 +313,36 @@ pub(crate) fn encode_batch(batch: &SinkBatch<'_>) -> Vec<u8> {
 impl JsonlSink {
     /// Opens (or creates) the file for appending; creates its directory if needed.
     pub(crate) fn open(path: &Path) -> Result<JsonlSink, SinkError> {
+        let file = open_append(path)?;
+        let since = started(&file);
         Ok(JsonlSink {
             path: path.to_owned(),
-            file: Mutex::new(open_append(path)?),
+            file: Mutex::new(file),
+            rotation: Rotation::default(),
+            since: Mutex::new(since),
         })
+    }
+
+    /// Rotates the file as `rotation` says (see [`super::rotate`]).
+    pub(crate) fn with_rotation(mut self, rotation: Rotation) -> JsonlSink {
+        self.rotation = rotation;
+        self
+    }
+
+    /// Starts a fresh file if the current one is due; call with the file locked, before a
+    /// group's lines.
+    fn rotate_if_due(&self, file: &mut File) -> Result<(), SinkError> {
+        let now = SystemTime::now();
+        let mut since = self.since.lock().unwrap_or_else(PoisonError::into_inner);
+        let len = file.metadata().map_err(self.io_err())?.len();
+        if !super::rotate::due(&self.rotation, len, *since, now) {
+            return Ok(());
+        }
+        let to = super::rotate::rotate(&self.path, now).map_err(self.io_err())?;
+        *file = open_append(&self.path)?;
+        *since = now;
+        tracing::info!(rotated_to = %to.display(), bytes = len, "sink rotated");
+        Ok(())
     }
 
     fn io_err(&self) -> impl FnOnce(io::Error) -> SinkError + '_ {
@@ -321,6 +351,13 @@ impl JsonlSink {
             source,
         }
     }
+}
+
+/// When `file` was started: its creation time where the file system keeps one, else now.
+fn started(file: &File) -> SystemTime {
+    file.metadata()
+        .and_then(|m| m.created())
+        .unwrap_or_else(|_| SystemTime::now())
 }
 
 /// Opens (or creates) `path` for appending, creating its directory if needed.
@@ -362,6 +399,7 @@ impl Sink for JsonlSink {
             return Ok(());
         }
         let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        self.rotate_if_due(&mut file)?;
         let before = file.metadata().map_err(self.io_err())?.len();
         let written = file.write_all(&bytes).and_then(|()| file.sync_data());
         if let Err(e) = written {
@@ -377,9 +415,11 @@ impl Sink for JsonlSink {
         // Opened before taking the lock, swapped under it: a write in progress finishes on
         // the old file; every later write goes to the file now at `path`.
         let fresh = open_append(&self.path)?;
+        let since = started(&fresh);
         let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
         file.sync_all().map_err(self.io_err())?;
         *file = fresh;
+        *self.since.lock().unwrap_or_else(PoisonError::into_inner) = since;
         Ok(())
     }
 

@@ -5,9 +5,11 @@
 //! - the driver ([`super::driver`]), which polls the event loop and does nothing else: it
 //!   reports connection changes, incoming publishes, SUBACKs and PUBACKs as [`LinkEvent`]s on
 //!   a bounded channel and reconnects with jittered, capped exponential backoff;
-//! - the re-subscriber, which re-issues every subscription made through
-//!   [`MqttLink::subscribe`] whenever the broker answers CONNACK with `session_present = 0`
-//!   (a new session has no subscriptions). Subscribing twice to a filter is harmless.
+//! - the subscriber, the only task that sends SUBSCRIBE: it issues each filter added through
+//!   [`MqttLink::subscribe`] once while connected, and every filter again whenever the
+//!   broker answers CONNACK with `session_present = 0` (a new session has no
+//!   subscriptions). So each filter is subscribed exactly once per session, however a
+//!   `subscribe` call and a CONNACK interleave.
 //!
 //! Publishing happens from the caller's task through the `AsyncClient` (never from the
 //! driver, which would deadlock once rumqttc's request channel is full).
@@ -129,8 +131,7 @@ pub enum LinkError {
 #[derive(Debug)]
 pub struct MqttLink {
     client: AsyncClient,
-    subscriptions: Arc<Mutex<Vec<(String, QoS)>>>,
-    state_rx: watch::Receiver<LinkState>,
+    subscriptions: Arc<Subscriptions>,
     driver: Option<JoinHandle<()>>,
     resubscriber: JoinHandle<()>,
 }
@@ -156,7 +157,7 @@ impl MqttLink {
         let (client, eventloop) = AsyncClient::new(mqtt_options, REQUEST_CHANNEL_CAPACITY);
         let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
         let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
-        let subscriptions = Arc::new(Mutex::new(Vec::new()));
+        let subscriptions = Arc::new(Subscriptions::default());
 
         let driver = Driver::new(
             eventloop,
@@ -175,7 +176,6 @@ impl MqttLink {
         let link = MqttLink {
             client,
             subscriptions,
-            state_rx,
             driver: Some(driver),
             resubscriber,
         };
@@ -186,24 +186,30 @@ impl MqttLink {
     /// first one included): one SUBSCRIBE per filter and session, so a caller can count one
     /// SUBACK per filter after each `Connected { session_present: false }`.
     pub async fn subscribe(&self, filter: &str, qos: QoS) -> Result<(), LinkError> {
+        if !rumqttc::valid_filter(filter) {
+            return Err(LinkError::Rejected(
+                "subscribe (invalid filter?)".to_owned(),
+            ));
+        }
+        if self.driver.as_ref().map_or(true, JoinHandle::is_finished) {
+            return Err(LinkError::Stopped);
+        }
         {
             let mut subs = self
                 .subscriptions
+                .list
                 .lock()
                 .map_err(|_| LinkError::Rejected("subscription list poisoned".to_owned()))?;
-            if !subs.iter().any(|(f, q)| f == filter && *q == qos) {
-                subs.push((filter.to_owned(), qos));
+            if !subs.iter().any(|s| s.filter == filter && s.qos == qos) {
+                subs.push(Subscription {
+                    filter: filter.to_owned(),
+                    qos,
+                    sent_in: None,
+                });
             }
         }
-        // Not connected: the re-subscriber issues it after the CONNACK. (Connected between
-        // the push and this check: both may send it; a second SUBSCRIBE is harmless.)
-        if !matches!(*self.state_rx.borrow(), LinkState::Connected { .. }) {
-            return Ok(());
-        }
-        self.client
-            .subscribe(filter, qos)
-            .await
-            .map_err(|err| self.client_error(err))
+        self.subscriptions.added.notify_one();
+        Ok(())
     }
 
     /// Queues a publish, waiting while rumqttc's request queue is full. Never call this from a
@@ -288,32 +294,64 @@ fn request_kind(request: &rumqttc::Request) -> &'static str {
     }
 }
 
-/// Re-issues subscriptions after each connection that started a new session.
+/// The filters of a link and when each was last sent.
+#[derive(Debug, Default)]
+struct Subscriptions {
+    list: Mutex<Vec<Subscription>>,
+    /// Signalled when a filter is added.
+    added: tokio::sync::Notify,
+}
+
+#[derive(Debug)]
+struct Subscription {
+    filter: String,
+    qos: QoS,
+    /// The connection epoch it was last sent in; `None`: never.
+    sent_in: Option<u64>,
+}
+
+/// Sends every SUBSCRIBE of the link: new filters while connected, and all of them after
+/// each connection that started a new session; see the module docs.
 async fn resubscribe(
     client: AsyncClient,
     mut state_rx: watch::Receiver<LinkState>,
-    subscriptions: Arc<Mutex<Vec<(String, QoS)>>>,
+    subscriptions: Arc<Subscriptions>,
 ) {
-    while state_rx.changed().await.is_ok() {
-        let new_session = matches!(
-            *state_rx.borrow_and_update(),
+    loop {
+        let connected = match *state_rx.borrow_and_update() {
             LinkState::Connected {
-                session_present: false,
-                ..
-            }
-        );
-        if !new_session {
-            continue;
-        }
-        let subs = match subscriptions.lock() {
-            Ok(subs) => subs.clone(),
-            Err(_) => return,
+                session_present,
+                epoch,
+            } => Some((session_present, epoch)),
+            _ => None,
         };
-        for (filter, qos) in subs {
-            debug!(%filter, "re-subscribing after new session");
-            if client.subscribe(filter, qos).await.is_err() {
-                return; // the event loop is gone
+        if let Some((session_present, epoch)) = connected {
+            let due: Vec<(String, QoS)> = match subscriptions.list.lock() {
+                Ok(mut subs) => subs
+                    .iter_mut()
+                    .filter(|s| match s.sent_in {
+                        None => true,
+                        Some(sent) => !session_present && sent != epoch,
+                    })
+                    .map(|s| {
+                        s.sent_in = Some(epoch);
+                        (s.filter.clone(), s.qos)
+                    })
+                    .collect(),
+                Err(_) => return,
+            };
+            if !due.is_empty() {
+                debug!(filters = due.len(), epoch, "subscribing");
             }
+            for (filter, qos) in due {
+                if client.subscribe(filter, qos).await.is_err() {
+                    return; // the event loop is gone
+                }
+            }
+        }
+        tokio::select! {
+            changed = state_rx.changed() => if changed.is_err() { return },
+            () = subscriptions.added.notified() => {}
         }
     }
 }

@@ -17,6 +17,7 @@ mod loadtest;
 mod mosquitto;
 mod mqtt_meters;
 mod one_box;
+mod operations;
 mod pipeline;
 mod policies;
 mod policy_cli;

@@ -290,3 +290,87 @@ fn check_prints_rtu_buses_with_cycle_time_and_warns_when_overloaded() {
         .unwrap();
     assert!(bus.contains("WARNING"), "{bus}");
 }
+
+/// issue 12 item 5: `scan` reports progress on stderr and stops when its `--budget` is
+/// spent, saying what it covered and how to scan the rest.
+#[test]
+fn scan_reports_progress_and_stops_at_its_budget() {
+    let sim = Sim::start();
+    let (code, out, err) = run_scan(&[
+        "scan",
+        "--tcp",
+        &sim.tcp,
+        "--units",
+        "1-247",
+        "--timeout",
+        "50ms",
+        "--budget",
+        "1s",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("unit   1  answers"), "{out}");
+    assert!(err.contains("unit ids tried"), "{err}");
+    let stopped = out
+        .lines()
+        .find(|l| l.starts_with("stopped: the --budget of 1s ran out after"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(stopped.contains("scan the rest with --units "), "{stopped}");
+    assert!(!stopped.contains("after 247 of"), "{stopped}");
+}
+
+/// issue 12 item 5: `probe` with an MQTT profile says so instead of polling; `probe` and
+/// `sim` with a missing profile directory say that (exit 64), not "invalid configuration".
+#[test]
+fn probe_refuses_mqtt_profiles_and_missing_profile_dirs_are_named() {
+    let (code, _, err) = run(&[
+        "probe",
+        "--profile",
+        "oem-nbiot-water-mqtt",
+        "--tcp",
+        "127.0.0.1:9",
+        "--unit",
+        "1",
+    ]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("profile oem-nbiot-water-mqtt is an MQTT profile; probe reads Modbus meters"),
+        "{err}"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    for args in [
+        &[
+            "probe",
+            "--profile",
+            "x",
+            "--tcp",
+            "127.0.0.1:9",
+            "--unit",
+            "1",
+        ][..],
+        &["sim", "--profile", "x", "--listen", "127.0.0.1:0"][..],
+    ] {
+        let out = citygate()
+            .args(args)
+            .current_dir(empty.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert!(err.contains("no profile directory"), "{err}");
+        assert!(err.contains("firmware-profiles"), "{err}");
+        assert!(!err.contains("invalid configuration"), "{err}");
+        let missing = empty.path().join("nope");
+        let out = citygate()
+            .args(args)
+            .arg("--profiles-dir")
+            .arg(&missing)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert!(
+            err.contains("no such directory of device profiles"),
+            "{err}"
+        );
+    }
+}

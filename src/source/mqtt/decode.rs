@@ -213,8 +213,12 @@ fn alink_params(root: &Json) -> Result<&Map<String, Json>, PayloadError> {
         Some(other) => {
             return Err(shape_err(
                 PayloadShape::Alink,
-                format!("method is {other}, expected \"{ALINK_PROPERTY_POST}\""),
-            ))
+                // The value itself is not repeated: it is the meter's text (issue 12).
+                format!(
+                    "method ({}) is not \"{ALINK_PROPERTY_POST}\"",
+                    kind_name(other)
+                ),
+            ));
         }
     }
     match obj.get("params") {

@@ -12,6 +12,7 @@
 
 pub mod decode;
 pub(crate) mod health;
+pub(crate) mod redact;
 pub(crate) mod routes;
 pub(crate) mod subscriber;
 pub(crate) mod time;

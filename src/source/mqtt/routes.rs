@@ -81,6 +81,15 @@ impl Routes {
         f
     }
 
+    /// The filters with a `+` level and the gateway-API topics: topics whose levels name no
+    /// meter (what [`super::redact::Redactor`] may keep of an unknown topic).
+    pub(crate) fn patterns(&self) -> impl Iterator<Item = &str> {
+        self.patterns
+            .iter()
+            .map(|p| p.filter.as_str())
+            .chain(self.gateways.keys().map(String::as_str))
+    }
+
     /// The device a message on `topic` is from.
     pub(crate) fn device(&self, topic: &str) -> Option<&DeviceConfig> {
         if let Some(i) = self.exact.get(topic) {

@@ -28,69 +28,27 @@
 //! `down_grace`, and [`SourceHealth`] raises the fault `mqtt_source:<name>` (its devices are
 //! stale, `/health` degraded) while the source is down or reconnect-looping.
 //!
-//! Warnings about bad messages are rate-limited ([`LOG_BURST`] per [`LOG_WINDOW`], then a
-//! count of what was suppressed); every bad message is counted regardless. Nothing a
-//! broker sends can make this task panic or stop; it stops on cancellation.
+//! Warnings about bad messages are rate-limited per kind ([`LogLimiter`]: a burst per window,
+//! then a count of what was suppressed); every bad message is counted regardless. No line
+//! carries a topic or a gateway-API key as received: they hold meter keys ([`Redactor`]
+//! names the device, or pseudonymises the levels that may be keys). Nothing a broker sends
+//! can make this task panic or stop; it stops on cancellation.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::decode::{decode, Decoded, MAX_PAYLOAD_BYTES};
 use super::health::SourceHealth;
+use super::redact::Redactor;
 use super::routes::Routes;
 use crate::config::{DeviceConfig, MqttSourceConfig};
 use crate::mqtt::{LinkEvent, LinkFailure, LinkOptions, MqttLink, QoS};
 use crate::reading::{now_ms, DeviceId, FieldName, TimestampMs};
 use crate::source::{RawSample, SampleData, SourceContext, TimeSource};
+use crate::telemetry::log_limit::LogLimiter;
 use crate::telemetry::PollOutcome;
-
-/// Warnings about bad messages allowed per [`LOG_WINDOW`].
-pub(crate) const LOG_BURST: u32 = 10;
-pub(crate) const LOG_WINDOW: Duration = Duration::from_secs(60);
-
-/// Allows a burst of log lines per window and counts the rest.
-#[derive(Debug)]
-struct LogLimiter {
-    window_start: Instant,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    fn new() -> Self {
-        Self {
-            window_start: Instant::now(),
-            logged: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// Whether to log this one; reports what the previous window suppressed.
-    fn allow(&mut self, source: &str) -> bool {
-        if self.window_start.elapsed() >= LOG_WINDOW {
-            if self.suppressed > 0 {
-                warn!(
-                    source,
-                    suppressed = self.suppressed,
-                    "bad mqtt messages not logged"
-                );
-            }
-            self.window_start = Instant::now();
-            self.logged = 0;
-            self.suppressed = 0;
-        }
-        if self.logged < LOG_BURST {
-            self.logged += 1;
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
-    }
-}
 
 /// The source task of one broker connection; see the module docs.
 #[derive(Debug)]
@@ -101,6 +59,7 @@ pub(crate) struct MqttSubscriber {
     /// Per device and field: the latest meter timestamp used.
     last: HashMap<DeviceId, HashMap<FieldName, TimestampMs>>,
     log: LogLimiter,
+    redact: Redactor,
     health: SourceHealth,
     /// The fault reason currently raised, if any.
     fault: Option<String>,
@@ -112,14 +71,16 @@ impl MqttSubscriber {
         devices: Vec<DeviceConfig>,
         cx: SourceContext,
     ) -> Self {
+        let routes = Routes::new(devices);
         Self {
             health: SourceHealth::new(&cfg.name, cfg.down_grace, Instant::now()),
             fault: None,
             cfg,
-            routes: Routes::new(devices),
+            redact: Redactor::new(routes.patterns()),
+            routes,
             cx,
             last: HashMap::new(),
-            log: LogLimiter::new(),
+            log: LogLimiter::default(),
         }
     }
 
@@ -156,7 +117,7 @@ impl MqttSubscriber {
         };
         for filter in self.routes.filters() {
             if let Err(e) = link.subscribe(&filter, qos).await {
-                error!(%filter, error = %e, "mqtt subscribe failed");
+                error!(filter = %self.redact.topic(&filter), error = %e, "mqtt subscribe failed");
             }
         }
         info!(broker = %self.cfg.broker, devices = self.routes.devices().len(), "mqtt source started");
@@ -192,6 +153,7 @@ impl MqttSubscriber {
             self.update_fault();
         }
         link.shutdown().await;
+        self.log.flush();
         self.cx.metrics.clear_fault(&self.health.key());
         info!("mqtt source stopped");
     }
@@ -228,8 +190,8 @@ impl MqttSubscriber {
         }
         let Some(device) = self.routes.device(topic).cloned() else {
             self.cx.metrics.mqtt_unknown_topic.inc();
-            if self.log.allow(&self.cfg.name) {
-                warn!(topic, "mqtt message on a topic no device listens on");
+            if self.log.allow("unknown_topic") {
+                warn!(topic = %self.redact.topic(topic), "mqtt message on a topic no device listens on");
             }
             return;
         };
@@ -237,7 +199,7 @@ impl MqttSubscriber {
             return; // config validation gives every MQTT device an MQTT profile
         };
         let decoded = decode(spec, payload, received_ms);
-        self.accept(topic, &device, decoded, received_ms, payload.len());
+        self.accept(&device, decoded, received_ms, payload.len());
     }
 
     /// Drops a message too large to decode; counted, and a payload error of its device.
@@ -251,7 +213,11 @@ impl MqttSubscriber {
                 .metrics
                 .record_poll(id, received_ms, &PollOutcome::PayloadError(e.to_string()));
         }
-        if self.log.allow(&self.cfg.name) {
+        if self.log.allow("oversized") {
+            let topic = match &device {
+                Some(_) => None,
+                None => Some(self.redact.topic(topic)),
+            };
             warn!(
                 topic,
                 device = device.as_ref().map(tracing::field::display),
@@ -275,8 +241,8 @@ impl MqttSubscriber {
                     },
                 };
                 self.cx.metrics.mqtt_payload_errors.inc();
-                if self.log.allow(&self.cfg.name) {
-                    warn!(topic, bytes = payload.len(), error = %e, "mqtt payload rejected");
+                if self.log.allow("payload_rejected") {
+                    warn!(topic = %self.redact.topic(topic), bytes = payload.len(), error = %e, "mqtt payload rejected");
                 }
                 return;
             }
@@ -284,10 +250,11 @@ impl MqttSubscriber {
         for (key, telemetry) in &root {
             let Some(device) = self.routes.gateway_device(topic, key).cloned() else {
                 self.cx.metrics.mqtt_unknown_topic.inc();
-                if self.log.allow(&self.cfg.name) {
+                if self.log.allow("unknown_topic") {
                     warn!(
-                        topic,
-                        key, "gateway-api message for a device not configured"
+                        topic = %self.redact.topic(topic),
+                        key = %self.redact.pseudonym(key),
+                        "gateway-api message for a device not configured"
                     );
                 }
                 continue;
@@ -296,14 +263,13 @@ impl MqttSubscriber {
                 continue;
             };
             let decoded = super::decode::decode_value(spec, telemetry, received_ms);
-            self.accept(topic, &device, decoded, received_ms, payload.len());
+            self.accept(&device, decoded, received_ms, payload.len());
         }
     }
 
     /// Counts, de-duplicates and forwards what one device's message yielded.
     fn accept(
         &mut self,
-        topic: &str,
         device: &DeviceConfig,
         decoded: Result<Decoded, super::PayloadError>,
         received_ms: TimestampMs,
@@ -318,8 +284,8 @@ impl MqttSubscriber {
                     received_ms,
                     &PollOutcome::PayloadError(e.to_string()),
                 );
-                if self.log.allow(&self.cfg.name) {
-                    warn!(topic, device = %device.id, bytes, error = %e, "mqtt payload rejected");
+                if self.log.allow("payload_rejected") {
+                    warn!(device = %device.id, bytes, error = %e, "mqtt payload rejected");
                 }
                 return;
             }
@@ -332,8 +298,8 @@ impl MqttSubscriber {
                 received_ms,
                 &PollOutcome::PayloadError(first.to_string()),
             );
-            if self.log.allow(&self.cfg.name) {
-                warn!(topic, device = %device.id, errors = errors.len(), first = %first, "mqtt payload fields unusable");
+            if self.log.allow("field_errors") {
+                warn!(device = %device.id, errors = errors.len(), first = %first, "mqtt payload fields unusable");
             }
         } else {
             self.cx
@@ -382,7 +348,7 @@ impl MqttSubscriber {
         }
         if stale > 0 {
             self.cx.metrics.mqtt_stale_values.add(stale as u64);
-            debug!(topic, device = %device.id, stale, "stale or duplicate mqtt values dropped");
+            debug!(device = %device.id, stale, "stale or duplicate mqtt values dropped");
         }
         if values.is_empty() {
             return;
@@ -560,12 +526,36 @@ mod tests {
         assert_eq!(m.samples_dropped.get(), 6, "channel capacity 4");
     }
 
+    /// issue 12 item 2 and 3: warnings provoked by unknown topics, malformed and oversized
+    /// payloads and unknown gateway-API keys name no meter key, and a flood of them is cut
+    /// to a burst while the counters count every message.
     #[test]
-    fn log_limiter_allows_a_burst_per_window() {
-        let mut l = LogLimiter::new();
-        let allowed = (0..LOG_BURST * 3).filter(|_| l.allow("s")).count();
-        assert_eq!(allowed, LOG_BURST as usize);
-        assert_eq!(l.suppressed, u64::from(LOG_BURST) * 2);
+    fn warnings_carry_no_meter_key_and_a_flood_is_rate_limited() {
+        let (mut s, _rx, m) = subscriber();
+        let (mut tb, _tb_rx, tb_m) = thingsboard_subscriber(&["Meter A"]);
+        let mut huge = b"{\"f\":1.5,\"pad\":\"".to_vec();
+        huge.resize(MAX_PAYLOAD_BYTES + 1, b'x');
+        let ((), logs) = crate::test_fixtures::capture_warnings(|| {
+            for i in 0..500 {
+                s.on_message("w/W1/up", b"not json", 1_000 + i);
+                s.on_message("w/W1/up", br#"{"g": 1}"#, 1_000 + i);
+                s.on_message("w/W7777/up", br#"{"f": 1}"#, 1_000 + i);
+                s.on_message("w/W1/up", &huge, 1_000 + i);
+                s.on_message("w/W8888/up", &huge, 1_000 + i);
+                tb.on_message("v1/gateway/telemetry", br#"{"Meter Q": []}"#, 1_000 + i);
+                tb.on_message("v1/gateway/telemetry", b"[1]", 1_000 + i);
+            }
+        });
+        for key in ["W1/", "W7777", "W8888", "Meter Q"] {
+            assert!(!logs.contains(key), "{key} in the log:\n{logs}");
+        }
+        assert!(logs.contains("device=w1"), "{logs}");
+        assert!(logs.contains("topic=w/~"), "{logs}");
+        assert_eq!(m.mqtt_payload_errors.get(), 2000);
+        assert_eq!(m.mqtt_unknown_topic.get(), 500);
+        assert_eq!(tb_m.mqtt_unknown_topic.get(), 500);
+        let lines = logs.lines().count();
+        assert!(lines <= 6 * 10, "{lines} lines:\n{logs}");
     }
 
     /// One message from a meter whose clock is 12 h ahead must not blind the device: it is
