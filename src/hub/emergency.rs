@@ -256,8 +256,27 @@ fn sink_path(cfg: &HubConfig) -> &Path {
     path
 }
 
-/// Calls `each` with every line of the sink (none if there is no sink).
+/// The sink's files: its rotated files (`hub::rotate`), oldest first, then the current one.
+fn sink_files(path: &Path) -> Result<Vec<PathBuf>, EmergencyError> {
+    let mut files = super::rotate::rotated_files(path).map_err(|source| EmergencyError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    files.push(path.to_owned());
+    Ok(files)
+}
+
+/// Calls `each` with every line of the sink's files, rotated ones first (none if there is
+/// no sink).
 fn for_each_line(path: &Path, mut each: impl FnMut(&[u8])) -> Result<(), EmergencyError> {
+    for file in sink_files(path)? {
+        for_each_line_of(&file, &mut each)?;
+    }
+    Ok(())
+}
+
+/// Calls `each` with every line of the file `path` (none if it does not exist).
+fn for_each_line_of(path: &Path, mut each: impl FnMut(&[u8])) -> Result<(), EmergencyError> {
     let io_err = |source| EmergencyError::Io {
         path: path.to_owned(),
         source,
@@ -428,7 +447,28 @@ pub fn destroy(cfg: &HubConfig, id: &str, now_ms: i64) -> Result<Destruction, Em
     .expect("invariant: an event line serialises");
     event.push(b'\n');
     let is_data = |line: &[u8]| matches!(parse(line), Some(Parsed::Data { id: i, .. }) if i == id);
-    rewrite_sink(&hub_lock, path, TEMP_SUFFIX, |line| !is_data(line), &event)?;
+    // Rotated files that hold some of its records are rewritten without them; the current
+    // file (or, before its first write after a rotation, the newest rotated one) also gets
+    // the event.
+    let files = sink_files(path)?;
+    let event_at = if path.exists() {
+        path.to_owned()
+    } else {
+        files
+            .iter()
+            .rev()
+            .find(|f| f.exists())
+            .cloned()
+            .unwrap_or_else(|| path.to_owned())
+    };
+    for file in &files {
+        let mut held = 0u64;
+        for_each_line_of(file, |line| held += u64::from(is_data(line)))?;
+        let trailer: &[u8] = if *file == event_at { &event } else { b"" };
+        if held > 0 || !trailer.is_empty() {
+            rewrite_sink(&hub_lock, file, TEMP_SUFFIX, |line| !is_data(line), trailer)?;
+        }
+    }
     tracing::info!(emergency_id = id, records, sink = %path.display(), "emergency records destroyed");
     Ok(Destruction::Destroyed(records))
 }

@@ -337,3 +337,58 @@ fn recovery_keeps_the_event_line_and_cuts_only_a_torn_batch_after_it() {
     assert!(!logs.contains("without a batch key"), "{logs}");
     assert!(logs.contains("cutting"), "{logs}");
 }
+
+/// Issue 11 item 7 with issue 12's sink rotation: an emergency whose records are split over
+/// a rotated file and the current one is listed, exported and destroyed in both.
+#[test]
+fn list_export_and_destroy_cover_the_rotated_files() {
+    let f = Fixture::new();
+    // Rotate after the fixture's batches; then one more em-1 record in the fresh file.
+    let rotated = f.dir.path().join("records-20251201T000000Z.jsonl");
+    std::fs::rename(f.sink(), &rotated).unwrap();
+    let sink = JsonlSink::open(&f.sink()).unwrap();
+    let key = BatchKey {
+        gateway: GatewayId::new("gw-1").unwrap(),
+        stream: Stream::from_name("readings-7").unwrap(),
+        incarnation: 1,
+        seq: 9,
+    };
+    let purpose = PurposeName::new("grid-emergency").unwrap();
+    sink.write_batches(&[SinkBatch {
+        key: &key,
+        purpose: Some(&purpose),
+        records: &[data("em-1", T0 + 9000)],
+    }])
+    .unwrap();
+    drop(sink);
+    let em1 = list(&f.cfg)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.id == "em-1")
+        .unwrap();
+    assert_eq!((em1.records, em1.reports), (4, 2), "both files");
+    let out = f.dir.path().join("em-1.jsonl");
+    assert_eq!(export(&f.cfg, "em-1", &out).unwrap(), 6);
+    assert_eq!(
+        destroy(&f.cfg, "em-1", NOW).unwrap(),
+        Destruction::Destroyed(4)
+    );
+    for file in [&rotated, &f.sink()] {
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(
+            !text.lines().any(|l| is_data_of(l, "em-1")),
+            "{}",
+            file.display()
+        );
+    }
+    assert!(std::fs::read_to_string(f.sink())
+        .unwrap()
+        .contains("emergency_destroyed"));
+    let em1 = list(&f.cfg)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.id == "em-1")
+        .unwrap();
+    assert_eq!(em1.records, 0);
+    assert_eq!(em1.destroyed.map(|d| d.records), Some(4));
+}
