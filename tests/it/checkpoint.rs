@@ -8,7 +8,7 @@ use std::time::Duration;
 use citygate::reading::Stream;
 use citygate::store::{SledStore, Store, StoreOptions};
 
-use crate::policies::{publish, water_payload, MqttRig};
+use crate::mqtt_rig::{publish, water_payload, MqttRig};
 use crate::support::*;
 
 /// Readings one water meter message of [`water_payload`] decodes to (meter id, volume, flow).

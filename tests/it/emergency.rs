@@ -10,7 +10,7 @@ use std::time::Duration;
 use citygate::emergency::{self, Order, Progress};
 use citygate::reading::Stream;
 
-use crate::policies::{publish, water_payload, MqttRig};
+use crate::mqtt_rig::{publish, water_payload, MqttRig};
 use crate::support::*;
 
 /// A flow that lets nothing out while the test runs (a daily mean) and an emergency policy

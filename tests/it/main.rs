@@ -16,6 +16,7 @@ mod hub_wire;
 mod loadtest;
 mod mosquitto;
 mod mqtt_meters;
+mod mqtt_rig;
 mod one_box;
 mod operations;
 mod pipeline;
