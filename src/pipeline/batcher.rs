@@ -476,5 +476,5 @@ fn far_future() -> Instant {
 }
 
 #[cfg(test)]
-#[path = "batcher_tests.rs"]
+#[path = "batcher_tests/mod.rs"]
 mod tests;

@@ -82,6 +82,72 @@ fn setup() -> Run {
     Run { rig, cfg, config }
 }
 
+/// `citygate emergency start` of the `burst` policy for gateway config `config`.
+fn order_burst(config: &Path, reason: &str, duration: &str) -> (bool, String) {
+    let config = config.to_str().unwrap();
+    citygate(&[
+        "emergency",
+        "start",
+        "--config",
+        config,
+        "--policy",
+        "burst",
+        "--reason",
+        reason,
+        "--for",
+        duration,
+    ])
+}
+
+/// `citygate emergency stop|status` for gateway config `config`.
+fn emergency(config: &Path, command: &str) -> (bool, String) {
+    citygate(&["emergency", command, "--config", config.to_str().unwrap()])
+}
+
+/// A running gateway with its uplink, a hub approving the stamps `approve` keeps, and a
+/// meters' link, on `run`'s rig.
+struct Live {
+    hub: citygate::hub::HubProcess,
+    store: std::sync::Arc<dyn citygate::store::Store>,
+    running: citygate::supervisor::Running,
+    metrics: std::sync::Arc<citygate::telemetry::Metrics>,
+    uplink: citygate::supervisor::UplinkHandle,
+    link: citygate::mqtt::MqttLink,
+}
+
+impl Live {
+    async fn start(run: &Run, approve: impl Fn(&citygate::seal::PolicyStamp) -> bool) -> Live {
+        let approved: Vec<_> = citygate::supervisor::policy_stamps(&run.cfg)
+            .into_iter()
+            .map(|(_, s)| s)
+            .filter(|s| approve(s))
+            .collect();
+        let (rig, cfg) = (&run.rig, &run.cfg);
+        let hub = start_hub_approving(rig.dep.path(), &rig.ca, rig.port, &approved).await;
+        let (store, running) = start_gateway(cfg);
+        let metrics = running.metrics.clone();
+        let uplink =
+            start_uplink(cfg, &running, &rig.ca, rig.port, 8, Duration::from_secs(3)).await;
+        let link = rig.meters_link(&metrics).await;
+        Live {
+            hub,
+            store,
+            running,
+            metrics,
+            uplink,
+            link,
+        }
+    }
+
+    /// Stops everything; the gateway must stop clean.
+    async fn finish(self, run: Run) {
+        assert!(self.running.shutdown(Duration::from_secs(10)).await);
+        self.uplink.finish(Duration::from_secs(5)).await;
+        self.hub.shutdown().await;
+        run.rig.broker.shutdown();
+    }
+}
+
 /// Publishes readings of both meters, one every 200 ms, until `done` or 30 s.
 async fn publish_until(link: &citygate::mqtt::MqttLink, mut done: impl FnMut() -> bool) -> bool {
     for i in 0..150 {
@@ -110,30 +176,15 @@ async fn publish_until(link: &citygate::mqtt::MqttLink, mut done: impl FnMut() -
 /// the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emergency_raises_resolution_ends_by_itself_and_reports() {
-    let Run { rig, cfg, config } = setup();
-    let approved: Vec<_> = citygate::supervisor::policy_stamps(&cfg)
-        .into_iter()
-        .map(|(_, s)| s)
-        .collect();
-    assert!(approved.iter().any(|s| s.purpose.as_str() == "burst"));
-    let hub = start_hub_approving(rig.dep.path(), &rig.ca, rig.port, &approved).await;
-    let (store, running) = start_gateway(&cfg);
-    let metrics = running.metrics.clone();
-    let uplink = start_uplink(&cfg, &running, &rig.ca, rig.port, 8, Duration::from_secs(3)).await;
-    let link = rig.meters_link(&metrics).await;
+    let run = setup();
+    assert!(citygate::supervisor::policy_stamps(&run.cfg)
+        .iter()
+        .any(|(_, s)| s.purpose.as_str() == "burst"));
+    let live = Live::start(&run, |_| true).await;
+    let (rig, cfg, config) = (&run.rig, &run.cfg, &run.config);
+    let (store, metrics, link, hub) = (&live.store, &live.metrics, &live.link, &live.hub);
 
-    let (ok, out) = citygate(&[
-        "emergency",
-        "start",
-        "--config",
-        config.to_str().unwrap(),
-        "--policy",
-        "burst",
-        "--reason",
-        "burst main on Elm Street",
-        "--for",
-        "4s",
-    ]);
+    let (ok, out) = order_burst(config, "burst main on Elm Street", "4s");
     assert!(ok, "{out}");
     let order: Order = emergency::read(&emergency::order_path(&cfg.store.path))
         .unwrap()
@@ -141,24 +192,13 @@ async fn an_emergency_raises_resolution_ends_by_itself_and_reports() {
     assert!(out.contains(&order.id), "{out}");
     assert_eq!(order.expires_ms - order.started_ms, 4_000);
     // A second order while this one runs is refused.
-    let (ok, out) = citygate(&[
-        "emergency",
-        "start",
-        "--config",
-        config.to_str().unwrap(),
-        "--policy",
-        "burst",
-        "--reason",
-        "again",
-        "--for",
-        "1h",
-    ]);
+    let (ok, out) = order_burst(config, "again", "1h");
     assert!(!ok && out.contains("is active until"), "{out}");
 
     let tagged = |l: &serde_json::Value| tag(l, "emergency_id") == Some(order.id.as_str());
     let ended = |l: &serde_json::Value| l["field"] == "emergency_ended" && tagged(l);
     assert!(
-        publish_until(&link, || rig.sink().iter().any(ended)).await,
+        publish_until(link, || rig.sink().iter().any(ended)).await,
         "no emergency_ended report at the hub; status {:?}; hub {:?}",
         metrics.emergency(),
         hub.hub().stats()
@@ -234,13 +274,10 @@ async fn an_emergency_raises_resolution_ends_by_itself_and_reports() {
     assert_eq!(progress.report.as_ref().unwrap().produced_batches, produced);
     assert_eq!(metrics.emergencies_started.get(), 1);
     assert_eq!(metrics.emergencies_ended.get(), 1);
-    let (ok, out) = citygate(&["emergency", "status", "--config", config.to_str().unwrap()]);
+    let (ok, out) = emergency(config, "status");
     assert!(ok && out.contains("ended (expired)"), "{out}");
 
-    assert!(running.shutdown(Duration::from_secs(10)).await);
-    uplink.finish(Duration::from_secs(5)).await;
-    hub.shutdown().await;
-    rig.broker.shutdown();
+    live.finish(run).await;
 }
 
 /// issue 11 item 7: batches the hub has not acknowledged when an emergency is stopped are
@@ -249,36 +286,18 @@ async fn an_emergency_raises_resolution_ends_by_itself_and_reports() {
 /// is accepted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_an_emergency_purges_what_the_hub_has_not_acknowledged() {
-    let Run { rig, cfg, config } = setup();
-    let approved: Vec<_> = citygate::supervisor::policy_stamps(&cfg)
-        .into_iter()
-        .map(|(_, s)| s)
-        .filter(|s| s.purpose.as_str() != "burst")
-        .collect();
-    let hub = start_hub_approving(rig.dep.path(), &rig.ca, rig.port, &approved).await;
-    let (store, running) = start_gateway(&cfg);
-    let metrics = running.metrics.clone();
-    let uplink = start_uplink(&cfg, &running, &rig.ca, rig.port, 8, Duration::from_secs(3)).await;
-    let link = rig.meters_link(&metrics).await;
+    let run = setup();
+    let live = Live::start(&run, |s| s.purpose.as_str() != "burst").await;
+    let (rig, cfg, config) = (&run.rig, &run.cfg, &run.config);
+    let (store, metrics, link) = (&live.store, &live.metrics, &live.link);
 
-    let (ok, out) = citygate(&[
-        "emergency",
-        "start",
-        "--config",
-        config.to_str().unwrap(),
-        "--policy",
-        "burst",
-        "--reason",
-        "flood",
-        "--for",
-        "1h",
-    ]);
+    let (ok, out) = order_burst(config, "flood", "1h");
     assert!(ok, "{out}");
     assert!(
-        publish_until(&link, || store.stats().get(Stream::EMERGENCY).batches >= 2).await,
+        publish_until(link, || store.stats().get(Stream::EMERGENCY).batches >= 2).await,
         "emergency batches never reached the store"
     );
-    let (ok, out) = citygate(&["emergency", "stop", "--config", config.to_str().unwrap()]);
+    let (ok, out) = emergency(config, "stop");
     assert!(ok, "{out}");
     let order: Order = emergency::read(&emergency::order_path(&cfg.store.path))
         .unwrap()
@@ -319,16 +338,13 @@ async fn stopping_an_emergency_purges_what_the_hub_has_not_acknowledged() {
         metrics.emergency_batches_purged.get(),
         count(report, "purged_batches")
     );
-    let (ok, out) = citygate(&["emergency", "stop", "--config", config.to_str().unwrap()]);
+    let (ok, out) = emergency(config, "stop");
     assert!(
         !ok && out.contains("no emergency collection is active"),
         "{out}"
     );
 
-    assert!(running.shutdown(Duration::from_secs(10)).await);
-    uplink.finish(Duration::from_secs(5)).await;
-    hub.shutdown().await;
-    rig.broker.shutdown();
+    live.finish(run).await;
 }
 
 /// issue 11 item 7 ("also across restarts, never extended by one"): a gateway restarted
@@ -337,18 +353,7 @@ async fn stopping_an_emergency_purges_what_the_hub_has_not_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_an_active_emergency_unchanged_and_ends_an_expired_one() {
     let Run { rig, cfg, config } = setup();
-    let (ok, out) = citygate(&[
-        "emergency",
-        "start",
-        "--config",
-        config.to_str().unwrap(),
-        "--policy",
-        "burst",
-        "--reason",
-        "storm",
-        "--for",
-        "1h",
-    ]);
+    let (ok, out) = order_burst(&config, "storm", "1h");
     assert!(ok, "{out}");
     let order_path = emergency::order_path(&cfg.store.path);
     let order: Order = emergency::read(&order_path).unwrap().unwrap();

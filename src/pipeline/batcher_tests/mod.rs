@@ -1,4 +1,5 @@
-//! The batcher's tests: sealing by round, age and size, flows, emergency and checkpoints.
+//! The batcher's tests: shared fixtures and sealing by size, sequence and stream stamp here;
+//! poll rounds in `rounds.rs`; emergency flows and checkpoints in `flows.rs`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -146,6 +147,29 @@ async fn run(first_seq: u64, samples: usize) -> (Vec<SealedBatch>, Arc<Metrics>)
     task.await.unwrap();
     (sealed, metrics)
 }
+
+/// An opener for what [`sealer`] seals.
+fn opener() -> crate::seal::Opener {
+    let mut opener = crate::seal::Opener::new(HubSecretKey::from_bytes(&[2; 32]));
+    opener.register(
+        GatewayId::new("gw-batcher").unwrap(),
+        ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
+    );
+    opener
+}
+
+fn sample_of(p: &Arc<Profile>, device: &str) -> RawSample {
+    RawSample {
+        device: DeviceId::new(device).unwrap(),
+        profile: p.clone(),
+        at_ms: 1_700_000_000_000,
+        data: SampleData::Registers(image(p)),
+        ratios: Ratios::UNITY,
+    }
+}
+
+mod flows;
+mod rounds;
 
 /// Issue 11 item 6: a meter whose voltages repeat exactly is flagged frozen from the
 /// profile's `frozen_after`-th poll on, and counted apart; distinct meters are not.
@@ -307,11 +331,7 @@ async fn gateway_alarms_raised_at_run_time_leave_on_the_alarms_stream() {
         sealed.push(b);
     }
     task.await.unwrap();
-    let mut opener = crate::seal::Opener::new(HubSecretKey::from_bytes(&[2; 32]));
-    opener.register(
-        GatewayId::new("gw-batcher").unwrap(),
-        ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
-    );
+    let opener = opener();
     let alarms: Vec<Record> = sealed
         .iter()
         .filter(|b| b.stream == Stream::Alarms)
@@ -348,11 +368,7 @@ async fn the_audit_stream_is_sealed_under_the_gateway_stamp_the_rest_under_the_p
     let expected = batcher.stamps[Stream::Readings.index()].clone();
     drop(samples_tx);
     tokio::spawn(batcher.run()).await.unwrap();
-    let mut opener = crate::seal::Opener::new(HubSecretKey::from_bytes(&[2; 32]));
-    opener.register(
-        GatewayId::new("gw-batcher").unwrap(),
-        ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
-    );
+    let opener = opener();
     let mut stamps = Vec::new();
     while let Some(b) = sealed_rx.recv().await {
         let h = opener.open(&b.bytes).unwrap().header;
@@ -367,257 +383,4 @@ async fn the_audit_stream_is_sealed_under_the_gateway_stamp_the_rest_under_the_p
             (Stream::Audit, PolicyStamp::gateway())
         ]
     );
-}
-
-/// issue 11 item 7: while an emergency flow runs, readings also go to the emergency
-/// stream under its stamp, tagged; at its end the unsealed records are dropped and
-/// counted, the reply names the stream's next sequence number, and later readings no
-/// longer reach the stream.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_emergency_flow_runs_tagged_until_ended_and_drops_what_it_has_not_sealed() {
-    let p = profile();
-    let metrics = Arc::new(Metrics::default());
-    let (_samples_tx, samples_rx) = mpsc::channel(16);
-    let (sealed_tx, mut sealed_rx) = mpsc::channel(16);
-    let mut batcher = test_batcher(5, Duration::ZERO, samples_rx, sealed_tx, metrics.clone());
-    let fields: Vec<&Field> = p.fields.iter().collect();
-    let flow = Flow::new(Stream::EMERGENCY, passing(&fields), &["x@1".into()])
-        .with_tags(vec!["emergency".into(), "emergency_id=em-1".into()]);
-    let stamp = flow.stamp().clone();
-    let (reply, first) = tokio::sync::oneshot::channel();
-    batcher.on_emergency(EmergencyCommand::Start {
-        flow: Box::new(flow),
-        reply,
-    });
-    assert_eq!(first.await.unwrap(), 5);
-    batcher.accept(sample_of(&p, "m1")).await;
-    let i = Stream::EMERGENCY.index();
-    let n = batcher.open[i].records.len();
-    assert!(n > 0);
-    assert!(batcher.open[i]
-        .records
-        .iter()
-        .all(|r| r.tags == ["emergency".to_string(), "emergency_id=em-1".to_string()]));
-    assert!(batcher.open[Stream::Readings.index()]
-        .records
-        .iter()
-        .all(|r| r.tags.is_empty()));
-    batcher.seal(Stream::EMERGENCY).await;
-    let sealed = sealed_rx.recv().await.unwrap();
-    assert_eq!((sealed.stream, sealed.seq), (Stream::EMERGENCY, 5));
-    let mut opener = crate::seal::Opener::new(HubSecretKey::from_bytes(&[2; 32]));
-    opener.register(
-        GatewayId::new("gw-batcher").unwrap(),
-        ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
-    );
-    let h = opener.open(&sealed.bytes).unwrap().header;
-    assert_eq!(PolicyStamp::new(h.purpose.unwrap(), h.policy_hash), stamp);
-
-    batcher.accept(sample_of(&p, "m2")).await;
-    let open = batcher.open[i].records.len() as u64;
-    assert!(open > 0);
-    let (reply, ended) = tokio::sync::oneshot::channel();
-    batcher.on_emergency(EmergencyCommand::End { reply });
-    let ended = ended.await.unwrap();
-    assert_eq!(ended.end_seq, 6);
-    assert_eq!(ended.discarded_records, open);
-    assert_eq!(metrics.emergency_records_discarded.get(), open);
-    batcher.accept(sample_of(&p, "m3")).await;
-    assert!(batcher.open[i].records.is_empty(), "the flow is off");
-    assert!(!batcher.open[Stream::Readings.index()].records.is_empty());
-}
-
-/// issue 11 (windows survive a crash): a batch holding an aggregate carries the
-/// checkpoint in which its window is closed; while samples arrive a lone checkpoint
-/// follows every `checkpoint_every`; a batcher resumed from it continues the window.
-#[tokio::test(start_paused = true)]
-async fn checkpoints_go_with_aggregate_batches_and_alone_and_resume_the_windows() {
-    use crate::pipeline::checkpoint::CheckpointKey;
-    let p = profile();
-    let key = CheckpointKey::derive(&PseudonymKey::from_bytes([7; 32]));
-    let mean = |seq: u64| {
-        let policy = Arc::new(
-            CompiledPolicy::parse(
-                Path::new("mean.toml"),
-                "[purpose]\nname = \"m\"\ndescription = \"d\"\nlegal_basis = \"b\"\nowner = \"o\"\nretention = \"1d\"\n\n\
-                 [[rule]]\nfield = \"voltage_l1\"\naction = \"aggregate\"\nfunction = \"mean\"\nwindow = \"1d\"\n",
-                jiff::tz::TimeZone::UTC,
-                PseudonymKey::from_bytes([7; 32]),
-            )
-            .unwrap(),
-        );
-        let (samples_tx, samples_rx) = mpsc::channel(16);
-        let (sealed_tx, sealed_rx) = mpsc::channel(16);
-        let cfg = BatchConfig {
-            max_age: Duration::from_secs(3600),
-            min_interval: Duration::ZERO,
-            max_records: usize::MAX,
-            alarm_state_every: Duration::from_secs(3600),
-            checkpoint_every: Duration::from_secs(30),
-        };
-        let flows = Flows::new(vec![Flow::new(Stream::Readings, policy, &[])], None);
-        let batcher = Batcher::new(
-            samples_rx,
-            sealed_tx,
-            sealer(),
-            flows,
-            cfg,
-            move |_| seq,
-            Arc::new(Metrics::default()),
-        );
-        (batcher, samples_tx, sealed_rx)
-    };
-    let (batcher, samples_tx, mut sealed_rx) = mean(1);
-    let task = tokio::spawn(batcher.with_checkpoints(key.clone(), None).run());
-    // Today's window (windows close on the wall clock).
-    let mut first = sample_of(&p, "m1");
-    first.at_ms = now_ms();
-    samples_tx.send(first).await.unwrap();
-    // Nothing leaves (a daily window); the lone checkpoint comes after checkpoint_every.
-    let lone = sealed_rx.recv().await.unwrap();
-    assert!(lone.is_checkpoint_only());
-    let cp = key.open(lone.checkpoint.as_ref().unwrap()).unwrap();
-    assert_eq!(cp.flows.len(), 1);
-    assert_eq!(cp.flows[0].state.open_windows(), 1);
-    // Quiet: no further checkpoint while nothing changes.
-    tokio::time::sleep(Duration::from_secs(120)).await;
-    assert!(sealed_rx.try_recv().is_err());
-    drop(samples_tx);
-    let last = sealed_rx.recv().await.unwrap();
-    assert!(!last.is_checkpoint_only(), "the partial window at shutdown");
-    let after = key.open(last.checkpoint.as_ref().unwrap()).unwrap();
-    assert_eq!(
-        after.flows[0].state.open_windows(),
-        0,
-        "closed with its aggregate"
-    );
-    task.await.unwrap();
-
-    // A batcher resumed from the lone checkpoint continues the window: its partial
-    // aggregate covers the sample of before and the one after.
-    let (batcher, samples_tx, mut sealed_rx) = mean(2);
-    let task = tokio::spawn(batcher.with_checkpoints(key.clone(), Some(cp)).run());
-    let mut later = sample_of(&p, "m1");
-    later.at_ms = now_ms() + 1;
-    samples_tx.send(later).await.unwrap();
-    drop(samples_tx);
-    let mut opener = crate::seal::Opener::new(HubSecretKey::from_bytes(&[2; 32]));
-    opener.register(
-        GatewayId::new("gw-batcher").unwrap(),
-        ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
-    );
-    let mut windows = Vec::new();
-    while let Some(b) = sealed_rx.recv().await {
-        if !b.is_checkpoint_only() {
-            let opened = opener.open(&b.bytes).unwrap();
-            windows.extend(opened.records.into_iter().filter_map(|r| r.window));
-        }
-    }
-    task.await.unwrap();
-    assert_eq!(windows.len(), 1);
-    assert_eq!(windows[0].samples, 2);
-}
-
-/// A batcher with rounds, `max_age` one hour, and a sample sender.
-fn round_batcher(
-    min_interval: Duration,
-) -> (
-    mpsc::Sender<RawSample>,
-    mpsc::Receiver<SealedBatch>,
-    crate::source::Rounds,
-    Arc<Metrics>,
-) {
-    let (samples_tx, samples_rx) = mpsc::channel(64);
-    let (sealed_tx, sealed_rx) = mpsc::channel(64);
-    let rounds = crate::source::Rounds::default();
-    let metrics = Arc::new(Metrics::default());
-    let batcher = test_batcher(1, min_interval, samples_rx, sealed_tx, metrics.clone())
-        .with_rounds(rounds.clone());
-    tokio::spawn(batcher.run());
-    (samples_tx, sealed_rx, rounds, metrics)
-}
-
-fn sample_of(p: &Arc<Profile>, device: &str) -> RawSample {
-    RawSample {
-        device: DeviceId::new(device).unwrap(),
-        profile: p.clone(),
-        at_ms: 1_700_000_000_000,
-        data: SampleData::Registers(image(p)),
-        ratios: Ratios::UNITY,
-    }
-}
-
-/// issue 10 item 1: a batch is sealed when the poll round ends (all its samples in),
-/// not when `max_age` (here an hour) runs out; samples of a round in progress wait.
-#[tokio::test(start_paused = true)]
-async fn a_batch_seals_at_the_end_of_a_poll_round_not_at_max_age() {
-    let p = profile();
-    let fields_per_sample = p.fields.len();
-    let (tx, mut sealed_rx, rounds, metrics) = round_batcher(Duration::from_millis(100));
-    // Past the first min_interval after start.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-
-    let round = rounds.begin();
-    for d in ["m1", "m2", "m3"] {
-        tx.send(sample_of(&p, d)).await.unwrap();
-    }
-    let early = tokio::time::timeout(Duration::from_secs(60), sealed_rx.recv()).await;
-    assert!(early.is_err(), "sealed while the round was in progress");
-    assert_eq!(
-        metrics.records_minimised.get(),
-        3 * fields_per_sample as u64
-    );
-
-    drop(round);
-    let batch = tokio::time::timeout(Duration::from_secs(60), sealed_rx.recv())
-        .await
-        .expect("sealed when the round ended")
-        .unwrap();
-    assert_eq!(batch.stream, Stream::Readings);
-    assert_eq!(metrics.records_sealed.get(), 3 * fields_per_sample as u64);
-    assert_eq!(metrics.batches_sealed_idle.get(), 1);
-
-    // The next round ends right away: this batch waits for min_interval after the last
-    // seal, and no longer.
-    let sealed_at = Instant::now();
-    let round = rounds.begin();
-    tx.send(sample_of(&p, "m1")).await.unwrap();
-    drop(round);
-    tokio::time::timeout(Duration::from_secs(60), sealed_rx.recv())
-        .await
-        .expect("sealed after min_interval")
-        .unwrap();
-    let waited = Instant::now() - sealed_at;
-    assert!(
-        waited >= Duration::from_millis(100) && waited < Duration::from_secs(1),
-        "{waited:?}"
-    );
-    assert_eq!(metrics.batches_sealed.get(), 2);
-}
-
-/// Without pollers (MQTT meters), a sample leaves once the sample queue is empty.
-#[tokio::test(start_paused = true)]
-async fn without_rounds_in_progress_a_sample_leaves_when_the_queue_runs_empty() {
-    let p = profile();
-    let (tx, mut sealed_rx, _rounds, _) = round_batcher(Duration::from_millis(100));
-    tx.send(sample_of(&p, "m1")).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(60), sealed_rx.recv())
-        .await
-        .expect("sealed without waiting for max_age")
-        .unwrap();
-}
-
-/// `min_interval = max_age` turns round-end sealing off: the batch waits for its age.
-#[tokio::test(start_paused = true)]
-async fn min_interval_equal_to_max_age_seals_by_age_only() {
-    let p = profile();
-    let (tx, mut sealed_rx, _rounds, metrics) = round_batcher(Duration::from_secs(3600));
-    tx.send(sample_of(&p, "m1")).await.unwrap();
-    let early = tokio::time::timeout(Duration::from_secs(600), sealed_rx.recv()).await;
-    assert!(early.is_err(), "sealed before max_age");
-    tokio::time::timeout(Duration::from_secs(3600), sealed_rx.recv())
-        .await
-        .expect("sealed at max_age")
-        .unwrap();
-    assert_eq!(metrics.batches_sealed_idle.get(), 0);
 }
