@@ -28,6 +28,7 @@ mod profiles;
 mod recovery;
 mod rtu;
 mod run;
+mod sd_notify;
 mod status;
 mod store_faults;
 mod uplink;
