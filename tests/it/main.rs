@@ -19,6 +19,7 @@ mod mqtt_meters;
 mod mqtt_rig;
 mod one_box;
 mod operations;
+mod packaging;
 mod pipeline;
 mod policies;
 mod policy_cli;
