@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs what cross/build.sh needs on a Debian machine (idempotent).
+# Installs what cross/build.sh and cross/package.sh need on a Debian machine (idempotent).
 set -euo pipefail
-pkgs=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user)
+# dpkg (dpkg-deb) and binutils (readelf) build and inspect the packages.
+pkgs=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user
+  dpkg binutils)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -13,6 +13,7 @@ pub mod loadtest;
 mod memory;
 pub mod probe;
 mod profiles;
+mod service_manager;
 mod signals;
 mod sim_mqtt;
 pub(crate) mod sim_rtu;
@@ -156,6 +157,7 @@ pub fn run(path: &Path) -> Result<(), CliError> {
         if uplink.is_none() {
             tracing::warn!("no [uplink] configured: batches stay in the store");
         }
+        service_manager::ready();
         let mut ticker = tokio::time::interval(Duration::from_secs(30));
         ticker.tick().await;
         loop {
@@ -178,6 +180,7 @@ pub fn run(path: &Path) -> Result<(), CliError> {
                 }
             }
         }
+        service_manager::stopping();
         info!("shutting down: sealing and committing open batches");
         let clean = running.shutdown(SHUTDOWN_GRACE).await;
         if let Some(u) = uplink {
@@ -283,7 +286,19 @@ pub fn hub(path: &Path) -> Result<(), CliError> {
         let process = HubProcess::start(&cfg)
             .await
             .map_err(|e| CliError::Usage(e.to_string()))?;
-        signals.until_stop(|| process.reopen_sink()).await;
+        let mut subscribed = process.subscribed();
+        let announce = async {
+            // READY=1 once the broker has granted the hub's subscriptions.
+            if subscribed.wait_for(|s| *s).await.is_ok() {
+                service_manager::ready();
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            _ = signals.until_stop(|| process.reopen_sink()) => {}
+            _ = announce => {}
+        }
+        service_manager::stopping();
         let hub = process.hub().clone();
         process.shutdown().await;
         let s = hub.stats();
