@@ -53,7 +53,8 @@ impl MqttRig {
     }
 
     /// The gateway config: `flows` from the policy files in `dir`, the meters `keys` as
-    /// devices `water-<key>` behind one source (`W0999`, the warm-up key, is no device).
+    /// devices named by [`device_name`] behind one source (`W0999`, the warm-up key, is no
+    /// device).
     pub(crate) fn config(
         &self,
         dir: &Path,
@@ -70,13 +71,8 @@ impl MqttRig {
         let client = TlsFiles::client(&self.ca, "gw-test-meters");
         let mut devices = mqtt_source_toml("meters", self.port, &client, "");
         for k in keys {
-            devices += &mqtt_device_toml(
-                &format!("water-{k}"),
-                MQTT_WATER,
-                "meters",
-                "water/+/up",
-                Some(k),
-            );
+            devices +=
+                &mqtt_device_toml(&device_name(k), MQTT_WATER, "meters", "water/+/up", Some(k));
         }
         GatewayToml::new("gw-test", &[])
             .policies(dir, flows, None)
@@ -134,4 +130,14 @@ pub(crate) async fn publish(link: &citygate::mqtt::MqttLink, topic: &str, payloa
     )
     .await
     .unwrap();
+}
+
+/// The name of the device configured for meter `key` (`W0001` → `flat-0001`): an operator's
+/// name for the place, not the meter's own key, which the purposes pseudonymise and the logs
+/// must not show.
+pub(crate) fn device_name(key: &str) -> String {
+    format!(
+        "flat-{}",
+        key.trim_start_matches(|c: char| c.is_ascii_alphabetic())
+    )
 }

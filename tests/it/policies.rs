@@ -476,7 +476,7 @@ async fn counter_reset_and_rollover_reach_the_sink_as_reference_deltas() {
             "",
         ),
     ] {
-        let subject = policy.subject(&DeviceId::new(format!("water-{key}")).unwrap());
+        let subject = policy.subject(&DeviceId::new(crate::mqtt_rig::device_name(key)).unwrap());
         let windows: Vec<&serde_json::Value> = lines
             .iter()
             .filter(|l| l["subject"] == subject.as_str() && l["field"] == "volume_forward")
@@ -541,7 +541,7 @@ async fn a_short_window_closes_on_its_own_while_the_gateway_runs() {
     let subject = cfg.policies.flows[0]
         .policy
         .with_key(keys.pseudonym.clone())
-        .subject(&DeviceId::new("water-W0001").unwrap());
+        .subject(&DeviceId::new(crate::mqtt_rig::device_name("W0001")).unwrap());
     let closed =
         |l: &serde_json::Value| l["subject"] == subject.as_str() && l["field"] == "flow_rate";
     assert!(

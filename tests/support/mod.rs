@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 mod fixtures;
+pub mod leaks;
 pub use fixtures::*;
 
 use std::path::{Path, PathBuf};
@@ -140,15 +141,25 @@ pub fn arc_store(s: impl Store) -> Arc<dyn Store> {
     Arc::new(s)
 }
 
-/// Starts `citygate run --config CONFIG` as a child process.
+/// Starts `citygate run --config CONFIG` as a child process; its log is only scanned for
+/// raw meter keys ([`leaks`]).
 pub fn spawn_run(config: &Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
         .args(["run", "--config"])
         .arg(config)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let pid = child.id();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            leaks::scan(pid, "citygate run", &line);
+        }
+    });
+    leaks::keep_reader(pid, reader);
+    child
 }
 
 /// Starts `citygate ARGS…` as a child process whose log (stderr) the test reads as it is
@@ -169,8 +180,16 @@ pub fn spawn_logged_command(mut cmd: std::process::Command) -> (std::process::Ch
         .unwrap();
     let stderr = child.stderr.take().expect("stderr is piped");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let command = cmd
+        .get_args()
+        .take(3)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let pid = child.id();
     std::thread::spawn(move || {
         for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            leaks::scan(pid, &command, &line);
             let _ = tx.send(line);
         }
     });
@@ -179,15 +198,24 @@ pub fn spawn_logged_command(mut cmd: std::process::Command) -> (std::process::Ch
         LogLines {
             rx,
             text: String::new(),
+            pid,
         },
     )
 }
 
-/// A child's log lines, in the order written; `text` keeps every line read so far.
+/// A child's log lines, in the order written; `text` keeps every line read so far. Dropping
+/// it fails the test if a child's log carried a raw meter key ([`leaks`]).
 #[derive(Debug)]
 pub struct LogLines {
     rx: tokio::sync::mpsc::UnboundedReceiver<String>,
     pub text: String,
+    pid: u32,
+}
+
+impl Drop for LogLines {
+    fn drop(&mut self) {
+        leaks::assert_none(self.pid, false);
+    }
 }
 
 impl LogLines {
@@ -236,6 +264,7 @@ pub async fn wait_exit(
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
+            leaks::assert_none(child.id(), true);
             return status;
         }
         if tokio::time::Instant::now() > deadline {
