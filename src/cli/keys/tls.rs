@@ -238,16 +238,15 @@ pub(super) fn keys_tls(issue: &TlsIssue) -> Result<(), CliError> {
     );
     let user = &issue.broker_user;
     match access {
-        BrokerAccess::Granted => {
+        BrokerAccess::Granted(broker) => {
             println!(
                 "                      {} is owned by {user} (0600); the .conf files are group {user} (0640)",
                 at(BROKER_KEY_FILE)
             );
-            for closed in abs.ancestors().filter(|a| !others_may_enter(a)) {
-                println!(
-                    "warning: {user} cannot enter {} (no x for others): keep DIR under a folder it can enter, e.g. /etc/citygate/tls",
-                    closed.display()
-                );
+            for closed in abs.ancestors() {
+                if let Some(fix) = entry_refused(closed, &broker) {
+                    println!("warning: {user} cannot enter {}: {fix}", closed.display());
+                }
             }
         }
         BrokerAccess::Commands(why) => {
@@ -271,15 +270,48 @@ pub(super) fn keys_tls(issue: &TlsIssue) -> Result<(), CliError> {
 }
 
 /// Whether users other than the owner and group may pass through folder `dir`.
-fn others_may_enter(dir: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    fs::metadata(dir).map_or(true, |m| m.permissions().mode() & 0o001 != 0)
+/// Why `user` may not pass through `dir` (search permission as its owner, as a member of its
+/// group, or as anyone else), with what would let it; `None` if it may (or `dir` cannot be
+/// read: nothing to tell).
+fn entry_refused(dir: &Path, user: &nix::unistd::User) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir).ok()?;
+    let mode = meta.mode();
+    let name = &user.name;
+    if user.uid.is_root() {
+        return None;
+    }
+    if meta.uid() == user.uid.as_raw() {
+        return (mode & 0o100 == 0).then(|| format!("its owner {name} has no x on it"));
+    }
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(meta.gid()))
+        .ok()
+        .flatten();
+    let member = user.gid.as_raw() == meta.gid()
+        || group
+            .as_ref()
+            .is_some_and(|g| g.mem.iter().any(|m| m == name));
+    if member {
+        return (mode & 0o010 == 0).then(|| "its group has no x on it".to_owned());
+    }
+    if mode & 0o001 != 0 {
+        return None;
+    }
+    Some(match group {
+        Some(g) if mode & 0o010 != 0 => format!(
+            "add it to the folder's group ({} is not a member): adduser {name} {}",
+            name, g.name
+        ),
+        _ => "no x for others: keep DIR under a folder it can enter, e.g. /etc/citygate/tls"
+            .to_owned(),
+    })
 }
 
 /// Whether the broker's user could be given its files here.
 #[derive(Debug)]
 enum BrokerAccess {
-    Granted,
+    /// The files are the broker user's (given).
+    Granted(nix::unistd::User),
     /// Why not, to print before the commands that do it.
     Commands(String),
 }
@@ -311,5 +343,66 @@ fn broker_access(stage: &Path, user_name: &str) -> Result<BrokerAccess, CliError
     grant(BROKER_KEY_FILE, Some(uid), 0o600)?;
     grant(ACL_FILE, Some(0), 0o640)?;
     grant(CONF_FILE, Some(0), 0o640)?;
-    Ok(BrokerAccess::Granted)
+    Ok(BrokerAccess::Granted(user))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use nix::unistd::{Gid, Uid, User};
+
+    use super::*;
+
+    fn user(uid: u32, gid: u32) -> User {
+        User {
+            name: "brokerd".into(),
+            passwd: Default::default(),
+            uid: Uid::from_raw(uid),
+            gid: Gid::from_raw(gid),
+            gecos: Default::default(),
+            dir: "/nonexistent".into(),
+            shell: "/usr/sbin/nologin".into(),
+        }
+    }
+
+    /// issue 12 item 4: the packaged layout (`/etc/citygate` root:citygate 0750) is open to a
+    /// broker user in the group, and the warning for one outside it names the `adduser`
+    /// command instead of telling the operator to move the folder.
+    #[test]
+    fn the_broker_user_may_enter_through_its_group_and_is_told_how_otherwise() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: chown needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let set = |uid: u32, gid: u32, mode: u32| {
+            std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
+            fs::set_permissions(d, fs::Permissions::from_mode(mode)).unwrap();
+        };
+        // A group with a name (root's), the broker user not in it.
+        set(0, 0, 0o750);
+        let outsider = user(4242, 4242);
+        let fix = entry_refused(d, &outsider).expect("refused");
+        assert!(fix.contains("adduser brokerd root"), "{fix}");
+        // In the group (its primary group here): may enter.
+        set(0, 4242, 0o750);
+        assert_eq!(entry_refused(d, &outsider), None);
+        set(0, 4242, 0o700);
+        assert!(entry_refused(d, &outsider)
+            .unwrap()
+            .contains("group has no x"));
+        // Others may enter; the owner needs its own x.
+        set(0, 0, 0o751);
+        assert_eq!(entry_refused(d, &outsider), None);
+        set(4242, 0, 0o651);
+        assert!(entry_refused(d, &outsider).unwrap().contains("owner"));
+        // Neither group nor others: no membership helps.
+        set(0, 0, 0o700);
+        assert!(entry_refused(d, &outsider)
+            .unwrap()
+            .contains("no x for others"));
+        assert_eq!(entry_refused(d, &user(0, 0)), None);
+    }
 }
