@@ -11,4 +11,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo_ apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-rustup target add aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf
+rustup target add aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf \
+  aarch64-unknown-linux-musl x86_64-unknown-linux-musl
+# armv7-unknown-linux-musleabihf is used by `cross/build.sh armv7 --static` when installed;
+# without it that build links glibc statically instead (see cross/build.sh).

@@ -5,7 +5,8 @@
 #
 # Takes the release binary of the matching target (cargo build --release for amd64,
 # cross/build.sh aarch64|armv7 for the others; CARGO_TARGET_DIR is honoured) unless
-# --binary names one, and writes DIR/citygate_<version>_<arch>.deb (default DIR:
+# --binary names one (a static build from cross/build.sh --static is packaged without the
+# libc6 dependency), and writes DIR/citygate_<version>_<arch>.deb (default DIR:
 # target/debian). Layout: /usr/bin/citygate, /usr/share/citygate/{firmware-profiles,policies},
 # /usr/share/doc/citygate (README, copyright, examples), /lib/systemd/system/citygate.service
 # and citygate-hub.service; the maintainer scripts are cross/debian/{postinst,prerm,postrm}.
@@ -44,13 +45,19 @@ if [ ! -x "$binary" ]; then
 fi
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
-# The newest GLIBC_x.y symbol version the binary needs is the libc6 it depends on
-# (readelf reads any architecture's ELF).
-glibc=$(readelf --version-info --wide "$binary" | grep -o 'GLIBC_[0-9][0-9.]*' \
-  | sed 's/GLIBC_//' | sort -u -V | tail -n 1)
-if [ -z "$glibc" ]; then
-  echo "$binary names no GLIBC symbol version: not a glibc binary?" >&2
-  exit 65
+# A dynamic binary depends on the libc6 of the newest GLIBC_x.y symbol version it needs
+# (readelf reads any architecture's ELF); a static one (cross/build.sh --static: no
+# program interpreter) on no libc at all.
+if readelf --program-headers "$binary" | grep -q INTERP; then
+  glibc=$(readelf --version-info --wide "$binary" | grep -o 'GLIBC_[0-9][0-9.]*' \
+    | sed 's/GLIBC_//' | sort -u -V | tail -n 1)
+  if [ -z "$glibc" ]; then
+    echo "$binary is dynamic but names no GLIBC symbol version: not a glibc binary?" >&2
+    exit 65
+  fi
+  depends="libc6 (>= $glibc), adduser"
+else
+  depends="adduser"
 fi
 
 staging=$(mktemp -d)
@@ -77,7 +84,7 @@ Version: $version
 Architecture: $arch
 Maintainer: ${DEB_MAINTAINER:-citygate maintainers <citygate@localhost>}
 Installed-Size: $size_kib
-Depends: libc6 (>= $glibc), adduser
+Depends: $depends
 Recommends: mosquitto
 Section: net
 Priority: optional
