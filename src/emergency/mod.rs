@@ -347,11 +347,12 @@ impl Watcher {
             discarded_records = report.discarded_records,
             "emergency collection ended; what it left on the box is purged"
         );
-        self.metrics.emergencies_ended.inc();
-        self.metrics.emergency_batches_purged.add(purged.batches);
         let purged_batches = purged.batches;
         p.report = Some(report);
         self.save(&p).await;
+        // Counted once the account is on file: whoever sees the end counted can read it.
+        self.metrics.emergencies_ended.inc();
+        self.metrics.emergency_batches_purged.add(purged_batches);
         self.progress = Some(p);
         self.report_record(
             "emergency_ended",
