@@ -31,6 +31,8 @@ pub(crate) struct Driver {
     stable_after: Duration,
     /// When the current connection's CONNACK arrived.
     connected_at: Option<Instant>,
+    /// The error of the last "mqtt link down" logged at WARN.
+    last_warned: Option<String>,
     epoch: u64,
 }
 
@@ -63,6 +65,7 @@ impl Driver {
             backoff: Backoff::new(backoff),
             stable_after,
             connected_at: None,
+            last_warned: None,
             epoch: 0,
         }
     }
@@ -91,12 +94,15 @@ impl Driver {
                     }
                     let error = LinkFailure::classify(&err);
                     let retry_in = self.backoff.next_delay();
-                    warn!(
-                        error = %error,
-                        failures = self.backoff.failures(),
-                        retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX),
-                        "mqtt link down"
-                    );
+                    let failures = self.backoff.failures();
+                    let retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX);
+                    let text = error.to_string();
+                    if warn_on_failure(failures, self.last_warned.as_deref() != Some(&text)) {
+                        warn!(error = %error, failures, retry_in_ms, "mqtt link down");
+                        self.last_warned = Some(text);
+                    } else {
+                        debug!(error = %error, failures, retry_in_ms, "mqtt link down");
+                    }
                     self.state_tx.send_replace(LinkState::Disconnected {
                         error: error.clone(),
                     });
@@ -160,6 +166,14 @@ impl Driver {
             debug!("link event receiver gone; event discarded");
         }
     }
+}
+
+/// Whether the `failures`-th failure in a row (1-based) is logged at WARN: the first three,
+/// then the 4th, 8th, … 64th, then every 64th (at a 2 s retry cap, one line every two
+/// minutes of an outage instead of thirty), and any failure whose error differs from the last
+/// one logged. The others are logged at DEBUG; `/status` shows the link's state throughout.
+fn warn_on_failure(failures: u32, changed: bool) -> bool {
+    changed || failures <= 3 || (failures <= 64 && failures.is_power_of_two()) || failures % 64 == 0
 }
 
 #[cfg(test)]
