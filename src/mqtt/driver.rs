@@ -184,6 +184,17 @@ mod tests {
     use super::*;
     use crate::mqtt::{LinkOptions, LinkTls, MqttLink};
 
+    /// issue 12 item 6: a broker down for an hour at a 2 s retry cap (1,800 failures) costs
+    /// the log 35 WARN lines instead of 1,800, and a new kind of error is always logged.
+    #[test]
+    fn a_long_outage_is_logged_sparsely_and_a_new_error_always() {
+        let warned: Vec<u32> = (1..=1800).filter(|&n| warn_on_failure(n, false)).collect();
+        assert_eq!(&warned[..9], &[1, 2, 3, 4, 8, 16, 32, 64, 128]);
+        assert_eq!(warned.len(), 35);
+        assert!(warn_on_failure(1001, true));
+        assert!(!warn_on_failure(1001, false));
+    }
+
     /// A broker that accepts every connection and then announces a 5 MB PUBLISH, as a
     /// broker re-sending a retained oversized message after each subscription does.
     async fn oversized_broker() -> std::net::SocketAddr {
