@@ -116,7 +116,7 @@ async fn get(hub: &HubProcess, path: &str) -> (u16, String) {
 /// a batch re-sent after a withheld ack is acknowledged again and written once; a poison
 /// batch (text with a NUL byte, refused by the database) is quarantined and acknowledged
 /// while the good batch of its group is written; `/metrics` shows the postgres sink's
-/// figures.
+/// figures; `hub-prune` drops a daily partition only past the approved retention.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_become_rows_once_and_a_poison_batch_is_quarantined() {
     let Some(pg) = PgServer::start().await else {
@@ -237,6 +237,51 @@ async fn batches_become_rows_once_and_a_poison_batch_is_quarantined() {
     );
     assert_eq!(get(&hub, "/health").await, (200, "ok\n".to_string()));
     hub.shutdown().await;
+
+    // Issue 13 item 5 (retention): with 30 days approved for the only purpose, hub-prune
+    // keeps the 2025-12-01 partition on 2025-12-20 and drops it on 2026-01-15.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let with_retention = text.replace(
+        &format!("hash = \"{}\" }}", stamp().hash_hex()),
+        &format!("hash = \"{}\", retention = \"30d\" }}", stamp().hash_hex()),
+    );
+    assert_ne!(text, with_retention);
+    std::fs::write(&config, with_retention).unwrap();
+    let prune = |now: &'static str| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+                .args(["hub-prune", "--now", now, "--config"])
+                .arg(&config)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = prune("2025-12-20T00:00:00Z").await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(pg.count("SELECT count(*) FROM records"), 14);
+    let out = prune("2026-01-15T00:00:00Z").await.unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("dropped partitions records_20251201"),
+        "{text}"
+    );
+    assert!(
+        text.contains("test-purpose=30days"),
+        "the log names the retentions: {text}"
+    );
+    assert_eq!(pg.count("SELECT count(*) FROM records"), 0);
+    assert_eq!(
+        pg.count("SELECT count(*) FROM pg_class WHERE relname = 'records_20251201'"),
+        0
+    );
+    assert_eq!(
+        pg.count("SELECT count(*) FROM batches"),
+        5,
+        "batch rows stay"
+    );
 }
 
 /// Issue 13 item 3 (failure): with the database stopped for 10 s, batches are not

@@ -232,3 +232,31 @@ pub(super) fn ensure_partitions(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(sqlstate: Option<&str>, constraint: Option<&str>) -> Failure {
+        Failure {
+            sqlstate: sqlstate.map(str::to_owned),
+            message: String::new(),
+            connection_lost: sqlstate.is_none(),
+            constraint: constraint.map(str::to_owned),
+        }
+    }
+
+    /// Issue 13 item 3: only data errors (classes 22 and 23) make a batch poison; the batch
+    /// key's own conflict, lost connections and server trouble fail the group for a retry.
+    #[test]
+    fn data_errors_are_poison_and_everything_else_is_retried() {
+        for poison in ["22021", "22008", "22P02", "23502", "23514"] {
+            assert!(failure(Some(poison), None).is_poison(), "{poison}");
+        }
+        assert!(!failure(Some("23505"), Some("batches_pkey")).is_poison());
+        for transient in ["40001", "40P01", "57P01", "53300", "08006", "42P01"] {
+            assert!(!failure(Some(transient), None).is_poison(), "{transient}");
+        }
+        assert!(!failure(None, None).is_poison());
+    }
+}
