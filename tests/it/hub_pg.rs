@@ -238,6 +238,19 @@ async fn batches_become_rows_once_and_a_poison_batch_is_quarantined() {
     assert_eq!(get(&hub, "/health").await, (200, "ok\n".to_string()));
     hub.shutdown().await;
 
+    // Issue 13 item 5: the README's query examples run against this schema.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let queries: Vec<&str> = readme
+        .split("```sql\n")
+        .skip(1)
+        .map(|block| block.split("```").next().unwrap())
+        .collect();
+    assert_eq!(queries.len(), 2, "the README's sql examples");
+    for q in queries {
+        pg.query(q);
+    }
+
     // Issue 13 item 5 (retention): with 30 days approved for the only purpose, hub-prune
     // keeps the 2025-12-01 partition on 2025-12-20 and drops it on 2026-01-15.
     let text = std::fs::read_to_string(&config).unwrap();
