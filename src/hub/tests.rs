@@ -14,6 +14,7 @@ mod emergency;
 mod logs;
 mod policy;
 mod restart;
+mod sinks;
 
 pub(in crate::hub) use crate::test_fixtures::capture_warnings;
 

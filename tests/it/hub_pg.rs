@@ -467,3 +467,30 @@ async fn two_hub_processes_on_one_shared_subscription_write_each_batch_once() {
         assert!(status.success(), "{}", log.finish().await);
     }
 }
+
+/// Issue 13 item 2: `citygate check` shows the postgres sink as configured (URL, TLS,
+/// in-flight bound) and no local state.
+#[test]
+fn check_shows_the_postgres_sink() {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hub.postgres.example.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"))
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(
+            "sink      postgres postgresql://citygate@db.city-brain.example:5432/citygate \
+             (TLS verified against /etc/citygate/tls/db-ca.pem), up to 256 batches in flight"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("state "), "{text}");
+}
