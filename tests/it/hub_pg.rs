@@ -494,3 +494,92 @@ fn check_shows_the_postgres_sink() {
     );
     assert!(!text.contains("state "), "{text}");
 }
+
+/// The value of an unlabelled-but-for-`sink` sample in a metrics text.
+fn sample(metrics: &str, name: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{sink=\"postgres\"}} ")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Issue 13 item 3 (back-pressure): while the database holds every commit (a lock on
+/// `batches`), the hub holds at most `max_in_flight` batches and reads no further; once the
+/// lock goes, every batch is written once and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_database_bounds_what_the_hub_holds() {
+    let Some(pg) = PgServer::start().await else {
+        return;
+    };
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let hub_toml = HubToml::embedded_broker(
+        "127.0.0.1:0",
+        &TlsFiles::client(&ca, "hub-1"),
+        &TlsFiles::localhost_server(&ca),
+    )
+    .status()
+    .approve(&stamp());
+    let config = write(
+        dep.path(),
+        "hub.toml",
+        &postgres_hub_toml(&hub_toml, &pg.url(), "migrate = true\nmax_in_flight = 4\n"),
+    );
+    let hub = start(&config).await.unwrap();
+    let port = hub.broker_addr().unwrap().port();
+    let mut gw = Publisher::connect(&ca, port, &dep).await;
+    until_subscribed(&hub).await;
+
+    // Another session locks `batches` until told to let go: every commit waits.
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let url = pg.url();
+    let holder = std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let mut tx = c.transaction().unwrap();
+        tx.batch_execute("LOCK TABLE batches IN ACCESS EXCLUSIVE MODE")
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        let _ = release_rx.recv();
+        tx.commit().unwrap();
+    });
+    locked_rx.recv().unwrap();
+
+    let s = sealer(&dep);
+    let n = 20u64;
+    for seq in 1..=n {
+        gw.publish(
+            Stream::Readings,
+            seal(&s, seq, &records(2, 1_764_547_200_000)),
+        )
+        .await;
+    }
+    let mut held = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while held < Some(4) && tokio::time::Instant::now() < deadline {
+        held = sample(
+            &get(&hub, "/metrics").await.1,
+            "citygate_hub_sink_in_flight",
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reached = held >= Some(4);
+    assert!(reached, "the hub never held 4 batches: {held:?}");
+    assert_eq!(held, Some(4), "the hub held more than max_in_flight");
+    assert!(gw
+        .acks_within(1, Duration::from_millis(500))
+        .await
+        .is_empty());
+    assert_eq!(hub.hub().stats().accepted_batches, 0);
+
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    let mut acked = gw.acks_within(n as usize, Duration::from_secs(30)).await;
+    acked.sort_unstable();
+    assert_eq!(acked, (1..=n).collect::<Vec<_>>());
+    assert_eq!(pg.count("SELECT count(*) FROM batches"), n as i64);
+    assert_eq!(pg.count("SELECT count(*) FROM records"), 2 * n as i64);
+    assert!(pg.query(DUPLICATE_RECORDS).is_empty());
+    hub.shutdown().await;
+}
