@@ -583,3 +583,60 @@ async fn a_slow_database_bounds_what_the_hub_holds() {
     assert!(pg.query(DUPLICATE_RECORDS).is_empty());
     hub.shutdown().await;
 }
+
+/// Issue 13 item 2 (TLS): with `ca_file`, the hub reaches the database over TLS, the server
+/// verified against that CA and the URL's host name; a server certificate from another CA
+/// is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_connection_is_tls_verified_against_ca_file() {
+    let dep = Deployment::new();
+    let db_ca = CertAuthority::generate(&dep.path().join("db-pki"), "database ca").unwrap();
+    let server = TlsFiles::localhost_server(&db_ca);
+    let Some(pg) = PgServer::start_with_tls(Some((&server.cert, &server.key))).await else {
+        return;
+    };
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let hub_toml = HubToml::embedded_broker(
+        "127.0.0.1:0",
+        &TlsFiles::client(&ca, "hub-1"),
+        &TlsFiles::localhost_server(&ca),
+    )
+    .approve(&stamp());
+    let url = format!("postgresql://citygate@localhost:{}/citygate", pg.port());
+    let with_ca = |ca_file: &Path| {
+        postgres_hub_toml(
+            &hub_toml,
+            &url,
+            &format!(
+                "ca_file = {:?}\nmigrate = true\n",
+                ca_file.display().to_string()
+            ),
+        )
+    };
+    // The broker's CA did not sign the database's certificate: refused.
+    let config = write(dep.path(), "hub.toml", &with_ca(ca.ca_file()));
+    let refused = start(&config).await.unwrap_err();
+    assert!(refused.contains("connecting"), "{refused}");
+
+    let config = write(dep.path(), "hub.toml", &with_ca(db_ca.ca_file()));
+    let hub = start(&config).await.unwrap();
+    let port = hub.broker_addr().unwrap().port();
+    let mut gw = Publisher::connect(&ca, port, &dep).await;
+    until_subscribed(&hub).await;
+    gw.publish(
+        Stream::Readings,
+        seal(&sealer(&dep), 1, &records(2, 1_764_547_200_000)),
+    )
+    .await;
+    assert_eq!(gw.next_acks(1).await, [1]);
+    assert_eq!(pg.count("SELECT count(*) FROM records"), 2);
+    assert_eq!(
+        pg.count(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE application_name = 'citygate-hub' AND ssl"
+        ),
+        1,
+        "the hub's session is encrypted"
+    );
+    hub.shutdown().await;
+}

@@ -23,6 +23,8 @@ pub struct PgServer {
     port: u16,
     child: Option<Child>,
     starts: u32,
+    /// `-c name=value` settings of every start.
+    settings: Vec<String>,
 }
 
 /// The directory of the highest installed PostgreSQL version's binaries.
@@ -71,6 +73,12 @@ impl PgServer {
     /// Initialises and starts a server; `None` (after a notice) if PostgreSQL is not
     /// installed and `CITYGATE_REQUIRE_POSTGRES` is not set.
     pub async fn start() -> Option<PgServer> {
+        PgServer::start_with_tls(None).await
+    }
+
+    /// [`PgServer::start`] with TLS on (`ssl = on`) from `(certificate, key)` PEM files, if
+    /// given; clients may still connect without TLS.
+    pub async fn start_with_tls(tls: Option<(&Path, &Path)>) -> Option<PgServer> {
         let Some(bin) = binaries() else {
             assert!(
                 std::env::var("CITYGATE_REQUIRE_POSTGRES").is_err(),
@@ -100,12 +108,32 @@ impl PgServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut settings = vec!["fsync=off".to_owned(), "full_page_writes=off".to_owned()];
+        if let Some((cert, key)) = tls {
+            let (c, k) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::copy(cert, &c).unwrap();
+            std::fs::copy(key, &k).unwrap();
+            std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            if is_root() {
+                let status = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .args([&c, &k])
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            }
+            settings.push("ssl=on".to_owned());
+            settings.push(format!("ssl_cert_file={}", c.display()));
+            settings.push(format!("ssl_key_file={}", k.display()));
+        }
         let mut server = PgServer {
             bin,
             dir,
             port: 0,
             child: None,
             starts: 0,
+            settings,
         };
         server.start_on_free_port().await;
         server.psql_db("postgres", &format!("CREATE DATABASE {PG_DB}"));
@@ -147,7 +175,7 @@ impl PgServer {
             .arg("-k")
             .arg(self.dir.path())
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
