@@ -68,14 +68,19 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Drop records older than their purpose's approved retention from the hub's sink (the
-    /// hub must be stopped).
+    /// Drop records older than their purpose's approved retention from the hub's sink (jsonl:
+    /// the hub must be stopped; postgres: drops daily partitions, beside running hubs).
     HubPrune {
         #[arg(long)]
         config: PathBuf,
         /// Prune as of this time (RFC 3339, e.g. 2026-01-01T00:00:00Z) instead of now.
         #[arg(long)]
         now: Option<String>,
+    },
+    /// Apply the database schema migrations of the hub's PostgreSQL sink (idempotent).
+    HubMigrate {
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Emergency collections the hub's sink holds: list them, export one's records, or
     /// destroy the hub's copy of its data records (destroying needs the hub stopped).
@@ -211,6 +216,7 @@ fn main() -> ExitCode {
         Command::Status { config, addr, json } => cli::status(config.as_deref(), addr, json),
         Command::Hub { config } => cli::hub(&config),
         Command::HubPrune { config, now } => cli::hub_prune(&config, now.as_deref()),
+        Command::HubMigrate { config } => cli::hub_migrate(&config),
         Command::HubEmergency {
             config,
             list,

@@ -30,7 +30,11 @@ pub(crate) fn report(cfg: &HubConfig) -> (String, bool) {
     let _ = writeln!(out, "config    {} (hub)", cfg.path.display());
     let _ = writeln!(out, "hub       {}", cfg.id);
     match &cfg.sink {
-        SinkConfig::Jsonl { path, rotate } => {
+        SinkConfig::Jsonl {
+            path,
+            rotate,
+            state_path,
+        } => {
             let mut when = Vec::new();
             if let Some(b) = rotate.bytes {
                 when.push(format!("at {b} bytes"));
@@ -44,9 +48,33 @@ pub(crate) fn report(cfg: &HubConfig) -> (String, bool) {
                 format!("rotated {}", when.join(" or "))
             };
             let _ = writeln!(out, "sink      jsonl {} ({rotation})", path.display());
+            let _ = writeln!(out, "state     {}", state_path.display());
+        }
+        SinkConfig::Postgres(pg) => {
+            let tls = match &pg.tls {
+                crate::hub::config::PgTls::VerifyFull { ca_file } => {
+                    format!("TLS verified against {}", ca_file.display())
+                }
+                crate::hub::config::PgTls::Plaintext { danger: true } => {
+                    "WITHOUT TLS (danger_plaintext)".to_owned()
+                }
+                crate::hub::config::PgTls::Plaintext { danger: false } => {
+                    "without TLS (loopback)".to_owned()
+                }
+            };
+            let _ = writeln!(
+                out,
+                "sink      postgres {} ({tls}), up to {} batches in flight{}",
+                pg.url,
+                pg.max_in_flight,
+                if pg.migrate {
+                    ", migrates at start"
+                } else {
+                    ""
+                }
+            );
         }
     }
-    let _ = writeln!(out, "state     {}", cfg.state_path.display());
     let tls = if cfg.mqtt.danger_plaintext {
         "WITHOUT TLS (danger_plaintext)"
     } else {

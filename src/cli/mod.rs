@@ -333,12 +333,45 @@ pub fn hub_prune(path: &Path, now: Option<&str>) -> Result<(), CliError> {
     };
     let report = prune::prune(&cfg, now_ms).map_err(|e| CliError::Runtime(e.to_string()))?;
     let dropped: u64 = report.dropped.values().sum();
-    let mut out = format!("kept {} records, dropped {dropped}\n", report.kept);
+    let mut out = if report.dropped_partitions.is_empty() {
+        format!("kept {} records, dropped {dropped}\n", report.kept)
+    } else {
+        format!(
+            "dropped partitions {}\n",
+            report.dropped_partitions.join(", ")
+        )
+    };
     for (purpose, n) in &report.dropped {
         let _ =
             std::fmt::Write::write_fmt(&mut out, format_args!("  {purpose}: {n} past retention\n"));
     }
     print!("{out}");
+    Ok(())
+}
+
+/// `citygate hub-migrate --config FILE`: applies the database schema migrations the hub's
+/// PostgreSQL sink lacks (idempotent: an up-to-date database is left as it is).
+pub fn hub_migrate(path: &Path) -> Result<(), CliError> {
+    use crate::hub::{pg, HubConfig, SinkConfig};
+    let cfg = HubConfig::load(path)?;
+    init_logging("info", cfg.log.format);
+    let SinkConfig::Postgres(pg_cfg) = &cfg.sink else {
+        return Err(CliError::Usage(format!(
+            "{}: [sink] type is \"jsonl\"; hub-migrate applies to the postgres sink",
+            path.display()
+        )));
+    };
+    let (applied, version) =
+        pg::migrate_database(pg_cfg).map_err(|e| CliError::Runtime(e.to_string()))?;
+    if applied.is_empty() {
+        println!("schema already at version {version}; nothing to apply");
+    } else {
+        let applied: Vec<String> = applied.iter().map(i32::to_string).collect();
+        println!(
+            "applied migration(s) {}; schema at version {version}",
+            applied.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -72,6 +72,12 @@ pub enum EmergencyError {
     },
     #[error("{} exists; export writes a new file only", path.display())]
     ExportExists { path: PathBuf },
+    /// The postgres sink: its records carry `emergency_id` as a column; query it.
+    #[error(
+        "hub-emergency works on the jsonl sink; with the postgres sink, select or delete \
+         records by their emergency_id column"
+    )]
+    NotJsonl,
 }
 
 fn known_ids(known: &[String]) -> String {
@@ -88,7 +94,9 @@ impl EmergencyError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            EmergencyError::UnknownId { .. } | EmergencyError::ExportExists { .. }
+            EmergencyError::UnknownId { .. }
+                | EmergencyError::ExportExists { .. }
+                | EmergencyError::NotJsonl
         )
     }
 }
@@ -251,9 +259,11 @@ fn parsed_id(p: &Parsed) -> &str {
     }
 }
 
-fn sink_path(cfg: &HubConfig) -> &Path {
-    let SinkConfig::Jsonl { path, .. } = &cfg.sink;
-    path
+fn sink_path(cfg: &HubConfig) -> Result<&Path, EmergencyError> {
+    match &cfg.sink {
+        SinkConfig::Jsonl { path, .. } => Ok(path),
+        SinkConfig::Postgres(_) => Err(EmergencyError::NotJsonl),
+    }
 }
 
 /// The sink's files: its rotated files (`hub::rotate`), oldest first, then the current one.
@@ -354,7 +364,7 @@ fn scan(path: &Path) -> Result<BTreeMap<String, Emergency>, EmergencyError> {
 
 /// Every emergency `cfg`'s sink holds, by id. Reads the sink (blocks).
 pub fn list(cfg: &HubConfig) -> Result<Vec<Emergency>, EmergencyError> {
-    Ok(scan(sink_path(cfg))?.into_values().collect())
+    Ok(scan(sink_path(cfg)?)?.into_values().collect())
 }
 
 /// Emergency `id` in `all`, or the error naming the ids there are.
@@ -374,7 +384,7 @@ fn known<'a>(
 /// for byte, to the new file `out` (mode 0600, synced); returns how many. Refuses an existing
 /// `out`. Reads the sink, writes and syncs (blocks).
 pub fn export(cfg: &HubConfig, id: &str, out: &Path) -> Result<u64, EmergencyError> {
-    let path = sink_path(cfg);
+    let path = sink_path(cfg)?;
     known(&scan(path)?, id, path)?;
     let out_err = |source| EmergencyError::Io {
         path: out.to_owned(),
@@ -429,8 +439,8 @@ pub enum Destruction {
 /// line byte for byte, and appends the `emergency_destroyed` event stamped `now_ms`. Refuses
 /// beside a running hub. Blocks (file I/O, fsync).
 pub fn destroy(cfg: &HubConfig, id: &str, now_ms: i64) -> Result<Destruction, EmergencyError> {
+    let path = sink_path(cfg)?;
     let hub_lock = lock_hub(cfg, "destroying emergency records")?;
-    let path = sink_path(cfg);
     let all = scan(path)?;
     let e = known(&all, id, path)?;
     if e.records == 0 {

@@ -1,8 +1,8 @@
-//! The hub's transport-independent core: sealed batches in, records to the sink, acks out.
+//! The hub's transport-independent core: sealed batches in, batches to the sink, acks out.
 //!
 //! The MQTT layer (`service`) receives a payload on `citygate/v1/{gateway_id}/{stream}`, calls
-//! [`Hub::ingest`] with the topic's gateway id, and publishes the returned [`Ack`], signed with
-//! the hub's ack key ([`Hub::ack_payload`], see `wire` for the format), on
+//! [`Hub::ingest_group`] with the topic's gateway id, and publishes each returned [`Ack`],
+//! signed with the hub's ack key ([`Hub::ack_payload`], see `wire` for the format), on
 //! `citygate/v1/{gateway_id}/ack`. For each payload, in this order:
 //!
 //! 1. open the envelope ([`Opener`]: parse, registered gateway and key, strict signature, HPKE,
@@ -11,55 +11,56 @@
 //!    not publish on another's topic, and the batch's (purpose, policy hash) must be approved
 //!    for its gateway (`unapproved_policy`, logged as an ERROR alarm, rate-limited; see
 //!    `approval`);
-//! 3. de-duplicate on (gateway, stream, incarnation, seq) ([`Dedup`]): a batch seen before is acknowledged
-//!    again and written nothing ([`Ingest::Duplicate`]);
-//! 4. write the records to the [`Sink`] durably (a gateway's emergency reports among them are
-//!    logged at WARN, `emergency`);
-//! 5. mark the batch seen and flush the de-dup state;
-//! 6. return [`Ingest::Accepted`] with the ack.
+//! 3. a second copy of a batch within one group is a duplicate of the first;
+//! 4. commit the group to the [`Sink`] ([`Sink::commit`]), which de-duplicates on (gateway,
+//!    stream, incarnation, seq) and answers per batch: written ([`Ingest::Accepted`]; a
+//!    gateway's emergency reports among them are logged at WARN, `emergency`), already held
+//!    ([`Ingest::Duplicate`], acknowledged again) or refused by the database for its data and
+//!    quarantined ([`Ingest::Quarantined`], acknowledged: it is durably recorded, and retrying
+//!    it would never succeed). All of it is durable when the sink returns.
 //!
-//! Steps 3–5 run under one lock, so two copies of a batch arriving at once are written once.
-//! [`Hub::ingest_group`] runs them for several payloads at once, with one sink sync and one
-//! de-dup flush for the group (a backlog drains at the rate of groups, not of syncs).
 //! Rejections are counted by reason ([`Hub::stats`]) and logged at WARN, and carry no ack: a
-//! forged or broken batch is never acknowledged. A sink or de-dup failure (`sink_failed`,
-//! `dedup_failed`) is logged at ERROR and also not acknowledged, so the gateway re-sends it.
+//! forged or broken batch is never acknowledged. A sink failure (`sink_failed`) is logged at
+//! ERROR, fails the group's batches (none acknowledged, so the gateways re-send) and makes the
+//! hub `degraded` ([`Hub::sink_fault`]) until a commit succeeds again.
 //!
-//! Crash consistency: the sink is written before the batch is marked, and [`Hub::new`] asks the
-//! sink for batches it holds that the de-dup state does not know (a crash between steps 4 and 5)
-//! and marks them first; `sink.rs` documents exactly what that covers.
+//! Where de-dup state lives is the sink's business (`sink`): the JSON Lines sink keeps a local
+//! sled window, so hub processes sharing one subscription group must not split one gateway's
+//! batches between them with it; the PostgreSQL sink (`pg`) de-duplicates in the database, in
+//! the transaction that writes the batch, so any number of hub processes may share the
+//! subscription (`$share/{group}/…`).
 //!
-//! De-dup state is per hub process: hub processes sharing one subscription group must not split
-//! one gateway's batches between them (brokers' sticky/hash strategies by client keep a
-//! gateway on one hub), or a re-sent batch could be written by two of them.
-//!
-//! All calls block (file sync, sled flush): call them from `spawn_blocking` or a dedicated
-//! thread. [`service`] ingests in `spawn_blocking`; [`HubProcess`] opens the hub there.
+//! All calls block (file sync, sled flush, database round trips): call them from
+//! `spawn_blocking` or a dedicated thread. [`service`] ingests in `spawn_blocking`;
+//! [`HubProcess`] opens the hub there.
 
 pub(crate) mod approval;
 pub(crate) mod config;
 pub(crate) mod dedup;
 pub(crate) mod emergency;
+pub(crate) mod pg;
 pub(crate) mod process;
 pub mod prune;
 pub(crate) mod rewrite;
 mod rotate;
 pub(crate) mod sink;
+mod stats;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::Ordering;
 
 pub(crate) mod service;
 
 pub(crate) use approval::{AlarmLimiter, Approvals};
 pub use config::{ApprovedPolicy, HubConfig, HubKeys, SinkConfig};
-pub(crate) use dedup::{Dedup, DedupError, Seen};
 pub use process::HubProcess;
-pub(crate) use sink::{BatchKey, JsonlSink, Sink, SinkBatch, SinkError};
+#[cfg(test)]
+pub(crate) use sink::JsonlSink;
+pub(crate) use sink::{BatchKey, BatchMeta, JsonlDedupSink, Outcome, Sink, SinkBatch, SinkError};
+pub use stats::HubStats;
+use stats::{Counters, SinkStats};
 
 use crate::reading::{GatewayId, PurposeName, Record};
 use crate::seal::Opener;
@@ -72,16 +73,19 @@ struct Opened {
     key: BatchKey,
     ack: Ack,
     purpose: Option<PurposeName>,
+    meta: BatchMeta,
     records: Vec<Record>,
 }
 
 /// What became of one payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Ingest {
-    /// Written to the sink and marked; publish the ack.
+    /// Written to the sink; publish the ack.
     Accepted { ack: Ack, records: usize },
     /// Seen before: nothing written; publish the ack again.
     Duplicate { ack: Ack },
+    /// Refused by the sink for its data and recorded in its quarantine; publish the ack.
+    Quarantined { ack: Ack, reason: String },
     /// Not accepted and not acknowledged. `reason` is a constant snake_case label.
     Rejected {
         reason: &'static str,
@@ -93,32 +97,17 @@ impl Ingest {
     /// The ack to publish, if any.
     pub(crate) fn ack(&self) -> Option<&Ack> {
         match self {
-            Ingest::Accepted { ack, .. } | Ingest::Duplicate { ack } => Some(ack),
+            Ingest::Accepted { ack, .. }
+            | Ingest::Duplicate { ack }
+            | Ingest::Quarantined { ack, .. } => Some(ack),
             Ingest::Rejected { .. } => None,
         }
     }
 }
 
-/// Counters since the hub started.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct HubStats {
-    pub accepted_batches: u64,
-    pub records_written: u64,
-    /// Batches acknowledged again without writing (includes `below_window`).
-    pub duplicates: u64,
-    /// Duplicates below a de-dup window that gave up a gap (see `dedup`).
-    pub below_window: u64,
-    /// Batches marked at start-up because the sink already held them.
-    pub recovered_batches: u64,
-    /// Rejected payloads by reason.
-    pub rejected: BTreeMap<&'static str, u64>,
-}
-
 /// Why a hub could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
-    #[error(transparent)]
-    Dedup(#[from] DedupError),
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error(transparent)]
@@ -132,81 +121,75 @@ pub struct Hub {
     ack_signer: AckSigner,
     approvals: Approvals,
     unapproved_alarms: AlarmLimiter,
-    dedup: Dedup,
     sink: Box<dyn Sink>,
-    /// Serialises check → write → mark.
-    commit: Mutex<()>,
-    accepted_batches: AtomicU64,
-    records_written: AtomicU64,
-    duplicates: AtomicU64,
-    below_window: AtomicU64,
-    recovered_batches: u64,
-    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    counters: Counters,
+    sink_stats: SinkStats,
     /// Rate limit on the warnings of rejected and dropped payloads (the counters count all).
     log: LogLimiter,
     /// The config the hub was opened from (named in the emergency end report's log line).
     config_path: Option<std::path::PathBuf>,
+    /// The PostgreSQL sink and the approved retentions, for the hourly retention job.
+    retention: Option<(std::sync::Arc<pg::PgSink>, pg::retention::RetentionPolicy)>,
 }
 
 impl Hub {
-    /// Builds a hub and marks the batches the sink holds but the de-dup state missed.
+    /// Builds a hub over an open sink (which has run its own recovery).
     pub(crate) fn new(
         opener: Opener,
         ack_signer: AckSigner,
         approvals: Approvals,
-        dedup: Dedup,
         sink: Box<dyn Sink>,
-    ) -> Result<Hub, HubError> {
-        let is_marked = |k: &BatchKey| {
-            // An unreadable state counts as marked: recovery then cuts nothing it cannot judge.
-            dedup.check(k).map_or(true, |s| s != Seen::New)
-        };
-        let recovered = sink.recover(&is_marked)?;
-        for k in &recovered {
-            tracing::warn!(gateway = %k.gateway, stream = %k.stream, incarnation = format_args!("{:016x}", k.incarnation), seq = k.seq, "marking a batch the sink holds but de-dup missed");
-            dedup.mark(k)?;
-        }
-        dedup.flush()?;
-        Ok(Hub {
+    ) -> Hub {
+        Hub {
             opener,
             ack_signer,
             approvals,
             unapproved_alarms: AlarmLimiter::default(),
-            dedup,
+            counters: Counters::new(sink.recovered()),
+            sink_stats: SinkStats::default(),
             sink,
-            commit: Mutex::new(()),
-            accepted_batches: AtomicU64::new(0),
-            records_written: AtomicU64::new(0),
-            duplicates: AtomicU64::new(0),
-            below_window: AtomicU64::new(0),
-            recovered_batches: recovered.len() as u64,
-            rejected: Mutex::new(BTreeMap::new()),
             log: LogLimiter::default(),
             config_path: None,
-        })
+            retention: None,
+        }
     }
 
-    /// Loads the keys, opens the de-dup state and the sink a config names, and runs the
-    /// sink's recovery. Blocks (key files, sled, file reads and syncs, up to 3 s waiting for a
-    /// previous instance's lock): async code calls it in `spawn_blocking`, as
-    /// [`HubProcess::start`] does.
+    /// Loads the keys and opens the sink a config names (the JSON Lines sink runs its crash
+    /// recovery; the PostgreSQL sink checks or applies the schema). Blocks (key files, sled,
+    /// file reads and syncs, database round trips): async code calls it in `spawn_blocking`,
+    /// as [`HubProcess::start`] does.
     pub(crate) fn open(cfg: &HubConfig) -> Result<Hub, HubError> {
         let (opener, ack_signer) = HubKeys::load(cfg)?.into_parts();
-        let dedup = Dedup::open(&cfg.state_path)?;
-        let sink: Box<dyn Sink> = match &cfg.sink {
-            SinkConfig::Jsonl { path, rotate } => {
-                Box::new(JsonlSink::open(path)?.with_rotation(*rotate))
+        let (sink, retention): (Box<dyn Sink>, _) = match &cfg.sink {
+            SinkConfig::Jsonl {
+                path,
+                rotate,
+                state_path,
+            } => (
+                Box::new(JsonlDedupSink::open(state_path, path, *rotate)?),
+                None,
+            ),
+            SinkConfig::Postgres(pg) => {
+                let sink = std::sync::Arc::new(pg::PgSink::open(pg)?);
+                let policy = pg::retention::RetentionPolicy::from_config(cfg);
+                (Box::new(sink.clone()), Some((sink, policy)))
             }
         };
-        let mut hub = Hub::new(
-            opener,
-            ack_signer,
-            Approvals::new(&cfg.gateways),
-            dedup,
-            sink,
-        )?;
+        let mut hub = Hub::new(opener, ack_signer, Approvals::new(&cfg.gateways), sink);
         hub.config_path = Some(cfg.path.clone());
+        hub.retention = retention;
         Ok(hub)
+    }
+
+    /// Drops the database partitions past retention (see `pg::retention`), if the sink is
+    /// PostgreSQL; `None` otherwise. Blocks.
+    pub(crate) fn drop_expired_partitions(
+        &self,
+        now_ms: i64,
+    ) -> Option<Result<Vec<String>, SinkError>> {
+        self.retention
+            .as_ref()
+            .map(|(sink, policy)| sink.drop_expired(policy, now_ms))
     }
 
     /// Takes one payload received on the topic of `topic_gateway`. Never panics.
@@ -218,36 +201,20 @@ impl Hub {
     }
 
     /// Takes several payloads, each with its topic's gateway, and returns their outcomes in
-    /// order. New batches are written to the sink with one sync and marked with one de-dup
-    /// flush, so a backlog costs two syncs per group instead of per batch; a sink or de-dup
-    /// failure fails (and acknowledges) none of the group's new batches. A batch twice in
+    /// order. The opened batches are committed to the sink as one group (one sync or one
+    /// transaction); a sink failure fails (and acknowledges) none of them. A batch twice in
     /// one group is written once. Never panics.
     pub(crate) fn ingest_group(&self, payloads: &[(GatewayId, &[u8])]) -> Vec<Ingest> {
         let mut out: Vec<Option<Ingest>> = vec![None; payloads.len()];
-        let mut opened = Vec::with_capacity(payloads.len());
+        let mut fresh: Vec<(usize, Opened)> = Vec::with_capacity(payloads.len());
         for (i, (gateway, payload)) in payloads.iter().enumerate() {
             match self.open_batch(gateway, payload) {
-                Ok(o) => opened.push((i, o)),
+                Ok(o) if fresh.iter().any(|(_, f)| f.key == o.key) => {
+                    out[i] = Some(self.duplicate(&o.key, &Outcome::Duplicate, o.ack));
+                }
+                Ok(o) => fresh.push((i, o)),
                 Err(rejected) => out[i] = Some(rejected),
             }
-        }
-
-        let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut fresh: Vec<(usize, Opened)> = Vec::new();
-        for (i, batch) in opened {
-            let seen = if fresh.iter().any(|(_, o)| o.key == batch.key) {
-                Ok(Seen::Duplicate)
-            } else {
-                self.dedup.check(&batch.key)
-            };
-            out[i] = Some(match seen {
-                Ok(Seen::New) => {
-                    fresh.push((i, batch));
-                    continue;
-                }
-                Ok(seen) => self.duplicate(&batch.key, seen, batch.ack),
-                Err(e) => self.fail(&payloads[i].0, "dedup_failed", e.to_string()),
-            });
         }
         if !fresh.is_empty() {
             let batches: Vec<SinkBatch<'_>> = fresh
@@ -255,44 +222,55 @@ impl Hub {
                 .map(|(_, o)| SinkBatch {
                     key: &o.key,
                     purpose: o.purpose.as_ref(),
+                    header: Some(o.meta),
                     records: &o.records,
                 })
                 .collect();
-            let written = self
-                .sink
-                .write_batches(&batches)
-                .map_err(|e| ("sink_failed", e.to_string()))
-                .and_then(|()| {
-                    fresh
-                        .iter()
-                        .try_for_each(|(_, o)| self.dedup.mark(&o.key))
-                        .and_then(|()| self.dedup.flush())
-                        .map_err(|e| ("dedup_failed", e.to_string()))
-                });
-            for (
-                i,
-                Opened {
-                    key, ack, records, ..
-                },
-            ) in fresh
-            {
-                out[i] = Some(match &written {
-                    Err((reason, detail)) => self.fail(&payloads[i].0, reason, detail.clone()),
-                    Ok(()) => {
-                        emergency::log_reports(self.config_path.as_deref(), &key, &records);
-                        let records = records.len();
-                        self.accepted_batches.fetch_add(1, Ordering::Relaxed);
-                        self.records_written
-                            .fetch_add(records as u64, Ordering::Relaxed);
-                        tracing::debug!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, records, "batch accepted");
-                        Ingest::Accepted { ack, records }
-                    }
+            let started = std::time::Instant::now();
+            let committed = self.sink.commit(&batches);
+            self.sink_stats.commit_done(started.elapsed(), &committed);
+            if let Ok(outcomes) = &committed {
+                assert_eq!(
+                    outcomes.len(),
+                    fresh.len(),
+                    "invariant: the sink answers every batch of the group"
+                );
+            }
+            for (n, (i, o)) in fresh.into_iter().enumerate() {
+                out[i] = Some(match &committed {
+                    Err(e) => self.fail(&payloads[i].0, "sink_failed", e.to_string()),
+                    Ok(outcomes) => self.committed(o, &outcomes[n]),
                 });
             }
         }
         out.into_iter()
             .map(|o| o.expect("invariant: every payload has an outcome"))
             .collect()
+    }
+
+    /// The ingest outcome of a batch the sink answered `outcome` for.
+    fn committed(&self, o: Opened, outcome: &Outcome) -> Ingest {
+        let Opened {
+            key, ack, records, ..
+        } = o;
+        match outcome {
+            Outcome::Written => {
+                emergency::log_reports(self.config_path.as_deref(), &key, &records);
+                let records = records.len();
+                self.counters.accepted(records);
+                tracing::debug!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, records, "batch accepted");
+                Ingest::Accepted { ack, records }
+            }
+            Outcome::Duplicate | Outcome::BelowWindow => self.duplicate(&key, outcome, ack),
+            Outcome::Quarantined { reason } => {
+                self.counters.quarantined.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(gateway = %key.gateway, stream = %key.stream, incarnation = format_args!("{:016x}", key.incarnation), seq = key.seq, reason = %reason, "batch refused by the database: quarantined and acknowledged");
+                Ingest::Quarantined {
+                    ack,
+                    reason: reason.clone(),
+                }
+            }
+        }
     }
 
     /// Opens a payload and checks it was published on its own gateway's topic, under a policy
@@ -328,10 +306,18 @@ impl Hub {
             incarnation: h.incarnation,
             seq: h.seq,
         };
+        let meta = BatchMeta {
+            created_at_ms: h.created_at_ms,
+            record_count: h.record_count,
+            policy_hash: h.policy_hash,
+            signer_key_id: h.signer_key_id,
+            recipient_key_id: h.recipient_key_id,
+        };
         Ok(Opened {
             key,
             ack,
             purpose: batch.header.purpose,
+            meta,
             records: batch.records,
         })
     }
@@ -371,10 +357,10 @@ impl Hub {
     }
 
     /// A batch seen before: counted, acknowledged again, not written.
-    fn duplicate(&self, key: &BatchKey, seen: Seen, ack: Ack) -> Ingest {
-        self.duplicates.fetch_add(1, Ordering::Relaxed);
-        if seen == Seen::BelowWindow {
-            self.below_window.fetch_add(1, Ordering::Relaxed);
+    fn duplicate(&self, key: &BatchKey, outcome: &Outcome, ack: Ack) -> Ingest {
+        self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+        if *outcome == Outcome::BelowWindow {
+            self.counters.below_window.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(gateway = %key.gateway, stream = %key.stream, incarnation = format_args!("{:016x}", key.incarnation), seq = key.seq, "batch below the de-dup window acknowledged without writing");
         } else {
             tracing::debug!(gateway = %key.gateway, stream = %key.stream, seq = key.seq, "duplicate batch");
@@ -398,27 +384,27 @@ impl Hub {
     }
 
     pub fn stats(&self) -> HubStats {
-        HubStats {
-            accepted_batches: self.accepted_batches.load(Ordering::Relaxed),
-            records_written: self.records_written.load(Ordering::Relaxed),
-            duplicates: self.duplicates.load(Ordering::Relaxed),
-            below_window: self.below_window.load(Ordering::Relaxed),
-            recovered_batches: self.recovered_batches,
-            rejected: self
-                .rejected
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-        }
+        self.counters.snapshot()
+    }
+
+    /// The sink's commit figures (`/metrics`).
+    pub(crate) fn sink_stats(&self) -> &SinkStats {
+        &self.sink_stats
+    }
+
+    /// The sink's `type` (`jsonl`, `postgres`).
+    pub(crate) fn sink_kind(&self) -> &'static str {
+        self.sink.kind()
+    }
+
+    /// Why the sink's last commit failed, while no commit has succeeded since (`/health`
+    /// reports the hub degraded).
+    pub(crate) fn sink_fault(&self) -> Option<String> {
+        self.sink_stats.fault()
     }
 
     fn count_rejection(&self, reason: &'static str) {
-        *self
-            .rejected
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(reason)
-            .or_default() += 1;
+        self.counters.reject(reason);
     }
 
     fn reject(&self, gateway: &GatewayId, reason: &'static str, detail: String) -> Ingest {

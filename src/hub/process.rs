@@ -112,11 +112,13 @@ impl HubProcess {
                 events,
                 cfg.mqtt.share_group.clone(),
                 cfg.id.clone(),
+                cfg.sink.max_in_flight(),
                 subscribed_tx,
                 stop.clone(),
             )
             .instrument(span),
         );
+        tokio::spawn(retention_job(hub.clone(), stop.clone()));
         let broker_stats = broker.as_ref().map(EmbeddedBroker::stats_handle);
         let status_addr =
             start_status(cfg, &hub, subscribed_rx.clone(), broker_stats, stop.clone());
@@ -174,6 +176,30 @@ impl HubProcess {
     }
 }
 
+/// How often the hub drops database partitions past retention.
+const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Hourly (and at start): drops the database partitions past retention (`pg::retention`).
+/// Ends at once for a sink without partitions (jsonl: `citygate hub-prune` runs offline).
+async fn retention_job(hub: Arc<Hub>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(RETENTION_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let h = hub.clone();
+        match tokio::task::spawn_blocking(move || h.drop_expired_partitions(now_ms())).await {
+            Ok(None) => return,
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => {
+                warn!(error = %e, "retention: partitions not dropped; next try in an hour")
+            }
+            Err(e) => warn!(error = %e, "retention task failed"),
+        }
+    }
+}
+
 /// The hub's `/status`, `/metrics` and `/health`.
 #[derive(Debug)]
 struct HubRoutes {
@@ -211,7 +237,14 @@ impl Routes for HubRoutes {
                     stats,
                 },
             )),
-            "/health" => Some(Reply::ok("text/plain", "ok\n".into())),
+            "/health" => Some(match self.hub.sink_fault() {
+                None => Reply::ok("text/plain", "ok\n".into()),
+                Some(fault) => Reply {
+                    status: 503,
+                    content_type: "text/plain",
+                    body: format!("degraded: sink: {fault}\n"),
+                },
+            }),
             "/metrics" => {
                 let mut e = Exposition::new();
                 e.family("citygate_hub_info", Kind::Gauge, "Hub identity; always 1.")
@@ -247,6 +280,11 @@ impl Routes for HubRoutes {
                         "Batches found in the sink at start and marked seen.",
                         stats.recovered_batches,
                     ),
+                    (
+                        "quarantined",
+                        "Batches the database refused for their data: quarantined and acknowledged.",
+                        stats.quarantined,
+                    ),
                 ] {
                     e.single(
                         &format!("citygate_hub_{name}_total"),
@@ -267,6 +305,12 @@ impl Routes for HubRoutes {
                         count(*n),
                     );
                 }
+                sink_metrics(
+                    &mut e,
+                    self.hub.sink_kind(),
+                    &stats,
+                    &self.hub.sink_stats().figures(),
+                );
                 if let Some(broker) = &self.broker {
                     let b = broker.get();
                     e.family(
@@ -291,6 +335,68 @@ impl Routes for HubRoutes {
             }
             _ => None,
         }
+    }
+}
+
+/// The sink's families, labelled `sink="jsonl"` or `sink="postgres"`.
+fn sink_metrics(
+    e: &mut Exposition,
+    sink: &str,
+    stats: &super::HubStats,
+    f: &super::stats::SinkFigures,
+) {
+    let label = [("sink", sink)];
+    for (name, kind, help, v) in [
+        (
+            "citygate_hub_sink_commit_seconds_sum",
+            Kind::Counter,
+            "Time spent in successful sink commits (group writes), seconds.",
+            f.latency_sum_s,
+        ),
+        (
+            "citygate_hub_sink_commit_seconds_count",
+            Kind::Counter,
+            "Successful sink commits (groups).",
+            count(f.commits),
+        ),
+        (
+            "citygate_hub_sink_commit_failures_total",
+            Kind::Counter,
+            "Sink commits that failed (nothing of the group acknowledged).",
+            count(f.failures),
+        ),
+        (
+            "citygate_hub_sink_batches_written_total",
+            Kind::Counter,
+            "Batches written by the sink.",
+            count(stats.accepted_batches),
+        ),
+        (
+            "citygate_hub_sink_records_written_total",
+            Kind::Counter,
+            "Records written by the sink.",
+            count(stats.records_written),
+        ),
+        (
+            "citygate_hub_sink_duplicates_total",
+            Kind::Counter,
+            "Batches the sink already held: acknowledged again, not written.",
+            count(stats.duplicates),
+        ),
+        (
+            "citygate_hub_sink_quarantined_total",
+            Kind::Counter,
+            "Batches the sink refused for their data and quarantined.",
+            count(stats.quarantined),
+        ),
+        (
+            "citygate_hub_sink_in_flight",
+            Kind::Gauge,
+            "Batches taken from the broker and not yet answered (committing or waiting).",
+            count(f.in_flight),
+        ),
+    ] {
+        e.family(name, kind, help).labelled(name, &label, v);
     }
 }
 

@@ -30,8 +30,10 @@ const TEMP_SUFFIX: &str = ".prune-tmp";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PruneReport {
     pub kept: u64,
-    /// Dropped records by purpose.
+    /// Dropped records by purpose (jsonl).
     pub dropped: BTreeMap<String, u64>,
+    /// Dropped daily partitions (postgres).
+    pub dropped_partitions: Vec<String>,
 }
 
 /// The fields of a sink line that decide its fate.
@@ -50,8 +52,11 @@ struct WindowEnd {
 
 /// Prunes `cfg`'s sink at `now_ms` (ms since the Unix epoch). Blocks (file I/O, fsync).
 pub fn prune(cfg: &HubConfig, now_ms: i64) -> Result<PruneReport, PruneError> {
+    let path = match &cfg.sink {
+        SinkConfig::Jsonl { path, .. } => path,
+        SinkConfig::Postgres(pg) => return prune_postgres(cfg, pg, now_ms),
+    };
     let hub_lock = lock_hub(cfg, "pruning")?;
-    let SinkConfig::Jsonl { path, .. } = &cfg.sink;
     let mut retention: HashMap<(&str, &str), Duration> = HashMap::new();
     for g in &cfg.gateways {
         for p in &g.policies {
@@ -94,6 +99,22 @@ pub fn prune(cfg: &HubConfig, now_ms: i64) -> Result<PruneReport, PruneError> {
     }
     tracing::info!(kept = report.kept, sink = %path.display(), "sink pruned");
     Ok(report)
+}
+
+/// The postgres sink: drops the daily partitions past every purpose's retention (see
+/// `pg::retention`); safe beside running hubs.
+fn prune_postgres(
+    cfg: &HubConfig,
+    pg: &super::config::PgConfig,
+    now_ms: i64,
+) -> Result<PruneReport, PruneError> {
+    let sink = super::pg::PgSink::open(pg)?;
+    let policy = super::pg::retention::RetentionPolicy::from_config(cfg);
+    let dropped_partitions = sink.drop_expired(&policy, now_ms)?;
+    Ok(PruneReport {
+        dropped_partitions,
+        ..PruneReport::default()
+    })
 }
 
 /// The purpose of `line` if it is past its retention at `now_ms`.
@@ -232,7 +253,7 @@ mod tests {
         let sink = dir.path().join("records.jsonl");
         let text = line("gw-1", Some("billing"), 0, None);
         std::fs::write(&sink, &text).unwrap();
-        let hub = Dedup::open(&cfg.state_path).unwrap();
+        let hub = Dedup::open(&cfg.path.parent().unwrap().join("state")).unwrap();
         let err = prune(&cfg, NOW).unwrap_err();
         assert!(matches!(err, PruneError::HubRunning { .. }), "{err}");
         assert_eq!(std::fs::read_to_string(&sink).unwrap(), text);

@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use super::config::HubConfig;
+use super::config::{HubConfig, SinkConfig};
 use super::dedup::{Dedup, DedupError};
 
 /// Why a sink rewrite failed.
@@ -34,6 +34,10 @@ pub enum RewriteError {
         #[source]
         source: DedupError,
     },
+    #[error(transparent)]
+    Sink(#[from] super::sink::SinkError),
+    #[error("{action} works on the jsonl sink's files, not on the postgres sink")]
+    NotJsonl { action: &'static str },
     #[error("sink {}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -48,13 +52,16 @@ pub(crate) struct HubLock {
     _state: Dedup,
 }
 
-/// Opens `cfg`'s hub state, failing if a hub holds it; `action` names the refusal's reason.
-/// Blocks (up to a few seconds for a previous hub's lock).
+/// Opens the hub state of `cfg`'s jsonl sink, failing if a hub holds it; `action` names the
+/// refusal's reason. Blocks (up to a few seconds for a previous hub's lock).
 pub(crate) fn lock_hub(cfg: &HubConfig, action: &'static str) -> Result<HubLock, RewriteError> {
-    Dedup::open(&cfg.state_path)
+    let SinkConfig::Jsonl { state_path, .. } = &cfg.sink else {
+        return Err(RewriteError::NotJsonl { action });
+    };
+    Dedup::open(state_path)
         .map(|state| HubLock { _state: state })
         .map_err(|source| RewriteError::HubRunning {
-            path: cfg.state_path.clone(),
+            path: state_path.clone(),
             action,
             source,
         })

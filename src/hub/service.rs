@@ -2,11 +2,18 @@
 //!
 //! Subscribes to the hubs' shared subscription (`wire::hub_filters`) so several hub
 //! processes can split the load behind one broker cluster, feeds the payloads to
-//! [`Hub::ingest_group`] (on a blocking thread: it writes and syncs) — every batch already
-//! waiting in the link's event channel, up to [`MAX_GROUP_BATCHES`] or [`MAX_GROUP_BYTES`],
-//! as one group with one sink sync and one de-dup flush, so a backlog drains at the rate of
-//! groups, not of syncs — and publishes each returned ack on `citygate/v1/{gateway}/ack`. A payload on a topic that names no
-//! valid gateway is counted and dropped.
+//! [`Hub::ingest_group`] (on a blocking thread: it writes and syncs, or runs a database
+//! transaction) — every batch already waiting, up to [`MAX_GROUP_BATCHES`] or
+//! [`MAX_GROUP_BYTES`], as one group with one sink commit, so a backlog drains at the rate of
+//! groups, not of syncs — and publishes each returned ack on `citygate/v1/{gateway}/ack`. A
+//! payload on a topic that names no valid gateway is counted and dropped.
+//!
+//! Back-pressure: while one group commits, the service keeps reading batches into a queue,
+//! up to `[sink] max_in_flight` batches held in all (committing and waiting; the
+//! `citygate_hub_sink_in_flight` gauge). At that bound it stops reading from the link, whose
+//! bounded channel then stops the MQTT client reading from the broker (TCP flow control): a
+//! slow or failing database slows intake instead of growing memory. Nothing is acknowledged
+//! before its commit, so batches dropped at shutdown or failed by the sink are re-sent.
 //!
 //! Readiness: `subscribed_tx` holds true while the broker has granted every filter in the
 //! current session (one granted SUBACK per filter since the CONNACK that started it, or
@@ -20,6 +27,9 @@
 //! last will ([`offline_will`]); a clean shutdown publishes `offline` itself (a DISCONNECT
 //! discards the will).
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -106,15 +116,21 @@ async fn ingest_group(hub: &Arc<Hub>, link: &MqttLink, group: Vec<(String, Bytes
     }
 }
 
+/// One group being committed: its ingest (commit, then acks) and how many batches it holds.
+type Committing<'a> = (Pin<Box<dyn Future<Output = ()> + Send + 'a>>, usize);
+
 /// Runs hub `hub_id` over `link` until `shutdown` is cancelled or the link's events end,
 /// reporting on `subscribed_tx` whether its subscriptions are in place and announcing its
-/// presence once they are.
+/// presence once they are. At most `max_in_flight` batches are held (committing or waiting);
+/// beyond that the hub stops reading from the broker.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     hub: Arc<Hub>,
     link: MqttLink,
     mut events_rx: mpsc::Receiver<LinkEvent>,
     group: String,
     hub_id: String,
+    max_in_flight: usize,
     subscribed_tx: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
@@ -126,28 +142,48 @@ pub async fn serve(
     }
     info!(group = %group, "hub serving");
     let mut granted = 0;
-    // An event read while gathering a group, handled next.
-    let mut pending: Option<LinkEvent> = None;
+    // Batches read from the broker, not yet in a group.
+    let mut waiting: VecDeque<(String, Bytes)> = VecDeque::new();
+    let mut committing: Option<Committing<'_>> = None;
     loop {
-        let event = match pending.take() {
-            Some(e) => e,
-            None => tokio::select! {
-                _ = shutdown.cancelled() => break,
-                e = events_rx.recv() => match e { Some(e) => e, None => break },
-            },
+        if committing.is_none() && !waiting.is_empty() {
+            // Batches already waiting are taken as one group: one sink sync or transaction.
+            let mut group = Vec::new();
+            let mut group_bytes = 0;
+            while group.len() < MAX_GROUP_BATCHES && group_bytes < MAX_GROUP_BYTES {
+                let Some(item) = waiting.pop_front() else {
+                    break;
+                };
+                group_bytes += item.1.len();
+                group.push(item);
+            }
+            let n = group.len();
+            committing = Some((Box::pin(ingest_group(&hub, &link, group)), n));
+        }
+        let held = waiting.len() + committing.as_ref().map_or(0, |c| c.1);
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            () = async { committing.as_mut().expect("invariant: guarded").0.as_mut().await },
+                if committing.is_some() => {
+                let n = committing.take().map_or(0, |c| c.1);
+                hub.sink_stats().release(n);
+                continue;
+            }
+            e = events_rx.recv(), if held < max_in_flight => match e { Some(e) => e, None => break },
         };
-        let (topic, payload) = match event {
-            LinkEvent::Publish { topic, payload, .. } => (topic, payload),
+        match event {
+            LinkEvent::Publish { topic, payload, .. } => {
+                hub.sink_stats().take(1);
+                waiting.push_back((topic, payload));
+            }
             LinkEvent::Connected { session_present } => {
                 if !session_present {
                     granted = 0;
                 }
                 subscribed_tx.send_replace(granted >= filters.len());
-                continue;
             }
             LinkEvent::Disconnected { .. } => {
                 subscribed_tx.send_replace(false);
-                continue;
             }
             LinkEvent::SubAck { granted: true, .. } => {
                 granted += 1;
@@ -156,32 +192,21 @@ pub async fn serve(
                     info!(group = %group, "hub subscribed");
                     announce(&link, &hub_id, Some(rand::random())).await;
                 }
-                continue;
             }
             LinkEvent::SubAck { granted: false, .. } => {
                 warn!(group = %group, "hub subscription refused by the broker");
-                continue;
             }
-            LinkEvent::PubAck { .. } => continue,
-        };
-        // Batches already waiting are taken as one group: one sink sync, one de-dup flush.
-        let mut group = vec![(topic, payload)];
-        let mut group_bytes = group[0].1.len();
-        while group.len() < MAX_GROUP_BATCHES && group_bytes < MAX_GROUP_BYTES {
-            match events_rx.try_recv() {
-                Ok(LinkEvent::Publish { topic, payload, .. }) => {
-                    group_bytes += payload.len();
-                    group.push((topic, payload));
-                }
-                Ok(other) => {
-                    pending = Some(other);
-                    break;
-                }
-                Err(_) => break,
-            }
+            LinkEvent::PubAck { .. } => {}
         }
-        ingest_group(&hub, &link, group).await;
     }
+    // The group being committed finishes (its acks go out); waiting batches are not
+    // acknowledged, so their gateways re-send them.
+    if let Some((commit, n)) = committing.take() {
+        commit.await;
+        hub.sink_stats().release(n);
+    }
+    drop(committing);
+    hub.sink_stats().release(waiting.len());
     if *subscribed_tx.borrow() {
         announce(&link, &hub_id, None).await;
     }

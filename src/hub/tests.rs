@@ -14,6 +14,7 @@ mod emergency;
 mod logs;
 mod policy;
 mod restart;
+mod sinks;
 
 pub(in crate::hub) use crate::test_fixtures::capture_warnings;
 
@@ -74,12 +75,16 @@ impl Fixture {
     }
 
     fn hub(&self) -> Hub {
-        let dedup = Dedup::open(&self.dir.path().join("state")).unwrap();
-        let sink = JsonlSink::open(&self.sink_path()).unwrap();
+        let sink = JsonlDedupSink::open(
+            &self.dir.path().join("state"),
+            &self.sink_path(),
+            config::Rotation::default(),
+        )
+        .unwrap();
         let signer = crate::wire::AckSigner::new(
             seal::load_hub_ack_signing_key(&self.keys.hub_ack_signing_key).unwrap(),
         );
-        Hub::new(self.opener(), signer, approvals(), dedup, Box::new(sink)).unwrap()
+        Hub::new(self.opener(), signer, approvals(), Box::new(sink))
     }
 
     fn seal(&self, stream: Stream, seq: u64) -> Vec<u8> {

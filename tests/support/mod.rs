@@ -4,6 +4,8 @@
 
 mod fixtures;
 pub mod leaks;
+mod postgres;
+pub use self::postgres::PgServer;
 pub use fixtures::*;
 
 use std::path::{Path, PathBuf};

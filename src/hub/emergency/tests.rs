@@ -7,7 +7,7 @@ use tempfile::TempDir;
 use super::*;
 use crate::hub::dedup::Dedup;
 use crate::hub::rewrite::temp_path;
-use crate::hub::sink::{JsonlSink, Sink, SinkBatch};
+use crate::hub::sink::{JsonlSink, SinkBatch};
 use crate::hub::tests::capture_warnings;
 use crate::reading::{GatewayId, PurposeName, Quality, Unit, Value};
 
@@ -121,6 +121,7 @@ impl Fixture {
             sink.write_batches(&[SinkBatch {
                 key: &key,
                 purpose: Some(&purpose),
+                header: None,
                 records,
             }])
             .unwrap();
@@ -299,7 +300,7 @@ fn a_left_over_temp_file_is_ignored_and_replaced() {
 fn destroy_refuses_beside_a_running_hub_and_on_a_torn_sink() {
     let f = Fixture::new();
     let before = std::fs::read_to_string(f.sink()).unwrap();
-    let hub = Dedup::open(&f.cfg.state_path).unwrap();
+    let hub = Dedup::open(&f.cfg.path.parent().unwrap().join("state")).unwrap();
     let err = destroy(&f.cfg, "em-1", NOW).unwrap_err();
     assert!(
         matches!(
@@ -357,6 +358,7 @@ fn list_export_and_destroy_cover_the_rotated_files() {
     sink.write_batches(&[SinkBatch {
         key: &key,
         purpose: Some(&purpose),
+        header: None,
         records: &[data("em-1", T0 + 9000)],
     }])
     .unwrap();

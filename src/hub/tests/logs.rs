@@ -1,5 +1,7 @@
 //! The hub's warnings under a flood (issue 12 item 3).
 
+use std::collections::BTreeMap;
+
 use super::*;
 
 /// issue 12 item 3: 5,000 garbage payloads make a bounded number of log lines (a burst per

@@ -41,10 +41,15 @@ fn batches_under_unapproved_policies_are_rejected_and_not_acked() {
                 retention: None,
             }],
         }]),
-        Dedup::open(&f.dir.path().join("state-2")).unwrap(),
-        Box::new(JsonlSink::open(&f.dir.path().join("out/records-2.jsonl")).unwrap()),
-    )
-    .unwrap();
+        Box::new(
+            JsonlDedupSink::open(
+                &f.dir.path().join("state-2"),
+                &f.dir.path().join("out/records-2.jsonl"),
+                config::Rotation::default(),
+            )
+            .unwrap(),
+        ),
+    );
     assert!(matches!(
         approved.ingest(&gw(), &seal(Stream::Readings, 2, &changed)),
         Ingest::Accepted { .. }

@@ -46,6 +46,7 @@ fn a_torn_unacknowledged_batch_is_cut_and_rewritten_whole() {
     let bytes = sink::encode_batch(&SinkBatch {
         key: &key,
         purpose: None,
+        header: None,
         records: &records(),
     });
     let first_line = bytes.iter().position(|b| *b == b'\n').unwrap() + 1;
@@ -88,6 +89,7 @@ fn non_finite_floats_and_out_of_range_times_are_null_not_panics() {
     let text = String::from_utf8(sink::encode_batch(&SinkBatch {
         key: &key,
         purpose: None,
+        header: None,
         records: &[r, late],
     }))
     .unwrap();
@@ -113,14 +115,12 @@ fn a_full_sink_rotates_to_a_timestamped_file_and_restarts_see_no_gap() {
         every: None,
     };
     let open_hub = || {
-        let dedup = Dedup::open(&f.dir.path().join("state")).unwrap();
-        let sink = JsonlSink::open(&f.sink_path())
-            .unwrap()
-            .with_rotation(rotation);
+        let sink =
+            JsonlDedupSink::open(&f.dir.path().join("state"), &f.sink_path(), rotation).unwrap();
         let signer = crate::wire::AckSigner::new(
             seal::load_hub_ack_signing_key(&f.keys.hub_ack_signing_key).unwrap(),
         );
-        Hub::new(f.opener(), signer, approvals(), dedup, Box::new(sink)).unwrap()
+        Hub::new(f.opener(), signer, approvals(), Box::new(sink))
     };
     let hub = open_hub();
     for seq in 1..=3 {

@@ -1,4 +1,4 @@
-//! Where accepted records go: the [`Sink`] trait and [`JsonlSink`], JSON Lines in one file.
+//! [`JsonlSink`]: accepted records as JSON Lines in one file.
 //!
 //! # JSON Lines format
 //!
@@ -58,7 +58,7 @@
 //! `at`; its report records stay. Readers skip event lines they do not know; recovery treats
 //! them as a boundary between batches, never as part of one.
 //!
-//! A group of batches (one or more, [`Sink::write_batches`]) is written with one `write_all`,
+//! A group of batches (one or more, [`JsonlSink::write_batches`]) is written with one `write_all`,
 //! each batch's lines together, and made durable with one `sync_data` before the call returns,
 //! because the hub acks on return. If the write fails, the file is truncated back to its length
 //! before the group, so a failed group leaves nothing behind. The hub keeps a group's sealed
@@ -68,7 +68,7 @@
 //!
 //! The hub writes the sink first and marks the batch seen afterwards, so a crash between the two
 //! leaves a batch in the sink that the de-dup state does not know; the gateway re-sends it.
-//! [`Sink::recover`] closes that window at start-up: it scans the last [`TAIL_SCAN_BYTES`] of the
+//! [`JsonlSink::recover`] closes that window at start-up: it scans the last [`TAIL_SCAN_BYTES`] of the
 //! file and returns the (gateway, stream, seq) of every batch found there that the de-dup state
 //! does not know yet, so the hub marks them before accepting anything. If the file ends in a torn
 //! line (a crash mid-write), the torn bytes are cut off, and so are the complete lines of the last
@@ -84,10 +84,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::config::Rotation;
-use crate::reading::{GatewayId, PurposeName, Quality, Record, Stream, Value, Window};
+use super::{BatchKey, SinkBatch, SinkError};
+use crate::hub::config::Rotation;
+use crate::reading::{PurposeName, Quality, Value, Window};
 
 /// How much of the end of a JSON Lines file [`JsonlSink::recover`] reads.
 pub(crate) const TAIL_SCAN_BYTES: u64 = 4 * 1024 * 1024;
@@ -106,82 +107,6 @@ pub(crate) fn emergency_id<S: AsRef<str>>(tags: &[S]) -> Option<&str> {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         })
-}
-
-/// The identity of a batch at the hub.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub(crate) struct BatchKey {
-    pub gateway: GatewayId,
-    pub stream: Stream,
-    /// The gateway store's incarnation; 0 for envelopes of version 1.
-    #[serde(default, with = "hex_u64")]
-    pub incarnation: u64,
-    pub seq: u64,
-}
-
-/// A u64 as 16 lowercase hex digits (JSON numbers above 2^53 do not survive every reader).
-mod hex_u64 {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{v:016x}"))
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        let text = <&str>::deserialize(d)?;
-        if text.len() != 16 {
-            return Err(serde::de::Error::custom(
-                "incarnation must be 16 hex digits",
-            ));
-        }
-        u64::from_str_radix(text, 16).map_err(serde::de::Error::custom)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    #[error("sink {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-}
-
-/// One accepted batch on its way to the sink.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SinkBatch<'a> {
-    pub key: &'a BatchKey,
-    /// The purpose the batch was made under; `None` before envelope version 3.
-    pub purpose: Option<&'a PurposeName>,
-    pub records: &'a [Record],
-}
-
-/// A destination for accepted records.
-pub(crate) trait Sink: Send + Sync + std::fmt::Debug {
-    /// Writes several batches' records, all or none; they must survive a crash once this
-    /// returns `Ok` (one sync for the group).
-    fn write_batches(&self, batches: &[SinkBatch<'_>]) -> Result<(), SinkError>;
-
-    /// Writes one batch's records ([`Sink::write_batches`] of one), without a purpose.
-    #[cfg(test)]
-    fn write_batch(&self, key: &BatchKey, records: &[Record]) -> Result<(), SinkError> {
-        self.write_batches(&[SinkBatch {
-            key,
-            purpose: None,
-            records,
-        }])
-    }
-
-    /// At start-up: batches the sink holds durably that `is_marked` does not know (see the
-    /// module docs). Sinks that cannot tell return an empty list.
-    fn recover(&self, is_marked: &dyn Fn(&BatchKey) -> bool) -> Result<Vec<BatchKey>, SinkError>;
-
-    /// Reopens the files the sink writes, after log rotation moved them (SIGHUP). Sinks
-    /// without files do nothing.
-    fn reopen(&self) -> Result<(), SinkError> {
-        Ok(())
-    }
 }
 
 /// Appends JSON Lines to one file.
@@ -283,6 +208,7 @@ pub(crate) fn encode_batch(batch: &SinkBatch<'_>) -> Vec<u8> {
         key,
         purpose,
         records,
+        ..
     } = *batch;
     let mut out = Vec::with_capacity(records.len() * 256);
     for r in records {
@@ -335,10 +261,10 @@ impl JsonlSink {
         let now = SystemTime::now();
         let mut since = self.since.lock().unwrap_or_else(PoisonError::into_inner);
         let len = file.metadata().map_err(self.io_err())?.len();
-        if !super::rotate::due(&self.rotation, len, *since, now) {
+        if !crate::hub::rotate::due(&self.rotation, len, *since, now) {
             return Ok(());
         }
-        let to = super::rotate::rotate(&self.path, now).map_err(self.io_err())?;
+        let to = crate::hub::rotate::rotate(&self.path, now).map_err(self.io_err())?;
         *file = open_append(&self.path)?;
         *since = now;
         tracing::info!(rotated_to = %to.display(), bytes = len, "sink rotated");
@@ -389,8 +315,10 @@ pub(crate) fn is_hub_event(line: &[u8]) -> bool {
         .is_ok_and(|m| m.get("hub_event").is_some_and(serde_json::Value::is_string))
 }
 
-impl Sink for JsonlSink {
-    fn write_batches(&self, batches: &[SinkBatch<'_>]) -> Result<(), SinkError> {
+impl JsonlSink {
+    /// Writes several batches' records, all or none; they survive a crash once this returns
+    /// `Ok` (one sync for the group).
+    pub(crate) fn write_batches(&self, batches: &[SinkBatch<'_>]) -> Result<(), SinkError> {
         let mut bytes = Vec::new();
         for batch in batches {
             bytes.extend_from_slice(&encode_batch(batch));
@@ -411,7 +339,23 @@ impl Sink for JsonlSink {
         Ok(())
     }
 
-    fn reopen(&self) -> Result<(), SinkError> {
+    /// Writes one batch's records ([`JsonlSink::write_batches`] of one), without a purpose.
+    #[cfg(test)]
+    pub(crate) fn write_batch(
+        &self,
+        key: &BatchKey,
+        records: &[crate::reading::Record],
+    ) -> Result<(), SinkError> {
+        self.write_batches(&[SinkBatch {
+            key,
+            purpose: None,
+            header: None,
+            records,
+        }])
+    }
+
+    /// Reopens the file after log rotation moved it (SIGHUP).
+    pub(crate) fn reopen(&self) -> Result<(), SinkError> {
         // Opened before taking the lock, swapped under it: a write in progress finishes on
         // the old file; every later write goes to the file now at `path`.
         let fresh = open_append(&self.path)?;
@@ -423,7 +367,12 @@ impl Sink for JsonlSink {
         Ok(())
     }
 
-    fn recover(&self, is_marked: &dyn Fn(&BatchKey) -> bool) -> Result<Vec<BatchKey>, SinkError> {
+    /// At start-up: batches the file holds durably that `is_marked` does not know (see the
+    /// module docs).
+    pub(crate) fn recover(
+        &self,
+        is_marked: &dyn Fn(&BatchKey) -> bool,
+    ) -> Result<Vec<BatchKey>, SinkError> {
         let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
         let len = file.metadata().map_err(self.io_err())?.len();
         let start = len.saturating_sub(TAIL_SCAN_BYTES);

@@ -5,8 +5,8 @@
 //! id = "city-hub-1"
 //! hpke_secret_key = "keys/hub.hpke.key"
 //! ack_signing_key = "keys/hub.ack.key"   # signs every ack; gateways hold hub.ack.pub
-//! state_path = "state"            # sled directory for de-duplication state
-//! [sink]
+//! state_path = "state"            # sled directory of the jsonl sink's de-dup window
+//! [sink]                          # see `sink.rs` for the postgres sink
 //! type = "jsonl"
 //! path = "records.jsonl"
 //! [mqtt]
@@ -47,6 +47,10 @@ use crate::seal::{
 };
 use crate::wire::AckSigner;
 
+mod sink;
+
+pub use sink::{PgConfig, PgTls, Rotation, SinkConfig};
+
 /// The default MQTT shared-subscription group: hub processes in one group share the load.
 pub(crate) const DEFAULT_SHARE_GROUP: &str = "citygate-hub";
 
@@ -60,8 +64,6 @@ pub struct HubConfig {
     pub hpke_secret_key: PathBuf,
     /// Ed25519 key that signs every ack (gateways verify with its public half).
     pub ack_signing_key: PathBuf,
-    /// sled directory of the de-duplication state.
-    pub state_path: PathBuf,
     pub sink: SinkConfig,
     pub mqtt: MqttConfig,
     /// The registry: gateways whose batches are accepted, in file order, ids unique.
@@ -74,27 +76,6 @@ pub struct HubConfig {
 
 /// Where the hub's status endpoint listens unless the config says otherwise.
 pub(crate) const DEFAULT_HUB_STATUS_LISTEN: &str = "127.0.0.1:9188";
-
-/// Where accepted records go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SinkConfig {
-    /// JSON Lines, appended to one file, rotated by size and/or age.
-    Jsonl { path: PathBuf, rotate: Rotation },
-}
-
-/// When the JSON Lines sink starts a fresh file (`rotate_bytes`, `rotate_every`); both
-/// `None`: never (an outside logrotate and SIGHUP can still do it).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Rotation {
-    /// Once the file holds at least this many bytes.
-    pub bytes: Option<u64>,
-    /// Once the file is this old.
-    pub every: Option<Duration>,
-}
-
-/// Smallest `rotate_bytes` and `rotate_every` accepted.
-const MIN_ROTATE_BYTES: u64 = 64 * 1024;
-const MIN_ROTATE_EVERY: Duration = Duration::from_secs(60);
 
 /// How the hub reaches its broker. Used by the MQTT layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +132,7 @@ pub struct ApprovedPolicy {
 #[serde(deny_unknown_fields)]
 struct RawHubConfig {
     hub: RawHub,
-    sink: RawSink,
+    sink: sink::RawSink,
     mqtt: RawMqtt,
     status: Option<crate::config::RawStatus>,
     log: Option<crate::config::log::RawLog>,
@@ -165,18 +146,7 @@ struct RawHub {
     id: Spanned<String>,
     hpke_secret_key: PathBuf,
     ack_signing_key: PathBuf,
-    state_path: PathBuf,
-}
-
-/// `[sink]`: a struct rather than a tagged enum, so its keys keep their spans.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSink {
-    #[serde(rename = "type")]
-    kind: Spanned<String>,
-    path: PathBuf,
-    rotate_bytes: Option<Spanned<u64>>,
-    rotate_every: Option<Spanned<crate::config::duration::HumanDuration>>,
+    state_path: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -431,50 +401,7 @@ impl HubConfig {
             crate::config::status_config(raw.status, &src, &mut errors, DEFAULT_HUB_STATUS_LISTEN);
         let log = crate::config::log::log_config(raw.log, &src, &mut errors);
 
-        let sink = {
-            let RawSink {
-                kind,
-                path,
-                rotate_bytes,
-                rotate_every,
-            } = raw.sink;
-            if kind.get_ref() != "jsonl" {
-                errors.push(src.at(
-                    kind.span(),
-                    "sink.type",
-                    format!("unknown sink type {:?}; valid: \"jsonl\"", kind.get_ref()),
-                ));
-            }
-            {
-                if let Some(b) = rotate_bytes
-                    .as_ref()
-                    .filter(|b| *b.get_ref() < MIN_ROTATE_BYTES)
-                {
-                    errors.push(src.at(
-                        b.span(),
-                        "sink.rotate_bytes",
-                        format!("{} is too small; valid: at least {MIN_ROTATE_BYTES} (e.g. 1073741824 for 1 GiB)", b.get_ref()),
-                    ));
-                }
-                if let Some(e) = rotate_every
-                    .as_ref()
-                    .filter(|e| e.get_ref().0 < MIN_ROTATE_EVERY)
-                {
-                    errors.push(src.at(
-                        e.span(),
-                        "sink.rotate_every",
-                        "too short; valid: at least \"1m\", e.g. \"1d\"",
-                    ));
-                }
-                SinkConfig::Jsonl {
-                    path: resolve(&path),
-                    rotate: Rotation {
-                        bytes: rotate_bytes.map(Spanned::into_inner),
-                        every: rotate_every.map(|e| e.into_inner().0),
-                    },
-                }
-            }
-        };
+        let sink = sink::sink_config(raw.sink, raw.hub.state_path, &src, &resolve, &mut errors);
         if !errors.is_empty() {
             return Err(errors.into());
         }
@@ -483,8 +410,7 @@ impl HubConfig {
             id,
             hpke_secret_key: resolve(&raw.hub.hpke_secret_key),
             ack_signing_key: resolve(&raw.hub.ack_signing_key),
-            state_path: resolve(&raw.hub.state_path),
-            sink,
+            sink: sink.expect("invariant: a sink without errors"),
             mqtt: MqttConfig {
                 broker,
                 broker_is_embedded,
@@ -594,12 +520,12 @@ verifying_key = "/abs/gw-2.pub"
     fn loads_with_defaults_and_resolved_paths() {
         let c = parse(CONFIG).unwrap();
         assert_eq!(c.id, "hub-1");
-        assert_eq!(c.state_path, Path::new("/etc/citygate/state"));
         assert_eq!(
             c.sink,
             SinkConfig::Jsonl {
                 path: "/etc/citygate/out/records.jsonl".into(),
                 rotate: Rotation::default(),
+                state_path: "/etc/citygate/state".into(),
             }
         );
         assert_eq!(c.mqtt.client_id, "hub-1");
@@ -789,7 +715,9 @@ verifying_key = "/abs/gw-2.pub"
             &format!("{base}rotate_bytes = 1073741824\nrotate_every = \"1d\"\n{gw}"),
         )
         .unwrap();
-        let SinkConfig::Jsonl { rotate, .. } = ok.sink;
+        let SinkConfig::Jsonl { rotate, .. } = ok.sink else {
+            panic!("not jsonl")
+        };
         assert_eq!(rotate.bytes, Some(1 << 30));
         assert_eq!(rotate.every, Some(Duration::from_secs(86_400)));
         let e = HubConfig::parse(
