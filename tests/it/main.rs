@@ -14,6 +14,7 @@ mod emergency;
 mod hub_emergency;
 mod hub_wire;
 mod loadtest;
+mod loadtest_hub;
 mod mosquitto;
 mod mqtt_meters;
 mod mqtt_rig;
