@@ -88,6 +88,8 @@ async fn fleet_against_a_killed_hub_writes_every_acked_batch_once() {
         "{r:#}"
     );
     for key in [
+        "measured_s",
+        "acked_in_window_per_s",
         "accepted_batches_per_s",
         "records_per_s",
         "latency_p50_s",

@@ -11,7 +11,7 @@ use super::account::Accounting;
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct HubFigures {
     pub id: String,
-    /// CPU seconds used during the measured window (every incarnation of the process).
+    /// CPU seconds used during the window and the drain (every incarnation of the process).
     pub cpu_s: Option<f64>,
     pub rss_mb_peak: Option<f64>,
     /// Times it was SIGKILLed and started again.
@@ -52,9 +52,15 @@ pub(crate) struct HubReport {
     pub seed: u64,
     /// Batches the fleet would seal in the window if every backlog had room.
     pub offered_batches_per_s: f64,
-    /// Batches first acked during the window, per second, and their records.
+    /// The window plus the drain: the fleet's load ends when its backlog is acked (or the
+    /// drain limit is reached). CPU figures are over this time.
+    pub measured_s: f64,
+    /// Batches acked over `measured_s`, per second, and their records: what the hubs
+    /// sustained (a hub behind the fleet keeps working through the drain).
     pub accepted_batches_per_s: f64,
     pub records_per_s: f64,
+    /// First acks that arrived during the window, per second of it.
+    pub acked_in_window_per_s: f64,
     /// Sealed → first ack the fleet counted, over every acked batch of the run.
     pub latency_p50_s: Option<f64>,
     pub latency_p99_s: Option<f64>,
@@ -84,11 +90,11 @@ pub(crate) struct HubReport {
     pub drained: bool,
     pub drain_s: f64,
     pub hub: Vec<HubFigures>,
-    /// Σ hub CPU seconds in the window, and accepted records per hub CPU-second.
+    /// Σ hub CPU seconds over `measured_s`, and acked records per hub CPU-second.
     pub hub_cpu_s: Option<f64>,
     pub records_per_hub_cpu_s: Option<f64>,
     pub broker: BrokerFigures,
-    /// This process (the fleet: sealing, TLS, acks) during the window.
+    /// This process (the fleet: sealing, TLS, acks) over `measured_s`.
     pub fleet_cpu_s: Option<f64>,
     pub setup_s: f64,
     pub clk_tck: u64,
@@ -162,10 +168,11 @@ impl HubReport {
             (
                 "accepted",
                 format!(
-                    "{:.1} batches/s, {:.0} records/s (offered {:.1} batches/s; {} periods \
-                     skipped, backlog full)",
+                    "{:.1} batches/s, {:.0} records/s over {:.1} s of window and drain \
+                     (offered {:.1} batches/s; {} periods skipped, backlog full)",
                     self.accepted_batches_per_s,
                     self.records_per_s,
+                    self.measured_s,
                     self.offered_batches_per_s,
                     self.skipped_seals
                 ),
@@ -225,7 +232,7 @@ impl HubReport {
             (
                 "hub cpu",
                 format!(
-                    "{} s in the window, {} records per hub CPU-second",
+                    "{} s over window and drain, {} acked records per hub CPU-second",
                     f(self.hub_cpu_s, 2),
                     f(self.records_per_hub_cpu_s, 0)
                 ),
@@ -252,6 +259,14 @@ impl HubReport {
         ];
         for (k, v) in rows {
             let _ = writeln!(s, "  {k:<10} {v}");
+        }
+        if !self.drained {
+            let _ = writeln!(
+                s,
+                "  warning    {} batches were never acked: the hubs fell behind or stalled \
+                 (see their logs)",
+                a.unacked_batches
+            );
         }
         s
     }

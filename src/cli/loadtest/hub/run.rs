@@ -166,13 +166,6 @@ pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubRepor
         );
     }
     fleet.control.set_phase(DRAINING);
-    for h in &mut hubs {
-        h.take_cpu(ticks);
-    }
-    let broker_cpu = broker_cpu0
-        .zip(broker.cpu_seconds(ticks))
-        .map(|(a, b)| b - a);
-    let fleet_cpu = fleet_cpu0.zip(own_cpu(ticks)).map(|(a, b)| b - a);
 
     // The drain: the fleet re-sends until every batch is acked.
     let drain_start = Instant::now();
@@ -192,6 +185,15 @@ pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubRepor
         std::thread::sleep(Duration::from_millis(100));
     };
     let drain_s = drain_start.elapsed().as_secs_f64();
+    // The load ends with the drain: a hub behind the fleet works through it.
+    let measured_s = window_start.elapsed().as_secs_f64();
+    for h in &mut hubs {
+        h.take_cpu(ticks);
+    }
+    let broker_cpu = broker_cpu0
+        .zip(broker.cpu_seconds(ticks))
+        .map(|(a, b)| b - a);
+    let fleet_cpu = fleet_cpu0.zip(own_cpu(ticks)).map(|(a, b)| b - a);
     for h in &mut hubs {
         h.stop(&rt, HUB_STOP_GRACE);
     }
@@ -217,9 +219,9 @@ pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubRepor
     }
     let hub_cpu_s: f64 = hub_figures.iter().filter_map(|h| h.cpu_s).sum();
     let duration_s = args.duration.as_secs_f64();
-    let acked_in_window = Control::get(&c.acked_in_window);
     let records_per_batch = args.records_per_batch();
-    let records_in_window = (acked_in_window * records_per_batch) as f64;
+    let acked = Control::get(&c.acked);
+    let acked_records = (acked * records_per_batch) as f64;
     Ok(HubReport {
         sink: match args.sink {
             SinkKind::Jsonl => "jsonl".into(),
@@ -232,6 +234,7 @@ pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubRepor
         batch_every_s: args.batch_every.as_secs_f64(),
         records_per_batch,
         duration_s,
+        measured_s,
         connections: s.connections.len(),
         gateways_per_connection: match s.broker {
             BrokerKind::Mosquitto => args.per_connection,
@@ -243,8 +246,9 @@ pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubRepor
         kill_hubs: args.kill_hubs,
         seed: args.seed,
         offered_batches_per_s: f64::from(args.gateways) / args.batch_every.as_secs_f64(),
-        accepted_batches_per_s: acked_in_window as f64 / duration_s,
-        records_per_s: records_in_window / duration_s,
+        accepted_batches_per_s: acked as f64 / measured_s,
+        records_per_s: acked_records / measured_s,
+        acked_in_window_per_s: Control::get(&c.acked_in_window) as f64 / duration_s,
         latency_p50_s: percentile(&lat, 0.5),
         latency_p99_s: percentile(&lat, 0.99),
         latency_max_s: lat.last().copied(),
@@ -268,7 +272,7 @@ pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubRepor
         drain_s,
         hub: hub_figures,
         hub_cpu_s: Some(hub_cpu_s),
-        records_per_hub_cpu_s: (hub_cpu_s > 0.0).then(|| records_in_window / hub_cpu_s),
+        records_per_hub_cpu_s: (hub_cpu_s > 0.0).then(|| acked_records / hub_cpu_s),
         broker: BrokerFigures {
             kind: match s.broker {
                 BrokerKind::Mosquitto => "mosquitto".into(),
