@@ -38,7 +38,9 @@ mod procs;
 mod records;
 mod report;
 mod run;
+mod sender;
 mod setup;
+mod state;
 
 use std::path::PathBuf;
 use std::time::Duration;
