@@ -15,6 +15,7 @@ mod hub_emergency;
 mod hub_pg;
 mod hub_wire;
 mod loadtest;
+mod loadtest_hub;
 mod mosquitto;
 mod mqtt_meters;
 mod mqtt_rig;

@@ -19,7 +19,11 @@
 //! The gateway and hub run from `--citygate-bin` if given (to measure another build with
 //! the same set-up), everything else from this executable. Exit status 1 if a poll was
 //! lost or a value duplicated (after the report is printed).
+//!
+//! `citygate loadtest hub` ([`hub`]) measures the hub side at city scale instead: many
+//! simulated gateways in this process against one or more hub processes behind a broker.
 
+pub mod hub;
 mod procs;
 mod report;
 mod run;
@@ -63,12 +67,25 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::config::duration::parse(s)
 }
 
+/// What `citygate loadtest` measures besides the default gateway path.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum LoadtestTarget {
+    /// Measure the hub at city scale: N simulated gateways (in this process) seal and
+    /// publish batches through a real broker to 1..=9 `citygate hub` processes on one shared
+    /// subscription; reports batches/s, records/s, ingest latency, duplicates written,
+    /// acked batches missing from the sink, CPU and RSS of every hub and of the broker.
+    Hub(Box<hub::HubLoadArgs>),
+}
+
 /// Arguments of `citygate loadtest`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct LoadtestArgs {
+    #[command(subcommand)]
+    pub target: Option<LoadtestTarget>,
     /// Simulated meters (devices m00001…).
-    #[arg(long)]
-    pub meters: u32,
+    #[arg(long, required = true)]
+    pub meters: Option<u32>,
     /// Poll interval of every meter.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub interval: Duration,
@@ -125,9 +142,20 @@ pub struct LoadtestArgs {
     pub keep_dir: bool,
 }
 
-/// `citygate loadtest`
+impl LoadtestArgs {
+    /// `--meters` (clap requires it unless a subcommand is given, and [`loadtest`] checks
+    /// it before a run starts).
+    pub(super) fn meters(&self) -> u32 {
+        self.meters.unwrap_or(0)
+    }
+}
+
+/// `citygate loadtest` and `citygate loadtest hub`.
 pub fn loadtest(args: &LoadtestArgs) -> Result<(), CliError> {
-    if args.meters == 0 || args.meters > 99_999 {
+    if let Some(LoadtestTarget::Hub(hub_args)) = &args.target {
+        return hub::loadtest_hub(hub_args);
+    }
+    if args.meters() == 0 || args.meters() > 99_999 {
         return Err(CliError::Usage("--meters must be 1..=99999".into()));
     }
     if args.per_endpoint == 0 || args.per_endpoint > 247 {

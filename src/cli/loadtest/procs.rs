@@ -82,6 +82,14 @@ impl Proc {
         }
     }
 
+    /// SIGKILL (to this child's pid only), and reaps it.
+    pub(super) fn kill(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+
     /// Waits up to `limit` for the child to exit.
     pub(super) fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;

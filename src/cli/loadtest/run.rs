@@ -85,7 +85,10 @@ fn start_broker(exe: &Path, s: &Setup, generation: u32) -> Result<Option<Proc>, 
 }
 
 /// One HTTP GET of `/status` from `addr`, as JSON.
-fn status_json(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Option<serde_json::Value> {
+pub(super) fn status_json(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+) -> Option<serde_json::Value> {
     let (code, body) = rt
         .block_on(crate::telemetry::http::get(
             addr,
@@ -97,7 +100,7 @@ fn status_json(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Option<serde_j
 }
 
 /// Polls `addr`'s `/status` until `ready` holds; fails if `p` exits or at the limit.
-fn wait_status(
+pub(super) fn wait_status(
     rt: &tokio::runtime::Runtime,
     p: &mut Proc,
     addr: SocketAddr,
@@ -132,7 +135,7 @@ pub(super) fn run(args: &LoadtestArgs, exe: &Path, dir: &Path) -> Result<Report,
     let setup_s = started.elapsed().as_secs_f64();
     println!(
         "{} meters on {} simulator endpoints, gateway pid {}, hub pid {}; set-up took {setup_s:.1} s",
-        args.meters,
+        args.meters(),
         s.endpoints.len(),
         c.gateway.as_ref().map_or(0, Proc::pid),
         c.hub.as_ref().map_or(0, Proc::pid),
@@ -157,7 +160,7 @@ pub(super) fn run(args: &LoadtestArgs, exe: &Path, dir: &Path) -> Result<Report,
     let (gateway_rss_mb_median, gateway_rss_mb_peak) = mb(&window.gateway_rss_kb);
     let (hub_rss_mb_median, hub_rss_mb_peak) = mb(&window.hub_rss_kb);
     let mut report = Report {
-        meters: args.meters,
+        meters: args.meters(),
         interval_s: args.interval.as_secs_f64(),
         duration_s: args.duration.as_secs_f64(),
         warmup_s: args.warmup.as_secs_f64(),

@@ -193,7 +193,7 @@ impl Setup {
             hub_id: args.hub_id.clone(),
             hub_status: loopback(free_port()?),
             gateway_status: loopback(free_port()?),
-            endpoints: split(args.meters, args.per_endpoint),
+            endpoints: split(args.meters(), args.per_endpoint),
             hub_config: dir.join("hub.toml"),
             gateway_config: dir.join("gateway.toml"),
         };
