@@ -390,6 +390,12 @@ fn sink_metrics(
             count(stats.quarantined),
         ),
         (
+            "citygate_hub_acks_dropped_total",
+            Kind::Counter,
+            "Acks dropped because the queue to the broker was full (the gateway re-sends).",
+            count(f.acks_dropped),
+        ),
+        (
             "citygate_hub_sink_in_flight",
             Kind::Gauge,
             "Batches taken from the broker and not yet answered (committing or waiting).",

@@ -15,6 +15,13 @@
 //! slow or failing database slows intake instead of growing memory. Nothing is acknowledged
 //! before its commit, so batches dropped at shutdown or failed by the sink are re-sent.
 //!
+//! Acks and the presence go out through a queue that the service publishes from beside the
+//! link's events, one message at a time: a publish waits while the MQTT client's request
+//! queue is full, and the client empties it only while its events are read (PUBACKs free its
+//! in-flight window), so neither a commit nor the reading may ever wait for a publish. Past
+//! [`MAX_QUEUED_ACKS`] acks are dropped and counted (`citygate_hub_acks_dropped_total`); the
+//! gateway re-sends and is acknowledged as a duplicate.
+//!
 //! Readiness: `subscribed_tx` holds true while the broker has granted every filter in the
 //! current session (one granted SUBACK per filter since the CONNACK that started it, or
 //! a resumed session that had them), false before and while disconnected. Batches
@@ -39,6 +46,7 @@ use tracing::{info, warn};
 
 use super::{Hub, Ingest};
 use crate::mqtt::{LinkEvent, MqttLink, QoS};
+use crate::reading::GatewayId;
 use crate::wire::{ack_topic, hub_filters, parse_stream_topic, presence_topic, Presence};
 
 /// The hub link's last will: topic and retained `offline` payload.
@@ -50,24 +58,52 @@ pub(crate) fn offline_will(hub_id: &str) -> (String, Bytes) {
     (presence_topic(hub_id), Bytes::from(offline.encode()))
 }
 
-/// Publishes the hub's retained presence: `Some(session)` online, `None` offline.
-async fn announce(link: &MqttLink, hub_id: &str, session: Option<u64>) {
-    let presence = Presence {
-        hub: hub_id.to_owned(),
-        online: session,
-    };
-    let payload = Bytes::from(presence.encode());
-    match link
-        .publish_retained(&presence_topic(hub_id), QoS::AtLeastOnce, payload)
-        .await
-    {
-        Ok(()) => match session {
-            Some(s) => info!(session = format_args!("{s:016x}"), "hub presence: online"),
-            None => info!("hub presence: offline"),
-        },
-        Err(e) => warn!(error = %e, "hub presence not published"),
+/// A message for the broker.
+#[derive(Debug)]
+enum Outgoing {
+    /// The signed ack of a batch, for its gateway.
+    Ack { gateway: GatewayId, payload: Bytes },
+    /// The hub's retained presence: `Some(session)` online, `None` offline.
+    Presence(Option<u64>),
+}
+
+/// Publishes one message. It waits while the MQTT client's request queue is full, so the
+/// service polls it beside the link's events, never instead of them (see [`serve`]).
+async fn publish(link: &MqttLink, hub_id: &str, out: Outgoing) {
+    match out {
+        Outgoing::Ack { gateway, payload } => {
+            if let Err(e) = link
+                .publish(&ack_topic(&gateway), QoS::AtLeastOnce, payload)
+                .await
+            {
+                warn!(gateway = %gateway, error = %e, "ack publish failed; the gateway will re-send");
+            }
+        }
+        Outgoing::Presence(session) => {
+            let presence = Presence {
+                hub: hub_id.to_owned(),
+                online: session,
+            };
+            let payload = Bytes::from(presence.encode());
+            match link
+                .publish_retained(&presence_topic(hub_id), QoS::AtLeastOnce, payload)
+                .await
+            {
+                Ok(()) => match session {
+                    Some(s) => info!(session = format_args!("{s:016x}"), "hub presence: online"),
+                    None => info!("hub presence: offline"),
+                },
+                Err(e) => warn!(error = %e, "hub presence not published"),
+            }
+        }
     }
 }
+
+/// Most acks waiting to be published; beyond it an ack is dropped (counted): its gateway
+/// re-sends the batch after its ack timeout and gets the ack of the duplicate.
+const MAX_QUEUED_ACKS: usize = 8192;
+/// How long a stopping hub still publishes the acks of what it committed, and its presence.
+const STOP_PUBLISH_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Most batches ingested as one group.
 const MAX_GROUP_BATCHES: usize = 64;
@@ -75,8 +111,8 @@ const MAX_GROUP_BATCHES: usize = 64;
 /// inside the tail the sink's crash recovery scans).
 const MAX_GROUP_BYTES: usize = 64 * 1024;
 
-/// Ingests one group of payloads on a blocking thread and publishes the acks.
-async fn ingest_group(hub: &Arc<Hub>, link: &MqttLink, group: Vec<(String, Bytes)>) {
+/// Ingests one group of payloads on a blocking thread and returns the acks to publish.
+async fn ingest_group(hub: Arc<Hub>, group: Vec<(String, Bytes)>) -> Vec<Outgoing> {
     let mut items = Vec::with_capacity(group.len());
     for (topic, payload) in group {
         match parse_stream_topic(&topic) {
@@ -89,7 +125,7 @@ async fn ingest_group(hub: &Arc<Hub>, link: &MqttLink, group: Vec<(String, Bytes
         }
     }
     if items.is_empty() {
-        return;
+        return Vec::new();
     }
     let h = hub.clone();
     let outcomes = tokio::task::spawn_blocking(move || {
@@ -101,23 +137,40 @@ async fn ingest_group(hub: &Arc<Hub>, link: &MqttLink, group: Vec<(String, Bytes
         Ok(o) => o,
         Err(e) => {
             warn!(error = %e, "ingest task failed");
-            return;
+            return Vec::new();
         }
     };
     // Rejections carry no ack; they are logged and counted by the hub.
-    for ack in outcomes.iter().filter_map(Ingest::ack) {
-        let payload = Bytes::from(hub.ack_payload(ack));
-        if let Err(e) = link
-            .publish(&ack_topic(&ack.gateway), QoS::AtLeastOnce, payload)
-            .await
-        {
-            warn!(gateway = %ack.gateway, error = %e, "ack publish failed; the gateway will re-send");
+    outcomes
+        .iter()
+        .filter_map(Ingest::ack)
+        .map(|ack| Outgoing::Ack {
+            gateway: ack.gateway.clone(),
+            payload: Bytes::from(hub.ack_payload(ack)),
+        })
+        .collect()
+}
+
+/// Queues a committed group's acks behind those waiting; past [`MAX_QUEUED_ACKS`] an ack is
+/// dropped and counted.
+fn queue_acks(hub: &Hub, outgoing: &mut VecDeque<Outgoing>, acks: Vec<Outgoing>) {
+    for ack in acks {
+        if outgoing.len() < MAX_QUEUED_ACKS {
+            outgoing.push_back(ack);
+        } else {
+            hub.sink_stats().ack_dropped();
+            if hub.log_limiter().allow("ack_dropped") {
+                warn!("ack queue full: ack dropped; the gateway re-sends the batch and gets the ack of the duplicate");
+            }
         }
     }
 }
 
-/// One group being committed: its ingest (commit, then acks) and how many batches it holds.
-type Committing<'a> = (Pin<Box<dyn Future<Output = ()> + Send + 'a>>, usize);
+/// One group being committed: its ingest (the commit, giving the acks) and how many batches
+/// it holds.
+type Committing = (Pin<Box<dyn Future<Output = Vec<Outgoing>> + Send>>, usize);
+/// The message being published.
+type Publishing<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// Runs hub `hub_id` over `link` until `shutdown` is cancelled or the link's events end,
 /// reporting on `subscribed_tx` whether its subscriptions are in place and announcing its
@@ -144,7 +197,10 @@ pub async fn serve(
     let mut granted = 0;
     // Batches read from the broker, not yet in a group.
     let mut waiting: VecDeque<(String, Bytes)> = VecDeque::new();
-    let mut committing: Option<Committing<'_>> = None;
+    let mut committing: Option<Committing> = None;
+    // Acks and presence waiting for the broker, and the one being published.
+    let mut outgoing: VecDeque<Outgoing> = VecDeque::new();
+    let mut publishing: Option<Publishing<'_>> = None;
     loop {
         if committing.is_none() && !waiting.is_empty() {
             // Batches already waiting are taken as one group: one sink sync or transaction.
@@ -158,15 +214,30 @@ pub async fn serve(
                 group.push(item);
             }
             let n = group.len();
-            committing = Some((Box::pin(ingest_group(&hub, &link, group)), n));
+            committing = Some((Box::pin(ingest_group(hub.clone(), group)), n));
+        }
+        if publishing.is_none() {
+            if let Some(out) = outgoing.pop_front() {
+                publishing = Some(Box::pin(publish(&link, &hub_id, out)));
+            }
         }
         let held = waiting.len() + committing.as_ref().map_or(0, |c| c.1);
+        // The link's events are read whatever is being committed or published: the MQTT
+        // client stops taking publishes while its events wait (PUBACKs among them), so a
+        // commit or publish that waited for the link while the link waited for this loop
+        // would stop the hub for good. Only the in-flight bound stops the reading.
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
-            () = async { committing.as_mut().expect("invariant: guarded").0.as_mut().await },
+            acks = async { committing.as_mut().expect("invariant: guarded").0.as_mut().await },
                 if committing.is_some() => {
                 let n = committing.take().map_or(0, |c| c.1);
                 hub.sink_stats().release(n);
+                queue_acks(&hub, &mut outgoing, acks);
+                continue;
+            }
+            () = async { publishing.as_mut().expect("invariant: guarded").as_mut().await },
+                if publishing.is_some() => {
+                publishing = None;
                 continue;
             }
             e = events_rx.recv(), if held < max_in_flight => match e { Some(e) => e, None => break },
@@ -190,7 +261,7 @@ pub async fn serve(
                 if granted == filters.len() {
                     subscribed_tx.send_replace(true);
                     info!(group = %group, "hub subscribed");
-                    announce(&link, &hub_id, Some(rand::random())).await;
+                    outgoing.push_front(Outgoing::Presence(Some(rand::random())));
                 }
             }
             LinkEvent::SubAck { granted: false, .. } => {
@@ -199,17 +270,33 @@ pub async fn serve(
             LinkEvent::PubAck { .. } => {}
         }
     }
-    // The group being committed finishes (its acks go out); waiting batches are not
-    // acknowledged, so their gateways re-send them.
+    // The group being committed finishes; its acks and those still queued go out within a
+    // grace period (the link's events are no longer read, so the broker may stop taking
+    // them). Waiting batches are not acknowledged: their gateways re-send them.
     if let Some((commit, n)) = committing.take() {
-        commit.await;
+        let acks = commit.await;
         hub.sink_stats().release(n);
+        queue_acks(&hub, &mut outgoing, acks);
     }
-    drop(committing);
     hub.sink_stats().release(waiting.len());
     if *subscribed_tx.borrow() {
-        announce(&link, &hub_id, None).await;
+        outgoing.push_back(Outgoing::Presence(None));
     }
+    let drain = async {
+        if let Some(p) = publishing.take() {
+            p.await;
+        }
+        while let Some(out) = outgoing.pop_front() {
+            publish(&link, &hub_id, out).await;
+        }
+    };
+    if tokio::time::timeout(STOP_PUBLISH_GRACE, drain)
+        .await
+        .is_err()
+    {
+        warn!("acks or presence not published before the stop; gateways re-send what was not acknowledged");
+    }
+    drop(publishing);
     link.shutdown().await;
     hub.log_limiter().flush();
     info!("hub stopped");

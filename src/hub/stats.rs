@@ -85,6 +85,7 @@ pub(crate) struct SinkStats {
     commits: AtomicU64,
     failures: AtomicU64,
     in_flight: AtomicU64,
+    acks_dropped: AtomicU64,
     fault: Mutex<Option<String>>,
 }
 
@@ -95,6 +96,7 @@ pub(crate) struct SinkFigures {
     pub commits: u64,
     pub failures: u64,
     pub in_flight: u64,
+    pub acks_dropped: u64,
 }
 
 impl SinkStats {
@@ -138,12 +140,18 @@ impl SinkStats {
         self.in_flight.fetch_sub(n as u64, Ordering::Relaxed);
     }
 
+    /// One ack dropped because the queue to the broker was full.
+    pub(crate) fn ack_dropped(&self) {
+        self.acks_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn figures(&self) -> SinkFigures {
         SinkFigures {
             latency_sum_s: self.latency_us.load(Ordering::Relaxed) as f64 / 1e6,
             commits: self.commits.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
+            acks_dropped: self.acks_dropped.load(Ordering::Relaxed),
         }
     }
 }

@@ -12,6 +12,7 @@ mod config_files;
 mod e2e;
 mod emergency;
 mod hub_emergency;
+mod hub_flood;
 mod hub_pg;
 mod hub_wire;
 mod loadtest;
