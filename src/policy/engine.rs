@@ -318,10 +318,14 @@ impl Engine {
                     return;
                 }
                 closed = slot.open.take();
+                // The device's first window here: what came before `at` was never seen.
+                let first = closed.is_none() && slot.closed_until == i64::MIN;
                 if let Some(c) = &closed {
                     slot.closed_until = c.end_ms;
                 }
-                slot.open = Some(Acc::new(start, end));
+                let mut acc = Acc::new(start, end);
+                acc.partial = first && at > start;
+                slot.open = Some(acc);
                 *self.ends.entry(end).or_insert(0) += 1;
             }
         }

@@ -28,6 +28,9 @@ pub(crate) struct Acc {
     pub samples: u32,
     all_int: bool,
     pub quality: Quality,
+    /// The window began before this engine saw its device: the first window of a device
+    /// after a fresh start (or after the device first answered) covers only part of it.
+    pub partial: bool,
 }
 
 impl Acc {
@@ -43,6 +46,7 @@ impl Acc {
             samples: 0,
             all_int: true,
             quality: Quality::Good,
+            partial: false,
         }
     }
 

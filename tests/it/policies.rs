@@ -528,12 +528,13 @@ async fn a_short_window_closes_on_its_own_while_the_gateway_runs() {
     let metrics = running.metrics.clone();
     let uplink = start_uplink(&cfg, &running, &rig.ca, rig.port, 8, Duration::from_secs(3)).await;
     let link = rig.meters_link(&metrics).await;
-    // 10 s into the minute that started three minutes ago.
+    // At the start of the minute that started three minutes ago (a first reading later in
+    // its window would make the window partial: the meter was not followed from its start).
     let minute = (citygate::reading::now_ms() / 60_000 - 3) * 60_000;
     publish(
         &link,
         "water/W0001/up",
-        water_payload("W0001", 5.0, 1.25, minute + 10_000),
+        water_payload("W0001", 5.0, 1.25, minute),
     )
     .await;
 

@@ -25,6 +25,7 @@ impl Engine {
         out: &mut Vec<Record>,
     ) {
         self.forget_end(acc.end_ms);
+        let covers_part = partial || acc.partial;
         let Some(group) = agg.group else {
             self.stats.records += 1;
             self.stats.aggregates += 1;
@@ -42,7 +43,7 @@ impl Engine {
                     end_ms: acc.end_ms,
                     samples: acc.samples,
                     devices: 1,
-                    partial,
+                    partial: covers_part,
                 }),
                 epoch: self.policy.epoch(),
             });
@@ -68,7 +69,7 @@ impl Engine {
             *ends.entry(end).or_insert(0) += 1;
             (GroupAcc::new(acc.start_ms, end, group.across), unit)
         });
-        g.add(&acc, agg.function, partial);
+        g.add(&acc, agg.function, covers_part);
     }
 
     fn forget_end(&mut self, end: i64) {

@@ -173,8 +173,8 @@ fn immediate_forms_and_default_deny() {
 }
 
 /// issue 11 item 1: a window closes when the device's next reading is past it, or by
-/// time after the lateness; late samples are counted, not folded; shutdown flushes
-/// partial windows.
+/// time after the lateness; late samples are counted, not folded; the device's first
+/// window (begun before its first reading) and the windows shutdown flushes are partial.
 #[test]
 fn windows_close_by_reading_and_by_time_and_late_samples_are_counted() {
     let p = profile();
@@ -202,7 +202,8 @@ fn windows_close_by_reading_and_by_time_and_late_samples_are_counted() {
     );
     assert_eq!(
         (w.function, w.start_ms, w.end_ms, w.samples, w.devices, w.partial),
-        (AggFn::Max, T0, T0 + 15 * min, 2, 1, false)
+        (AggFn::Max, T0, T0 + 15 * min, 2, 1, true),
+        "first seen a minute into its window"
     );
     assert!(feed(&mut e, f, &d, &[(T0 + 3 * min, Value::Float(999.0))]).is_empty());
     assert_eq!(e.stats().late_samples, 1);
@@ -211,6 +212,10 @@ fn windows_close_by_reading_and_by_time_and_late_samples_are_counted() {
     assert!(out.is_empty(), "still in its grace period");
     e.close_due(T0 + 30 * min + LATENESS_MS, &mut out);
     assert_eq!(out.len(), 1);
+    assert!(
+        !out[0].window.unwrap().partial,
+        "the device was followed from its window's start"
+    );
     assert_eq!(e.next_close_ms(), None);
     feed(&mut e, f, &d, &[(T0 + 29 * min, Value::Float(1.0))]);
     assert_eq!(e.stats().late_samples, 2, "its window has closed");
