@@ -77,7 +77,7 @@ pub(crate) async fn until_subscribed(hub: &HubProcess) {
 /// A client holding gw-test's certificate, subscribed to gw-test's acks.
 pub(crate) struct Publisher {
     link: MqttLink,
-    events: mpsc::Receiver<LinkEvent>,
+    pub(crate) events: mpsc::Receiver<LinkEvent>,
     /// The hub's ack key, as the gateway would hold it: every ack must verify.
     verifier: citygate::wire::AckVerifier,
 }
@@ -563,66 +563,4 @@ async fn batches_under_an_unapproved_policy_are_kept_until_the_hub_approves_it()
     assert_eq!(stats.accepted_batches, metrics.batches_sealed.get());
     assert_eq!(stats.records_written, metrics.records_sealed.get());
     assert_eq!(stats.rejected.get("unapproved_policy"), None);
-}
-
-/// issue 12 item 3: `citygate hub` fed 5,000 garbage payloads over MQTT logs a bounded
-/// number of lines (a burst per reason, then one summary at shutdown with the count
-/// suppressed), and the summary and the logged lines together account for all 5,000.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hub_flooded_with_garbage_keeps_its_log_short_and_counts_everything() {
-    let dep = Deployment::new();
-    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
-    let config = write_hub_config(&dep, &ca, "127.0.0.1:0");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"));
-    cmd.args(["hub", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG");
-    let (mut child, mut log) = spawn_logged_command(cmd);
-    assert!(
-        log.wait_for("hub subscribed", Duration::from_secs(20))
-            .await,
-        "{}",
-        log.text
-    );
-    let port: u16 = log
-        .text
-        .lines()
-        .find(|l| l.contains("embedded broker listening"))
-        .and_then(|l| l.rsplit(':').next())
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no broker address in:\n{}", log.text));
-    let mut gw = Publisher::connect(&ca, port, &dep).await;
-    const GARBAGE: u64 = 5_000;
-    for i in 0..GARBAGE {
-        gw.publish(Stream::Readings, format!("garbage {i}").into_bytes())
-            .await;
-        // PUBACKs must be taken off the link's event channel, or it stops reading.
-        while gw.events.try_recv().is_ok() {}
-    }
-    // The hub takes payloads in order: once this batch is acked, the garbage is handled.
-    let gateway = GatewayId::new("gw-test").unwrap();
-    let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
-    let signing = keys::load_signing_key(&dep.path().join("keys/gateway.sign.key")).unwrap();
-    let good = Sealer::new(gateway, signing, hub_pub, 0x77)
-        .seal(Stream::Readings, 1, 1, &stamp(), &records(1))
-        .unwrap()
-        .bytes;
-    gw.publish(Stream::Readings, good).await;
-    assert_eq!(gw.next_acks(1).await, [1]);
-    signal(&child, "-TERM");
-    wait_exit(&mut child, Duration::from_secs(20)).await;
-    let text = log.finish().await;
-    let logged = text
-        .lines()
-        .filter(|l| l.contains("batch rejected"))
-        .count() as u64;
-    let suppressed: u64 = text
-        .lines()
-        .filter(|l| l.contains("repeated warnings not logged"))
-        .filter_map(|l| l.split("suppressed=").nth(1))
-        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    assert_eq!(logged + suppressed, GARBAGE, "{text}");
-    let lines = text.lines().count();
-    assert!(lines <= 60, "{lines} log lines:\n{text}");
 }

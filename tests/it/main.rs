@@ -14,6 +14,7 @@ mod emergency;
 mod hub_emergency;
 mod hub_flood;
 mod hub_pg;
+mod hub_pg_faults;
 mod hub_wire;
 mod loadtest;
 mod loadtest_hub;
