@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::support::wait_exit;
 
 /// Runs `citygate loadtest hub` with `args`; returns its exit status, JSON report and output.
-async fn loadtest_hub(dir: &Path, args: &[&str]) -> (bool, serde_json::Value, String) {
+pub(crate) async fn loadtest_hub(dir: &Path, args: &[&str]) -> (bool, serde_json::Value, String) {
     let json = dir.join("report.json");
     let out = dir.join("loadtest.out");
     let mut child = Command::new(env!("CARGO_BIN_EXE_citygate"))

@@ -15,6 +15,7 @@ mod hub_emergency;
 mod hub_flood;
 mod hub_pg;
 mod hub_pg_faults;
+mod hub_scale;
 mod hub_wire;
 mod loadtest;
 mod loadtest_hub;

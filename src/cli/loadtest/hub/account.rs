@@ -66,6 +66,8 @@ struct Line<'a> {
 pub(super) struct SinkContents {
     /// Fingerprints of each batch's records, and a bit per sink it was found in.
     batches: HashMap<BatchKey, (Vec<u64>, u16)>,
+    /// Batches counted by a database: (records, distinct natural keys).
+    counted: HashMap<BatchKey, (u64, u64)>,
     unknown_gateway_records: u64,
     records: u64,
     unreadable: u64,
@@ -77,11 +79,15 @@ fn fingerprint(subject: &str, field: &str, at_ms: i64) -> u64 {
     h.finish()
 }
 
-/// Reads every sink file (one per hub, in hub order) of `kind`.
+/// Reads every sink file (one per hub, in hub order) of `kind`; for PostgreSQL, the batches
+/// the database received since `since` and their records, counted in the database, through
+/// the sink of `hub_config`.
 pub(super) fn read_sinks(
     kind: SinkKind,
     sinks: &[PathBuf],
     ledgers: &[Ledger],
+    hub_config: &std::path::Path,
+    since: std::time::SystemTime,
 ) -> Result<SinkContents, String> {
     let gateways: HashMap<&str, u32> = ledgers
         .iter()
@@ -104,9 +110,41 @@ pub(super) fn read_sinks(
                 }
             }
         }
+        SinkKind::Postgres => {
+            let cfg = crate::hub::HubConfig::load(hub_config).map_err(|e| e.to_string())?;
+            let crate::hub::SinkConfig::Postgres(pg) = &cfg.sink else {
+                return Err(format!("{}: not a postgres sink", hub_config.display()));
+            };
+            let mut client = crate::hub::pg::connect(pg).map_err(|e| e.to_string())?;
+            let rows = client
+                .query(PG_BATCH_COUNTS, &[&since])
+                .map_err(|e| format!("reading the database: {e}"))?;
+            for row in rows {
+                let seq: String = row.get(3);
+                let (total, distinct): (i64, i64) = (row.get(4), row.get(5));
+                c.push_counted(
+                    (
+                        row.get(0),
+                        row.get(1),
+                        row.get(2),
+                        seq.parse().unwrap_or(u64::MAX),
+                    ),
+                    u64::try_from(total).unwrap_or(0),
+                    u64::try_from(distinct).unwrap_or(0),
+                    &gateways,
+                );
+            }
+        }
     }
     Ok(c)
 }
+
+/// Per batch received since `$1`: its records, and how many distinct natural keys they have
+/// (the database counts; a batch's key is its gateway, stream, incarnation and seq).
+const PG_BATCH_COUNTS: &str = "SELECT r.gateway, r.stream, r.incarnation, r.seq::text, \
+     count(*), count(DISTINCT (r.subject, r.field, r.at)) \
+     FROM records r JOIN batches b USING (gateway, stream, incarnation, seq) \
+     WHERE b.received_at >= $1 GROUP BY 1, 2, 3, 4";
 
 impl SinkContents {
     /// Adds one line of sink `sink`.
@@ -136,6 +174,28 @@ impl SinkContents {
         e.1 |= 1 << sink.min(15);
     }
 
+    /// Adds one batch (gateway, stream, incarnation as hex, seq) a database counted.
+    fn push_counted(
+        &mut self,
+        (gateway, stream, incarnation, seq): (String, String, String, u64),
+        total: u64,
+        distinct: u64,
+        gateways: &HashMap<&str, u32>,
+    ) {
+        self.records += total;
+        let Some(&g) = gateways.get(gateway.as_str()) else {
+            self.unknown_gateway_records += total;
+            return;
+        };
+        let incarnation = u64::from_str_radix(&incarnation, 16).unwrap_or(0);
+        let e = self
+            .counted
+            .entry((g, stream, incarnation, seq))
+            .or_default();
+        e.0 += total;
+        e.1 += distinct;
+    }
+
     /// Compares the sinks with the fleet's ledgers.
     pub(super) fn account(mut self, ledgers: &[Ledger]) -> Accounting {
         let mut a = Accounting {
@@ -154,6 +214,10 @@ impl SinkContents {
                 a.cross_sink_duplicate_batches += 1;
             }
             distinct.insert(key.clone(), fps.len() as u64);
+        }
+        for (key, (total, unique)) in self.counted {
+            a.duplicates_written += total - unique.min(total);
+            *distinct.entry(key).or_default() += unique;
         }
         let readings = crate::reading::Stream::Readings.as_str().to_owned();
         for (g, l) in ledgers.iter().enumerate() {

@@ -54,6 +54,9 @@ use crate::reading::now_ms;
 pub enum SinkKind {
     /// JSON Lines, one file per hub process.
     Jsonl,
+    /// The PostgreSQL database at `--pg-url`, shared by every hub (migrated first with
+    /// `citygate hub-migrate`); only the run's own batches are read back.
+    Postgres,
 }
 
 /// Which broker sits between the fleet and the hubs.
@@ -101,6 +104,10 @@ pub struct HubLoadArgs {
     pub hubs: u8,
     #[arg(long, value_enum, default_value_t = SinkKind::Jsonl)]
     pub sink: SinkKind,
+    /// The database of `--sink postgres` (`postgresql://USER@HOST:PORT/DB`; loopback or a
+    /// unix socket: no TLS). Rows of earlier runs stay; the accounting reads this run's only.
+    #[arg(long, required_if_eq("sink", "postgres"))]
+    pub pg_url: Option<String>,
     /// Default: mosquitto when installed, else embedded.
     #[arg(long, value_enum)]
     pub broker: Option<BrokerKind>,

@@ -60,6 +60,24 @@ pub(super) fn kill_schedule(
     out
 }
 
+/// `citygate hub-migrate --config CONFIG` with the hubs' binary, once before they start.
+fn migrate(bin: &Path, config: &Path) -> Result<(), CliError> {
+    let out = std::process::Command::new(bin)
+        .args(["hub-migrate", "--config"])
+        .arg(config)
+        .output()
+        .map_err(rt_err)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(CliError::Runtime(format!(
+            "citygate hub-migrate failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+}
+
 pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubReport, CliError> {
     let started = Instant::now();
     let bin = args.citygate_bin.clone().unwrap_or_else(|| exe.to_owned());
@@ -69,9 +87,13 @@ pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubRepor
         .build()
         .map_err(rt_err)?;
     let ticks = procs::clock_ticks();
+    let run_started = std::time::SystemTime::now();
     let mut s = Setup::prepare(args, dir)?;
     let mut broker = start_broker(exe, &mut s)?;
     s.write_hub_configs(s.broker_port)?;
+    if args.sink == SinkKind::Postgres {
+        migrate(&bin, &s.hubs[0].config)?;
+    }
     let mut hubs = Vec::new();
     for h in &s.hubs {
         hubs.push(HubProc::start(&rt, &bin, dir, h)?);
@@ -203,7 +225,7 @@ pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubRepor
     broker.stop(Duration::from_secs(5));
 
     let sinks: Vec<_> = hubs.iter().map(|h| h.files.sink.clone()).collect();
-    let accounting = read_sinks(args.sink, &sinks, &ledgers)
+    let accounting = read_sinks(args.sink, &sinks, &ledgers, &s.hubs[0].config, run_started)
         .map_err(CliError::Runtime)?
         .account(&ledgers);
     latencies.sort_by(f32::total_cmp);
@@ -225,6 +247,7 @@ pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubRepor
     Ok(HubReport {
         sink: match args.sink {
             SinkKind::Jsonl => "jsonl".into(),
+            SinkKind::Postgres => "postgres".into(),
         },
         hubs: args.hubs,
         gateways: args.gateways,

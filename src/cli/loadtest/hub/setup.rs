@@ -81,6 +81,8 @@ pub(super) struct HubFiles {
     pub status: SocketAddr,
     pub sink: PathBuf,
     sink_section: String,
+    /// The jsonl sink's de-dup state (`[hub] state_path`); a database sink keeps none.
+    state: Option<PathBuf>,
     tls: ClientTls,
 }
 
@@ -102,7 +104,12 @@ pub(super) struct Setup {
 }
 
 /// The `[sink]` section of hub `index`'s config (1-based), and the file or place it writes.
-pub(super) fn sink_toml(kind: SinkKind, dir: &Path, index: u8) -> (String, PathBuf) {
+pub(super) fn sink_toml(
+    kind: SinkKind,
+    dir: &Path,
+    index: u8,
+    pg_url: Option<&str>,
+) -> (String, PathBuf) {
     match kind {
         SinkKind::Jsonl => {
             let path = dir.join(format!("records-{index}.jsonl"));
@@ -111,6 +118,14 @@ pub(super) fn sink_toml(kind: SinkKind, dir: &Path, index: u8) -> (String, PathB
                 path,
             )
         }
+        // One database for all hubs: there is no file to name.
+        SinkKind::Postgres => (
+            format!(
+                "[sink]\ntype = \"postgres\"\nurl = {}\n",
+                toml::Value::String(pg_url.unwrap_or_default().to_owned())
+            ),
+            PathBuf::new(),
+        ),
     }
 }
 
@@ -174,14 +189,16 @@ impl Setup {
             let id = format!("loadtest-hub-{i}");
             let tls = client(&id)?;
             let status = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-            let (sink, sink_path) = sink_toml(args.sink, dir, i);
+            let (sink, sink_path) = sink_toml(args.sink, dir, i, args.pg_url.as_deref());
             let config = dir.join(format!("hub-{i}.toml"));
+            let state = (args.sink == SinkKind::Jsonl).then(|| dir.join(format!("{id}-state")));
             hubs.push(HubFiles {
                 id,
                 config,
                 status,
                 sink: sink_path,
                 sink_section: sink,
+                state,
                 tls,
             });
         }
@@ -282,16 +299,18 @@ fn fleet_keys(args: &HubLoadArgs, dir: &Path) -> Result<Vec<FleetGateway>, CliEr
 /// Hub `h`'s config: every fleet gateway registered with the fleet's approved policy.
 fn hub_toml(h: &HubFiles, port: u16, gateways: &[FleetGateway], dir: &Path) -> String {
     let policies = crate::supervisor::approval_toml(&[(Stream::Readings, stamp())]);
-    let state = dir.join(format!("{}-state", h.id));
+    let state = h
+        .state
+        .as_ref()
+        .map_or_else(String::new, |p| format!("state_path = {}\n", q(p)));
     let mut text = format!(
         "[hub]\nid = \"{id}\"\nhpke_secret_key = {hpke}\nack_signing_key = {ack}\n\
-         state_path = {state}\n\n{sink}\n\
+         {state}\n{sink}\n\
          [mqtt]\nbroker = \"localhost:{port}\"\nca_file = {ca}\ncert_file = {cert}\n\
          key_file = {key}\n\n[status]\nlisten = \"{status}\"\n",
         id = h.id,
         hpke = q(&dir.join("hub-keys/hub.hpke.key")),
         ack = q(&dir.join("hub-keys/hub.ack.key")),
-        state = q(&state),
         sink = h.sink_section,
         ca = q(&h.tls.ca),
         cert = q(&h.tls.cert),
@@ -316,9 +335,20 @@ mod tests {
     #[test]
     fn each_hub_gets_its_own_jsonl_file_and_gateway_names_are_ids() {
         let dir = Path::new("/tmp/x");
-        let (toml, path) = sink_toml(SinkKind::Jsonl, dir, 2);
+        let (toml, path) = sink_toml(SinkKind::Jsonl, dir, 2, None);
         assert_eq!(path, dir.join("records-2.jsonl"));
         assert!(toml.contains("type = \"jsonl\""), "{toml}");
+        let (toml, _) = sink_toml(
+            SinkKind::Postgres,
+            dir,
+            2,
+            Some("postgresql://u@127.0.0.1:5/d"),
+        );
+        let parsed: toml::Table = toml.parse().unwrap();
+        assert_eq!(
+            parsed["sink"]["url"].as_str(),
+            Some("postgresql://u@127.0.0.1:5/d")
+        );
         assert_eq!(gateway_name(7), "gw-00007");
         assert!(GatewayId::new(gateway_name(99_999)).is_ok());
     }
