@@ -207,11 +207,12 @@ impl Hub {
     pub(crate) fn ingest_group(&self, payloads: &[(GatewayId, &[u8])]) -> Vec<Ingest> {
         let mut out: Vec<Option<Ingest>> = vec![None; payloads.len()];
         let mut fresh: Vec<(usize, Opened)> = Vec::with_capacity(payloads.len());
+        // A second copy of a batch in the group: its position and the copy's opening. It is
+        // acknowledged only if the first copy's commit succeeds.
+        let mut copies: Vec<(usize, Opened)> = Vec::new();
         for (i, (gateway, payload)) in payloads.iter().enumerate() {
             match self.open_batch(gateway, payload) {
-                Ok(o) if fresh.iter().any(|(_, f)| f.key == o.key) => {
-                    out[i] = Some(self.duplicate(&o.key, &Outcome::Duplicate, o.ack));
-                }
+                Ok(o) if fresh.iter().any(|(_, f)| f.key == o.key) => copies.push((i, o)),
                 Ok(o) => fresh.push((i, o)),
                 Err(rejected) => out[i] = Some(rejected),
             }
@@ -240,6 +241,12 @@ impl Hub {
                 out[i] = Some(match &committed {
                     Err(e) => self.fail(&payloads[i].0, "sink_failed", e.to_string()),
                     Ok(outcomes) => self.committed(o, &outcomes[n]),
+                });
+            }
+            for (i, o) in copies {
+                out[i] = Some(match &committed {
+                    Err(e) => self.fail(&payloads[i].0, "sink_failed", e.to_string()),
+                    Ok(_) => self.duplicate(&o.key, &Outcome::Duplicate, o.ack),
                 });
             }
         }
