@@ -56,6 +56,10 @@ impl Fleet {
     ) -> Result<Fleet, String> {
         let control = Arc::new(Control::default());
         let mut rng = StdRng::seed_from_u64(plan.seed ^ 0x5_eedf_1ee7);
+        // Incarnations differ between runs whatever the seed, as a new store's would: a
+        // database sink keeps earlier runs' batches, and a batch key seen there is acked as
+        // a duplicate without being written again.
+        let run_nonce: u64 = rand::random();
         let n = gateways.len().max(1);
         let (mut groups, mut links, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
         let _guard = rt.enter();
@@ -63,9 +67,9 @@ impl Fleet {
             let mut sims = Vec::new();
             for k in conn.gateways.clone() {
                 let g = &gateways[k];
-                let incarnation = rng.next_u64();
+                let incarnation = rng.next_u64() ^ run_nonce;
                 let forger_key = ed25519_dalek::SigningKey::generate(&mut rng);
-                let forged_incarnation = rng.next_u64();
+                let forged_incarnation = rng.next_u64() ^ run_nonce;
                 sims.push(SimGateway {
                     ledger: Ledger {
                         id: g.id.clone(),
