@@ -8,12 +8,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use citygate::hub::{HubConfig, HubProcess};
+use citygate::hub::HubProcess;
 use citygate::mqtt::{CertAuthority, LinkTls};
 use citygate::reading::{GatewayId, Quality, Record, Stream, Unit, Value};
 use citygate::seal::{keys, Sealer};
 
-use crate::hub_wire::{stamp, until_subscribed, Publisher};
+use crate::hub_wire::{stamp, try_start_hub, until_subscribed, Publisher};
 use crate::support::*;
 
 /// Rows that share a natural key: must be none.
@@ -74,18 +74,26 @@ pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-pub(crate) async fn start(config: &Path) -> Result<HubProcess, String> {
-    let cfg = HubConfig::load(config).unwrap();
-    HubProcess::start_with(&cfg, |mut o| {
-        o.keep_alive = Duration::from_secs(5);
-        o.backoff = citygate::backoff::BackoffPolicy {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-        };
-        o
-    })
-    .await
-    .map_err(|e| e.to_string())
+/// A hub config in `dep` with its embedded broker, gw-test approved for [`stamp`], its
+/// status endpoint, and the postgres sink at `url` with the `extra` sink keys.
+pub(crate) fn pg_hub_config(
+    dep: &Deployment,
+    ca: &CertAuthority,
+    url: &str,
+    extra: &str,
+) -> PathBuf {
+    let hub_toml = HubToml::embedded_broker(
+        "127.0.0.1:0",
+        &TlsFiles::client(ca, "hub-1"),
+        &TlsFiles::localhost_server(ca),
+    )
+    .status()
+    .approve(&stamp());
+    write(
+        dep.path(),
+        "hub.toml",
+        &postgres_hub_toml(&hub_toml, url, extra),
+    )
 }
 
 /// `citygate hub-migrate --config CONFIG`: (exit code, stdout + stderr).
@@ -126,20 +134,9 @@ async fn batches_become_rows_once_and_a_poison_batch_is_quarantined() {
     };
     let dep = Deployment::new();
     let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
-    let hub_toml = HubToml::embedded_broker(
-        "127.0.0.1:0",
-        &TlsFiles::client(&ca, "hub-1"),
-        &TlsFiles::localhost_server(&ca),
-    )
-    .status()
-    .approve(&stamp());
-    let config = write(
-        dep.path(),
-        "hub.toml",
-        &postgres_hub_toml(&hub_toml, &pg.url(), ""),
-    );
+    let config = pg_hub_config(&dep, &ca, &pg.url(), "");
 
-    let refused = start(&config).await.unwrap_err();
+    let refused = try_start_hub(&config).await.unwrap_err();
     assert!(
         refused.contains("citygate hub-migrate") && refused.contains("version 0"),
         "{refused}"
@@ -152,7 +149,7 @@ async fn batches_become_rows_once_and_a_poison_batch_is_quarantined() {
     assert!(out.contains("already at version 1"), "{out}");
     assert_eq!(pg.count("SELECT count(*) FROM schema_migrations"), 1);
 
-    let hub = start(&config).await.unwrap();
+    let hub = try_start_hub(&config).await.unwrap();
     let port = hub.broker_addr().unwrap().port();
     let mut gw = Publisher::connect(&ca, port, &dep).await;
     until_subscribed(&hub).await;
@@ -429,11 +426,11 @@ async fn the_database_connection_is_tls_verified_against_ca_file() {
     };
     // The broker's CA did not sign the database's certificate: refused.
     let config = write(dep.path(), "hub.toml", &with_ca(ca.ca_file()));
-    let refused = start(&config).await.unwrap_err();
+    let refused = try_start_hub(&config).await.unwrap_err();
     assert!(refused.contains("connecting"), "{refused}");
 
     let config = write(dep.path(), "hub.toml", &with_ca(db_ca.ca_file()));
-    let hub = start(&config).await.unwrap();
+    let hub = try_start_hub(&config).await.unwrap();
     let port = hub.broker_addr().unwrap().port();
     let mut gw = Publisher::connect(&ca, port, &dep).await;
     until_subscribed(&hub).await;

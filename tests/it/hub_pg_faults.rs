@@ -6,10 +6,8 @@ use std::time::Duration;
 use citygate::mqtt::CertAuthority;
 use citygate::reading::Stream;
 
-use crate::hub_pg::{
-    get, postgres_hub_toml, records, seal, sealer, start, write, DUPLICATE_RECORDS,
-};
-use crate::hub_wire::{stamp, until_subscribed, Publisher};
+use crate::hub_pg::{get, pg_hub_config, records, seal, sealer, DUPLICATE_RECORDS};
+use crate::hub_wire::{try_start_hub, until_subscribed, Publisher};
 use crate::support::*;
 
 /// Issue 13 item 3 (failure): with the database stopped for 10 s, batches are not
@@ -22,19 +20,8 @@ async fn a_database_outage_loses_nothing_and_degrades_health_meanwhile() {
     };
     let dep = Deployment::new();
     let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
-    let hub_toml = HubToml::embedded_broker(
-        "127.0.0.1:0",
-        &TlsFiles::client(&ca, "hub-1"),
-        &TlsFiles::localhost_server(&ca),
-    )
-    .status()
-    .approve(&stamp());
-    let config = write(
-        dep.path(),
-        "hub.toml",
-        &postgres_hub_toml(&hub_toml, &pg.url(), "migrate = true\n"),
-    );
-    let hub = start(&config).await.unwrap();
+    let config = pg_hub_config(&dep, &ca, &pg.url(), "migrate = true\n");
+    let hub = try_start_hub(&config).await.unwrap();
     let port = hub.broker_addr().unwrap().port();
     let mut gw = Publisher::connect(&ca, port, &dep).await;
     until_subscribed(&hub).await;
@@ -130,19 +117,8 @@ async fn a_slow_database_bounds_what_the_hub_holds() {
     };
     let dep = Deployment::new();
     let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
-    let hub_toml = HubToml::embedded_broker(
-        "127.0.0.1:0",
-        &TlsFiles::client(&ca, "hub-1"),
-        &TlsFiles::localhost_server(&ca),
-    )
-    .status()
-    .approve(&stamp());
-    let config = write(
-        dep.path(),
-        "hub.toml",
-        &postgres_hub_toml(&hub_toml, &pg.url(), "migrate = true\nmax_in_flight = 4\n"),
-    );
-    let hub = start(&config).await.unwrap();
+    let config = pg_hub_config(&dep, &ca, &pg.url(), "migrate = true\nmax_in_flight = 4\n");
+    let hub = try_start_hub(&config).await.unwrap();
     let port = hub.broker_addr().unwrap().port();
     let mut gw = Publisher::connect(&ca, port, &dep).await;
     until_subscribed(&hub).await;

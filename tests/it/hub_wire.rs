@@ -51,6 +51,11 @@ pub(crate) fn write_hub_config(dep: &Deployment, ca: &CertAuthority, listen: &st
 }
 
 pub(crate) async fn start_hub(config: &Path) -> HubProcess {
+    try_start_hub(config).await.unwrap()
+}
+
+/// [`start_hub`], returning why the hub did not start.
+pub(crate) async fn try_start_hub(config: &Path) -> Result<HubProcess, String> {
     let cfg = HubConfig::load(config).unwrap();
     HubProcess::start_with(&cfg, |mut o| {
         o.keep_alive = Duration::from_secs(5);
@@ -61,7 +66,7 @@ pub(crate) async fn start_hub(config: &Path) -> HubProcess {
         o
     })
     .await
-    .unwrap()
+    .map_err(|e| e.to_string())
 }
 
 /// Waits (bounded) until the broker has granted the hub's subscriptions: a batch
