@@ -64,8 +64,9 @@ pub(crate) fn report(cfg: &HubConfig) -> (String, bool) {
             };
             let _ = writeln!(
                 out,
-                "sink      postgres {} ({tls}), up to {} batches in flight{}",
+                "sink      postgres {} ({tls}), {} connection(s), up to {} batches in flight{}",
                 pg.url,
+                pg.connections,
                 pg.max_in_flight,
                 if pg.migrate {
                     ", migrates at start"

@@ -394,6 +394,11 @@ impl Hub {
         self.counters.snapshot()
     }
 
+    /// How many groups the service commits at once (the sink's connections).
+    pub(crate) fn parallel_commits(&self) -> usize {
+        self.sink.parallel_commits().max(1)
+    }
+
     /// The sink's commit figures (`/metrics`).
     pub(crate) fn sink_stats(&self) -> &SinkStats {
         &self.sink_stats

@@ -8,7 +8,10 @@
 //! groups, not of syncs — and publishes each returned ack on `citygate/v1/{gateway}/ack`. A
 //! payload on a topic that names no valid gateway is counted and dropped.
 //!
-//! Back-pressure: while one group commits, the service keeps reading batches into a queue,
+//! Groups commit one at a time, or as many at once as the sink has database connections
+//! (`[sink] connections`); acks go out as each group's commit returns.
+//!
+//! Back-pressure: while groups commit, the service keeps reading batches into a queue,
 //! up to `[sink] max_in_flight` batches held in all (committing and waiting; the
 //! `citygate_hub_sink_in_flight` gauge). At that bound it stops reading from the link, whose
 //! bounded channel then stops the MQTT client reading from the broker (TCP flow control): a
@@ -40,6 +43,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use std::task::Poll;
+
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -169,6 +174,22 @@ fn queue_acks(hub: &Hub, outgoing: &mut VecDeque<Outgoing>, acks: Vec<Outgoing>)
 /// One group being committed: its ingest (the commit, giving the acks) and how many batches
 /// it holds.
 type Committing = (Pin<Box<dyn Future<Output = Vec<Outgoing>> + Send>>, usize);
+/// The first of `committing` to finish (removed from it): its acks and batch count. Pending
+/// while `committing` is empty.
+fn next_committed(
+    committing: &mut Vec<Committing>,
+) -> impl Future<Output = (Vec<Outgoing>, usize)> + '_ {
+    std::future::poll_fn(move |cx| {
+        for i in 0..committing.len() {
+            if let Poll::Ready(acks) = committing[i].0.as_mut().poll(cx) {
+                let (_, n) = committing.swap_remove(i);
+                return Poll::Ready((acks, n));
+            }
+        }
+        Poll::Pending
+    })
+}
+
 /// The message being published.
 type Publishing<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
@@ -197,12 +218,14 @@ pub async fn serve(
     let mut granted = 0;
     // Batches read from the broker, not yet in a group.
     let mut waiting: VecDeque<(String, Bytes)> = VecDeque::new();
-    let mut committing: Option<Committing> = None;
+    // Groups being committed, each giving its acks and how many batches it held.
+    let parallel = hub.parallel_commits();
+    let mut committing: Vec<Committing> = Vec::new();
     // Acks and presence waiting for the broker, and the one being published.
     let mut outgoing: VecDeque<Outgoing> = VecDeque::new();
     let mut publishing: Option<Publishing<'_>> = None;
     loop {
-        if committing.is_none() && !waiting.is_empty() {
+        while committing.len() < parallel && !waiting.is_empty() {
             // Batches already waiting are taken as one group: one sink sync or transaction.
             let mut group = Vec::new();
             let mut group_bytes = 0;
@@ -214,23 +237,21 @@ pub async fn serve(
                 group.push(item);
             }
             let n = group.len();
-            committing = Some((Box::pin(ingest_group(hub.clone(), group)), n));
+            committing.push((Box::pin(ingest_group(hub.clone(), group)), n));
         }
         if publishing.is_none() {
             if let Some(out) = outgoing.pop_front() {
                 publishing = Some(Box::pin(publish(&link, &hub_id, out)));
             }
         }
-        let held = waiting.len() + committing.as_ref().map_or(0, |c| c.1);
+        let held = waiting.len() + committing.iter().map(|c| c.1).sum::<usize>();
         // The link's events are read whatever is being committed or published: the MQTT
         // client stops taking publishes while its events wait (PUBACKs among them), so a
         // commit or publish that waited for the link while the link waited for this loop
         // would stop the hub for good. Only the in-flight bound stops the reading.
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
-            acks = async { committing.as_mut().expect("invariant: guarded").0.as_mut().await },
-                if committing.is_some() => {
-                let n = committing.take().map_or(0, |c| c.1);
+            (acks, n) = next_committed(&mut committing), if !committing.is_empty() => {
                 hub.sink_stats().release(n);
                 queue_acks(&hub, &mut outgoing, acks);
                 continue;
@@ -270,11 +291,11 @@ pub async fn serve(
             LinkEvent::PubAck { .. } => {}
         }
     }
-    // The group being committed finishes; its acks and those still queued go out within a
+    // The groups being committed finish; their acks and those still queued go out within a
     // grace period (the link's events are no longer read, so the broker may stop taking
     // them). Waiting batches are not acknowledged: their gateways re-send them.
-    if let Some((commit, n)) = committing.take() {
-        let acks = commit.await;
+    while !committing.is_empty() {
+        let (acks, n) = next_committed(&mut committing).await;
         hub.sink_stats().release(n);
         queue_acks(&hub, &mut outgoing, acks);
     }

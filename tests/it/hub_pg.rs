@@ -388,7 +388,8 @@ fn check_shows_the_postgres_sink() {
     assert!(
         text.contains(
             "sink      postgres postgresql://citygate@db.city-brain.example:5432/citygate \
-             (TLS verified against /etc/citygate/tls/db-ca.pem), up to 256 batches in flight"
+             (TLS verified against /etc/citygate/tls/db-ca.pem), 2 connection(s), up to 256 batches \
+             in flight"
         ),
         "{text}"
     );

@@ -175,3 +175,76 @@ async fn a_slow_database_bounds_what_the_hub_holds() {
     assert!(pg.query(DUPLICATE_RECORDS).is_empty());
     hub.shutdown().await;
 }
+
+/// Issue 13 (throughput of the database path): with `connections = 2`, a commit stuck behind
+/// another session's lock holds one connection, not the hub: a later batch is committed and
+/// acknowledged on the other connection meanwhile, and the stuck one follows once the lock
+/// goes. With one connection (the hub before `connections`) the later batch waits too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_commit_holds_one_connection_not_the_hub() {
+    let Some(pg) = PgServer::start().await else {
+        return;
+    };
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let config = pg_hub_config(&dep, &ca, &pg.url(), "migrate = true\nconnections = 2\n");
+    let hub = try_start_hub(&config).await.unwrap();
+    let port = hub.broker_addr().unwrap().port();
+    let mut gw = Publisher::connect(&ca, port, &dep).await;
+    until_subscribed(&hub).await;
+    let s = sealer(&dep);
+    let day = 1_764_547_200_000;
+    // The partition exists before the lock is taken, so only the batch row is contended.
+    gw.publish(Stream::Readings, seal(&s, 1, &records(2, day)))
+        .await;
+    assert_eq!(gw.next_acks(1).await, [1]);
+
+    // Another session inserts seq 2's batch row and keeps its transaction open: the hub's
+    // insert of that key waits for it.
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let url = pg.url();
+    let holder = std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let mut tx = c.transaction().unwrap();
+        tx.batch_execute(
+            "INSERT INTO batches (gateway, stream, incarnation, seq, policy_hash, signer_key_id, \
+                 recipient_key_id, created_at, record_count) \
+             VALUES ('gw-test', 'readings', '0000000000005eed', 2, '\\x00', '\\x00', '\\x00', \
+                 now(), 0)",
+        )
+        .unwrap();
+        locked_tx.send(()).unwrap();
+        let _ = release_rx.recv();
+        tx.rollback().unwrap();
+    });
+    locked_rx.recv().unwrap();
+
+    gw.publish(Stream::Readings, seal(&s, 2, &records(2, day)))
+        .await;
+    let waiting = wait_for_async(Duration::from_secs(20), || async {
+        pg.count("SELECT count(*) FROM pg_locks WHERE NOT granted") > 0
+    })
+    .await;
+    assert!(
+        waiting,
+        "the hub's commit of seq 2 never waited for the lock"
+    );
+
+    gw.publish(Stream::Readings, seal(&s, 3, &records(2, day)))
+        .await;
+    assert_eq!(
+        gw.acks_within(1, Duration::from_secs(15)).await,
+        [3],
+        "seq 3 waited behind the stuck commit of seq 2"
+    );
+
+    // The other session rolls back: seq 2 is the hub's to write after all.
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert_eq!(gw.acks_within(1, Duration::from_secs(15)).await, [2]);
+    assert_eq!(pg.count("SELECT count(*) FROM batches"), 3);
+    assert_eq!(pg.count("SELECT count(*) FROM records"), 6);
+    assert!(pg.query(DUPLICATE_RECORDS).is_empty());
+    hub.shutdown().await;
+}

@@ -18,6 +18,7 @@
 //! ca_file = "tls/db-ca.pem"           # TLS, server verified against it (verify-full)
 //! # danger_plaintext = true           # plaintext to a non-loopback host: opt-in only
 //! max_in_flight = 256                 # batches being committed or waiting
+//! connections = 2                     # database connections: groups committed at once
 //! migrate = false                     # true: apply the schema migrations at start
 //! ```
 //!
@@ -79,6 +80,8 @@ pub struct PgConfig {
     pub password_file: Option<PathBuf>,
     pub tls: PgTls,
     pub max_in_flight: usize,
+    /// Database connections, so as many groups commit at once (each its own transaction).
+    pub connections: usize,
     /// Apply the schema migrations at hub start.
     pub migrate: bool,
 }
@@ -106,6 +109,10 @@ const MIN_ROTATE_EVERY: Duration = Duration::from_secs(60);
 pub(crate) const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 /// Largest `max_in_flight` accepted.
 const MAX_MAX_IN_FLIGHT: usize = 65_536;
+/// `connections` unless configured: one group commits while the next is opened and sent.
+pub(crate) const DEFAULT_CONNECTIONS: usize = 2;
+/// Most `connections` accepted.
+const MAX_CONNECTIONS: usize = 32;
 
 /// `[sink]`: a struct rather than a tagged enum, so its keys keep their spans.
 #[derive(Debug, Deserialize)]
@@ -121,6 +128,7 @@ pub(super) struct RawSink {
     ca_file: Option<Spanned<PathBuf>>,
     danger_plaintext: Option<Spanned<bool>>,
     max_in_flight: Option<Spanned<i64>>,
+    connections: Option<Spanned<i64>>,
     migrate: Option<Spanned<bool>>,
 }
 
@@ -166,6 +174,7 @@ pub(super) fn sink_config(
                         "max_in_flight",
                         raw.max_in_flight.as_ref().map(Spanned::span),
                     ),
+                    ("connections", raw.connections.as_ref().map(Spanned::span)),
                     ("migrate", raw.migrate.as_ref().map(Spanned::span)),
                 ],
             );
@@ -281,6 +290,23 @@ fn postgres(
             }
         },
     };
+    let connections = match raw.connections {
+        None => DEFAULT_CONNECTIONS,
+        Some(c) => match usize::try_from(*c.get_ref()) {
+            Ok(n) if (1..=MAX_CONNECTIONS).contains(&n) => n,
+            _ => {
+                errors.push(src.at(
+                    c.span(),
+                    "sink.connections",
+                    format!(
+                        "{} is out of range; valid: 1..={MAX_CONNECTIONS}, e.g. {DEFAULT_CONNECTIONS}",
+                        c.get_ref()
+                    ),
+                ));
+                DEFAULT_CONNECTIONS
+            }
+        },
+    };
     let Some(url) = raw.url else {
         errors.push(src.at(
             raw.kind.span(),
@@ -346,6 +372,7 @@ fn postgres(
         password_file: raw.password_file.map(|p| resolve(p.get_ref())),
         tls,
         max_in_flight,
+        connections,
         migrate: raw.migrate.is_some_and(Spanned::into_inner),
     })
 }
@@ -410,18 +437,22 @@ mod tests {
                     ca_file: "/etc/tls/db-ca.pem".into()
                 },
                 max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+                connections: DEFAULT_CONNECTIONS,
                 migrate: false,
             })
         );
         let c = parse(
-            "type = \"postgres\"\nurl = \"postgresql://citygate@127.0.0.1:5433/x\"\nmax_in_flight = 16\nmigrate = true\n",
+            "type = \"postgres\"\nurl = \"postgresql://citygate@127.0.0.1:5433/x\"\nmax_in_flight = 16\nconnections = 4\nmigrate = true\n",
         )
         .unwrap();
         let SinkConfig::Postgres(pg) = c.sink else {
             panic!("not postgres")
         };
         assert_eq!(pg.tls, PgTls::Plaintext { danger: false }, "loopback");
-        assert_eq!((pg.max_in_flight, pg.migrate), (16, true));
+        assert_eq!(
+            (pg.max_in_flight, pg.connections, pg.migrate),
+            (16, 4, true)
+        );
         assert!(
             parse("type = \"postgres\"\nurl = \"postgresql://u@%2Frun%2Fpostgresql/x\"\n").is_ok(),
             "unix socket"
@@ -461,6 +492,22 @@ mod tests {
         assert_eq!(
             located("type = \"postgres\"\nurl = \"postgresql://u@localhost/x\"\nmax_in_flight = 0\npath = \"r.jsonl\"\n"),
             [(15, "sink.path".to_string()), (14, "sink.max_in_flight".to_string())]
+        );
+        assert_eq!(
+            located("type = \"postgres\"\nurl = \"postgresql://u@localhost/x\"\nconnections = 0\n"),
+            [(14, "sink.connections".to_string())]
+        );
+        let e =
+            parse("type = \"postgres\"\nurl = \"postgresql://u@localhost/x\"\nconnections = 33\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("valid: 1..=32"), "{e}");
+        assert_eq!(
+            located("type = \"jsonl\"\npath = \"r.jsonl\"\nconnections = 2\n"),
+            [
+                (14, "sink.connections".to_string()),
+                (0, "hub.state_path".to_string())
+            ]
         );
         assert_eq!(
             located("type = \"postgres\"\nurl = \"postgresql://u@db/x\"\nca_file = \"ca.pem\"\ndanger_plaintext = true\n"),

@@ -26,6 +26,13 @@
 //!   with its reason and SQLSTATE, counted, and acknowledged (it is durably recorded; a
 //!   re-send would fail the same way forever).
 //!
+//! # Connections
+//!
+//! `[sink] connections` (default 2) connections, each with its own reconnect backoff: as
+//! many groups commit at once, each in its own transaction. Two groups holding copies of one
+//! batch behave as two hubs would: the second insert waits for the first transaction and
+//! then conflicts (a duplicate) or, if that one rolled back, writes.
+//!
 //! Calls block (network round trips): the hub calls them on blocking threads.
 
 mod commit;
@@ -35,7 +42,8 @@ pub(crate) mod retention;
 pub(crate) mod rows;
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use postgres::Client;
@@ -74,7 +82,7 @@ pub(crate) fn describe(e: &postgres::Error) -> String {
     text
 }
 
-/// The connection and what the sink knows about the database.
+/// One connection and what the sink knows about the database through it.
 struct Conn {
     client: Option<Client>,
     backoff: Backoff,
@@ -88,18 +96,30 @@ struct Conn {
 /// The PostgreSQL sink. See the module docs.
 pub(crate) struct PgSink {
     cfg: PgConfig,
-    conn: Mutex<Conn>,
+    /// `cfg.connections` of them (at least one).
+    conns: Vec<Mutex<Conn>>,
+    /// Where the next call that finds every connection busy queues.
+    next: AtomicUsize,
 }
 
 impl Drop for PgSink {
     fn drop(&mut self) {
         // Closing a connection blocks (it runs the client's own runtime): never on an async
         // worker, where the last holder of the hub may drop it.
-        let conn = self.conn.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if let Some(client) = conn.client.take() {
+        let clients: Vec<Client> = self
+            .conns
+            .iter_mut()
+            .filter_map(|c| {
+                c.get_mut()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .client
+                    .take()
+            })
+            .collect();
+        if !clients.is_empty() {
             let _ = std::thread::Builder::new()
                 .name("pg-close".into())
-                .spawn(move || drop(client));
+                .spawn(move || drop(clients));
         }
     }
 }
@@ -114,7 +134,8 @@ impl std::fmt::Debug for PgSink {
 
 impl PgSink {
     /// Connects, then applies the migrations (`migrate = true`) or checks the schema is at
-    /// the version this hub needs. Blocks.
+    /// the version this hub needs. The further connections are made at their first use.
+    /// Blocks.
     pub(crate) fn open(cfg: &PgConfig) -> Result<PgSink, SinkError> {
         let mut client = connect(cfg)?;
         if cfg.migrate {
@@ -122,17 +143,37 @@ impl PgSink {
         } else {
             migrate::check(&mut client)?;
         }
-        tracing::info!(url = %cfg.url, "postgres sink connected");
+        tracing::info!(url = %cfg.url, connections = cfg.connections, "postgres sink connected");
+        let mut first = Some(client);
+        let conns = (0..cfg.connections.max(1))
+            .map(|_| {
+                Mutex::new(Conn {
+                    client: first.take(),
+                    backoff: Backoff::new(RECONNECT),
+                    retry_at: None,
+                    last_error: String::new(),
+                    partitions: HashMap::new(),
+                })
+            })
+            .collect();
         Ok(PgSink {
             cfg: cfg.clone(),
-            conn: Mutex::new(Conn {
-                client: Some(client),
-                backoff: Backoff::new(RECONNECT),
-                retry_at: None,
-                last_error: String::new(),
-                partitions: HashMap::new(),
-            }),
+            conns,
+            next: AtomicUsize::new(0),
         })
+    }
+
+    /// A free connection, else the next one in turn (waiting for it).
+    fn conn(&self) -> MutexGuard<'_, Conn> {
+        for c in &self.conns {
+            match c.try_lock() {
+                Ok(guard) => return guard,
+                Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        self.conns[i].lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs `f` with a connection, connecting first if there is none and the backoff allows;
@@ -141,7 +182,7 @@ impl PgSink {
         &self,
         f: impl FnOnce(&mut Client, &mut HashMap<i64, bool>) -> Result<T, Failure>,
     ) -> Result<T, SinkError> {
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut conn = self.conn();
         let conn = &mut *conn;
         if conn.client.is_none() {
             if let Some(at) = conn.retry_at.filter(|at| *at > Instant::now()) {
@@ -153,7 +194,7 @@ impl PgSink {
             }
             match connect(&self.cfg) {
                 Ok(c) => {
-                    tracing::info!(url = %self.cfg.url, "postgres sink reconnected");
+                    tracing::info!(url = %self.cfg.url, "postgres sink connected");
                     conn.client = Some(c);
                 }
                 Err(e) => {
@@ -188,15 +229,23 @@ impl PgSink {
         policy: &retention::RetentionPolicy,
         now_ms: i64,
     ) -> Result<Vec<String>, SinkError> {
-        self.with_client(|client, partitions| {
-            let dropped = retention::drop_expired(client, policy, now_ms)?;
-            for name in &dropped {
-                if let Some(day) = rows::partition_day(name) {
-                    partitions.remove(&day);
+        let dropped =
+            self.with_client(|client, _| retention::drop_expired(client, policy, now_ms))?;
+        // Every connection forgets the dropped days, so a late record for one is routed to a
+        // new partition or the default one, never assumed to have its own.
+        let days: Vec<i64> = dropped
+            .iter()
+            .filter_map(|n| rows::partition_day(n))
+            .collect();
+        if !days.is_empty() {
+            for c in &self.conns {
+                let mut conn = c.lock().unwrap_or_else(PoisonError::into_inner);
+                for day in &days {
+                    conn.partitions.remove(day);
                 }
             }
-            Ok(dropped)
-        })
+        }
+        Ok(dropped)
     }
 }
 
@@ -239,6 +288,10 @@ fn commit_isolating(
 impl Sink for PgSink {
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    fn parallel_commits(&self) -> usize {
+        self.conns.len()
     }
 
     fn commit(&self, batches: &[SinkBatch<'_>]) -> Result<Vec<Outcome>, SinkError> {

@@ -125,6 +125,12 @@ pub(crate) trait Sink: Send + Sync + std::fmt::Debug {
     /// durable on return. Blocks.
     fn commit(&self, batches: &[SinkBatch<'_>]) -> Result<Vec<Outcome>, SinkError>;
 
+    /// How many [`commit`](Sink::commit) calls may run at once to good effect (concurrent
+    /// calls are always safe; beyond this many they wait for each other).
+    fn parallel_commits(&self) -> usize {
+        1
+    }
+
     /// Batches found at start-up that the sink made known (crash recovery), if it has any.
     fn recovered(&self) -> u64 {
         0
@@ -145,6 +151,10 @@ impl<S: Sink> Sink for std::sync::Arc<S> {
 
     fn commit(&self, batches: &[SinkBatch<'_>]) -> Result<Vec<Outcome>, SinkError> {
         (**self).commit(batches)
+    }
+
+    fn parallel_commits(&self) -> usize {
+        (**self).parallel_commits()
     }
 
     fn recovered(&self) -> u64 {

@@ -108,6 +108,9 @@ pub struct HubLoadArgs {
     /// unix socket: no TLS). Rows of earlier runs stay; the accounting reads this run's only.
     #[arg(long, required_if_eq("sink", "postgres"))]
     pub pg_url: Option<String>,
+    /// Database connections of each hub (`[sink] connections`, 1..=32) with --sink postgres.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub pg_connections: u8,
     /// Default: mosquitto when installed, else embedded.
     #[arg(long, value_enum)]
     pub broker: Option<BrokerKind>,

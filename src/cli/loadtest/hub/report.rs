@@ -35,6 +35,9 @@ pub(crate) struct BrokerFigures {
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct HubReport {
     pub sink: String,
+    /// Database connections per hub (`--sink postgres`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pg_connections: Option<u8>,
     pub hubs: u8,
     pub gateways: u32,
     pub meters: u32,
@@ -147,7 +150,10 @@ impl HubReport {
             self.batch_every_s,
             self.records_per_batch,
             self.hubs,
-            self.sink,
+            match self.pg_connections {
+                Some(n) => format!("{} ({n} connections per hub)", self.sink),
+                None => self.sink.clone(),
+            },
             self.broker.kind,
             self.duration_s,
         );

@@ -249,6 +249,7 @@ pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubRepor
             SinkKind::Jsonl => "jsonl".into(),
             SinkKind::Postgres => "postgres".into(),
         },
+        pg_connections: (args.sink == SinkKind::Postgres).then_some(args.pg_connections),
         hubs: args.hubs,
         gateways: args.gateways,
         meters: args.meters,

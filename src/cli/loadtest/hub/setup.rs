@@ -103,12 +103,13 @@ pub(super) struct Setup {
     pub hub_ack_key: PathBuf,
 }
 
-/// The `[sink]` section of hub `index`'s config (1-based), and the file or place it writes.
+/// The `[sink]` section of hub `index`'s config (1-based), and the file or place it writes;
+/// `pg` is the database's URL and each hub's connections.
 pub(super) fn sink_toml(
     kind: SinkKind,
     dir: &Path,
     index: u8,
-    pg_url: Option<&str>,
+    pg: Option<(&str, u8)>,
 ) -> (String, PathBuf) {
     match kind {
         SinkKind::Jsonl => {
@@ -121,8 +122,9 @@ pub(super) fn sink_toml(
         // One database for all hubs: there is no file to name.
         SinkKind::Postgres => (
             format!(
-                "[sink]\ntype = \"postgres\"\nurl = {}\n",
-                toml::Value::String(pg_url.unwrap_or_default().to_owned())
+                "[sink]\ntype = \"postgres\"\nurl = {}\nconnections = {}\n",
+                toml::Value::String(pg.map_or("", |p| p.0).to_owned()),
+                pg.map_or(1, |p| p.1),
             ),
             PathBuf::new(),
         ),
@@ -189,7 +191,12 @@ impl Setup {
             let id = format!("loadtest-hub-{i}");
             let tls = client(&id)?;
             let status = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-            let (sink, sink_path) = sink_toml(args.sink, dir, i, args.pg_url.as_deref());
+            let (sink, sink_path) = sink_toml(
+                args.sink,
+                dir,
+                i,
+                args.pg_url.as_deref().map(|u| (u, args.pg_connections)),
+            );
             let config = dir.join(format!("hub-{i}.toml"));
             let state = (args.sink == SinkKind::Jsonl).then(|| dir.join(format!("{id}-state")));
             hubs.push(HubFiles {
@@ -342,13 +349,14 @@ mod tests {
             SinkKind::Postgres,
             dir,
             2,
-            Some("postgresql://u@127.0.0.1:5/d"),
+            Some(("postgresql://u@127.0.0.1:5/d", 3)),
         );
         let parsed: toml::Table = toml.parse().unwrap();
         assert_eq!(
             parsed["sink"]["url"].as_str(),
             Some("postgresql://u@127.0.0.1:5/d")
         );
+        assert_eq!(parsed["sink"]["connections"].as_integer(), Some(3));
         assert_eq!(gateway_name(7), "gw-00007");
         assert!(GatewayId::new(gateway_name(99_999)).is_ok());
     }
