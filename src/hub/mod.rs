@@ -394,6 +394,13 @@ impl Hub {
         self.counters.snapshot()
     }
 
+    /// Probes the sink (see [`Sink::probe`]) and records the result for `/health`. Blocks.
+    pub(crate) fn probe_sink(&self) {
+        if let Some(result) = self.sink.probe() {
+            self.sink_stats.probe_done(&result);
+        }
+    }
+
     /// How many groups the service commits at once (the sink's connections).
     pub(crate) fn parallel_commits(&self) -> usize {
         self.sink.parallel_commits().max(1)

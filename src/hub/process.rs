@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
-use super::{service, Hub, HubConfig, HubError};
+use super::{service, Hub, HubConfig, HubError, SinkConfig};
 use crate::mqtt::{
     certificate_name, BrokerAccess, BrokerError, BrokerOptions, BrokerStatsHandle, EmbeddedBroker,
     LinkError, LinkOptions, MqttLink,
@@ -119,6 +119,9 @@ impl HubProcess {
             .instrument(span),
         );
         tokio::spawn(retention_job(hub.clone(), stop.clone()));
+        if matches!(cfg.sink, SinkConfig::Postgres(_)) {
+            tokio::spawn(probe_job(hub.clone(), stop.clone()));
+        }
         let broker_stats = broker.as_ref().map(EmbeddedBroker::stats_handle);
         let status_addr =
             start_status(cfg, &hub, subscribed_rx.clone(), broker_stats, stop.clone());
@@ -172,6 +175,26 @@ impl HubProcess {
         if let Some(b) = self.broker {
             // rumqttd's threads join on shutdown: keep that off the async workers.
             let _ = tokio::task::spawn_blocking(move || b.shutdown()).await;
+        }
+    }
+}
+
+/// How often the hub asks its database whether it is there.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Every [`PROBE_EVERY`] (and at start): probes the sink, so `/health` says `degraded` while
+/// the database is unreachable and `ok` once it is back, whether or not batches arrive.
+async fn probe_job(hub: Arc<Hub>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(PROBE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let h = hub.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || h.probe_sink()).await {
+            warn!(error = %e, "sink probe task failed");
         }
     }
 }

@@ -86,7 +86,17 @@ pub(crate) struct SinkStats {
     failures: AtomicU64,
     in_flight: AtomicU64,
     acks_dropped: AtomicU64,
-    fault: Mutex<Option<String>>,
+    fault: Mutex<Option<Fault>>,
+}
+
+/// Why the hub is degraded, and whether a probe found the sink unreachable meanwhile.
+#[derive(Debug)]
+struct Fault {
+    reason: String,
+    /// A probe failed since the fault began: a probe that succeeds again ends it. A fault
+    /// only commits have seen (the database answers, but refuses the commits) ends only with
+    /// a commit that succeeds.
+    unreachable_seen: bool,
 }
 
 /// A point-in-time copy of [`SinkStats`].
@@ -112,12 +122,39 @@ impl SinkStats {
                 );
                 self.commits.fetch_add(1, Ordering::Relaxed);
                 if let Some(was) = fault.take() {
-                    tracing::info!(was = %was, "sink commits again: hub healthy");
+                    tracing::info!(was = %was.reason, "sink commits again: hub healthy");
                 }
             }
             Err(e) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
-                *fault = Some(e.to_string());
+                let unreachable_seen = fault.as_ref().is_some_and(|f| f.unreachable_seen);
+                *fault = Some(Fault {
+                    reason: e.to_string(),
+                    unreachable_seen,
+                });
+            }
+        }
+    }
+
+    /// Records a probe of the sink (is the database there?): a failure sets the fault; a
+    /// success ends a fault during which a probe had failed.
+    pub(crate) fn probe_done(&self, result: &Result<(), SinkError>) {
+        let mut fault = self.fault.lock().unwrap_or_else(PoisonError::into_inner);
+        match result {
+            Err(e) => {
+                if fault.is_none() {
+                    tracing::warn!(error = %e, "sink unreachable: hub degraded");
+                }
+                *fault = Some(Fault {
+                    reason: e.to_string(),
+                    unreachable_seen: true,
+                });
+            }
+            Ok(()) => {
+                if fault.as_ref().is_some_and(|f| f.unreachable_seen) {
+                    let was = fault.take().map(|f| f.reason).unwrap_or_default();
+                    tracing::info!(was = %was, "sink reachable again: hub healthy");
+                }
             }
         }
     }
@@ -127,7 +164,8 @@ impl SinkStats {
         self.fault
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .as_ref()
+            .map(|f| f.reason.clone())
     }
 
     /// `n` more batches taken from the broker and not yet answered.
@@ -182,6 +220,43 @@ mod tests {
         );
         assert_eq!(s.fault().as_deref(), Some("database: connection refused"));
         assert_eq!(s.figures().failures, 1);
+        s.commit_done(Duration::ZERO, &Ok(vec![]));
+        assert_eq!(s.fault(), None);
+    }
+
+    /// A probe that finds the database gone degrades the hub, and one that finds it back
+    /// ends that, with no commit needed; a fault only commits saw (the database answers but
+    /// refuses them) stays until a commit succeeds.
+    #[test]
+    fn a_probe_ends_only_a_fault_it_saw() {
+        let s = SinkStats::default();
+        let down = || Err(SinkError::Database("connecting: connection refused".into()));
+        s.probe_done(&Ok(()));
+        assert_eq!(s.fault(), None);
+        s.probe_done(&down());
+        assert_eq!(
+            s.fault().as_deref(),
+            Some("database: connecting: connection refused")
+        );
+        s.commit_done(
+            Duration::ZERO,
+            &Err(SinkError::Database("connection lost".into())),
+        );
+        s.probe_done(&Ok(()));
+        assert_eq!(s.fault(), None, "the database is back");
+        assert_eq!(s.figures().failures, 1, "a probe is not a commit");
+
+        s.commit_done(
+            Duration::ZERO,
+            &Err(SinkError::Database(
+                "ERROR: disk full (SQLSTATE 53100)".into(),
+            )),
+        );
+        s.probe_done(&Ok(()));
+        assert!(
+            s.fault().is_some(),
+            "the database answers, but commits fail"
+        );
         s.commit_done(Duration::ZERO, &Ok(vec![]));
         assert_eq!(s.fault(), None);
     }

@@ -248,3 +248,50 @@ async fn a_stuck_commit_holds_one_connection_not_the_hub() {
     assert!(pg.query(DUPLICATE_RECORDS).is_empty());
     hub.shutdown().await;
 }
+
+/// A hub whose database is down when it starts starts anyway: degraded on `/health`,
+/// acknowledging nothing; once the database is back, `/health` says ok with no batch needed
+/// (the hub probes it), the schema is applied at the first connection (`migrate = true`)
+/// and the batch the gateway re-sends is written and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_started_without_its_database_waits_for_it_degraded() {
+    let Some(mut pg) = PgServer::start().await else {
+        return;
+    };
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let config = pg_hub_config(&dep, &ca, &pg.url(), "migrate = true\n");
+    pg.stop().await;
+    let hub = try_start_hub(&config).await.unwrap();
+    let port = hub.broker_addr().unwrap().port();
+    let mut gw = Publisher::connect(&ca, port, &dep).await;
+    until_subscribed(&hub).await;
+    let degraded = wait_for_async(Duration::from_secs(20), || async {
+        get(&hub, "/health").await.0 == 503
+    })
+    .await;
+    assert!(degraded, "/health never said degraded without a database");
+    let (_, body) = get(&hub, "/health").await;
+    assert!(body.starts_with("degraded: sink: database"), "{body}");
+    let batch = seal(&sealer(&dep), 1, &records(2, 1_764_547_200_000));
+    gw.publish(Stream::Readings, batch.clone()).await;
+    assert!(gw.acks_within(1, Duration::from_secs(1)).await.is_empty());
+
+    pg.start_again().await;
+    let healthy = wait_for_async(Duration::from_secs(30), || async {
+        get(&hub, "/health").await.0 == 200
+    })
+    .await;
+    assert!(
+        healthy,
+        "/health stayed degraded with the database back and idle"
+    );
+    gw.publish(Stream::Readings, batch).await;
+    assert_eq!(gw.acks_within(1, Duration::from_secs(15)).await, [1]);
+    assert_eq!(pg.count("SELECT count(*) FROM records"), 2);
+    assert_eq!(
+        pg.count("SELECT max(version)::bigint FROM schema_migrations"),
+        1
+    );
+    hub.shutdown().await;
+}

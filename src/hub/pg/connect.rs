@@ -17,7 +17,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keepalive idle time, so a vanished server is noticed.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
-/// Opens a connection. Blocks.
+/// Opens a connection. Blocks. A database that cannot be reached (refused, timed out, gone
+/// mid-handshake) is [`SinkError::Database`]: worth trying again. One that answers and will
+/// not have us — a server certificate that does not verify, a refused login, no such
+/// database — is [`SinkError::Setup`]: the configuration must change.
 pub(crate) fn connect(cfg: &PgConfig) -> Result<Client, SinkError> {
     let mut c = cfg.connect_config();
     c.connect_timeout(CONNECT_TIMEOUT)
@@ -39,7 +42,33 @@ pub(crate) fn connect(cfg: &PgConfig) -> Result<Client, SinkError> {
             c.connect(NoTls)
         }
     };
-    client.map_err(|e| SinkError::Database(format!("connecting: {}", super::describe(&e))))
+    client.map_err(|e| {
+        let text = format!("connecting: {}", super::describe(&e));
+        if refused_us(&e) {
+            SinkError::Setup(text)
+        } else {
+            SinkError::Database(text)
+        }
+    })
+}
+
+/// Whether the server answered and refused this client: its certificate did not verify
+/// (rustls), or it refused the login (SQLSTATE class 28) or knows no such database (3D000).
+fn refused_us(e: &postgres::Error) -> bool {
+    if let Some(code) = e.code().map(|c| c.code()) {
+        return code.starts_with("28") || code == "3D000";
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let inner_io = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+        if c.is::<rustls::Error>() || inner_io.is_some_and(|i| i.is::<rustls::Error>()) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// rustls client configuration trusting only `ca_file`.

@@ -33,6 +33,14 @@
 //! batch behave as two hubs would: the second insert waits for the first transaction and
 //! then conflicts (a duplicate) or, if that one rolled back, writes.
 //!
+//! # A database that is not there
+//!
+//! A hub whose database cannot be reached at start starts anyway (degraded, acknowledging
+//! nothing; a database that answers and refuses the login or names no such database stops
+//! it, as a wrong schema does) and checks or applies the schema at its first connection.
+//! [`Sink::probe`] asks an idle connection `SELECT 1` so `/health` follows the database while
+//! no batch arrives.
+//!
 //! Calls block (network round trips): the hub calls them on blocking threads.
 
 mod commit;
@@ -42,7 +50,7 @@ pub(crate) mod retention;
 pub(crate) mod rows;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -100,6 +108,8 @@ pub(crate) struct PgSink {
     conns: Vec<Mutex<Conn>>,
     /// Where the next call that finds every connection busy queues.
     next: AtomicUsize,
+    /// The schema was checked (or migrated) through some connection.
+    schema_ready: AtomicBool,
 }
 
 impl Drop for PgSink {
@@ -134,21 +144,28 @@ impl std::fmt::Debug for PgSink {
 
 impl PgSink {
     /// Connects, then applies the migrations (`migrate = true`) or checks the schema is at
-    /// the version this hub needs. The further connections are made at their first use.
-    /// Blocks.
+    /// the version this hub needs. A database that cannot be reached is no error: the sink
+    /// starts without a connection and does both at its first. The further connections are
+    /// made at their first use. Blocks.
     pub(crate) fn open(cfg: &PgConfig) -> Result<PgSink, SinkError> {
-        let mut client = connect(cfg)?;
-        if cfg.migrate {
-            migrate::migrate(&mut client)?;
-        } else {
-            migrate::check(&mut client)?;
-        }
-        tracing::info!(url = %cfg.url, connections = cfg.connections, "postgres sink connected");
-        let mut first = Some(client);
+        let first = match connect(cfg) {
+            Ok(mut client) => {
+                ready_schema(cfg, &mut client)?;
+                tracing::info!(url = %cfg.url, connections = cfg.connections, "postgres sink connected");
+                Some(client)
+            }
+            Err(SinkError::Database(e)) => {
+                tracing::warn!(url = %cfg.url, error = %e, "database unreachable at start: the hub starts degraded, acknowledges nothing and connects with backoff");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let schema_ready = first.is_some();
+        let mut first = Some(first);
         let conns = (0..cfg.connections.max(1))
             .map(|_| {
                 Mutex::new(Conn {
-                    client: first.take(),
+                    client: first.take().flatten(),
                     backoff: Backoff::new(RECONNECT),
                     retry_at: None,
                     last_error: String::new(),
@@ -160,6 +177,7 @@ impl PgSink {
             cfg: cfg.clone(),
             conns,
             next: AtomicUsize::new(0),
+            schema_ready: AtomicBool::new(schema_ready),
         })
     }
 
@@ -176,14 +194,22 @@ impl PgSink {
         self.conns[i].lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Runs `f` with a connection, connecting first if there is none and the backoff allows;
-    /// a failure that lost the connection drops it and schedules the next attempt.
+    /// Runs `f` with a connection (see [`PgSink::run_on`]).
     fn with_client<T>(
         &self,
         f: impl FnOnce(&mut Client, &mut HashMap<i64, bool>) -> Result<T, Failure>,
     ) -> Result<T, SinkError> {
-        let mut conn = self.conn();
-        let conn = &mut *conn;
+        self.run_on(&mut self.conn(), f)
+    }
+
+    /// Runs `f` on `conn`, connecting first if it has no client and the backoff allows (and
+    /// readying the schema at the sink's first connection); a failure that lost the
+    /// connection drops it and schedules the next attempt.
+    fn run_on<T>(
+        &self,
+        conn: &mut Conn,
+        f: impl FnOnce(&mut Client, &mut HashMap<i64, bool>) -> Result<T, Failure>,
+    ) -> Result<T, SinkError> {
         if conn.client.is_none() {
             if let Some(at) = conn.retry_at.filter(|at| *at > Instant::now()) {
                 return Err(SinkError::Database(format!(
@@ -192,7 +218,14 @@ impl PgSink {
                     at.saturating_duration_since(Instant::now()).as_millis()
                 )));
             }
-            match connect(&self.cfg) {
+            let connected = connect(&self.cfg).and_then(|mut c| {
+                if !self.schema_ready.load(Ordering::Acquire) {
+                    ready_schema(&self.cfg, &mut c)?;
+                    self.schema_ready.store(true, Ordering::Release);
+                }
+                Ok(c)
+            });
+            match connected {
                 Ok(c) => {
                     tracing::info!(url = %self.cfg.url, "postgres sink connected");
                     conn.client = Some(c);
@@ -249,6 +282,16 @@ impl PgSink {
     }
 }
 
+/// Applies the migrations (`migrate = true`) or checks the schema is at the version this hub
+/// needs.
+fn ready_schema(cfg: &PgConfig, client: &mut Client) -> Result<(), SinkError> {
+    if cfg.migrate {
+        migrate::migrate(client).map(drop)
+    } else {
+        migrate::check(client)
+    }
+}
+
 /// Connects and applies the missing migrations; returns those applied now and the version
 /// the schema is at. Blocks.
 pub(crate) fn migrate_database(cfg: &PgConfig) -> Result<(Vec<i32>, i32), SinkError> {
@@ -292,6 +335,19 @@ impl Sink for PgSink {
 
     fn parallel_commits(&self) -> usize {
         self.conns.len()
+    }
+
+    fn probe(&self) -> Option<Result<(), SinkError>> {
+        // An idle connection only: while all of them commit, the commits tell.
+        let mut conn = self.conns.iter().find_map(|c| match c.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        })?;
+        Some(self.run_on(&mut conn, |client, _| {
+            client.simple_query("SELECT 1")?;
+            Ok(())
+        }))
     }
 
     fn commit(&self, batches: &[SinkBatch<'_>]) -> Result<Vec<Outcome>, SinkError> {

@@ -131,6 +131,12 @@ pub(crate) trait Sink: Send + Sync + std::fmt::Debug {
         1
     }
 
+    /// Checks the sink is there (a database answers), if the sink has anything to check;
+    /// `None`: nothing to check, or not now. Blocks.
+    fn probe(&self) -> Option<Result<(), SinkError>> {
+        None
+    }
+
     /// Batches found at start-up that the sink made known (crash recovery), if it has any.
     fn recovered(&self) -> u64 {
         0
@@ -155,6 +161,10 @@ impl<S: Sink> Sink for std::sync::Arc<S> {
 
     fn parallel_commits(&self) -> usize {
         (**self).parallel_commits()
+    }
+
+    fn probe(&self) -> Option<Result<(), SinkError>> {
+        (**self).probe()
     }
 
     fn recovered(&self) -> u64 {
