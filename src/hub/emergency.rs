@@ -30,6 +30,12 @@
 //! hub state. Listing and exporting only read the sink, so they may run beside a hub (they
 //! see what it had written when they read). Lines that do not parse (a torn last line) are
 //! never an emergency's; a sink ending in one is not destroyed in until a hub has recovered it.
+//!
+//! With the postgres sink ([`pg`](self::pg)) the same three work on the database: a record's
+//! `emergency_id` column, reports found as above, and `emergency_destroyed` rows in
+//! `hub_events`. Export writes each row as one JSON object; destruction deletes the data
+//! records and records the event in one transaction, then vacuums the partitions they were in,
+//! and may run beside running hubs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -64,20 +70,18 @@ pub enum EmergencyError {
         #[source]
         source: io::Error,
     },
-    #[error("no emergency {id:?} in the sink {}; {}", sink.display(), known_ids(known))]
+    #[error("no emergency {id:?} in the sink {sink}; {}", known_ids(known))]
     UnknownId {
         id: String,
-        sink: PathBuf,
+        /// The sink's file or database URL.
+        sink: String,
         known: Vec<String>,
     },
     #[error("{} exists; export writes a new file only", path.display())]
     ExportExists { path: PathBuf },
-    /// The postgres sink: its records carry `emergency_id` as a column; query it.
-    #[error(
-        "hub-emergency works on the jsonl sink; with the postgres sink, select or delete \
-         records by their emergency_id column"
-    )]
-    NotJsonl,
+    /// The postgres sink's database failed or could not be reached.
+    #[error("database: {0}")]
+    Database(String),
 }
 
 fn known_ids(known: &[String]) -> String {
@@ -94,9 +98,7 @@ impl EmergencyError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            EmergencyError::UnknownId { .. }
-                | EmergencyError::ExportExists { .. }
-                | EmergencyError::NotJsonl
+            EmergencyError::UnknownId { .. } | EmergencyError::ExportExists { .. }
         )
     }
 }
@@ -259,13 +261,6 @@ fn parsed_id(p: &Parsed) -> &str {
     }
 }
 
-fn sink_path(cfg: &HubConfig) -> Result<&Path, EmergencyError> {
-    match &cfg.sink {
-        SinkConfig::Jsonl { path, .. } => Ok(path),
-        SinkConfig::Postgres(_) => Err(EmergencyError::NotJsonl),
-    }
-}
-
 /// The sink's files: its rotated files (`hub::rotate`), oldest first, then the current one.
 fn sink_files(path: &Path) -> Result<Vec<PathBuf>, EmergencyError> {
     let mut files = super::rotate::rotated_files(path).map_err(|source| EmergencyError::Io {
@@ -311,67 +306,77 @@ fn for_each_line_of(path: &Path, mut each: impl FnMut(&[u8])) -> Result<(), Emer
 fn scan(path: &Path) -> Result<BTreeMap<String, Emergency>, EmergencyError> {
     let mut all: BTreeMap<String, Emergency> = BTreeMap::new();
     for_each_line(path, |line| {
-        let Some(p) = parse(line) else { return };
-        let e = all
-            .entry(parsed_id(&p).to_owned())
-            .or_insert_with_key(|id| Emergency {
-                id: id.clone(),
-                ..Emergency::default()
-            });
-        match p {
-            Parsed::Data { line, .. } => {
-                e.records += 1;
-                e.gateways.insert(line.gateway);
-                e.purposes.extend(line.purpose);
-                e.first_ms = Some(e.first_ms.map_or(line.at_ms, |f| f.min(line.at_ms)));
-                e.last_ms = Some(e.last_ms.map_or(line.at_ms, |l| l.max(line.at_ms)));
-            }
-            Parsed::Report { line, .. } => {
-                e.reports += 1;
-                e.gateways.insert(line.gateway.clone());
-                e.policies
-                    .extend(tag(&line.tags, "policy").map(str::to_owned));
-                let text = |name| tag(&line.tags, name).map(str::to_owned);
-                let count = |name| tag(&line.tags, name).and_then(|v| v.parse().ok());
-                if line.field == STARTED {
-                    e.started = Some(Started {
-                        gateway: line.gateway.clone(),
-                        reason: text("reason"),
-                        expires: text("expires"),
-                    });
-                } else {
-                    e.ended = Some(Ended {
-                        gateway: line.gateway.clone(),
-                        end: text("end"),
-                        produced_batches: count("produced_batches"),
-                        delivered_batches: count("delivered_batches"),
-                        purged_batches: count("purged_batches"),
-                        evicted_batches: count("evicted_batches"),
-                        seqs: text("seqs"),
-                    });
-                }
-            }
-            Parsed::Destroyed(d) => {
-                e.destroyed = Some(Destroyed {
-                    records: d.records,
-                    at_ms: d.at_ms,
-                });
-            }
+        if let Some(p) = parse(line) {
+            absorb(&mut all, p);
         }
     })?;
     Ok(all)
 }
 
+/// Adds one data record, report or destruction to its emergency in `all`.
+fn absorb(all: &mut BTreeMap<String, Emergency>, p: Parsed) {
+    let e = all
+        .entry(parsed_id(&p).to_owned())
+        .or_insert_with_key(|id| Emergency {
+            id: id.clone(),
+            ..Emergency::default()
+        });
+    match p {
+        Parsed::Data { line, .. } => {
+            e.records += 1;
+            e.gateways.insert(line.gateway);
+            e.purposes.extend(line.purpose);
+            e.first_ms = Some(e.first_ms.map_or(line.at_ms, |f| f.min(line.at_ms)));
+            e.last_ms = Some(e.last_ms.map_or(line.at_ms, |l| l.max(line.at_ms)));
+        }
+        Parsed::Report { line, .. } => {
+            e.reports += 1;
+            e.gateways.insert(line.gateway.clone());
+            e.policies
+                .extend(tag(&line.tags, "policy").map(str::to_owned));
+            let text = |name| tag(&line.tags, name).map(str::to_owned);
+            let count = |name| tag(&line.tags, name).and_then(|v| v.parse().ok());
+            if line.field == STARTED {
+                e.started = Some(Started {
+                    gateway: line.gateway.clone(),
+                    reason: text("reason"),
+                    expires: text("expires"),
+                });
+            } else {
+                e.ended = Some(Ended {
+                    gateway: line.gateway.clone(),
+                    end: text("end"),
+                    produced_batches: count("produced_batches"),
+                    delivered_batches: count("delivered_batches"),
+                    purged_batches: count("purged_batches"),
+                    evicted_batches: count("evicted_batches"),
+                    seqs: text("seqs"),
+                });
+            }
+        }
+        Parsed::Destroyed(d) => {
+            e.destroyed = Some(Destroyed {
+                records: d.records,
+                at_ms: d.at_ms,
+            });
+        }
+    }
+}
+
 /// Every emergency `cfg`'s sink holds, by id. Reads the sink (blocks).
 pub fn list(cfg: &HubConfig) -> Result<Vec<Emergency>, EmergencyError> {
-    Ok(scan(sink_path(cfg)?)?.into_values().collect())
+    let all = match &cfg.sink {
+        SinkConfig::Jsonl { path, .. } => scan(path)?,
+        SinkConfig::Postgres(db) => pg::scan(&mut pg::connect(db)?)?,
+    };
+    Ok(all.into_values().collect())
 }
 
 /// Emergency `id` in `all`, or the error naming the ids there are.
 fn known<'a>(
     all: &'a BTreeMap<String, Emergency>,
     id: &str,
-    sink: &Path,
+    sink: &str,
 ) -> Result<&'a Emergency, EmergencyError> {
     all.get(id).ok_or_else(|| EmergencyError::UnknownId {
         id: id.to_owned(),
@@ -384,23 +389,16 @@ fn known<'a>(
 /// for byte, to the new file `out` (mode 0600, synced); returns how many. Refuses an existing
 /// `out`. Reads the sink, writes and syncs (blocks).
 pub fn export(cfg: &HubConfig, id: &str, out: &Path) -> Result<u64, EmergencyError> {
-    let path = sink_path(cfg)?;
-    known(&scan(path)?, id, path)?;
+    let path = match &cfg.sink {
+        SinkConfig::Jsonl { path, .. } => path,
+        SinkConfig::Postgres(db) => return pg::export(db, id, out),
+    };
+    known(&scan(path)?, id, &path.display().to_string())?;
     let out_err = |source| EmergencyError::Io {
         path: out.to_owned(),
         source,
     };
-    let mut options = OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let file = options.open(out).map_err(|e| match e.kind() {
-        io::ErrorKind::AlreadyExists => EmergencyError::ExportExists {
-            path: out.to_owned(),
-        },
-        _ => out_err(e),
-    })?;
-    let mut writer = io::BufWriter::new(file);
+    let mut writer = create_export(out)?;
     let mut written = 0;
     let mut failed = None;
     for_each_line(path, |line| {
@@ -415,6 +413,35 @@ pub fn export(cfg: &HubConfig, id: &str, out: &Path) -> Result<u64, EmergencyErr
     if let Some(e) = failed {
         return Err(out_err(e));
     }
+    finish_export(out, writer)?;
+    tracing::info!(emergency_id = id, lines = written, file = %out.display(), "emergency exported");
+    Ok(written)
+}
+
+/// Creates the new export file `out`, mode 0600; refuses an existing one.
+fn create_export(out: &Path) -> Result<io::BufWriter<File>, EmergencyError> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(out).map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists => EmergencyError::ExportExists {
+            path: out.to_owned(),
+        },
+        _ => EmergencyError::Io {
+            path: out.to_owned(),
+            source: e,
+        },
+    })?;
+    Ok(io::BufWriter::new(file))
+}
+
+/// Flushes and syncs the export file `out` and its directory.
+fn finish_export(out: &Path, writer: io::BufWriter<File>) -> Result<(), EmergencyError> {
+    let out_err = |source| EmergencyError::Io {
+        path: out.to_owned(),
+        source,
+    };
     let file = writer.into_inner().map_err(|e| out_err(e.into_error()))?;
     file.sync_all().map_err(out_err)?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -422,8 +449,7 @@ pub fn export(cfg: &HubConfig, id: &str, out: &Path) -> Result<u64, EmergencyErr
             .and_then(|d| d.sync_all())
             .map_err(out_err)?;
     }
-    tracing::info!(emergency_id = id, lines = written, file = %out.display(), "emergency exported");
-    Ok(written)
+    Ok(())
 }
 
 /// What [`destroy`] did.
@@ -439,10 +465,13 @@ pub enum Destruction {
 /// line byte for byte, and appends the `emergency_destroyed` event stamped `now_ms`. Refuses
 /// beside a running hub. Blocks (file I/O, fsync).
 pub fn destroy(cfg: &HubConfig, id: &str, now_ms: i64) -> Result<Destruction, EmergencyError> {
-    let path = sink_path(cfg)?;
+    let path = match &cfg.sink {
+        SinkConfig::Jsonl { path, .. } => path,
+        SinkConfig::Postgres(db) => return pg::destroy(db, id, now_ms),
+    };
     let hub_lock = lock_hub(cfg, "destroying emergency records")?;
     let all = scan(path)?;
-    let e = known(&all, id, path)?;
+    let e = known(&all, id, &path.display().to_string())?;
     if e.records == 0 {
         return Ok(Destruction::NothingHeld(e.destroyed.clone()));
     }
@@ -483,5 +512,6 @@ pub fn destroy(cfg: &HubConfig, id: &str, now_ms: i64) -> Result<Destruction, Em
     Ok(Destruction::Destroyed(records))
 }
 
+mod pg;
 #[cfg(test)]
 mod tests;

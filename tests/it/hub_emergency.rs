@@ -251,3 +251,140 @@ async fn hub_emergency_lists_exports_and_destroys_what_the_hub_wrote() {
     hub.shutdown().await;
     assert_eq!(std::fs::read_to_string(&sink).unwrap(), after);
 }
+
+/// `hub-emergency` on the postgres sink: the same emergency, sent to a hub writing to a
+/// private PostgreSQL, is listed from the database, exported (one JSON object per row, mode
+/// 0600) and destroyed while the hub runs: the data records go, the reports and every other
+/// record stay, the destruction is a `hub_events` row, and a re-sent batch of the emergency
+/// is a duplicate that brings nothing back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_emergency_lists_exports_and_destroys_in_the_database() {
+    use crate::hub_pg::pg_hub_config;
+    use crate::hub_wire::try_start_hub;
+    let Some(pg) = PgServer::start().await else {
+        return;
+    };
+    let dep = Deployment::new();
+    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+    let config = pg_hub_config(&dep, &ca, &pg.url(), "migrate = true\n");
+    let hub = try_start_hub(&config).await.unwrap();
+    let port = hub.broker_addr().unwrap().port();
+    let mut gw = Publisher::connect(&ca, port, &dep).await;
+    until_subscribed(&hub).await;
+    let gateway = GatewayId::new("gw-test").unwrap();
+    let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
+    let signing = keys::load_signing_key(&dep.path().join("keys/gateway.sign.key")).unwrap();
+    let sealer = Sealer::new(gateway, signing, hub_pub, 0x77);
+    let flow = Stream::from_name("readings-7").unwrap();
+    let ordinary = vec![record("p-01", "energy_import", Value::Int(7), T0, &[])];
+    let first_flow = sealer
+        .seal(flow, 1, T0, &stamp(), &emergency_data(3, T0))
+        .unwrap()
+        .bytes;
+    for (stream, seq, payload) in [
+        (
+            Stream::Readings,
+            1,
+            sealer.seal(Stream::Readings, 1, T0, &stamp(), &ordinary),
+        ),
+        (
+            Stream::Alarms,
+            1,
+            sealer.seal(Stream::Alarms, 1, T0, &stamp(), &report(true)),
+        ),
+        (
+            flow,
+            2,
+            sealer.seal(flow, 2, T0, &stamp(), &emergency_data(2, T0 + 10_000)),
+        ),
+        (
+            Stream::Alarms,
+            2,
+            sealer.seal(Stream::Alarms, 2, T0, &stamp(), &report(false)),
+        ),
+    ] {
+        gw.publish(stream, payload.unwrap().bytes).await;
+        assert_eq!(gw.next_acks(1).await, [seq]);
+    }
+    gw.publish(flow, first_flow.clone()).await;
+    assert_eq!(gw.next_acks(1).await, [1]);
+    let marked = format!("SELECT count(*) FROM records WHERE emergency_id = '{ID}'");
+    assert_eq!(pg.count(&marked), 7);
+
+    let out = hub_emergency(&config, &["--list", "--json"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let em = &list[0];
+    assert_eq!(em["id"], ID);
+    assert_eq!(em["records"], 5);
+    assert_eq!(em["reports"], 2);
+    assert_eq!(em["first_ms"], T0);
+    assert_eq!(em["last_ms"], T0 + 11_000);
+    assert_eq!(em["policies"], serde_json::json!(["grid-emergency"]));
+    assert_eq!(em["started"]["reason"], "feeder 7 fault");
+    assert_eq!(em["ended"]["delivered_batches"], 2);
+    assert_eq!(em["destroyed"], serde_json::Value::Null);
+
+    let exported = dep.path().join("export.jsonl");
+    let out = hub_emergency(
+        &config,
+        &["--id", ID, "--export", exported.to_str().unwrap()],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).contains("exported 7 lines"), "{out:?}");
+    let lines = std::fs::read_to_string(&exported).unwrap();
+    for line in lines.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(row["emergency_id"], ID, "{line}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&exported).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // Beside the running hub: one transaction in the database.
+    let out = hub_emergency(&config, &["--id", ID, "--destroy"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text(&out.stdout).contains("destroyed 5 data records"),
+        "{out:?}"
+    );
+    assert_eq!(pg.count(&marked), 2, "the reports stay");
+    assert_eq!(
+        pg.count("SELECT count(*) FROM records"),
+        4,
+        "ordinary, tamper, start and end"
+    );
+    assert_eq!(
+        pg.count(&format!(
+            "SELECT records FROM hub_events WHERE event = 'emergency_destroyed' \
+             AND emergency_id = '{ID}'"
+        )),
+        5
+    );
+    // A gateway re-sending a batch of the emergency gets its ack; nothing comes back.
+    gw.publish(flow, first_flow).await;
+    assert_eq!(gw.next_acks(1).await, [1]);
+    assert_eq!(pg.count(&marked), 2);
+
+    let out = hub_emergency(&config, &["--list", "--json"]).await;
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["records"], 0);
+    assert_eq!(list[0]["destroyed"]["records"], 5);
+    let out = hub_emergency(&config, &["--id", ID, "--destroy"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text(&out.stdout).contains("holds no data records; nothing destroyed (destroyed 5"),
+        "{out:?}"
+    );
+    let out = hub_emergency(&config, &["--id", "em-nope", "--destroy"]).await;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        text(&out.stderr).contains(&format!("ids found: {ID}")),
+        "{out:?}"
+    );
+    hub.shutdown().await;
+}

@@ -291,7 +291,7 @@ async fn a_hub_started_without_its_database_waits_for_it_degraded() {
     assert_eq!(pg.count("SELECT count(*) FROM records"), 2);
     assert_eq!(
         pg.count("SELECT max(version)::bigint FROM schema_migrations"),
-        1
+        2
     );
     hub.shutdown().await;
 }

@@ -21,11 +21,18 @@ pub(crate) struct Migration {
 }
 
 /// Every migration, in order.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "batches_records_quarantine",
-    sql: include_str!("../../../migrations/0001_batches_records_quarantine.sql"),
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "batches_records_quarantine",
+        sql: include_str!("../../../migrations/0001_batches_records_quarantine.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "hub_events_emergency_index",
+        sql: include_str!("../../../migrations/0002_hub_events_emergency_index.sql"),
+    },
+];
 
 /// The advisory lock key migrations run under (any constant; "citygate" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6369_7479_6761_7465;
