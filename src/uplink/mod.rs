@@ -4,6 +4,6 @@
 
 mod forwarder;
 mod lanes;
-mod presence;
+pub(crate) mod presence;
 
 pub(crate) use forwarder::{Forwarder, ForwarderOptions};

@@ -29,7 +29,8 @@ pub(super) use super::state::{Control, Ledger, Plan, DRAINING, SEALING};
 use crate::mqtt::{LinkEvent, LinkOptions, LinkTls, MqttLink, QoS, TlsClientFiles};
 use crate::reading::Stream;
 use crate::seal::Sealer;
-use crate::wire::{ack_topic, AckVerifier};
+use crate::uplink::presence::Verdict;
+use crate::wire::{ack_topic, parse_presence_topic, presence_filter, AckVerifier, Presence};
 
 /// Outgoing QoS 1 publishes in flight per connection (the broker's PUBACKs bound them).
 const LINK_INFLIGHT: u16 = 200;
@@ -113,6 +114,7 @@ impl Fleet {
                 index,
                 latencies_ms: Vec::new(),
                 rng: StdRng::seed_from_u64(plan.seed.wrapping_add(c as u64 + 1)),
+                hubs: Default::default(),
             }));
             let mut opts = LinkOptions::new(
                 plan.broker.clone(),
@@ -126,8 +128,8 @@ impl Fleet {
             opts.inflight = LINK_INFLIGHT;
             let (link, events) = MqttLink::start(opts).map_err(|e| e.to_string())?;
             let link = Arc::new(link);
-            for k in conn.gateways.clone() {
-                let filter = ack_topic(&gateways[k].id);
+            let acks = conn.gateways.clone().map(|k| ack_topic(&gateways[k].id));
+            for filter in acks.chain([presence_filter()]) {
                 rt.block_on(link.subscribe(&filter, QoS::AtLeastOnce))
                     .map_err(|e| e.to_string())?;
             }
@@ -156,9 +158,10 @@ impl Fleet {
         })
     }
 
-    /// Whether every gateway's ack subscription was granted.
+    /// Whether every gateway's ack subscription and every connection's presence
+    /// subscription was granted.
     pub(super) fn subscribed(&self) -> bool {
-        Control::get(&self.control.subscribed) >= self.total_gateways
+        Control::get(&self.control.subscribed) >= self.total_gateways + self.links.len() as u64
     }
 
     /// Stops every task and link; returns the ledgers and the latencies.
@@ -183,7 +186,7 @@ impl Fleet {
     }
 }
 
-/// The link's events: acks, new sessions, subscription grants.
+/// The link's events: acks, hub presence, new sessions, subscription grants.
 async fn receive(
     mut events: tokio::sync::mpsc::Receiver<LinkEvent>,
     state: Arc<Mutex<GroupState>>,
@@ -193,9 +196,16 @@ async fn receive(
 ) {
     while let Some(ev) = events.recv().await {
         match ev {
-            LinkEvent::Publish { payload, .. } => match verifier.verify(&payload) {
-                Ok(ack) => on_ack(&state, &ctl, &plan, &ack),
-                Err(_) => Control::add(&ctl.bad_acks, 1),
+            LinkEvent::Publish {
+                topic,
+                payload,
+                retain,
+            } => match parse_presence_topic(&topic) {
+                Some(hub) => on_presence(&state, &ctl, hub, &payload, retain),
+                None => match verifier.verify(&payload) {
+                    Ok(ack) => on_ack(&state, &ctl, &plan, &ack),
+                    Err(_) => Control::add(&ctl.bad_acks, 1),
+                },
             },
             LinkEvent::Connected { session_present } => {
                 Control::add(&ctl.connects, 1);
@@ -220,6 +230,23 @@ async fn receive(
                 );
             }
             LinkEvent::PubAck { .. } => {}
+        }
+    }
+}
+
+/// A hub's presence: a session that comes online live re-sends the group's unacked batches
+/// at once, as the uplink does (`uplink::presence`).
+fn on_presence(state: &Mutex<GroupState>, ctl: &Control, hub: &str, payload: &[u8], retain: bool) {
+    let Ok(presence) = Presence::decode(hub, payload) else {
+        return;
+    };
+    let mut s = lock(state);
+    if s.hubs.observe(&presence, retain) == Verdict::Resend {
+        Control::add(&ctl.presence_resends, 1);
+        for g in &mut s.gateways {
+            for p in g.pending.values_mut() {
+                p.sent_at = None;
+            }
         }
     }
 }

@@ -24,7 +24,8 @@
 //! incarnation, seq, subject, field, at) must appear once across all sinks (duplicates
 //! written), every batch the fleet got an ack for must be in the sinks whole (missing), and
 //! no record may belong to a batch the fleet did not seal (forged, written). Batches never
-//! acked by the end are reported as unacked, apart. Exit status 1 if any of these fails.
+//! acked by the end are reported as unacked, apart. Exit status 1 if any of these fails, or
+//! if batches are still unacked when the drain ends (the measurement did not finish).
 //!
 //! JSONL is not exactly-once across hub processes: each hub's de-dup state is its own, so
 //! with several hubs a batch re-sent to another hub is written again; the report counts such

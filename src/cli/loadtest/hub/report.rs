@@ -72,6 +72,9 @@ pub(crate) struct HubReport {
     pub skipped_seals: u64,
     pub published: u64,
     pub resends: u64,
+    /// Hub sessions that came online live while the fleet ran, each re-sending a
+    /// connection's unacked batches at once.
+    pub presence_resends: u64,
     pub publish_errors: u64,
     pub acks_withheld: u64,
     /// First acks of batches that had been sent more than once.
@@ -130,6 +133,13 @@ impl HubReport {
         }
         if self.forged_acked > 0 {
             f.push(format!("{} forged batches acked", self.forged_acked));
+        }
+        if !self.drained {
+            f.push(format!(
+                "{} batches never acked within the drain: the hubs fell behind or stalled \
+                 (see their logs; a longer --drain gives a slow hub more time)",
+                a.unacked_batches
+            ));
         }
         f
     }
@@ -195,8 +205,13 @@ impl HubReport {
             (
                 "re-sends",
                 format!(
-                    "{} re-sent, {} acks withheld, {} acks for re-sends, {} repeated acks",
-                    self.resends, self.acks_withheld, self.acks_for_resends, self.acks_again
+                    "{} re-sent ({} rounds on a hub coming online), {} acks withheld, {} acks \
+                     for re-sends, {} repeated acks",
+                    self.resends,
+                    self.presence_resends,
+                    self.acks_withheld,
+                    self.acks_for_resends,
+                    self.acks_again
                 ),
             ),
             (
@@ -266,14 +281,6 @@ impl HubReport {
         for (k, v) in rows {
             let _ = writeln!(s, "  {k:<10} {v}");
         }
-        if !self.drained {
-            let _ = writeln!(
-                s,
-                "  warning    {} batches were never acked: the hubs fell behind or stalled \
-                 (see their logs)",
-                a.unacked_batches
-            );
-        }
         s
     }
 }
@@ -284,7 +291,10 @@ mod tests {
 
     #[test]
     fn a_clean_run_has_no_failures_and_each_fault_is_named() {
-        let mut r = HubReport::default();
+        let mut r = HubReport {
+            drained: true,
+            ..HubReport::default()
+        };
         assert!(r.failures().is_empty());
         r.accounting.duplicates_written = 3;
         r.accounting.missing_batches = 1;
@@ -294,5 +304,9 @@ mod tests {
         assert!(f.contains("1 acked batches missing"), "{f}");
         assert!(f.contains("forged batches acked"), "{f}");
         assert!(r.summary().contains("duplicates written 3"));
+        r.drained = false;
+        r.accounting.unacked_batches = 7;
+        let f = r.failures().join("; ");
+        assert!(f.contains("7 batches never acked within the drain"), "{f}");
     }
 }

@@ -122,7 +122,8 @@ pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubRepor
         let refused = Control::get(&fleet.control.subscribe_refused);
         if refused > 0 || Instant::now() >= deadline {
             return Err(CliError::Runtime(format!(
-                "the fleet did not subscribe its ack topics ({} granted, {refused} refused); \
+                "the fleet did not subscribe its ack and presence topics ({} granted, {refused} \
+                 refused); \
                  see the broker log in {}",
                 Control::get(&fleet.control.subscribed),
                 dir.display()
@@ -280,6 +281,7 @@ pub(super) fn run(args: &HubLoadArgs, exe: &Path, dir: &Path) -> Result<HubRepor
         skipped_seals: Control::get(&c.skipped_seals),
         published: Control::get(&c.published),
         resends: Control::get(&c.resends),
+        presence_resends: Control::get(&c.presence_resends),
         publish_errors: Control::get(&c.publish_errors),
         acks_withheld: Control::get(&c.acks_withheld),
         acks_for_resends: Control::get(&c.acks_for_resends),

@@ -258,6 +258,7 @@ impl Setup {
                 let _ = writeln!(out, "topic write {}", stream_topic(&g.id, Stream::Readings));
                 let _ = writeln!(out, "topic read {}", ack_topic(&g.id));
             }
+            let _ = writeln!(out, "topic read {}", crate::wire::presence_filter());
         }
         out
     }

@@ -65,6 +65,9 @@ pub(super) struct Control {
     pub disconnects: AtomicU64,
     pub subscribed: AtomicU64,
     pub subscribe_refused: AtomicU64,
+    /// Hub sessions that came online live, each re-sending the group's unacked batches at
+    /// once (as the uplink does).
+    pub presence_resends: AtomicU64,
 }
 
 impl Control {
@@ -136,6 +139,8 @@ pub(super) struct GroupState {
     /// Sealed → ack received, per first ack, in ms.
     pub latencies_ms: Vec<f32>,
     pub rng: StdRng,
+    /// The hubs' presence as this connection saw it (the uplink's rule).
+    pub hubs: crate::uplink::presence::HubWatch,
 }
 
 /// The group's state; a panicked holder leaves it usable.
