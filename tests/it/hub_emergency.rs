@@ -89,6 +89,14 @@ fn report(started: bool) -> Vec<Record> {
     }
 }
 
+/// gw-test's sealer with the deployment's keys (incarnation 0x77).
+fn gw_sealer(dep: &Deployment) -> Sealer {
+    let gateway = GatewayId::new("gw-test").unwrap();
+    let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
+    let signing = keys::load_signing_key(&dep.path().join("keys/gateway.sign.key")).unwrap();
+    Sealer::new(gateway, signing, hub_pub, 0x77)
+}
+
 /// Runs `citygate hub-emergency --config CONFIG ARGS…` on a blocking thread.
 async fn hub_emergency(config: &Path, args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_citygate"));
@@ -121,10 +129,7 @@ async fn hub_emergency_lists_exports_and_destroys_what_the_hub_wrote() {
     let mut gw = Publisher::connect(&ca, port, &dep).await;
     until_subscribed(&hub).await;
 
-    let gateway = GatewayId::new("gw-test").unwrap();
-    let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
-    let signing = keys::load_signing_key(&dep.path().join("keys/gateway.sign.key")).unwrap();
-    let sealer = Sealer::new(gateway, signing, hub_pub, 0x77);
+    let sealer = gw_sealer(&dep);
     let flow = Stream::from_name("readings-7").unwrap();
     let ordinary = vec![record("p-01", "energy_import", Value::Int(7), T0, &[])];
     for (stream, seq, records) in [
@@ -259,22 +264,17 @@ async fn hub_emergency_lists_exports_and_destroys_what_the_hub_wrote() {
 /// is a duplicate that brings nothing back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_emergency_lists_exports_and_destroys_in_the_database() {
-    use crate::hub_pg::pg_hub_config;
-    use crate::hub_wire::try_start_hub;
-    let Some(pg) = PgServer::start().await else {
+    let Some(crate::hub_pg::PgHub {
+        pg,
+        dep,
+        config,
+        hub,
+        mut gw,
+    }) = crate::hub_pg::PgHub::start("").await
+    else {
         return;
     };
-    let dep = Deployment::new();
-    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
-    let config = pg_hub_config(&dep, &ca, &pg.url(), "migrate = true\n");
-    let hub = try_start_hub(&config).await.unwrap();
-    let port = hub.broker_addr().unwrap().port();
-    let mut gw = Publisher::connect(&ca, port, &dep).await;
-    until_subscribed(&hub).await;
-    let gateway = GatewayId::new("gw-test").unwrap();
-    let hub_pub = keys::load_hub_public_key(&dep.path().join("keys/hub.hpke.pub")).unwrap();
-    let signing = keys::load_signing_key(&dep.path().join("keys/gateway.sign.key")).unwrap();
-    let sealer = Sealer::new(gateway, signing, hub_pub, 0x77);
+    let sealer = gw_sealer(&dep);
     let flow = Stream::from_name("readings-7").unwrap();
     let ordinary = vec![record("p-01", "energy_import", Value::Int(7), T0, &[])];
     let first_flow = sealer

@@ -96,6 +96,38 @@ pub(crate) fn pg_hub_config(
     )
 }
 
+/// A hub on a private PostgreSQL (`migrate = true` and the `extra` sink keys), with its
+/// embedded broker and gw-test's publisher connected, the hub subscribed.
+pub(crate) struct PgHub {
+    pub pg: PgServer,
+    pub dep: Deployment,
+    pub config: PathBuf,
+    pub hub: HubProcess,
+    pub gw: Publisher,
+}
+
+impl PgHub {
+    /// `None` where PostgreSQL is not installed (and not required).
+    pub(crate) async fn start(extra: &str) -> Option<PgHub> {
+        let pg = PgServer::start().await?;
+        let dep = Deployment::new();
+        let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
+        let extra = format!("migrate = true\n{extra}");
+        let config = pg_hub_config(&dep, &ca, &pg.url(), &extra);
+        let hub = try_start_hub(&config).await.unwrap();
+        let port = hub.broker_addr().unwrap().port();
+        let gw = Publisher::connect(&ca, port, &dep).await;
+        until_subscribed(&hub).await;
+        Some(PgHub {
+            pg,
+            dep,
+            config,
+            hub,
+            gw,
+        })
+    }
+}
+
 /// `citygate hub-migrate --config CONFIG`: (exit code, stdout + stderr).
 async fn hub_migrate(config: &Path) -> (i32, String) {
     let config = config.to_owned();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use citygate::mqtt::CertAuthority;
 use citygate::reading::Stream;
 
-use crate::hub_pg::{get, pg_hub_config, records, seal, sealer, DUPLICATE_RECORDS};
+use crate::hub_pg::{get, pg_hub_config, records, seal, sealer, PgHub, DUPLICATE_RECORDS};
 use crate::hub_wire::{try_start_hub, until_subscribed, Publisher};
 use crate::support::*;
 
@@ -15,16 +15,16 @@ use crate::support::*;
 /// acknowledged, none lost and none twice, and `/health` is ok again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_loses_nothing_and_degrades_health_meanwhile() {
-    let Some(mut pg) = PgServer::start().await else {
+    let Some(PgHub {
+        mut pg,
+        dep,
+        hub,
+        mut gw,
+        ..
+    }) = PgHub::start("").await
+    else {
         return;
     };
-    let dep = Deployment::new();
-    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
-    let config = pg_hub_config(&dep, &ca, &pg.url(), "migrate = true\n");
-    let hub = try_start_hub(&config).await.unwrap();
-    let port = hub.broker_addr().unwrap().port();
-    let mut gw = Publisher::connect(&ca, port, &dep).await;
-    until_subscribed(&hub).await;
     let s = sealer(&dep);
     let day = 1_764_547_200_000;
     let batch = |seq: u64| seal(&s, seq, &records(4, day + seq as i64 * 1000));
@@ -112,16 +112,16 @@ fn sample(metrics: &str, name: &str) -> Option<u64> {
 /// lock goes, every batch is written once and acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_database_bounds_what_the_hub_holds() {
-    let Some(pg) = PgServer::start().await else {
+    let Some(PgHub {
+        pg,
+        dep,
+        hub,
+        mut gw,
+        ..
+    }) = PgHub::start("max_in_flight = 4\n").await
+    else {
         return;
     };
-    let dep = Deployment::new();
-    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
-    let config = pg_hub_config(&dep, &ca, &pg.url(), "migrate = true\nmax_in_flight = 4\n");
-    let hub = try_start_hub(&config).await.unwrap();
-    let port = hub.broker_addr().unwrap().port();
-    let mut gw = Publisher::connect(&ca, port, &dep).await;
-    until_subscribed(&hub).await;
 
     // Another session locks `batches` until told to let go: every commit waits.
     let (locked_tx, locked_rx) = std::sync::mpsc::channel();
@@ -182,16 +182,16 @@ async fn a_slow_database_bounds_what_the_hub_holds() {
 /// goes. With one connection (the hub before `connections`) the later batch waits too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_commit_holds_one_connection_not_the_hub() {
-    let Some(pg) = PgServer::start().await else {
+    let Some(PgHub {
+        pg,
+        dep,
+        hub,
+        mut gw,
+        ..
+    }) = PgHub::start("connections = 2\n").await
+    else {
         return;
     };
-    let dep = Deployment::new();
-    let ca = CertAuthority::generate(&dep.path().join("pki"), "citygate test ca").unwrap();
-    let config = pg_hub_config(&dep, &ca, &pg.url(), "migrate = true\nconnections = 2\n");
-    let hub = try_start_hub(&config).await.unwrap();
-    let port = hub.broker_addr().unwrap().port();
-    let mut gw = Publisher::connect(&ca, port, &dep).await;
-    until_subscribed(&hub).await;
     let s = sealer(&dep);
     let day = 1_764_547_200_000;
     // The partition exists before the lock is taken, so only the batch row is contended.

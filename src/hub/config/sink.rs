@@ -273,40 +273,35 @@ fn postgres(
     resolve: &dyn Fn(&Path) -> PathBuf,
     errors: &mut Vec<Diagnostic>,
 ) -> Option<PgConfig> {
-    let max_in_flight = match raw.max_in_flight {
-        None => DEFAULT_MAX_IN_FLIGHT,
-        Some(m) => match usize::try_from(*m.get_ref()) {
-            Ok(n) if (1..=MAX_MAX_IN_FLIGHT).contains(&n) => n,
+    let mut count = |value: Option<Spanned<i64>>, key: &str, max: usize, default: usize| {
+        let Some(v) = value else { return default };
+        match usize::try_from(*v.get_ref()) {
+            Ok(n) if (1..=max).contains(&n) => n,
             _ => {
                 errors.push(src.at(
-                    m.span(),
-                    "sink.max_in_flight",
+                    v.span(),
+                    key,
                     format!(
-                        "{} is out of range; valid: 1..={MAX_MAX_IN_FLIGHT}, e.g. 256",
-                        m.get_ref()
+                        "{} is out of range; valid: 1..={max}, e.g. {default}",
+                        v.get_ref()
                     ),
                 ));
-                DEFAULT_MAX_IN_FLIGHT
+                default
             }
-        },
+        }
     };
-    let connections = match raw.connections {
-        None => DEFAULT_CONNECTIONS,
-        Some(c) => match usize::try_from(*c.get_ref()) {
-            Ok(n) if (1..=MAX_CONNECTIONS).contains(&n) => n,
-            _ => {
-                errors.push(src.at(
-                    c.span(),
-                    "sink.connections",
-                    format!(
-                        "{} is out of range; valid: 1..={MAX_CONNECTIONS}, e.g. {DEFAULT_CONNECTIONS}",
-                        c.get_ref()
-                    ),
-                ));
-                DEFAULT_CONNECTIONS
-            }
-        },
-    };
+    let max_in_flight = count(
+        raw.max_in_flight,
+        "sink.max_in_flight",
+        MAX_MAX_IN_FLIGHT,
+        DEFAULT_MAX_IN_FLIGHT,
+    );
+    let connections = count(
+        raw.connections,
+        "sink.connections",
+        MAX_CONNECTIONS,
+        DEFAULT_CONNECTIONS,
+    );
     let Some(url) = raw.url else {
         errors.push(src.at(
             raw.kind.span(),
