@@ -181,17 +181,21 @@ impl PgSink {
         })
     }
 
-    /// A free connection, else the next one in turn (waiting for it).
+    /// A connection no call holds, if any.
+    fn idle_conn(&self) -> Option<MutexGuard<'_, Conn>> {
+        self.conns.iter().find_map(|c| match c.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        })
+    }
+
+    /// An idle connection, else the next one in turn (waiting for it).
     fn conn(&self) -> MutexGuard<'_, Conn> {
-        for c in &self.conns {
-            match c.try_lock() {
-                Ok(guard) => return guard,
-                Err(TryLockError::Poisoned(p)) => return p.into_inner(),
-                Err(TryLockError::WouldBlock) => {}
-            }
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        self.conns[i].lock().unwrap_or_else(PoisonError::into_inner)
+        self.idle_conn().unwrap_or_else(|| {
+            let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+            self.conns[i].lock().unwrap_or_else(PoisonError::into_inner)
+        })
     }
 
     /// Runs `f` with a connection (see [`PgSink::run_on`]).
@@ -339,11 +343,7 @@ impl Sink for PgSink {
 
     fn probe(&self) -> Option<Result<(), SinkError>> {
         // An idle connection only: while all of them commit, the commits tell.
-        let mut conn = self.conns.iter().find_map(|c| match c.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        })?;
+        let mut conn = self.idle_conn()?;
         Some(self.run_on(&mut conn, |client, _| {
             client.simple_query("SELECT 1")?;
             Ok(())
