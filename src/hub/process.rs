@@ -181,11 +181,45 @@ impl HubProcess {
 
 /// How often the hub asks its database whether it is there.
 const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the hub drops database partitions past retention.
+const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Every [`PROBE_EVERY`] (and at start): probes the sink, so `/health` says `degraded` while
 /// the database is unreachable and `ok` once it is back, whether or not batches arrive.
 async fn probe_job(hub: Arc<Hub>, stop: CancellationToken) {
-    let mut every = tokio::time::interval(PROBE_EVERY);
+    periodic(hub, stop, PROBE_EVERY, "sink probe", |h| {
+        h.probe_sink();
+        true
+    })
+    .await;
+}
+
+/// Hourly (and at start): drops the database partitions past retention (`pg::retention`).
+/// Ends at once for a sink without partitions (jsonl: `citygate hub-prune` runs offline).
+async fn retention_job(hub: Arc<Hub>, stop: CancellationToken) {
+    periodic(hub, stop, RETENTION_EVERY, "retention", |h| {
+        match h.drop_expired_partitions(now_ms()) {
+            None => return false,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                warn!(error = %e, "retention: partitions not dropped; next try in an hour")
+            }
+        }
+        true
+    })
+    .await;
+}
+
+/// Runs `job` on a blocking thread at once and then every `period`, until `stop` or until
+/// `job` answers false.
+async fn periodic(
+    hub: Arc<Hub>,
+    stop: CancellationToken,
+    period: std::time::Duration,
+    what: &'static str,
+    job: fn(&Hub) -> bool,
+) {
+    let mut every = tokio::time::interval(period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -193,32 +227,10 @@ async fn probe_job(hub: Arc<Hub>, stop: CancellationToken) {
             _ = every.tick() => {}
         }
         let h = hub.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || h.probe_sink()).await {
-            warn!(error = %e, "sink probe task failed");
-        }
-    }
-}
-
-/// How often the hub drops database partitions past retention.
-const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
-
-/// Hourly (and at start): drops the database partitions past retention (`pg::retention`).
-/// Ends at once for a sink without partitions (jsonl: `citygate hub-prune` runs offline).
-async fn retention_job(hub: Arc<Hub>, stop: CancellationToken) {
-    let mut every = tokio::time::interval(RETENTION_EVERY);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = every.tick() => {}
-        }
-        let h = hub.clone();
-        match tokio::task::spawn_blocking(move || h.drop_expired_partitions(now_ms())).await {
-            Ok(None) => return,
-            Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(e))) => {
-                warn!(error = %e, "retention: partitions not dropped; next try in an hour")
-            }
-            Err(e) => warn!(error = %e, "retention task failed"),
+        match tokio::task::spawn_blocking(move || job(&h)).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => warn!(error = %e, job = what, "hub job task failed"),
         }
     }
 }

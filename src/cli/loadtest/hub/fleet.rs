@@ -211,11 +211,7 @@ async fn receive(
                 Control::add(&ctl.connects, 1);
                 if !session_present {
                     // A new session: whatever was in flight may be gone; send it again now.
-                    for g in &mut lock(&state).gateways {
-                        for p in g.pending.values_mut() {
-                            p.sent_at = None;
-                        }
-                    }
+                    resend_all(&mut lock(&state));
                 }
             }
             LinkEvent::Disconnected { .. } => Control::add(&ctl.disconnects, 1),
@@ -243,10 +239,15 @@ fn on_presence(state: &Mutex<GroupState>, ctl: &Control, hub: &str, payload: &[u
     let mut s = lock(state);
     if s.hubs.observe(&presence, retain) == Verdict::Resend {
         Control::add(&ctl.presence_resends, 1);
-        for g in &mut s.gateways {
-            for p in g.pending.values_mut() {
-                p.sent_at = None;
-            }
+        resend_all(&mut s);
+    }
+}
+
+/// Marks every unacked batch of the group unsent, so the sender sends it again now.
+fn resend_all(s: &mut GroupState) {
+    for g in &mut s.gateways {
+        for p in g.pending.values_mut() {
+            p.sent_at = None;
         }
     }
 }
